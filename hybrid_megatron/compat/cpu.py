@@ -1,0 +1,141 @@
+"""CPU shims for megatron-core 0.16.1 on a CUDA-less torch (measured list: ../shared/CPU_NOTES.md).
+
+Every shim replaces one CUDA-only call with its CPU equivalent and is applied only when
+``torch.cuda.is_available()`` is False. Each has a test in tests/test_compat.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_APPLIED = False
+
+
+def _cpu_current_device() -> torch.device:
+    """Stand-in for ``torch.cuda.current_device()``: the CPU device.
+
+    megatron-core passes ``device=torch.cuda.current_device()`` to tensor factories in
+    GlobalMemoryBuffer.get_tensor, the MoE router and experts, and MambaMixer's parameters.
+    On a CPU-only torch that call raises; returning the CPU device makes all of them allocate
+    where the model lives, without patching each call site.
+    """
+    return torch.device("cpu")
+
+
+class CpuRNGStatesTracker:
+    """megatron-core's RNG-states tracker with the CPU generator instead of the CUDA one.
+
+    The stock ``CudaRNGStatesTracker`` saves and restores CUDA generator states to give each
+    tensor-parallel rank its own stream for dropout and sharded initialisation. On CPU the same
+    bookkeeping is done on the default CPU generator: ``fork`` swaps its state in and out.
+    """
+
+    def __init__(self, use_cudagraphable_rng: bool = False, is_inference_rng_tracker: bool = False):
+        self.is_inference_rng_tracker = is_inference_rng_tracker
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        """Whether any state was added or set."""
+        return self._is_initialized
+
+    def reset(self) -> None:
+        """Forget every named state."""
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        """Return a shallow copy of the name -> generator-state map."""
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Replace the name -> generator-state map (used when restoring checkpoints)."""
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name: str, seed: int) -> None:
+        """Create the named state from ``seed``; raises if the name or seed is taken."""
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        """Run the body with the named state in the default CPU generator, then restore it."""
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _router_gating_linear(inp, weight, bias, router_dtype):
+    """Plain-torch router gating GEMM (replaces ``moe_utils.router_gating_linear``).
+
+    Without Transformer Engine, megatron-core's ``RouterGatingLinearFunction`` refers to
+    ``te_general_gemm``, which is never defined (NameError at the first MoE forward). Autograd
+    through ``F.linear`` in the router dtype is the same computation.
+    """
+    out = torch.nn.functional.linear(
+        inp.to(router_dtype), weight.to(router_dtype), None if bias is None else bias.to(router_dtype)
+    )
+    return out
+
+
+def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
+    """Causal mask [sq, sq] (True = masked) on the CPU.
+
+    megatron-core's ``get_default_causal_mask`` (used by the local softmax when no mask is
+    passed) hard-codes ``device="cuda"``.
+    """
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _cpu_sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    """Sliding-window causal mask [sq, skv] (True = masked) on the CPU.
+
+    Same as megatron-core's ``get_sliding_window_causal_mask``, which hard-codes ``"cuda"``:
+    query i sees keys j with i - left <= j - (skv - sq) <= i + right.
+    """
+    visible = torch.ones(sq, skv, dtype=torch.bool)
+    visible = torch.triu(visible, diagonal=skv - sq - window_size[0])
+    visible = torch.tril(visible, diagonal=skv - sq + window_size[1])
+    return ~visible
+
+
+def apply_cpu_shims() -> None:
+    """Install the CPU shims into torch and megatron-core; idempotent. Returns nothing."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import utils as transformer_utils
+    from megatron.core.transformer.moe import moe_utils, router
+
+    torch.cuda.current_device = _cpu_current_device
+    # initialize_rng_tracker instantiates the module-level name, so this swaps the tracker class
+    # for every later model_parallel_cuda_manual_seed / get_cuda_rng_tracker call.
+    tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    tp_random.initialize_rng_tracker(force_reset=True)
+    moe_utils.router_gating_linear = _router_gating_linear
+    router.router_gating_linear = _router_gating_linear
+    for module in (transformer_utils, fused_softmax):
+        module.get_default_causal_mask = _cpu_default_causal_mask
+        module.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
+    _APPLIED = True
+
+
+def cpu_shims_applied() -> bool:
+    """Return True once :func:`apply_cpu_shims` has run in this process."""
+    return _APPLIED

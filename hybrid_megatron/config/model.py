@@ -1,0 +1,196 @@
+"""The recipe's ``model:`` section: what network to build.
+
+Every field maps to one place in the built model; ``hybrid_megatron.models.build_model`` is the
+only consumer. Validation here raises one error naming the bad field (pydantic's path).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Kind = Literal["transformer", "swa", "mamba", "inter", "intra"]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors, so a typo in a recipe never silently falls back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_ratio(text: str, field: str) -> tuple[int, int]:
+    """Parse a ratio such as ``"1:5"`` into ``(1, 5)``.
+
+    Takes the text and the field name used in the error; returns two non-negative ints, not both 0.
+    """
+    parts = str(text).split(":")
+    try:
+        a, b = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{field}: expected a ratio like '1:5', got {text!r}") from None
+    if a < 0 or b < 0 or a + b == 0:
+        raise ValueError(f"{field}: ratio parts must be >= 0 and not both 0, got {text!r}")
+    return a, b
+
+
+class AttentionConfig(_Strict):
+    """Self-attention of Transformer blocks and of the intra block's attention branch."""
+
+    num_heads: int = Field(gt=0, description="query heads (Transformer blocks)")
+    num_query_groups: Optional[int] = Field(
+        default=None, gt=0, description="GQA key/value heads; default = num_heads (MHA)"
+    )
+    head_dim: Optional[int] = Field(default=None, gt=0, description="default hidden/num_heads")
+    sliding_window: Optional[int] = Field(
+        default=None, gt=0, description="window in tokens (kind swa, or any attention)"
+    )
+    rotary_base: float = 10000.0
+
+
+class MambaConfig(_Strict):
+    """Mamba2 mixer of Mamba blocks and of the intra block's Mamba branch."""
+
+    state_dim: int = Field(default=64, gt=0, description="SSM state size N (d_state)")
+    head_dim: int = Field(default=64, gt=0, description="P, channels per SSM head")
+    num_groups: int = Field(default=1, gt=0, description="groups sharing B and C (ngroups)")
+    expand: int = Field(default=2, gt=0, description="d_inner = expand * hidden_size")
+    conv_kernel: int = Field(default=4, ge=2)
+    chunk_size: int = Field(default=128, gt=0, description="SSD chunk length")
+
+
+class PatternConfig(_Strict):
+    """Which block goes at which depth (kinds inter and intra)."""
+
+    ratio: Optional[str] = Field(
+        default=None,
+        description="inter: attention:mamba blocks (default 1:5); "
+        "intra: hybrid:mamba blocks (default 1:0, all hybrid)",
+    )
+    placement: Literal["middle", "even"] = Field(
+        default="even", description="where the attention (inter) or hybrid (intra) blocks go"
+    )
+    layout: Optional[str] = Field(
+        default=None,
+        description="explicit pattern, one letter per layer: A attention, M mamba, H intra hybrid",
+    )
+    allow_early_attention: bool = False
+    early_layers: Optional[int] = Field(
+        default=None, ge=0, description="depth guarded against attention; default max(1, L//8)"
+    )
+
+
+class IntraConfig(_Strict):
+    """The intra-layer (parallel, head-split) hybrid block."""
+
+    dim_ratio: str = Field(default="1:1", description="attention:mamba share of mixer_width")
+    mixer_width: Optional[int] = Field(
+        default=None, gt=0, description="attention + mamba channels; default mamba.expand*hidden"
+    )
+    num_query_groups: Optional[int] = Field(
+        default=None, gt=0, description="attention-branch KV heads; default = its query heads"
+    )
+    branch_norm: Literal["none", "rmsnorm"] = "rmsnorm"
+    branch_scalars: bool = Field(default=False, description="learnable scalar per branch")
+    fusion: Literal["add", "subtract", "concat"] = "concat"
+
+    @field_validator("dim_ratio")
+    @classmethod
+    def _check_ratio(cls, v: str) -> str:
+        parse_ratio(v, "intra.dim_ratio")
+        return v
+
+
+class MoEConfig(_Strict):
+    """Mixture-of-experts FFN (megatron-core MoELayer)."""
+
+    num_experts: int = Field(gt=1)
+    top_k: int = Field(default=2, gt=0)
+    expert_ffn_hidden_size: Optional[int] = Field(default=None, gt=0, description="default ffn")
+    shared_expert_ffn_hidden_size: Optional[int] = Field(default=None, gt=0)
+    aux_loss_coeff: float = Field(default=1e-2, ge=0)
+    token_dispatcher: Literal["auto", "allgather", "alltoall"] = Field(
+        default="auto", description="auto: alltoall on GPU, allgather on CPU"
+    )
+    grouped_gemm: bool = Field(default=False, description="TE grouped GEMM experts (GPU)")
+
+    @model_validator(mode="after")
+    def _topk(self) -> "MoEConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"moe.top_k ({self.top_k}) > moe.num_experts ({self.num_experts})")
+        return self
+
+
+class ModelConfig(_Strict):
+    """A whole language model: kind, sizes, block pattern, FFN and numerics."""
+
+    kind: Kind
+    impl: Literal["auto", "te", "local"] = Field(
+        default="auto", description="te: Transformer Engine layers (GPU, FP8); local: megatron-core"
+    )
+    num_layers: int = Field(gt=0, description="blocks (each = mixer + FFN)")
+    hidden_size: int = Field(gt=0)
+    ffn_hidden_size: Optional[int] = Field(
+        default=None, gt=0, description="SwiGLU inner size; default 8/3*hidden rounded up to 64"
+    )
+    vocab_size: int = Field(gt=0)
+    max_position_embeddings: int = Field(default=4096, gt=0)
+    attention: Optional[AttentionConfig] = None
+    mamba: MambaConfig = MambaConfig()
+    pattern: PatternConfig = PatternConfig()
+    intra: IntraConfig = IntraConfig()
+    moe: Optional[MoEConfig] = None
+    mamba_block_ffn: bool = Field(
+        default=True, description="Mamba blocks carry an FFN (False: NemotronH-style mixer-only)"
+    )
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    tie_embeddings: bool = False
+    fp8: Optional[Literal["hybrid", "e4m3"]] = Field(default=None, description="TE FP8 recipe")
+    params_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        needs_attention = self.kind != "mamba"
+        if needs_attention and self.attention is None:
+            raise ValueError(f"model.attention: required for kind {self.kind!r}")
+        if self.kind == "swa" and (self.attention is None or not self.attention.sliding_window):
+            raise ValueError("model.attention.sliding_window: required for kind 'swa'")
+        if self.attention is not None:
+            a = self.attention
+            if a.head_dim is None and self.hidden_size % a.num_heads:
+                raise ValueError(
+                    f"model.attention.num_heads: hidden_size {self.hidden_size} is not divisible "
+                    f"by num_heads {a.num_heads}"
+                )
+            groups = a.num_query_groups or a.num_heads
+            if a.num_heads % groups:
+                raise ValueError(
+                    f"model.attention.num_query_groups: num_heads {a.num_heads} is not divisible "
+                    f"by num_query_groups {groups}"
+                )
+        if self.kind not in ("inter", "intra") and (
+            self.pattern.layout is not None or self.pattern.ratio is not None
+        ):
+            raise ValueError(f"model.pattern: only kinds inter and intra take a pattern")
+        if self.fp8 is not None and self.impl == "local":
+            raise ValueError("model.fp8: needs impl 'te' (Transformer Engine)")
+        return self
+
+    # Derived sizes, one definition each so builders and accounting agree.
+    @property
+    def head_dim(self) -> int:
+        """Attention head size (kv_channels)."""
+        a = self.attention
+        return a.head_dim or self.hidden_size // a.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """SwiGLU inner size: the configured one, else 8/3*hidden rounded up to a multiple of 64."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return -(-(8 * self.hidden_size // 3) // 64) * 64
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads of Transformer blocks."""
+        return self.attention.num_query_groups or self.attention.num_heads

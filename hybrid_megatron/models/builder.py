@@ -1,0 +1,138 @@
+"""build_model: ModelConfig -> a megatron-core GPTModel holding this pipeline stage's blocks."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.config.parallel import ParallelConfig
+from hybrid_megatron.models.layer_pattern import build_layer_pattern, split_pattern
+from hybrid_megatron.models.specs import backend_for, block_spec
+from hybrid_megatron.models.transformer_config import build_transformer_config, resolve_impl
+
+
+class ModelConfigError(ValueError):
+    """A model config that cannot be built on this parallel layout; names the field."""
+
+
+def _check_parallel(cfg: ModelConfig, parallel: ParallelConfig, tp: int, ep: int) -> None:
+    """Raise ModelConfigError for sizes the parallel layout cannot shard."""
+    if cfg.attention is not None and "A" in build_layer_pattern(cfg):
+        if cfg.attention.num_heads % tp:
+            raise ModelConfigError(
+                f"model.attention.num_heads: {cfg.attention.num_heads} heads do not split over "
+                f"tp={tp}"
+            )
+        if cfg.query_groups % tp:
+            raise ModelConfigError(
+                f"model.attention.num_query_groups: {cfg.query_groups} groups do not split over "
+                f"tp={tp}"
+            )
+    pattern = build_layer_pattern(cfg)
+    if "M" in pattern:
+        heads = cfg.mamba.expand * cfg.hidden_size // cfg.mamba.head_dim
+        if (cfg.mamba.expand * cfg.hidden_size) % cfg.mamba.head_dim or heads % tp:
+            raise ModelConfigError(
+                f"model.mamba.head_dim: {heads} Mamba heads (expand*hidden/head_dim) must be a "
+                f"whole number divisible by tp={tp}"
+            )
+    if "M" in pattern or "H" in pattern:
+        if cfg.mamba.num_groups % tp:
+            raise ModelConfigError(
+                f"model.mamba.num_groups: {cfg.mamba.num_groups} groups do not split over tp={tp}"
+            )
+    if "H" in pattern:
+        from hybrid_megatron.models.transformer_config import intra_branch_widths
+
+        try:
+            aw, mw = intra_branch_widths(cfg)
+        except ValueError as err:
+            raise ModelConfigError(str(err)) from None
+        a_heads, m_heads = aw // cfg.head_dim, mw // cfg.mamba.head_dim
+        groups = cfg.intra.num_query_groups or a_heads
+        for name, count in (("attention heads", a_heads), ("query groups", groups if aw else 0),
+                            ("mamba heads", m_heads)):
+            if count % tp:
+                raise ModelConfigError(
+                    f"model.intra.dim_ratio: the intra block's {count} {name} do not split over "
+                    f"tp={tp}"
+                )
+    if cfg.moe is not None and cfg.moe.num_experts % ep:
+        raise ModelConfigError(
+            f"model.moe.num_experts: {cfg.moe.num_experts} experts do not split over ep={ep}"
+        )
+    if parallel.sequence_parallel and tp == 1:
+        raise ModelConfigError("parallel.sequence_parallel: needs tp > 1")
+
+
+def _pipeline_layout(stages: list[str]) -> Optional[list[list[str]]]:
+    """megatron-core's explicit layout for uneven stages (None when the split is even)."""
+    if len({len(s) for s in stages}) == 1:
+        return None
+    layout = [["decoder"] * len(s) for s in stages]
+    layout[0].insert(0, "embedding")
+    layout[-1].append("loss")
+    return layout
+
+
+def build_model(
+    model_config: ModelConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    parallel: Optional[ParallelConfig] = None,
+    bf16: bool = False,
+) -> GPTModel:
+    """Build this rank's part of the language model.
+
+    Takes the validated ModelConfig, whether this pipeline stage holds the embedding
+    (``pre_process``) and the output layer (``post_process``), the ParallelConfig (for
+    sequence parallelism and explicit per-stage layer counts; sizes are read from megatron-core's
+    initialised parallel state) and whether training runs in bf16. megatron-core's model-parallel
+    state and RNG tracker must be initialised (``model_parallel_cuda_manual_seed``).
+
+    Returns a megatron-core GPTModel with GPTModel's calling convention:
+    ``forward(input_ids, position_ids, attention_mask, labels=None)`` gives logits [b, s, v/tp]
+    or, with labels, the per-token loss [b, s]. Raises ModelConfigError (or pydantic's
+    ValidationError upstream) naming the bad field.
+    """
+    parallel = parallel or ParallelConfig()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    _check_parallel(model_config, parallel, tp, ep)
+
+    pattern = build_layer_pattern(model_config)
+    stages = split_pattern(pattern, pp, parallel.pipeline_stage_layers)
+    stage_pattern = stages[parallel_state.get_pipeline_model_parallel_rank()]
+
+    tconfig: TransformerConfig = build_transformer_config(
+        model_config,
+        sequence_parallel=parallel.sequence_parallel,
+        pipeline_layout=_pipeline_layout(stages),
+        bf16=bf16,
+    )
+    impl = resolve_impl(model_config)
+    block = TransformerBlockSubmodules(
+        layer_specs=[block_spec(letter, model_config, tconfig, impl) for letter in stage_pattern],
+        layer_norm=backend_for(impl).layer_norm(rms_norm=True),
+    )
+    has_attention = "A" in pattern or "H" in pattern
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=block,
+        vocab_size=model_config.vocab_size,
+        max_sequence_length=model_config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=model_config.tie_embeddings,
+        position_embedding_type="rope" if has_attention else "none",
+        rotary_base=int(model_config.attention.rotary_base) if has_attention else 10000,
+    )
+    model.layer_pattern = pattern
+    model.stage_pattern = stage_pattern
+    return model

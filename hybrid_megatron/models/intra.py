@@ -1,0 +1,264 @@
+"""The intra-layer (parallel, head-split) hybrid mixer.
+
+One block of the paper's intra-layer hybrid, as the mixer sublayer of a TransformerLayer:
+
+    x -> fused column-parallel in-projection -> [Q,K,V (GQA) | z,x,B,C,dt]
+      -> attention branch (megatron-core SelfAttention core: RoPE, causal, optional window)
+      -> Mamba2 branch   (megatron-core MambaMixer: conv1d, SSD scan, gated norm)
+      -> per-branch output RMSNorm (optional) -> per-branch learnable scalar (optional)
+      -> fusion: add | subtract (attention - mamba) | concat
+      -> one row-parallel out-projection
+
+TransformerLayer supplies the input RMSNorm before and the residual add after; its ``mlp`` slot
+holds the block's FFN. Tensor parallelism shards the heads of both branches: every rank's slice
+of the fused projection holds its own attention heads and Mamba heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from hybrid_megatron.models.sharding import split_sharded_tensor
+
+
+class BranchRMSNorm(torch.nn.Module):
+    """RMSNorm over a TP-sharded branch output, exact at any TP size.
+
+    The mean square runs over the branch's full width: each rank sums its own channels and the
+    sums are all-reduced (forward and backward) across the tensor-parallel group, so TP=2
+    computes what TP=1 computes. The per-channel weight is sharded like the channels.
+    """
+
+    def __init__(self, local_width: int, full_width: int, eps: float, tp_group, dtype):
+        super().__init__()
+        self.full_width = full_width
+        self.eps = eps
+        self.tp_group = tp_group
+        self.weight = torch.nn.Parameter(torch.ones(local_width, dtype=dtype))
+        setattr(self.weight, "tensor_model_parallel", True)
+        setattr(self.weight, "partition_dim", 0)
+        setattr(self.weight, "partition_stride", 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` [..., local_width]; returns a tensor of the same shape and dtype."""
+        square_sum = x.float().pow(2).sum(dim=-1, keepdim=True)
+        if self.tp_group is not None and self.tp_group.size() > 1:
+            # copy_to: backward all-reduce; reduce_from: forward all-reduce. Every rank's
+            # channels depend on the global sum, so both directions need the reduction.
+            square_sum = tensor_parallel.reduce_from_tensor_model_parallel_region(
+                tensor_parallel.copy_to_tensor_model_parallel_region(square_sum, self.tp_group),
+                self.tp_group,
+            )
+        scale = torch.rsqrt(square_sum / self.full_width + self.eps)
+        return (x.float() * scale).to(x.dtype) * self.weight
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Checkpoint entry for the weight, sharded along its only axis."""
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets
+        )
+
+
+@dataclass
+class IntraHybridSubmodules:
+    """Specs of the hybrid mixer's parts (chosen per impl: TE or local megatron-core)."""
+
+    in_proj: Union[ModuleSpec, type] = None
+    attention: Optional[ModuleSpec] = None
+    mamba: Optional[ModuleSpec] = None
+    out_proj: Union[ModuleSpec, type] = None
+
+
+class IntraHybridMixer(MegatronModule):
+    """Attention and Mamba2 on the same input, head-split, fused into one output projection.
+
+    Args:
+        config: the model's TransformerConfig.
+        submodules: IntraHybridSubmodules.
+        attention_config / mamba_config: per-branch TransformerConfigs (head counts and widths of
+            each branch; built by ``hybrid_megatron.models.transformer_config``). None drops the
+            branch (a 0-dim share).
+        fusion: ``add`` | ``subtract`` | ``concat``.
+        branch_norm: ``rmsnorm`` | ``none``.
+        branch_scalars: learn one scalar per branch, initialised to 1.
+        layer_number, pg_collection: as for megatron-core attention modules.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: IntraHybridSubmodules,
+        attention_config: Optional[TransformerConfig],
+        mamba_config: Optional[TransformerConfig],
+        fusion: str,
+        branch_norm: str,
+        branch_scalars: bool,
+        layer_number: int = 1,
+        pg_collection=None,
+        **unused,
+    ):
+        super().__init__(config)
+        self.fusion = fusion
+        self.tp_group = pg_collection.tp
+        tp = self.tp_group.size()
+        self.attention = None
+        self.mamba = None
+        widths = {}  # branch -> full output width (before fusion)
+        in_sections: list[tuple[str, int]] = []  # local row sections of the fused projection
+
+        if attention_config is not None:
+            self.attention = build_module(
+                submodules.attention,
+                config=attention_config,
+                layer_number=layer_number,
+                pg_collection=pg_collection,
+            )
+            heads, groups = attention_config.num_attention_heads, attention_config.num_query_groups
+            head_dim = attention_config.kv_channels
+            in_sections.append(("qkv", (heads + 2 * groups) * head_dim // tp))
+            widths["attention"] = heads * head_dim
+        if mamba_config is not None:
+            self.mamba = build_module(
+                submodules.mamba,
+                config=mamba_config,
+                d_model=config.hidden_size,
+                layer_number=layer_number,
+                pg_collection=pg_collection,
+            )
+            in_sections.extend(self.mamba.in_proj_sections)
+            widths["mamba"] = self.mamba.d_inner
+        if not widths:
+            raise ValueError("intra.dim_ratio: both branches have width 0")
+        if fusion in ("add", "subtract") and len(set(widths.values())) > 1:
+            raise ValueError(
+                f"intra.fusion: {fusion!r} needs equal branch widths, got {widths}; "
+                f"use dim_ratio 1:1 or fusion concat"
+            )
+        self.branch_widths = widths
+        self.in_sections = in_sections
+
+        self.in_proj = build_module(
+            submodules.in_proj,
+            config.hidden_size,
+            sum(size for _, size in in_sections) * tp,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="qkv",
+            tp_group=self.tp_group,
+        )
+
+        self.norms = torch.nn.ModuleDict()
+        if branch_norm == "rmsnorm":
+            for name, width in widths.items():
+                self.norms[name] = BranchRMSNorm(
+                    width // tp, width, config.layernorm_epsilon, self.tp_group, config.params_dtype
+                )
+        self.scalars = None
+        if branch_scalars:
+            # Replicated across TP; the gradient is summed over ranks inside autograd (see forward).
+            self.scalars = torch.nn.ParameterDict(
+                {name: torch.nn.Parameter(torch.ones((), dtype=config.params_dtype)) for name in widths}
+            )
+
+        fused_width = sum(widths.values()) if fusion == "concat" else next(iter(widths.values()))
+        self.out_proj = build_module(
+            submodules.out_proj,
+            fused_width,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="proj",
+            tp_group=self.tp_group,
+        )
+
+    def _finish_branch(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Apply the branch's output norm and scalar (each optional)."""
+        if name in self.norms:
+            out = self.norms[name](out)
+        if self.scalars is not None:
+            # Each rank sees only its channels, so d(loss)/d(scalar) is a partial sum per rank;
+            # copy_to's backward all-reduce makes it the full gradient on every rank.
+            scalar = tensor_parallel.copy_to_tensor_model_parallel_region(
+                self.scalars[name], self.tp_group
+            )
+            out = out * scalar
+        return out
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        inference_context=None,
+        rotary_pos_emb=None,
+        packed_seq_params=None,
+        **unused,
+    ):
+        """Mix ``hidden_states`` [s, b, h]; returns (output [s, b, h], bias or None)."""
+        fused, _ = self.in_proj(hidden_states)
+        parts = torch.split(fused, [size for _, size in self.in_sections], dim=-1)
+        branches = {}
+        consumed = 0
+        if self.attention is not None:
+            # megatron-core's attention views its input as [s, b, groups, ...]; a slice of the
+            # fused projection's last dim is strided, so it is made contiguous first.
+            attn_out, _ = self.attention(
+                parts[0].contiguous(),
+                attention_mask=attention_mask,
+                inference_context=inference_context,
+                rotary_pos_emb=rotary_pos_emb,
+                packed_seq_params=packed_seq_params,
+            )
+            branches["attention"] = self._finish_branch("attention", attn_out)
+            consumed = 1
+        if self.mamba is not None:
+            zxbcdt = torch.cat(parts[consumed:], dim=-1) if len(parts) - consumed > 1 else parts[-1]
+            mamba_out, _ = self.mamba(zxbcdt, inference_context=inference_context)
+            branches["mamba"] = self._finish_branch("mamba", mamba_out)
+
+        if len(branches) == 1:
+            fused_out = next(iter(branches.values()))
+        elif self.fusion == "add":
+            fused_out = branches["attention"] + branches["mamba"]
+        elif self.fusion == "subtract":
+            fused_out = branches["attention"] - branches["mamba"]
+        else:
+            fused_out = torch.cat([branches["attention"], branches["mamba"]], dim=-1)
+        return self.out_proj(fused_out)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Checkpoint entries with the fused projections split into their logical parts.
+
+        in_proj rows become ``in_proj.weight.{qkv,z,x,B,C,dt}`` and, for concat fusion, the
+        out_proj columns ``out_proj.weight.{attention,mamba}``, so a checkpoint reloads at any TP.
+        """
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        key = f"{prefix}in_proj.weight"
+        sd[key] = split_sharded_tensor(
+            sd[key], [size for _, size in self.in_sections], [n for n, _ in self.in_sections], 0
+        )
+        if self.fusion == "concat" and len(self.branch_widths) == 2:
+            tp = self.tp_group.size()
+            key = f"{prefix}out_proj.weight"
+            sd[key] = split_sharded_tensor(
+                sd[key],
+                [w // tp for w in self.branch_widths.values()],
+                list(self.branch_widths),
+                1,
+            )
+        return sd

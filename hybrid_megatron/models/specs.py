@@ -1,0 +1,152 @@
+"""megatron-core ModuleSpecs for each block type, for both implementations.
+
+Every block is a megatron-core TransformerLayer: an input RMSNorm, a mixer in the
+``self_attention`` slot, a residual add, then the FFN sublayer (pre-norm + SwiGLU MLP or MoE).
+The block letter picks the mixer:
+
+- ``A``: megatron-core SelfAttention (RoPE, GQA, causal, optional sliding window)
+- ``M``: megatron-core MambaMixer (via MambaSublayer)
+- ``H``: IntraHybridMixer (attention and Mamba2 branches, fused)
+
+``impl`` picks the building blocks through megatron-core's backend spec providers: ``te``
+(Transformer Engine: fused norm+linear, TE attention, FP8) or ``local`` (megatron-core's own
+layers, CPU). Checkpoint keys are the same for both (``sharded_state_dict_keys_map`` maps the
+local norms onto TE's fused-norm names), so a checkpoint moves between implementations.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
+from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.models.intra import IntraHybridMixer, IntraHybridSubmodules
+from hybrid_megatron.models.mamba import MambaBranch, MambaSublayer, PassThroughProjection
+from hybrid_megatron.models.transformer_config import intra_branch_configs
+
+
+def backend_for(impl: str) -> BackendSpecProvider:
+    """Return megatron-core's spec provider for ``"te"`` or ``"local"``."""
+    if impl == "te":
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    return LocalSpecProvider()
+
+
+def _input_projection(backend: BackendSpecProvider):
+    """(input norm spec, column-parallel input projection) with TE's norm fused when possible."""
+    if backend.fuse_layernorm_and_linear():
+        return IdentityOp, backend.column_parallel_layer_norm_linear()
+    return backend.layer_norm(rms_norm=True), backend.column_parallel_linear()
+
+
+def _attention_spec(backend: BackendSpecProvider, passthrough: bool = False) -> ModuleSpec:
+    """megatron-core SelfAttention; ``passthrough`` drops its projections (intra branch)."""
+    _, qkv = _input_projection(backend)
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=PassThroughProjection if passthrough else qkv,
+            core_attention=backend.core_attention(),
+            linear_proj=PassThroughProjection if passthrough else backend.row_parallel_linear(),
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+
+
+def _ffn(backend: BackendSpecProvider, cfg: ModelConfig, with_ffn: bool):
+    """(pre-FFN norm spec, FFN spec, keys map) for a dense SwiGLU MLP, an MoE, or no FFN."""
+    if not with_ffn:
+        return IdentityOp, IdentityOp, {}
+    moe = cfg.moe
+    mlp = get_mlp_module_spec_for_backend(
+        backend,
+        num_experts=moe.num_experts if moe else None,
+        moe_grouped_gemm=bool(moe and moe.grouped_gemm),
+    )
+    if moe is None and backend.fuse_layernorm_and_linear():
+        return IdentityOp, mlp, {}
+    keys = {} if moe else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    return backend.layer_norm(rms_norm=True), mlp, keys
+
+
+def block_spec(
+    letter: str,
+    cfg: ModelConfig,
+    tconfig: TransformerConfig,
+    impl: str,
+) -> ModuleSpec:
+    """The TransformerLayer spec of one block.
+
+    Takes the block letter (A, M or H), the ModelConfig, the model's TransformerConfig and the
+    impl (``te`` | ``local``); returns a ModuleSpec that megatron-core's TransformerBlock builds.
+    """
+    backend = backend_for(impl)
+    input_norm, in_proj = _input_projection(backend)
+    with_ffn = letter != "M" or cfg.mamba_block_ffn
+    pre_ffn_norm, ffn, keys = _ffn(backend, cfg, with_ffn)
+
+    if letter == "A":
+        mixer = _attention_spec(backend)
+        mixer_keys = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    elif letter == "M":
+        mixer = ModuleSpec(
+            module=MambaSublayer,
+            params={"d_model": cfg.hidden_size},
+            submodules=MambaMixerSubmodules(in_proj=in_proj, out_proj=backend.row_parallel_linear()),
+        )
+        mixer_keys = {"input_layernorm.": "self_attention.in_proj.layer_norm_"}
+    elif letter == "H":
+        attention_cfg, mamba_cfg = intra_branch_configs(cfg, tconfig)
+        mixer = ModuleSpec(
+            module=IntraHybridMixer,
+            params={
+                "attention_config": attention_cfg,
+                "mamba_config": mamba_cfg,
+                "fusion": cfg.intra.fusion,
+                "branch_norm": cfg.intra.branch_norm,
+                "branch_scalars": cfg.intra.branch_scalars,
+            },
+            submodules=IntraHybridSubmodules(
+                in_proj=in_proj,
+                attention=_attention_spec(backend, passthrough=True),
+                mamba=ModuleSpec(
+                    module=MambaBranch,
+                    submodules=MambaMixerSubmodules(
+                        in_proj=PassThroughProjection, out_proj=PassThroughProjection
+                    ),
+                ),
+                out_proj=backend.row_parallel_linear(),
+            ),
+        )
+        mixer_keys = {"input_layernorm.": "self_attention.in_proj.layer_norm_"}
+    else:
+        raise ValueError(f"unknown block letter {letter!r} (expected A, M or H)")
+
+    if input_norm is IdentityOp:
+        mixer_keys = {}
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=input_norm,
+            self_attention=mixer,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=pre_ffn_norm,
+            mlp=ffn,
+            mlp_bda=get_bias_dropout_add if with_ffn else IdentityFuncOp,
+            sharded_state_dict_keys_map={**mixer_keys, **keys},
+        ),
+    )

@@ -1,0 +1,155 @@
+"""ModelConfig (recipe) -> megatron-core TransformerConfig, for the model and for each branch.
+
+The only place where recipe fields become megatron-core config fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from hybrid_megatron.config.model import ModelConfig, parse_ratio
+
+
+def resolve_impl(cfg: ModelConfig) -> str:
+    """Return ``"te"`` or ``"local"``: the configured impl, or for ``auto`` TE when CUDA and
+    Transformer Engine are both usable."""
+    if cfg.impl != "auto":
+        return cfg.impl
+    if not torch.cuda.is_available():
+        return "local"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return "local"
+    return "te"
+
+
+def _window(cfg: ModelConfig) -> Optional[tuple[int, int]]:
+    # megatron-core/TE windows are (left, right) offsets; a window of W tokens sees itself + W-1.
+    w = cfg.attention.sliding_window if cfg.attention is not None else None
+    return (w - 1, 0) if w else None
+
+
+def build_transformer_config(
+    cfg: ModelConfig,
+    sequence_parallel: bool = False,
+    pipeline_layout: Optional[list] = None,
+    bf16: bool = False,
+) -> TransformerConfig:
+    """Translate the model section into megatron-core's TransformerConfig.
+
+    Takes the ModelConfig, whether sequence parallelism is on, an optional megatron-core
+    pipeline layout (explicit per-stage layer counts) and whether training runs in bf16; reads
+    TP/PP/EP sizes from megatron-core's initialised parallel state. Returns the config shared by
+    every layer (per-branch configs of the intra block derive from it).
+    """
+    attention = cfg.attention
+    moe = cfg.moe
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_size,
+        num_attention_heads=attention.num_heads if attention else 1,
+        num_query_groups=cfg.query_groups if attention else None,
+        kv_channels=cfg.head_dim if attention else None,
+        window_size=_window(cfg),
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        init_method_std=cfg.init_method_std,
+        mamba_state_dim=cfg.mamba.state_dim,
+        mamba_head_dim=cfg.mamba.head_dim,
+        mamba_num_groups=cfg.mamba.num_groups,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        pipeline_model_parallel_layout=pipeline_layout,
+        # Weights are initialised on the host at full size and then sliced, so a model's
+        # initial weights do not depend on its TP size, and CPU-only machines need no CUDA.
+        use_cpu_initialization=True,
+        params_dtype=torch.bfloat16 if cfg.params_dtype == "bf16" else torch.float32,
+        bf16=bf16,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+    if moe is not None:
+        kwargs.update(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.top_k,
+            moe_ffn_hidden_size=moe.expert_ffn_hidden_size or cfg.ffn_size,
+            moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+            moe_token_dispatcher_type=_dispatcher(moe.token_dispatcher),
+            moe_grouped_gemm=moe.grouped_gemm,
+        )
+    if cfg.fp8 is not None:
+        kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
+    return TransformerConfig(**kwargs)
+
+
+def _dispatcher(choice: str) -> str:
+    # alltoall needs CUDA streams (../shared/CPU_NOTES.md); allgather runs everywhere.
+    if choice == "auto":
+        return "alltoall" if torch.cuda.is_available() else "allgather"
+    return choice
+
+
+def intra_branch_widths(cfg: ModelConfig) -> tuple[int, int]:
+    """Attention and Mamba channel widths of the intra block: mixer_width split by dim_ratio.
+
+    Takes the ModelConfig; returns (attention_width, mamba_width), each a multiple of its
+    branch's head size (attention.head_dim, mamba.head_dim). Raises ValueError naming the field.
+    """
+    total = cfg.intra.mixer_width or cfg.mamba.expand * cfg.hidden_size
+    a, m = parse_ratio(cfg.intra.dim_ratio, "model.intra.dim_ratio")
+    attention_width = total * a // (a + m)
+    mamba_width = total - attention_width
+    if attention_width % cfg.head_dim or mamba_width % cfg.mamba.head_dim:
+        raise ValueError(
+            f"model.intra.dim_ratio: widths {attention_width} (attention) and {mamba_width} "
+            f"(mamba) of mixer_width {total} must be multiples of attention.head_dim "
+            f"{cfg.head_dim} and mamba.head_dim {cfg.mamba.head_dim}"
+        )
+    return attention_width, mamba_width
+
+
+def intra_branch_configs(
+    cfg: ModelConfig, base: TransformerConfig
+) -> tuple[Optional[TransformerConfig], Optional[TransformerConfig]]:
+    """Per-branch TransformerConfigs of the intra block (None for a 0-width branch).
+
+    Takes the ModelConfig and the model's TransformerConfig; returns (attention, mamba) configs
+    that differ from ``base`` only in the branch's head counts.
+    """
+    attention_width, mamba_width = intra_branch_widths(cfg)
+    attention_cfg = mamba_cfg = None
+    if attention_width:
+        heads = attention_width // cfg.head_dim
+        groups = cfg.intra.num_query_groups or heads
+        if heads % groups:
+            raise ValueError(
+                f"model.intra.num_query_groups: the attention branch's {heads} heads are not "
+                f"divisible by {groups} groups"
+            )
+        attention_cfg = dataclasses.replace(
+            base, num_attention_heads=heads, num_query_groups=groups, kv_channels=cfg.head_dim
+        )
+    if mamba_width:
+        mamba_cfg = dataclasses.replace(base, mamba_num_heads=mamba_width // cfg.mamba.head_dim)
+    return attention_cfg, mamba_cfg
