@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
 
@@ -113,6 +114,41 @@ def _cpu_sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Ten
     return ~visible
 
 
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class CudaRequestsToCpu(TorchFunctionMode):
+    """Torch-function mode that serves every request for a CUDA tensor on the CPU.
+
+    megatron-core 0.16.1 hard-codes CUDA in ~70 places on the training path (the pipeline
+    schedules' ``torch.zeros(..., device="cuda")`` token counters, p2p buffers, the grad buffers,
+    clip_grads, the optimizer's overflow flags, dist_checkpointing, ``tensor.cuda()`` calls).
+    Rather than patch each, this mode rewrites ``device=cuda`` arguments to the CPU and makes
+    ``Tensor.cuda()`` / ``Tensor.to("cuda")`` return CPU tensors. It is the same mechanism as
+    ``torch.set_default_device`` (a global TorchFunctionMode), entered only when CUDA is absent.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            kwargs.pop("device", None)
+            kwargs.pop("non_blocking", None)
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+_CUDA_TO_CPU_MODE = CudaRequestsToCpu()
+
+
 def apply_cpu_shims() -> None:
     """Install the CPU shims into torch and megatron-core; idempotent. Returns nothing."""
     global _APPLIED
@@ -124,6 +160,9 @@ def apply_cpu_shims() -> None:
     from megatron.core.transformer.moe import moe_utils, router
 
     torch.cuda.current_device = _cpu_current_device
+    # Host and "device" are the same memory: synchronising is a no-op.
+    torch.cuda.synchronize = lambda device=None: None
+    _CUDA_TO_CPU_MODE.__enter__()
     # initialize_rng_tracker instantiates the module-level name, so this swaps the tracker class
     # for every later model_parallel_cuda_manual_seed / get_cuda_rng_tracker call.
     tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker

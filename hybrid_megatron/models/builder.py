@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
 from hybrid_megatron.models.layer_pattern import build_layer_pattern, split_pattern
-from hybrid_megatron.models.specs import backend_for, block_spec
+from hybrid_megatron.models.specs import backend_for, block_spec, rms_norm_spec
 from hybrid_megatron.models.transformer_config import build_transformer_config, resolve_impl
 
 
@@ -66,6 +66,9 @@ def _check_parallel(cfg: ModelConfig, parallel: ParallelConfig, tp: int, ep: int
         raise ModelConfigError(
             f"model.moe.num_experts: {cfg.moe.num_experts} experts do not split over ep={ep}"
         )
+    if cfg.moe is not None and tp > 1 and not parallel.sequence_parallel:
+        # megatron-core refuses MoE with TP but without SP (the experts' token all-gather).
+        raise ModelConfigError("parallel.sequence_parallel: MoE with tp > 1 needs it set to true")
     if parallel.sequence_parallel and tp == 1:
         raise ModelConfigError("parallel.sequence_parallel: needs tp > 1")
 
@@ -119,7 +122,7 @@ def build_model(
     impl = resolve_impl(model_config)
     block = TransformerBlockSubmodules(
         layer_specs=[block_spec(letter, model_config, tconfig, impl) for letter in stage_pattern],
-        layer_norm=backend_for(impl).layer_norm(rms_norm=True),
+        layer_norm=rms_norm_spec(backend_for(impl)),
     )
     has_attention = "A" in pattern or "H" in pattern
     model = GPTModel(

@@ -159,18 +159,19 @@ class IntraHybridMixer(MegatronModule):
             tp_group=self.tp_group,
         )
 
-        self.norms = torch.nn.ModuleDict()
-        if branch_norm == "rmsnorm":
-            for name, width in widths.items():
-                self.norms[name] = BranchRMSNorm(
+        # Per-branch parts are direct attributes (not ModuleDicts) so that megatron-core's
+        # sharded_state_dict recursion reaches BranchRMSNorm's own TP-sharded entry.
+        for name, width in widths.items():
+            norm = None
+            if branch_norm == "rmsnorm":
+                norm = BranchRMSNorm(
                     width // tp, width, config.layernorm_epsilon, self.tp_group, config.params_dtype
                 )
-        self.scalars = None
-        if branch_scalars:
-            # Replicated across TP; the gradient is summed over ranks inside autograd (see forward).
-            self.scalars = torch.nn.ParameterDict(
-                {name: torch.nn.Parameter(torch.ones((), dtype=config.params_dtype)) for name in widths}
-            )
+            setattr(self, f"{name}_norm", norm)
+            # Replicated across TP; the gradient is summed over ranks inside autograd (see
+            # _finish_branch).
+            scale = torch.nn.Parameter(torch.ones((), dtype=config.params_dtype)) if branch_scalars else None
+            setattr(self, f"{name}_scale", scale)
 
         fused_width = sum(widths.values()) if fusion == "concat" else next(iter(widths.values()))
         self.out_proj = build_module(
@@ -189,15 +190,14 @@ class IntraHybridMixer(MegatronModule):
 
     def _finish_branch(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Apply the branch's output norm and scalar (each optional)."""
-        if name in self.norms:
-            out = self.norms[name](out)
-        if self.scalars is not None:
-            # Each rank sees only its channels, so d(loss)/d(scalar) is a partial sum per rank;
+        norm = getattr(self, f"{name}_norm")
+        if norm is not None:
+            out = norm(out)
+        scale = getattr(self, f"{name}_scale")
+        if scale is not None:
+            # Each rank sees only its channels, so d(loss)/d(scale) is a partial sum per rank;
             # copy_to's backward all-reduce makes it the full gradient on every rank.
-            scalar = tensor_parallel.copy_to_tensor_model_parallel_region(
-                self.scalars[name], self.tp_group
-            )
-            out = out * scalar
+            out = out * tensor_parallel.copy_to_tensor_model_parallel_region(scale, self.tp_group)
         return out
 
     def forward(

@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.models.intra import IntraHybridMixer, IntraHybridSubmodules
+from hybrid_megatron.models.norms import LocalRMSNorm
 from hybrid_megatron.models.mamba import MambaBranch, MambaSublayer, PassThroughProjection
 from hybrid_megatron.models.transformer_config import intra_branch_configs
 
@@ -44,11 +45,18 @@ def backend_for(impl: str) -> BackendSpecProvider:
     return LocalSpecProvider()
 
 
+def rms_norm_spec(backend: BackendSpecProvider):
+    """The RMSNorm module: TE's fused norm, or LocalRMSNorm (sequence-parallel capable)."""
+    if backend.fuse_layernorm_and_linear():
+        return backend.layer_norm(rms_norm=True)
+    return LocalRMSNorm
+
+
 def _input_projection(backend: BackendSpecProvider):
     """(input norm spec, column-parallel input projection) with TE's norm fused when possible."""
     if backend.fuse_layernorm_and_linear():
         return IdentityOp, backend.column_parallel_layer_norm_linear()
-    return backend.layer_norm(rms_norm=True), backend.column_parallel_linear()
+    return LocalRMSNorm, backend.column_parallel_linear()
 
 
 def _attention_spec(backend: BackendSpecProvider, passthrough: bool = False) -> ModuleSpec:
@@ -80,7 +88,7 @@ def _ffn(backend: BackendSpecProvider, cfg: ModelConfig, with_ffn: bool):
     if moe is None and backend.fuse_layernorm_and_linear():
         return IdentityOp, mlp, {}
     keys = {} if moe else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
-    return backend.layer_norm(rms_norm=True), mlp, keys
+    return rms_norm_spec(backend), mlp, keys
 
 
 def block_spec(

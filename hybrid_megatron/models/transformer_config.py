@@ -55,7 +55,8 @@ def build_transformer_config(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_size,
-        num_attention_heads=attention.num_heads if attention else 1,
+        # megatron-core requires heads divisible by TP even when no layer has attention (mamba).
+        num_attention_heads=attention.num_heads if attention else parallel_state.get_tensor_model_parallel_world_size(),
         num_query_groups=cfg.query_groups if attention else None,
         kv_channels=cfg.head_dim if attention else None,
         window_size=_window(cfg),
@@ -83,6 +84,9 @@ def build_transformer_config(
         # Weights are initialised on the host at full size and then sliced, so a model's
         # initial weights do not depend on its TP size, and CPU-only machines need no CUDA.
         use_cpu_initialization=True,
+        # Checkpoint keys per layer ("layers.<i>.") instead of one tensor stacked over layers:
+        # hybrid stacks mix block types, so layers do not share one set of keys.
+        hetereogenous_dist_checkpoint=True,
         params_dtype=torch.bfloat16 if cfg.params_dtype == "bf16" else torch.float32,
         bf16=bf16,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,

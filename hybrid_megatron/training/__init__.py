@@ -1,0 +1,1 @@
+"""Training engine: parallel setup, loop, optimizer, checkpoints, schedules."""

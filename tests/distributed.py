@@ -1,0 +1,71 @@
+"""Run a function on N local processes with a gloo process group (CPU multi-rank tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    # megatron-core announces its fallbacks (no TE, no apex) once per import; expected on CPU.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+    torch.set_num_threads(1)  # two ranks on two cores
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    result: Any
+    try:
+        result = {"ok": True, "value": fn(rank, world, *args)}
+    except BaseException:  # reported to the parent test, which fails with the traceback
+        result = {"ok": False, "error": traceback.format_exc()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    try:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+def run_distributed(fn: Callable, world: int, tmp_path: Path, *args) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return each rank's JSON result.
+
+    ``fn`` must be importable (module level) and return JSON-serialisable data. Raises
+    AssertionError with the rank's traceback if any rank failed.
+    """
+    out_dir = tmp_path / f"ranks-{free_port()}"
+    out_dir.mkdir()
+    mp.start_processes(
+        _entry, args=(world, free_port(), fn, args, str(out_dir)), nprocs=world, join=True,
+        start_method="spawn",
+    )
+    results = []
+    for rank in range(world):
+        data = json.loads((out_dir / f"rank{rank}.json").read_text())
+        if not data["ok"]:
+            raise AssertionError(f"rank {rank} failed:\n{data['error']}")
+        results.append(data["value"])
+    return results
