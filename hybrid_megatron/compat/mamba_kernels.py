@@ -36,6 +36,8 @@ def mamba_kernels_are_native() -> bool:
     """Return True when megatron-core bound mamba-ssm's and causal-conv1d's real kernels."""
     from megatron.core.ssm import mamba_mixer
 
+    if _BOUND:  # our own PyTorch path is bound
+        return False
     return bool(mamba_mixer.HAVE_MAMBA_SSM) and mamba_mixer.causal_conv1d_fn is not None
 
 

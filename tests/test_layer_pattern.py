@@ -1,0 +1,76 @@
+"""Layer-pattern builder: ratios, placements, explicit layouts, the early-attention rule, PP split."""
+
+from __future__ import annotations
+
+import pytest
+
+from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.models.layer_pattern import PatternError, build_layer_pattern, split_pattern
+from tests.model_configs import tiny_model
+
+
+def cfg(kind, num_layers=12, **pattern):
+    raw = tiny_model(kind, num_layers=num_layers)
+    raw.pop("pattern", None)
+    if pattern:
+        raw["pattern"] = pattern
+    return ModelConfig(**raw)
+
+
+def test_pure_kinds():
+    assert build_layer_pattern(cfg("transformer", 5)) == "AAAAA"
+    assert build_layer_pattern(cfg("swa", 3)) == "AAA"
+    assert build_layer_pattern(cfg("mamba", 4)) == "MMMM"
+
+
+def test_inter_ratio_even_placement():
+    # 1:5 over 12 layers: 2 attention blocks, each ending its group of 6.
+    assert build_layer_pattern(cfg("inter", 12, ratio="1:5")) == "MMMMMAMMMMMA"
+    # 1:1 over 8 layers alternates, starting with Mamba.
+    assert build_layer_pattern(cfg("inter", 8, ratio="1:1")) == "MAMAMAMA"
+    p = build_layer_pattern(cfg("inter", 24, ratio="1:3"))
+    assert p.count("A") == 6 and p.count("M") == 18
+
+
+def test_inter_middle_placement():
+    assert build_layer_pattern(cfg("inter", 12, ratio="1:5", placement="middle")) == "MMMMMAAMMMMM"
+    assert build_layer_pattern(cfg("inter", 8, ratio="1:1", placement="middle")) == "MMAAAAMM"
+
+
+def test_intra_defaults_and_ratio():
+    assert build_layer_pattern(cfg("intra", 6)) == "HHHHHH"
+    assert build_layer_pattern(cfg("intra", 8, ratio="1:1")) == "MHMHMHMH"
+
+
+def test_explicit_layout():
+    assert build_layer_pattern(cfg("inter", 6, layout="mmamma")) == "MMAMMA"
+    with pytest.raises(PatternError, match="model.pattern.layout: has 5 letters but model.num_layers is 6"):
+        build_layer_pattern(cfg("inter", 6, layout="MMAMM"))
+    with pytest.raises(PatternError, match=r"letters \['H'\] not allowed for kind 'inter'"):
+        build_layer_pattern(cfg("inter", 4, layout="MHMA"))
+
+
+def test_early_attention_rule():
+    with pytest.raises(PatternError, match="allow_early_attention"):
+        build_layer_pattern(cfg("inter", 8, layout="AMMMMMMM"))
+    # 16 layers guard the first 2 by default.
+    with pytest.raises(PatternError, match="attention block at layer 1 is within the first 2"):
+        build_layer_pattern(cfg("inter", 16, layout="MA" + "M" * 14))
+    assert build_layer_pattern(cfg("inter", 8, layout="AMMMMMMM", allow_early_attention=True))[0] == "A"
+    assert build_layer_pattern(cfg("inter", 16, layout="MA" + "M" * 14, early_layers=1))[1] == "A"
+
+
+def test_ratio_errors():
+    with pytest.raises(ValueError, match="model.pattern.ratio"):
+        build_layer_pattern(cfg("inter", 8, ratio="one:five"))
+    with pytest.raises(PatternError, match="leaves no A block"):
+        build_layer_pattern(cfg("inter", 4, ratio="1:20"))
+
+
+def test_pipeline_split():
+    assert split_pattern("MMAMMA", 2) == ["MMA", "MMA"]
+    assert split_pattern("MMAMMA", 3, [1, 3, 2]) == ["M", "MAM", "MA"]
+    with pytest.raises(PatternError, match="parallel.pp: 6 layers do not split evenly over 4"):
+        split_pattern("MMAMMA", 4)
+    with pytest.raises(PatternError, match="parallel.pipeline_stage_layers"):
+        split_pattern("MMAMMA", 2, [2, 3])

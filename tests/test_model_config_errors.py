@@ -1,0 +1,79 @@
+"""Bad model configs raise one error naming the field."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.config.parallel import ParallelConfig
+from hybrid_megatron.models.builder import ModelConfigError, _check_parallel
+from hybrid_megatron.models.layer_pattern import PatternError, build_layer_pattern
+from tests.model_configs import tiny_model
+
+
+def _check(raw: dict, tp=1, ep=1, **parallel):
+    _check_parallel(ModelConfig(**raw), ParallelConfig(tp=tp, ep=ep, **parallel), tp, ep)
+
+
+def test_heads_not_divisible_by_tp():
+    with pytest.raises(ModelConfigError, match=r"model.attention.num_heads: 6 heads do not split over tp=4"):
+        _check(tiny_model("transformer", hidden_size=96, attention={"num_heads": 6, "num_query_groups": 2}), tp=4)
+    with pytest.raises(ModelConfigError, match="model.attention.num_query_groups: 2 groups do not split over tp=4"):
+        _check(tiny_model("transformer"), tp=4)
+    with pytest.raises(ModelConfigError, match="model.mamba.num_groups"):
+        _check(tiny_model("mamba"), tp=4)
+    with pytest.raises(ModelConfigError, match="model.intra.dim_ratio"):
+        _check(tiny_model("intra", intra={"num_query_groups": 1}), tp=2)
+    with pytest.raises(ModelConfigError, match="model.moe.num_experts: 4 experts do not split over ep=3"):
+        _check(tiny_model("transformer", moe=True), ep=3)
+    with pytest.raises(ModelConfigError, match="parallel.sequence_parallel: MoE with tp > 1"):
+        _check(tiny_model("transformer", moe=True), tp=2)
+    _check(tiny_model("intra", moe=True), tp=2, sequence_parallel=True)  # fine
+
+
+def test_pattern_length_mismatch():
+    with pytest.raises(PatternError, match="model.pattern.layout: has 3 letters but model.num_layers is 4"):
+        build_layer_pattern(ModelConfig(**tiny_model("inter", pattern={"layout": "MMA"})))
+
+
+def test_unknown_fusion_names_the_field():
+    with pytest.raises(ValidationError) as err:
+        ModelConfig(**tiny_model("intra", intra={"fusion": "multiply"}))
+    assert err.value.error_count() == 1
+    assert err.value.errors()[0]["loc"] == ("intra", "fusion")
+    assert "'add', 'subtract' or 'concat'" in str(err.value)
+
+
+def test_unknown_field_is_an_error():
+    with pytest.raises(ValidationError) as err:
+        ModelConfig(**tiny_model("mamba", mamba={"state_dim": 8, "d_conv": 4}))
+    assert err.value.errors()[0]["loc"] == ("mamba", "d_conv")
+
+
+def test_early_attention():
+    with pytest.raises(PatternError, match="set model.pattern.allow_early_attention: true"):
+        build_layer_pattern(ModelConfig(**tiny_model("inter", pattern={"layout": "AMMM"})))
+
+
+@pytest.mark.parametrize(
+    "raw,field",
+    [
+        (tiny_model("swa", attention={"sliding_window": None}), "model.attention.sliding_window"),
+        (tiny_model("transformer", attention=None), "model.attention: required"),
+        (tiny_model("intra", intra={"dim_ratio": "x:1"}), "intra.dim_ratio"),
+        ({**tiny_model("transformer"), "moe": {"num_experts": 4, "top_k": 5}}, "moe.top_k"),
+        (tiny_model("transformer", pattern={"ratio": "1:1"}), "model.pattern: only kinds inter and intra"),
+        (tiny_model("transformer", impl="local", fp8="hybrid"), "model.fp8: needs impl 'te'"),
+    ],
+)
+def test_invalid_model_sections(raw, field):
+    with pytest.raises(ValidationError, match=field):
+        ModelConfig(**raw)
+
+
+def test_intra_add_needs_equal_widths(single_rank):
+    from tests.conftest import build_single
+
+    with pytest.raises(ValueError, match="intra.fusion: 'add' needs equal branch widths"):
+        build_single(tiny_model("intra", intra={"fusion": "add", "dim_ratio": "3:1"}))
