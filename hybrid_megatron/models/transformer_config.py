@@ -81,9 +81,9 @@ def build_transformer_config(
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         sequence_parallel=sequence_parallel,
         pipeline_model_parallel_layout=pipeline_layout,
-        # Weights are initialised on the host at full size and then sliced, so a model's
-        # initial weights do not depend on its TP size, and CPU-only machines need no CUDA.
-        use_cpu_initialization=True,
+        # Without CUDA, weights are initialised on the host at full size and then sliced (so
+        # they do not depend on the TP size); on GPUs each rank initialises its own shard there.
+        use_cpu_initialization=not torch.cuda.is_available(),
         # Checkpoint keys per layer ("layers.<i>.") instead of one tensor stacked over layers:
         # hybrid stacks mix block types, so layers do not share one set of keys.
         hetereogenous_dist_checkpoint=True,

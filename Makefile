@@ -1,0 +1,34 @@
+# hybrid_megatron: `make demo` trains the tiny intra-layer MoE hybrid on CPU; `make test` runs the suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of torch for this machine class; GPU clusters use the Dockerfile instead.
+TORCH_CPU ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast gpu-test clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_CPU)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) launch/slurm.py recipes/tiny_intra_moe.yaml --local --nproc 2
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Skips the tests marked slow (multi-rank equivalence sweeps, SLURM cluster).
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# On a CUDA machine with TE + mamba-ssm installed.
+gpu-test:
+	python3 -m pytest -m gpu -v
+
+clean:
+	rm -rf $(VENV) .pytest_cache
