@@ -27,6 +27,9 @@ def test_cuda_device_requests_land_on_cpu():
     assert t.to("cuda").device.type == "cpu"
     assert t.to("cuda", torch.float64).dtype == torch.float64
     torch.cuda.synchronize()  # a no-op, not an error
+    assert torch.zeros(2).type() == "torch.cuda.FloatTensor"
+    assert torch.zeros(2, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    assert torch.zeros(2).type(torch.float64).dtype == torch.float64  # the cast form is untouched
 
 
 @cpu_only

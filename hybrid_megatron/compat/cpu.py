@@ -131,6 +131,8 @@ class CudaRequestsToCpu(TorchFunctionMode):
     Rather than patch each, this mode rewrites ``device=cuda`` arguments to the CPU and makes
     ``Tensor.cuda()`` / ``Tensor.to("cuda")`` return CPU tensors. It is the same mechanism as
     ``torch.set_default_device`` (a global TorchFunctionMode), entered only when CUDA is absent.
+    ``tensor.type()`` (the query form) answers with the CUDA type name, because the optimizers
+    accept only parameters that call themselves ``torch.cuda.*Tensor``.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -141,6 +143,11 @@ class CudaRequestsToCpu(TorchFunctionMode):
             kwargs.pop("device", None)
             kwargs.pop("non_blocking", None)
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron-core's optimizers validate parameters by their legacy type string
+            # ("torch.cuda.FloatTensor"); report the CUDA name of the same dtype.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)

@@ -1,0 +1,190 @@
+"""Atomic, resharding-capable checkpoints through megatron-core's dist_checkpointing.
+
+Layout under ``checkpoint.dir``::
+
+    step_00000020/          one megatron-core distributed checkpoint per save
+    step_00000040/
+    latest                  text file naming the newest complete checkpoint directory
+
+A save writes into ``step_N.partial-<id>/``, renames it to ``step_N/`` once every rank has
+finished, and only then replaces ``latest`` (write a temp file, ``os.replace``). A crash at any
+point leaves ``latest`` naming the previous complete checkpoint; leftovers of an interrupted
+save are removed by the next save. Model and optimizer states are sharded per parameter (not
+per rank), so a checkpoint written at one TP/PP/EP layout loads at another.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+LATEST = "latest"
+_STEP_PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the path."""
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
+    return f"{_STEP_PREFIX}{step:08d}"
+
+
+def check_writable(root: str) -> None:
+    """Create ``root`` if needed and prove it is writable (probe file); raises CheckpointError."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = Path(root) / f".write-probe-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"checkpoint.dir: {root} is not writable ({err.strerror})") from None
+
+
+def latest_checkpoint(root: str) -> Optional[Path]:
+    """The newest complete checkpoint under ``root`` per its ``latest`` pointer, or None.
+
+    Raises CheckpointError when ``latest`` names a directory that is missing or incomplete.
+    """
+    pointer = Path(root) / LATEST
+    if not pointer.exists():
+        return None
+    target = Path(root) / pointer.read_text().strip()
+    if not (target / "metadata.json").exists():
+        raise CheckpointError(f"{pointer} names {target}, which is not a complete checkpoint")
+    return target
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides weights and optimizer: where training stands."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consecutive_nan_skips: int = 0
+    skipped_steps: int = 0
+
+
+def _rng_entry(rank: int, world: int) -> ShardedObject:
+    # Per-rank RNG streams (CPU, CUDA when present, megatron's tracker): one object per rank.
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(model_chunks, optimizer, scheduler, state: TrainingState, loading: bool):
+    model_sd = model_chunks[0].sharded_state_dict()
+    out = {
+        "model": model_sd,
+        "training_state": vars(state).copy(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng_state": _rng_entry(dist.get_rank(), dist.get_world_size()),
+    }
+    if optimizer is not None:
+        # "fully_reshardable": optimizer states in per-parameter (canonical) form, so they
+        # reload at another TP/PP/DP layout, like the weights.
+        out["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+        )
+    return out
+
+
+def save_checkpoint(
+    root: str, model_chunks, optimizer, scheduler, state: TrainingState, keep_last: int
+) -> Path:
+    """Save a checkpoint of model, optimizer, LR schedule, RNG and TrainingState; all ranks call.
+
+    Takes the checkpoint root, the (DDP-wrapped) model chunks, the megatron optimizer and
+    scheduler, the TrainingState and how many checkpoints to keep. Returns the final directory.
+    """
+    rank = dist.get_rank()
+    final = Path(root) / step_dir_name(state.step)
+    partial = None
+    if rank == 0:
+        for leftover in Path(root).glob(f"{_STEP_PREFIX}*.partial-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        partial = Path(root) / f"{final.name}.partial-{uuid.uuid4().hex[:8]}"
+        partial.mkdir(parents=True)
+    box = [str(partial) if partial else None]
+    dist.broadcast_object_list(box, src=0)
+    partial = Path(box[0])
+
+    dist_checkpointing.save(
+        _sharded_state(model_chunks, optimizer, scheduler, state, loading=False), str(partial)
+    )
+    dist.barrier()
+    if rank == 0:
+        if final.exists():  # re-saving the same step (e.g. save on exit right after a save)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tmp = Path(root) / f".{LATEST}.tmp"
+        tmp.write_text(final.name)
+        os.replace(tmp, Path(root) / LATEST)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(root: str, keep_last: int) -> None:
+    done = sorted(p for p in Path(root).glob(f"{_STEP_PREFIX}*") if ".partial-" not in p.name)
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingState:
+    """Load a checkpoint into model, optimizer and scheduler (any parallel layout); all ranks.
+
+    Returns the TrainingState stored with it. Raises CheckpointError naming the path when it
+    is not a readable checkpoint. RNG streams are restored only when the world size matches.
+    """
+    if not (Path(path) / "metadata.json").exists():
+        raise CheckpointError(f"checkpoint.resume: {path} is not a megatron-core checkpoint")
+    template = _sharded_state(model_chunks, optimizer, scheduler, TrainingState(), loading=True)
+    saved_world = _saved_world_size(path)
+    if saved_world != dist.get_world_size():
+        template.pop("rng_state")
+    try:
+        loaded = dist_checkpointing.load(template, str(path))
+    except Exception as err:  # megatron raises many types; the user needs the path and cause
+        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+    model_chunks[0].load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and loaded.get("scheduler") is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if "rng_state" in loaded:
+        _restore_rng(loaded["rng_state"])
+    return TrainingState(**loaded["training_state"])
+
+
+def _saved_world_size(path: Path) -> Optional[int]:
+    # The RNG ShardedObject's global shape is the world size it was saved with.
+    try:
+        meta = dist_checkpointing.load_sharded_metadata(str(path))
+        return meta["rng_state"].global_shape[0] if "rng_state" in meta else None
+    except Exception:
+        return None

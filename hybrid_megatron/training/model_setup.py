@@ -1,0 +1,54 @@
+"""This rank's model chunk, ready for training: precision wrapper and megatron-core DDP."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.transformer.module import Float16Module
+
+from hybrid_megatron.models import build_model
+
+
+def build_training_model(recipe) -> list:
+    """Build and wrap this pipeline stage's model for training.
+
+    Takes the validated Recipe; megatron-core's parallel state must be initialised. Returns a
+    one-element list (megatron-core's "model chunks") holding the model wrapped in
+    Float16Module for bf16 and in megatron-core's DistributedDataParallel (fp32 gradient
+    buffers, reduce-scatter for the distributed optimizer).
+    """
+    bf16 = recipe.train.precision == "bf16"
+    model = build_model(
+        recipe.model,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel=recipe.parallel,
+        bf16=bf16,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    config = model.config
+    if bf16:
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=True,
+        check_for_nan_in_grad=False,  # the loop skips non-finite steps itself and counts them
+        bucket_size=None,
+    )
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    ddp.broadcast_params()  # identical replicas across data-parallel ranks
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return [ddp]
+
+
+def unwrap(model_chunk):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    inner = model_chunk
+    while hasattr(inner, "module"):
+        inner = inner.module
+    return inner
