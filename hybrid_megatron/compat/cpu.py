@@ -156,12 +156,52 @@ class CudaRequestsToCpu(TorchFunctionMode):
 _CUDA_TO_CPU_MODE = CudaRequestsToCpu()
 
 
+def _keep_adam_step_on_load(original):
+    """Wrap DistributedOptimizer._set_main_param_and_optimizer_states for torch's Adam.
+
+    Without TE/apex the inner optimizer is torch's Adam, whose per-parameter state also holds
+    ``step``; the "fully_reshardable" checkpoint format carries only param/exp_avg/exp_avg_sq
+    per parameter (``step`` travels in the common optimizer state), so megatron-core's copy
+    loop raises KeyError('step'). The wrapper leaves ``step`` as it is for the copy; the common
+    state restores it.
+    """
+
+    def wrapped(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        if "step" in state and "step" not in tensors:
+            tensors = {**tensors, "step": state["step"].clone()}
+        return original(self, model_param, tensors)
+
+    return wrapped
+
+
+def _unshare_adam_steps_after_load(original):
+    """Wrap DistributedOptimizer.load_state_dict so each parameter gets its own ``step`` tensor.
+
+    Without TE/apex megatron-core hands one ``step`` tensor object to every parameter's torch
+    Adam state; Adam increments ``step`` in place per parameter, so after a resume the shared
+    counter would advance once per parameter per step and corrupt the bias correction.
+    """
+
+    def wrapped(self, state_dict):
+        result = original(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        return result
+
+    return wrapped
+
+
 def apply_cpu_shims() -> None:
     """Install the CPU shims into torch and megatron-core; idempotent. Returns nothing."""
     global _APPLIED
     if _APPLIED:
         return
     from megatron.core.fusions import fused_softmax
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import utils as transformer_utils
     from megatron.core.transformer.moe import moe_utils, router
@@ -176,6 +216,12 @@ def apply_cpu_shims() -> None:
     tp_random.initialize_rng_tracker(force_reset=True)
     moe_utils.router_gating_linear = _router_gating_linear
     router.router_gating_linear = _router_gating_linear
+    DistributedOptimizer._set_main_param_and_optimizer_states = _keep_adam_step_on_load(
+        DistributedOptimizer._set_main_param_and_optimizer_states
+    )
+    DistributedOptimizer.load_state_dict = _unshare_adam_steps_after_load(
+        DistributedOptimizer.load_state_dict
+    )
     for module in (transformer_utils, fused_softmax):
         module.get_default_causal_mask = _cpu_default_causal_mask
         module.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask

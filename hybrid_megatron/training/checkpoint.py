@@ -96,8 +96,16 @@ def _restore_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _language_model(model_chunks):
+    # Checkpoint keys come from the GPTModel itself, never from its DDP / Float16Module
+    # wrappers (which would prefix "module."), so they do not depend on precision or wrapping.
+    from hybrid_megatron.training.model_setup import unwrap
+
+    return unwrap(model_chunks[0])
+
+
 def _sharded_state(model_chunks, optimizer, scheduler, state: TrainingState, loading: bool):
-    model_sd = model_chunks[0].sharded_state_dict()
+    model_sd = _language_model(model_chunks).sharded_state_dict()
     out = {
         "model": model_sd,
         "training_state": vars(state).copy(),
@@ -163,6 +171,8 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     """
     if not (Path(path) / "metadata.json").exists():
         raise CheckpointError(f"checkpoint.resume: {path} is not a megatron-core checkpoint")
+    if optimizer is not None:
+        _materialise_optimizer_state(optimizer)
     template = _sharded_state(model_chunks, optimizer, scheduler, TrainingState(), loading=True)
     saved_world = _saved_world_size(path)
     if saved_world != dist.get_world_size():
@@ -171,7 +181,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
         loaded = dist_checkpointing.load(template, str(path))
     except Exception as err:  # megatron raises many types; the user needs the path and cause
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
-    model_chunks[0].load_state_dict(loaded["model"])
+    _language_model(model_chunks).load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and loaded.get("scheduler") is not None:
@@ -179,6 +189,19 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return TrainingState(**loaded["training_state"])
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer its (dummy) Adam states so that they can be loaded in place.
+
+    Without TE/apex, megatron-core's DistributedOptimizer reads the Adam ``step`` from the
+    inner torch optimizer's state, which is empty until the first step; megatron-core's own
+    dummy-state initialisation (zero gradients, one step at the schedule's initial lr) is run
+    first, as its loading path expects. The dummy values are overwritten by the load.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
 
 
 def _saved_world_size(path: Path) -> Optional[int]:
