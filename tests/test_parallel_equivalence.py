@@ -86,6 +86,11 @@ def _full_logits(model, batch):
     return gather_from_tensor_model_parallel_region(logits)
 
 
+def _scale_grads(model) -> dict:
+    """Gradients of the intra block's replicated branch scalars (TP must sum them exactly)."""
+    return {n: float(p.grad) for n, p in model.named_parameters() if n.endswith("_scale")}
+
+
 def _rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -104,6 +109,7 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
     ref_logits = _full_logits(model, batch)
     model.train()
     ref_loss = _loss_through_schedule(model, batch)
+    ref_scale_grads = _scale_grads(model)
     model.zero_grad()
     os.makedirs(ckpt_dir, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
@@ -125,6 +131,11 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
         loss = _loss_through_schedule(model, batch)
         if loss is not None:
             out[f"{name}_loss_abs_err"] = abs(loss - ref_loss)
+        if layout.get("pp", 1) == 1 and ref_scale_grads:
+            grads = _scale_grads(model)
+            out[f"{name}_scale_grad_rel_err"] = max(
+                abs(grads[k] - ref_scale_grads[k]) / abs(ref_scale_grads[k]) for k in ref_scale_grads
+            )
         if name == "pp2":
             out["pp2_stage_params"] = sum(p.numel() for p in model.parameters())
             out["pp2_stage_layers"] = len(model.decoder.layers)
@@ -133,9 +144,14 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["intra_scalars"])
 def test_parallel_layouts_match_single_rank(kind, moe, tmp_path):
-    cfg = tiny_model(kind, moe=moe)
+    if kind == "intra_scalars":  # subtract fusion with learnable branch scalars
+        if moe:
+            pytest.skip("covered by the dense case")
+        cfg = tiny_model("intra", intra={"fusion": "subtract", "branch_scalars": True})
+    else:
+        cfg = tiny_model(kind, moe=moe)
     ranks = run_distributed(
         equivalence_worker, 2, tmp_path, cfg, str(tmp_path / "ckpt"), moe
     )
@@ -149,6 +165,9 @@ def test_parallel_layouts_match_single_rank(kind, moe, tmp_path):
             assert r["ep2_logits_rel_err"] < 1e-5, r
             assert r["ep2_loss_abs_err"] < 1e-5, r
         assert r["pp2_stage_layers"] == 2, r
+        if kind == "intra_scalars":
+            assert r["tp2_scale_grad_rel_err"] < 1e-4, r
+            assert r["tp2_sp_scale_grad_rel_err"] < 1e-4, r
         assert r["ref_loss"] > 1.0, r  # a real LM loss (ln 96 ~ 4.56), not a degenerate 0
     # PP: the loss exists on the last stage only; the two stages hold disjoint layers.
     assert abs(ranks[1]["pp2_loss_abs_err"]) < 1e-5, ranks[1]
