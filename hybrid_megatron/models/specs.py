@@ -91,6 +91,15 @@ def _ffn(backend: BackendSpecProvider, cfg: ModelConfig, with_ffn: bool):
     return rms_norm_spec(backend), mlp, keys
 
 
+def mamba_mixer_params(cfg: ModelConfig) -> dict:
+    """MambaMixer constructor arguments from ``model.mamba`` (the rest comes from the config)."""
+    return {
+        "expand": cfg.mamba.expand,
+        "d_conv": cfg.mamba.conv_kernel,
+        "chunk_size": cfg.mamba.chunk_size,
+    }
+
+
 def block_spec(
     letter: str,
     cfg: ModelConfig,
@@ -113,7 +122,7 @@ def block_spec(
     elif letter == "M":
         mixer = ModuleSpec(
             module=MambaSublayer,
-            params={"d_model": cfg.hidden_size},
+            params={"d_model": cfg.hidden_size, **mamba_mixer_params(cfg)},
             submodules=MambaMixerSubmodules(in_proj=in_proj, out_proj=backend.row_parallel_linear()),
         )
         mixer_keys = {"input_layernorm.": "self_attention.in_proj.layer_norm_"}
@@ -133,6 +142,7 @@ def block_spec(
                 attention=_attention_spec(backend, passthrough=True),
                 mamba=ModuleSpec(
                     module=MambaBranch,
+                    params=mamba_mixer_params(cfg),
                     submodules=MambaMixerSubmodules(
                         in_proj=PassThroughProjection, out_proj=PassThroughProjection
                     ),

@@ -95,6 +95,8 @@ def build_transformer_config(
         kwargs.update(
             num_moe_experts=moe.num_experts,
             moe_router_topk=moe.top_k,
+            # megatron-core normalises top-1 routing scores only with the softmax first.
+            moe_router_pre_softmax=moe.top_k == 1,
             moe_ffn_hidden_size=moe.expert_ffn_hidden_size or cfg.ffn_size,
             moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
             moe_aux_loss_coeff=moe.aux_loss_coeff,

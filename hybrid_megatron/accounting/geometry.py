@@ -1,0 +1,133 @@
+"""The shapes the accounting formulas need, read once from a ModelConfig.
+
+Each block letter (``A`` attention, ``M`` Mamba2, ``H`` intra-layer hybrid) has at most one
+attention mixer and at most one Mamba2 mixer; this module says how wide each one is. Parameters,
+FLOPs and cache bytes are all computed from these dataclasses, so the three reports agree on the
+model they describe and follow ``hybrid_megatron.models`` in one place:
+
+- ``A``: ``attention.num_heads`` query heads of ``head_dim``, ``query_groups`` KV heads, window
+  ``attention.sliding_window`` (None = full causal attention).
+- ``M``: d_inner = ``mamba.expand * hidden_size``; d_inner / ``mamba.head_dim`` SSM heads.
+- ``H``: ``intra_branch_widths`` splits the mixer width; the attention branch has
+  attention_width / head_dim heads and ``intra.num_query_groups`` (default: as many as heads) KV
+  heads, the same window as ``A``; the Mamba branch has mamba_width / ``mamba.head_dim`` heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.models.transformer_config import intra_branch_widths
+
+
+@dataclass(frozen=True)
+class AttentionDims:
+    """One self-attention mixer: query heads, KV groups, head size, window (None = full)."""
+
+    heads: int
+    groups: int
+    head_dim: int
+    window: Optional[int]
+
+    @property
+    def width(self) -> int:
+        """Channels of the attention output (heads * head_dim)."""
+        return self.heads * self.head_dim
+
+    @property
+    def qkv_width(self) -> int:
+        """Output rows of the fused QKV projection: (heads + 2 * groups) * head_dim."""
+        return (self.heads + 2 * self.groups) * self.head_dim
+
+
+@dataclass(frozen=True)
+class MambaDims:
+    """One Mamba2 mixer: inner width, SSM heads, head size P, B/C groups, state N, conv, chunk."""
+
+    d_inner: int
+    heads: int
+    head_dim: int
+    groups: int
+    state: int
+    conv_kernel: int
+    chunk: int
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels through the depthwise conv1d: x, B and C (d_inner + 2 * groups * state)."""
+        return self.d_inner + 2 * self.groups * self.state
+
+    @property
+    def in_proj_width(self) -> int:
+        """Output rows of the in-projection: z, x, B, C, dt = 2*d_inner + 2*groups*state + heads."""
+        return 2 * self.d_inner + 2 * self.groups * self.state + self.heads
+
+
+def attention_dims(cfg: ModelConfig, letter: str) -> Optional[AttentionDims]:
+    """The attention mixer of a block, or None if the block has none.
+
+    Takes the ModelConfig and the block letter (A, M or H); returns AttentionDims. Raises
+    ValueError for an unknown letter or widths that do not divide into heads.
+    """
+    if letter == "M":
+        return None
+    window = cfg.attention.sliding_window
+    if letter == "A":
+        return AttentionDims(cfg.attention.num_heads, cfg.query_groups, cfg.head_dim, window)
+    if letter == "H":
+        width, _ = intra_branch_widths(cfg)
+        if width == 0:
+            return None
+        heads = width // cfg.head_dim
+        return AttentionDims(heads, cfg.intra.num_query_groups or heads, cfg.head_dim, window)
+    raise ValueError(f"unknown block letter {letter!r} (expected A, M or H)")
+
+
+def mamba_dims(cfg: ModelConfig, letter: str) -> Optional[MambaDims]:
+    """The Mamba2 mixer of a block, or None if the block has none.
+
+    Takes the ModelConfig and the block letter (A, M or H); returns MambaDims.
+    """
+    if letter == "A":
+        return None
+    if letter == "M":
+        d_inner = cfg.mamba.expand * cfg.hidden_size
+    elif letter == "H":
+        _, d_inner = intra_branch_widths(cfg)
+        if d_inner == 0:
+            return None
+    else:
+        raise ValueError(f"unknown block letter {letter!r} (expected A, M or H)")
+    m = cfg.mamba
+    return MambaDims(
+        d_inner=d_inner,
+        heads=d_inner // m.head_dim,
+        head_dim=m.head_dim,
+        groups=m.num_groups,
+        state=m.state_dim,
+        conv_kernel=m.conv_kernel,
+        chunk=m.chunk_size,
+    )
+
+
+def fused_width(cfg: ModelConfig) -> int:
+    """Input width of the intra block's out-projection: the sum of the branch widths for
+    ``concat`` fusion, one branch's width for ``add``/``subtract`` (equal widths, or only one
+    branch present)."""
+    attention_width, mamba_width = intra_branch_widths(cfg)
+    if cfg.intra.fusion == "concat":
+        return attention_width + mamba_width
+    return max(attention_width, mamba_width)
+
+
+def has_ffn(cfg: ModelConfig, letter: str) -> bool:
+    """Whether a block of this letter carries an FFN sublayer (Mamba blocks only when
+    ``mamba_block_ffn``)."""
+    return letter != "M" or cfg.mamba_block_ffn
+
+
+def expert_ffn_size(cfg: ModelConfig) -> int:
+    """Inner size of one routed expert (``moe.expert_ffn_hidden_size``, default the dense FFN)."""
+    return cfg.moe.expert_ffn_hidden_size or cfg.ffn_size

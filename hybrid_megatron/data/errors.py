@@ -1,0 +1,9 @@
+"""The one exception type of the data tools, so CLIs can print it without a traceback."""
+
+
+class DataToolsError(Exception):
+    """A user-facing error about inputs, tokenizers or datasets.
+
+    The message always names the offending file (and line, where there is one), so the CLIs
+    print it as-is and exit with status 1 instead of showing a traceback.
+    """

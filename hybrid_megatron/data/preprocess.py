@@ -1,0 +1,304 @@
+"""Corpus preprocessing: input files -> tokenized megatron-core indexed dataset (+ stats).
+
+The parent process cuts inputs into ~1 MiB chunks of raw lines, a process pool parses and
+tokenizes them (`encode_worker`), and the parent writes results strictly in input order, so
+the output is byte-identical for any number of workers. At most a few chunks per worker are
+in flight, which bounds memory and lets --max-docs stop reading early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterator
+
+from hybrid_megatron.data.encode_worker import ChunkResult, EncodeSettings, encode_chunk, init_worker, setup
+from hybrid_megatron.data.errors import DataToolsError
+from hybrid_megatron.data.indexed_io import AtomicIndexedWriter, token_dtype
+from hybrid_megatron.data.readers import TEXT_MODES, InputFile, expand_inputs, iter_chunks
+from hybrid_megatron.data.tokenizer import file_sha256, load_tokenizer
+
+# Reported skipped lines are listed up to this many; the rest are only counted.
+MAX_LISTED_BAD = 20
+
+
+@dataclass
+class PreprocessOptions:
+    """Everything one preprocessing run needs (mirrors the CLI flags of data_tools/preprocess.py)."""
+
+    inputs: list[str]
+    output_prefix: str
+    tokenizer: str
+    text_key: str = "text"
+    workers: int = 1
+    append_eod: bool = False
+    prepend_bos: bool = False
+    max_docs: int | None = None
+    skip_bad: bool = False
+    text_mode: str = "file"
+    chunk_bytes: int = 1 << 20
+    progress: bool = True
+    bos: str | None = None
+    eos: str | None = None
+    pad: str | None = None
+    tiktoken_pattern: str = "cl100k"
+
+
+@dataclass
+class _Tally:
+    documents: int = 0
+    tokens: int = 0
+    text_bytes: int = 0
+    empty_docs: int = 0
+    bad_count: int = 0
+    bad_listed: list = field(default_factory=list)
+    per_file_docs: dict = field(default_factory=dict)
+
+
+def _results(chunks: Iterator, settings: EncodeSettings, workers: int) -> Iterator[tuple[int, ChunkResult]]:
+    """Yields (consumed input bytes, ChunkResult) per chunk, in input order.
+
+    One worker runs in this process (no pickling at all); more use a pool with a bounded
+    window of outstanding chunks. Closing the generator terminates the pool.
+    """
+    if workers <= 1:
+        setup(settings)
+        for chunk in chunks:
+            yield chunk.consumed, encode_chunk(chunk)
+        return
+    # fork: workers inherit the imported modules instead of re-importing them (seconds each
+    # with torch and megatron loaded); spawn where fork does not exist.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    pool = mp.get_context(method).Pool(workers, initializer=init_worker, initargs=(settings,))
+    try:
+        pending: deque = deque()
+        window = 3 * workers
+        for chunk in chunks:
+            pending.append((chunk.consumed, pool.apply_async(encode_chunk, (chunk,))))
+            while len(pending) >= window:
+                consumed, future = pending.popleft()
+                yield consumed, future.get()
+        while pending:
+            consumed, future = pending.popleft()
+            yield consumed, future.get()
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
+
+
+class _Progress:
+    """tqdm bar over input bytes with docs/s and text MB/s in its postfix."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not enabled)
+        self.start = self.last = time.monotonic()
+
+    def update(self, consumed: int, tally: _Tally, force: bool = False) -> None:
+        """Advances by `consumed` input bytes; refreshes rates at most twice a second."""
+        self.bar.update(consumed)
+        now = time.monotonic()
+        if force or now - self.last >= 0.5:
+            elapsed = max(now - self.start, 1e-9)
+            self.bar.set_postfix_str(
+                f"{tally.documents / elapsed:,.0f} docs/s, {tally.text_bytes / elapsed / 1e6:.2f} MB/s text",
+                refresh=False,
+            )
+            self.last = now
+
+    def close(self) -> None:
+        """Closes the bar."""
+        self.bar.close()
+
+
+def _describe_inputs(inputs: list[InputFile], tally: _Tally) -> list[dict]:
+    return [
+        {
+            "path": str(item.path),
+            "format": item.format,
+            "compression": item.compression,
+            "bytes": item.size,
+            "sha256": file_sha256(item.path),
+            "documents": tally.per_file_docs.get(index, 0),
+        }
+        for index, item in enumerate(inputs)
+    ]
+
+
+def preprocess(options: PreprocessOptions) -> dict:
+    """Runs one preprocessing job; returns the stats dict also written to PREFIX.stats.json.
+
+    Raises DataToolsError (naming file and line where there is one) for bad inputs, an
+    unusable tokenizer or empty output; in every failure case no file is left under
+    PREFIX.bin / PREFIX.idx / PREFIX.stats.json from this run.
+    """
+    if options.workers < 1:
+        raise DataToolsError(f"--workers must be >= 1, got {options.workers}")
+    if options.max_docs is not None and options.max_docs < 1:
+        raise DataToolsError(f"--max-docs must be >= 1, got {options.max_docs}")
+    if options.text_mode not in TEXT_MODES:
+        raise DataToolsError(f"unknown text mode {options.text_mode!r} (want one of {TEXT_MODES})")
+    inputs = expand_inputs(options.inputs)
+    tokenizer = load_tokenizer(
+        options.tokenizer, bos=options.bos, eos=options.eos, pad=options.pad,
+        tiktoken_pattern=options.tiktoken_pattern,
+    )
+    if options.append_eod and tokenizer.eos_id is None:
+        raise DataToolsError(f"{tokenizer.path}: --append-eod needs an eos token, and this tokenizer has none")
+    if options.prepend_bos and tokenizer.bos_id is None:
+        raise DataToolsError(f"{tokenizer.path}: --prepend-bos needs a bos token, and this tokenizer has none")
+    dtype = token_dtype(tokenizer.vocab_size)
+    settings = EncodeSettings(
+        tokenizer_path=str(tokenizer.path), tokenizer_sha256=tokenizer.content_hash, text_key=options.text_key, append_eod=options.append_eod,
+        prepend_bos=options.prepend_bos, skip_bad=options.skip_bad, dtype=dtype.name,
+        bos=options.bos, eos=options.eos, pad=options.pad, tiktoken_pattern=options.tiktoken_pattern,
+    )
+    tally = _Tally()
+    progress = None
+    try:
+        with AtomicIndexedWriter(options.output_prefix, dtype) as writer:
+            # Timing starts once megatron-core is imported (by the writer): that import is a
+            # fixed cost of seconds that says nothing about throughput.
+            started = time.monotonic()
+            progress = _Progress(sum(item.size for item in inputs), options.progress)
+            chunks = iter_chunks(inputs, text_key=options.text_key, chunk_bytes=options.chunk_bytes,
+                                 text_mode=options.text_mode)
+            results = _results(chunks, settings, options.workers)
+            try:
+                for consumed, result in results:
+                    if _absorb(result, inputs, tally, writer, options.max_docs):
+                        break
+                    progress.update(consumed, tally)
+            finally:
+                results.close()  # stops the pool now, also on errors and Ctrl-C
+            progress.update(0, tally, force=True)
+            if tally.documents == 0:
+                detail = f" ({tally.bad_count} bad lines skipped)" if tally.bad_count else ""
+                raise DataToolsError(
+                    f"no documents found in {', '.join(str(i.path) for i in inputs)}{detail}"
+                )
+            stats = {
+                "output_prefix": options.output_prefix,
+                "documents": tally.documents,
+                "tokens": tally.tokens,
+                "text_bytes": tally.text_bytes,
+                "empty_documents_dropped": tally.empty_docs,
+                "skipped_lines": tally.bad_count,
+                "skipped_examples": tally.bad_listed,
+                "dtype": dtype.name,
+                "append_eod": options.append_eod,
+                "prepend_bos": options.prepend_bos,
+                "text_key": options.text_key,
+                "max_docs": options.max_docs,
+                "tokenizer": tokenizer.describe(),
+                "inputs": _describe_inputs(inputs, tally),
+                "workers": options.workers,
+                "elapsed_s": round(time.monotonic() - started, 3),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            writer.commit(stats)
+    finally:
+        if progress is not None:
+            progress.close()
+    return stats
+
+
+def _absorb(result: ChunkResult, inputs: list[InputFile], tally: _Tally, writer, max_docs) -> bool:
+    """Writes one chunk's documents and updates counts; returns True once max_docs is reached."""
+    path = inputs[result.file_index].path
+    if result.error is not None:
+        line, message = result.error
+        raise DataToolsError(f"{path}:{line}: {message} (use --skip-bad to skip such lines)")
+    for line, message in result.bad:
+        tally.bad_count += 1
+        if len(tally.bad_listed) < MAX_LISTED_BAD:
+            tally.bad_listed.append(f"{path}:{line}: {message}")
+    tokens, lengths = result.tokens, result.lengths
+    done = False
+    if max_docs is not None and tally.documents + len(lengths) >= max_docs:
+        keep = max_docs - tally.documents
+        lengths = lengths[:keep]
+        tokens = tokens[: int(lengths.sum())]
+        # text_bytes of a truncated chunk is not known per document: recount from the share.
+        result.text_bytes = int(result.text_bytes * keep / max(len(result.lengths), 1))
+        done = True
+    writer.add_documents(tokens, lengths)
+    tally.documents += len(lengths)
+    tally.tokens += int(lengths.sum())
+    tally.text_bytes += result.text_bytes
+    tally.empty_docs += result.empty_docs
+    tally.per_file_docs[result.file_index] = tally.per_file_docs.get(result.file_index, 0) + len(lengths)
+    return done
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the argument parser of data_tools/preprocess.py."""
+    parser = argparse.ArgumentParser(
+        prog="preprocess.py",
+        description="Tokenize jsonl(.gz/.zst) / parquet / text files into a megatron-core indexed dataset.",
+    )
+    parser.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
+                        help="input files, directories or globs (quote globs), read in the given order")
+    parser.add_argument("--text-key", default="text", help="JSON field / parquet column holding the text")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json, HF dir, sentencepiece .model or tiktoken file")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    parser.add_argument("--append-eod", action="store_true", help="append the eos token to every document")
+    parser.add_argument("--prepend-bos", action="store_true", help="prepend the bos token to every document")
+    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip (count and report) malformed lines instead of failing")
+    parser.add_argument("--text-mode", choices=TEXT_MODES, default="file",
+                        help="plain-text inputs: one document per file, paragraph or line")
+    parser.add_argument("--chunk-mb", type=float, default=1.0, help="work unit size sent to a worker")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--bos", help="bos token string (overrides the tokenizer's config)")
+    parser.add_argument("--eos", help="eos token string (overrides the tokenizer's config)")
+    parser.add_argument("--pad", help="pad token string (overrides the tokenizer's config)")
+    parser.add_argument("--tiktoken-pattern", default="cl100k", help="pre-tokenizer regex name for tiktoken files")
+    return parser
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 1 data error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    # SIGTERM (e.g. a scheduler's time limit) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    options = PreprocessOptions(
+        inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
+        text_key=args.text_key, workers=args.workers, append_eod=args.append_eod,
+        prepend_bos=args.prepend_bos, max_docs=args.max_docs, skip_bad=args.skip_bad,
+        text_mode=args.text_mode, chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
+        progress=not args.no_progress, bos=args.bos, eos=args.eos, pad=args.pad,
+        tiktoken_pattern=args.tiktoken_pattern,
+    )
+    try:
+        stats = preprocess(options)
+    except DataToolsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+    rate = stats["text_bytes"] / max(stats["elapsed_s"], 1e-9) / 1e6
+    print(
+        f"wrote {options.output_prefix}.bin/.idx: {stats['documents']:,} documents, "
+        f"{stats['tokens']:,} tokens from {stats['text_bytes'] / 1e6:.1f} MB of text "
+        f"in {stats['elapsed_s']:.1f}s ({rate:.2f} MB/s)"
+        + (f"; skipped {stats['skipped_lines']} bad lines" if stats["skipped_lines"] else "")
+    )
+    for example in stats["skipped_examples"]:
+        print(f"  skipped {example}")
+    return 0

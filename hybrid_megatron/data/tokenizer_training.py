@@ -1,0 +1,162 @@
+"""Training a byte-level BPE tokenizer with HF `tokenizers`, or importing an existing one.
+
+Byte-level BPE needs no normaliser and no unknown token: every UTF-8 byte is in the base
+alphabet, so decode(encode(text)) == text for any input, which the preprocessing round trip
+relies on. Special tokens (bos, eos, pad) get the first ids 0, 1, 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hybrid_megatron.data.errors import DataToolsError
+from hybrid_megatron.data.readers import TEXT_MODES, expand_inputs, iter_texts
+from hybrid_megatron.data.tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_SPECIALS = {"bos": "<|bos|>", "eos": "<|endoftext|>", "pad": "<|pad|>"}
+
+
+def train_bpe_tokenizer(
+    inputs: list[str],
+    vocab_size: int,
+    output_dir: str | Path,
+    *,
+    text_key: str = "text",
+    text_mode: str = "file",
+    min_frequency: int = 2,
+    skip_bad: bool = False,
+    show_progress: bool = False,
+) -> Tokenizer:
+    """Trains byte-level BPE on the inputs and writes OUTPUT_DIR/tokenizer.json (+ HF configs).
+
+    Takes input files/globs (same formats as preprocessing), the total vocabulary size
+    (special tokens and the 256 byte symbols included), the output directory, the JSON text
+    field, plain-text mode, the BPE minimum pair frequency and whether to skip bad lines.
+    Returns the saved tokenizer, loaded back through `load_tokenizer`.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    specials = list(DEFAULT_SPECIALS.values())
+    floor = 256 + len(specials)
+    if vocab_size < floor:
+        raise DataToolsError(f"--vocab-size must be at least {floor} (256 bytes + special tokens), got {vocab_size}")
+    files = expand_inputs(inputs)
+    backend = HFTokenizer(models.BPE())
+    # add_prefix_space=False keeps decode(encode(x)) == x exactly (no injected leading space).
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    count = 0
+
+    def texts():
+        nonlocal count
+        for text in iter_texts(files, text_key=text_key, text_mode=text_mode, skip_bad=skip_bad):
+            count += 1
+            yield text
+
+    backend.train_from_iterator(texts(), trainer=trainer)
+    if count == 0:
+        raise DataToolsError(f"no documents found in {', '.join(str(f.path) for f in files)}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_hf_files(backend, out)
+    (out / "training_info.json").write_text(
+        json.dumps(
+            {
+                "vocab_size_requested": vocab_size,
+                "vocab_size": backend.get_vocab_size(with_added_tokens=True),
+                "documents": count,
+                "min_frequency": min_frequency,
+                "inputs": [str(f.path) for f in files],
+                "special_tokens": DEFAULT_SPECIALS,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return load_tokenizer(out)
+
+
+def _write_hf_files(backend, out: Path) -> None:
+    """Saves tokenizer.json and the two small HF config files naming bos/eos/pad."""
+    tmp = out / "tokenizer.json.partial"
+    backend.save(str(tmp), pretty=True)
+    tmp.replace(out / "tokenizer.json")
+    specials = {f"{k}_token": v for k, v in DEFAULT_SPECIALS.items()}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 1_000_000_000,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        **specials,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+def import_tokenizer(source: str | Path, output_dir: str | Path, **load_kwargs) -> Tokenizer:
+    """Converts an existing local tokenizer (tokenizer.json/dir/tiktoken) into OUTPUT_DIR.
+
+    Takes the source path, the output directory and `load_tokenizer` keyword arguments;
+    returns the re-loaded tokenizer. A sentencepiece .model cannot become tokenizer.json here
+    (that needs the sentencepiece package and a model-specific converter): use it directly.
+    """
+    tokenizer = load_tokenizer(source, **load_kwargs)
+    tokenizer.save_hf(output_dir)
+    return load_tokenizer(output_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the argument parser of data_tools/train_tokenizer.py."""
+    parser = argparse.ArgumentParser(
+        prog="train_tokenizer.py",
+        description="Train a byte-level BPE tokenizer on local files, or import an existing local tokenizer.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", metavar="FILE_OR_GLOB", help="training text (jsonl/parquet/txt)")
+    source.add_argument("--from-existing", metavar="PATH",
+                        help="import a tokenizer.json / HF dir / tiktoken file instead of training")
+    parser.add_argument("--vocab-size", type=int, help="total vocabulary size (training)")
+    parser.add_argument("--output", required=True, help="output directory (gets tokenizer.json)")
+    parser.add_argument("--text-key", default="text")
+    parser.add_argument("--text-mode", choices=TEXT_MODES, default="file")
+    parser.add_argument("--min-frequency", type=int, default=2)
+    parser.add_argument("--skip-bad", action="store_true", help="skip malformed jsonl lines")
+    parser.add_argument("--tiktoken-pattern", default="cl100k", help="pre-tokenizer regex for tiktoken files")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 1 error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.from_existing:
+            tokenizer = import_tokenizer(args.from_existing, args.output, tiktoken_pattern=args.tiktoken_pattern)
+        else:
+            if args.vocab_size is None:
+                parser.error("--vocab-size is required when training")
+            tokenizer = train_bpe_tokenizer(
+                args.input, args.vocab_size, args.output, text_key=args.text_key,
+                text_mode=args.text_mode, min_frequency=args.min_frequency, skip_bad=args.skip_bad,
+                show_progress=sys.stderr.isatty(),
+            )
+    except DataToolsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {Path(args.output) / 'tokenizer.json'}: vocab {tokenizer.vocab_size}, "
+        f"bos={tokenizer.bos_id} eos={tokenizer.eos_id} pad={tokenizer.pad_id}, sha256 {tokenizer.content_hash[:16]}…"
+    )
+    return 0

@@ -1,0 +1,28 @@
+"""Scaling laws from tracked runs: Chinchilla approach-3 fits, bootstrap intervals,
+compute-optimal allocation and isoFLOP profiles.
+
+``python -m hybrid_megatron.scaling fit --tracking-uri URI --experiment NAME [--group G] --out DIR``
+"""
+
+from hybrid_megatron.scaling.analysis import analyze, write_outputs
+from hybrid_megatron.scaling.fit import Bootstrap, LawFit, bootstrap_law, fit_law, flops_ratio
+from hybrid_megatron.scaling.isoflop import Budget, IsoFlopFit, fit_isoflop, group_budgets
+from hybrid_megatron.scaling.runs import RunPoint, RunsError, RunSet, load_runs
+
+__all__ = [
+    "Bootstrap",
+    "Budget",
+    "IsoFlopFit",
+    "LawFit",
+    "RunPoint",
+    "RunSet",
+    "RunsError",
+    "analyze",
+    "bootstrap_law",
+    "fit_isoflop",
+    "fit_law",
+    "flops_ratio",
+    "group_budgets",
+    "load_runs",
+    "write_outputs",
+]
