@@ -121,13 +121,24 @@ def _sharded_state(model_chunks, optimizer, scheduler, state: TrainingState, loa
     return out
 
 
+RECIPE_FILE = "recipe.yaml"
+
+
 def save_checkpoint(
-    root: str, model_chunks, optimizer, scheduler, state: TrainingState, keep_last: int
+    root: str,
+    model_chunks,
+    optimizer,
+    scheduler,
+    state: TrainingState,
+    keep_last: int,
+    recipe_yaml: Optional[str] = None,
 ) -> Path:
     """Save a checkpoint of model, optimizer, LR schedule, RNG and TrainingState; all ranks call.
 
     Takes the checkpoint root, the (DDP-wrapped) model chunks, the megatron optimizer and
-    scheduler, the TrainingState and how many checkpoints to keep. Returns the final directory.
+    scheduler, the TrainingState, how many checkpoints to keep and the resolved recipe (written
+    as ``recipe.yaml`` inside the checkpoint, so the model can be rebuilt from the checkpoint
+    alone). Returns the final directory.
     """
     rank = dist.get_rank()
     final = Path(root) / step_dir_name(state.step)
@@ -146,6 +157,8 @@ def save_checkpoint(
     )
     dist.barrier()
     if rank == 0:
+        if recipe_yaml is not None:
+            (partial / RECIPE_FILE).write_text(recipe_yaml)
         if final.exists():  # re-saving the same step (e.g. save on exit right after a save)
             shutil.rmtree(final)
         os.replace(partial, final)

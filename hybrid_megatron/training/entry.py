@@ -175,7 +175,7 @@ def train(recipe) -> dict:
                 _log(rank, f"step {state.step}: validation loss {val_loss:.4f}")
             if state.step % recipe.checkpoint.interval == 0:
                 last_saved = save_checkpoint(recipe.checkpoint.dir, model_chunks, optimizer,
-                                             scheduler, state, recipe.checkpoint.keep_last)
+                                             scheduler, state, recipe.checkpoint.keep_last, recipe.to_yaml())
                 _log(rank, f"saved checkpoint {last_saved}")
         if valid and (val_loss is None or state.step % max(train_cfg.eval_interval, 1)):
             val_loss = evaluate(model_chunks, valid, seq)
@@ -183,7 +183,7 @@ def train(recipe) -> dict:
         finished_at_save = last_saved is not None and Path(last_saved).name.endswith(f"{state.step:08d}")
         if recipe.checkpoint.save_on_exit and not finished_at_save:
             last_saved = save_checkpoint(recipe.checkpoint.dir, model_chunks, optimizer, scheduler,
-                                         state, recipe.checkpoint.keep_last)
+                                         state, recipe.checkpoint.keep_last, recipe.to_yaml())
             _log(rank, f"saved checkpoint {last_saved}")
         status = "KILLED" if stop.requested else "FINISHED"
     finally:
