@@ -44,6 +44,9 @@ class RunTracker:
 
         self._mlflow = mlflow
         cfg = recipe.tracking
+        # CPU/GPU/memory every 10 s, sent every sample: tiny runs get a few points too.
+        mlflow.set_system_metrics_sampling_interval(10)
+        mlflow.set_system_metrics_samples_before_logging(1)
         mlflow.set_tracking_uri(recipe.tracking_uri())
         mlflow.set_experiment(cfg.experiment)
         id_file = Path(recipe.checkpoint.dir) / RUN_ID_FILE
