@@ -1,0 +1,133 @@
+"""Compute-matched sweeps: architectures x token budgets, P- or F-matched, as a list of runs.
+
+A sweep file (``recipes/sweeps/*.yaml``)::
+
+    sweep:
+      name: paper-1b-F            # becomes every run's tracking.compare_group
+      match: F                    # P: same tokens for all; F: same training FLOPs as `reference`
+      reference: 1b_transformer   # (F) the run whose token budget sets the FLOP budget
+      tokens: [102B]              # budgets (of the reference under F)
+      recipes: [../1b_transformer.yaml, ../1b_inter.yaml, ...]
+      overrides: [train.eval_interval=2000]   # applied to every run
+
+Under ``F`` an architecture's token budget is ``tokens * F_ref / F_arch`` with F the training
+FLOPs per token from :mod:`hybrid_megatron.accounting` at the recipe's sequence length, so
+every run spends the same compute (the paper's "F-matched" comparison).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hybrid_megatron.config.errors import RecipeError
+
+
+class SweepSpec(BaseModel):
+    """The ``sweep:`` section of a sweep file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    match: Literal["P", "F"]
+    recipes: list[str] = Field(min_length=1, description="recipe files, relative to this file")
+    tokens: list[int] = Field(min_length=1, description="token budgets")
+    reference: Optional[str] = Field(default=None, description="F: recipe stem setting the budget")
+    overrides: list[str] = Field(default_factory=list)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _parse_tokens(cls, values):
+        from hybrid_megatron.config.train import parse_count
+
+        return [parse_count(v) for v in values]
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep: its name, recipe, overrides and planned N, D, C."""
+
+    name: str
+    recipe_path: str
+    overrides: tuple[str, ...]
+    kind: str
+    params: int
+    tokens: int
+    flops: float
+
+
+def load_sweep(path: str | Path, extra_overrides: tuple[str, ...] = ()) -> tuple[SweepSpec, list[SweepRun]]:
+    """Read a sweep file and expand it into runs.
+
+    Takes the sweep YAML path and overrides applied to every run (after the sweep's own).
+    Returns the spec and the runs, each with overrides that set its token budget, run name,
+    checkpoint directory and the ``hm.compare_group`` / ``hm.match`` tags. Raises RecipeError
+    naming the file and field for a bad sweep or recipe.
+    """
+    from hybrid_megatron.accounting import count_parameters, model_flops_per_token
+    from hybrid_megatron.config import load_recipe
+
+    path = Path(path).resolve()
+    try:
+        raw = yaml.safe_load(path.read_text())
+        spec = SweepSpec(**(raw or {}).get("sweep", {}))
+    except (OSError, yaml.YAMLError) as err:
+        raise RecipeError(f"{path}: cannot read sweep file ({err})") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise RecipeError(f"{path}: sweep.{loc}: {first['msg']}") from None
+
+    bases = []
+    for rel in spec.recipes:
+        recipe_path = (path.parent / rel).resolve()
+        recipe = load_recipe(recipe_path, [*spec.overrides, *extra_overrides])
+        per_token = model_flops_per_token(recipe.model, recipe.data.seq_length)
+        bases.append((recipe_path, recipe, per_token))
+    stems = [p.stem for p, _, _ in bases]
+    if spec.match == "F":
+        if spec.reference not in stems:
+            raise RecipeError(f"{path}: sweep.reference: {spec.reference!r} is not one of {stems}")
+        ref_per_token = bases[stems.index(spec.reference)][2]
+
+    runs = []
+    for budget in spec.tokens:
+        for recipe_path, recipe, per_token in bases:
+            tokens = budget if spec.match == "P" else round(budget * ref_per_token / per_token)
+            name = f"{spec.name}-{recipe_path.stem}-{_short(budget)}"
+            run_dir = Path("runs") / spec.name / name
+            overrides = (
+                *spec.overrides,
+                *extra_overrides,
+                "train.steps=null",
+                f"train.tokens={tokens}",
+                f"name={name}",
+                f"checkpoint.dir={(path.parent / '..' / '..' / run_dir / 'checkpoints').resolve()}",
+                f"tracking.compare_group={spec.name}",
+                f"tracking.match={spec.match}",
+            )
+            runs.append(SweepRun(
+                name=name, recipe_path=str(recipe_path), overrides=overrides, kind=recipe.model.kind,
+                params=count_parameters(recipe.model).total, tokens=tokens, flops=per_token * tokens,
+            ))
+    return spec, runs
+
+
+def _short(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:g}{unit}"
+    return str(int(n))
+
+
+def format_sweep_table(spec: SweepSpec, runs: list[SweepRun]) -> str:
+    """A fixed-width table of the runs (name, kind, N, D, C) for ``--dry-run``."""
+    lines = [f"sweep {spec.name}: {len(runs)} runs, {spec.match}-matched",
+             f"{'run':<44} {'kind':<12} {'N (params)':>12} {'D (tokens)':>14} {'C (FLOPs)':>12}"]
+    for r in runs:
+        lines.append(f"{r.name:<44} {r.kind:<12} {r.params:>12,} {r.tokens:>14,} {r.flops:>12.3e}")
+    return "\n".join(lines)
