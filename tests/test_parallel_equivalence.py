@@ -115,7 +115,11 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
     dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
     out["num_params_tp1"] = sum(p.numel() for p in model.parameters())
 
-    layouts = {"tp2_sp": {"tp": 2, "sequence_parallel": True}, "pp2": {"pp": 2}}
+    layouts = {
+        "tp2_sp": {"tp": 2, "sequence_parallel": True},
+        "pp2": {"pp": 2},
+        "pp2_uneven": {"pp": 2, "pipeline_stage_layers": [1, 3]},
+    }
     if not moe:  # megatron-core allows MoE with TP only together with sequence parallelism
         layouts["tp2"] = {"tp": 2}
     if moe:
@@ -136,9 +140,9 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
             out[f"{name}_scale_grad_rel_err"] = max(
                 abs(grads[k] - ref_scale_grads[k]) / abs(ref_scale_grads[k]) for k in ref_scale_grads
             )
-        if name == "pp2":
-            out["pp2_stage_params"] = sum(p.numel() for p in model.parameters())
-            out["pp2_stage_layers"] = len(model.decoder.layers)
+        if name.startswith("pp2"):
+            out[f"{name}_stage_params"] = sum(p.numel() for p in model.parameters())
+            out[f"{name}_stage_layers"] = len(model.decoder.layers)
     out["ref_loss"] = ref_loss
     return out
 
@@ -173,3 +177,6 @@ def test_parallel_layouts_match_single_rank(kind, moe, tmp_path):
     assert abs(ranks[1]["pp2_loss_abs_err"]) < 1e-5, ranks[1]
     assert "pp2_loss_abs_err" not in ranks[0]
     assert ranks[0]["pp2_stage_params"] + ranks[1]["pp2_stage_params"] == ranks[0]["num_params_tp1"]
+    # explicit per-stage layer counts: stage 0 builds 1 block, stage 1 builds 3
+    assert [r["pp2_uneven_stage_layers"] for r in ranks] == [1, 3]
+    assert abs(ranks[1]["pp2_uneven_loss_abs_err"]) < 1e-5, ranks[1]
