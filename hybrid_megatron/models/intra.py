@@ -67,6 +67,26 @@ class BranchRMSNorm(torch.nn.Module):
         )
 
 
+class MambaBranchCacheKey(int):
+    """The layer number of an H block's Mamba branch, as a distinct inference-cache key.
+
+    megatron-core's static inference context keys the attention KV cache and MambaMixer's
+    conv/SSM states by ``layer_number`` in one dict, and both branches of an H block share it.
+    This is the same integer for arithmetic and printing (MambaMixer uses its layer_number only
+    as that cache key), but it hashes and compares apart from the plain int, so the branch's
+    states get their own entry instead of overwriting the attention branch's KV cache.
+    """
+
+    def __eq__(self, other):
+        return isinstance(other, MambaBranchCacheKey) and int(self) == int(other)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __hash__(self):
+        return hash(("mamba-branch", int(self)))
+
+
 @dataclass
 class IntraHybridSubmodules:
     """Specs of the hybrid mixer's parts (chosen per impl: TE or local megatron-core)."""
@@ -133,6 +153,8 @@ class IntraHybridMixer(MegatronModule):
                 layer_number=layer_number,
                 pg_collection=pg_collection,
             )
+            # Cached inference: a cache key of its own (see MambaBranchCacheKey).
+            self.mamba.layer_number = MambaBranchCacheKey(layer_number)
             in_sections.extend(self.mamba.in_proj_sections)
             widths["mamba"] = self.mamba.d_inner
         if not widths:
@@ -228,6 +250,8 @@ class IntraHybridMixer(MegatronModule):
             consumed = 1
         if self.mamba is not None:
             zxbcdt = torch.cat(parts[consumed:], dim=-1) if len(parts) - consumed > 1 else parts[-1]
+            if inference_context is not None and not self.training and inference_context.is_static_batching():
+                self._allocate_mamba_states(inference_context, zxbcdt.shape[1])
             mamba_out, _ = self.mamba(zxbcdt, inference_context=inference_context)
             branches["mamba"] = self._finish_branch("mamba", mamba_out)
 
@@ -240,6 +264,25 @@ class IntraHybridMixer(MegatronModule):
         else:
             fused_out = torch.cat([branches["attention"], branches["mamba"]], dim=-1)
         return self.out_proj(fused_out)
+
+    def _allocate_mamba_states(self, inference_context, batch: int) -> None:
+        """Create the Mamba branch's conv/SSM states in a static inference context.
+
+        MambaMixer allocates them itself on first use, taking device and dtype from its
+        ``in_proj.weight``, which the branch's pass-through projection does not have; this
+        allocates the same zero tensors (shapes from ``mamba_state_shapes_per_request``) from
+        the conv weight instead, so MambaMixer then finds and reuses them.
+        """
+        key = self.mamba.layer_number
+        if key in inference_context.key_value_memory_dict and self.mamba.cached_batch_size == batch:
+            return
+        conv_shape, ssm_shape = self.mamba.mamba_state_shapes_per_request()
+        weight = self.mamba.conv1d.weight
+        inference_context.key_value_memory_dict[key] = (
+            torch.zeros(batch, *conv_shape, device=weight.device, dtype=weight.dtype),
+            torch.zeros(batch, *ssm_shape, device=weight.device, dtype=weight.dtype),
+        )
+        self.mamba.cached_batch_size = batch
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Checkpoint entries with the fused projections split into their logical parts.

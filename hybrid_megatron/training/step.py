@@ -16,7 +16,9 @@ def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Mean loss over unmasked tokens of one micro-batch (what the schedules average)."""
     mask = loss_mask.float()
     loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1)
-    return loss, {"lm loss": loss.detach()}
+    # clone: megatron-core's schedule divides the returned loss in place by the number of
+    # micro-batches, and a detached view would share that storage.
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def _forward_step(data_iterator, model):

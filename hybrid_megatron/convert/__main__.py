@@ -1,0 +1,56 @@
+"""CLI: ``python -m hybrid_megatron.convert to-hf|from-hf ...`` (see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    """Parse arguments and run one conversion; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m hybrid_megatron.convert")
+    sub = parser.add_subparsers(dest="command", required=True)
+    to = sub.add_parser("to-hf", help="training checkpoint -> Hugging Face directory")
+    to.add_argument("--checkpoint", required=True, help="checkpoint root (with 'latest') or step dir")
+    to.add_argument("--output", required=True)
+    to.add_argument("--target", default="auto", choices=["auto", "nemotron_h", "falcon_h1", "remote_code"])
+    to.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    to.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    fr = sub.add_parser("from-hf", help="NemotronH / Falcon-H1 directory -> our model config + weights")
+    fr.add_argument("--hf", required=True, help="Hugging Face model directory")
+    fr.add_argument("--output", required=True,
+                    help="directory for model.yaml (recipe 'model:' section) and weights.safetensors")
+    args = parser.parse_args(argv)
+
+    from hybrid_megatron.convert.exactness import NotExactError
+
+    try:
+        if args.command == "to-hf":
+            from hybrid_megatron.convert.export import to_hf
+
+            path, target, why = to_hf(args.checkpoint, args.output, args.target, args.dtype, args.overwrite)
+            print(f"wrote {path} as {target}: {why}")
+            if target == "remote_code":
+                print("load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+        else:
+            from pathlib import Path
+
+            import yaml
+            from safetensors.torch import save_file
+
+            from hybrid_megatron.convert.export import from_hf
+
+            model, sd = from_hf(args.hf)
+            out = Path(args.output)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "model.yaml").write_text(yaml.safe_dump({"model": model}, sort_keys=False))
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "weights.safetensors"))
+            print(f"wrote {out}/model.yaml and {out}/weights.safetensors (megatron-core names, TP=1)")
+    except (NotExactError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Which Hugging Face target represents a model exactly, and why the others do not.
+
+Each ``*_blockers`` function takes a ModelConfig and returns the list of reasons (empty when
+the target is exact). ``choose_target`` resolves ``auto`` and refuses an inexact explicit
+target with one NotExactError listing every reason, so nothing silently different is written.
+"""
+
+from __future__ import annotations
+
+from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.models.layer_pattern import build_layer_pattern
+
+TARGETS = ("nemotron_h", "falcon_h1", "remote_code")
+
+# megatron-core's MambaMixer builds its gated RMSNorm with eps=1e-5 whatever norm_epsilon is,
+# while NemotronH and Falcon-H1 use one epsilon for every norm.
+MAMBA_GATED_NORM_EPS = 1e-5
+
+
+class NotExactError(ValueError):
+    """The requested target cannot hold this model exactly; the message lists why."""
+
+
+def _geometry(cfg: ModelConfig):
+    """(attention heads, query groups, head_dim, mamba d_inner) of A/M blocks."""
+    attn = (cfg.attention.num_heads, cfg.query_groups, cfg.head_dim) if cfg.attention else None
+    return attn, cfg.mamba.expand * cfg.hidden_size
+
+
+def falcon_h1_geometry(cfg: ModelConfig) -> dict:
+    """The one attention and one Mamba geometry a Falcon-H1 export uses for every layer.
+
+    Takes the ModelConfig; returns ``{"attention": (heads, groups, head_dim) or None,
+    "mamba_width": int or None}`` taken from the H blocks when there are any, else from the
+    A and M blocks.
+    """
+    from hybrid_megatron.models.transformer_config import intra_branch_widths
+
+    pattern = build_layer_pattern(cfg)
+    attn, d_inner = _geometry(cfg)
+    geo = {"attention": attn if "A" in pattern else None, "mamba_width": d_inner if "M" in pattern else None}
+    if "H" in pattern:
+        aw, mw = intra_branch_widths(cfg)
+        heads = aw // cfg.head_dim
+        geo["intra"] = (
+            (heads, cfg.intra.num_query_groups or heads, cfg.head_dim) if aw else None,
+            mw or None,
+        )
+    return geo
+
+
+def falcon_h1_blockers(cfg: ModelConfig) -> list[str]:
+    """Reasons a Falcon-H1 export of ``cfg`` would not be the same model (empty: exact)."""
+    reasons = []
+    pattern = build_layer_pattern(cfg)
+    if cfg.moe is not None:
+        reasons.append("model.moe: Falcon-H1 has only dense SwiGLU FFNs")
+    if cfg.attention is not None and cfg.attention.sliding_window:
+        reasons.append("model.attention.sliding_window: Falcon-H1 attention is full causal")
+    if cfg.attention is None:
+        reasons.append("model.attention: a pure Mamba stack has no attention branch; use nemotron_h")
+    if cfg.norm_epsilon != MAMBA_GATED_NORM_EPS and ("M" in pattern or "H" in pattern):
+        reasons.append(
+            f"model.norm_epsilon: Falcon-H1 uses it for the Mamba gated norm too, ours uses "
+            f"{MAMBA_GATED_NORM_EPS} there; set norm_epsilon {MAMBA_GATED_NORM_EPS}"
+        )
+    if "H" in pattern:
+        if cfg.intra.branch_norm != "none":
+            reasons.append(
+                "model.intra.branch_norm: a per-branch RMSNorm on the branch outputs has no "
+                "Falcon-H1 counterpart (its branches sum right after their own projections)"
+            )
+        geo = falcon_h1_geometry(cfg)
+        intra_attn, intra_mamba = geo["intra"]
+        if intra_attn is None or intra_mamba is None:
+            reasons.append("model.intra.dim_ratio: Falcon-H1 layers need both branches (no 0 share)")
+        if geo["attention"] is not None and geo["attention"] != intra_attn:
+            reasons.append(
+                f"attention blocks: geometry {geo['attention']} (heads, groups, head_dim) differs "
+                f"from the intra attention branch's {intra_attn}; Falcon-H1 has one"
+            )
+        if geo["mamba_width"] is not None and geo["mamba_width"] != intra_mamba:
+            reasons.append(
+                f"model.intra.mixer_width: the Mamba blocks' d_inner {geo['mamba_width']} differs "
+                f"from the intra Mamba branch's {intra_mamba}; Falcon-H1 has one Mamba width"
+            )
+    return reasons
+
+
+def nemotron_h_blockers(cfg: ModelConfig) -> list[str]:
+    """Reasons a NemotronH export of ``cfg`` would not be the same model (empty: exact).
+
+    NemotronH layers are norm + one mixer (mamba | attention without RoPE | relu2 MLP | sigmoid-
+    routed relu2 MoE); today only a stack of FFN-free Mamba2 blocks matches it exactly.
+    """
+    reasons = []
+    pattern = build_layer_pattern(cfg)
+    if "A" in pattern or "H" in pattern:
+        reasons.append(
+            "attention blocks: ours use RoPE and carry a SwiGLU FFN; NemotronH attention has no "
+            "rotary embedding (needs a no-RoPE, FFN-free attention block option)"
+        )
+    if "H" in pattern:
+        reasons.append("H blocks: NemotronH has no intra-layer (parallel) hybrid layer")
+    if "M" in pattern and cfg.mamba_block_ffn:
+        reasons.append(
+            "model.mamba_block_ffn: our FFNs are gated SwiGLU; NemotronH's MLP is non-gated "
+            "(relu2). Set mamba_block_ffn false (mixer-only Mamba blocks) or use remote_code"
+        )
+    if cfg.moe is not None and ("A" in pattern or cfg.mamba_block_ffn):
+        reasons.append(
+            "model.moe: ours is a softmax top-k router with SwiGLU experts; NemotronH's MoE is "
+            "sigmoid-routed with a score-correction bias and non-gated relu2 experts"
+        )
+    if cfg.norm_epsilon != MAMBA_GATED_NORM_EPS and "M" in pattern:
+        reasons.append(
+            f"model.norm_epsilon: NemotronH uses it for the Mamba gated norm too, ours uses "
+            f"{MAMBA_GATED_NORM_EPS} there; set norm_epsilon {MAMBA_GATED_NORM_EPS}"
+        )
+    return reasons
+
+
+def remote_code_blockers(cfg: ModelConfig) -> list[str]:
+    """Reasons the remote-code export would differ (empty: every recipe option is covered)."""
+    reasons = []
+    # MoE grouped GEMM and TE vs local layers change kernels, not the math: no blocker.
+    if cfg.fp8 is not None:
+        reasons.append("model.fp8: FP8 training numerics are not reproduced (export is bf16/fp32)")
+    return reasons
+
+
+BLOCKERS = {
+    "nemotron_h": nemotron_h_blockers,
+    "falcon_h1": falcon_h1_blockers,
+    "remote_code": remote_code_blockers,
+}
+
+
+def choose_target(cfg: ModelConfig, target: str = "auto") -> tuple[str, str]:
+    """Resolve the export target for ``cfg``.
+
+    Takes the ModelConfig and ``auto`` or one of TARGETS. Returns ``(target, why)``: for
+    ``auto`` the most widely servable exact target (nemotron_h, then falcon_h1 for stacks of
+    intra blocks only, else remote_code). Raises NotExactError naming every reason an
+    explicitly requested target is not exact.
+    """
+    if target == "auto":
+        if not nemotron_h_blockers(cfg):
+            return "nemotron_h", "exact as NemotronHForCausalLM (native in transformers, vLLM)"
+        pattern = build_layer_pattern(cfg)
+        if not falcon_h1_blockers(cfg) and set(pattern) == {"H"}:
+            return "falcon_h1", "exact as FalconH1ForCausalLM (native in transformers, vLLM)"
+        # Falcon-H1 can also hold A/M blocks exactly by zeroing the absent branch, but that
+        # pays a whole extra mixer per layer; auto prefers the lean remote-code model.
+        why = "; ".join(nemotron_h_blockers(cfg)[:1] + falcon_h1_blockers(cfg)[:1])
+        target = "remote_code"
+        reasons = remote_code_blockers(cfg)
+        if reasons:
+            raise NotExactError("no export target is exact for this model: " + "; ".join(reasons))
+        return target, f"remote_code (trust_remote_code=True): no native target is exact ({why or 'mixed A/M/H blocks'})"
+    if target not in BLOCKERS:
+        raise ValueError(f"--target: expected auto or one of {TARGETS}, got {target!r}")
+    reasons = BLOCKERS[target](cfg)
+    if reasons:
+        raise NotExactError(
+            f"target {target!r} cannot represent this model exactly:\n  - "
+            + "\n  - ".join(reasons)
+            + "\nuse --target remote_code (or auto)"
+        )
+    return target, "requested"

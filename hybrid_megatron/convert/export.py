@@ -1,0 +1,138 @@
+"""Conversion entry points: our checkpoints/models <-> Hugging Face directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.convert.exactness import choose_target
+from hybrid_megatron.convert.writer import write_export
+
+
+def hf_config_and_tensors(cfg: ModelConfig, state_dict: dict, target: str) -> tuple[dict, dict, dict]:
+    """Map a full (TP=1) state dict to one target.
+
+    Takes the ModelConfig, the model's ``state_dict()`` and a resolved target name. Returns
+    ``(config.json dict, {HF name: tensor}, {file name: source path} of extra files)``.
+    """
+    if target == "falcon_h1":
+        from hybrid_megatron.convert.mapping_falcon_h1 import falcon_h1_config, to_falcon_h1
+
+        return falcon_h1_config(cfg), to_falcon_h1(cfg, state_dict), {}
+    if target == "nemotron_h":
+        from hybrid_megatron.convert.mapping_nemotron_h import nemotron_h_config, to_nemotron_h
+
+        return nemotron_h_config(cfg), to_nemotron_h(cfg, state_dict), {}
+    from hybrid_megatron.convert.mapping_remote_code import (
+        TEMPLATE_DIR,
+        TEMPLATE_FILES,
+        remote_code_config,
+        to_remote_code,
+    )
+
+    extra = {name: TEMPLATE_DIR / name for name in TEMPLATE_FILES}
+    return remote_code_config(cfg), to_remote_code(cfg, state_dict), extra
+
+
+def export_model(
+    cfg: ModelConfig,
+    state_dict: dict,
+    output: str | Path,
+    target: str = "auto",
+    dtype: str = "bf16",
+    tokenizer_path: Optional[str] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_shard_bytes: Optional[int] = None,
+) -> tuple[Path, str, str]:
+    """Export an in-memory model (its ModelConfig and full state dict) as an HF directory.
+
+    Refuses (exactness.NotExactError) a target that is not exact. Returns ``(output dir,
+    target, why the target was chosen)``.
+    """
+    target, why = choose_target(cfg, target)
+    config, tensors, extra = hf_config_and_tensors(cfg, state_dict, target)
+    generation = {"_from_model_config": True, "do_sample": False}
+    tok_writer = None
+    if tokenizer_path is not None:
+        from hybrid_megatron.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_path)
+        for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id),
+                           ("pad_token_id", tok.pad_id)):
+            config[key] = value
+            if value is not None:
+                generation[key] = value
+        tok_writer = tok.save_hf
+    kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    path = write_export(output, tensors, config, dtype, generation, tok_writer, extra,
+                        overwrite=overwrite, progress=progress, **kwargs)
+    return path, target, why
+
+
+def to_hf(
+    checkpoint: str | Path,
+    output: str | Path,
+    target: str = "auto",
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Path, str, str]:
+    """Export a training checkpoint (root or step dir, any TP/PP/EP it was saved at).
+
+    Loads it at TP=PP=1 on CPU (megatron-core reshards), checks exactness before doing any
+    work, writes the export with the recipe's tokenizer. Returns ``(output, target, why)``.
+    """
+    from hybrid_megatron.config.loader import read_yaml
+    from hybrid_megatron.config.recipe import validate_recipe
+    from hybrid_megatron.training.checkpoint import RECIPE_FILE
+    from hybrid_megatron.training.restore import load_trained_model, resolve_checkpoint
+
+    step_dir = resolve_checkpoint(checkpoint)
+    recipe = validate_recipe(read_yaml(step_dir / RECIPE_FILE), step_dir, str(step_dir / RECIPE_FILE))
+    choose_target(recipe.model, target)  # refuse before loading anything
+    recipe, model = load_trained_model(step_dir)
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    tokenizer = recipe.data.tokenizer if getattr(recipe, "data", None) is not None else None
+    return export_model(recipe.model, state, output, target, dtype, tokenizer, overwrite, progress)
+
+
+def read_hf_dir(path: str | Path) -> tuple[dict, dict]:
+    """Read an HF model directory: returns (config.json dict, {name: tensor}) from safetensors."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    index = path / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
+             if index.exists() else ["model.safetensors"])
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(str(path / name)))
+    return config, tensors
+
+
+def from_hf(path: str | Path) -> tuple[dict, dict]:
+    """A NemotronH or Falcon-H1 HF directory -> (our ``model:`` recipe dict, our state dict).
+
+    The state dict has full (TP=1) tensors named like ``build_model``'s; load it with
+    ``model.load_state_dict(sd, strict=False)`` (megatron's ``_extra_state`` entries are absent).
+    Raises ValueError for other architectures or features our model does not have.
+    """
+    config, tensors = read_hf_dir(path)
+    kind = config.get("model_type")
+    if kind == "falcon_h1":
+        from hybrid_megatron.convert.mapping_falcon_h1 import from_falcon_h1, model_config_from_falcon_h1
+
+        model = model_config_from_falcon_h1(config)
+        return model, from_falcon_h1(ModelConfig(**model), tensors)
+    if kind == "nemotron_h":
+        from hybrid_megatron.convert.mapping_nemotron_h import from_nemotron_h, model_config_from_nemotron_h
+
+        model = model_config_from_nemotron_h(config)
+        return model, from_nemotron_h(ModelConfig(**model), tensors)
+    raise ValueError(f"{path}: model_type {kind!r}; from-hf reads nemotron_h and falcon_h1")
