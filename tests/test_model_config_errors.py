@@ -7,25 +7,25 @@ from pydantic import ValidationError
 
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
-from hybrid_megatron.models.builder import ModelConfigError, _check_parallel
+from hybrid_megatron.models.builder import ModelConfigError, check_parallel_layout
 from hybrid_megatron.models.layer_pattern import PatternError, build_layer_pattern
 from tests.model_configs import tiny_model
 
 
 def _check(raw: dict, tp=1, ep=1, **parallel):
-    _check_parallel(ModelConfig(**raw), ParallelConfig(tp=tp, ep=ep, **parallel), tp, ep)
+    check_parallel_layout(ModelConfig(**raw), ParallelConfig(tp=tp, ep=ep, **parallel), tp, ep)
 
 
 def test_heads_not_divisible_by_tp():
-    with pytest.raises(ModelConfigError, match=r"model.attention.num_heads: 6 heads do not split over tp=4"):
+    with pytest.raises(ModelConfigError, match=r"model.attention.num_heads: 6 heads do not split over parallel.tp=4"):
         _check(tiny_model("transformer", hidden_size=96, attention={"num_heads": 6, "num_query_groups": 2}), tp=4)
-    with pytest.raises(ModelConfigError, match="model.attention.num_query_groups: 2 groups do not split over tp=4"):
+    with pytest.raises(ModelConfigError, match="model.attention.num_query_groups: 2 groups do not split over parallel.tp=4"):
         _check(tiny_model("transformer"), tp=4)
     with pytest.raises(ModelConfigError, match="model.mamba.num_groups"):
         _check(tiny_model("mamba"), tp=4)
     with pytest.raises(ModelConfigError, match="model.intra.dim_ratio"):
         _check(tiny_model("intra", intra={"num_query_groups": 1}), tp=2)
-    with pytest.raises(ModelConfigError, match="model.moe.num_experts: 4 experts do not split over ep=3"):
+    with pytest.raises(ModelConfigError, match="model.moe.num_experts: 4 experts do not split over parallel.ep=3"):
         _check(tiny_model("transformer", moe=True), ep=3)
     with pytest.raises(ModelConfigError, match="parallel.sequence_parallel: MoE with tp > 1"):
         _check(tiny_model("transformer", moe=True), tp=2)

@@ -20,31 +20,45 @@ class ModelConfigError(ValueError):
     """A model config that cannot be built on this parallel layout; names the field."""
 
 
-def _check_parallel(cfg: ModelConfig, parallel: ParallelConfig, tp: int, ep: int) -> None:
-    """Raise ModelConfigError for sizes the parallel layout cannot shard."""
-    if cfg.attention is not None and "A" in build_layer_pattern(cfg):
+def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, ep: int) -> None:
+    """Raise ModelConfigError (naming the field) for sizes the parallel layout cannot shard.
+
+    Takes the model config, the parallel config and the TP and EP sizes. Used by the builder
+    and, before any job is submitted, by the recipe validation.
+    """
+    pattern = build_layer_pattern(cfg)
+    split_pattern(pattern, parallel.pp, parallel.pipeline_stage_layers)
+    if cfg.moe is not None and tp > 1 and not parallel.sequence_parallel:
+        # megatron-core refuses MoE with TP but without SP (the experts' token all-gather).
+        raise ModelConfigError("parallel.sequence_parallel: MoE with tp > 1 needs it set to true")
+    if parallel.sequence_parallel and tp == 1:
+        raise ModelConfigError("parallel.sequence_parallel: needs tp > 1")
+    if cfg.vocab_size % tp:
+        raise ModelConfigError(f"model.vocab_size: {cfg.vocab_size} does not split over parallel.tp={tp}")
+    if cfg.moe is None and ep > 1:
+        raise ModelConfigError(f"parallel.ep: {ep} > 1 needs model.moe")
+    if cfg.attention is not None and "A" in pattern:
         if cfg.attention.num_heads % tp:
             raise ModelConfigError(
                 f"model.attention.num_heads: {cfg.attention.num_heads} heads do not split over "
-                f"tp={tp}"
+                f"parallel.tp={tp}"
             )
         if cfg.query_groups % tp:
             raise ModelConfigError(
                 f"model.attention.num_query_groups: {cfg.query_groups} groups do not split over "
-                f"tp={tp}"
+                f"parallel.tp={tp}"
             )
-    pattern = build_layer_pattern(cfg)
     if "M" in pattern:
         heads = cfg.mamba.expand * cfg.hidden_size // cfg.mamba.head_dim
         if (cfg.mamba.expand * cfg.hidden_size) % cfg.mamba.head_dim or heads % tp:
             raise ModelConfigError(
                 f"model.mamba.head_dim: {heads} Mamba heads (expand*hidden/head_dim) must be a "
-                f"whole number divisible by tp={tp}"
+                f"whole number divisible by parallel.tp={tp}"
             )
     if "M" in pattern or "H" in pattern:
         if cfg.mamba.num_groups % tp:
             raise ModelConfigError(
-                f"model.mamba.num_groups: {cfg.mamba.num_groups} groups do not split over tp={tp}"
+                f"model.mamba.num_groups: {cfg.mamba.num_groups} groups do not split over parallel.tp={tp}"
             )
     if "H" in pattern:
         from hybrid_megatron.models.transformer_config import intra_branch_widths
@@ -60,17 +74,12 @@ def _check_parallel(cfg: ModelConfig, parallel: ParallelConfig, tp: int, ep: int
             if count % tp:
                 raise ModelConfigError(
                     f"model.intra.dim_ratio: the intra block's {count} {name} do not split over "
-                    f"tp={tp}"
+                    f"parallel.tp={tp}"
                 )
     if cfg.moe is not None and cfg.moe.num_experts % ep:
         raise ModelConfigError(
-            f"model.moe.num_experts: {cfg.moe.num_experts} experts do not split over ep={ep}"
+            f"model.moe.num_experts: {cfg.moe.num_experts} experts do not split over parallel.ep={ep}"
         )
-    if cfg.moe is not None and tp > 1 and not parallel.sequence_parallel:
-        # megatron-core refuses MoE with TP but without SP (the experts' token all-gather).
-        raise ModelConfigError("parallel.sequence_parallel: MoE with tp > 1 needs it set to true")
-    if parallel.sequence_parallel and tp == 1:
-        raise ModelConfigError("parallel.sequence_parallel: needs tp > 1")
 
 
 def _pipeline_layout(stages: list[str]) -> Optional[list[list[str]]]:
@@ -107,7 +116,7 @@ def build_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
-    _check_parallel(model_config, parallel, tp, ep)
+    check_parallel_layout(model_config, parallel, tp, ep)
 
     pattern = build_layer_pattern(model_config)
     stages = split_pattern(pattern, pp, parallel.pipeline_stage_layers)

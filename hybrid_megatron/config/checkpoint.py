@@ -1,0 +1,67 @@
+"""The recipe's ``checkpoint:`` section: where checkpoints go, how often, and what to resume.
+
+Example (YAML)::
+
+    checkpoint:
+      dir: ../runs/{name}/checkpoints   # {name} is the recipe's name
+      interval: 500                     # steps between saves
+      keep_last: 3
+      resume: auto                      # auto | none | a checkpoint directory
+
+The run directory of a recipe is the parent of ``dir`` (``runs/<name>``): the launcher writes
+its logs there and the default MLflow store sits in its parent. Relative paths are resolved
+against the recipe file's directory (see ``hybrid_megatron.config.recipe``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+DEFAULT_DIR = "runs/{name}/checkpoints"
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors, so a typo in a recipe never silently falls back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def resolve_path(path: str, info: ValidationInfo) -> str:
+    """``path`` with ~ expanded and joined to the validation context's ``base_dir`` if relative."""
+    path = os.path.expanduser(str(path))
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not os.path.isabs(path):
+        path = os.path.join(str(base), path)
+    return os.path.normpath(path)
+
+
+class CheckpointConfig(_Strict):
+    """Checkpoint location and policy (the recipe's ``checkpoint:`` section)."""
+
+    dir: str = Field(default=DEFAULT_DIR, min_length=1, description="checkpoint root; {name} allowed")
+    interval: int = Field(default=1000, gt=0, description="steps between saves")
+    keep_last: int = Field(default=3, gt=0, description="checkpoints kept; older ones are deleted")
+    resume: str = Field(
+        default="auto",
+        min_length=1,
+        description="auto: latest checkpoint in dir if any; none: start fresh; else a checkpoint path",
+    )
+    save_on_exit: bool = Field(default=True, description="save when training ends or is signalled")
+
+    @field_validator("dir")
+    @classmethod
+    def _resolve_dir(cls, value: str, info: ValidationInfo) -> str:
+        return resolve_path(value, info)
+
+    @field_validator("resume")
+    @classmethod
+    def _resolve_resume(cls, value: str, info: ValidationInfo) -> str:
+        if value in ("auto", "none"):
+            return value
+        return resolve_path(value, info)
+
+    @property
+    def run_dir(self) -> str:
+        """The run directory: the parent of ``dir`` (holds launcher logs)."""
+        return os.path.dirname(os.path.normpath(self.dir))

@@ -1,0 +1,120 @@
+"""Quantities that follow from a recipe and a world size: dp, gradient accumulation, budget.
+
+``derived(recipe, world_size)`` is computed by the launcher (before submitting) and by the
+trainer (at start); `format_derived` is the block both print. Parameter counts come from the
+accounting module (issue #5) through `PARAM_COUNTER`, a ``module:function`` hook taking the
+ModelConfig and returning an int or a dict of counts; until it exists they print as n/a.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Callable, Optional
+
+from hybrid_megatron.config.errors import RecipeError
+
+# Where derived() looks for the parameter counter when none is passed (see module docstring).
+PARAM_COUNTER = "hybrid_megatron.accounting:count_params"
+
+
+def _default_param_counter() -> Optional[Callable[[Any], Any]]:
+    module_name, _, func_name = PARAM_COUNTER.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    return getattr(module, func_name, None)
+
+
+def derived(recipe, world_size: int, param_counter: Optional[Callable[[Any], Any]] = None) -> dict:
+    """Compute what the recipe implies on ``world_size`` ranks.
+
+    Takes a Recipe, the number of ranks, and optionally a parameter counter
+    (``f(model_config) -> int | dict``; default: the accounting hook, if present). Returns a
+    dict with world_size, tp, pp, ep, dp, micro_batch_size, global_batch_size,
+    grad_accum_steps, seq_length, tokens_per_step, total_steps, total_tokens, warmup_steps,
+    layer_pattern and params (None when no counter is available). Raises RecipeError naming
+    ``parallel`` or ``train.global_batch_size`` when the numbers do not divide.
+    """
+    par, train = recipe.parallel, recipe.train
+    if world_size < 1:
+        raise RecipeError(f"world size must be >= 1, got {world_size}")
+    model_ranks = par.tp * par.pp
+    if world_size % model_ranks:
+        raise RecipeError(
+            f"parallel: world size {world_size} is not divisible by tp*pp = {par.tp}*{par.pp} = {model_ranks}"
+        )
+    dp = world_size // model_ranks
+    if (dp * par.tp) % par.ep:
+        raise RecipeError(f"parallel.ep: {par.ep} does not divide dp*tp = {dp}*{par.tp} on {world_size} ranks")
+    per_step = train.micro_batch_size * dp
+    if train.global_batch_size % per_step:
+        raise RecipeError(
+            f"train.global_batch_size: {train.global_batch_size} is not divisible by "
+            f"train.micro_batch_size * dp = {train.micro_batch_size} * {dp} = {per_step} "
+            f"(world size {world_size})"
+        )
+    seq = recipe.data.seq_length
+    tokens_per_step = train.global_batch_size * seq
+    if train.steps is not None:
+        total_steps = train.steps
+    else:
+        total_steps = math.ceil(train.tokens / tokens_per_step)
+    if train.warmup_steps >= total_steps:
+        raise RecipeError(
+            f"train.warmup_steps: {train.warmup_steps} must be smaller than the {total_steps} total steps"
+        )
+    counter = param_counter or _default_param_counter()
+    params = counter(recipe.model) if counter is not None else None
+    from hybrid_megatron.models.layer_pattern import build_layer_pattern
+
+    return {
+        "world_size": world_size,
+        "tp": par.tp,
+        "pp": par.pp,
+        "ep": par.ep,
+        "dp": dp,
+        "micro_batch_size": train.micro_batch_size,
+        "global_batch_size": train.global_batch_size,
+        "grad_accum_steps": train.global_batch_size // per_step,
+        "seq_length": seq,
+        "tokens_per_step": tokens_per_step,
+        "total_steps": total_steps,
+        "total_tokens": total_steps * tokens_per_step,
+        "warmup_steps": train.warmup_steps,
+        "layer_pattern": build_layer_pattern(recipe.model),
+        "params": params,
+    }
+
+
+def human(n: Optional[float]) -> str:
+    """A count in K/M/B/T with 3 significant digits (``1.02B``); ``n/a`` for None."""
+    if n is None:
+        return "n/a"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def format_derived(values: dict) -> str:
+    """The derived quantities as an aligned text block for logs (takes `derived`'s dict)."""
+    params = values.get("params")
+    if isinstance(params, dict):
+        params_text = ", ".join(f"{k} {human(v)}" for k, v in params.items())
+    else:
+        params_text = human(params)
+    rows = [
+        ("ranks", f"{values['world_size']} = tp {values['tp']} x pp {values['pp']} x dp {values['dp']}"
+                  f" (ep {values['ep']})"),
+        ("batch", f"global {values['global_batch_size']} = micro {values['micro_batch_size']} x dp "
+                  f"{values['dp']} x grad accumulation {values['grad_accum_steps']}"),
+        ("sequence", f"{values['seq_length']} tokens; {values['tokens_per_step']:,} tokens/step"),
+        ("budget", f"{values['total_steps']:,} steps, {values['total_tokens']:,} tokens "
+                   f"({human(values['total_tokens'])}); warmup {values['warmup_steps']} steps"),
+        ("layers", values.get("layer_pattern") or "n/a"),
+        ("params", params_text),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

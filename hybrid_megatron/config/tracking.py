@@ -1,0 +1,66 @@
+"""The recipe's ``tracking:`` section: the MLflow run a training logs to.
+
+Example (YAML)::
+
+    tracking:
+      experiment: hybrid-1b
+      tags: {owner: me}
+      compare_group: paper-1b-P      # runs compared with each other (issue #5's sweeps)
+      match: P                       # P: parameter-matched, F: FLOP-matched
+      scale: 1b
+
+``tracking_uri`` left out means ``sqlite:///<parent of the run directory>/mlruns.db``; the
+trainer resolves it (see `default_tracking_uri`). ``run_name`` left out is the recipe's name.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors, so a typo in a recipe never silently falls back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def default_tracking_uri(run_dir: str) -> str:
+    """The default MLflow store for a run directory: ``sqlite:///<parent of run_dir>/mlruns.db``.
+
+    Takes the run directory (absolute); returns the tracking URI string. Runs of all recipes
+    under one ``runs/`` folder then share one store, so they can be compared.
+    """
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    return f"sqlite:///{os.path.join(parent, 'mlruns.db')}"
+
+
+class TrackingConfig(_Strict):
+    """MLflow settings (the recipe's ``tracking:`` section)."""
+
+    enabled: bool = Field(default=True, description="log to MLflow (rank 0 only)")
+    tracking_uri: Optional[str] = Field(
+        default=None, description="MLflow URI; default sqlite:///<run dir parent>/mlruns.db"
+    )
+    experiment: str = Field(default="hybrid_megatron", min_length=1)
+    run_name: Optional[str] = Field(default=None, description="default: the recipe's name")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow tags")
+    compare_group: Optional[str] = Field(default=None, description="tag hm.compare_group")
+    match: Optional[Literal["P", "F"]] = Field(
+        default=None, description="tag hm.match: P parameter-matched, F FLOP-matched"
+    )
+    scale: Optional[str] = Field(default=None, description="tag hm.scale, e.g. 1b")
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _stringify_tags(cls, value: Any) -> Any:
+        # YAML turns `seed: 1` or `final: true` into numbers/bools; MLflow tags are strings.
+        if isinstance(value, dict):
+            return {str(k): "" if v is None else str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("scale", "compare_group", "run_name", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        return value if value is None or isinstance(value, str) else str(value)

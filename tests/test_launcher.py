@@ -1,0 +1,408 @@
+"""launch/slurm.py: dry-run output, the no-SLURM error, --local with real ranks (success and
+failure), and a real job on a single-node SLURM cluster brought up by tests/slurm_cluster.py.
+
+The ranks run stand-in trainer entries defined below (through the ``HM_TRAIN_ENTRY`` hook), not
+the trainer: these tests are about launching, rendezvous and failure propagation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "recipes" / "tiny_intra_moe.yaml"
+THIS = Path(__file__).resolve()
+
+
+# ---------------------------------------------------------------------------- stand-in entries
+# Called in each rank's process as `entry(recipe)` (HM_TRAIN_ENTRY=<this file>:<function>).
+
+
+def standin_entry(recipe):
+    """Joins the process group from the env the launcher set, all-reduces, writes rank<N>.json."""
+    import torch
+    import torch.distributed as dist
+
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    dist.init_process_group("gloo")  # env:// from MASTER_ADDR/PORT, RANK, WORLD_SIZE
+    total = torch.tensor([dist.get_rank() + 1])
+    dist.all_reduce(total)
+    record = {**env, "dist_rank": dist.get_rank(), "dist_world": dist.get_world_size(),
+              "rank_sum": int(total.item()), "job_id": os.environ.get("SLURM_JOB_ID"), "recipe": recipe.name}
+    out = Path(recipe.run_dir) / "standin"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{env['RANK']}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+    print(f"stand-in rank {env['RANK']} done", flush=True)
+    return {"checkpoint_dir": recipe.checkpoint.dir, "final_loss": 1.25, "mlflow_run_id": "standin"}
+
+
+def failing_entry(recipe):
+    """Rank 1 raises; rank 0 waits in a barrier it can never pass (the launcher must not hang)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 exploded on purpose")
+    dist.barrier()
+    time.sleep(600)
+
+
+def graceful_entry(recipe):
+    """Like the trainer: SIGUSR1 = save and stop. Sends itself SLURM's SIGUSR2 mid-"training"."""
+    import signal
+
+    stop = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: stop.append(signum))
+    os.kill(os.getpid(), signal.SIGUSR2)
+    deadline = time.time() + 10
+    while not stop and time.time() < deadline:
+        time.sleep(0.01)
+    os.environ["HM_TEST_SAVED"] = "yes"  # "the checkpoint is written"
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    return {"stopped_by_signal": bool(stop), "signals": stop}
+
+
+def deaf_entry(recipe):
+    """An entry with no SIGUSR1 handler: SIGUSR2 goes straight to submitit's handler."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(0.2)
+    return {"stopped_by_signal": False}
+
+
+def preempted_entry(recipe):
+    """First run: wait for the trainer's stop signal (SIGUSR1), then return as the trainer does
+    after saving. Second run (after the requeue): record the recipe it was given."""
+    import signal
+
+    out = Path(recipe.run_dir) / "standin"
+    out.mkdir(parents=True, exist_ok=True)
+    rank = os.environ["RANK"]
+    first = out / f"run1_rank{rank}.json"
+    if first.exists():
+        (out / f"run2_rank{rank}.json").write_text(json.dumps({"resume": recipe.checkpoint.resume}))
+        return {"stopped_by_signal": None, "run": 2}
+    stop = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: stop.append(signum))
+    (out / f"waiting_rank{rank}").write_text("")
+    deadline = time.time() + 300  # only a safety net: the test signals as soon as both wait
+    while not stop and time.time() < deadline:
+        time.sleep(0.05)
+    first.write_text(json.dumps({"stopped": bool(stop), "resume": recipe.checkpoint.resume}))
+    return {"stopped_by_signal": stop[0] if stop else None, "run": 1}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    """launch/slurm.py imported as a module (it is a script, not a package member)."""
+    name = "hm_launch_slurm"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "launch" / "slurm.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # cloudpickle ships its code by value from here
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _ckpt(tmp_path) -> str:
+    return f"checkpoint.dir={tmp_path}/runs/demo/checkpoints"
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _rank_records(tmp_path) -> dict:
+    folder = tmp_path / "runs" / "demo" / "standin"
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))}
+
+
+# ---------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_prints_recipe_derived_and_sbatch(launcher, tmp_path, capsys):
+    code = launcher.main([
+        str(DEMO), "--dry-run", _ckpt(tmp_path), "slurm.nodes=2", "slurm.gpus_per_node=4",
+        "slurm.tasks_per_node=null", "slurm.partition=gpu-x", "slurm.account=proj7", "slurm.time=01:30:00",
+        "train.global_batch_size=32", "slurm.env={NCCL_DEBUG: WARN}",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "name: tiny_intra_moe" in out and "partition: gpu-x" in out      # the resolved recipe
+    assert "8 = tp 2 x pp 1 x dp 4" in out                                  # derived on 2 x 4 ranks
+    assert "global 32 = micro 4 x dp 4 x grad accumulation 2" in out
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
+                 "#SBATCH --partition=gpu-x", "#SBATCH --account=proj7", "#SBATCH --time=90",
+                 "#SBATCH --job-name=tiny_intra_moe", "#SBATCH --signal=USR2@120", "#SBATCH --requeue",
+                 f"#SBATCH --output={tmp_path}/runs/demo/slurm/%j/%j_0_log.out", "export NCCL_DEBUG=WARN"):
+        assert line in out.splitlines(), line
+    srun = next(line for line in out.splitlines() if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun and "-m submitit.core._submit" in srun
+    assert "#SBATCH --array" not in out
+    assert out.rstrip().endswith("# dry run: nothing submitted")
+    assert not (tmp_path / "runs").exists()                                 # nothing written
+
+
+def test_render_sbatch_array_and_cluster_options(launcher):
+    from hybrid_megatron.config import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "1b_intra.yaml", [
+        "slurm.array_parallelism=2", "slurm.container_image=/img/hm.sqsh",
+        "slurm.container_mounts=/data:/data,/scratch:/scratch", "slurm.qos=high", "slurm.constraint=h100",
+        "slurm.setup=[module load cuda]", "slurm.sbatch_extra={gres: 'gpu:8'}",
+    ])
+    lines = launcher.render_sbatch(recipe, array_size=5).splitlines()
+    for line in ("#SBATCH --array=0-4%2", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --ntasks-per-node=8", "#SBATCH --mem=0", "#SBATCH --exclusive", "#SBATCH --qos=high",
+                 "#SBATCH --constraint=h100", "#SBATCH --gres=gpu:8", "#SBATCH --time=2880",
+                 "#SBATCH --signal=USR2@180", "export CUDA_DEVICE_MAX_CONNECTIONS=1", "module load cuda"):
+        assert line in lines, line
+    srun = next(line for line in lines if line.startswith("srun "))
+    assert "--container-image=/img/hm.sqsh" in srun and "--container-mounts=/data:/data,/scratch:/scratch" in srun
+    # Array logs are per array task.
+    assert any(line.startswith("#SBATCH --output=") and "%A_%a_0_log.out" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------- usage errors
+
+
+def test_no_sbatch_says_slurm_not_found_and_suggests_local(launcher, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    code = launcher.main([str(DEMO), _ckpt(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: SLURM was not found on this machine (no 'sbatch' on PATH)")
+    assert "--local" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_no_sbatch_exit_code_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "slurm.py"), str(DEMO), _ckpt(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, "PATH": str(tmp_path)},
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "SLURM was not found" in proc.stderr and "add --local" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--sweep"], "--sweep: sweep recipes and job arrays of runs are not implemented yet (issue #5)"),
+    (["--nproc", "2"], "--nproc applies to --local runs only"),
+    (["--local", "--nproc", "3"], "--nproc 3: the world size must be a multiple of 2"),
+    (["model.intra.fusion=sum"], "model.intra.fusion: 'sum' is not one of add, subtract, concat"),
+    (["--local", "--nproc", "6"], "train.global_batch_size: 8 is not divisible by"),
+])
+def test_usage_errors_are_one_line_and_exit_2(launcher, tmp_path, capsys, argv, expected):
+    code = launcher.main([str(DEMO), _ckpt(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and err.startswith("error: "), err
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------- per-rank side
+
+
+class _FakeEnv:
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+def test_rendezvous_env_from_a_slurm_job(launcher, monkeypatch):
+    monkeypatch.delenv("HM_MASTER_PORT", raising=False)
+    job = _FakeEnv(cluster="slurm", hostnames=["gpu017", "gpu018"], raw_job_id="4242", global_rank=13,
+                   local_rank=5, num_tasks=16, num_nodes=2, node=1)
+    assert launcher.rendezvous_env(job) == {
+        "MASTER_ADDR": "gpu017", "MASTER_PORT": str(20000 + 4242), "RANK": "13", "WORLD_SIZE": "16",
+        "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8", "NODE_RANK": "1"}
+    monkeypatch.setenv("HM_MASTER_PORT", "31111")
+    assert launcher.rendezvous_env(job)["MASTER_PORT"] == "31111"
+    local = _FakeEnv(cluster="local", hostnames=["x"], raw_job_id="1", global_rank=1, local_rank=1,
+                     num_tasks=2, num_nodes=1, node=0)
+    env = launcher.rendezvous_env(local, master_port=12345)
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["RANK"], env["WORLD_SIZE"]) == ("127.0.0.1", "12345", "1", "2")
+
+
+def test_checkpoint_requeues_itself_resuming_from_latest(launcher):
+    from hybrid_megatron.config import load_recipe
+
+    recipe = load_recipe(DEMO, ["checkpoint.resume=/some/old/checkpoint"])
+    job = launcher.TrainJob(recipe, entry="pkg.mod:fn", master_port=None, threads=2)
+    delayed = job.checkpoint()
+    requeued = delayed.function
+    assert isinstance(requeued, launcher.TrainJob) and requeued is not job
+    assert requeued.recipe.checkpoint.resume == "auto" and recipe.checkpoint.resume == "/some/old/checkpoint"
+    assert requeued.recipe.model == recipe.model and (requeued.entry, requeued.threads) == ("pkg.mod:fn", 2)
+    assert delayed.args == () and delayed.kwargs == {}
+
+
+@pytest.fixture
+def submitit_task_env(monkeypatch):
+    """The environment of task 0 of a one-task submitit local job, restored afterwards."""
+    for key, value in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "77", "SUBMITIT_LOCAL_NTASKS": "1",
+                       "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0", "SUBMITIT_LOCAL_NODEID": "0",
+                       "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "HM_TEST_SAVED": "no"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK"):
+        monkeypatch.setenv(key, "unset")  # TrainJob overwrites them; monkeypatch restores them
+    import signal
+
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(os.environ["HM_TEST_SAVED"]))
+    yield calls
+    signal.signal(signal.SIGUSR2, previous)
+
+
+@pytest.mark.parametrize("entry, expected_calls, stopped", [
+    ("graceful_entry", ["yes"], True),   # trainer saved first, then submitit requeued
+    ("deaf_entry", ["no"], False),       # no trainer handler: submitit's handler at once
+])
+def test_preemption_signal_saves_before_requeue(launcher, submitit_task_env, entry, expected_calls, stopped):
+    from hybrid_megatron.config import load_recipe
+
+    job = launcher.TrainJob(load_recipe(DEMO), entry=f"{THIS}:{entry}", master_port=1234)
+    result = job()
+    assert submitit_task_env == expected_calls
+    assert result["stopped_by_signal"] is stopped
+    assert os.environ["RANK"] == "0" and os.environ["MASTER_PORT"] == "1234"
+
+
+def test_resolve_entry_by_module_and_by_file(launcher):
+    assert launcher.resolve_entry("json:dumps") is json.dumps
+    assert launcher.resolve_entry(f"{THIS}:standin_entry").__name__ == "standin_entry"
+    with pytest.raises(ValueError, match="module:function"):
+        launcher.resolve_entry("no_function_here")
+
+
+def test_min_world_size(launcher):
+    from hybrid_megatron.config import load_recipe
+
+    assert launcher.min_world_size(load_recipe(DEMO)) == 2
+    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "tiny_mamba_moe.yaml", ["parallel.ep=2"])) == 2
+    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_3b_moe.yaml")) == 4
+
+
+# ---------------------------------------------------------------------------- --local
+
+
+def test_local_two_ranks_rendezvous_and_report(launcher, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:standin_entry")
+    code = launcher.main([str(DEMO), "--local", _ckpt(tmp_path)])  # default nproc: tp*pp = 2
+    out = capsys.readouterr().out
+    assert code == 0, out
+    records = _rank_records(tmp_path)
+    assert sorted(records) == [0, 1]
+    for rank, record in records.items():
+        assert (record["RANK"], record["dist_rank"], record["LOCAL_RANK"]) == (str(rank), rank, str(rank))
+        assert (record["WORLD_SIZE"], record["dist_world"], record["rank_sum"]) == ("2", 2, 3)
+        assert record["MASTER_ADDR"] == "127.0.0.1" and record["recipe"] == "tiny_intra_moe"
+    assert records[0]["MASTER_PORT"] == records[1]["MASTER_PORT"]
+    assert "[rank0] stand-in rank 0 done" in out                  # rank 0's log was streamed
+    assert "all 2 ranks finished" in out and "final_loss: 1.25" in out
+    assert f"checkpoint_dir: {tmp_path}/runs/demo/checkpoints" in out
+    assert list((tmp_path / "runs" / "demo" / "local").iterdir())  # logs under the run dir
+
+
+def test_local_failure_propagates_with_the_failing_rank(launcher, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:failing_entry")
+    started = time.time()
+    code = launcher.main([str(DEMO), "--local", "--nproc", "2", _ckpt(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert time.time() - started < 120  # rank 0 blocked in a barrier: it was stopped, not waited for
+    err = captured.err
+    assert "[launch] rank 1 failed:" in err and "RuntimeError: rank 1 exploded on purpose" in err
+    assert "FAILED" in err.splitlines()[-1]
+    assert "rank 0 failed:" not in err  # the root cause is reported first, not the peer's fallout
+
+
+# ---------------------------------------------------------------------------- real SLURM
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A single-node SLURM cluster on 127.0.0.1 for this module's SLURM tests (skipped without one)."""
+    from tests.slurm_cluster import SlurmCluster, SlurmClusterError, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmClusterError as err:
+        pytest.skip(f"the test SLURM cluster did not start: {err}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.slow  # ~20 s on an idle machine: two ranks import torch + megatron-core
+def test_slurm_job_through_the_launcher(launcher, slurm_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:standin_entry")
+    code = launcher.main([
+        str(DEMO), "--wait", _ckpt(tmp_path), f"slurm.partition={slurm_cluster.partition}", "slurm.time=5",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    job_id = next(line.split()[4] for line in out.splitlines() if line.startswith("[launch] submitted SLURM job"))
+    records = _rank_records(tmp_path)
+    assert sorted(records) == [0, 1]
+    for rank, record in records.items():
+        assert (record["RANK"], record["WORLD_SIZE"], record["rank_sum"]) == (str(rank), "2", 3)
+        assert record["job_id"] == job_id and record["MASTER_ADDR"] == slurm_cluster.node
+    assert "all 2 ranks finished" in out and "[rank0] stand-in rank 0 done" in out
+    # The ranks have returned; SLURM marks the job done once the batch script has exited.
+    _wait_for(lambda: not launcher.slurm_job_active(job_id), 90, "SLURM to end the job")
+    state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                           env=slurm_cluster.env, timeout=30).stdout
+    assert "JobState=COMPLETED" in state and "NumTasks=2" in state
+    assert (tmp_path / "runs" / "demo" / "slurm" / job_id / f"{job_id}_1_log.out").exists()
+
+
+@pytest.mark.slow  # two job starts (each importing torch + megatron-core) around a requeue
+def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(launcher, slurm_cluster, tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:preempted_entry")
+    code = launcher.main([
+        str(DEMO), _ckpt(tmp_path), "checkpoint.resume=none", f"slurm.partition={slurm_cluster.partition}",
+        "slurm.time=10",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    job_id = next(line.split()[4] for line in out.splitlines() if line.startswith("[launch] submitted SLURM job"))
+    marks = tmp_path / "runs" / "demo" / "standin"
+    _wait_for(lambda: len(list(marks.glob("waiting_rank*"))) == 2, 300, "both ranks to start")
+    # What SLURM does signal_delay_s before the time limit (--signal=USR2@...): USR2 to the tasks.
+    subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm_cluster.env, check=True, timeout=30)
+    _wait_for(lambda: len(list(marks.glob("run2_rank*"))) == 2, 300, "the requeued job to run")
+    _wait_for(lambda: not launcher.slurm_job_active(job_id), 60, "the requeued job to end")
+    for rank in (0, 1):
+        # The first run returned normally (as the trainer does after saving) before the requeue,
+        first = json.loads((marks / f"run1_rank{rank}.json").read_text())
+        assert first == {"stopped": True, "resume": "none"}
+        # ...and the requeued run resumes from the latest checkpoint.
+        assert json.loads((marks / f"run2_rank{rank}.json").read_text()) == {"resume": "auto"}
+    state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                           env=slurm_cluster.env, timeout=30).stdout
+    assert "JobState=COMPLETED" in state and "Restarts=1" in state
+    logs = tmp_path / "runs" / "demo" / "slurm" / job_id
+    log = "".join(p.read_text(errors="replace") for p in sorted(logs.glob(f"{job_id}_0_log.*")))
+    assert f"Requeued job {job_id}" in log and "asking the trainer to checkpoint and stop" in log

@@ -1,0 +1,342 @@
+"""Recipes: every shipped recipe validates and builds; extends/overrides; one clear error per
+bad input, naming the dotted path; derived quantities."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hybrid_megatron.config import RecipeError, derived, format_derived, load_recipe
+from hybrid_megatron.config.slurm import parse_minutes
+from hybrid_megatron.config.train import parse_count
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+SHIPPED = sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith("_"))
+KINDS = ["transformer", "swa", "mamba", "inter", "intra"]
+SCALES = ["100m", "350m", "1b", "3b"]
+
+
+def _names() -> set:
+    return {p.stem for p in SHIPPED}
+
+
+def test_every_promised_recipe_is_shipped():
+    expected = {f"tiny_{k}" for k in KINDS} | {f"tiny_{k}_moe" for k in KINDS}
+    expected |= {f"{s}_{k}" for s in SCALES for k in KINDS} | {"intra_3b_moe", "inter_3b_moe"}
+    assert expected <= _names(), sorted(expected - _names())
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    world = recipe.slurm.world_size if not recipe.name.startswith("tiny_") else recipe.parallel.tp * recipe.parallel.pp
+    values = derived(recipe, world, param_counter=lambda model: None)
+    assert values["dp"] * recipe.parallel.tp * recipe.parallel.pp == world
+    assert values["total_steps"] > recipe.train.warmup_steps
+    # Runs of different recipes never share a checkpoint directory.
+    assert Path(recipe.checkpoint.dir) == REPO / "runs" / recipe.name / "checkpoints"
+
+
+def test_tiny_recipes_point_at_the_bundled_corpus():
+    stats = json.loads((REPO / "data" / "austen_4k_text_document.stats.json").read_text())
+    for path in SHIPPED:
+        if not path.stem.startswith("tiny_"):
+            continue
+        recipe = load_recipe(path)
+        for prefix in recipe.data.prefixes():
+            assert Path(prefix + ".idx").is_file() and Path(prefix + ".bin").is_file(), prefix
+        assert Path(recipe.data.tokenizer).exists()
+        assert recipe.model.vocab_size == stats["tokenizer"]["vocab_size"]
+        assert recipe.train.precision == "fp32" and recipe.model.impl == "local"
+
+
+def test_demo_and_paper_facts():
+    demo = load_recipe(RECIPES / "tiny_intra_moe.yaml")
+    assert (demo.model.kind, demo.parallel.tp, demo.parallel.sequence_parallel) == ("intra", 2, True)
+    assert demo.model.moe is not None and demo.slurm.world_size == 2
+    one_b = {k: load_recipe(RECIPES / f"1b_{k}.yaml") for k in KINDS}
+    for recipe in one_b.values():
+        assert recipe.model.hidden_size == 2048 and recipe.data.seq_length == 8192
+        assert recipe.train.precision == "bf16" and recipe.train.tokens == 102 * 10**9
+        assert recipe.tracking.scale == "1b" and recipe.tracking.match == "P"
+    assert one_b["inter"].model.pattern.ratio == "1:5"
+    assert one_b["intra"].model.intra.dim_ratio == "1:1"
+    assert one_b["swa"].model.attention.sliding_window == 1024
+    for kind in ("intra", "inter"):
+        moe = load_recipe(RECIPES / f"{kind}_3b_moe.yaml")
+        assert moe.model.moe.num_experts % moe.parallel.ep == 0 and moe.parallel.sequence_parallel
+        assert moe.slurm.gpus_per_node == 8 and moe.slurm.world_size == 32
+
+
+def _meta_params(recipe) -> int:
+    import torch
+
+    from hybrid_megatron.config import ParallelConfig
+    from hybrid_megatron.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(recipe.model, parallel=ParallelConfig())
+    embeddings = model.embedding.word_embeddings.weight.numel() + model.output_layer.weight.numel()
+    return sum(p.numel() for p in model.parameters()) - embeddings
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_paper_scale_recipes_build_and_are_parameter_matched(single_rank, scale):
+    # Built on the meta device (no memory), at TP=1: the shapes, not the numbers, are the test.
+    counts = {k: _meta_params(load_recipe(RECIPES / f"{scale}_{k}.yaml")) for k in KINDS}
+    reference = counts["transformer"]
+    for kind, count in counts.items():
+        assert abs(count / reference - 1) < 0.05, (kind, count, reference)
+    assert counts["swa"] == reference  # a window changes no weights
+
+
+def test_tiny_moe_recipes_build(single_rank):
+    for kind in KINDS:
+        recipe = load_recipe(RECIPES / f"tiny_{kind}_moe.yaml")
+        assert _meta_params(recipe) > _meta_params(load_recipe(RECIPES / f"tiny_{kind}.yaml"))
+
+
+# ---------------------------------------------------------------------------- extends/overrides
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+BASE = textwrap.dedent("""\
+    name: base-name
+    description: the base
+    model:
+      kind: inter
+      num_layers: 6
+      hidden_size: 64
+      vocab_size: 128
+      max_position_embeddings: 128
+      attention: {num_heads: 4}
+      pattern: {ratio: "1:5"}
+      moe: {num_experts: 4, top_k: 2}
+    data:
+      tokenizer: tok/tokenizer.json
+      blend: [corpus/doc]
+      seq_length: 64
+    train: {global_batch_size: 8, micro_batch_size: 2, steps: 100, lr: 1.0e-3, warmup_steps: 10}
+    checkpoint: {dir: "runs/{name}/ckpt"}
+    slurm: {gpus_per_node: 4, env: {A: "1"}}
+""")
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """base.yaml <- mid/mid.yaml <- mid/leaf.yaml (paths relative to each file)."""
+    _write(tmp_path / "base.yaml", BASE)
+    _write(tmp_path / "mid" / "mid.yaml", """\
+        extends: ../base.yaml
+        name: mid-name
+        model: {hidden_size: 128, attention: {num_query_groups: 2}, moe: null}
+        train: {lr: 2.0e-3}
+        slurm: {env: {B: "2"}}
+    """)
+    return _write(tmp_path / "mid" / "leaf.yaml", """\
+        extends: mid.yaml
+        train: {steps: 50}
+    """)
+
+
+def test_extends_chain_deep_merges_child_wins(chain):
+    recipe = load_recipe(chain)
+    assert recipe.name == "leaf"                      # name is per file: the leaf's stem
+    assert recipe.description is None                 # description is per file too
+    assert recipe.model.hidden_size == 128            # mid beats base
+    assert recipe.model.attention.num_heads == 4      # ...while base's siblings survive
+    assert recipe.model.attention.num_query_groups == 2
+    assert recipe.model.moe is None                   # null removes an inherited section
+    assert (recipe.train.lr, recipe.train.steps, recipe.train.global_batch_size) == (2e-3, 50, 8)
+    assert recipe.slurm.env == {"A": "1", "B": "2"}
+    # Relative paths resolve against the loaded (leaf) file's directory, {name} is substituted.
+    leaf_dir = chain.parent
+    assert recipe.data.tokenizer == str(leaf_dir / "tok" / "tokenizer.json")
+    assert recipe.data.blend[0].prefix == str(leaf_dir / "corpus" / "doc")
+    assert recipe.checkpoint.dir == str(leaf_dir / "runs" / "leaf" / "ckpt")
+    assert recipe.run_dir == str(leaf_dir / "runs" / "leaf")
+    assert recipe.tracking.run_name == "leaf" and recipe.slurm.job_name == "leaf"
+    assert recipe.tracking_uri() == f"sqlite:///{leaf_dir / 'runs' / 'mlruns.db'}"
+
+
+def test_overrides_are_yaml_typed_and_create_paths(chain):
+    recipe = load_recipe(chain, [
+        "train.lr=3e-4", "train.tokens=1.5M", "train.steps=null", "model.moe={num_experts: 2, top_k: 1}",
+        "slurm.setup=[echo a, echo b]", "slurm.time=01:30:00", "tracking.tags.seed=7", "data.blend.0=other/doc",
+        "name=renamed",
+    ])
+    assert recipe.train.lr == 3e-4 and recipe.train.steps is None and recipe.train.tokens == 1_500_000
+    assert (recipe.model.moe.num_experts, recipe.model.moe.top_k) == (2, 1)
+    assert recipe.slurm.setup == ["echo a", "echo b"] and recipe.slurm.time == 90
+    assert recipe.tracking.tags == {"seed": "7"}
+    assert recipe.data.blend[0].prefix == str(chain.parent / "other" / "doc")
+    assert recipe.name == "renamed" and recipe.checkpoint.dir.endswith("runs/renamed/ckpt")
+    assert recipe.overrides[0] == "train.lr=3e-4"
+
+
+def test_resolved_recipe_round_trips(chain, tmp_path):
+    recipe = load_recipe(chain, ["train.lr=5e-4"])
+    dumped = _write(tmp_path / "resolved.yaml", recipe.to_yaml())
+    again = load_recipe(dumped)
+    assert again.to_dict() == recipe.to_dict()
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    _write(tmp_path / "a.yaml", "extends: b.yaml\n")
+    _write(tmp_path / "b.yaml", "extends: c.yaml\n")
+    _write(tmp_path / "c.yaml", "extends: a.yaml\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(tmp_path / "a.yaml")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'a.yaml'}: extends cycle: "), message
+    chain = message.split("extends cycle: ", 1)[1].split(" -> ")
+    assert [Path(p).name for p in chain] == ["a.yaml", "b.yaml", "c.yaml", "a.yaml"]
+
+
+# ---------------------------------------------------------------------------- error messages
+
+
+def _error(path, overrides=()) -> str:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, overrides)
+    message = str(err.value)
+    # One clear line; none of pydantic's machinery in the user's face.
+    assert "\n" not in message, message
+    assert "pydantic" not in message and "validation error" not in message.lower(), message
+    return message
+
+
+def test_unknown_field_names_file_and_path(tmp_path):
+    path = _write(tmp_path / "x.yaml", BASE.replace("hidden_size: 64", "hiden_size: 64"))
+    message = _error(path)
+    assert message.startswith(f"{path}: unknown field model.hiden_size"), message
+    assert "did you mean hidden_size" in message
+
+
+def test_unknown_field_in_base_names_the_base(chain):
+    base = chain.parent.parent / "base.yaml"
+    base.write_text(base.read_text().replace("warmup_steps: 10", "warmup_stpes: 10"))
+    message = _error(chain)
+    assert message.startswith(f"{base}: unknown field train.warmup_stpes"), message
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.intra.fusion=sum", "override: model.intra.fusion: 'sum' is not one of add, subtract, concat"),
+    ("train.schedule=linear", "override: train.schedule: 'linear' is not one of cosine, wsd, constant"),
+    ("train.precision=fp16", "override: train.precision: 'fp16' is not one of fp32, bf16"),
+    ("tracking.match=X", "override: tracking.match: 'X' is not one of P, F"),
+    ("model.kind=rnn", "override: model.kind: 'rnn' is not one of transformer, swa, mamba, inter, intra"),
+    ("train.lr=-1", "override: train.lr: input should be greater than 0 (got -1)"),
+    ("train.global_batch_size=abc", "override: train.global_batch_size: "),
+    ("train.tokens=1e9", "override: train: give exactly one of train.steps and train.tokens"),
+    ("train.min_lr=1", "override: train.min_lr: 1.0 is larger than train.lr 0.001"),
+    ("slurm.time=1:2:3:4", "override: slurm.time: expected minutes or [D-]HH:MM:SS"),
+    ("model.pattern.layout=AMMMMM", "override: model.pattern: attention block at layer 0"),
+    ("data.seq_length=4096", "override: data.seq_length: 4096 exceeds model.max_position_embeddings 128"),
+    ("parallel.tp=2", "parallel.sequence_parallel: MoE with tp > 1 needs it set to true"),
+    ("parallel.ep=3", "model.moe.num_experts: 4 experts do not split over parallel.ep=3"),
+    ("name=has space", "override: name: 'has space' must be letters"),
+    ("train", "override 'train': expected KEY.PATH=VALUE"),
+    ("extends=x.yaml", "override 'extends=x.yaml': extends cannot be overridden"),
+])
+def test_each_bad_input_is_one_message_naming_the_path(tmp_path, override, expected):
+    path = _write(tmp_path / "x.yaml", BASE)
+    message = _error(path, [override])
+    assert expected in message, message
+
+
+def test_missing_required_field(tmp_path):
+    path = _write(tmp_path / "x.yaml", BASE.replace(" lr: 1.0e-3,", ""))
+    assert _error(path) == f"{path}: train.lr: required field is missing"
+
+
+def test_file_level_errors(tmp_path):
+    assert _error(tmp_path / "nope.yaml").endswith("nope.yaml: recipe file not found")
+    path = _write(tmp_path / "dup.yaml", BASE + "train: {steps: 3}\n")
+    assert "duplicate key 'train'" in _error(path)
+    path = _write(tmp_path / "bad.yaml", "model: [unclosed\n")
+    assert "invalid YAML" in _error(path)
+    path = _write(tmp_path / "list.yaml", "- a\n- b\n")
+    assert "a recipe is a mapping of sections" in _error(path)
+    path = _write(tmp_path / "orphan.yaml", "extends: missing.yaml\n")
+    assert "extends: missing.yaml not found" in _error(path)
+
+
+def test_several_problems_are_one_line_each(tmp_path):
+    path = _write(tmp_path / "x.yaml", BASE.replace("hidden_size: 64", "hidden_size: 64\n  colour: red"))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, ["train.schedule=linear"])
+    lines = str(err.value).splitlines()
+    assert lines == [
+        f"{path}: unknown field model.colour",
+        "override: train.schedule: 'linear' is not one of cosine, wsd, constant",
+    ]
+
+
+def test_yaml_numbers_are_yaml_1_2(tmp_path):
+    text = BASE.replace("lr: 1.0e-3", "lr: 3e-4").replace("gpus_per_node: 4", "gpus_per_node: 4, time: 04:00:00")
+    recipe = load_recipe(_write(tmp_path / "x.yaml", text))
+    assert recipe.train.lr == pytest.approx(3e-4) and recipe.slurm.time == 240
+
+
+def test_parsers():
+    assert parse_count("102B") == 102 * 10**9 and parse_count("1.5e9") == 1_500_000_000
+    assert parse_count("500_000") == 500_000 and parse_count(2e6) == 2_000_000
+    with pytest.raises(ValueError):
+        parse_count(1.5)
+    assert [parse_minutes(v) for v in (30, "30", "1:30", "2:00:00", "1-0", "1-02:30", "0:0:59")] == [
+        30, 30, 2, 120, 1440, 1590, 1]
+
+
+# ---------------------------------------------------------------------------- derived
+
+
+def test_derived_tiny_demo():
+    recipe = load_recipe(RECIPES / "tiny_intra_moe.yaml")
+    values = derived(recipe, 2, param_counter=lambda model: {"total": 123, "active": 100})
+    assert {k: values[k] for k in ("dp", "grad_accum_steps", "tokens_per_step", "total_steps", "total_tokens")} == {
+        "dp": 1, "grad_accum_steps": 2, "tokens_per_step": 8 * 128, "total_steps": 60, "total_tokens": 60 * 1024}
+    assert values["layer_pattern"] == "MHMH" and values["params"] == {"total": 123, "active": 100}
+    text = format_derived(values)
+    assert "global 8 = micro 4 x dp 1 x grad accumulation 2" in text
+    assert "60 steps, 61,440 tokens" in text and "total 123, active 100" in text
+
+
+def test_derived_token_budget_rounds_up_to_whole_steps():
+    recipe = load_recipe(RECIPES / "1b_inter.yaml")
+    values = derived(recipe, 16, param_counter=lambda model: None)
+    per_step = 256 * 8192
+    assert values["dp"] == 16 and values["grad_accum_steps"] == 8
+    assert values["total_steps"] == math.ceil(102e9 / per_step) == 48638
+    assert values["total_tokens"] == 48638 * per_step >= 102 * 10**9
+    assert values["params"] is None and "params    n/a" in format_derived(values)
+    # On 8 nodes instead of 2: dp 64 -> grad accumulation 2.
+    assert derived(recipe, 64, param_counter=lambda m: None)["grad_accum_steps"] == 2
+
+
+@pytest.mark.parametrize("world, expected", [
+    (3, "parallel: world size 3 is not divisible by tp*pp = 2*1 = 2"),
+    (6, "train.global_batch_size: 8 is not divisible by train.micro_batch_size * dp = 4 * 3 = 12"),
+])
+def test_derived_errors_name_the_field(world, expected):
+    recipe = load_recipe(RECIPES / "tiny_intra_moe.yaml")
+    with pytest.raises(RecipeError) as err:
+        derived(recipe, world, param_counter=lambda model: None)
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_derived_warmup_longer_than_token_budget():
+    recipe = load_recipe(RECIPES / "tiny_transformer.yaml", ["train.steps=null", "train.tokens=8192"])
+    with pytest.raises(RecipeError, match=r"train.warmup_steps: 10 must be smaller than the 8 total steps"):
+        derived(recipe, 1, param_counter=lambda model: None)
