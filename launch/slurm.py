@@ -530,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait", action="store_true",
                         help="SLURM: follow the job until it ends; exit 1 if a rank failed")
     parser.add_argument("--sweep", action="store_true",
-                        help="RECIPE is a sweep recipe: one job array of runs (issue #5: not implemented yet)")
+                        help="RECIPE is a sweep file (recipes/sweeps/): one job array of runs, or sequential with --local")
     return parser
 
 
@@ -655,16 +655,45 @@ def run_slurm(recipe: Any, args: argparse.Namespace, entry: Optional[str]) -> in
     return report(job, world, outcomes)
 
 
+def run_sweep(args: argparse.Namespace, entry: Optional[str]) -> int:
+    """Expand a sweep file into runs; print their table; then (unless --dry-run) submit one
+    SLURM job array, or with --local run them one after another. Returns the exit code."""
+    from hybrid_megatron.config import RecipeError, load_recipe
+    from hybrid_megatron.config.sweep import format_sweep_table, load_sweep
+
+    try:
+        spec, runs = load_sweep(args.recipe, tuple(args.overrides))
+        recipes = [load_recipe(run.recipe_path, run.overrides) for run in runs]
+    except RecipeError as err:
+        raise UsageError(str(err)) from None
+    print(format_sweep_table(spec, runs), flush=True)
+    if args.dry_run:
+        print("# ---- sbatch script of the job array (submitit) ----")
+        print(render_sbatch(recipes[0], array_size=len(recipes)).rstrip())
+        print("# dry run: nothing submitted")
+        return 0
+    if args.local:
+        failed = 0
+        for run, recipe in zip(runs, recipes):
+            print(f"[sweep] {run.name}", flush=True)
+            failed += run_local(recipe, args, entry) != 0
+        print(f"[sweep] {len(runs) - failed}/{len(runs)} runs succeeded (compare group {spec.name})")
+        return 1 if failed else 0
+    if shutil.which("sbatch") is None:
+        raise UsageError("SLURM was not found on this machine (no 'sbatch' on PATH); add --local")
+    jobs = submit_slurm(recipes, entry)
+    print(f"[sweep] submitted job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} runs "
+          f"(compare group {spec.name})")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and launch; returns the process exit code (0 ok, 1 job failed, 2 usage)."""
     # Intermixed: overrides may come before or after the flags.
     args = build_parser().parse_intermixed_args(argv)
     try:
         if args.sweep:
-            raise UsageError(
-                "--sweep: sweep recipes and job arrays of runs are not implemented yet (issue #5); "
-                "launch the recipes one by one"
-            )
+            return run_sweep(args, os.environ.get(ENTRY_ENV) or None)
         if args.nproc is not None and not args.local:
             raise UsageError("--nproc applies to --local runs only (on SLURM: slurm.nodes / gpus_per_node)")
         entry = os.environ.get(ENTRY_ENV) or None

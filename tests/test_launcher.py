@@ -203,7 +203,7 @@ def test_no_sbatch_exit_code_from_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--sweep"], "--sweep: sweep recipes and job arrays of runs are not implemented yet (issue #5)"),
+    (["--sweep"], "not a sweep file: it has no 'sweep:' section"),
     (["--nproc", "2"], "--nproc applies to --local runs only"),
     (["--local", "--nproc", "3"], "--nproc 3: the world size must be a multiple of 2"),
     (["model.intra.fusion=sum"], "model.intra.fusion: 'sum' is not one of add, subtract, concat"),
@@ -406,3 +406,32 @@ def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(launcher, slurm
     logs = tmp_path / "runs" / "demo" / "slurm" / job_id
     log = "".join(p.read_text(errors="replace") for p in sorted(logs.glob(f"{job_id}_0_log.*")))
     assert f"Requeued job {job_id}" in log and "asking the trainer to checkpoint and stop" in log
+
+
+# ---------------------------------------------------------------------------- sweeps (#5)
+
+
+def test_sweep_dry_run_prints_the_runs_and_the_array_script(launcher, capsys):
+    code = launcher.main([str(REPO / "recipes" / "sweeps" / "paper_1b_F.yaml"), "--sweep", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "sweep paper-1b-F: 5 runs, F-matched" in out
+    assert "paper-1b-F-1b_transformer-102B" in out and "102,000,000,000" in out
+    assert "#SBATCH --array=0-4%5" in out and "dry run: nothing submitted" in out
+
+
+def test_sweep_local_runs_each_recipe_in_turn(launcher, tmp_path, monkeypatch, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "sweep: {name: mini, match: F, reference: tiny_transformer, tokens: [10K], "
+        "overrides: [train.warmup_steps=1], recipes: ["
+        f"{REPO}/recipes/tiny_transformer.yaml, {REPO}/recipes/tiny_mamba.yaml]}}\n"
+    )
+    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:standin_entry")
+    code = launcher.main([str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[sweep] 2/2 runs succeeded (compare group mini)" in out
+    for name in ("mini-tiny_transformer-10K", "mini-tiny_mamba-10K"):
+        record = json.loads((tmp_path / "runs" / "mini" / name / "standin" / "rank0.json").read_text())
+        assert record["recipe"] == name

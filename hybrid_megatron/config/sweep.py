@@ -74,7 +74,9 @@ def load_sweep(path: str | Path, extra_overrides: tuple[str, ...] = ()) -> tuple
     path = Path(path).resolve()
     try:
         raw = yaml.safe_load(path.read_text())
-        spec = SweepSpec(**(raw or {}).get("sweep", {}))
+        if not isinstance(raw, dict) or "sweep" not in raw:
+            raise RecipeError(f"{path}: not a sweep file: it has no 'sweep:' section")
+        spec = SweepSpec(**raw["sweep"])
     except (OSError, yaml.YAMLError) as err:
         raise RecipeError(f"{path}: cannot read sweep file ({err})") from None
     except ValidationError as err:
@@ -99,14 +101,15 @@ def load_sweep(path: str | Path, extra_overrides: tuple[str, ...] = ()) -> tuple
         for recipe_path, recipe, per_token in bases:
             tokens = budget if spec.match == "P" else round(budget * ref_per_token / per_token)
             name = f"{spec.name}-{recipe_path.stem}-{_short(budget)}"
-            run_dir = Path("runs") / spec.name / name
+            # beside the base recipe's own runs: <runs>/<sweep name>/<run name>/checkpoints
+            run_dir = Path(recipe.run_dir).parent / spec.name / name
             overrides = (
                 *spec.overrides,
                 *extra_overrides,
                 "train.steps=null",
                 f"train.tokens={tokens}",
                 f"name={name}",
-                f"checkpoint.dir={(path.parent / '..' / '..' / run_dir / 'checkpoints').resolve()}",
+                f"checkpoint.dir={run_dir / 'checkpoints'}",
                 f"tracking.compare_group={spec.name}",
                 f"tracking.match={spec.match}",
             )
