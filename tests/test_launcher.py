@@ -435,3 +435,20 @@ def test_sweep_local_runs_each_recipe_in_turn(launcher, tmp_path, monkeypatch, c
     for name in ("mini-tiny_transformer-10K", "mini-tiny_mamba-10K"):
         record = json.loads((tmp_path / "runs" / "mini" / name / "standin" / "rank0.json").read_text())
         assert record["recipe"] == name
+
+
+@pytest.mark.slow  # the real trainer on two SLURM tasks (TP=2): two ranks import torch + megatron-core
+def test_slurm_runs_the_real_trainer_to_a_checkpoint(launcher, slurm_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    monkeypatch.delenv("HM_TRAIN_ENTRY", raising=False)
+    code = launcher.main([
+        str(DEMO), "--wait", _ckpt(tmp_path), f"slurm.partition={slurm_cluster.partition}", "slurm.time=10",
+        "train.steps=4", "train.warmup_steps=1", "checkpoint.interval=4", "train.eval_interval=0",
+        "tracking.enabled=false", "model.num_layers=2",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    root = tmp_path / "runs" / "demo" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000004"
+    assert (root / "step_00000004" / "metadata.json").exists()
+    assert "all 2 ranks finished" in out and "final_loss" in out

@@ -189,3 +189,16 @@ def test_bad_input_fails_before_training(single_rank, tmp_path, problem):
         train(recipe)
     assert "Traceback" not in str(err.value)
     assert not (Path(recipe.run_dir) / "train_log.jsonl").exists()  # no step ran
+
+
+def test_bf16_training_runs_and_learns(single_rank, tmp_path):
+    """bf16 parameters (Float16Module) with fp32 master weights in the distributed optimizer."""
+    import math
+
+    from hybrid_megatron.training.entry import train
+
+    summary = train(_recipe(tmp_path, "train.precision=bf16", "train.steps=6", "checkpoint.interval=6"))
+    losses = {k: float.fromhex(v) for k, v in read_losses(tmp_path).items()}
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses[6] < losses[1] - 0.1, losses

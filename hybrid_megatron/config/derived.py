@@ -27,6 +27,23 @@ def _default_param_counter() -> Optional[Callable[[Any], Any]]:
     return getattr(module, func_name, None)
 
 
+def data_parallel_size(par, world_size: int) -> int:
+    """The data-parallel size of ``world_size`` ranks under ParallelConfig ``par``.
+
+    Raises RecipeError naming ``parallel`` when tp*pp does not divide the world or ep does not
+    divide dp*tp (megatron-core's expert groups are carved out of dp*tp ranks).
+    """
+    model_ranks = par.tp * par.pp
+    if world_size % model_ranks:
+        raise RecipeError(
+            f"parallel: world size {world_size} is not divisible by tp*pp = {par.tp}*{par.pp} = {model_ranks}"
+        )
+    dp = world_size // model_ranks
+    if (dp * par.tp) % par.ep:
+        raise RecipeError(f"parallel.ep: {par.ep} does not divide dp*tp = {dp}*{par.tp} on {world_size} ranks")
+    return dp
+
+
 def derived(recipe, world_size: int, param_counter: Optional[Callable[[Any], Any]] = None) -> dict:
     """Compute what the recipe implies on ``world_size`` ranks.
 
@@ -40,14 +57,7 @@ def derived(recipe, world_size: int, param_counter: Optional[Callable[[Any], Any
     par, train = recipe.parallel, recipe.train
     if world_size < 1:
         raise RecipeError(f"world size must be >= 1, got {world_size}")
-    model_ranks = par.tp * par.pp
-    if world_size % model_ranks:
-        raise RecipeError(
-            f"parallel: world size {world_size} is not divisible by tp*pp = {par.tp}*{par.pp} = {model_ranks}"
-        )
-    dp = world_size // model_ranks
-    if (dp * par.tp) % par.ep:
-        raise RecipeError(f"parallel.ep: {par.ep} does not divide dp*tp = {dp}*{par.tp} on {world_size} ranks")
+    dp = data_parallel_size(par, world_size)
     per_step = train.micro_batch_size * dp
     if train.global_batch_size % per_step:
         raise RecipeError(

@@ -31,6 +31,24 @@ PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
 TIKTOKEN_SUFFIXES = (".tiktoken", ".bpe")
 
 
+def write_hf_tokenizer_config(out: Path, specials: dict[str, str]) -> None:
+    """Writes tokenizer_config.json and special_tokens_map.json (what HF's
+    ``PreTrainedTokenizerFast`` reads beside tokenizer.json) naming the special tokens.
+
+    Takes the directory and a map like ``{"bos_token": "<|bos|>", ...}``; returns nothing.
+    """
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 1_000_000_000,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        **specials,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
 def file_sha256(path: Path) -> str:
     """Returns the hex sha256 of a file's bytes (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
@@ -173,16 +191,7 @@ class Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(out / "tokenizer.json"))
         specials = {f"{name}_token": value for name, value in vars(self.specials).items() if value}
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": 1_000_000_000,
-            "add_bos_token": False,
-            "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,
-            **specials,
-        }
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+        write_hf_tokenizer_config(out, specials)
         return out
 
     def describe(self) -> dict:

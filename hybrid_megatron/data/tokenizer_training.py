@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.data.readers import TEXT_MODES, expand_inputs, iter_texts
-from hybrid_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from hybrid_megatron.data.tokenizer import Tokenizer, load_tokenizer, write_hf_tokenizer_config
 
 DEFAULT_SPECIALS = {"bos": "<|bos|>", "eos": "<|endoftext|>", "pad": "<|pad|>"}
 
@@ -92,17 +92,7 @@ def _write_hf_files(backend, out: Path) -> None:
     tmp = out / "tokenizer.json.partial"
     backend.save(str(tmp), pretty=True)
     tmp.replace(out / "tokenizer.json")
-    specials = {f"{k}_token": v for k, v in DEFAULT_SPECIALS.items()}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 1_000_000_000,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        **specials,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    write_hf_tokenizer_config(out, {f"{k}_token": v for k, v in DEFAULT_SPECIALS.items()})
 
 
 def import_tokenizer(source: str | Path, output_dir: str | Path, **load_kwargs) -> Tokenizer:

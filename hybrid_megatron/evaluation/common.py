@@ -108,3 +108,15 @@ def checkpoint_label(checkpoint: str | Path, recipe=None) -> str:
     if p.name == "checkpoints":
         p = p.parent
     return p.name
+
+
+def save_figure(fig, path) -> Path:
+    """Write a matplotlib figure as PNG (creating the folder) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hybrid_megatron.evaluation.common import model_device, per_token_nll
+from hybrid_megatron.evaluation.common import model_device, per_token_nll, save_figure
 
 
 @torch.no_grad()
@@ -87,9 +87,4 @@ def plot_extrapolation(results: dict[str, dict], path: str | Path) -> Path:
     ax.set_ylabel("NLL (nats/token)")
     ax.set_title("Loss by position (length extrapolation)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

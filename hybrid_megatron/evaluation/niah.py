@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hybrid_megatron.evaluation.common import model_device
+from hybrid_megatron.evaluation.common import model_device, save_figure
 from hybrid_megatron.evaluation.generation import generate
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -96,12 +96,7 @@ def plot_heatmap(result: dict, path: str | Path, title: str = "Needle in a hayst
         ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="accuracy")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def filler_tokens(recipe, tokenizer, min_tokens: int) -> list[int]:

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from hybrid_megatron.config.derived import data_parallel_size
 from hybrid_megatron.config.parallel import ParallelConfig
 
 
@@ -14,25 +15,33 @@ def setup_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     """Create TP/PP/EP/DP groups for the running process group and seed every RNG stream.
 
     Takes the ParallelConfig and the run's seed; the default process group must exist
-    (``torch.distributed.init_process_group``). Any earlier model-parallel state is destroyed
-    first, so a process can switch layouts (the resharding tests do). Returns nothing. Raises
+    (``torch.distributed.init_process_group``). An earlier state of the same TP/PP/EP sizes is
+    kept (only re-seeded); another layout is destroyed first, so a process can switch layouts
+    (the resharding tests do). Returns nothing. Raises
     ValueError naming ``parallel`` when the world size does not factor into the layout.
     """
-    world = dist.get_world_size()
-    model_ranks = parallel.tp * parallel.pp
-    if world % model_ranks:
-        raise ValueError(
-            f"parallel: world size {world} is not divisible by tp*pp = {model_ranks}"
-        )
-    dp = world // model_ranks
-    if (dp * parallel.tp) % parallel.ep:
-        raise ValueError(f"parallel.ep: {parallel.ep} does not divide dp*tp = {dp * parallel.tp}")
+    data_parallel_size(parallel, dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
+        current = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
+        )
+        if current == (parallel.tp, parallel.pp, parallel.ep):
+            # Same layout: keep the groups (megatron-core's destroy drops its references but
+            # leaves every gloo group's threads alive), only re-seed below.
+            _seed(seed)
+            return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         expert_model_parallel_size=parallel.ep,
     )
+    _seed(seed)
+
+
+def _seed(seed: int) -> None:
+    """Seed the default generator and megatron-core's per-rank streams (TP, expert)."""
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
