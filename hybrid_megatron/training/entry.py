@@ -67,6 +67,18 @@ def _prepare_data(recipe, info: dict):
     )
 
 
+def _reset_moe_run_state() -> None:
+    # megatron-core keeps two pieces of MoE state in module globals, both sized by whatever ran
+    # first in the process: the aux-loss gradient scale (a backward outside the schedules makes
+    # it shape [], the schedules then copy a [1]-shaped scale into it and fail) and the
+    # per-layer aux-loss tracker (sized by the first model's layer count). Both belong to one
+    # run, so each run starts without them.
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()
+
+
 def train(recipe) -> dict:
     """Train ``recipe`` on this rank; every rank of the job calls it.
 
@@ -80,6 +92,7 @@ def train(recipe) -> dict:
     """
     rank, world, _ = init_distributed_from_env()
     train_cfg = recipe.train
+    _reset_moe_run_state()
     setup_model_parallel(recipe.parallel, train_cfg.seed)
     if train_cfg.deterministic:
         torch.use_deterministic_algorithms(True)

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
 from hybrid_megatron.training.data import iterate
 
@@ -73,6 +74,8 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches, seq_length: in
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         return loss, None, False
+    # megatron-core accumulates per-layer MoE aux losses for logging until cleared.
+    clear_aux_losses_tracker()
     ok, grad_norm, _ = optimizer.step()
     if not ok:
         return loss, grad_norm, False
