@@ -80,6 +80,16 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def _cpu_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """Stand-in for tensor_parallel.random._get_cuda_rng_state: the CPU generator's state."""
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    """Stand-in for tensor_parallel.random._set_cuda_rng_state: sets the CPU generator's state."""
+    torch.set_rng_state(new_state)
+
+
 def _router_gating_linear(inp, weight, bias, router_dtype):
     """Plain-torch router gating GEMM (replaces ``moe_utils.router_gating_linear``).
 
@@ -214,6 +224,10 @@ def apply_cpu_shims() -> None:
     # for every later model_parallel_cuda_manual_seed / get_cuda_rng_tracker call.
     tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     tp_random.initialize_rng_tracker(force_reset=True)
+    # Activation recomputation (tensor_parallel.checkpoint) saves and restores "the device RNG"
+    # around each recomputed region; on CPU that device generator is the CPU one.
+    tp_random._get_cuda_rng_state = _cpu_rng_state
+    tp_random._set_cuda_rng_state = _set_cpu_rng_state
     moe_utils.router_gating_linear = _router_gating_linear
     router.router_gating_linear = _router_gating_linear
     DistributedOptimizer._set_main_param_and_optimizer_states = _keep_adam_step_on_load(

@@ -89,6 +89,11 @@ class TrainConfig(_Strict):
     deterministic: bool = Field(
         default=False, description="deterministic kernels and ordering (bitwise-reproducible on CPU)"
     )
+    recompute: Literal["none", "selective", "full"] = Field(
+        default="none",
+        description="activation recomputation: selective = the attention core of every layer "
+        "(megatron-core's 'core_attn'), full = each whole layer's activations (least memory)",
+    )
 
     @field_validator("steps", "tokens", mode="before")
     @classmethod

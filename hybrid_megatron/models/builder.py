@@ -98,13 +98,15 @@ def build_model(
     post_process: bool = True,
     parallel: Optional[ParallelConfig] = None,
     bf16: bool = False,
+    recompute: str = "none",
 ) -> GPTModel:
     """Build this rank's part of the language model.
 
     Takes the validated ModelConfig, whether this pipeline stage holds the embedding
     (``pre_process``) and the output layer (``post_process``), the ParallelConfig (for
     sequence parallelism and explicit per-stage layer counts; sizes are read from megatron-core's
-    initialised parallel state) and whether training runs in bf16. megatron-core's model-parallel
+    initialised parallel state), whether training runs in bf16 and the activation recomputation
+    (``train.recompute``: none | selective | full). megatron-core's model-parallel
     state and RNG tracker must be initialised (``model_parallel_cuda_manual_seed``).
 
     Returns a megatron-core GPTModel with GPTModel's calling convention:
@@ -127,6 +129,7 @@ def build_model(
         sequence_parallel=parallel.sequence_parallel,
         pipeline_layout=_pipeline_layout(stages),
         bf16=bf16,
+        recompute=recompute,
     )
     impl = resolve_impl(model_config)
     block = TransformerBlockSubmodules(

@@ -41,11 +41,13 @@ def build_transformer_config(
     sequence_parallel: bool = False,
     pipeline_layout: Optional[list] = None,
     bf16: bool = False,
+    recompute: str = "none",
 ) -> TransformerConfig:
     """Translate the model section into megatron-core's TransformerConfig.
 
     Takes the ModelConfig, whether sequence parallelism is on, an optional megatron-core
-    pipeline layout (explicit per-stage layer counts) and whether training runs in bf16; reads
+    pipeline layout (explicit per-stage layer counts), whether training runs in bf16 and the
+    activation recomputation (``train.recompute``: none | selective | full); reads
     TP/PP/EP sizes from megatron-core's initialised parallel state. Returns the config shared by
     every layer (per-branch configs of the intra block derive from it).
     """
@@ -68,8 +70,9 @@ def build_transformer_config(
         add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        # Fused kernels need Transformer Engine on a GPU; the local (CPU) path uses plain ops.
+        bias_dropout_fusion=resolve_impl(cfg) == "te",
+        apply_rope_fusion=resolve_impl(cfg) == "te",
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         init_method_std=cfg.init_method_std,
@@ -106,7 +109,23 @@ def build_transformer_config(
         )
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
+    kwargs.update(_recompute_fields(recompute))
     return TransformerConfig(**kwargs)
+
+
+def _recompute_fields(recompute: str) -> dict:
+    """megatron-core's recompute fields for ``train.recompute``."""
+    if recompute == "selective":
+        # Only the attention core (softmax(QK^T)V): its activations grow with seq^2 while the
+        # recompute costs no GEMM weights; megatron-core's default selective module.
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if recompute == "full":
+        # Every layer keeps only its input and recomputes the rest in backward (one layer per
+        # checkpoint, so the extra memory is a single layer's activations).
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if recompute != "none":
+        raise ValueError(f"train.recompute: expected none, selective or full, got {recompute!r}")
+    return {}
 
 
 def _dispatcher(choice: str) -> str:

@@ -67,7 +67,8 @@ def _prepare_data(recipe, info: dict):
     )
 
 
-def _reset_moe_run_state() -> None:
+def reset_moe_run_state() -> None:
+    """Forget megatron-core's run-global MoE state (takes and returns nothing); see below."""
     # megatron-core keeps two pieces of MoE state in module globals, both sized by whatever ran
     # first in the process: the aux-loss gradient scale (a backward outside the schedules makes
     # it shape [], the schedules then copy a [1]-shaped scale into it and fail) and the
@@ -92,7 +93,7 @@ def train(recipe) -> dict:
     """
     rank, world, _ = init_distributed_from_env()
     train_cfg = recipe.train
-    _reset_moe_run_state()
+    reset_moe_run_state()
     setup_model_parallel(recipe.parallel, train_cfg.seed)
     if train_cfg.deterministic:
         torch.use_deterministic_algorithms(True)

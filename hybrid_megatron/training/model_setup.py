@@ -15,9 +15,8 @@ def build_training_model(recipe) -> list:
     """Build and wrap this pipeline stage's model for training.
 
     Takes the validated Recipe; megatron-core's parallel state must be initialised. Returns a
-    one-element list (megatron-core's "model chunks") holding the model wrapped in
-    Float16Module for bf16 and in megatron-core's DistributedDataParallel (fp32 gradient
-    buffers, reduce-scatter for the distributed optimizer).
+    one-element list (megatron-core's "model chunks") holding the model wrapped for training
+    (see :func:`wrap_for_training`).
     """
     bf16 = recipe.train.precision == "bf16"
     model = build_model(
@@ -26,7 +25,19 @@ def build_training_model(recipe) -> list:
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel=recipe.parallel,
         bf16=bf16,
+        recompute=recipe.train.recompute,
     )
+    return wrap_for_training(model, bf16)
+
+
+def wrap_for_training(model, bf16: bool) -> list:
+    """Wrap a megatron-core language model (ours or any other) the way the trainer trains it.
+
+    Takes the unwrapped model (its ``config`` is a TransformerConfig) and whether training runs
+    in bf16. Moves it to this rank's GPU when there is one, wraps it in Float16Module for bf16
+    and in megatron-core's DistributedDataParallel (fp32 gradient buffers, reduce-scatter for
+    the distributed optimizer). Returns a one-element list of model chunks.
+    """
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     config = model.config

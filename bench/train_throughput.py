@@ -1,0 +1,495 @@
+"""Training throughput, MFU and peak memory of every kind vs megatron-core's own models.
+
+One process, one GPU, one row after another (same sequence length, micro-batch and width within a
+scale); a step is forward + backward + the distributed optimizer's update, through the trainer's
+own code (``wrap_for_training``, ``build_optimizer``, ``train_step``). Baselines are megatron-core's
+native ``GPTModel`` (TE layer spec) and ``MambaModel`` (its hybrid stack, with our ``inter`` and
+``mamba`` models' block patterns: each of our blocks = a mixer layer + an FFN layer there).
+
+Subcommands (each writes JSON; ``report`` turns JSON files into the markdown table):
+
+    python bench/train_throughput.py run --scales 350m --out OUT.json [--precisions bf16 fp8]
+    python bench/train_throughput.py max-mbs --scale 1b --out OUT.json
+    python bench/train_throughput.py profile --scale 350m --kind intra --out OUT.txt
+    python bench/train_throughput.py report A.json B.json --json ALL.json --markdown ALL.md
+
+``--tiny`` runs the same code on a small model (CPU: our kinds only, native models need TE);
+tests/test_bench.py uses it so the harness keeps working between GPU sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+KINDS = ["transformer", "swa", "mamba", "inter", "intra"]
+NATIVES = {"native_gpt": "transformer", "native_mamba_hybrid": "inter", "native_mamba": "mamba"}
+# Sequence length and micro-batch per scale (8K tokens per micro-batch at both).
+SCALES = {"350m": {"seq": 4096, "mbs": 2}, "1b": {"seq": 8192, "mbs": 1}, "tiny": {"seq": 64, "mbs": 2}}
+PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100/H200 SXM dense peaks (the issue's figures)
+
+
+# ----------------------------------------------------------------------------- model configs
+def model_config(scale: str, kind: str, moe: bool, precision: str):
+    """The ModelConfig of one row: the shipped ``recipes/<scale>_<kind>.yaml`` model section
+    (``tiny``: tests/model_configs.py's tiny model), with an MoE FFN (8 experts, top-2, each
+    half the dense FFN so the active FFN equals it) and FP8 when asked."""
+    from hybrid_megatron.config.model import ModelConfig
+
+    if scale == "tiny":
+        from tests.model_configs import tiny_model
+
+        fields = tiny_model(kind)
+        fields["vocab_size"] = 128
+    else:
+        from hybrid_megatron.config.loader import load_recipe
+
+        fields = load_recipe(ROOT / "recipes" / f"{scale}_{kind}.yaml").model.model_dump()
+    if moe:
+        ffn = fields.get("ffn_hidden_size") or ModelConfig(**fields).ffn_size
+        fields["moe"] = {
+            "num_experts": 8,
+            "top_k": 2,
+            "expert_ffn_hidden_size": ffn // 2,
+            "grouped_gemm": torch.cuda.is_available(),
+        }
+    fields["fp8"] = "hybrid" if precision == "fp8" else None
+    return ModelConfig(**fields)
+
+
+def native_pattern(our_pattern: str, moe: bool) -> str:
+    """megatron-core MambaModel's hybrid_override_pattern for one of our block patterns: each
+    block (mixer + FFN) becomes a mixer layer (M mamba, * attention) and an FFN layer (- MLP,
+    E MoE)."""
+    ffn = "E" if moe else "-"
+    return "".join({"M": "M", "A": "*"}[letter] + ffn for letter in our_pattern)
+
+
+def build_row_model(arch: str, cfg, recompute: str = "none", bf16: bool = True):
+    """Build the unwrapped model of one row: ours through ``build_model``, or a megatron-core
+    native baseline with the same TransformerConfig (same widths, heads, MoE and FP8 settings).
+    Returns (model, pattern text)."""
+    from hybrid_megatron.models import build_model
+    from hybrid_megatron.models.layer_pattern import build_layer_pattern
+    from hybrid_megatron.models.transformer_config import build_transformer_config
+
+    pattern = build_layer_pattern(cfg)
+    if not arch.startswith("native_"):
+        return build_model(cfg, bf16=bf16, recompute=recompute), pattern
+    tconfig = build_transformer_config(cfg, bf16=bf16, recompute=recompute)
+    if arch == "native_gpt":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        from megatron.core.models.gpt.gpt_model import GPTModel
+
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=cfg.moe.num_experts if cfg.moe else None,
+            moe_grouped_gemm=bool(cfg.moe and cfg.moe.grouped_gemm),
+        )
+        model = GPTModel(
+            config=tconfig, transformer_layer_spec=spec, vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.max_position_embeddings, position_embedding_type="rope",
+            rotary_base=int(cfg.attention.rotary_base),
+        )
+        return model, pattern
+    from megatron.core.models.mamba import MambaModel
+    from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
+
+    hybrid = native_pattern(pattern, cfg.moe is not None)
+    tconfig = dataclasses.replace(tconfig, num_layers=len(hybrid))
+    has_attention = "*" in hybrid
+    model = MambaModel(
+        config=tconfig, mamba_stack_spec=mamba_stack_spec, vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings, hybrid_override_pattern=hybrid,
+        position_embedding_type="rope" if has_attention else "none",
+        rotary_base=int(cfg.attention.rotary_base) if has_attention else 10000,
+    )
+    return model, hybrid
+
+
+# ----------------------------------------------------------------------------- one row
+def _device() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _synthetic_batch(vocab: int, mbs: int, seq: int, seed: int) -> list:
+    """One global batch (a single micro-batch) of random tokens on this rank's device."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=gen)
+    return [{
+        "tokens": tokens[:, :-1].contiguous().to(device),
+        "labels": tokens[:, 1:].contiguous().to(device),
+        "loss_mask": torch.ones(mbs, seq, device=device),
+        "position_ids": torch.arange(seq, device=device).expand(mbs, seq).contiguous(),
+        "attention_mask": None,
+    }]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_run_state() -> None:
+    """Forget what the previous row left in process globals (MoE tracker, FP8 state, memory)."""
+    from hybrid_megatron.training.entry import reset_moe_run_state
+
+    reset_moe_run_state()
+    try:
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+
+        FP8GlobalStateManager.reset()
+    except Exception:  # no TE (CPU)
+        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Trainee:
+    """A row's model wrapped for training, its optimizer and schedule (the trainer's own code)."""
+
+    def __init__(self, arch: str, cfg, recompute: str = "none", seed: int = 1234):
+        from hybrid_megatron.config.parallel import ParallelConfig
+        from hybrid_megatron.config.train import TrainConfig
+        from hybrid_megatron.training.model_setup import wrap_for_training
+        from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
+        from hybrid_megatron.training.parallel_setup import setup_model_parallel
+
+        setup_model_parallel(ParallelConfig(), seed)
+        bf16 = torch.cuda.is_available()  # CPU smoke runs train in fp32
+        model, self.pattern = build_row_model(arch, cfg, recompute, bf16)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.chunks = wrap_for_training(model, bf16=bf16)
+        train = TrainConfig(global_batch_size=1, steps=1000, lr=1e-4, warmup_steps=10,
+                            precision="bf16" if bf16 else "fp32")
+        self.optimizer = build_optimizer(train, self.chunks)
+        self.scheduler = build_scheduler(train, self.optimizer, 1000)
+
+    def step(self, batch: list, seq: int) -> float:
+        """One optimizer step on ``batch``; returns the loss."""
+        from hybrid_megatron.training.step import train_step
+
+        loss, _, _ = train_step(self.chunks, self.optimizer, self.scheduler, batch, seq)
+        return loss
+
+
+def measure_row(scale: str, arch: str, moe: bool, precision: str, warmup: int, steps: int) -> dict:
+    """Train one row for ``warmup`` + ``steps`` steps; returns its record (tokens/s over the
+    timed steps, peak memory, parameters, losses) or the error it hit."""
+    kind = NATIVES.get(arch, arch)
+    shape = SCALES[scale]
+    row = {"scale": scale, "arch": arch, "ffn": "moe" if moe else "dense", "precision": precision,
+           "seq_length": shape["seq"], "micro_batch": shape["mbs"]}
+    _reset_run_state()
+    try:
+        cfg = model_config(scale, kind, moe, precision)
+        from hybrid_megatron.accounting.flops import model_flops_per_token
+
+        row["flops_per_token"] = float(model_flops_per_token(cfg, shape["seq"]))
+        t_build = time.perf_counter()
+        trainee = Trainee(arch, cfg)
+        row.update(pattern=trainee.pattern, num_parameters=trainee.num_parameters,
+                   build_s=round(time.perf_counter() - t_build, 2))
+        batch = _synthetic_batch(cfg.vocab_size, shape["mbs"], shape["seq"], seed=0)
+        losses = [trainee.step(batch, shape["seq"]) for _ in range(warmup)]
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            losses.append(trainee.step(batch, shape["seq"]))
+        _sync()
+        elapsed = time.perf_counter() - t0
+        tokens_per_s = steps * shape["mbs"] * shape["seq"] / elapsed
+        row.update(
+            step_s=elapsed / steps,
+            tokens_per_s=tokens_per_s,
+            peak_memory_gib=(torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
+            losses=losses,
+        )
+        del trainee
+    except Exception as err:  # one row's failure (e.g. OOM) must not lose the others
+        row["error"] = f"{type(err).__name__}: {err}"[:500]
+        row["traceback"] = traceback.format_exc()[-2000:]
+    _reset_run_state()
+    return row
+
+
+def _rows(scales, archs, ffns, precisions):
+    for scale in scales:
+        for ffn in ffns:
+            for precision in precisions:
+                for arch in archs:
+                    yield scale, arch, ffn == "moe", precision
+
+
+def _header() -> dict:
+    import megatron.core
+
+    header = {"device": _device(), "date": dt.date.today().isoformat(), "torch": torch.__version__,
+              "megatron_core": megatron.core.__version__}
+    try:
+        import transformer_engine
+
+        header["transformer_engine"] = transformer_engine.__version__
+    except Exception:
+        header["transformer_engine"] = None
+    return header
+
+
+def _write(path: str, record: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def cmd_run(args) -> None:
+    """Measure every (scale, ffn, precision, arch) row; rewrites ``--out`` after each row so a
+    time limit loses at most the row in flight."""
+    archs = args.archs or (KINDS + (list(NATIVES) if torch.cuda.is_available() else []))
+    record = {**_header(), "warmup": args.warmup, "steps": args.steps, "rows": []}
+    deadline = time.monotonic() + args.time_budget
+    for scale, arch, moe, precision in _rows(args.scales, archs, args.ffn, args.precisions):
+        if time.monotonic() > deadline:
+            record.setdefault("skipped", []).append(f"{scale}/{arch}/{moe}/{precision}")
+            continue
+        row = measure_row(scale, arch, moe, precision, args.warmup, args.steps)
+        record["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "traceback")}), flush=True)
+        _write(args.out, record)
+    _write(args.out, record)
+
+
+# ----------------------------------------------------------------------------- largest micro-batch
+def cmd_max_mbs(args) -> None:
+    """Largest micro-batch (doubling from 1) that trains one step per kind and recompute mode."""
+    shape = SCALES[args.scale]
+    record = {**_header(), "scale": args.scale, "seq_length": shape["seq"], "rows": []}
+    deadline = time.monotonic() + args.time_budget
+    for kind in args.kinds:
+        for recompute in args.recompute:
+            if time.monotonic() > deadline:
+                break
+            _reset_run_state()
+            row = {"kind": kind, "recompute": recompute, "fits": [], "ffn": "dense"}
+            try:
+                cfg = model_config(args.scale, kind, False, "bf16")
+                trainee = Trainee(kind, cfg, recompute)
+                mbs = 1
+                while mbs <= args.max and time.monotonic() < deadline:
+                    oom = False
+                    try:
+                        batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0)
+                        trainee.step(batch, shape["seq"])
+                        _sync()
+                        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+                        row["fits"].append({"micro_batch": mbs, "peak_memory_gib": peak})
+                    except torch.OutOfMemoryError:
+                        oom = True
+                    batch = None
+                    if oom:
+                        _reset_run_state()
+                        break
+                    mbs *= 2
+                del trainee
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {err}"[:500]
+            row["largest_micro_batch"] = max((f["micro_batch"] for f in row["fits"]), default=0)
+            record["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            _write(args.out, record)
+    _reset_run_state()
+    _write(args.out, record)
+
+
+# ----------------------------------------------------------------------------- profile
+def cmd_profile(args) -> None:
+    """torch.profiler over a few steps of one row; writes the op table (by device time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = SCALES[args.scale]
+    _reset_run_state()
+    cfg = model_config(args.scale, args.kind, args.moe, args.precision)
+    trainee = Trainee(args.kind, cfg)
+    batch = _synthetic_batch(cfg.vocab_size, shape["mbs"], shape["seq"], seed=0)
+    for _ in range(3):
+        trainee.step(batch, shape["seq"])
+    _sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            trainee.step(batch, shape["seq"])
+        _sync()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=90)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(f"{_header()}\n{args.scale} {args.kind} moe={args.moe} "
+                              f"{args.precision}, {args.steps} steps\n{table}\n")
+    print(table)
+
+
+# ----------------------------------------------------------------------------- report
+def _mfu(row: dict) -> float | None:
+    if not row.get("tokens_per_s") or row["device"] == "cpu":
+        return None
+    return row["flops_per_token"] * row["tokens_per_s"] / (PEAK_TFLOPS[row["precision"]] * 1e12)
+
+
+def _baseline(arch: str) -> str | None:
+    return {"transformer": "native_gpt", "swa": "native_gpt", "mamba": "native_mamba",
+            "inter": "native_mamba_hybrid", "intra": "native_mamba_hybrid"}.get(arch)
+
+
+def summarise(records: list[dict]) -> dict:
+    """Merge run records: every row gets ``mfu`` and ``vs_baseline`` (tokens/s over the
+    megatron-core baseline's at the same scale, FFN and precision); plus the issue's goals."""
+    rows = []
+    for record in records:
+        for row in record.get("rows", []):
+            if "arch" in row:
+                rows.append({**row, "device": record["device"], "date": record["date"]})
+    index = {(r["scale"], r["arch"], r["ffn"], r["precision"]): r for r in rows}
+    for r in rows:
+        r["mfu"] = _mfu(r)
+        base = index.get((r["scale"], _baseline(r["arch"]), r["ffn"], r["precision"]))
+        r["baseline"] = _baseline(r["arch"])
+        r["vs_baseline"] = (r["tokens_per_s"] / base["tokens_per_s"]
+                            if base and r.get("tokens_per_s") and base.get("tokens_per_s") else None)
+
+    def tps(scale, arch, ffn, precision):
+        r = index.get((scale, arch, ffn, precision))
+        return r.get("tokens_per_s") if r else None
+
+    goals = []
+    for scale in sorted({r["scale"] for r in rows}):
+        for ffn in ("dense", "moe"):
+            for precision in ("bf16", "fp8"):
+                inter, native = tps(scale, "inter", ffn, precision), tps(scale, "native_mamba_hybrid", ffn, precision)
+                intra = tps(scale, "intra", ffn, precision)
+                if inter and native:
+                    goals.append({"goal": f"{scale} {ffn} {precision}: inter >= 1.00x native MambaModel",
+                                  "value": inter / native, "met": inter / native >= 1.0})
+                if inter and intra:
+                    goals.append({"goal": f"{scale} {ffn} {precision}: intra >= 0.95x inter",
+                                  "value": intra / inter, "met": intra / inter >= 0.95})
+            for arch in ("inter", "intra"):
+                r = index.get((scale, arch, ffn, "bf16"))
+                if scale == "1b" and r and r.get("mfu") is not None:
+                    goals.append({"goal": f"1b {ffn} bf16 8K: {arch} MFU >= 45%",
+                                  "value": r["mfu"], "met": r["mfu"] >= 0.45})
+            for arch in KINDS:
+                b, f = tps(scale, arch, ffn, "bf16"), tps(scale, arch, ffn, "fp8")
+                if scale == "1b" and b and f:
+                    goals.append({"goal": f"1b {ffn} {arch}: fp8 >= 1.25x bf16",
+                                  "value": f / b, "met": f / b >= 1.25})
+    return {"rows": rows, "goals": goals}
+
+
+def markdown(summary: dict) -> str:
+    """The summary as markdown tables (rows, then goals)."""
+    lines = ["| scale | arch | ffn | precision | params (M) | tokens/s | MFU | peak GiB | vs baseline |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r['scale']} | {r['arch']} | {r['ffn']} | {r['precision']} | | "
+                         f"error: {r['error'][:80]} | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        vs = f"{r['vs_baseline']:.2f}x {r['baseline']}" if r.get("vs_baseline") else "-"
+        mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
+        lines.append(f"| {r['scale']} | {r['arch']} | {r['ffn']} | {r['precision']} | "
+                     f"{r['num_parameters'] / 1e6:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {vs} |")
+    lines += ["", "| goal | value | met |", "|---|---|---|"]
+    for g in summary["goals"]:
+        value = f"{g['value']:.1%}" if "MFU" in g["goal"] else f"{g['value']:.2f}x"
+        lines.append(f"| {g['goal']} | {value} | {'yes' if g['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_report(args) -> None:
+    """Merge JSON run records into one summary JSON and a markdown table."""
+    records = [json.loads(Path(p).read_text()) for p in args.inputs]
+    summary = summarise(records)
+    summary["sources"] = [{k: r.get(k) for k in ("device", "date", "torch", "transformer_engine",
+                                                   "megatron_core", "warmup", "steps")} for r in records]
+    if args.json:
+        _write(args.json, summary)
+    text = markdown(summary)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    print(text)
+
+
+# ----------------------------------------------------------------------------- main
+def _init_process_group() -> None:
+    """A one-rank process group (nccl on GPU, gloo on CPU)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+
+
+def main(argv=None) -> None:
+    """Parse the command line and run one subcommand."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="throughput rows")
+    run.add_argument("--scales", nargs="+", default=["350m", "1b"], choices=list(SCALES))
+    run.add_argument("--archs", nargs="+", choices=KINDS + list(NATIVES))
+    run.add_argument("--ffn", nargs="+", default=["dense", "moe"], choices=["dense", "moe"])
+    run.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
+    run.add_argument("--warmup", type=int, default=3)
+    run.add_argument("--steps", type=int, default=5)
+    run.add_argument("--time-budget", type=float, default=540.0, help="seconds; later rows are skipped")
+    run.add_argument("--out", required=True)
+    mm = sub.add_parser("max-mbs", help="largest micro-batch per kind and recompute mode")
+    mm.add_argument("--scale", default="1b", choices=list(SCALES))
+    mm.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
+    mm.add_argument("--recompute", nargs="+", default=["none", "selective", "full"])
+    mm.add_argument("--max", type=int, default=32)
+    mm.add_argument("--time-budget", type=float, default=540.0)
+    mm.add_argument("--out", required=True)
+    prof = sub.add_parser("profile", help="torch.profiler table of one row")
+    prof.add_argument("--scale", default="350m", choices=list(SCALES))
+    prof.add_argument("--kind", default="intra", choices=KINDS + list(NATIVES))
+    prof.add_argument("--moe", action="store_true")
+    prof.add_argument("--precision", default="bf16", choices=["bf16", "fp8"])
+    prof.add_argument("--steps", type=int, default=2)
+    prof.add_argument("--rows", type=int, default=40)
+    prof.add_argument("--out", required=True)
+    rep = sub.add_parser("report", help="merge JSON records into a table")
+    rep.add_argument("inputs", nargs="+")
+    rep.add_argument("--json")
+    rep.add_argument("--markdown")
+    args = parser.parse_args(argv)
+    if args.cmd == "report":
+        cmd_report(args)
+        return
+    import hybrid_megatron  # noqa: F401  (CPU shims when there is no GPU)
+
+    _init_process_group()
+    {"run": cmd_run, "max-mbs": cmd_max_mbs, "profile": cmd_profile}[args.cmd](args)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
