@@ -40,6 +40,16 @@ def gpu_model(kind: str, moe: bool = False, **overrides) -> dict:
     return cfg
 
 
+def any_gpu_model(kind: str, moe: bool = False, **overrides) -> dict:
+    """gpu_model, or for ``kind`` ``nemotron_h`` an inter model in flavour nemotron_h with every
+    NemotronH layer letter (M, *, an A block, then - or E)."""
+    if kind != "nemotron_h":
+        return gpu_model(kind, moe, **overrides)
+    layout = "M*A" + ("E" if moe else "-")
+    return gpu_model("inter", moe, flavour="nemotron_h",
+                     pattern={"layout": layout, "allow_early_attention": True}, **overrides)
+
+
 def _build(cfg: dict, seed: int = 1, bf16: bool = False):
     from hybrid_megatron.config.model import ModelConfig
     from hybrid_megatron.config.parallel import ParallelConfig
@@ -57,9 +67,9 @@ def _batch(vocab=512, batch=2, seq=128):
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["nemotron_h"])
 def test_te_bf16_forward_backward(single_rank, kind, moe):
-    model = _build(gpu_model(kind, moe, params_dtype="bf16"), bf16=True)
+    model = _build(any_gpu_model(kind, moe, params_dtype="bf16"), bf16=True)
     ids, labels, pos = _batch()
     loss = model(ids, pos, None, labels=labels).float().mean()
     loss.backward()
@@ -201,7 +211,7 @@ def test_moe_alltoall_matches_allgather(single_rank):
     torch.testing.assert_close(outs["alltoall"], outs["allgather"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["nemotron_h"])
 def test_te_and_local_agree_on_one_checkpoint(single_rank, kind, tmp_path):
     """Checkpoint keys are implementation-independent: local weights load into TE layers."""
     from megatron.core import dist_checkpointing
@@ -210,12 +220,12 @@ def test_te_and_local_agree_on_one_checkpoint(single_rank, kind, tmp_path):
     torch.backends.cudnn.allow_tf32 = False
     os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
     ids, labels, pos = _batch()
-    local = _build(gpu_model(kind, impl="local"), seed=3)
+    local = _build(any_gpu_model(kind, kind == "nemotron_h", impl="local"), seed=3)
     with torch.no_grad():
         ref = local(ids, pos, None).float()
     (tmp_path / "ckpt").mkdir()
     dist_checkpointing.save(local.sharded_state_dict(), str(tmp_path / "ckpt"))
-    te_model = _build(gpu_model(kind), seed=4)
+    te_model = _build(any_gpu_model(kind, kind == "nemotron_h"), seed=4)
     # TE layers carry FP8 metadata (_extra_state) that local layers do not have.
     wanted = {k: v for k, v in te_model.sharded_state_dict().items() if not k.endswith("_extra_state")}
     loaded = dist_checkpointing.load(wanted, str(tmp_path / "ckpt"))
@@ -241,6 +251,8 @@ def test_trainer_on_gpu_learns_and_checkpoints(tmp_path, fp8):
         f"checkpoint.dir={run_dir}/checkpoints", "tracking.enabled=false",  # no MLflow on the GPU box
         "model.impl=te", "parallel.tp=1", "parallel.sequence_parallel=false", "train.precision=bf16",
         "train.steps=40", "train.eval_interval=20", "checkpoint.interval=20", "train.log_interval=10",
+        # FP8 GEMMs need the Mamba in-projection width in multiples of 16 (8-channel SSM heads).
+        "model.mamba.head_dim=8",
         *(["model.fp8=hybrid"] if fp8 else []),
     ]
     procs = start_job(str(REPO / "recipes/tiny_intra_moe.yaml"), overrides, 1, tmp_path / "logs")

@@ -109,6 +109,9 @@ def build_transformer_config(
         )
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
+        if moe is not None:
+            # FP8 GEMMs need row counts in multiples of 16: the router pads each expert's tokens.
+            kwargs.update(moe_router_padding_for_quantization=True)
     kwargs.update(_recompute_fields(recompute))
     return TransformerConfig(**kwargs)
 

@@ -1,0 +1,65 @@
+"""bench/train_throughput.py: the harness runs on CPU (tiny rows), maps our block patterns onto
+megatron-core's hybrid pattern, and its report forms ratios and goals within one run only."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.training_helpers import REPO
+
+_spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_native_pattern_maps_each_block_to_mixer_plus_ffn_layer():
+    assert bench.native_pattern("MMAM", moe=False) == "M-M-*-M-"
+    assert bench.native_pattern("MA", moe=True) == "ME*E"
+
+
+def _row(arch, tps, precision="bf16", scale="1b", ffn="dense"):
+    return {"scale": scale, "arch": arch, "ffn": ffn, "precision": precision,
+            "tokens_per_s": tps, "flops_per_token": 1e10, "num_parameters": 1, "peak_memory_gib": 1.0}
+
+
+def test_report_ratios_and_goals_stay_within_one_run():
+    run_a = {"device": "H100", "date": "d", "rows": [
+        _row("inter", 40_000), _row("native_mamba_hybrid", 40_000), _row("intra", 30_000),
+        _row("inter", 52_000, "fp8"),
+    ]}
+    # A second run's native row must not become run_a's baseline.
+    run_b = {"device": "H100", "date": "d", "rows": [_row("native_mamba_hybrid", 10_000)]}
+    summary = bench.summarise([run_a, run_b])
+    inter = next(r for r in summary["rows"] if r["arch"] == "inter" and r["precision"] == "bf16")
+    assert inter["vs_baseline"] == pytest.approx(1.0)
+    assert inter["mfu"] == pytest.approx(1e10 * 40_000 / 989e12)
+    goals = {g["goal"]: g for g in summary["goals"]}
+    assert goals["1b dense bf16: intra >= 0.95x inter"]["value"] == pytest.approx(0.75)
+    assert goals["1b dense bf16: intra >= 0.95x inter"]["met"] is False
+    assert goals["1b dense bf16: inter >= 1.00x native MambaModel"]["met"] is True
+    assert goals["1b dense inter: fp8 >= 1.25x bf16"]["value"] == pytest.approx(1.3)
+    assert all(g["run"] == 0 for g in summary["goals"])
+    assert "| 0 | 1b | intra | dense | bf16 |" in bench.markdown(summary)
+
+
+def test_tiny_rows_train_on_cpu(tmp_path):
+    out = tmp_path / "tiny.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "train_throughput.py"), "run", "--scales", "tiny",
+         "--archs", "inter", "intra", "--ffn", "dense", "moe", "--precisions", "bf16",
+         "--warmup", "1", "--steps", "2", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["arch"], r["ffn"]) for r in rows] == [
+        ("inter", "dense"), ("intra", "dense"), ("inter", "moe"), ("intra", "moe")]
+    for r in rows:
+        assert "error" not in r, r.get("traceback")
+        assert r["tokens_per_s"] > 0 and len(r["losses"]) == 3
+        assert all(loss == loss for loss in r["losses"])  # finite
