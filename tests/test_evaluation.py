@@ -162,3 +162,83 @@ def test_mlflow_log_writes_to_the_checkpoints_run(tmp_path):
     assert log_results(root / "step_00000004", None, {"eval/nll/nll": 2.5}, [artifact], tracking_uri=uri) == run.info.run_id
     assert client.get_run(run.info.run_id).data.metrics["eval/nll/nll"] == 2.5
     assert [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")] == ["evaluation/nll.json"]
+
+
+def test_validation_set_does_not_depend_on_the_training_layout(single_rank):
+    """A checkpoint trained at TP=2 evaluates on one rank: same samples as the TP=1 recipe."""
+    from hybrid_megatron.config import load_recipe
+    from hybrid_megatron.evaluation.nll import validation_set
+
+    tp2 = load_recipe(str(REPO / "recipes" / "tiny_inter.yaml"), ["tracking.enabled=false", "parallel.tp=2"])
+    a, b = validation_set(_recipe("inter")), validation_set(tp2)
+    assert len(a) == len(b) == 2
+    assert all(torch.equal(x["tokens"], y["tokens"]) for ga, gb in zip(a, b) for x, y in zip(ga, gb))
+
+
+def _two_rank_eval(rank: int, world: int, ckpt: str, prefix: str) -> dict:
+    """On 2 ranks: nll at TP=2, at PP=2 and (TP=1, DP=2) on ``prefix``; TP=2 generation cached
+    and uncached (greedy and sampled) and last-position logits."""
+    from hybrid_megatron.evaluation.common import load_for_eval, logits_of
+    from hybrid_megatron.evaluation.generation import generate
+    from hybrid_megatron.evaluation.nll import run_nll
+
+    out = {"nll_tp2": run_nll(ckpt, tp=2)["nll"]}
+    _, model = load_for_eval(ckpt, tp=2)
+    prompt = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+    out["logits_tp2"] = logits_of(model, prompt)[:, -1].tolist()
+    out["generate"] = {
+        str(t): [generate(model, prompt, 24, use_cache=c, temperature=t, seed=3).tokens.tolist() for c in (False, True)]
+        for t in (0.0, 1.0)
+    }
+    out["nll_pp2"] = run_nll(ckpt, pp=2)["nll"]
+    dp2 = run_nll(ckpt, data_prefix=prefix, num_samples=4)
+    out["nll_dp2"], out["tokens_dp2"] = dp2["nll"], dp2["tokens"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_rank_eval(trained, tmp_path_factory):
+    """``_two_rank_eval`` on the trained checkpoint; one result dict per rank."""
+    from tests.distributed import run_distributed
+
+    summary, _ = trained
+    prefix = str(REPO / "data" / "austen_4k_text_document")
+    return run_distributed(_two_rank_eval, 2, tmp_path_factory.mktemp("two_rank_eval"),
+                           str(summary["last_checkpoint"]), prefix)
+
+
+@pytest.mark.slow
+def test_nll_at_tp2_and_pp2_equals_tp1(trained, two_rank_eval):
+    from hybrid_megatron.evaluation.nll import run_nll
+
+    summary, _ = trained
+    ckpt = str(summary["last_checkpoint"])
+    ref = run_nll(ckpt)["nll"]
+    assert abs(ref - summary["final_val_loss"]) < 1e-5
+    for r in two_rank_eval:
+        assert abs(r["nll_tp2"] - ref) < 1e-5, (r["nll_tp2"], ref)
+        assert abs(r["nll_pp2"] - ref) < 1e-5, (r["nll_pp2"], ref)
+    held_out = run_nll(ckpt, data_prefix=str(REPO / "data" / "austen_4k_text_document"), num_samples=4)
+    for r in two_rank_eval:  # data-parallel: each window counted once
+        assert r["tokens_dp2"] == held_out["tokens"] == 4 * 128
+        assert abs(r["nll_dp2"] - held_out["nll"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_cached_generation_at_tp2_equals_uncached(trained, two_rank_eval):
+    from hybrid_megatron.evaluation.common import load_for_eval, logits_of
+
+    for r in two_rank_eval:
+        for temperature, (plain, cached) in r["generate"].items():
+            assert plain == cached, (temperature, plain, cached)
+            assert len(plain[0]) == 40 + 24
+    assert two_rank_eval[0]["generate"] == two_rank_eval[1]["generate"]  # TP ranks agree
+    # the gathered TP=2 logits are the full-vocabulary TP=1 logits
+    summary, _ = trained
+    _, model = load_for_eval(summary["last_checkpoint"])
+    prompt = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+    ref = logits_of(model, prompt)[:, -1]
+    for r in two_rank_eval:
+        tp2 = torch.tensor(r["logits_tp2"])
+        assert tp2.shape == ref.shape == (2, 4096)
+        assert (tp2 - ref).abs().max().item() < 1e-4

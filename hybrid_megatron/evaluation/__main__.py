@@ -3,6 +3,10 @@
 Tasks: nll, generate, inference, extrapolation, niah. Every task writes ``<out>/<task>.json``
 (one entry per checkpoint) and its plots, prints a summary, and with ``--mlflow`` logs the
 numbers to each checkpoint's MLflow run (``eval/<task>/...``).
+
+``python -m hybrid_megatron.evaluation lm-eval --model_args checkpoint=DIR --tasks T ...`` runs
+lm-evaluation-harness (the ``eval`` extra) with the ``hybrid_megatron`` model registered; every
+argument after ``lm-eval`` goes to lm_eval's own CLI (``--model`` defaults to hybrid_megatron).
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--contexts", type=_ints, default=None, help="default: 0.5x,1x,2x,4x training length")
     s.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     s.add_argument("--trials", type=int, default=2)
+    # Only listed here for --help: main() hands everything after "lm-eval" to lm_eval's CLI.
+    s = sub.add_parser("lm-eval", add_help=False,
+                       help="lm-evaluation-harness tasks (arguments go to lm_eval's CLI, e.g. "
+                            "--model_args checkpoint=DIR --tasks T --include_path DIR)")
+    s.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -67,7 +76,14 @@ def _flat(prefix: str, d: dict) -> dict[str, float]:
 
 
 def run(args) -> dict:
-    """Run the parsed command; returns ``{label: result}`` (also written to ``<out>/<task>.json``)."""
+    """Run the parsed command; returns ``{label: result}`` (also written to ``<out>/<task>.json``).
+
+    ``lm-eval`` returns ``{"exit_code": N}`` (lm_eval writes its own results).
+    """
+    if args.task == "lm-eval":
+        from hybrid_megatron.evaluation.lm_eval_adapter import lm_eval_cli
+
+        return {"exit_code": lm_eval_cli(args.lm_eval_args)}
     from hybrid_megatron.evaluation.common import checkpoint_label, load_for_eval, write_json
 
     out = Path(args.out)
@@ -158,6 +174,14 @@ def _summary(task: str, res: dict) -> dict:
 def main(argv=None) -> int:
     """CLI entry point; returns the exit code (1 with a one-line message on bad input)."""
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:
+        try:
+            from hybrid_megatron.evaluation.lm_eval_adapter import lm_eval_cli
+        except ImportError as exc:
+            print(f"error: lm-eval needs lm_eval (pip install -e '.[eval]'): {exc}", file=sys.stderr)
+            return 1
+        return lm_eval_cli(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         run(args)

@@ -37,8 +37,13 @@ def positions(batch: int, start: int, length: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Full-sequence forward (no cache): tokens [b, s] -> float logits [b, s, vocab]."""
-    out = model(tokens, positions(tokens.shape[0], 0, tokens.shape[1], tokens.device), None)
+    """Full-sequence forward (no cache): tokens [b, s] -> float logits [b, s, vocab].
+
+    The logits are gathered over tensor-parallel ranks (the full vocabulary on every rank; the
+    model's own output is vocab-sharded at TP > 1).
+    """
+    out = model(tokens, positions(tokens.shape[0], 0, tokens.shape[1], tokens.device), None,
+                runtime_gather_output=True)
     return out.float()
 
 

@@ -11,11 +11,11 @@ O(context) for attention layers instead of O(context^2).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from hybrid_megatron.evaluation.common import positions
+from hybrid_megatron.evaluation.common import logits_of, positions
 
 
 @dataclass
@@ -83,13 +83,17 @@ def decode_step(model, tokens: torch.Tensor, context) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
              temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             stop_token: Optional[int] = None) -> GenerationResult:
+             stop_token: Optional[int] = None,
+             stop: Optional[Callable[[torch.Tensor], bool]] = None) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens after ``prompt`` [b, s] (int64 ids).
 
     ``temperature`` 0 is greedy; otherwise softmax sampling (optionally top-k) from a generator
     seeded with ``seed``, so the cached and uncached paths draw the same random numbers.
-    ``stop_token`` ends generation early once every sequence has produced it. ``use_cache``
-    False re-runs the full sequence per token. Returns a GenerationResult (ids [b, s + new]).
+    ``stop_token`` ends generation early once every sequence has produced it; ``stop``, called
+    after every step with the ids generated so far ([b, new], on CPU), ends it when it returns
+    True (the lm-eval adapter's stop strings). ``use_cache`` False re-runs the full sequence
+    per token. Logits are gathered over tensor-parallel ranks on both paths, so every TP rank
+    picks the same token. Returns a GenerationResult (ids [b, s + new]).
     """
     was_training = model.training
     model.eval()
@@ -102,7 +106,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, use_cache: bool =
             context = new_inference_context(prompt.shape[0], prompt.shape[1] + max_new_tokens)
             logits = prefill(model, prompt, context)
         else:
-            logits = model(tokens, positions(tokens.shape[0], 0, tokens.shape[1], tokens.device), None)[:, -1].float()
+            logits = logits_of(model, tokens)[:, -1]
         for step in range(max_new_tokens):
             nxt = _pick(logits.cpu(), temperature, top_k, gen).to(prompt.device)
             tokens = torch.cat([tokens, nxt.unsqueeze(1)], dim=1)
@@ -110,12 +114,14 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, use_cache: bool =
                 done |= nxt.cpu() == stop_token
                 if bool(done.all()):
                     break
+            if stop is not None and stop(tokens[:, prompt.shape[1]:].cpu()):
+                break
             if step == max_new_tokens - 1:
                 break
             if use_cache:
                 logits = decode_step(model, nxt, context)
             else:
-                logits = model(tokens, positions(tokens.shape[0], 0, tokens.shape[1], tokens.device), None)[:, -1].float()
+                logits = logits_of(model, tokens)[:, -1]
     finally:
         model.train(was_training)
     return GenerationResult(tokens, context)

@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 
 def validation_set(recipe, world: int = 1, eval_iters: Optional[int] = None) -> list[list[dict]]:
@@ -22,16 +21,21 @@ def validation_set(recipe, world: int = 1, eval_iters: Optional[int] = None) -> 
 
     ``eval_iters`` overrides ``train.eval_iters``; asking for more samples than the trainer's
     dataset holds builds a larger dataset, whose shuffle (hence samples) differs from the trainer's.
+    ``world`` is accepted for callers' convenience and not needed: the sample counts depend on
+    the recipe alone, whatever layout the checkpoint is evaluated at (this rank's share follows
+    megatron-core's data-parallel state).
     """
     from hybrid_megatron.config.derived import derived
+    from hybrid_megatron.config.parallel import ParallelConfig
     from hybrid_megatron.data.datasets import build_gpt_datasets
     from hybrid_megatron.training.data import num_eval_samples, validation_batches
 
     t = recipe.train
     iters = eval_iters or t.eval_iters
     g = t.global_batch_size
-    info = derived(recipe, world)
-    total_steps = info["total_steps"]
+    # Total steps depend on the recipe only; ask derived() on one rank at TP=PP=EP=1 so that
+    # neither the training layout nor the evaluation world can fail its divisibility checks.
+    total_steps = derived(recipe.model_copy(update={"parallel": ParallelConfig()}), 1)["total_steps"]
     # The trainer's sample counts (training/entry.py: _prepare_data): the dataset's shuffle
     # depends on them, so the same counts give the same validation samples.
     eval_samples = num_eval_samples(t.eval_iters, t.eval_interval or total_steps, total_steps, g)
@@ -44,51 +48,31 @@ def validation_set(recipe, world: int = 1, eval_iters: Optional[int] = None) -> 
     return validation_batches(valid, g, t.micro_batch_size, iters)
 
 
-def _sum_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Masked per-micro-batch sum and count of the per-token loss (schedule loss_func)."""
-    mask = loss_mask.float()
-    total = (per_token_loss.float() * mask).sum()
-    count = mask.sum()
-    mean = total / count.clamp(min=1)
-    return mean, {"sum": total.detach().double(), "count": count.detach().double(), "mean": mean.detach().double()}
-
-
-def _forward_step(data_iterator, model):
-    from functools import partial
-
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    return output, partial(_sum_loss, batch["loss_mask"])
-
-
 @torch.no_grad()
 def evaluate_nll(model, global_batches: list[list[dict]], seq_length: int) -> dict:
     """NLL of ``model`` over ``global_batches`` (lists of micro-batch dicts as the trainer's).
 
-    Returns ``{"nll", "perplexity", "tokens", "nll_micro_batch_mean"}``: ``nll`` is the
-    token-weighted mean over all unmasked tokens; ``nll_micro_batch_mean`` the mean of
-    per-micro-batch means, which is how the trainer averages ``val/loss`` (both agree when every
-    micro-batch has the same number of loss tokens, the default without ``eod_mask_loss``).
+    Runs the trainer's own schedule step (:func:`hybrid_megatron.training.step.
+    micro_batch_losses`, forward only), so any TP/PP layout works. Returns ``{"nll",
+    "perplexity", "tokens", "nll_micro_batch_mean"}``: ``nll`` is the token-weighted mean over
+    all unmasked tokens (each micro-batch's mean times its loss-mask count); ``nll_micro_batch_mean``
+    the mean of per-micro-batch means, which is how the trainer averages ``val/loss`` (both agree
+    when every micro-batch has the same number of loss tokens, the default without
+    ``eod_mask_loss``).
     """
-    from hybrid_megatron.training.data import iterate
+    from hybrid_megatron.training.step import micro_batch_losses
 
     chunks = model if isinstance(model, list) else [model]
     for c in chunks:
         c.eval()
     acc = torch.zeros(4, dtype=torch.float64)  # sum, count, sum of micro means, micro count
     for micro in global_batches:
-        out = get_forward_backward_func()(
-            forward_step_func=_forward_step,
-            data_iterator=iterate(micro),
-            model=chunks,
-            num_microbatches=len(micro),
-            seq_length=seq_length,
-            micro_batch_size=micro[0]["tokens"].shape[0],
-            forward_only=True,
-        )
+        out = micro_batch_losses(chunks, micro, seq_length, forward_only=True)
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-            for d in out:
-                acc += torch.stack([d["sum"].cpu(), d["count"].cpu(), d["mean"].cpu(), torch.ones((), dtype=torch.float64)])
+            for d, mb in zip(out, micro, strict=True):
+                mean = d["lm loss"].detach().double().cpu()
+                count = mb["loss_mask"].double().sum()
+                acc += torch.stack([mean * count, count, mean, torch.ones((), dtype=torch.float64)])
     if dist.is_initialized():
         # Only the last stage's TP rank 0 contributed: the sum over all ranks is the data-parallel total.
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
@@ -110,15 +94,15 @@ def run_nll(checkpoint: str, tp: int = 1, pp: int = 1, eval_iters: Optional[int]
 
     Without ``data_prefix`` the data are the trainer's validation set (``eval_iters`` global
     batches, default the recipe's). With it, the first ``num_samples`` non-overlapping windows
-    of ``data.seq_length + 1`` tokens of that indexed dataset (documents concatenated).
+    of ``data.seq_length + 1`` tokens of that indexed dataset (documents concatenated), shared
+    out over data-parallel ranks.
     """
     from hybrid_megatron.evaluation.common import load_for_eval, token_stream
 
     recipe, model = load_for_eval(checkpoint, tp, pp)
     seq = recipe.data.seq_length
-    world = dist.get_world_size() if dist.is_initialized() else 1
     if data_prefix is None:
-        batches = validation_set(recipe, world, eval_iters)
+        batches = validation_set(recipe, eval_iters=eval_iters)
         source = "trainer validation set"
     else:
         stream = torch.from_numpy(token_stream(recipe, num_samples * seq + 1, prefix=data_prefix))
@@ -132,6 +116,9 @@ def run_nll(checkpoint: str, tp: int = 1, pp: int = 1, eval_iters: Optional[int]
                 "tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float),
                 "position_ids": torch.arange(seq).unsqueeze(0).expand(tokens.shape[0], -1).contiguous(),
             }])
+        # Every rank built every window: data-parallel ranks take turns (else the all-reduced
+        # token count would be dp times too large).
+        batches = batches[parallel_state.get_data_parallel_rank()::parallel_state.get_data_parallel_world_size()]
         source = f"{data_prefix} ({num_samples} windows of {seq})"
     result = evaluate_nll(model, batches, seq)
     result.update({"checkpoint": str(checkpoint), "data": source, "seq_length": seq, "tp": tp, "pp": pp})

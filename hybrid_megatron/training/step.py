@@ -45,9 +45,15 @@ def _mean_over_world(losses: list[dict]) -> float:
     return float(acc[0] / acc[1])
 
 
-def run_schedule(model_chunks, micro_batches, seq_length: int, forward_only: bool) -> float:
-    """Forward (and backward) over the micro-batches; returns the mean loss on every rank."""
-    losses = get_forward_backward_func()(
+def micro_batch_losses(model_chunks, micro_batches, seq_length: int, forward_only: bool) -> list[dict]:
+    """Forward (and backward) over the micro-batches through megatron-core's pipeline schedule.
+
+    Takes the model chunks, this rank's micro-batch dicts (tokens, labels, loss_mask,
+    position_ids), the sequence length and whether to skip the backward pass. Returns the
+    last pipeline stage's ``{"lm loss": masked mean}`` per micro-batch, in order (an empty
+    list on other stages); nothing is reduced across ranks.
+    """
+    return get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=iterate(micro_batches),
         model=model_chunks,
@@ -56,7 +62,11 @@ def run_schedule(model_chunks, micro_batches, seq_length: int, forward_only: boo
         micro_batch_size=micro_batches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )
-    return _mean_over_world(losses)
+
+
+def run_schedule(model_chunks, micro_batches, seq_length: int, forward_only: bool) -> float:
+    """Forward (and backward) over the micro-batches; returns the mean loss on every rank."""
+    return _mean_over_world(micro_batch_losses(model_chunks, micro_batches, seq_length, forward_only))
 
 
 def train_step(model_chunks, optimizer, scheduler, micro_batches, seq_length: int):
