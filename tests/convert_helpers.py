@@ -9,7 +9,8 @@ import torch
 
 
 def perturb(model, seed: int = 0) -> None:
-    """Randomise every parameter (norms, A_log, D, dt_bias, scalars too) so parity is not trivial.
+    """Randomise every parameter (norms, A_log, D, dt_bias, scalars too) and the MoE routers'
+    expert-bias buffers, so parity is not trivial.
 
     Weights are replaced in place with values of their usual scale but no special structure.
     """
@@ -31,6 +32,9 @@ def perturb(model, seed: int = 0) -> None:
                 p.copy_(rand() / math.sqrt(fan_in))
             else:  # conv bias
                 p.copy_(0.1 * rand())
+        for name, b in model.named_buffers():
+            if name.endswith(("expert_bias", "e_score_correction_bias")):  # changes the routing
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
 def full_state(model) -> dict:

@@ -83,6 +83,17 @@ PARAM_CASES = [(f"{k}-dense", k, False, {}) for k in KINDS] + [
      {"attention": {"num_heads": 2, "num_query_groups": None, "head_dim": 24}}),
     ("mamba-groups-state", "mamba", False,
      {"mamba": {"state_dim": 16, "num_groups": 1, "head_dim": 32}}),
+] + [  # flavour nemotron_h: no-RoPE attention, relu2 FFNs and experts, sigmoid router
+    (f"nemotron_h-{k}-{'moe' if m else 'dense'}", k, m, {"flavour": "nemotron_h"})
+    for k in ("transformer", "mamba", "inter") for m in (False, True)
+] + [
+    ("nemotron_h-letters-shared-tied", "inter", True,
+     {"flavour": "nemotron_h", "num_layers": 6, "mamba_block_ffn": False, "tie_embeddings": True,
+      "pattern": {"ratio": None, "layout": "M*-MEA", "allow_early_attention": True},
+      "moe": {"shared_expert_ffn_hidden_size": 32}}),
+    ("nemotron_h-default-ffn-top1-nobias", "transformer", True,
+     {"flavour": "nemotron_h", "ffn_hidden_size": None,
+      "moe": {"top_k": 1, "expert_bias": False, "expert_ffn_hidden_size": None}}),
 ]
 
 
@@ -127,7 +138,7 @@ def test_param_counts_equal_built_model(one_rank, case):
     blocks, mixers, other = _per_layer_counts(model)
     for i, letter in enumerate(report.pattern):
         assert blocks[i] == report.blocks[letter].total, (i, letter)
-        assert mixers[i] == report.blocks[letter].mixer, (i, letter)
+        assert mixers.get(i, 0) == report.blocks[letter].mixer, (i, letter)
     assert other["embedding.word_embeddings.weight"] == report.embedding
     assert other.get("output_layer.weight", 0) == report.output_layer
     assert other["decoder.final_layernorm.weight"] == report.final_norm
@@ -156,6 +167,14 @@ def test_param_formulas_by_hand():
     # A_log/D/dt_bias 3*8, gated norm 128, out 128*64.
     m = count_parameters(_cfg("mamba")).blocks["M"]
     assert m.mixer == 64 * 296 + 160 * 5 + 24 + 128 + 128 * 64
+    # flavour nemotron_h: relu2 FFN 2*64*128 (up, down); '*' attention only (one norm);
+    # '-' MLP only (one norm); 'E' MoE only: router 4*64 + 4 experts 2*64*64, top-2 active.
+    n = count_parameters(_cfg("inter", True, flavour="nemotron_h", pattern={
+        "ratio": None, "layout": "MA*-E", "allow_early_attention": True}, num_layers=5)).blocks
+    assert (n["A"].mixer, n["A"].norms, n["A"].ffn) == (a.mixer, 128, 4 * 64 + 4 * 2 * 64 * 64)
+    assert (n["*"].mixer, n["*"].norms, n["*"].ffn) == (a.mixer, 64, 0)
+    assert (n["-"].mixer, n["-"].norms, n["-"].ffn) == (0, 64, 2 * 64 * 128)
+    assert (n["E"].mixer, n["E"].norms, n["E"].ffn_active) == (0, 64, 4 * 64 + 2 * 2 * 64 * 64)
 
 
 def test_context_sums_match_brute_force():
@@ -196,7 +215,10 @@ def test_flop_terms_by_hand():
     "kind,moe,overrides",
     [("transformer", False, {}), ("swa", True, {}), ("mamba", False, {}),
      ("inter", True, {"mamba_block_ffn": False}), ("intra", True, {}),
-     ("intra", False, {"intra": {"fusion": "subtract"}})],
+     ("intra", False, {"intra": {"fusion": "subtract"}}),
+     ("inter", True, {"flavour": "nemotron_h", "num_layers": 5, "moe": {
+         "shared_expert_ffn_hidden_size": 32}, "pattern": {
+         "ratio": None, "layout": "MA*-E", "allow_early_attention": True}})],
 )
 def test_flops_match_torch_flop_counter(one_rank, kind, moe, overrides):
     """Against torch's FlopCounterMode on the built model (L=16, batch 1): every linear layer
@@ -209,6 +231,9 @@ def test_flops_match_torch_flop_counter(one_rank, kind, moe, overrides):
     from hybrid_megatron.accounting import training_flops
     from hybrid_megatron.accounting.flops import causal_context_sum
 
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()  # sized by the first MoE model run
     L = 16
     cfg = _cfg(kind, moe, **overrides)
     model = _build(cfg)
@@ -291,6 +316,11 @@ def test_cache_bytes_by_hand_and_against_megatron_state_shapes(one_rank):
         assert report.total_bytes == expected + kv
     m = cache_bytes(_cfg("mamba"), 10).blocks["M"]
     assert (m.conv_bytes, m.ssm_bytes, m.kv_bytes) == (160 * 4 * 2, 8 * 16 * 8 * 2, 0)
+    # nemotron_h letters: '*' keeps K/V like 'A'; '-' and 'E' keep nothing.
+    n = cache_bytes(_cfg("inter", True, flavour="nemotron_h", num_layers=4, pattern={
+        "ratio": None, "layout": "M*-E", "allow_early_attention": True}), 50)
+    assert n.blocks["*"].kv_bytes == 2 * 2 * 16 * 50 * 2 and n.blocks["-"].total == n.blocks["E"].total == 0
+    assert n.total_bytes == n.blocks["*"].total + n.blocks["M"].total
 
 
 # --- Table 1 of the paper (1B models, 8K context) ------------------------------------------

@@ -9,6 +9,7 @@ tokens: ours recomputes the whole prefix each step, transformers' ``generate`` u
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -96,8 +97,9 @@ def test_remote_code_parity(single_rank, tmp_path, kind, moe):
         {"intra": {"num_query_groups": 2, "dim_ratio": "1:3"}, "pattern": {"layout": "HMHH"}},
         {"moe": {"num_experts": 4, "top_k": 1, "expert_ffn_hidden_size": 32,
                  "shared_expert_ffn_hidden_size": 48}},
+        {"norm_epsilon": 1e-2},
     ],
-    ids=["add-scalars", "subtract-norm-tied", "ratio1:3", "moe-top1-shared"],
+    ids=["add-scalars", "subtract-norm-tied", "ratio1:3", "moe-top1-shared", "eps1e-2"],
 )
 def test_remote_code_variants(single_rank, tmp_path, overrides):
     model, path, _ = _export(tmp_path, tiny_model("intra", **overrides), "remote_code")
@@ -118,14 +120,15 @@ def _falcon_intra(fusion, scalars=False, **extra):
 
 
 @pytest.mark.parametrize(
-    "fusion,scalars", [("add", False), ("subtract", True), ("concat", True)]
+    "fusion,scalars,eps", [("add", False, 1e-5), ("subtract", True, 1e-5), ("concat", True, 1e-2)]
 )
-def test_falcon_h1_parity(single_rank, tmp_path, fusion, scalars):
-    cfg = _falcon_intra(fusion, scalars)
+def test_falcon_h1_parity(single_rank, tmp_path, fusion, scalars, eps):
+    cfg = _falcon_intra(fusion, scalars, norm_epsilon=eps)
     assert choose_target(ModelConfig(**cfg))[0] == "falcon_h1"
     model, path, chosen = _export(tmp_path, cfg, "auto")
     assert chosen == "falcon_h1"
-    assert json.loads((path / "config.json").read_text())["architectures"] == ["FalconH1ForCausalLM"]
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["FalconH1ForCausalLM"] and config["rms_norm_eps"] == eps
     _check_parity(model, path)
 
 
@@ -146,10 +149,8 @@ def test_falcon_h1_zero_filled_branches(single_rank, tmp_path):
         ({"intra": {"num_query_groups": 2, "branch_norm": "none"},
           "attention": {"num_heads": 4, "num_query_groups": 2, "sliding_window": 8}}, "sliding_window"),
         ({"intra": {"num_query_groups": 2, "branch_norm": "none"}}, "mixer_width"),  # M != branch
-        ({"intra": {"num_query_groups": 2, "branch_norm": "none"}, "pattern": {"layout": "HHHH"},
-          "norm_epsilon": 1e-6}, "norm_epsilon"),
     ],
-    ids=["branch-norm", "moe", "swa", "mamba-width", "eps"],
+    ids=["branch-norm", "moe", "swa", "mamba-width"],
 )
 def test_falcon_h1_refuses_inexact(single_rank, tmp_path, overrides, needle):
     moe = overrides.pop("moe", False)
@@ -166,12 +167,81 @@ def test_falcon_h1_refuses_inexact(single_rank, tmp_path, overrides, needle):
 
 
 def test_nemotron_h_parity(single_rank, tmp_path):
+    """Flavour llama, FFN-free Mamba2 stack: no flavour-specific layer, exact as NemotronH."""
     cfg = tiny_model("mamba", mamba_block_ffn=False)
     model, path, chosen = _export(tmp_path, cfg, "auto")
     assert chosen == "nemotron_h"
     # transformers 5.23 cannot build a cache for a NemotronH without attention layers
     # (DynamicCache.get_seq_length raises), so its generate runs here without a cache.
     _check_parity(model, path, generate_with_cache=False)
+
+
+def _nemotron(kind, moe=False, **overrides):
+    """tiny_model of ``kind`` in flavour nemotron_h; ``moe``: False, True (the default MoE) or
+    a whole ``moe`` section."""
+    cfg = tiny_model(kind, moe=moe is True, flavour="nemotron_h", **overrides)
+    if isinstance(moe, dict):
+        cfg["moe"] = dict(moe)
+    return cfg
+
+
+NEMOTRON_H_CASES = {
+    "transformer-dense": _nemotron("transformer"),
+    "transformer-moe": _nemotron("transformer", moe=True),
+    "mamba-dense": _nemotron("mamba"),
+    "mamba-moe": _nemotron("mamba", moe=True),
+    "inter-dense": _nemotron("inter"),
+    "inter-moe": _nemotron("inter", moe=True),
+    # single-sublayer letters, mixer-only Mamba, shared expert, routed scaling, eps, tied
+    "inter-letters-shared-eps-tied": _nemotron(
+        "inter", num_layers=6, mamba_block_ffn=False, norm_epsilon=1e-2, tie_embeddings=True,
+        pattern={"ratio": None, "layout": "M*-MEA", "allow_early_attention": True},
+        moe={"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64,
+             "shared_expert_ffn_hidden_size": 48, "topk_scaling_factor": 2.5},
+    ),
+    # top-1 sigmoid routing (no renormalisation) without an expert bias
+    "transformer-moe-top1-nobias": _nemotron(
+        "transformer", moe={"num_experts": 4, "top_k": 1, "expert_ffn_hidden_size": 64,
+                            "expert_bias": False}),
+}
+_HF_LETTER = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
+
+
+@pytest.mark.parametrize("name", list(NEMOTRON_H_CASES))
+def test_nemotron_h_flavour_parity_and_round_trip(single_rank, tmp_path, name):
+    """Flavour nemotron_h exports (auto) as NemotronHForCausalLM: logits and 32 greedy tokens
+    match (HF's cached generate where there is attention), from-hf gives back every weight."""
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+
+    raw = NEMOTRON_H_CASES[name]
+    cfg = ModelConfig(**raw)
+    model, path, chosen = _export(tmp_path, raw, "auto")
+    assert chosen == "nemotron_h"
+    config = json.loads((path / "config.json").read_text())
+    pattern = model.layer_pattern
+    ffn = "E" if cfg.moe else "-"
+    expected = "".join({"A": "*" + ffn, "M": "M" + (ffn if cfg.mamba_block_ffn else "")}.get(c, c)
+                       for c in pattern)
+    assert "".join(_HF_LETTER[t] for t in config["layers_block_type"]) == expected
+    assert config["hybrid_override_pattern"] == expected
+    assert config["layer_norm_epsilon"] == cfg.norm_epsilon
+    mixers = [l.self_attention for l in model.decoder.layers if isinstance(l.self_attention, MambaMixer)]
+    assert all(m.norm.eps == cfg.norm_epsilon for m in mixers)  # megatron-core's own is 1e-5
+    _check_parity(model, path, generate_with_cache="*" in expected)
+
+    model_dict, sd = from_hf(path)
+    ours = full_state(model)
+    for k in set(sd) - set(ours):  # no expert bias: exported as zeros, read back as a bias
+        assert k.endswith("router.expert_bias") and not cfg.moe_expert_bias and not sd[k].any(), k
+    assert set(ours) <= set(sd)
+    for k in ours:
+        assert torch.equal(sd[k], ours[k]), k
+    rebuilt = build_single(model_dict)
+    assert rebuilt.layer_pattern == pattern
+    rebuilt.load_state_dict(sd, strict=False)
+    rebuilt.eval()
+    tokens = _tokens()
+    assert torch.equal(our_logits(rebuilt, tokens), our_logits(model, tokens))
 
 
 @pytest.mark.parametrize(
@@ -181,11 +251,28 @@ def test_nemotron_h_parity(single_rank, tmp_path):
         ("transformer", {}, "rotary"),
         ("inter", {"mamba_block_ffn": False}, "rotary"),
         ("intra", {}, "intra-layer"),
+        ("swa", {"flavour": "nemotron_h"}, "sliding_window"),
+        ("transformer", {"flavour": "nemotron_h",
+                         "moe": {"num_experts": 4, "score_function": "softmax"}}, "score_function"),
     ],
 )
 def test_nemotron_h_refuses_inexact(kind, overrides, needle):
+    moe = overrides.pop("moe", None)
+    raw = tiny_model(kind, **overrides)
+    if moe is not None:
+        raw["moe"] = moe
     with pytest.raises(NotExactError, match=needle):
-        choose_target(ModelConfig(**tiny_model(kind, **overrides)), "nemotron_h")
+        choose_target(ModelConfig(**raw), "nemotron_h")
+
+
+def test_nemotron_h_flavour_has_no_other_target():
+    cfg = ModelConfig(**_nemotron("inter", moe=True))
+    for target in ("remote_code", "falcon_h1"):
+        with pytest.raises(NotExactError, match="model.flavour") as err:
+            choose_target(cfg, target)
+        assert "use --target nemotron_h" in str(err.value)
+    with pytest.raises(NotExactError, match="no export target is exact.*sliding_window"):
+        choose_target(ModelConfig(**_nemotron("swa")), "auto")
 
 
 # ---------------------------------------------------------------- round trips, writer
@@ -276,3 +363,82 @@ def test_checkpoint_trained_at_tp2_exports_exactly(tmp_path):
     ref = torch.tensor(run_distributed(_tp2_logits, 2, tmp_path, str(run / "checkpoints"), tokens.tolist())[0])
     diff = (ref - hf_logits(hf, tokens)).abs().max().item()
     assert diff < TOL, diff
+
+
+# ---------------------------------------------------------------- from-hf -> continued pretraining
+
+
+def _random_nemotron_h(path, vocab: int):
+    """A tiny NemotronHForCausalLM (every layer type) with random, structured weights, saved."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    config = NemotronHConfig(
+        vocab_size=vocab, hidden_size=64, layers_block_type=["mamba", "mlp", "attention", "moe"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+        ssm_state_size=8, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, chunk_size=16,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=48, routed_scaling_factor=1.5, layer_norm_epsilon=1e-4,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    hf = NemotronHForCausalLM(config)
+    perturb(hf, 3)
+    hf.save_pretrained(path)
+    return hf.eval()
+
+
+def test_from_hf_then_init_from_trains_from_the_hf_weights(single_rank, tmp_path, monkeypatch):
+    """from-hf (CLI) a random NemotronH; a recipe with checkpoint.init_from trains 3 steps from
+    it: step 1's loss (before any update) is the HF model's loss on the same batch."""
+    import torch.nn.functional as F
+
+    from hybrid_megatron.config import load_recipe
+    from hybrid_megatron.convert.__main__ import main as convert_main
+    from hybrid_megatron.training import step
+    from hybrid_megatron.training.checkpoint import CheckpointError
+    from hybrid_megatron.training.entry import train
+    from tests.training_helpers import REPO, read_losses
+
+    hf = _random_nemotron_h(tmp_path / "hf", vocab=4096)  # the demo tokenizer's vocabulary
+    converted = tmp_path / "converted"
+    assert convert_main(["from-hf", "--hf", str(tmp_path / "hf"), "--output", str(converted)]) == 0
+    model_yaml = (converted / "model.yaml").read_text()
+    assert "nemotron_h" in model_yaml and (converted / "metadata.json").exists()
+
+    recipe_file = tmp_path / "continue.yaml"
+    recipe_file.write_text(f"extends: {REPO / 'recipes' / '_base_tiny.yaml'}\n" + model_yaml)
+    run = tmp_path / "run"
+    overrides = [f"checkpoint.dir={run}/checkpoints", f"checkpoint.init_from={converted}",
+                 f"data.tokenizer={REPO}/data/tokenizer",  # the base's paths are relative
+                 f"data.blend={REPO}/data/austen_4k_text_document", "train.steps=3", "train.warmup_steps=1", "train.eval_interval=0",
+                 "train.log_interval=1", "tracking.enabled=false"]
+    first = []
+    real = step.run_schedule
+
+    def recording(model_chunks, micro, seq, forward_only):
+        if not first:
+            first.append([{k: v.clone() for k, v in b.items()} for b in micro])
+        return real(model_chunks, micro, seq, forward_only)
+
+    monkeypatch.setattr(step, "run_schedule", recording)
+    summary = train(load_recipe(recipe_file, overrides))
+    assert summary["steps"] == 3
+    losses = {k: float.fromhex(v) for k, v in read_losses(run).items()}
+
+    with torch.no_grad():  # the trainer's loss: mean over micro-batches of the masked mean CE
+        per_micro = []
+        for b in first[0]:
+            logits = hf(input_ids=b["tokens"], use_cache=False).logits.float()
+            ce = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="none")
+            mask = b["loss_mask"].flatten().float()
+            per_micro.append(float((ce * mask).sum() / mask.sum()))
+    hf_loss = sum(per_micro) / len(per_micro)
+    assert abs(hf_loss - math.log(4096)) > 0.2  # structured weights: not a uniform guess
+    assert abs(losses[1] - hf_loss) < TOL, (losses[1], hf_loss)
+    assert losses[3] != losses[1]  # it trained
+
+    # a recipe whose model differs from the checkpoint's is refused, naming the field
+    other = load_recipe(recipe_file, overrides[1:] + [f"checkpoint.dir={tmp_path}/other/ckpt",
+                                                      "model.norm_epsilon=1e-5"])
+    with pytest.raises(CheckpointError, match="checkpoint.init_from: .*model.norm_epsilon"):
+        train(other)

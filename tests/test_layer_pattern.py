@@ -74,3 +74,22 @@ def test_pipeline_split():
         split_pattern("MMAMMA", 4)
     with pytest.raises(PatternError, match="parallel.pipeline_stage_layers"):
         split_pattern("MMAMMA", 2, [2, 3])
+
+
+def test_nemotron_h_letters():
+    """Flavour nemotron_h: single-sublayer letters (* attention, - MLP, E MoE) in layouts of
+    kinds inter, transformer and mamba; lower case and spaces are fine; kinds keep their
+    default patterns."""
+    def nemo(kind, layout=None, **extra):
+        raw = tiny_model(kind, num_layers=len(layout.replace(" ", "")) if layout else 4,
+                         flavour="nemotron_h", moe=True, **extra)
+        raw.pop("pattern", None)
+        if layout:
+            raw["pattern"] = {"layout": layout, "allow_early_attention": True}
+        return ModelConfig(**raw)
+
+    assert build_layer_pattern(nemo("inter", "M-M* -e")) == "M-M*-E"
+    assert build_layer_pattern(nemo("transformer", "*-*E")) == "*-*E"
+    assert build_layer_pattern(nemo("mamba", "MEM-")) == "MEM-"
+    assert build_layer_pattern(nemo("transformer")) == "AAAA"
+    assert build_layer_pattern(nemo("inter", pattern=None)) == "MMMA"  # default ratio 1:5 -> 1 of 4

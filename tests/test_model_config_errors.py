@@ -63,13 +63,47 @@ def test_early_attention():
         (tiny_model("transformer", attention=None), "model.attention: required"),
         (tiny_model("intra", intra={"dim_ratio": "x:1"}), "intra.dim_ratio"),
         ({**tiny_model("transformer"), "moe": {"num_experts": 4, "top_k": 5}}, "moe.top_k"),
-        (tiny_model("transformer", pattern={"ratio": "1:1"}), "model.pattern: only kinds inter and intra"),
+        (tiny_model("transformer", pattern={"ratio": "1:1"}), "model.pattern.ratio: only kinds inter and intra"),
+        (tiny_model("transformer", pattern={"layout": "AAAA"}), "model.pattern: only kinds inter and intra"),
         (tiny_model("transformer", impl="local", fp8="hybrid"), "model.fp8: needs impl 'te'"),
+        (tiny_model("intra", flavour="nemotron_h"), "model.flavour: nemotron_h has no intra-layer"),
+        (tiny_model("transformer", flavour="gpt"), "flavour"),
+        ({**tiny_model("transformer"), "moe": {"num_experts": 4, "expert_bias": True}},
+         "model.moe.expert_bias: needs the sigmoid score function"),
+        ({**tiny_model("transformer", flavour="nemotron_h"),
+          "moe": {"num_experts": 4, "expert_bias": True, "score_function": "softmax"}},
+         "model.moe.expert_bias"),
     ],
 )
 def test_invalid_model_sections(raw, field):
-    with pytest.raises(ValidationError, match=field):
+    with pytest.raises(ValidationError, match=field) as err:
         ModelConfig(**raw)
+    assert err.value.error_count() == 1
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        (tiny_model("inter", pattern={"layout": "M*-M"}),
+         r"letters \['\*', '-'\] not allowed for kind 'inter'.*need model.flavour nemotron_h"),
+        (tiny_model("inter", flavour="nemotron_h", pattern={"layout": "MA-E"}),
+         "model.pattern.layout: letter E \\(an MoE layer\\) needs model.moe"),
+        (tiny_model("mamba", flavour="nemotron_h", pattern={"layout": "M*M-"}),
+         r"letters \['\*'\] not allowed for kind 'mamba'"),
+        (tiny_model("inter", flavour="nemotron_h", pattern={"ratio": None, "layout": "*MMM"}),
+         "attention block at layer 0"),
+    ],
+)
+def test_nemotron_h_layout_errors(raw, message):
+    with pytest.raises(PatternError, match=message) as err:
+        build_layer_pattern(ModelConfig(**raw))
+    assert "\n" not in str(err.value)
+
+
+def test_nemotron_h_tp_check_covers_attention_only_layers():
+    raw = tiny_model("inter", flavour="nemotron_h", pattern={"ratio": None, "layout": "M-*-"})
+    with pytest.raises(ModelConfigError, match="model.attention.num_query_groups: 2 groups do not split over parallel.tp=4"):
+        _check(raw, tp=4)
 
 
 def test_intra_add_needs_equal_widths(single_rank):

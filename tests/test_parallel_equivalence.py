@@ -1,4 +1,5 @@
-"""TP=2 / PP=2 / EP=2 reproduce TP=1 / PP=1 / EP=1 for every kind, dense and MoE (CPU, gloo).
+"""TP=2 / PP=2 / EP=2 reproduce TP=1 / PP=1 / EP=1 for every kind, dense and MoE, and for the
+nemotron_h flavour (CPU, gloo).
 
 Weights move between layouts the way users move them: a megatron-core distributed checkpoint
 saved at one layout and loaded at the other. So these tests also check that every module's
@@ -105,6 +106,10 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
     out = {}
 
     model = _build(cfg_dict, {})
+    g = torch.Generator().manual_seed(5)
+    for name, buf in model.named_buffers():  # sigmoid routers' expert bias: moves the routing
+        if name.endswith("expert_bias"):
+            buf.copy_(0.05 * torch.randn(buf.shape, generator=g))
     model.eval()
     ref_logits = _full_logits(model, batch)
     model.train()
@@ -148,12 +153,17 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-@pytest.mark.parametrize("kind", KINDS + ["intra_scalars"])
+@pytest.mark.parametrize(
+    "kind", KINDS + ["intra_scalars", pytest.param("nemotron_h", marks=pytest.mark.slow)]  # ~50 s
+)
 def test_parallel_layouts_match_single_rank(kind, moe, tmp_path):
     if kind == "intra_scalars":  # subtract fusion with learnable branch scalars
         if moe:
             pytest.skip("covered by the dense case")
         cfg = tiny_model("intra", intra={"fusion": "subtract", "branch_scalars": True})
+    elif kind == "nemotron_h":  # flavour nemotron_h: a block, an attention-only and an FFN-only layer
+        cfg = tiny_model("inter", moe=moe, flavour="nemotron_h", pattern={
+            "ratio": None, "layout": "M*A" + ("E" if moe else "-"), "allow_early_attention": True})
     else:
         cfg = tiny_model(kind, moe=moe)
     ranks = run_distributed(

@@ -28,6 +28,7 @@ def _names() -> set:
 def test_every_promised_recipe_is_shipped():
     expected = {f"tiny_{k}" for k in KINDS} | {f"tiny_{k}_moe" for k in KINDS}
     expected |= {f"{s}_{k}" for s in SCALES for k in KINDS} | {"intra_3b_moe", "inter_3b_moe"}
+    expected |= {"tiny_nemotron_h", "tiny_nemotron_h_moe"}
     assert expected <= _names(), sorted(expected - _names())
 
 
@@ -100,6 +101,23 @@ def test_tiny_moe_recipes_build(single_rank):
     for kind in KINDS:
         recipe = load_recipe(RECIPES / f"tiny_{kind}_moe.yaml")
         assert _meta_params(recipe) > _meta_params(load_recipe(RECIPES / f"tiny_{kind}.yaml"))
+
+
+def test_tiny_nemotron_h_recipes_are_exportable_nemotron_h_models(single_rank):
+    """The NemotronH-flavoured tiny recipes: NemotronH's layer letters, counted exactly, and
+    auto-exported as NemotronHForCausalLM."""
+    from hybrid_megatron.accounting import count_parameters
+    from hybrid_megatron.convert import choose_target
+
+    dense, moe = (load_recipe(RECIPES / f"{n}.yaml") for n in ("tiny_nemotron_h", "tiny_nemotron_h_moe"))
+    assert dense.model.flavour == moe.model.flavour == "nemotron_h"
+    assert (dense.model.pattern.layout, moe.model.pattern.layout) == ("M-M*-M-", "MEM*EME")
+    for recipe in (dense, moe):
+        params = count_parameters(recipe.model)
+        embeddings = params.embedding + params.output_layer
+        assert _meta_params(recipe) == params.total - embeddings
+        assert choose_target(recipe.model)[0] == "nemotron_h"
+    assert count_parameters(moe.model).active < count_parameters(moe.model).total
 
 
 # ---------------------------------------------------------------------------- extends/overrides
@@ -279,7 +297,7 @@ def test_several_problems_are_one_line_each(tmp_path):
         load_recipe(path, ["train.schedule=linear"])
     lines = str(err.value).splitlines()
     assert lines == [
-        f"{path}: unknown field model.colour",
+        f"{path}: unknown field model.colour (did you mean flavour?)",
         "override: train.schedule: 'linear' is not one of cosine, wsd, constant",
     ]
 

@@ -2,7 +2,7 @@
 
 For one sequence (batch 1) with elements of ``dtype_bytes`` bytes:
 
-- attention (``A`` blocks and the ``H`` block's attention branch): keys and values,
+- attention (``A`` and ``*`` blocks and the ``H`` block's attention branch): keys and values,
   2 * groups * head_dim * min(L, W) * dtype_bytes (W the sliding window: a windowed layer keeps
   only its last W positions);
 - Mamba2 (``M`` blocks and the ``H`` block's Mamba branch), independent of L: the conv state,
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from hybrid_megatron.accounting.geometry import attention_dims, mamba_dims
 from hybrid_megatron.config.model import ModelConfig
-from hybrid_megatron.models.layer_pattern import build_layer_pattern
+from hybrid_megatron.models.layer_pattern import LETTER_ORDER, build_layer_pattern
 
 
 @dataclass
@@ -75,6 +75,6 @@ def cache_bytes(cfg: ModelConfig, seq_len: int, dtype_bytes: int = 2) -> CacheRe
     pattern = build_layer_pattern(cfg)
     blocks = {
         letter: block_cache(cfg, letter, seq_len, dtype_bytes, pattern.count(letter))
-        for letter in sorted(set(pattern), key="AMH".index)
+        for letter in sorted(set(pattern), key=LETTER_ORDER.index)
     }
     return CacheReport(pattern, seq_len, dtype_bytes, blocks)

@@ -29,8 +29,10 @@ Forward FLOPs per sample of length L (h = hidden size):
 - Mamba2 projections: in 2 * h * (2*d_inner + 2*G*N + H) * L, out 2 * d_inner * h * L.
 - intra block: one in-projection over both branches' rows, the attention core and the SSD/conv
   terms of its branches, one out-projection 2 * fused_width * h * L.
-- dense SwiGLU FFN: 2 * 3 * h * ffn * L. MoE: router 2 * h * E * L, top_k routed experts
-  2 * 3 * h * ffn_expert * top_k * L, shared expert 2 * 3 * h * ffn_shared * L.
+- dense FFN: 2 * m * h * ffn * L, m = 3 matrices for SwiGLU (flavour llama), 2 for relu2
+  (nemotron_h). MoE: router 2 * h * E * L, top_k routed experts 2 * m * h * ffn_expert * top_k
+  * L, shared expert 2 * m * h * ffn_shared * L.
+- single-sublayer layers: ``*`` the attention terms only, ``-`` a dense FFN, ``E`` an MoE.
 - LM head: 2 * h * V * L (the input embedding is a lookup, 0 FLOPs).
 """
 
@@ -44,10 +46,13 @@ from hybrid_megatron.accounting.geometry import (
     MambaDims,
     attention_dims,
     expert_ffn_size,
+    ffn_is_moe,
+    ffn_matrices,
     fused_width,
     has_ffn,
     mamba_dims,
 )
+from hybrid_megatron.models.layer_pattern import LETTER_ORDER
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.models.layer_pattern import build_layer_pattern
 
@@ -94,7 +99,9 @@ def mixer_terms(cfg: ModelConfig, letter: str, seq_len: int) -> dict[str, int]:
     h, L = cfg.hidden_size, seq_len
     a, m = attention_dims(cfg, letter), mamba_dims(cfg, letter)
     terms: dict[str, int] = {}
-    if letter == "A":
+    if letter in ("-", "E"):
+        return terms
+    if letter in ("A", "*"):
         terms["qkv_proj"] = 2 * h * a.qkv_width * L
         terms.update(attention_core_terms(a, L))
         terms["out_proj"] = 2 * a.width * h * L
@@ -111,23 +118,23 @@ def mixer_terms(cfg: ModelConfig, letter: str, seq_len: int) -> dict[str, int]:
             terms.update(ssd_terms(m, L))
         terms["out_proj"] = 2 * fused_width(cfg) * h * L
     else:
-        raise ValueError(f"unknown block letter {letter!r} (expected A, M or H)")
+        raise ValueError(f"unknown block letter {letter!r} (expected A, M, H, *, - or E)")
     return terms
 
 
-def ffn_terms(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
-    """Forward FLOPs per sample of one FFN sublayer: ``ffn`` (dense) or ``moe_router``,
-    ``moe_experts`` (top_k active experts) and ``moe_shared``."""
-    h, L = cfg.hidden_size, seq_len
-    if cfg.moe is None:
-        return {"ffn": 2 * 3 * h * cfg.ffn_size * L}
+def ffn_terms(cfg: ModelConfig, seq_len: int, moe: bool = True) -> dict[str, int]:
+    """Forward FLOPs per sample of one FFN sublayer: ``ffn`` (dense: no ``model.moe`` or not
+    ``moe``) or ``moe_router``, ``moe_experts`` (top_k active experts) and ``moe_shared``."""
+    h, L, mats = cfg.hidden_size, seq_len, ffn_matrices(cfg)
+    if cfg.moe is None or not moe:
+        return {"ffn": 2 * mats * h * cfg.ffn_size * L}
     moe = cfg.moe
     terms = {
         "moe_router": 2 * h * moe.num_experts * L,
-        "moe_experts": 2 * 3 * h * expert_ffn_size(cfg) * moe.top_k * L,
+        "moe_experts": 2 * mats * h * expert_ffn_size(cfg) * moe.top_k * L,
     }
     if moe.shared_expert_ffn_hidden_size:
-        terms["moe_shared"] = 2 * 3 * h * moe.shared_expert_ffn_hidden_size * L
+        terms["moe_shared"] = 2 * mats * h * moe.shared_expert_ffn_hidden_size * L
     return terms
 
 
@@ -201,7 +208,7 @@ def block_flops(cfg: ModelConfig, letter: str, seq_len: int, count: int = 1) -> 
     mixer = mixer_terms(cfg, letter, seq_len)
     terms = dict(mixer)
     if has_ffn(cfg, letter):
-        terms.update(ffn_terms(cfg, seq_len))
+        terms.update(ffn_terms(cfg, seq_len, ffn_is_moe(cfg, letter)))
     return BlockFlops(letter, count, seq_len, terms, sum(mixer.values()))
 
 
@@ -217,7 +224,7 @@ def training_flops(cfg: ModelConfig, seq_len: int) -> FlopReport:
     pattern = build_layer_pattern(cfg)
     blocks = {
         letter: block_flops(cfg, letter, seq_len, pattern.count(letter))
-        for letter in sorted(set(pattern), key="AMH".index)
+        for letter in sorted(set(pattern), key=LETTER_ORDER.index)
     }
     return FlopReport(
         pattern=pattern,

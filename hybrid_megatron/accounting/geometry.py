@@ -11,6 +11,11 @@ model they describe and follow ``hybrid_megatron.models`` in one place:
 - ``H``: ``intra_branch_widths`` splits the mixer width; the attention branch has
   attention_width / head_dim heads and ``intra.num_query_groups`` (default: as many as heads) KV
   heads, the same window as ``A``; the Mamba branch has mamba_width / ``mamba.head_dim`` heads.
+- ``*`` (attention only) has ``A``'s attention; ``-`` (MLP only) and ``E`` (MoE only) no mixer.
+
+FFNs: ``A``, ``H``, ``-``, ``E`` carry one, ``M`` when ``mamba_block_ffn``; it is an MoE for
+``E`` and, when ``model.moe`` is set, for ``A``/``M``/``H``; ``-`` is always dense. Flavour llama's
+FFNs and experts are gated (SwiGLU: three h x ffn matrices), nemotron_h's are not (relu2: two).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.models.layer_pattern import ffn_is_moe, has_ffn, has_mixer  # noqa: F401
 from hybrid_megatron.models.transformer_config import intra_branch_widths
 
 
@@ -71,10 +77,10 @@ def attention_dims(cfg: ModelConfig, letter: str) -> Optional[AttentionDims]:
     Takes the ModelConfig and the block letter (A, M or H); returns AttentionDims. Raises
     ValueError for an unknown letter or widths that do not divide into heads.
     """
-    if letter == "M":
+    if letter in ("M", "-", "E"):
         return None
     window = cfg.attention.sliding_window
-    if letter == "A":
+    if letter in ("A", "*"):
         return AttentionDims(cfg.attention.num_heads, cfg.query_groups, cfg.head_dim, window)
     if letter == "H":
         width, _ = intra_branch_widths(cfg)
@@ -82,7 +88,7 @@ def attention_dims(cfg: ModelConfig, letter: str) -> Optional[AttentionDims]:
             return None
         heads = width // cfg.head_dim
         return AttentionDims(heads, cfg.intra.num_query_groups or heads, cfg.head_dim, window)
-    raise ValueError(f"unknown block letter {letter!r} (expected A, M or H)")
+    raise ValueError(f"unknown block letter {letter!r} (expected A, M, H, *, - or E)")
 
 
 def mamba_dims(cfg: ModelConfig, letter: str) -> Optional[MambaDims]:
@@ -90,7 +96,7 @@ def mamba_dims(cfg: ModelConfig, letter: str) -> Optional[MambaDims]:
 
     Takes the ModelConfig and the block letter (A, M or H); returns MambaDims.
     """
-    if letter == "A":
+    if letter in ("A", "*", "-", "E"):
         return None
     if letter == "M":
         d_inner = cfg.mamba.expand * cfg.hidden_size
@@ -99,7 +105,7 @@ def mamba_dims(cfg: ModelConfig, letter: str) -> Optional[MambaDims]:
         if d_inner == 0:
             return None
     else:
-        raise ValueError(f"unknown block letter {letter!r} (expected A, M or H)")
+        raise ValueError(f"unknown block letter {letter!r} (expected A, M, H, *, - or E)")
     m = cfg.mamba
     return MambaDims(
         d_inner=d_inner,
@@ -122,10 +128,9 @@ def fused_width(cfg: ModelConfig) -> int:
     return max(attention_width, mamba_width)
 
 
-def has_ffn(cfg: ModelConfig, letter: str) -> bool:
-    """Whether a block of this letter carries an FFN sublayer (Mamba blocks only when
-    ``mamba_block_ffn``)."""
-    return letter != "M" or cfg.mamba_block_ffn
+def ffn_matrices(cfg: ModelConfig) -> int:
+    """h x ffn matrices per dense FFN or expert: 3 gated (SwiGLU, llama), 2 not (relu2)."""
+    return 3 if cfg.gated_ffn else 2
 
 
 def expert_ffn_size(cfg: ModelConfig) -> int:

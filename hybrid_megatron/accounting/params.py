@@ -10,10 +10,13 @@ Formulas (h = hidden_size, V = vocab_size, no biases anywhere except the Mamba c
   branch's conv1d, A_log, D, dt_bias and gated-norm weight, one RMSNorm weight per branch
   (``branch_norm: rmsnorm``: attention_width + mamba_width), one scalar per branch
   (``branch_scalars``), out-projection fused_width*h (concat: both widths; add/subtract: one).
-- block norms: input RMSNorm h, pre-FFN RMSNorm h (blocks with an FFN).
-- dense SwiGLU FFN: 3*h*ffn (fc1 h -> 2*ffn, fc2 ffn -> h).
-- MoE FFN: router E*h + E * 3*h*ffn_expert + shared expert 3*h*ffn_shared. Active: the router,
-  top_k experts and the shared expert.
+- block norms: input RMSNorm h (blocks with a mixer), pre-FFN RMSNorm h (blocks with an FFN).
+- single-sublayer layers: ``*`` the attention mixer, ``-`` a dense FFN, ``E`` an MoE FFN.
+- dense FFN: m*h*ffn with m = 3 for flavour llama's SwiGLU (fc1 h -> 2*ffn, fc2 ffn -> h) and
+  m = 2 for nemotron_h's relu2 (fc1 h -> ffn, fc2 ffn -> h).
+- MoE FFN: router E*h + E * m*h*ffn_expert + shared expert m*h*ffn_shared (the expert
+  score-correction bias is a buffer, not a parameter). Active: the router, top_k experts and
+  the shared expert.
 - embedding V*h, final RMSNorm h, output layer V*h unless ``tie_embeddings``.
 
 Active parameters are the total minus the (E - top_k) routed experts a token does not use, in
@@ -29,10 +32,14 @@ from hybrid_megatron.accounting.geometry import (
     MambaDims,
     attention_dims,
     expert_ffn_size,
+    ffn_is_moe,
+    ffn_matrices,
     fused_width,
     has_ffn,
+    has_mixer,
     mamba_dims,
 )
+from hybrid_megatron.models.layer_pattern import LETTER_ORDER
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.models.layer_pattern import build_layer_pattern
 
@@ -133,25 +140,28 @@ def intra_mixer_params(cfg: ModelConfig) -> int:
 
 
 def mixer_params(cfg: ModelConfig, letter: str) -> int:
-    """Parameters of one block's mixer sublayer, by block letter (A, M or H)."""
-    if letter == "A":
+    """Parameters of one block's mixer sublayer, by block letter (0 for ``-`` and E)."""
+    if letter in ("-", "E"):
+        return 0
+    if letter in ("A", "*"):
         return attention_mixer_params(cfg.hidden_size, attention_dims(cfg, "A"))
     if letter == "M":
         return mamba_mixer_params(cfg.hidden_size, mamba_dims(cfg, "M"))
     if letter == "H":
         return intra_mixer_params(cfg)
-    raise ValueError(f"unknown block letter {letter!r} (expected A, M or H)")
+    raise ValueError(f"unknown block letter {letter!r} (expected A, M, H, *, - or E)")
 
 
-def ffn_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, active) parameters of one FFN sublayer: dense SwiGLU or MoE (module docstring)."""
-    h = cfg.hidden_size
-    if cfg.moe is None:
-        dense = 3 * h * cfg.ffn_size
+def ffn_params(cfg: ModelConfig, moe: bool = True) -> tuple[int, int]:
+    """(total, active) parameters of one FFN sublayer: dense or, when ``moe`` and the model has
+    ``model.moe``, MoE (module docstring)."""
+    h, mats = cfg.hidden_size, ffn_matrices(cfg)
+    if cfg.moe is None or not moe:
+        dense = mats * h * cfg.ffn_size
         return dense, dense
     moe = cfg.moe
-    expert = 3 * h * expert_ffn_size(cfg)
-    shared = 3 * h * moe.shared_expert_ffn_hidden_size if moe.shared_expert_ffn_hidden_size else 0
+    expert = mats * h * expert_ffn_size(cfg)
+    shared = mats * h * moe.shared_expert_ffn_hidden_size if moe.shared_expert_ffn_hidden_size else 0
     router = moe.num_experts * h
     return router + moe.num_experts * expert + shared, router + moe.top_k * expert + shared
 
@@ -160,12 +170,12 @@ def block_params(cfg: ModelConfig, letter: str, count: int = 1) -> BlockParams:
     """BlockParams of one block of ``letter`` in the model ``cfg`` (``count`` is carried along)."""
     h = cfg.hidden_size
     with_ffn = has_ffn(cfg, letter)
-    ffn, ffn_active = ffn_params(cfg) if with_ffn else (0, 0)
+    ffn, ffn_active = ffn_params(cfg, ffn_is_moe(cfg, letter)) if with_ffn else (0, 0)
     return BlockParams(
         letter=letter,
         count=count,
         mixer=mixer_params(cfg, letter),
-        norms=h * (2 if with_ffn else 1),
+        norms=h * (int(with_ffn) + int(has_mixer(letter))),
         ffn=ffn,
         ffn_active=ffn_active,
     )
@@ -181,7 +191,7 @@ def count_parameters(cfg: ModelConfig) -> ParamReport:
     pattern = build_layer_pattern(cfg)
     blocks = {
         letter: block_params(cfg, letter, pattern.count(letter))
-        for letter in sorted(set(pattern), key="AMH".index)
+        for letter in sorted(set(pattern), key=LETTER_ORDER.index)
     }
     h, v = cfg.hidden_size, cfg.vocab_size
     return ParamReport(

@@ -10,7 +10,8 @@ from hybrid_megatron.accounting.params import ParamReport, count_parameters
 from hybrid_megatron.config.model import ModelConfig
 
 MIB = 1024 * 1024
-BLOCK_NAMES = {"A": "attention", "M": "mamba2", "H": "intra hybrid"}
+BLOCK_NAMES = {"A": "attention", "M": "mamba2", "H": "intra hybrid", "*": "attention only",
+               "-": "MLP only", "E": "MoE only"}
 
 
 @dataclass
@@ -64,6 +65,7 @@ def to_dict(report: AccountingReport) -> dict:
         }
     return {
         "kind": report.cfg.kind,
+        "flavour": report.cfg.flavour,
         "pattern": p.pattern,
         "seq_len": f.seq_len,
         "blocks": blocks,
@@ -100,7 +102,7 @@ def render_table(report: AccountingReport) -> str:
     """The report as readable text: one row per block type, totals, and the FLOP terms."""
     p, f, c = report.params, report.flops, report.cache
     lines = [
-        f"kind {report.cfg.kind}, {len(p.pattern)} blocks: {p.pattern}",
+        f"kind {report.cfg.kind} (flavour {report.cfg.flavour}), {len(p.pattern)} blocks: {p.pattern}",
         f"sequence length {f.seq_len}, cache element {c.dtype_bytes} bytes",
         "",
         f"{'block':<16}{'count':>6}{'mixer':>10}{'block':>10}{'active':>10}"

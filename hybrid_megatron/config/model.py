@@ -11,6 +11,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Kind = Literal["transformer", "swa", "mamba", "inter", "intra"]
+Flavour = Literal["llama", "nemotron_h"]
 
 
 class _Strict(BaseModel):
@@ -44,7 +45,9 @@ class AttentionConfig(_Strict):
     sliding_window: Optional[int] = Field(
         default=None, gt=0, description="window in tokens (kind swa, or any attention)"
     )
-    rotary_base: float = 10000.0
+    rotary_base: float = Field(
+        default=10000.0, description="RoPE base (flavour llama; nemotron_h attention has no RoPE)"
+    )
 
 
 class MambaConfig(_Strict):
@@ -71,7 +74,10 @@ class PatternConfig(_Strict):
     )
     layout: Optional[str] = Field(
         default=None,
-        description="explicit pattern, one letter per layer: A attention, M mamba, H intra hybrid",
+        description="explicit pattern, one letter per layer. Blocks: A attention + FFN, M mamba "
+        "(+ FFN if mamba_block_ffn), H intra hybrid + FFN. Single-sublayer layers (flavour "
+        "nemotron_h): * attention only, - MLP only (dense), E MoE only. Kinds inter/intra; with "
+        "flavour nemotron_h also transformer, swa (A * - E) and mamba (M - E)",
     )
     allow_early_attention: bool = False
     early_layers: Optional[int] = Field(
@@ -112,6 +118,23 @@ class MoEConfig(_Strict):
         default="auto", description="auto: alltoall on GPU, allgather on CPU"
     )
     grouped_gemm: bool = Field(default=False, description="TE grouped GEMM experts (GPU)")
+    score_function: Optional[Literal["softmax", "sigmoid"]] = Field(
+        default=None,
+        description="router scores; default by flavour: llama softmax, nemotron_h sigmoid "
+        "(top_k > 1: the chosen sigmoid scores are renormalised to sum to 1)",
+    )
+    expert_bias: Optional[bool] = Field(
+        default=None,
+        description="score-correction bias added to the scores for expert choice only, "
+        "updated from expert load (aux-loss-free balancing; NemotronH's "
+        "e_score_correction_bias); needs sigmoid; default: on with sigmoid",
+    )
+    expert_bias_update_rate: float = Field(
+        default=1e-3, gt=0, description="step size of the expert_bias load update"
+    )
+    topk_scaling_factor: Optional[float] = Field(
+        default=None, gt=0, description="multiplies the routing weights (NemotronH routed_scaling_factor)"
+    )
 
     @model_validator(mode="after")
     def _topk(self) -> "MoEConfig":
@@ -124,13 +147,25 @@ class ModelConfig(_Strict):
     """A whole language model: kind, sizes, block pattern, FFN and numerics."""
 
     kind: Kind
+    flavour: Flavour = Field(
+        default="llama",
+        description="layer numerics. llama: RoPE attention, gated SwiGLU FFNs, softmax-routed "
+        "MoE. nemotron_h (NemotronH): attention without any position embedding, non-gated "
+        "squared-ReLU (relu2) FFNs and experts (up, down), sigmoid-routed MoE with an expert "
+        "score-correction bias; allows the layout letters * - E; no kind intra",
+    )
     impl: Literal["auto", "te", "local"] = Field(
         default="auto", description="te: Transformer Engine layers (GPU, FP8); local: megatron-core"
     )
-    num_layers: int = Field(gt=0, description="blocks (each = mixer + FFN)")
+    num_layers: int = Field(
+        gt=0, description="letters of the layer pattern: blocks (mixer + FFN) and single-sublayer layers"
+    )
     hidden_size: int = Field(gt=0)
     ffn_hidden_size: Optional[int] = Field(
-        default=None, gt=0, description="SwiGLU inner size; default 8/3*hidden rounded up to 64"
+        default=None,
+        gt=0,
+        description="FFN inner size (llama: SwiGLU, default 8/3*hidden rounded up to 64; "
+        "nemotron_h: relu2, default 4*hidden)",
     )
     vocab_size: int = Field(gt=0)
     max_position_embeddings: int = Field(default=4096, gt=0)
@@ -142,7 +177,9 @@ class ModelConfig(_Strict):
     mamba_block_ffn: bool = Field(
         default=True, description="Mamba blocks carry an FFN (False: NemotronH-style mixer-only)"
     )
-    norm_epsilon: float = 1e-5
+    norm_epsilon: float = Field(
+        default=1e-5, gt=0, description="epsilon of every RMSNorm, the Mamba gated norm included"
+    )
     init_method_std: float = 0.02
     tie_embeddings: bool = False
     fp8: Optional[Literal["hybrid", "e4m3"]] = Field(default=None, description="TE FP8 recipe")
@@ -168,10 +205,23 @@ class ModelConfig(_Strict):
                     f"model.attention.num_query_groups: num_heads {a.num_heads} is not divisible "
                     f"by num_query_groups {groups}"
                 )
-        if self.kind not in ("inter", "intra") and (
-            self.pattern.layout is not None or self.pattern.ratio is not None
-        ):
-            raise ValueError(f"model.pattern: only kinds inter and intra take a pattern")
+        if self.flavour == "nemotron_h" and self.kind == "intra":
+            raise ValueError(
+                "model.flavour: nemotron_h has no intra-layer hybrid block; use kind inter "
+                "(or flavour llama)"
+            )
+        if self.kind not in ("inter", "intra") and self.pattern.ratio is not None:
+            raise ValueError("model.pattern.ratio: only kinds inter and intra take a ratio")
+        if (self.kind not in ("inter", "intra") and self.flavour == "llama"
+                and self.pattern.layout is not None):
+            raise ValueError(
+                "model.pattern: only kinds inter and intra take a pattern (with flavour llama)"
+            )
+        if self.moe is not None and self.moe.expert_bias and self.moe_score_function != "sigmoid":
+            raise ValueError(
+                "model.moe.expert_bias: needs the sigmoid score function (set "
+                "model.moe.score_function: sigmoid)"
+            )
         if self.fp8 is not None and self.impl == "local":
             raise ValueError("model.fp8: needs impl 'te' (Transformer Engine)")
         return self
@@ -185,10 +235,38 @@ class ModelConfig(_Strict):
 
     @property
     def ffn_size(self) -> int:
-        """SwiGLU inner size: the configured one, else 8/3*hidden rounded up to a multiple of 64."""
+        """FFN inner size: the configured one, else for llama (SwiGLU) 8/3*hidden rounded up to
+        a multiple of 64, for nemotron_h (relu2, two matrices) 4*hidden."""
         if self.ffn_hidden_size is not None:
             return self.ffn_hidden_size
+        if self.flavour == "nemotron_h":
+            return 4 * self.hidden_size
         return -(-(8 * self.hidden_size // 3) // 64) * 64
+
+    @property
+    def gated_ffn(self) -> bool:
+        """Whether FFNs and experts are gated (SwiGLU: gate, up, down) or not (relu2: up, down)."""
+        return self.flavour == "llama"
+
+    @property
+    def moe_score_function(self) -> Optional[str]:
+        """The router's score function: ``moe.score_function``, else the flavour's (llama
+        softmax, nemotron_h sigmoid); None without MoE."""
+        if self.moe is None:
+            return None
+        if self.moe.score_function is not None:
+            return self.moe.score_function
+        return "sigmoid" if self.flavour == "nemotron_h" else "softmax"
+
+    @property
+    def moe_expert_bias(self) -> bool:
+        """Whether the router has an expert score-correction bias: ``moe.expert_bias``, else on
+        exactly when the scores are sigmoids."""
+        if self.moe is None:
+            return False
+        if self.moe.expert_bias is not None:
+            return self.moe.expert_bias
+        return self.moe_score_function == "sigmoid"
 
     @property
     def query_groups(self) -> int:

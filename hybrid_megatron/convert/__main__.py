@@ -19,10 +19,14 @@ def main(argv=None) -> int:
     fr = sub.add_parser("from-hf", help="NemotronH / Falcon-H1 directory -> our model config + weights")
     fr.add_argument("--hf", required=True, help="Hugging Face model directory")
     fr.add_argument("--output", required=True,
-                    help="directory for model.yaml (recipe 'model:' section) and weights.safetensors")
+                    help="directory for a megatron-core checkpoint (model weights only; a recipe "
+                         "starts from it with checkpoint.init_from) and model.yaml (its 'model:' "
+                         "section)")
+    fr.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
 
     from hybrid_megatron.convert.exactness import NotExactError
+    from hybrid_megatron.convert.writer import ExportError
 
     try:
         if args.command == "to-hf":
@@ -33,20 +37,12 @@ def main(argv=None) -> int:
             if target == "remote_code":
                 print("load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
         else:
-            from pathlib import Path
+            from hybrid_megatron.convert.export import from_hf_to_checkpoint
 
-            import yaml
-            from safetensors.torch import save_file
-
-            from hybrid_megatron.convert.export import from_hf
-
-            model, sd = from_hf(args.hf)
-            out = Path(args.output)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "model.yaml").write_text(yaml.safe_dump({"model": model}, sort_keys=False))
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "weights.safetensors"))
-            print(f"wrote {out}/model.yaml and {out}/weights.safetensors (megatron-core names, TP=1)")
-    except (NotExactError, ValueError) as err:
+            out, _ = from_hf_to_checkpoint(args.hf, args.output, args.overwrite)
+            print(f"wrote {out} (megatron-core checkpoint, model weights only) and {out}/model.yaml;"
+                  f" train from it with checkpoint.init_from: {out}")
+    except (NotExactError, ValueError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

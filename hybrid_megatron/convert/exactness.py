@@ -8,13 +8,14 @@ target with one NotExactError listing every reason, so nothing silently differen
 from __future__ import annotations
 
 from hybrid_megatron.config.model import ModelConfig
-from hybrid_megatron.models.layer_pattern import build_layer_pattern
+from hybrid_megatron.models.layer_pattern import (
+    ATTENTION_LETTERS,
+    build_layer_pattern,
+    ffn_is_moe,
+    has_ffn,
+)
 
 TARGETS = ("nemotron_h", "falcon_h1", "remote_code")
-
-# megatron-core's MambaMixer builds its gated RMSNorm with eps=1e-5 whatever norm_epsilon is,
-# while NemotronH and Falcon-H1 use one epsilon for every norm.
-MAMBA_GATED_NORM_EPS = 1e-5
 
 
 class NotExactError(ValueError):
@@ -59,10 +60,10 @@ def falcon_h1_blockers(cfg: ModelConfig) -> list[str]:
         reasons.append("model.attention.sliding_window: Falcon-H1 attention is full causal")
     if cfg.attention is None:
         reasons.append("model.attention: a pure Mamba stack has no attention branch; use nemotron_h")
-    if cfg.norm_epsilon != MAMBA_GATED_NORM_EPS and ("M" in pattern or "H" in pattern):
+    if cfg.flavour != "llama":
         reasons.append(
-            f"model.norm_epsilon: Falcon-H1 uses it for the Mamba gated norm too, ours uses "
-            f"{MAMBA_GATED_NORM_EPS} there; set norm_epsilon {MAMBA_GATED_NORM_EPS}"
+            f"model.flavour: Falcon-H1 layers are llama-flavoured (RoPE, SwiGLU); this model is "
+            f"{cfg.flavour}"
         )
     if "H" in pattern:
         if cfg.intra.branch_norm != "none":
@@ -91,41 +92,57 @@ def nemotron_h_blockers(cfg: ModelConfig) -> list[str]:
     """Reasons a NemotronH export of ``cfg`` would not be the same model (empty: exact).
 
     NemotronH layers are norm + one mixer (mamba | attention without RoPE | relu2 MLP | sigmoid-
-    routed relu2 MoE); today only a stack of FFN-free Mamba2 blocks matches it exactly.
+    routed relu2 MoE with a shared expert). Flavour nemotron_h models without sliding windows
+    map onto it exactly (every block letter becomes one or two NemotronH layers); of flavour
+    llama, only stacks of FFN-free Mamba2 blocks (kind mamba, ``mamba_block_ffn: false``) do.
     """
     reasons = []
     pattern = build_layer_pattern(cfg)
-    if "A" in pattern or "H" in pattern:
-        reasons.append(
-            "attention blocks: ours use RoPE and carry a SwiGLU FFN; NemotronH attention has no "
-            "rotary embedding (needs a no-RoPE, FFN-free attention block option)"
-        )
     if "H" in pattern:
         reasons.append("H blocks: NemotronH has no intra-layer (parallel) hybrid layer")
-    if "M" in pattern and cfg.mamba_block_ffn:
+    attention = any(c in pattern for c in ATTENTION_LETTERS)
+    ffn = [c for c in pattern if has_ffn(cfg, c)]
+    if cfg.flavour == "llama":
+        if attention:
+            reasons.append(
+                "attention blocks: flavour llama attention uses rotary embeddings (RoPE); "
+                "NemotronH attention has none. Set model.flavour: nemotron_h"
+            )
+        if ffn:
+            where = ("model.mamba_block_ffn: the Mamba blocks' FFNs" if set(ffn) == {"M"}
+                     else "FFNs")
+            reasons.append(
+                f"{where}: flavour llama FFNs are gated SwiGLU (and its MoE softmax-routed); "
+                f"NemotronH's are non-gated relu2. Set model.flavour: nemotron_h (or, for a "
+                f"pure Mamba stack, mamba_block_ffn: false)"
+            )
+        return reasons
+    if attention and cfg.attention.sliding_window:
+        reasons.append("model.attention.sliding_window: NemotronH attention is full causal")
+    if any(ffn_is_moe(cfg, c) for c in ffn) and cfg.moe_score_function != "sigmoid":
         reasons.append(
-            "model.mamba_block_ffn: our FFNs are gated SwiGLU; NemotronH's MLP is non-gated "
-            "(relu2). Set mamba_block_ffn false (mixer-only Mamba blocks) or use remote_code"
-        )
-    if cfg.moe is not None and ("A" in pattern or cfg.mamba_block_ffn):
-        reasons.append(
-            "model.moe: ours is a softmax top-k router with SwiGLU experts; NemotronH's MoE is "
-            "sigmoid-routed with a score-correction bias and non-gated relu2 experts"
-        )
-    if cfg.norm_epsilon != MAMBA_GATED_NORM_EPS and "M" in pattern:
-        reasons.append(
-            f"model.norm_epsilon: NemotronH uses it for the Mamba gated norm too, ours uses "
-            f"{MAMBA_GATED_NORM_EPS} there; set norm_epsilon {MAMBA_GATED_NORM_EPS}"
+            f"model.moe.score_function: NemotronH's router is sigmoid, this model's is "
+            f"{cfg.moe_score_function}"
         )
     return reasons
 
 
 def remote_code_blockers(cfg: ModelConfig) -> list[str]:
-    """Reasons the remote-code export would differ (empty: every recipe option is covered)."""
+    """Reasons the remote-code export would differ (empty: every llama-flavour option is
+    covered)."""
     reasons = []
     # MoE grouped GEMM and TE vs local layers change kernels, not the math: no blocker.
     if cfg.fp8 is not None:
         reasons.append("model.fp8: FP8 training numerics are not reproduced (export is bf16/fp32)")
+    if cfg.flavour != "llama":
+        reasons.append(
+            f"model.flavour: the remote-code model has llama-flavoured layers only (this model is "
+            f"{cfg.flavour}; export it with --target nemotron_h)"
+        )
+    elif cfg.moe is not None and cfg.moe_score_function != "softmax":
+        reasons.append("model.moe.score_function: the remote-code router is softmax only")
+    elif cfg.moe is not None and cfg.moe.topk_scaling_factor is not None:
+        reasons.append("model.moe.topk_scaling_factor: the remote-code router does not scale")
     return reasons
 
 
@@ -156,15 +173,20 @@ def choose_target(cfg: ModelConfig, target: str = "auto") -> tuple[str, str]:
         target = "remote_code"
         reasons = remote_code_blockers(cfg)
         if reasons:
-            raise NotExactError("no export target is exact for this model: " + "; ".join(reasons))
+            native = nemotron_h_blockers(cfg) if cfg.flavour == "nemotron_h" else []
+            raise NotExactError(
+                "no export target is exact for this model: " + "; ".join(native + reasons)
+            )
         return target, f"remote_code (trust_remote_code=True): no native target is exact ({why or 'mixed A/M/H blocks'})"
     if target not in BLOCKERS:
         raise ValueError(f"--target: expected auto or one of {TARGETS}, got {target!r}")
     reasons = BLOCKERS[target](cfg)
     if reasons:
+        exact = [t for t in TARGETS if not BLOCKERS[t](cfg)]
+        hint = f"use --target {exact[0]} (or auto)" if exact else "no export target is exact"
         raise NotExactError(
             f"target {target!r} cannot represent this model exactly:\n  - "
             + "\n  - ".join(reasons)
-            + "\nuse --target remote_code (or auto)"
+            + f"\n{hint}"
         )
     return target, "requested"

@@ -131,8 +131,57 @@ def from_hf(path: str | Path) -> tuple[dict, dict]:
         model = model_config_from_falcon_h1(config)
         return model, from_falcon_h1(ModelConfig(**model), tensors)
     if kind == "nemotron_h":
-        from hybrid_megatron.convert.mapping_nemotron_h import from_nemotron_h, model_config_from_nemotron_h
+        from hybrid_megatron.convert.mapping_nemotron_h import (
+            from_nemotron_h,
+            model_config_from_nemotron_h,
+            normalise_names,
+        )
 
-        model = model_config_from_nemotron_h(config)
+        tensors = normalise_names(tensors)  # once (it stacks the experts' weights)
+        model = model_config_from_nemotron_h(config, tensors)
         return model, from_nemotron_h(ModelConfig(**model), tensors)
     raise ValueError(f"{path}: model_type {kind!r}; from-hf reads nemotron_h and falcon_h1")
+
+
+def from_hf_to_checkpoint(path: str | Path, output: str | Path, overwrite: bool = False,
+                          seed: int = 1) -> tuple[Path, dict]:
+    """Convert a NemotronH / Falcon-H1 HF directory into a megatron-core checkpoint.
+
+    Takes the HF directory, the output directory, whether an existing non-empty output may be
+    replaced, and the seed for building the model (every weight is then overwritten). Builds
+    our model at TP=PP=1 on this process (a single rank unless a process group exists), loads
+    the converted weights (every parameter must be covered) and writes, atomically,
+    ``output/`` = a megatron-core distributed checkpoint holding the model weights only plus
+    ``output/model.yaml`` (``{"model": <recipe model section>}``). Training recipes start
+    from it with ``checkpoint.init_from: <output>`` at any parallel layout. Returns
+    ``(output, model dict)``. Raises ValueError for checkpoints we cannot represent and
+    writer.ExportError for an existing output.
+    """
+    import yaml
+    from megatron.core import dist_checkpointing
+
+    from hybrid_megatron.config.parallel import ParallelConfig
+    from hybrid_megatron.convert.writer import ExportError, atomic_directory
+    from hybrid_megatron.models import build_model
+    from hybrid_megatron.training.distributed import init_distributed_from_env
+    from hybrid_megatron.training.parallel_setup import setup_model_parallel
+    from hybrid_megatron.training.restore import MODEL_FILE
+
+    model_dict, state = from_hf(path)
+    output = Path(output).resolve()
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ExportError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
+    init_distributed_from_env()
+    setup_model_parallel(ParallelConfig(), seed)
+    model = build_model(ModelConfig(**model_dict))
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: converted weights do not fit the model (missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]})"
+        )
+    with atomic_directory(output) as tmp:
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+        (tmp / MODEL_FILE).write_text(yaml.safe_dump({"model": model_dict}, sort_keys=False))
+    return output, model_dict

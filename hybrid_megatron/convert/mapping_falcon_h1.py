@@ -15,6 +15,7 @@ import torch
 
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.convert.exactness import falcon_h1_geometry
+from hybrid_megatron.convert.qkv import join_qkv, split_qkv
 from hybrid_megatron.models.layer_pattern import build_layer_pattern
 
 
@@ -65,26 +66,6 @@ def falcon_h1_config(cfg: ModelConfig) -> dict:
     }
 
 
-def _split_qkv(w: torch.Tensor, heads: int, groups: int, head_dim: int):
-    """megatron's grouped QKV rows -> (q, k, v) rows in plain head order."""
-    per = heads // groups
-    w = w.reshape(groups, per + 2, head_dim, -1)
-    q = w[:, :per].reshape(heads * head_dim, -1)
-    k = w[:, per].reshape(groups * head_dim, -1)
-    v = w[:, per + 1].reshape(groups * head_dim, -1)
-    return q, k, v
-
-
-def _join_qkv(q, k, v, heads: int, groups: int, head_dim: int) -> torch.Tensor:
-    """Inverse of _split_qkv."""
-    per = heads // groups
-    hidden = q.shape[-1]
-    return torch.cat(
-        [q.reshape(groups, per, head_dim, hidden), k.reshape(groups, 1, head_dim, hidden),
-         v.reshape(groups, 1, head_dim, hidden)], dim=1,
-    ).reshape(-1, hidden)
-
-
 def _mamba_in_width(cfg: ModelConfig, d_inner: int) -> int:
     return 2 * d_inner + 2 * cfg.mamba.num_groups * cfg.mamba.state_dim + d_inner // cfg.mamba.head_dim
 
@@ -108,7 +89,7 @@ def to_falcon_h1(cfg: ModelConfig, sd: dict) -> dict:
         out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
         attn = mamba = None  # (q, k, v, o) / (in_proj, out_proj, params prefix)
         if letter == "A":
-            attn = (*_split_qkv(sd[mix + "linear_qkv.weight"], heads, groups, head_dim),
+            attn = (*split_qkv(sd[mix + "linear_qkv.weight"], heads, groups, head_dim),
                     sd[mix + "linear_proj.weight"])
         elif letter == "M":
             mamba = (sd[mix + "in_proj.weight"], sd[mix + "out_proj.weight"], mix)
@@ -128,7 +109,7 @@ def to_falcon_h1(cfg: ModelConfig, sd: dict) -> dict:
                 o = o * a_scale
             if m_scale is not None:
                 m_out = m_out * m_scale
-            attn = (*_split_qkv(fused[:qkv_rows], heads, groups, head_dim), o)
+            attn = (*split_qkv(fused[:qkv_rows], heads, groups, head_dim), o)
             mamba = (fused[qkv_rows:], m_out, mix + "mamba.")
         if attn is None:
             attn = (zeros(heads * head_dim, hidden), zeros(groups * head_dim, hidden),
@@ -192,8 +173,6 @@ def model_config_from_falcon_h1(hf: dict) -> dict:
         problems.append("mamba_conv_bias=false")
     if not hf.get("mamba_rms_norm", False) or hf.get("mamba_norm_before_gate", True):
         problems.append("Mamba gated norm must be mamba_rms_norm=true, mamba_norm_before_gate=false")
-    if float(hf.get("rms_norm_eps", 1e-5)) != 1e-5:
-        problems.append("rms_norm_eps must be 1e-5 (our Mamba gated norm eps)")
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']}")
     if problems:
@@ -237,7 +216,7 @@ def from_falcon_h1(cfg: ModelConfig, hf_sd: dict) -> dict:
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
         mix = dst + "self_attention."
         sd[dst + "input_layernorm.weight"] = hf_sd[src + "input_layernorm.weight"]
-        qkv = _join_qkv(*(hf_sd[f"{src}self_attn.{n}_proj.weight"] for n in "qkv"), heads, groups, head_dim)
+        qkv = join_qkv(*(hf_sd[f"{src}self_attn.{n}_proj.weight"] for n in "qkv"), heads, groups, head_dim)
         sd[mix + "in_proj.weight"] = torch.cat([qkv, hf_sd[src + "mamba.in_proj.weight"]], dim=0)
         sd[mix + "out_proj.weight"] = torch.cat(
             [hf_sd[src + "self_attn.o_proj.weight"], hf_sd[src + "mamba.out_proj.weight"]], dim=1

@@ -40,8 +40,8 @@ def remote_code_config(cfg: ModelConfig) -> dict:
         "mamba_d_inner": cfg.mamba.expand * cfg.hidden_size,
         "mamba_conv_kernel": cfg.mamba.conv_kernel,
         "mamba_chunk_size": cfg.mamba.chunk_size,
-        # megatron-core's MambaMixer hard-codes its gated-norm epsilon
-        "mamba_norm_epsilon": 1e-5,
+        # our Mamba mixers' gated norm follows norm_epsilon (models/mamba.py)
+        "mamba_norm_epsilon": cfg.norm_epsilon,
     }
     if cfg.attention is not None:
         out.update(

@@ -3,6 +3,7 @@ tokenizer files, extra files (remote code). Progress bar while writing tensors."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,24 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class ExportError(RuntimeError):
     """The export cannot be written (output exists, bad dtype, ...); the message says why."""
+
+
+@contextlib.contextmanager
+def atomic_directory(output: Path):
+    """Write a directory all at once: yields a fresh hidden sibling of ``output`` to fill in,
+    which replaces ``output`` when the body finishes and is deleted if it raises. A reader
+    never sees a half-written ``output``; a crash leaves only a ``.NAME.partial-*`` sibling."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _shards(tensors: dict, max_bytes: int) -> list[dict]:
@@ -65,10 +84,7 @@ def write_export(
     output = Path(output).resolve()
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ExportError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(output) as tmp:
         torch_dtype = DTYPES[dtype]
         # contiguous + owned storage: safetensors refuses views sharing memory
         cast = {k: v.detach().to("cpu", torch_dtype).contiguous().clone() for k, v in tensors.items()}
@@ -97,10 +113,4 @@ def write_export(
             tokenizer_writer(tmp)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output

@@ -37,7 +37,7 @@ def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, e
         raise ModelConfigError(f"model.vocab_size: {cfg.vocab_size} does not split over parallel.tp={tp}")
     if cfg.moe is None and ep > 1:
         raise ModelConfigError(f"parallel.ep: {ep} > 1 needs model.moe")
-    if cfg.attention is not None and "A" in pattern:
+    if cfg.attention is not None and ("A" in pattern or "*" in pattern):
         if cfg.attention.num_heads % tp:
             raise ModelConfigError(
                 f"model.attention.num_heads: {cfg.attention.num_heads} heads do not split over "
@@ -136,7 +136,8 @@ def build_model(
         layer_specs=[block_spec(letter, model_config, tconfig, impl) for letter in stage_pattern],
         layer_norm=rms_norm_spec(backend_for(impl)),
     )
-    has_attention = "A" in pattern or "H" in pattern
+    # NemotronH attention has no position embedding at all; llama attention uses RoPE.
+    rope = model_config.flavour == "llama" and any(c in pattern for c in "AH*")
     model = GPTModel(
         config=tconfig,
         transformer_layer_spec=block,
@@ -145,8 +146,8 @@ def build_model(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=model_config.tie_embeddings,
-        position_embedding_type="rope" if has_attention else "none",
-        rotary_base=int(model_config.attention.rotary_base) if has_attention else 10000,
+        position_embedding_type="rope" if rope else "none",
+        rotary_base=int(model_config.attention.rotary_base) if rope else 10000,
     )
     model.layer_pattern = pattern
     model.stage_pattern = stage_pattern

@@ -1,7 +1,10 @@
 """Which block type goes at which depth, and which pipeline stage builds which blocks.
 
 Block letters: ``A`` attention (Transformer) block, ``M`` Mamba2 block, ``H`` intra-layer hybrid
-block. Each block is one mixer sublayer plus its FFN sublayer.
+block; each is one mixer sublayer plus its FFN sublayer (an ``M`` block only when
+``mamba_block_ffn``). Single-sublayer letters (flavour nemotron_h, NemotronH's and
+megatron-core's hybrid-pattern letters): ``*`` attention only, ``-`` dense MLP only, ``E`` MoE
+only. Every letter is one megatron-core TransformerLayer.
 """
 
 from __future__ import annotations
@@ -10,7 +13,19 @@ from typing import Optional, Sequence
 
 from hybrid_megatron.config.model import ModelConfig, parse_ratio
 
-BLOCK_LETTERS = ("A", "M", "H")
+BLOCK_LETTERS = ("A", "M", "H", "*", "-", "E")
+LETTER_ORDER = "".join(BLOCK_LETTERS)  # the order reports list block types in
+ATTENTION_LETTERS = ("A", "*")  # letters whose mixer is (only) self-attention
+MIXER_ONLY_LETTERS = ("*", "-", "E")  # single-sublayer layers, flavour nemotron_h
+
+# Layout letters each kind accepts (flavour nemotron_h adds the single-sublayer ones).
+_KIND_LETTERS = {
+    "transformer": {"A"}, "swa": {"A"}, "mamba": {"M"}, "inter": {"A", "M"}, "intra": {"H", "M"},
+}
+_NEMOTRON_H_LETTERS = {
+    "transformer": {"*", "-", "E"}, "swa": {"*", "-", "E"}, "mamba": {"-", "E"},
+    "inter": {"*", "-", "E"}, "intra": set(),
+}
 
 
 class PatternError(ValueError):
@@ -45,28 +60,15 @@ def build_layer_pattern(cfg: ModelConfig) -> str:
     by ``pattern.allow_early_attention``).
     """
     n = cfg.num_layers
-    if cfg.kind in ("transformer", "swa"):
-        return "A" * n
-    if cfg.kind == "mamba":
-        return "M" * n
-
-    special = "A" if cfg.kind == "inter" else "H"
     p = cfg.pattern
     if p.layout is not None:
-        layout = p.layout.replace(" ", "").upper()
-        if len(layout) != n:
-            raise PatternError(
-                f"model.pattern.layout: has {len(layout)} letters but model.num_layers is {n}"
-            )
-        allowed = {"A", "M"} if cfg.kind == "inter" else {"H", "M"}
-        bad = sorted(set(layout) - allowed)
-        if bad:
-            raise PatternError(
-                f"model.pattern.layout: letters {bad} not allowed for kind {cfg.kind!r} "
-                f"(allowed: {sorted(allowed)})"
-            )
-        pattern = layout
+        pattern = _checked_layout(cfg)
+    elif cfg.kind in ("transformer", "swa"):
+        return "A" * n
+    elif cfg.kind == "mamba":
+        return "M" * n
     else:
+        special = "A" if cfg.kind == "inter" else "H"
         default_ratio = "1:5" if cfg.kind == "inter" else "1:0"
         a, m = parse_ratio(p.ratio or default_ratio, "model.pattern.ratio")
         count = round(n * a / (a + m))
@@ -80,7 +82,7 @@ def build_layer_pattern(cfg: ModelConfig) -> str:
 
     if cfg.kind == "inter" and not p.allow_early_attention:
         early = p.early_layers if p.early_layers is not None else default_early_layers(n)
-        first = pattern.find("A")
+        first = min((i for i, c in enumerate(pattern) if c in ATTENTION_LETTERS), default=-1)
         if 0 <= first < early:
             raise PatternError(
                 f"model.pattern: attention block at layer {first} is within the first {early} "
@@ -88,6 +90,54 @@ def build_layer_pattern(cfg: ModelConfig) -> str:
                 f"set model.pattern.allow_early_attention: true"
             )
     return pattern
+
+
+def _checked_layout(cfg: ModelConfig) -> str:
+    """``model.pattern.layout`` normalised (spaces dropped, upper case) and checked: its length,
+    the letters the kind and flavour allow, and ``E`` only with ``model.moe``."""
+    layout = cfg.pattern.layout.replace(" ", "").upper()
+    n = cfg.num_layers
+    if len(layout) != n:
+        raise PatternError(
+            f"model.pattern.layout: has {len(layout)} letters but model.num_layers is {n}"
+        )
+    allowed = set(_KIND_LETTERS[cfg.kind])
+    if cfg.flavour == "nemotron_h":
+        allowed |= _NEMOTRON_H_LETTERS[cfg.kind]
+    bad = sorted(set(layout) - allowed)
+    if bad:
+        hint = ""
+        if set(bad) & set(MIXER_ONLY_LETTERS) and cfg.flavour != "nemotron_h":
+            hint = "; the single-sublayer letters * - E need model.flavour nemotron_h"
+        raise PatternError(
+            f"model.pattern.layout: letters {bad} not allowed for kind {cfg.kind!r} "
+            f"(allowed: {sorted(allowed)}){hint}"
+        )
+    if "E" in layout and cfg.moe is None:
+        raise PatternError("model.pattern.layout: letter E (an MoE layer) needs model.moe")
+    return layout
+
+
+def has_ffn(cfg: ModelConfig, letter: str) -> bool:
+    """Whether a block of this letter carries an FFN sublayer (Mamba blocks only when
+    ``mamba_block_ffn``; attention-only ``*`` layers never)."""
+    if letter == "M":
+        return cfg.mamba_block_ffn
+    return letter != "*"
+
+
+def has_mixer(letter: str) -> bool:
+    """Whether a block of this letter has a mixer sublayer (with its input norm): all but the
+    FFN-only ``-`` and ``E`` layers."""
+    return letter not in ("-", "E")
+
+
+def ffn_is_moe(cfg: ModelConfig, letter: str) -> bool:
+    """Whether the FFN of a block of this letter is an MoE: always for ``E``, never for the
+    dense ``-``, for the other letters when ``model.moe`` is set."""
+    if letter == "-":
+        return False
+    return letter == "E" or cfg.moe is not None
 
 
 def split_pattern(

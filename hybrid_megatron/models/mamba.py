@@ -8,6 +8,9 @@ holds the block's FFN.
 ``MambaBranch`` is the Mamba2 branch of the intra-layer hybrid block: the same MambaMixer with
 pass-through projections, because the hybrid block owns one fused in-projection and one fused
 out-projection shared with the attention branch.
+
+Both take their gated RMSNorm's epsilon from the model's ``norm_epsilon`` (the config's
+``layernorm_epsilon``), where megatron-core's MambaMixer fixes it at 1e-5.
 """
 
 from __future__ import annotations
@@ -23,7 +26,18 @@ from megatron.core.transformer.utils import (
 from hybrid_megatron.models.sharding import split_sharded_tensor
 
 
-class MambaSublayer(MambaMixer):
+class _MambaMixer(MambaMixer):
+    """megatron-core's MambaMixer with its gated RMSNorm epsilon set to ``norm_epsilon``."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if self.rmsnorm:
+            # MambaMixer builds the norm with eps=1e-5 whatever the config says; both the
+            # mamba-ssm kernel and the PyTorch one (models/ssd.py) read ``eps`` at call time.
+            self.norm.eps = config.layernorm_epsilon
+
+
+class MambaSublayer(_MambaMixer):
     """megatron-core MambaMixer callable from TransformerLayer's attention slot."""
 
     def forward(self, hidden_states, attention_mask=None, inference_context=None, **unused):
@@ -50,7 +64,7 @@ class PassThroughProjection(torch.nn.Module):
         return x, None
 
 
-class MambaBranch(MambaMixer):
+class MambaBranch(_MambaMixer):
     """MambaMixer fed with its already-projected z,x,B,C,dt; returns the gated, normed SSD output.
 
     Built with PassThroughProjection for ``in_proj`` and ``out_proj``. Its checkpoint holds the

@@ -1,12 +1,16 @@
 """megatron-core ModuleSpecs for each block type, for both implementations.
 
 Every block is a megatron-core TransformerLayer: an input RMSNorm, a mixer in the
-``self_attention`` slot, a residual add, then the FFN sublayer (pre-norm + SwiGLU MLP or MoE).
-The block letter picks the mixer:
+``self_attention`` slot, a residual add, then the FFN sublayer (pre-norm + MLP or MoE; SwiGLU
+for flavour llama, relu2 for nemotron_h, set in the TransformerConfig). The block letter picks
+the sublayers:
 
-- ``A``: megatron-core SelfAttention (RoPE, GQA, causal, optional sliding window)
-- ``M``: megatron-core MambaMixer (via MambaSublayer)
-- ``H``: IntraHybridMixer (attention and Mamba2 branches, fused)
+- ``A``: megatron-core SelfAttention (GQA, causal, optional sliding window; RoPE for flavour
+  llama, no position embedding for nemotron_h) + FFN
+- ``M``: megatron-core MambaMixer (via MambaSublayer) + FFN when ``mamba_block_ffn``
+- ``H``: IntraHybridMixer (attention and Mamba2 branches, fused) + FFN
+- ``*``: attention only; ``-``: dense MLP only; ``E``: MoE only (empty slots are megatron-core
+  identity ops, as in its own hybrid MLP layers)
 
 ``impl`` picks the building blocks through megatron-core's backend spec providers: ``te``
 (Transformer Engine: fused norm+linear, TE attention, FP8) or ``local`` (megatron-core's own
@@ -31,6 +35,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.models.intra import IntraHybridMixer, IntraHybridSubmodules
+from hybrid_megatron.models.layer_pattern import ffn_is_moe, has_ffn, has_mixer
 from hybrid_megatron.models.norms import LocalRMSNorm
 from hybrid_megatron.models.mamba import MambaBranch, MambaSublayer, PassThroughProjection
 from hybrid_megatron.models.transformer_config import intra_branch_configs
@@ -75,11 +80,11 @@ def _attention_spec(backend: BackendSpecProvider, passthrough: bool = False) -> 
     )
 
 
-def _ffn(backend: BackendSpecProvider, cfg: ModelConfig, with_ffn: bool):
-    """(pre-FFN norm spec, FFN spec, keys map) for a dense SwiGLU MLP, an MoE, or no FFN."""
+def _ffn(backend: BackendSpecProvider, moe, with_ffn: bool):
+    """(pre-FFN norm spec, FFN spec, keys map) for a dense MLP, an MoE (``moe``: the MoEConfig,
+    None for dense), or no FFN."""
     if not with_ffn:
         return IdentityOp, IdentityOp, {}
-    moe = cfg.moe
     mlp = get_mlp_module_spec_for_backend(
         backend,
         num_experts=moe.num_experts if moe else None,
@@ -108,15 +113,26 @@ def block_spec(
 ) -> ModuleSpec:
     """The TransformerLayer spec of one block.
 
-    Takes the block letter (A, M or H), the ModelConfig, the model's TransformerConfig and the
-    impl (``te`` | ``local``); returns a ModuleSpec that megatron-core's TransformerBlock builds.
+    Takes the block letter (A, M, H, ``*``, ``-`` or E), the ModelConfig, the model's
+    TransformerConfig and the impl (``te`` | ``local``); returns a ModuleSpec that megatron-core's
+    TransformerBlock builds.
     """
     backend = backend_for(impl)
     input_norm, in_proj = _input_projection(backend)
-    with_ffn = letter != "M" or cfg.mamba_block_ffn
-    pre_ffn_norm, ffn, keys = _ffn(backend, cfg, with_ffn)
+    with_ffn = has_ffn(cfg, letter)
+    pre_ffn_norm, ffn, keys = _ffn(backend, cfg.moe if ffn_is_moe(cfg, letter) else None, with_ffn)
 
-    if letter == "A":
+    if not has_mixer(letter):  # FFN-only layer: no input norm, no mixer, no mixer residual
+        return ModuleSpec(
+            module=TransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                pre_mlp_layernorm=pre_ffn_norm,
+                mlp=ffn,
+                mlp_bda=get_bias_dropout_add,
+                sharded_state_dict_keys_map=keys,
+            ),
+        )
+    if letter in ("A", "*"):
         mixer = _attention_spec(backend)
         mixer_keys = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     elif letter == "M":
@@ -152,7 +168,7 @@ def block_spec(
         )
         mixer_keys = {"input_layernorm.": "self_attention.in_proj.layer_norm_"}
     else:
-        raise ValueError(f"unknown block letter {letter!r} (expected A, M or H)")
+        raise ValueError(f"unknown block letter {letter!r} (expected A, M, H, *, - or E)")
 
     if input_norm is IdentityOp:
         mixer_keys = {}

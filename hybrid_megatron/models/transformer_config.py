@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.activations import squared_relu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from hybrid_megatron.config.model import ModelConfig, parse_ratio
@@ -64,8 +65,9 @@ def build_transformer_config(
         window_size=_window(cfg),
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon,
-        gated_linear_unit=True,  # SwiGLU
-        activation_func=F.silu,
+        # FFNs and experts: llama SwiGLU (gated, silu); nemotron_h relu2 (non-gated, squared ReLU)
+        gated_linear_unit=cfg.gated_ffn,
+        activation_func=F.silu if cfg.gated_ffn else squared_relu,
         add_bias_linear=False,
         add_qkv_bias=False,
         hidden_dropout=0.0,
@@ -106,6 +108,10 @@ def build_transformer_config(
             moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
             moe_token_dispatcher_type=_dispatcher(moe.token_dispatcher),
             moe_grouped_gemm=moe.grouped_gemm,
+            moe_router_score_function=cfg.moe_score_function,
+            moe_router_enable_expert_bias=cfg.moe_expert_bias,
+            moe_router_bias_update_rate=moe.expert_bias_update_rate,
+            moe_router_topk_scaling_factor=moe.topk_scaling_factor,
         )
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")

@@ -65,3 +65,63 @@ def load_trained_model(checkpoint: str | Path, parallel: Optional[ParallelConfig
     load_checkpoint(step_dir, [model], None, None)
     model.eval()
     return recipe, model
+
+
+MODEL_FILE = "model.yaml"  # the model section written next to a from-hf checkpoint
+
+
+def _saved_model(step_dir: Path):
+    """The ModelConfig stored with a checkpoint (from-hf ``model.yaml`` or a training run's
+    ``recipe.yaml``), or None when it has neither."""
+    from hybrid_megatron.config.loader import read_yaml
+    from hybrid_megatron.config.model import ModelConfig
+
+    for name in (MODEL_FILE, RECIPE_FILE):
+        if (step_dir / name).exists():
+            return ModelConfig(**read_yaml(step_dir / name)["model"])
+    return None
+
+
+def init_weights_from(path: str | Path, model_chunks, model_cfg) -> Path:
+    """Load only the model weights of a checkpoint into freshly built model chunks.
+
+    Takes a from-hf output directory or a training checkpoint (root or step directory), this
+    rank's (wrapped) model chunks and the recipe's ModelConfig; all ranks call it, at any
+    parallel layout (megatron-core reshards). Optimizer, schedule and step are not touched.
+    Returns the step directory read. Raises CheckpointError naming ``checkpoint.init_from``
+    when the path holds no checkpoint, holds a different model (flavour, layer pattern, Mamba
+    FFNs, tied embeddings, norm epsilon) or its weights do not fit.
+    """
+    from megatron.core import dist_checkpointing
+
+    from hybrid_megatron.models.layer_pattern import build_layer_pattern
+    from hybrid_megatron.training.model_setup import unwrap
+
+    try:
+        step_dir = resolve_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint.init_from: {err}") from None
+    saved = _saved_model(step_dir)
+    if saved is not None:
+        pairs = {
+            "model.flavour": (saved.flavour, model_cfg.flavour),
+            "model layer pattern": (build_layer_pattern(saved), build_layer_pattern(model_cfg)),
+            "model.mamba_block_ffn": (saved.mamba_block_ffn, model_cfg.mamba_block_ffn),
+            "model.tie_embeddings": (saved.tie_embeddings, model_cfg.tie_embeddings),
+            "model.norm_epsilon": (saved.norm_epsilon, model_cfg.norm_epsilon),
+        }
+        for field, (theirs, ours) in pairs.items():
+            if theirs != ours:
+                raise CheckpointError(
+                    f"checkpoint.init_from: {step_dir} holds a model with {field} {theirs!r}, "
+                    f"the recipe's is {ours!r}"
+                )
+    model = unwrap(model_chunks[0])
+    try:
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step_dir))
+        model.load_state_dict(loaded["model"])
+    except Exception as err:  # megatron raises many types; the user needs the path and cause
+        raise CheckpointError(
+            f"checkpoint.init_from: cannot load model weights from {step_dir}: {err}"
+        ) from err
+    return step_dir
