@@ -8,7 +8,12 @@ SLURM (default): submits one job through submitit's AutoExecutor (cluster ``slur
 task per GPU across ``slurm.nodes x slurm.gpus_per_node`` (``slurm.tasks_per_node`` overrides
 the count, e.g. on CPU-only clusters), prints the job id and log paths, and returns (``--wait``:
 follows rank 0's log until the job ends and exits non-zero if a rank failed). Logs go to
-``<run dir>/slurm/<job id>/``, the run dir being the parent of ``checkpoint.dir``.
+``<run dir>/slurm/<job id>/``, the run dir being the parent of ``checkpoint.dir``. Before
+submitting, a SQLite MLflow store (the default) and its experiment are created, so that jobs
+starting together (a sweep's array tasks) do not race to create them; a new experiment keeps
+its artifacts beside the database (``mlartifacts/``), not in the jobs' working directory.
+``--sweep``: RECIPE is a sweep file; its runs are one job array (``--wait``: follows each run
+in turn, exit 1 if any failed), or with ``--local`` run one after another.
 ``--local``: the same job through submitit's LocalExecutor, ``--nproc`` processes on this
 machine (default: the smallest world size the recipe's tp/pp/ep fit, or one per GPU of the
 recipe's ``gpus_per_node`` when CUDA is present); waits, streams rank 0's log, and exits 1
@@ -322,12 +327,43 @@ def submit_slurm(recipes: Sequence[Any], entry: Optional[str]) -> list:
         folder=log_folder(first, "slurm"), cluster="slurm", slurm_max_num_timeout=first.slurm.max_timeouts
     )
     executor.update_parameters(**{f"slurm_{k}": v for k, v in slurm_parameters(first).items()})
+    prepare_tracking(recipes)
     _pickle_this_module_by_value()
     if len(recipes) == 1:
         return [executor.submit(TrainJob(first, entry))]
     with executor.batch():
         jobs = [executor.submit(TrainJob(recipe, entry)) for recipe in recipes]
     return jobs
+
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def prepare_tracking(recipes: Sequence[Any]) -> None:
+    """Create the SQLite MLflow store and the experiment of each recipe before its jobs start.
+
+    Jobs that open a fresh SQLite store at the same time (a sweep's array tasks) race in
+    MLflow's schema migration and fail ("duplicate column name"); created once here, the store
+    is ready when they start. A new experiment's artifacts go to ``mlartifacts/`` beside the
+    database. Recipes with tracking off or a non-SQLite tracking URI are left alone; a failure
+    is printed as a warning (the jobs may still manage), never raised.
+    """
+    done = set()
+    for recipe in recipes:
+        uri, experiment = recipe.tracking_uri(), recipe.tracking.experiment
+        if not recipe.tracking.enabled or not uri.startswith(SQLITE_PREFIX) or (uri, experiment) in done:
+            continue
+        done.add((uri, experiment))
+        try:
+            from mlflow.tracking import MlflowClient
+
+            database = Path(uri[len(SQLITE_PREFIX):])
+            database.parent.mkdir(parents=True, exist_ok=True)
+            client = MlflowClient(tracking_uri=uri)
+            if client.get_experiment_by_name(experiment) is None:
+                client.create_experiment(experiment, artifact_location=str(database.parent.resolve() / "mlartifacts"))
+        except Exception as err:  # MLflow raises many types; tracking must not block a launch
+            print(f"[launch] warning: could not prepare the MLflow store {uri}: {err}", file=sys.stderr)
 
 
 def free_port() -> int:
@@ -528,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved recipe, derived numbers and sbatch script; submit nothing")
     parser.add_argument("--wait", action="store_true",
-                        help="SLURM: follow the job until it ends; exit 1 if a rank failed")
+                        help="SLURM: follow the job (a sweep: each run) until it ends; exit 1 if a rank failed")
     parser.add_argument("--sweep", action="store_true",
                         help="RECIPE is a sweep file (recipes/sweeps/): one job array of runs, or sequential with --local")
     return parser
@@ -681,10 +717,29 @@ def run_sweep(args: argparse.Namespace, entry: Optional[str]) -> int:
         return 1 if failed else 0
     if shutil.which("sbatch") is None:
         raise UsageError("SLURM was not found on this machine (no 'sbatch' on PATH); add --local")
-    jobs = submit_slurm(recipes, entry)
+    try:
+        jobs = submit_slurm(recipes, entry)
+    except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
+        print(f"[sweep] sbatch failed: {err}", file=sys.stderr)
+        return 1
     print(f"[sweep] submitted job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} runs "
-          f"(compare group {spec.name})")
-    return 0
+          f"(compare group {spec.name})", flush=True)
+    for run, job in zip(runs, jobs):
+        print(f"[sweep]   {job.job_id}: {run.name}", flush=True)
+    if not args.wait:
+        return 0
+    world = recipes[0].slurm.world_size  # the array's tasks share the first recipe's allocation
+    failed = 0
+    for run, job in zip(runs, jobs):
+        print(f"[sweep] following {run.name} (job {job.job_id})", flush=True)
+        outcomes = follow(
+            job, world, is_active=lambda job=job: slurm_job_active(job.job_id),
+            cancel=lambda job=job: subprocess.run(["scancel", str(job.job_id)], check=False),
+            failure_grace_s=60.0, poll_s=1.0, settle_s=60.0,
+        )
+        failed += report(job, world, outcomes) != 0
+    print(f"[sweep] {len(runs) - failed}/{len(runs)} runs succeeded (compare group {spec.name})")
+    return 1 if failed else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,15 +1,17 @@
 """launch/slurm.py: dry-run output, the no-SLURM error, --local with real ranks (success and
 failure), and a real job on a single-node SLURM cluster brought up by tests/slurm_cluster.py.
 
-The ranks run stand-in trainer entries defined below (through the ``HM_TRAIN_ENTRY`` hook), not
-the trainer: these tests are about launching, rendezvous and failure propagation.
+Most ranks run stand-in trainer entries defined below (through the ``HM_TRAIN_ENTRY`` hook), not
+the trainer: those tests are about launching, rendezvous and failure propagation. The last two
+SLURM tests run the real trainer: to a checkpoint, and through a preemption signal, requeue and
+resume compared step by step with an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -103,18 +105,6 @@ def preempted_entry(recipe):
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    """launch/slurm.py imported as a module (it is a script, not a package member)."""
-    name = "hm_launch_slurm"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "launch" / "slurm.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # cloudpickle ships its code by value from here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def _ckpt(tmp_path) -> str:
@@ -335,23 +325,6 @@ def test_local_failure_propagates_with_the_failing_rank(launcher, tmp_path, monk
 # ---------------------------------------------------------------------------- real SLURM
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
-    """A single-node SLURM cluster on 127.0.0.1 for this module's SLURM tests (skipped without one)."""
-    from tests.slurm_cluster import SlurmCluster, SlurmClusterError, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except SlurmClusterError as err:
-        pytest.skip(f"the test SLURM cluster did not start: {err}")
-    yield cluster
-    cluster.stop()
-
-
 @pytest.mark.slow  # ~20 s on an idle machine: two ranks import torch + megatron-core
 def test_slurm_job_through_the_launcher(launcher, slurm_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
@@ -452,3 +425,71 @@ def test_slurm_runs_the_real_trainer_to_a_checkpoint(launcher, slurm_cluster, tm
     assert (root / "latest").read_text().strip() == "step_00000004"
     assert (root / "step_00000004" / "metadata.json").exists()
     assert "all 2 ranks finished" in out and "final_loss" in out
+
+
+@pytest.mark.slow  # a reference run beside the SLURM job, then two job starts around a requeue
+def test_slurm_preemption_of_the_real_trainer_saves_requeues_and_resumes_exactly(slurm_cluster, tmp_path):
+    """The real trainer on one SLURM task: SIGUSR2 (what SLURM sends ``signal_delay_s`` before
+    the time limit) after the first checkpoint; the trainer saves at the next step boundary,
+    submitit requeues the job, the requeued job resumes from that save and finishes, and the
+    loss of every step equals an uninterrupted run's bitwise. ``--wait`` follows the job
+    through the requeue."""
+    from tests.training_helpers import read_losses, start_job, wait_job
+
+    recipe = str(REPO / "recipes" / "tiny_intra.yaml")
+    common = [
+        "model.num_layers=2", "data.seq_length=64", "train.global_batch_size=4", "train.steps=30",
+        "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=4",
+        "checkpoint.keep_last=2", "train.deterministic=true", "tracking.enabled=false",
+    ]
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    # The uninterrupted reference, one thread like the SLURM task (cpus_per_task 1).
+    reference = start_job(recipe, [*common, f"checkpoint.dir={ref_dir}/checkpoints"], 1, ref_dir / "logs")
+    env = {k: v for k, v in slurm_cluster.env.items() if k != "HM_TRAIN_ENTRY"}
+    out = open(tmp_path / "launcher.out", "w+")
+    launcher_proc = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "slurm.py"), recipe, "--wait", *common,
+         f"checkpoint.dir={cut_dir}/checkpoints", f"slurm.partition={slurm_cluster.partition}", "slurm.time=10"],
+        cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+    )
+
+    def launcher_log() -> str:
+        return (tmp_path / "launcher.out").read_text()
+
+    try:
+        _wait_for(lambda: "[launch] submitted SLURM job" in launcher_log(), 120, "the submission")
+        job_id = next(line.split()[4] for line in launcher_log().splitlines()
+                      if line.startswith("[launch] submitted SLURM job"))
+        _wait_for(lambda: max(read_losses(cut_dir), default=0) >= 5, 300, "step 5 (after the step-4 checkpoint)")
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm_cluster.env, check=True, timeout=30)
+        code = launcher_proc.wait(timeout=400)
+    finally:
+        if launcher_proc.poll() is None:
+            launcher_proc.kill()
+        out.close()
+    text = launcher_log()
+    assert code == 0, text
+    assert wait_job(reference, timeout=300) == [0]
+    assert "[launch] job" in text and "all 1 ranks finished" in text
+
+    logs = cut_dir / "slurm" / job_id
+    log = "".join(p.read_text(errors="replace") for p in sorted(logs.glob(f"{job_id}_0_log.*")))
+    assert "asking the trainer to checkpoint and stop" in log and f"Requeued job {job_id}" in log
+    saved = [int(s) for s in re.findall(r"saved checkpoint \S+/step_(\d{8})", log)]
+    resumed = re.findall(r"resumed from \S+/step_(\d{8}) at step (\d+)", log)
+    assert len(resumed) == 1, log
+    stop_step = int(resumed[0][1])
+    assert int(resumed[0][0]) == stop_step and 5 <= stop_step < 30
+    # First run: every 4 steps, then on the signal; resumed run: every 4 steps, then at the end.
+    first = [s for s in range(4, stop_step + 1, 4)] + ([stop_step] if stop_step % 4 else [])
+    assert saved == first + [s for s in range(4, 30, 4) if s > stop_step] + [30]
+    # Every step ran exactly once, in order, and matches the uninterrupted run bitwise.
+    steps = [json.loads(line)["step"] for line in (cut_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))
+    assert read_losses(cut_dir) == read_losses(ref_dir)
+    root = cut_dir / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000030"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000028", "step_00000030"]
+    state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                           env=slurm_cluster.env, timeout=30).stdout
+    assert "JobState=COMPLETED" in state and "Restarts=1" in state

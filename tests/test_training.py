@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.training_helpers import REPO, read_losses, start_job, wait_job
+from tests.training_helpers import REPO, kill_rank, read_losses, start_job, wait_job
 
 RECIPE = str(REPO / "recipes" / "tiny_intra.yaml")
 
@@ -43,7 +43,7 @@ def test_kill9_then_resume_matches_uninterrupted_run_bitwise(tmp_path):
         assert time.time() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.05)
     for p in procs:
-        os.kill(p.pid, signal.SIGKILL)
+        kill_rank(p)  # the rank and its helper processes, as SLURM ends a job step
     wait_job(procs)
     assert (cut_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert max(read_losses(cut_dir)) < 12
@@ -202,3 +202,317 @@ def test_bf16_training_runs_and_learns(single_rank, tmp_path):
     assert summary["steps"] == 6 and summary["skipped_steps"] == 0
     assert all(math.isfinite(v) for v in losses.values())
     assert losses[6] < losses[1] - 0.1, losses
+
+
+# Quarter-size steps (64 tokens x 4 sequences) for tests about schedules and checkpoints.
+_SMALL = ("data.seq_length=64", "train.global_batch_size=4")
+
+
+# ---- learning-rate schedule (#4) ------------------------------------------------------------
+# Megatron-core's convention: step s (1-based) trains at the schedule's value after s - 1
+# applied updates; the value after the last update is min_lr. The tables below are written out
+# by hand from the recipe's numbers (lr 1e-3, min_lr 1e-4, 20 steps, 4 warmup steps).
+
+_RAMP = [0.0, 2.5e-4, 5.0e-4, 7.5e-4]  # warmup: 0 -> lr over 4 steps, the peak at step 5
+
+
+def _cosine(n: int) -> float:
+    import math
+
+    return 1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * (n - 4) / 16))
+
+
+_SCHEDULES = {
+    # wsd_decay_fraction 0.25 of 20 steps: the decay spans the last 5 updates (n = 15 -> 20):
+    # peak through step 16, then 8.2e-4, 6.4e-4, 4.6e-4, 2.8e-4, and min_lr after step 20.
+    "wsd-0.25": (["train.schedule=wsd", "train.wsd_decay_fraction=0.25"],
+                 _RAMP + [1e-3] * 12 + [8.2e-4, 6.4e-4, 4.6e-4, 2.8e-4], 1e-4),
+    # 0.2 of 20 = 4: peak through step 17, then 7.75e-4, 5.5e-4, 3.25e-4.
+    "wsd-0.2": (["train.schedule=wsd", "train.wsd_decay_fraction=0.2"],
+                _RAMP + [1e-3] * 13 + [7.75e-4, 5.5e-4, 3.25e-4], 1e-4),
+    # 1.0 would start the decay inside the warmup; it is clamped to the 16 steps after it.
+    "wsd-1.0": (["train.schedule=wsd", "train.wsd_decay_fraction=1.0"],
+                _RAMP + [1e-3] + [1e-4 + 9e-4 * (16 - k) / 16 for k in range(1, 16)], 1e-4),
+    "cosine": (["train.schedule=cosine"], _RAMP + [_cosine(n) for n in range(4, 20)], 1e-4),
+    "constant": (["train.schedule=constant"], _RAMP + [1e-3] * 16, 1e-3),
+}
+
+
+@pytest.mark.parametrize("name", list(_SCHEDULES))
+def test_scheduler_sets_the_lr_of_every_step(single_rank, tmp_path, name):
+    """The scheduler the trainer builds, stepped as the trainer steps it, over the real
+    optimizer: the lr in every param group at each step, and after the last one."""
+    from hybrid_megatron.training.model_setup import build_training_model
+    from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
+
+    extra, expected, final = _SCHEDULES[name]
+    recipe = _recipe(tmp_path, "train.steps=20", "train.warmup_steps=4", "train.lr=1e-3",
+                     "train.min_lr=1e-4", *extra)
+    optimizer = build_optimizer(recipe.train, build_training_model(recipe))
+    scheduler = build_scheduler(recipe.train, optimizer, 20)
+    used = []
+    for _ in range(20):
+        lrs = {g["lr"] for g in optimizer.param_groups}
+        assert len(lrs) == 1, lrs  # every group (decayed or not) follows the one schedule
+        used.append(lrs.pop())
+        scheduler.step(1)
+    assert used == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(final, rel=1e-12)
+    if name == "cosine":  # the midpoint of the decay (n = 12, step 13) is halfway to min_lr
+        assert used[12] == pytest.approx(5.5e-4, rel=1e-12)
+    below_peak = {"wsd-0.25": 4, "wsd-0.2": 3}.get(name)  # D - 1 trained steps, then min_lr
+    if below_peak:  # stable: exactly the peak from step 5; decay: strictly falling to the end
+        assert used[4:20 - below_peak] == [1e-3] * (16 - below_peak)
+        assert all(a > b for a, b in zip(used[-below_peak - 1:], used[-below_peak:]))
+
+
+def test_wsd_decay_rounds_to_whole_steps(single_rank, tmp_path):
+    """7 steps x 0.2 = 1.4 -> a one-step decay: the peak through step 7, min_lr after it."""
+    from hybrid_megatron.training.model_setup import build_training_model
+    from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
+
+    recipe = _recipe(tmp_path, "train.steps=7", "train.warmup_steps=1", "train.lr=1e-3",
+                     "train.min_lr=1e-4", "train.schedule=wsd", "train.wsd_decay_fraction=0.2")
+    optimizer = build_optimizer(recipe.train, build_training_model(recipe))
+    scheduler = build_scheduler(recipe.train, optimizer, 7)
+    assert scheduler.wsd_decay_steps == 1
+    used = []
+    for _ in range(8):
+        used.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(1)
+    assert used == pytest.approx([0.0] + [1e-3] * 6 + [1e-4], rel=1e-12)
+
+
+def test_trainer_applies_and_logs_the_wsd_lr_across_a_resume(single_rank, tmp_path, monkeypatch):
+    """A real 10-step WSD run, stopped by SIGUSR1 after step 6 and resumed: the lr AdamW used
+    at every update (an optimizer step pre-hook) is the hand-written table, and MLflow's
+    ``train/lr`` at step s is the lr of step s."""
+    from mlflow.tracking import MlflowClient
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from hybrid_megatron.training import entry
+
+    # 10 steps, 2 warmup, decay round(10 x 0.3) = 3 updates: ramp, peak for steps 3-8, decay.
+    expected = [0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 7e-4, 4e-4]
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    overrides = ["train.steps=10", "train.warmup_steps=2", "train.lr=1e-3", "train.min_lr=1e-4",
+                 "train.schedule=wsd", "train.wsd_decay_fraction=0.3", "checkpoint.interval=100",
+                 "tracking.enabled=true", f"tracking.tracking_uri={uri}", "tracking.experiment=lr"]
+    # Artifacts (the loss-curve PNG) under tmp_path, not in ./mlruns of the working directory.
+    MlflowClient(tracking_uri=uri).create_experiment("lr", artifact_location=str(tmp_path / "artifacts"))
+    applied, in_step = [], []
+    real_step = entry.train_step
+
+    def recording_step(*args, **kwargs):
+        in_step.append(True)
+        try:
+            out = real_step(*args, **kwargs)
+        finally:
+            in_step.pop()
+        if len(applied) == 6 and not stopped:
+            stopped.append(True)
+            os.kill(os.getpid(), signal.SIGUSR1)  # the trainer's save-and-stop signal
+        return out
+
+    def hook(optimizer, args, kwargs):
+        if in_step:  # not the dummy step that readies Adam states for a checkpoint load
+            applied.append({g["lr"] for g in optimizer.param_groups})
+
+    stopped = []
+    monkeypatch.setattr(entry, "train_step", recording_step)
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        first = entry.train(_recipe(tmp_path, *_SMALL, *overrides))
+        assert first["steps"] == 6 and first["stopped_by_signal"] == signal.SIGUSR1
+        assert Path(first["last_checkpoint"]).name == "step_00000006"
+        second = entry.train(_recipe(tmp_path, *_SMALL, *overrides))
+    finally:
+        handle.remove()
+    assert second["steps"] == 10 and second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert all(len(lrs) == 1 for lrs in applied)
+    assert [lrs.pop() for lrs in applied] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    history = MlflowClient(tracking_uri=uri).get_metric_history(first["mlflow_run_id"], "train/lr")
+    logged = {m.step: m.value for m in history}
+    assert sorted(logged) == list(range(1, 11))
+    assert [logged[s] for s in range(1, 11)] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+# ---- keep_last pruning and odd saves (#4) ---------------------------------------------------
+
+
+def _step_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def _latest(root: Path) -> str:
+    return (root / "latest").read_text().strip()
+
+
+def test_keep_last_prunes_to_the_newest_k_and_resumes(single_rank, tmp_path, monkeypatch):
+    """Saves every 2 steps, keep_last 2, stopped after step 5 and resumed to step 7: after
+    every save exactly the newest two step_* directories remain, ``latest`` names the newest,
+    and the resumed losses equal an uninterrupted run's bitwise."""
+    from hybrid_megatron.training import entry
+
+    extra = (*_SMALL, "train.steps=7", "checkpoint.interval=2", "checkpoint.keep_last=2")
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    seen = []
+    real_save = entry.save_checkpoint
+
+    def listing_save(root, *args, **kwargs):
+        path = real_save(root, *args, **kwargs)
+        seen.append((path.name, _latest(Path(root)), _step_dirs(Path(root))))
+        return path
+
+    monkeypatch.setattr(entry, "save_checkpoint", listing_save)
+    entry.train(_recipe(ref_dir, *extra))
+    assert seen == [
+        ("step_00000002", "step_00000002", ["step_00000002"]),
+        ("step_00000004", "step_00000004", ["step_00000002", "step_00000004"]),
+        ("step_00000006", "step_00000006", ["step_00000004", "step_00000006"]),
+        ("step_00000007", "step_00000007", ["step_00000006", "step_00000007"]),  # save on exit
+    ]
+    reference = read_losses(ref_dir)
+    assert sorted(reference) == list(range(1, 8))
+
+    seen.clear()
+    real_step = entry.train_step
+    calls = []
+
+    def stop_after_five(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    monkeypatch.setattr(entry, "train_step", stop_after_five)
+    first = entry.train(_recipe(cut_dir, *extra))
+    assert first["steps"] == 5
+    monkeypatch.setattr(entry, "train_step", real_step)
+    second = entry.train(_recipe(cut_dir, *extra))
+    assert second["steps"] == 7
+    assert seen == [
+        ("step_00000002", "step_00000002", ["step_00000002"]),
+        ("step_00000004", "step_00000004", ["step_00000002", "step_00000004"]),
+        ("step_00000005", "step_00000005", ["step_00000004", "step_00000005"]),  # on the signal
+        ("step_00000006", "step_00000006", ["step_00000005", "step_00000006"]),  # after resuming
+        ("step_00000007", "step_00000007", ["step_00000006", "step_00000007"]),
+    ]
+    resumed = read_losses(cut_dir)
+    assert sorted(resumed) == list(range(1, 8))
+    assert resumed == reference
+
+
+def test_keep_last_1_with_a_failed_save_keeps_the_latest(single_rank, tmp_path, monkeypatch):
+    """keep_last 1: the save at step 4 dies half-way. ``latest`` still names step 2, which
+    still exists and loads; the resumed run finishes with only its newest checkpoint left."""
+    from megatron.core import dist_checkpointing
+
+    from hybrid_megatron.training import checkpoint as ckpt
+    from hybrid_megatron.training.entry import train
+
+    real_save = dist_checkpointing.save
+    calls = []
+
+    def failing_second_save(state, directory, *args, **kwargs):
+        calls.append(directory)
+        if len(calls) == 2:
+            (Path(directory) / "half_written.distcp").write_bytes(b"\0" * 100)
+            raise OSError("disk full (simulated)")
+        return real_save(state, directory, *args, **kwargs)
+
+    extra = (*_SMALL, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=1")
+    root = tmp_path / "checkpoints"
+    monkeypatch.setattr(dist_checkpointing, "save", failing_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(_recipe(tmp_path, *extra))
+    assert _latest(root) == "step_00000002"
+    assert (root / "step_00000002" / "metadata.json").exists()
+    assert [d for d in _step_dirs(root) if ".partial-" not in d] == ["step_00000002"]
+    monkeypatch.setattr(dist_checkpointing, "save", real_save)
+    summary = train(_recipe(tmp_path, *extra))
+    assert summary["steps"] == 6 and read_losses(tmp_path).keys() == set(range(1, 7))
+    assert _step_dirs(root) == ["step_00000006"] and _latest(root) == "step_00000006"
+    assert ckpt.latest_checkpoint(str(root)).name == "step_00000006"
+
+
+def test_rerun_in_a_used_directory_never_prunes_what_latest_names(single_rank, tmp_path):
+    """keep_last 1; a first run leaves step 6; a rerun with ``resume: none`` saves step 3.
+    Pruning by name alone kept step 6 and deleted step 3, leaving ``latest`` dangling."""
+    from hybrid_megatron.training import checkpoint as ckpt
+    from hybrid_megatron.training.entry import train
+
+    root = tmp_path / "checkpoints"
+    keep1 = (*_SMALL, "checkpoint.interval=3", "checkpoint.keep_last=1")
+    train(_recipe(tmp_path, "train.steps=6", *keep1))
+    assert _step_dirs(root) == ["step_00000006"]
+    train(_recipe(tmp_path, "train.steps=3", "checkpoint.resume=none", *keep1))
+    assert _latest(root) == "step_00000003"
+    assert ckpt.latest_checkpoint(str(root)).name == "step_00000003"
+    assert _step_dirs(root) == ["step_00000003", "step_00000006"]  # the other run's is kept
+    summary = train(_recipe(tmp_path, "train.steps=6", *keep1))      # resume: auto
+    assert summary["steps"] == 6 and read_losses(tmp_path)  # steps 4-6 trained after the resume
+    assert _step_dirs(root) == ["step_00000006"] and _latest(root) == "step_00000006"
+
+
+def test_resaving_the_latest_step_survives_a_crash_while_replacing_it(single_rank, tmp_path, monkeypatch):
+    """keep_last 1; a rerun from scratch saves step 4 again, where ``latest`` points; the
+    process dies while deleting the old step 4. ``latest`` names the new complete copy, and
+    a resume from it finishes the run."""
+    import shutil as shutil_module
+
+    from hybrid_megatron.training import checkpoint as ckpt
+    from hybrid_megatron.training.entry import train
+
+    root = tmp_path / "checkpoints"
+    keep1 = (*_SMALL, "train.steps=4", "checkpoint.interval=4", "checkpoint.keep_last=1")
+    train(_recipe(tmp_path, *keep1))
+    assert _step_dirs(root) == ["step_00000004"]
+
+    real_rmtree = shutil_module.rmtree
+
+    def dies_half_way(path, *args, **kwargs):
+        if Path(path) == root / "step_00000004":
+            for shard in sorted(Path(path).glob("*.distcp"))[:1]:
+                shard.unlink()  # part of the old copy is gone, metadata.json is still there
+            raise OSError("killed while deleting (simulated)")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", dies_half_way)
+    with pytest.raises(OSError, match="killed while deleting"):
+        train(_recipe(tmp_path, *keep1, "checkpoint.resume=none"))
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    latest = ckpt.latest_checkpoint(str(root))
+    assert latest.name.startswith("step_00000004.partial-")  # the new, complete copy
+    assert (latest / "metadata.json").exists() and (latest / "recipe.yaml").exists()
+
+    summary = train(_recipe(tmp_path, *_SMALL, "train.steps=6", "checkpoint.interval=4",
+                                 "checkpoint.keep_last=1"))
+    assert summary["steps"] == 6
+    log = read_losses(tmp_path)
+    assert sorted(log) == list(range(1, 7))
+    assert _step_dirs(root) == ["step_00000006"] and _latest(root) == "step_00000006"
+
+
+@pytest.mark.slow
+def test_stop_signal_to_one_rank_stops_all_ranks_after_the_same_step(tmp_path):
+    """TP=2 on two gloo ranks; SIGUSR1 reaches rank 1 only (signals reach a job's ranks at
+    different moments). Both ranks stop after the same step and save it together; before
+    the ranks agreed, rank 1 went to save while rank 0 trained on (mismatched collectives)."""
+    run = tmp_path / "run"
+    procs = start_job(RECIPE, _overrides(run, "parallel.tp=2", "train.steps=200", "checkpoint.interval=100",
+                                         *_SMALL), 2, run / "logs")
+    deadline = time.time() + 300
+    while max(read_losses(run), default=0) < 3:
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    os.kill(procs[1].pid, signal.SIGUSR1)
+    assert wait_job(procs, timeout=180) == [0, 0]
+    steps = sorted(read_losses(run))
+    stopped_at = steps[-1]
+    assert steps == list(range(1, stopped_at + 1)) and 3 <= stopped_at < 200
+    root = run / "checkpoints"
+    assert _latest(root) == f"step_{stopped_at:08d}" and _step_dirs(root) == [f"step_{stopped_at:08d}"]
+    assert (root / f"step_{stopped_at:08d}" / "metadata.json").exists()
+    assert f"done: {stopped_at} steps" in (run / "logs" / "rank0.log").read_text()

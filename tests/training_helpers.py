@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def start_job(recipe: str, overrides: list[str], world: int, log_dir: Path) -> list[subprocess.Popen]:
-    """Start ``world`` ranks of ``python -m hybrid_megatron.training`` (gloo, 127.0.0.1)."""
+    """Start ``world`` ranks of ``python -m hybrid_megatron.training`` (gloo, 127.0.0.1).
+
+    Each rank leads its own process group (``kill_rank`` ends it with the helper processes it
+    started, such as megatron-core's checkpoint-writer server, as SLURM ends a job step).
+    """
     port = free_port()
     procs = []
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -28,9 +33,17 @@ def start_job(recipe: str, overrides: list[str], world: int, log_dir: Path) -> l
         out = open(log_dir / f"rank{rank}.log", "ab")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "hybrid_megatron.training", recipe, *overrides],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         ))
     return procs
+
+
+def kill_rank(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to a rank started by `start_job` and every process it started."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def wait_job(procs, timeout: float = 600) -> list[int]:
@@ -42,7 +55,7 @@ def wait_job(procs, timeout: float = 600) -> list[int]:
             codes.append(p.wait(timeout=max(1, deadline - time.time())))
         except subprocess.TimeoutExpired:
             for q in procs:
-                q.kill()
+                kill_rank(q)
             raise
     return codes
 

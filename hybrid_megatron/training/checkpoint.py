@@ -9,15 +9,22 @@ Layout under ``checkpoint.dir``::
 A save writes into ``step_N.partial-<id>/``, renames it to ``step_N/`` once every rank has
 finished, and only then replaces ``latest`` (write a temp file, ``os.replace``). A crash at any
 point leaves ``latest`` naming the previous complete checkpoint; leftovers of an interrupted
-save are removed by the next save. Model and optimizer states are sharded per parameter (not
-per rank), so a checkpoint written at one TP/PP/EP layout loads at another.
+save are removed by the next save. Re-saving a step that already has a directory (a rerun
+reaching a step an earlier run saved) points ``latest`` at the new, complete copy before the
+old one is deleted. Pruning (``keep_last``) keeps the newest checkpoints up to the one
+``latest`` names and never deletes that one; directories of higher steps (left by another run
+in the same directory) are not pruned: they are replaced when this run saves that step.
+Model and optimizer states are sharded per parameter (not per rank), so a checkpoint written
+at one TP/PP/EP layout loads at another.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -56,10 +63,11 @@ def latest_checkpoint(root: str) -> Optional[Path]:
 
     Raises CheckpointError when ``latest`` names a directory that is missing or incomplete.
     """
-    pointer = Path(root) / LATEST
-    if not pointer.exists():
+    name = _read_latest(Path(root))
+    if name is None:
         return None
-    target = Path(root) / pointer.read_text().strip()
+    pointer = Path(root) / LATEST
+    target = Path(root) / name
     if not (target / "metadata.json").exists():
         raise CheckpointError(f"{pointer} names {target}, which is not a complete checkpoint")
     return target
@@ -144,36 +152,109 @@ def save_checkpoint(
     final = Path(root) / step_dir_name(state.step)
     partial = None
     if rank == 0:
-        for leftover in Path(root).glob(f"{_STEP_PREFIX}*.partial-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        _remove_leftovers(Path(root))
         partial = Path(root) / f"{final.name}.partial-{uuid.uuid4().hex[:8]}"
         partial.mkdir(parents=True)
     box = [str(partial) if partial else None]
     dist.broadcast_object_list(box, src=0)
     partial = Path(box[0])
 
-    dist_checkpointing.save(
-        _sharded_state(model_chunks, optimizer, scheduler, state, loading=False), str(partial)
-    )
+    with _stop_signals_held():
+        dist_checkpointing.save(
+            _sharded_state(model_chunks, optimizer, scheduler, state, loading=False), str(partial)
+        )
     dist.barrier()
     if rank == 0:
         if recipe_yaml is not None:
             (partial / RECIPE_FILE).write_text(recipe_yaml)
-        if final.exists():  # re-saving the same step (e.g. save on exit right after a save)
+        if final.exists():
+            # Re-saving a step that has a directory already (a rerun reaching a step an earlier
+            # run saved). If ``latest`` names it, name the new complete copy first: a crash
+            # while the old one is deleted must not leave ``latest`` naming a half-deleted one.
+            if _read_latest(Path(root)) == final.name:
+                _write_latest(Path(root), partial.name)
             shutil.rmtree(final)
         os.replace(partial, final)
-        tmp = Path(root) / f".{LATEST}.tmp"
-        tmp.write_text(final.name)
-        os.replace(tmp, Path(root) / LATEST)
+        _write_latest(Path(root), final.name)
         _prune(root, keep_last)
     dist.barrier()
     return final
 
 
+# The signals SLURM sends before a time limit or on preemption (SIGUSR2 is submitit's).
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+
+
+@contextmanager
+def _stop_signals_held():
+    """Block the stop signals in this thread while megatron-core writes a checkpoint.
+
+    megatron-core's writer starts helper processes from this thread: a results-queue server
+    (a fresh interpreter, started by the first save and kept) and writer processes per save.
+    SLURM signals every process of a job step; a fresh interpreter dies of SIGUSR2/SIGUSR1
+    (their default action), and the save that the signal asked for then fails on a broken
+    pipe. Children inherit the blocked mask, so they ignore them; this process still gets the
+    signal (another thread takes it, or this one once the mask is restored).
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _read_latest(root: Path) -> Optional[str]:
+    pointer = root / LATEST
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.tmp"
+    tmp.write_text(name)
+    os.replace(tmp, root / LATEST)
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The step of a complete checkpoint directory's name (``step_00000040`` -> 40), else None.
+
+    None for anything else, including an unfinished ``step_N.partial-<id>`` directory.
+    """
+    name = Path(path).name
+    digits = name[len(_STEP_PREFIX):] if name.startswith(_STEP_PREFIX) else ""
+    return int(digits) if digits.isdigit() else None
+
+
+def _remove_leftovers(root: Path) -> None:
+    # Unfinished saves, except one that ``latest`` names (see the re-save in save_checkpoint).
+    current = _read_latest(root)
+    for leftover in root.glob(f"{_STEP_PREFIX}*.partial-*"):
+        if leftover.name != current:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _prune(root: str, keep_last: int) -> None:
-    done = sorted(p for p in Path(root).glob(f"{_STEP_PREFIX}*") if ".partial-" not in p.name)
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the ``keep_last`` newest checkpoints up to the one ``latest`` names; delete older ones.
+
+    The checkpoint ``latest`` names is never deleted; nothing is deleted when ``latest`` does
+    not name a ``step_N`` directory. Checkpoints of higher steps than ``latest``'s (another
+    run's, e.g. after ``resume: none`` in a used directory) are kept.
+    """
+    base = Path(root)
+    current = _read_latest(base)
+    current_step = checkpoint_step(base / current) if current else None
+    if current_step is None:
+        return
+    done = sorted(
+        (step, path) for path in base.iterdir()
+        if path.is_dir() and (step := checkpoint_step(path)) is not None and step <= current_step
+    )
+    for _, old in done[:-keep_last]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+    _remove_leftovers(base)
 
 
 def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingState:
@@ -198,6 +279,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and loaded.get("scheduler") is not None:
+        scheduler.num_steps = 0  # megatron-core's load_state_dict adds the saved count to it
         scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
@@ -209,12 +291,22 @@ def _materialise_optimizer_state(optimizer) -> None:
 
     Without TE/apex, megatron-core's DistributedOptimizer reads the Adam ``step`` from the
     inner torch optimizer's state, which is empty until the first step; megatron-core's own
-    dummy-state initialisation (zero gradients, one step at the schedule's initial lr) is run
-    first, as its loading path expects. The dummy values are overwritten by the load.
+    dummy-state initialisation (zero gradients, one optimizer step) is run first, as its
+    loading path expects, with lr and weight decay at 0 for that step so that it cannot move a
+    weight (AdamW's decoupled decay would, at a nonzero lr). The dummy values are overwritten
+    by the load.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
+            groups = opt.optimizer.param_groups
+            saved = [(g["lr"], g["weight_decay"]) for g in groups]
+            for g in groups:
+                g["lr"], g["weight_decay"] = 0.0, 0.0
+            try:
+                opt._init_optimizer_states_with_dummy_values()
+            finally:
+                for g, (lr, wd) in zip(groups, saved):
+                    g["lr"], g["weight_decay"] = lr, wd
 
 
 def _saved_world_size(path: Path) -> Optional[int]:

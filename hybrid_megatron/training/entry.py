@@ -85,8 +85,8 @@ def train(recipe) -> dict:
 
     Takes a validated Recipe. Joins the process group from the environment, checks data,
     tokenizer and checkpoint directory before building anything, resumes from the latest
-    checkpoint (``checkpoint.resume``), trains with megatron-core's schedules and distributed
-    optimizer, validates, checkpoints, logs to MLflow (rank 0), and on SIGTERM/SIGUSR1 saves
+    checkpoint (``checkpoint.resume``) or else starts from ``checkpoint.init_from``'s weights,
+    trains with megatron-core's schedules and distributed optimizer, validates, checkpoints, logs to MLflow (rank 0), and on SIGTERM/SIGUSR1 saves
     and stops. Returns a summary dict: ``checkpoint_dir``, ``last_checkpoint``, ``final_loss``,
     ``final_val_loss``, ``steps``, ``skipped_steps``, ``stopped_by_signal``, ``mlflow_run_id``.
     Raises TrainingAborted, CheckpointError or the data tools' error naming the bad input.
@@ -104,12 +104,18 @@ def train(recipe) -> dict:
     train_ds, valid_ds, _ = _prepare_data(recipe, info)
 
     model_chunks = build_training_model(recipe)
+    resume = _resume_path(recipe)
+    if resume is None and recipe.checkpoint.init_from is not None:
+        # before the optimizer exists: it copies the weights into its (bf16: fp32) main params
+        from hybrid_megatron.training.restore import init_weights_from
+
+        init_weights_from(recipe.checkpoint.init_from, model_chunks, recipe.model)
+        _log(rank, f"initialised weights from {recipe.checkpoint.init_from} (fresh optimizer, step 0)")
     optimizer = build_optimizer(train_cfg, model_chunks)
     total_steps = info["total_steps"]
     scheduler = build_scheduler(train_cfg, optimizer, total_steps)
 
     state = TrainingState()
-    resume = _resume_path(recipe)
     if resume is not None:
         state = load_checkpoint(resume, model_chunks, optimizer, scheduler)
         _log(rank, f"resumed from {resume} at step {state.step}")
@@ -140,8 +146,9 @@ def train(recipe) -> dict:
     last_saved = resume
     status = "FAILED"
     try:
-        while state.step < total_steps and not stop.requested:
+        while state.step < total_steps and not stop.agreed():  # all ranks stop after one step
             t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]  # what this step's update uses (set by the scheduler)
             loss, grad_norm, applied = train_step(
                 model_chunks, optimizer, scheduler, batches.next_global_batch(), seq
             )
@@ -164,7 +171,7 @@ def train(recipe) -> dict:
             mfu = flops_tok * tokens_per_s / (peak * world) if peak else None
             metrics = {
                 "train/loss": loss,
-                "train/lr": scheduler.get_lr(optimizer.param_groups[0]),
+                "train/lr": lr,
                 "train/grad_norm": None if grad_norm is None else float(grad_norm),
                 "train/tokens_per_s": tokens_per_s,
                 "train/mfu": mfu,
@@ -199,7 +206,7 @@ def train(recipe) -> dict:
             last_saved = save_checkpoint(recipe.checkpoint.dir, model_chunks, optimizer, scheduler,
                                          state, recipe.checkpoint.keep_last, recipe.to_yaml())
             _log(rank, f"saved checkpoint {last_saved}")
-        status = "KILLED" if stop.requested else "FINISHED"
+        status = "KILLED" if stop.stopping else "FINISHED"
     finally:
         tracker.finish(status)
     summary = {

@@ -36,16 +36,23 @@ def build_scheduler(train: TrainConfig, optimizer, total_steps: int) -> Optimize
     """Linear warmup to ``lr``, then ``cosine`` / ``wsd`` / ``constant`` decay to ``min_lr``.
 
     Takes the TrainConfig, the optimizer and the run's total steps; returns megatron-core's
-    OptimizerParamScheduler counting in optimizer steps (call ``step(1)`` per step). WSD holds
-    the peak and decays over the last ``wsd_decay_fraction`` of the steps.
+    OptimizerParamScheduler counting in optimizer steps (call ``step(1)`` after each applied
+    update; it sets the lr of the optimizer's param groups).
+
+    With T total steps, W = ``warmup_steps`` and n the updates applied so far, the lr is
+    ``lr * n / W`` for n <= W, then: cosine ``min_lr + (lr - min_lr) * (1 + cos(pi * (n - W) /
+    (T - W))) / 2``; wsd ``lr`` up to n = T - D and ``min_lr + (lr - min_lr) * (T - n) / D``
+    after, with D = ``round(T * wsd_decay_fraction)`` (at least 1, at most T - W); constant
+    ``lr``. Megatron-core's convention: step s (1-based) trains at n = s - 1, so the first
+    step of a warmup runs at lr 0, the peak is first used at step W + 1, and the schedule
+    reaches ``min_lr`` at n = T, after the last step.
     """
     style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[train.schedule]
     extra = {}
     if style == "WSD":
-        extra = dict(
-            wsd_decay_steps=max(1, round(total_steps * train.wsd_decay_fraction)),
-            lr_wsd_decay_style="linear",
-        )
+        # The decay never starts inside the warmup (a jump down from the ramp would follow it).
+        decay = min(max(1, round(total_steps * train.wsd_decay_fraction)), total_steps - train.warmup_steps)
+        extra = dict(wsd_decay_steps=decay, lr_wsd_decay_style="linear")
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

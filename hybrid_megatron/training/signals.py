@@ -5,6 +5,9 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
+import torch
+import torch.distributed as dist
+
 
 class GracefulStop:
     """Records a termination signal so the loop can checkpoint before the process ends.
@@ -12,12 +15,17 @@ class GracefulStop:
     SLURM sends SIGUSR1 (``--signal``) before the time limit and SIGTERM on preemption. The
     handler only sets a flag; after the loop has saved, :meth:`hand_over` calls the handler that
     was installed before (submitit's, which requeues the job), so saving comes first.
+
+    Signals reach the ranks of a job at different moments, so a rank's own flag can flip one
+    step before another's; the loop asks :meth:`agreed` (one all-reduce) so that every rank
+    stops after the same step and they save together.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.received: Optional[int] = None
+        self.stopping = False
         self._previous = {}
 
     def install(self) -> "GracefulStop":
@@ -32,8 +40,24 @@ class GracefulStop:
 
     @property
     def requested(self) -> bool:
-        """True once a stop signal arrived."""
+        """True once a stop signal arrived in this process."""
         return self.received is not None
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank of the job has received a stop signal.
+
+        Collective when torch.distributed is initialised (every rank must call it at the same
+        point of the loop, e.g. once per step): an all-reduce (MAX) of the ranks' flags. The
+        answer stays True once given and is kept in ``stopping``.
+        """
+        if not self.stopping:
+            self.stopping = self.requested
+            if dist.is_available() and dist.is_initialized():
+                device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+                flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                self.stopping = bool(flag.item())
+        return self.stopping
 
     def restore(self) -> None:
         """Put the previous handlers back."""
