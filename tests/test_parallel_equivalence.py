@@ -96,8 +96,10 @@ def _rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe: bool) -> dict:
-    """Reference at TP=PP=EP=1, then the same weights at TP=2, PP=2 and (MoE) EP=2."""
+def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe: bool,
+                       layouts: dict | None = None) -> dict:
+    """Reference at TP=PP=EP=1, then the same weights at TP=2, PP=2 and (MoE) EP=2, or at the
+    given ``layouts`` (name -> ParallelConfig fields)."""
     import torch
     from megatron.core import dist_checkpointing
 
@@ -120,14 +122,14 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
     dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
     out["num_params_tp1"] = sum(p.numel() for p in model.parameters())
 
-    layouts = {
+    layouts = layouts or {
         "tp2_sp": {"tp": 2, "sequence_parallel": True},
         "pp2": {"pp": 2},
         "pp2_uneven": {"pp": 2, "pipeline_stage_layers": [1, 3]},
     }
-    if not moe:  # megatron-core allows MoE with TP only together with sequence parallelism
+    if not moe and "tp2_sp" in layouts:  # megatron-core allows MoE with TP only with SP
         layouts["tp2"] = {"tp": 2}
-    if moe:
+    if moe and "tp2_sp" in layouts:
         layouts["ep2"] = {"ep": 2}
     for name, layout in layouts.items():
         model = _build(cfg_dict, layout)
@@ -145,7 +147,7 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
             out[f"{name}_scale_grad_rel_err"] = max(
                 abs(grads[k] - ref_scale_grads[k]) / abs(ref_scale_grads[k]) for k in ref_scale_grads
             )
-        if name.startswith("pp2"):
+        if name.startswith(("pp2", "tp2_pp2")):
             out[f"{name}_stage_params"] = sum(p.numel() for p in model.parameters())
             out[f"{name}_stage_layers"] = len(model.decoder.layers)
     out["ref_loss"] = ref_loss
@@ -190,3 +192,23 @@ def test_parallel_layouts_match_single_rank(kind, moe, tmp_path):
     # explicit per-stage layer counts: stage 0 builds 1 block, stage 1 builds 3
     assert [r["pp2_uneven_stage_layers"] for r in ranks] == [1, 3]
     assert abs(ranks[1]["pp2_uneven_loss_abs_err"]) < 1e-5, ranks[1]
+
+
+@pytest.mark.slow
+def test_tp2_x_pp2_intra_moe_matches_single_rank(tmp_path):
+    """Issue #9's layout on 4 CPU ranks: the intra MoE hybrid at TP=2 x PP=2 (with SP) gives the
+    single-rank loss from the same checkpoint; each TP pair of a stage agrees."""
+    cfg = tiny_model("intra", moe=True)
+    layouts = {"tp2_pp2": {"tp": 2, "pp": 2, "sequence_parallel": True}}
+    ranks = run_distributed(
+        equivalence_worker, 4, tmp_path, cfg, str(tmp_path / "ckpt"), True, layouts
+    )
+    # megatron-core's rank order is TP fastest, then PP: ranks 2 and 3 hold the last stage.
+    assert "tp2_pp2_loss_abs_err" not in ranks[0] and "tp2_pp2_loss_abs_err" not in ranks[1]
+    for r in ranks[2:]:
+        assert r["tp2_pp2_loss_abs_err"] < 1e-5, r
+        assert r["ref_loss"] > 1.0, r
+    stage_params = [r["tp2_pp2_stage_params"] for r in ranks]
+    # the two TP ranks of a stage hold equally sized shards of the same blocks
+    assert stage_params[0] == stage_params[1] and stage_params[2] == stage_params[3]
+    assert [r["tp2_pp2_stage_layers"] for r in ranks] == [2, 2, 2, 2]
