@@ -138,8 +138,23 @@ def ffn_terms(cfg: ModelConfig, seq_len: int, moe: bool = True) -> dict[str, int
     return terms
 
 
+class _TrainingFromForward:
+    """Training FLOPs derived from ``forward_per_sample`` and ``seq_len`` (backward = 2 x
+    forward), shared by a block's and the whole model's report."""
+
+    @property
+    def training_per_sample(self) -> int:
+        """Forward + backward FLOPs over one sample (3 x forward)."""
+        return TRAINING_MULTIPLIER * self.forward_per_sample
+
+    @property
+    def training_per_token(self) -> float:
+        """Forward + backward FLOPs per token (averaged over the sample)."""
+        return self.training_per_sample / self.seq_len
+
+
 @dataclass
-class BlockFlops:
+class BlockFlops(_TrainingFromForward):
     """FLOPs of one block of a given letter (per block, not times ``count``).
 
     ``terms`` maps each term name to its forward FLOPs per sample; ``mixer_forward`` sums the
@@ -157,19 +172,9 @@ class BlockFlops:
         """Forward FLOPs of one such block over one sample."""
         return sum(self.terms.values())
 
-    @property
-    def training_per_sample(self) -> int:
-        """Forward + backward FLOPs of one such block over one sample (3 x forward)."""
-        return TRAINING_MULTIPLIER * self.forward_per_sample
-
-    @property
-    def training_per_token(self) -> float:
-        """Training FLOPs of one such block per token."""
-        return self.training_per_sample / self.seq_len
-
 
 @dataclass
-class FlopReport:
+class FlopReport(_TrainingFromForward):
     """Training FLOPs of a whole model at one sequence length.
 
     ``blocks`` maps each letter of ``pattern`` to its BlockFlops; ``lm_head_forward`` is the
@@ -186,16 +191,6 @@ class FlopReport:
         self.forward_per_sample = self.lm_head_forward + sum(
             b.forward_per_sample * b.count for b in self.blocks.values()
         )
-
-    @property
-    def training_per_sample(self) -> int:
-        """Forward + backward FLOPs of the model over one sample."""
-        return TRAINING_MULTIPLIER * self.forward_per_sample
-
-    @property
-    def training_per_token(self) -> float:
-        """Forward + backward FLOPs of the model per token (averaged over the sample)."""
-        return self.training_per_sample / self.seq_len
 
     @property
     def forward_per_token(self) -> float:

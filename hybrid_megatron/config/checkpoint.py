@@ -25,26 +25,14 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from hybrid_megatron.config.base import StrictSection, resolve_path
 
 DEFAULT_DIR = "runs/{name}/checkpoints"
 
 
-class _Strict(BaseModel):
-    # Unknown keys are errors, so a typo in a recipe never silently falls back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def resolve_path(path: str, info: ValidationInfo) -> str:
-    """``path`` with ~ expanded and joined to the validation context's ``base_dir`` if relative."""
-    path = os.path.expanduser(str(path))
-    base = (info.context or {}).get("base_dir")
-    if base is not None and not os.path.isabs(path):
-        path = os.path.join(str(base), path)
-    return os.path.normpath(path)
-
-
-class CheckpointConfig(_Strict):
+class CheckpointConfig(StrictSection):
     """Checkpoint location and policy (the recipe's ``checkpoint:`` section)."""
 
     dir: str = Field(default=DEFAULT_DIR, min_length=1, description="checkpoint root; {name} allowed")

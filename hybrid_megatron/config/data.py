@@ -21,26 +21,14 @@ import os
 import re
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from hybrid_megatron.config.base import StrictSection, resolve_path
 
 DEFAULT_SPLIT = "98,1,1"
 
 
-def _resolve(path: str, info: ValidationInfo) -> str:
-    """Returns `path` with ~ expanded, joined to the context's base_dir when relative."""
-    path = os.path.expanduser(str(path))
-    base = (info.context or {}).get("base_dir")
-    if base is not None and not os.path.isabs(path):
-        path = os.path.join(str(base), path)
-    return os.path.normpath(path)
-
-
-class _Strict(BaseModel):
-    # Unknown keys are errors, so a typo in a recipe never silently falls back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BlendEntry(_Strict):
+class BlendEntry(StrictSection):
     """One dataset of a blend: an indexed dataset prefix (no .bin/.idx) and its weight."""
 
     prefix: str = Field(min_length=1, description="path prefix of PREFIX.bin / PREFIX.idx")
@@ -52,7 +40,7 @@ class BlendEntry(_Strict):
         for suffix in (".bin", ".idx"):
             if value.endswith(suffix):
                 raise ValueError(f"give the prefix without {suffix!r}: {value!r}")
-        return _resolve(value, info)
+        return resolve_path(value, info)
 
 
 def _coerce_blend(value: Any) -> Any:
@@ -75,7 +63,7 @@ def _coerce_blend(value: Any) -> Any:
     return out
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictSection):
     """Datasets, splits and sample layout for training (the recipe's ``data:`` section)."""
 
     blend: list[BlendEntry] = Field(description="training datasets (split by `split` unless per-split blends)")
@@ -105,7 +93,7 @@ class DataConfig(_Strict):
     @field_validator("tokenizer", "cache_dir")
     @classmethod
     def _resolve_paths(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
-        return None if value is None else _resolve(value, info)
+        return None if value is None else resolve_path(value, info)
 
     @field_validator("split")
     @classmethod

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from hybrid_megatron.config.base import StrictSection
 
 Kind = Literal["transformer", "swa", "mamba", "inter", "intra"]
 Flavour = Literal["llama", "nemotron_h"]
-
-
-class _Strict(BaseModel):
-    # Unknown keys are errors, so a typo in a recipe never silently falls back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def parse_ratio(text: str, field: str) -> tuple[int, int]:
@@ -34,7 +31,7 @@ def parse_ratio(text: str, field: str) -> tuple[int, int]:
     return a, b
 
 
-class AttentionConfig(_Strict):
+class AttentionConfig(StrictSection):
     """Self-attention of Transformer blocks and of the intra block's attention branch."""
 
     num_heads: int = Field(gt=0, description="query heads (Transformer blocks)")
@@ -50,7 +47,7 @@ class AttentionConfig(_Strict):
     )
 
 
-class MambaConfig(_Strict):
+class MambaConfig(StrictSection):
     """Mamba2 mixer of Mamba blocks and of the intra block's Mamba branch."""
 
     state_dim: int = Field(default=64, gt=0, description="SSM state size N (d_state)")
@@ -61,7 +58,7 @@ class MambaConfig(_Strict):
     chunk_size: int = Field(default=128, gt=0, description="SSD chunk length")
 
 
-class PatternConfig(_Strict):
+class PatternConfig(StrictSection):
     """Which block goes at which depth (kinds inter and intra)."""
 
     ratio: Optional[str] = Field(
@@ -85,7 +82,7 @@ class PatternConfig(_Strict):
     )
 
 
-class IntraConfig(_Strict):
+class IntraConfig(StrictSection):
     """The intra-layer (parallel, head-split) hybrid block."""
 
     dim_ratio: str = Field(default="1:1", description="attention:mamba share of mixer_width")
@@ -106,7 +103,7 @@ class IntraConfig(_Strict):
         return v
 
 
-class MoEConfig(_Strict):
+class MoEConfig(StrictSection):
     """Mixture-of-experts FFN (megatron-core MoELayer)."""
 
     num_experts: int = Field(gt=1)
@@ -143,7 +140,7 @@ class MoEConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictSection):
     """A whole language model: kind, sizes, block pattern, FFN and numerics."""
 
     kind: Kind

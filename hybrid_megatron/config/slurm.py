@@ -24,12 +24,9 @@ from __future__ import annotations
 import re
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class _Strict(BaseModel):
-    # Unknown keys are errors, so a typo in a recipe never silently falls back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from hybrid_megatron.config.base import StrictSection, string_map
 
 
 def parse_minutes(value: Any) -> Any:
@@ -64,7 +61,7 @@ def parse_minutes(value: Any) -> Any:
     return -(-total_seconds // 60)
 
 
-class SlurmConfig(_Strict):
+class SlurmConfig(StrictSection):
     """SLURM allocation and job environment (the recipe's ``slurm:`` section)."""
 
     nodes: int = Field(default=1, gt=0)
@@ -111,9 +108,7 @@ class SlurmConfig(_Strict):
     @field_validator("env", mode="before")
     @classmethod
     def _stringify_env(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): "" if v is None else str(v) for k, v in value.items()}
-        return value
+        return string_map(value)
 
     @model_validator(mode="after")
     def _check(self) -> "SlurmConfig":

@@ -18,12 +18,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-
-class _Strict(BaseModel):
-    # Unknown keys are errors, so a typo in a recipe never silently falls back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from hybrid_megatron.config.base import StrictSection, string_map
 
 
 def default_tracking_uri(run_dir: str) -> str:
@@ -36,7 +33,7 @@ def default_tracking_uri(run_dir: str) -> str:
     return f"sqlite:///{os.path.join(parent, 'mlruns.db')}"
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(StrictSection):
     """MLflow settings (the recipe's ``tracking:`` section)."""
 
     enabled: bool = Field(default=True, description="log to MLflow (rank 0 only)")
@@ -55,10 +52,7 @@ class TrackingConfig(_Strict):
     @field_validator("tags", mode="before")
     @classmethod
     def _stringify_tags(cls, value: Any) -> Any:
-        # YAML turns `seed: 1` or `final: true` into numbers/bools; MLflow tags are strings.
-        if isinstance(value, dict):
-            return {str(k): "" if v is None else str(v) for k, v in value.items()}
-        return value
+        return string_map(value)  # MLflow tags are strings
 
     @field_validator("scale", "compare_group", "run_name", mode="before")
     @classmethod

@@ -21,14 +21,11 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from hybrid_megatron.config.base import StrictSection
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-
-
-class _Strict(BaseModel):
-    # Unknown keys are errors, so a typo in a recipe never silently falls back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def parse_count(value: Any) -> Any:
@@ -53,7 +50,7 @@ def parse_count(value: Any) -> Any:
     return value
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictSection):
     """Optimisation settings of one training run (the recipe's ``train:`` section)."""
 
     global_batch_size: int = Field(gt=0, description="samples per optimizer step (all DP ranks)")

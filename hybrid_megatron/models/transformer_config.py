@@ -54,6 +54,7 @@ def build_transformer_config(
     """
     attention = cfg.attention
     moe = cfg.moe
+    fused = resolve_impl(cfg) == "te"
     kwargs = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -73,8 +74,8 @@ def build_transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # Fused kernels need Transformer Engine on a GPU; the local (CPU) path uses plain ops.
-        bias_dropout_fusion=resolve_impl(cfg) == "te",
-        apply_rope_fusion=resolve_impl(cfg) == "te",
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=fused,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         init_method_std=cfg.init_method_std,

@@ -1,0 +1,37 @@
+"""What every recipe section shares: the strict pydantic base and the field helpers."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo
+
+
+class StrictSection(BaseModel):
+    """Base of every recipe section: unknown keys are errors (a typo never silently falls back
+    to a default) and a validated section is immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def resolve_path(path: str, info: ValidationInfo) -> str:
+    """``path`` with ~ expanded and joined to the validation context's ``base_dir`` if relative.
+
+    Takes the path text and pydantic's ValidationInfo (the loader puts the recipe file's folder
+    in ``context["base_dir"]``); returns a normalised path string.
+    """
+    path = os.path.expanduser(str(path))
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not os.path.isabs(path):
+        path = os.path.join(str(base), path)
+    return os.path.normpath(path)
+
+
+def string_map(value: Any) -> Any:
+    """A mapping's keys and values as strings (None becomes ""); anything else unchanged, so
+    pydantic reports the type error. YAML turns ``seed: 1`` or ``final: true`` into numbers and
+    bools where environment variables and MLflow tags need strings."""
+    if isinstance(value, dict):
+        return {str(k): "" if v is None else str(v) for k, v in value.items()}
+    return value
