@@ -45,10 +45,38 @@ PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100/H200 SXM dense peaks (the i
 
 
 # ----------------------------------------------------------------------------- model configs
-def model_config(scale: str, kind: str, moe: bool, precision: str):
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Settings shared by every row of one run (one ``run`` invocation, one JSON record).
+
+    micro_batch: samples per micro-batch (None: the scale's default); microbatches: micro-batches
+    per optimizer step (gradient accumulation, as in real training where one step sees many);
+    cuda_graphs: ``train.cuda_graphs``; fp8_attention: ``model.fp8_attention`` on fp8 rows;
+    overlap_branches: ``model.intra.overlap_branches`` on intra rows.
+    """
+
+    micro_batch: int | None = None
+    microbatches: int = 1
+    cuda_graphs: bool = False
+    fp8_attention: bool = False
+    overlap_branches: bool = False
+
+    def as_args(self) -> list[str]:
+        """The command-line flags that reproduce these options."""
+        out = ["--microbatches", str(self.microbatches)]
+        if self.micro_batch:
+            out += ["--mbs", str(self.micro_batch)]
+        out += [flag for flag, on in (("--cuda-graphs", self.cuda_graphs),
+                                      ("--fp8-attention", self.fp8_attention),
+                                      ("--overlap-branches", self.overlap_branches)) if on]
+        return out
+
+
+def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunOptions = RunOptions()):
     """The ModelConfig of one row: the shipped ``recipes/<scale>_<kind>.yaml`` model section
     (``tiny``: tests/model_configs.py's tiny model), with an MoE FFN (8 experts, top-2, each
-    half the dense FFN so the active FFN equals it) and FP8 when asked."""
+    half the dense FFN so the active FFN equals it), FP8 when asked and the run's options
+    (FP8 attention, intra branch overlap)."""
     from hybrid_megatron.config.model import ModelConfig
 
     if scale == "tiny":
@@ -69,6 +97,9 @@ def model_config(scale: str, kind: str, moe: bool, precision: str):
             "grouped_gemm": torch.cuda.is_available(),
         }
     fields["fp8"] = "hybrid" if precision == "fp8" else None
+    fields["fp8_attention"] = precision == "fp8" and options.fp8_attention and kind != "mamba"
+    if kind == "intra":
+        fields["intra"] = {**(fields.get("intra") or {}), "overlap_branches": options.overlap_branches}
     return ModelConfig(**fields)
 
 
@@ -80,18 +111,18 @@ def native_pattern(our_pattern: str, moe: bool) -> str:
     return "".join({"M": "M", "A": "*"}[letter] + ffn for letter in our_pattern)
 
 
-def build_row_model(arch: str, cfg, recompute: str = "none", bf16: bool = True):
+def build_row_model(arch: str, cfg, recompute: str = "none", bf16: bool = True, cuda_graphs: bool = False):
     """Build the unwrapped model of one row: ours through ``build_model``, or a megatron-core
-    native baseline with the same TransformerConfig (same widths, heads, MoE and FP8 settings).
-    Returns (model, pattern text)."""
+    native baseline with the same TransformerConfig (same widths, heads, MoE, FP8 and CUDA-graph
+    settings). Returns (model, pattern text)."""
     from hybrid_megatron.models import build_model
     from hybrid_megatron.models.layer_pattern import build_layer_pattern
     from hybrid_megatron.models.transformer_config import build_transformer_config
 
     pattern = build_layer_pattern(cfg)
     if not arch.startswith("native_"):
-        return build_model(cfg, bf16=bf16, recompute=recompute), pattern
-    tconfig = build_transformer_config(cfg, bf16=bf16, recompute=recompute)
+        return build_model(cfg, bf16=bf16, recompute=recompute, cuda_graphs=cuda_graphs), pattern
+    tconfig = build_transformer_config(cfg, bf16=bf16, recompute=recompute, cuda_graphs=cuda_graphs)
     if arch == "native_gpt":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         from megatron.core.models.gpt.gpt_model import GPTModel
@@ -128,17 +159,21 @@ def _device() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def _synthetic_batch(vocab: int, mbs: int, seq: int, seed: int) -> list:
-    """One global batch (a single micro-batch) of random tokens on this rank's device."""
+def _synthetic_batch(vocab: int, mbs: int, seq: int, seed: int, microbatches: int = 1) -> list:
+    """One global batch of random tokens on this rank's device: ``microbatches`` micro-batch
+    dicts of ``mbs`` samples each."""
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=gen)
-    return [{
-        "tokens": tokens[:, :-1].contiguous().to(device),
-        "labels": tokens[:, 1:].contiguous().to(device),
-        "loss_mask": torch.ones(mbs, seq, device=device),
-        "position_ids": torch.arange(seq, device=device).expand(mbs, seq).contiguous(),
-    }]
+    batch = []
+    for _ in range(microbatches):
+        tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=gen)
+        batch.append({
+            "tokens": tokens[:, :-1].contiguous().to(device),
+            "labels": tokens[:, 1:].contiguous().to(device),
+            "loss_mask": torch.ones(mbs, seq, device=device),
+            "position_ids": torch.arange(seq, device=device).expand(mbs, seq).contiguous(),
+        })
+    return batch
 
 
 def _sync() -> None:
@@ -148,9 +183,9 @@ def _sync() -> None:
 
 def _reset_run_state() -> None:
     """Forget what the previous row left in process globals (MoE tracker, FP8 state, memory)."""
-    from hybrid_megatron.training.entry import reset_moe_run_state
+    from hybrid_megatron.training.entry import reset_run_state
 
-    reset_moe_run_state()
+    reset_run_state()
     try:
         from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
 
@@ -166,16 +201,16 @@ def _reset_run_state() -> None:
 class Trainee:
     """A row's model wrapped for training, its optimizer and schedule (the trainer's own code)."""
 
-    def __init__(self, arch: str, cfg, recompute: str = "none", seed: int = 1234):
+    def __init__(self, arch: str, cfg, recompute: str = "none", seed: int = 1234, cuda_graphs: bool = False):
         from hybrid_megatron.config.parallel import ParallelConfig
         from hybrid_megatron.config.train import TrainConfig
         from hybrid_megatron.training.model_setup import wrap_for_training
         from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
         from hybrid_megatron.training.parallel_setup import setup_model_parallel
 
-        setup_model_parallel(ParallelConfig(), seed)
+        setup_model_parallel(ParallelConfig(), seed, cuda_graphs=cuda_graphs)
         bf16 = torch.cuda.is_available()  # CPU smoke runs train in fp32
-        model, self.pattern = build_row_model(arch, cfg, recompute, bf16)
+        model, self.pattern = build_row_model(arch, cfg, recompute, bf16, cuda_graphs)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.chunks = wrap_for_training(model, bf16=bf16)
         train = TrainConfig(global_batch_size=1, steps=1000, lr=1e-4, warmup_steps=10,
@@ -191,24 +226,26 @@ class Trainee:
         return loss
 
 
-def measure_row(scale: str, arch: str, moe: bool, precision: str, warmup: int, steps: int) -> dict:
+def measure_row(scale: str, arch: str, moe: bool, precision: str, warmup: int, steps: int,
+                options: RunOptions = RunOptions()) -> dict:
     """Train one row for ``warmup`` + ``steps`` steps; returns its record (tokens/s over the
     timed steps, peak memory, parameters, losses) or the error it hit."""
     kind = NATIVES.get(arch, arch)
     shape = SCALES[scale]
+    mbs = options.micro_batch or shape["mbs"]
     row = {"scale": scale, "arch": arch, "ffn": "moe" if moe else "dense", "precision": precision,
-           "seq_length": shape["seq"], "micro_batch": shape["mbs"]}
+           "seq_length": shape["seq"], "micro_batch": mbs, "microbatches": options.microbatches}
     _reset_run_state()
     try:
-        cfg = model_config(scale, kind, moe, precision)
+        cfg = model_config(scale, kind, moe, precision, options)
         from hybrid_megatron.accounting.flops import model_flops_per_token
 
         row["flops_per_token"] = float(model_flops_per_token(cfg, shape["seq"]))
         t_build = time.perf_counter()
-        trainee = Trainee(arch, cfg)
+        trainee = Trainee(arch, cfg, cuda_graphs=options.cuda_graphs)
         row.update(pattern=trainee.pattern, num_parameters=trainee.num_parameters,
                    build_s=round(time.perf_counter() - t_build, 2))
-        batch = _synthetic_batch(cfg.vocab_size, shape["mbs"], shape["seq"], seed=0)
+        batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0, microbatches=options.microbatches)
         losses = [trainee.step(batch, shape["seq"]) for _ in range(warmup)]
         _sync()
         t0 = time.perf_counter()
@@ -216,7 +253,7 @@ def measure_row(scale: str, arch: str, moe: bool, precision: str, warmup: int, s
             losses.append(trainee.step(batch, shape["seq"]))
         _sync()
         elapsed = time.perf_counter() - t0
-        tokens_per_s = steps * shape["mbs"] * shape["seq"] / elapsed
+        tokens_per_s = steps * options.microbatches * mbs * shape["seq"] / elapsed
         row.update(
             step_s=elapsed / steps,
             tokens_per_s=tokens_per_s,
@@ -260,7 +297,8 @@ def _write(path: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, args) -> dict:
+def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, args,
+                           options: RunOptions) -> dict:
     """measure_row in a fresh process. MoE rows leave ~14 GB behind in one process (seen on an
     H100: 350M MoE rows in a row ran out of memory), so each gets a clean process."""
     import subprocess
@@ -270,7 +308,8 @@ def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, arg
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, __file__, "run", "--scales", scale, "--archs", arch,
                "--ffn", "moe" if moe else "dense", "--precisions", precision,
-               "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out)]
+               "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out),
+               *options.as_args()]
         env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the parent's is taken
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode == 0 and out.exists():
@@ -279,20 +318,28 @@ def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, arg
             "error": f"subprocess exit {done.returncode}: {done.stderr[-400:]}"}
 
 
+def _options(args) -> RunOptions:
+    return RunOptions(micro_batch=args.mbs, microbatches=args.microbatches,
+                      cuda_graphs=args.cuda_graphs, fp8_attention=args.fp8_attention,
+                      overlap_branches=args.overlap_branches)
+
+
 def cmd_run(args) -> None:
     """Measure every (scale, ffn, precision, arch) row; rewrites ``--out`` after each row so a
     time limit loses at most the row in flight."""
     archs = args.archs or (KINDS + (list(NATIVES) if torch.cuda.is_available() else []))
-    record = {**_header(), "warmup": args.warmup, "steps": args.steps, "rows": []}
+    options = _options(args)
+    record = {**_header(), "warmup": args.warmup, "steps": args.steps,
+              "options": dataclasses.asdict(options), "rows": []}
     deadline = time.monotonic() + args.time_budget
     for scale, arch, moe, precision in _rows(args.scales, archs, args.ffn, args.precisions):
         if time.monotonic() > deadline:
             record.setdefault("skipped", []).append(f"{scale}/{arch}/{moe}/{precision}")
             continue
         if args.isolate:
-            row = _measure_in_subprocess(scale, arch, moe, precision, args)
+            row = _measure_in_subprocess(scale, arch, moe, precision, args, options)
         else:
-            row = measure_row(scale, arch, moe, precision, args.warmup, args.steps)
+            row = measure_row(scale, arch, moe, precision, args.warmup, args.steps, options)
         record["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "traceback")}), flush=True)
         _write(args.out, record)
@@ -347,10 +394,12 @@ def cmd_profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     shape = SCALES[args.scale]
+    options = _options(args)
     _reset_run_state()
-    cfg = model_config(args.scale, args.kind, args.moe, args.precision)
-    trainee = Trainee(args.kind, cfg)
-    batch = _synthetic_batch(cfg.vocab_size, shape["mbs"], shape["seq"], seed=0)
+    cfg = model_config(args.scale, NATIVES.get(args.kind, args.kind), args.moe, args.precision, options)
+    trainee = Trainee(args.kind, cfg, cuda_graphs=options.cuda_graphs)
+    batch = _synthetic_batch(cfg.vocab_size, options.micro_batch or shape["mbs"], shape["seq"], seed=0,
+                             microbatches=options.microbatches)
     for _ in range(3):
         trainee.step(batch, shape["seq"])
     _sync()
@@ -363,7 +412,7 @@ def cmd_profile(args) -> None:
     table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=90)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(f"{_header()}\n{args.scale} {args.kind} moe={args.moe} "
-                              f"{args.precision}, {args.steps} steps\n{table}\n")
+                              f"{args.precision} {options}, {args.steps} steps\n{table}\n")
     print(table)
 
 
@@ -439,6 +488,16 @@ def markdown(summary: dict) -> str:
         mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
         lines.append(f"| {r['run']} | {r['scale']} | {r['arch']} | {r['ffn']} | {r['precision']} | "
                      f"{r['num_parameters'] / 1e6:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {vs} |")
+    runs = summary.get("sources") or []
+    if any(r.get("options") for r in runs):
+        lines += ["", "| run | device | date | micro-batch x per step | CUDA graphs | fp8 attention | intra overlap |",
+                  "|---|---|---|---|---|---|---|"]
+        for i, r in enumerate(runs):
+            o = r.get("options") or {}
+            mbs = o.get("micro_batch") or "scale default"
+            lines.append(f"| {i} | {r.get('device')} | {r.get('date')} | {mbs} x {o.get('microbatches', 1)} | "
+                         f"{o.get('cuda_graphs', False)} | {o.get('fp8_attention', False)} | "
+                         f"{o.get('overlap_branches', False)} |")
     lines += ["", "| run | goal | value | met |", "|---|---|---|---|"]
     for g in summary["goals"]:
         value = f"{g['value']:.1%}" if "MFU" in g["goal"] else f"{g['value']:.2f}x"
@@ -451,7 +510,8 @@ def cmd_report(args) -> None:
     records = [json.loads(Path(p).read_text()) for p in args.inputs]
     summary = summarise(records)
     summary["sources"] = [{k: r.get(k) for k in ("device", "date", "torch", "transformer_engine",
-                                                   "megatron_core", "warmup", "steps")} for r in records]
+                                                   "megatron_core", "warmup", "steps", "options")}
+                          for r in records]
     if args.json:
         _write(args.json, summary)
     text = markdown(summary)
@@ -472,6 +532,16 @@ def _init_process_group() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
 
 
+def _add_option_flags(parser) -> None:
+    """The RunOptions flags (shared by run and profile)."""
+    parser.add_argument("--mbs", type=int, help="micro-batch size (default: the scale's)")
+    parser.add_argument("--microbatches", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--cuda-graphs", action="store_true", help="train.cuda_graphs on every row")
+    parser.add_argument("--fp8-attention", action="store_true", help="model.fp8_attention on fp8 rows")
+    parser.add_argument("--overlap-branches", action="store_true",
+                        help="model.intra.overlap_branches on intra rows")
+
+
 def main(argv=None) -> None:
     """Parse the command line and run one subcommand."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -486,6 +556,7 @@ def main(argv=None) -> None:
     run.add_argument("--time-budget", type=float, default=540.0, help="seconds; later rows are skipped")
     run.add_argument("--isolate", action="store_true", help="each row in its own process")
     run.add_argument("--out", required=True)
+    _add_option_flags(run)
     mm = sub.add_parser("max-mbs", help="largest micro-batch per kind and recompute mode")
     mm.add_argument("--scale", default="1b", choices=list(SCALES))
     mm.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
@@ -501,6 +572,7 @@ def main(argv=None) -> None:
     prof.add_argument("--steps", type=int, default=2)
     prof.add_argument("--rows", type=int, default=40)
     prof.add_argument("--out", required=True)
+    _add_option_flags(prof)
     rep = sub.add_parser("report", help="merge JSON records into a table")
     rep.add_argument("inputs", nargs="+")
     rep.add_argument("--json")

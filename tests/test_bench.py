@@ -14,6 +14,7 @@ from tests.training_helpers import REPO
 
 _spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
 bench = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bench  # dataclasses resolve their module through sys.modules
 _spec.loader.exec_module(bench)
 
 
@@ -52,14 +53,20 @@ def test_tiny_rows_train_on_cpu(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "train_throughput.py"), "run", "--scales", "tiny",
          "--archs", "inter", "intra", "--ffn", "dense", "moe", "--precisions", "bf16",
-         "--warmup", "1", "--steps", "2", "--out", str(out)],
+         "--warmup", "1", "--steps", "2", "--out", str(out),
+         "--mbs", "1", "--microbatches", "2", "--overlap-branches"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    record = json.loads(out.read_text())
+    assert record["options"]["microbatches"] == 2 and record["options"]["overlap_branches"]
+    rows = record["rows"]
     assert [(r["arch"], r["ffn"]) for r in rows] == [
         ("inter", "dense"), ("intra", "dense"), ("inter", "moe"), ("intra", "moe")]
     for r in rows:
         assert "error" not in r, r.get("traceback")
         assert r["tokens_per_s"] > 0 and len(r["losses"]) == 3
+        # a step is 2 micro-batches of 1 sample: tokens/s counts both
+        assert (r["micro_batch"], r["microbatches"]) == (1, 2)
+        assert r["tokens_per_s"] * r["step_s"] == pytest.approx(2 * 1 * r["seq_length"])
         assert all(loss == loss for loss in r["losses"])  # finite

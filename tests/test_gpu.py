@@ -96,6 +96,32 @@ def test_te_fp8_forward_backward(single_rank, kind):
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.parametrize("kind", ["transformer", "inter", "intra"])
+def test_fp8_attention_trains_like_bf16_attention(single_rank, kind):
+    """model.fp8_attention: TE's cuDNN FP8 attention (head size 128) starts from the same loss as
+    FP8 GEMMs with bf16 attention, within FP8 error, and trains."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("FP8 attention needs Hopper or newer")
+    attention = {"num_heads": 2, "num_query_groups": 2}  # head size 256/2 = 128
+    losses = {}
+    for fp8_attention in (False, True):
+        model = _build(gpu_model(kind, params_dtype="bf16", fp8="hybrid", attention=attention,
+                                 fp8_attention=fp8_attention), bf16=True)
+        ids, labels, pos = _batch()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        run = []
+        for _ in range(4):
+            opt.zero_grad()
+            loss = model(ids, pos, None, labels=labels).float().mean()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses[fp8_attention] = run
+    assert all(torch.isfinite(torch.tensor(losses[True]))), losses
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=2e-2), losses
+    assert losses[True][-1] < losses[True][0], losses
+
+
 def _ssd_inputs(dtype, b=2, L=200, h=8, p=32, g=2, n=16, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731

@@ -9,7 +9,7 @@ import torch
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.train import TrainConfig
 from hybrid_megatron.models import build_model
-from hybrid_megatron.training.entry import reset_moe_run_state
+from hybrid_megatron.training.entry import reset_run_state
 from hybrid_megatron.training.parallel_setup import setup_model_parallel
 from hybrid_megatron.config.parallel import ParallelConfig
 from tests.model_configs import tiny_model
@@ -18,7 +18,7 @@ from tests.model_configs import tiny_model
 def _loss_and_grads(cfg: dict, recompute: str):
     """Build the model (seed 3), run forward + backward on a fixed batch; return
     (loss, {name: grad}, forward calls of layer 0's self-attention core or mixer)."""
-    reset_moe_run_state()  # megatron-core's MoE loss tracker is sized by the first model built
+    reset_run_state()  # megatron-core's MoE loss tracker is sized by the first model built
     setup_model_parallel(ParallelConfig(), seed=3)
     model = build_model(ModelConfig(**cfg), recompute=recompute)
     calls = {"n": 0}

@@ -95,6 +95,11 @@ class IntraConfig(StrictSection):
     branch_norm: Literal["none", "rmsnorm"] = "rmsnorm"
     branch_scalars: bool = Field(default=False, description="learnable scalar per branch")
     fusion: Literal["add", "subtract", "concat"] = "concat"
+    overlap_branches: bool = Field(
+        default=False,
+        description="GPU: run the attention and Mamba branches on two CUDA streams "
+        "(no effect on CPU)",
+    )
 
     @field_validator("dim_ratio")
     @classmethod
@@ -180,6 +185,11 @@ class ModelConfig(StrictSection):
     init_method_std: float = 0.02
     tie_embeddings: bool = False
     fp8: Optional[Literal["hybrid", "e4m3"]] = Field(default=None, description="TE FP8 recipe")
+    fp8_attention: bool = Field(
+        default=False,
+        description="with fp8: the attention core (QK^T, softmax, PV) in FP8 too, through TE's "
+        "cuDNN FP8 attention (Hopper and newer); default keeps it in bf16",
+    )
     params_dtype: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
@@ -221,6 +231,8 @@ class ModelConfig(StrictSection):
             )
         if self.fp8 is not None and self.impl == "local":
             raise ValueError("model.fp8: needs impl 'te' (Transformer Engine)")
+        if self.fp8_attention and self.fp8 is None:
+            raise ValueError("model.fp8_attention: needs model.fp8 (hybrid or e4m3)")
         return self
 
     # Derived sizes, one definition each so builders and accounting agree.

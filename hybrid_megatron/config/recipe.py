@@ -40,6 +40,26 @@ from hybrid_megatron.config.tracking import TrackingConfig, default_tracking_uri
 from hybrid_megatron.config.train import TrainConfig
 
 
+def check_cuda_graphs(recipe: "Recipe") -> None:
+    """Raise ValueError naming ``train.cuda_graphs`` for what per-layer CUDA graphs cannot take.
+
+    A graph replays fixed shapes and fixed kernel launches: MoE layers route a different number
+    of tokens to each expert every step, and recompute / pipeline schedules / tensor-parallel
+    collectives inside graphs are layouts this project has not verified on GPUs yet.
+    """
+    why = None
+    if recipe.model.moe is not None:
+        why = "MoE layers route a different number of tokens per expert each step (graphs replay fixed shapes)"
+    elif recipe.train.recompute != "none":
+        why = f"not combined with train.recompute {recipe.train.recompute!r} (use none)"
+    elif recipe.parallel.tp > 1 or recipe.parallel.pp > 1:
+        why = "only with parallel.tp = parallel.pp = 1 so far (data parallelism is fine)"
+    elif recipe.train.precision != "bf16":
+        why = "needs train.precision bf16 (it is a GPU feature)"
+    if why:
+        raise ValueError(f"train.cuda_graphs: {why}")
+
+
 def check_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
     """Check, before any job is submitted, that the model can be laid out on ``parallel``.
 
@@ -115,6 +135,8 @@ class Recipe(BaseModel):
             )
         if self.model.fp8 is not None and self.train.precision != "bf16":
             raise ValueError("model.fp8: needs train.precision bf16")
+        if self.train.cuda_graphs:
+            check_cuda_graphs(self)
         check_layout(self.model, self.parallel)
         return self
 

@@ -91,6 +91,12 @@ class TrainConfig(StrictSection):
         description="activation recomputation: selective = the attention core of every layer "
         "(megatron-core's 'core_attn'), full = each whole layer's activations (least memory)",
     )
+    cuda_graphs: bool = Field(
+        default=False,
+        description="GPU: capture every layer's forward and backward in CUDA graphs after the "
+        "first step (megatron-core's per-layer graphs); cuts the host's kernel-launch time. "
+        "Needs a GPU, dense FFNs, recompute none and tp = pp = 1",
+    )
 
     @field_validator("steps", "tokens", mode="before")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -99,15 +100,17 @@ def build_model(
     parallel: Optional[ParallelConfig] = None,
     bf16: bool = False,
     recompute: str = "none",
+    cuda_graphs: bool = False,
 ) -> GPTModel:
     """Build this rank's part of the language model.
 
     Takes the validated ModelConfig, whether this pipeline stage holds the embedding
     (``pre_process``) and the output layer (``post_process``), the ParallelConfig (for
     sequence parallelism and explicit per-stage layer counts; sizes are read from megatron-core's
-    initialised parallel state), whether training runs in bf16 and the activation recomputation
-    (``train.recompute``: none | selective | full). megatron-core's model-parallel
-    state and RNG tracker must be initialised (``model_parallel_cuda_manual_seed``).
+    initialised parallel state), whether training runs in bf16, the activation recomputation
+    (``train.recompute``: none | selective | full) and whether layers run in CUDA graphs
+    (``train.cuda_graphs``; GPU only). megatron-core's model-parallel state and RNG tracker must
+    be initialised (``setup_model_parallel``, with the same ``cuda_graphs``).
 
     Returns a megatron-core GPTModel with GPTModel's calling convention:
     ``forward(input_ids, position_ids, attention_mask, labels=None)`` gives logits [b, s, v/tp]
@@ -119,6 +122,8 @@ def build_model(
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
     check_parallel_layout(model_config, parallel, tp, ep)
+    if cuda_graphs and not torch.cuda.is_available():
+        raise ModelConfigError("train.cuda_graphs: needs a GPU (this process sees no CUDA device)")
 
     pattern = build_layer_pattern(model_config)
     stages = split_pattern(pattern, pp, parallel.pipeline_stage_layers)
@@ -130,6 +135,7 @@ def build_model(
         pipeline_layout=_pipeline_layout(stages),
         bf16=bf16,
         recompute=recompute,
+        cuda_graphs=cuda_graphs,
     )
     impl = resolve_impl(model_config)
     block = TransformerBlockSubmodules(

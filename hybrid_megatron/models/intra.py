@@ -114,6 +114,10 @@ class IntraHybridMixer(MegatronModule):
         fusion: ``add`` | ``subtract`` | ``concat``.
         branch_norm: ``rmsnorm`` | ``none``.
         branch_scalars: learn one scalar per branch, initialised to 1.
+        overlap_branches: on GPU, run the Mamba branch on a side CUDA stream, concurrently with
+            the attention branch (training and eval forward; cached inference stays sequential).
+            The same kernels on the same data: only their scheduling changes. Under
+            CUDA_DEVICE_MAX_CONNECTIONS=1 all streams share one hardware queue, so little overlaps.
         layer_number, pg_collection: as for megatron-core attention modules.
     """
 
@@ -126,12 +130,15 @@ class IntraHybridMixer(MegatronModule):
         fusion: str,
         branch_norm: str,
         branch_scalars: bool,
+        overlap_branches: bool = False,
         layer_number: int = 1,
         pg_collection=None,
         **unused,
     ):
         super().__init__(config)
         self.fusion = fusion
+        self.overlap_branches = overlap_branches
+        self._side_stream = None  # created on the first overlapped forward (see forward)
         self.tp_group = pg_collection.tp
         tp = self.tp_group.size()
         self.attention = None
@@ -244,6 +251,26 @@ class IntraHybridMixer(MegatronModule):
         qkv_width = self.in_sections[0][1] if self.attention is not None else 0
         attention_in, mamba_in = torch.split(fused, [qkv_width, fused.shape[-1] - qkv_width], dim=-1)
         branches = {}
+        overlap = (
+            self.overlap_branches
+            and hidden_states.is_cuda
+            and inference_context is None
+            and self.attention is not None
+            and self.mamba is not None
+        )
+        if overlap:
+            # The Mamba branch (many small, latency-bound SSD kernels) goes on a side stream while
+            # attention runs on the current one. Host order stays as in the sequential path, so
+            # the ops, their autograd graph and any RNG draws are identical; only streams differ.
+            # Fork before attention is queued, so the side stream waits for the fused projection
+            # only. wait_stream is an event record/wait: no host sync, and legal under CUDA-graph
+            # capture, where it pulls the side stream into the capture (megatron-core's local
+            # graphs capture on a non-default stream, hence current_stream(), not the default).
+            main = torch.cuda.current_stream()
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(device=hidden_states.device)
+            side = self._side_stream
+            side.wait_stream(main)
         if self.attention is not None:
             # megatron-core's attention views its input as [s, b, groups, ...]; a slice of the
             # fused projection's last dim is strided, so it is made contiguous first.
@@ -258,8 +285,27 @@ class IntraHybridMixer(MegatronModule):
         if self.mamba is not None:
             if inference_context is not None and not self.training and inference_context.is_static_batching():
                 self._allocate_mamba_states(inference_context, mamba_in.shape[1])
-            mamba_out, _ = self.mamba(mamba_in, inference_context=inference_context)
-            branches["mamba"] = self._finish_branch("mamba", mamba_out)
+            if overlap:
+                with torch.cuda.stream(side):
+                    # mamba_in is a view of `fused`, allocated on main: without this, once Python
+                    # frees it the allocator could hand its memory to main-stream work while the
+                    # side stream is still reading it.
+                    mamba_in.record_stream(side)
+                    mamba_out, _ = self.mamba(mamba_in, inference_context=None)
+                    mamba_out = self._finish_branch("mamba", mamba_out)
+                # Join after attention is queued (joining earlier would serialise the branches).
+                main.wait_stream(side)
+                # Allocated on side, read (and freed) on main: tie its reuse to main's progress.
+                mamba_out.record_stream(main)
+                # Backward needs nothing more: autograd runs each op's backward on the stream its
+                # forward ran on, waits on events where a gradient crosses streams and records it
+                # on the consuming stream, and syncs the caller's stream with every leaf stream at
+                # the end (torch docs, CUDA semantics: "Stream semantics of backward passes").
+                # So the branches' backwards overlap too, and .grad is safe to use afterwards.
+                branches["mamba"] = mamba_out
+            else:
+                mamba_out, _ = self.mamba(mamba_in, inference_context=inference_context)
+                branches["mamba"] = self._finish_branch("mamba", mamba_out)
 
         if len(branches) == 1:
             fused_out = next(iter(branches.values()))

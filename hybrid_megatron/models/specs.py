@@ -152,6 +152,7 @@ def block_spec(
                 "fusion": cfg.intra.fusion,
                 "branch_norm": cfg.intra.branch_norm,
                 "branch_scalars": cfg.intra.branch_scalars,
+                "overlap_branches": cfg.intra.overlap_branches,
             },
             submodules=IntraHybridSubmodules(
                 in_proj=in_proj,

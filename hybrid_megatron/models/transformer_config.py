@@ -43,12 +43,14 @@ def build_transformer_config(
     pipeline_layout: Optional[list] = None,
     bf16: bool = False,
     recompute: str = "none",
+    cuda_graphs: bool = False,
 ) -> TransformerConfig:
     """Translate the model section into megatron-core's TransformerConfig.
 
     Takes the ModelConfig, whether sequence parallelism is on, an optional megatron-core
-    pipeline layout (explicit per-stage layer counts), whether training runs in bf16 and the
-    activation recomputation (``train.recompute``: none | selective | full); reads
+    pipeline layout (explicit per-stage layer counts), whether training runs in bf16, the
+    activation recomputation (``train.recompute``: none | selective | full) and whether every
+    layer runs in CUDA graphs (``train.cuda_graphs``); reads
     TP/PP/EP sizes from megatron-core's initialised parallel state. Returns the config shared by
     every layer (per-branch configs of the intra block derive from it).
     """
@@ -115,11 +117,17 @@ def build_transformer_config(
             moe_router_topk_scaling_factor=moe.topk_scaling_factor,
         )
     if cfg.fp8 is not None:
-        kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
+        kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed", fp8_dot_product_attention=cfg.fp8_attention)
         if moe is not None:
             # FP8 GEMMs need row counts in multiples of 16: the router pads each expert's tokens.
             kwargs.update(moe_router_padding_for_quantization=True)
     kwargs.update(_recompute_fields(recompute))
+    if cuda_graphs:
+        # megatron-core's own per-layer graphs ("local"): each TransformerLayer records its
+        # forward and backward in the first step and replays them from then on; the schedule
+        # (forward_backward_no_pipelining) captures them at the end of that step. An empty scope:
+        # the whole layer, mixer and FFN.
+        kwargs.update(cuda_graph_impl="local", cuda_graph_scope=[])
     return TransformerConfig(**kwargs)
 
 

@@ -86,11 +86,16 @@ class TrainingState:
 def _rng_entry(rank: int, world: int) -> ShardedObject:
     # Per-rank RNG streams (CPU, CUDA when present, megatron's tracker): one object per rank.
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.tensor_parallel.random import convert_cuda_rng_state
 
+    # The graph-safe tracker (train.cuda_graphs) holds generators, the plain one state tensors;
+    # checkpoints always store tensors, so a run resumes with or without CUDA graphs.
+    tracker = {name: convert_cuda_rng_state(s, to_graphable=False)
+               for name, s in get_cuda_rng_tracker().get_states().items()}
     state = {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": get_cuda_rng_tracker().get_states(),
+        "tracker": tracker,
     }
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
@@ -98,10 +103,18 @@ def _rng_entry(rank: int, world: int) -> ShardedObject:
 def _restore_rng(state: dict) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+    from megatron.core.tensor_parallel.random import (
+        convert_cuda_rng_state,
+        is_graph_safe_cuda_rng_tracker,
+    )
+
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
+    tracker = get_cuda_rng_tracker()
+    graph_safe = torch.cuda.is_available() and is_graph_safe_cuda_rng_tracker(tracker)
+    tracker.set_states({name: convert_cuda_rng_state(s, to_graphable=graph_safe)
+                        for name, s in state["tracker"].items()})
 
 
 def _language_model(model_chunks):

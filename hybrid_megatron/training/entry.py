@@ -21,7 +21,7 @@ from hybrid_megatron.training.checkpoint import (
 from hybrid_megatron.training.data import ResumableBatches, num_eval_samples, validation_batches
 from hybrid_megatron.training.distributed import init_distributed_from_env
 from hybrid_megatron.training.metrics import flops_per_token, memory_gib, peak_flops_per_gpu
-from hybrid_megatron.training.model_setup import build_training_model
+from hybrid_megatron.training.model_setup import build_training_model, captured_layer_graphs
 from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
 from hybrid_megatron.training.parallel_setup import setup_model_parallel
 from hybrid_megatron.training.signals import GracefulStop
@@ -67,8 +67,8 @@ def _prepare_data(recipe, info: dict):
     )
 
 
-def reset_moe_run_state() -> None:
-    """Forget megatron-core's run-global MoE state (takes and returns nothing); see below."""
+def reset_run_state() -> None:
+    """Forget megatron-core's run-global state (takes and returns nothing); see below."""
     # megatron-core keeps two pieces of MoE state in module globals, both sized by whatever ran
     # first in the process: the aux-loss gradient scale (a backward outside the schedules makes
     # it shape [], the schedules then copy a [1]-shaped scale into it and fail) and the
@@ -78,6 +78,13 @@ def reset_moe_run_state() -> None:
 
     moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
     moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    # Per-layer CUDA graphs (train.cuda_graphs): the record of captured graphs is process-global
+    # too; a later model in the same process must record and capture its own.
+    if torch.cuda.is_available():
+        from megatron.core.transformer.cuda_graphs import _CudagraphGlobalRecord, delete_cuda_graphs
+
+        if _CudagraphGlobalRecord.cudagraph_created or _CudagraphGlobalRecord.cudagraph_record:
+            delete_cuda_graphs()
 
 
 def train(recipe) -> dict:
@@ -93,8 +100,8 @@ def train(recipe) -> dict:
     """
     rank, world, _ = init_distributed_from_env()
     train_cfg = recipe.train
-    reset_moe_run_state()
-    setup_model_parallel(recipe.parallel, train_cfg.seed)
+    reset_run_state()
+    setup_model_parallel(recipe.parallel, train_cfg.seed, cuda_graphs=train_cfg.cuda_graphs)
     if train_cfg.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -143,6 +150,7 @@ def train(recipe) -> dict:
     stop = GracefulStop().install()
     loss_log = Path(recipe.run_dir) / LOSS_LOG
     loss = val_loss = None
+    graphs_reported = 0
     last_saved = resume
     status = "FAILED"
     try:
@@ -190,6 +198,10 @@ def train(recipe) -> dict:
                            f"tokens/s {tokens_per_s:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "")
                            + f" mem {metrics['train/memory_gib']:.2f}GiB")
                 tracker.flush()
+            if train_cfg.cuda_graphs and not graphs_reported:
+                # megatron-core records each layer in the first step and captures at its end.
+                graphs_reported = captured_layer_graphs(model_chunks)
+                _log(rank, f"step {state.step}: CUDA graphs captured for {graphs_reported} layers")
             if valid and train_cfg.eval_interval and state.step % train_cfg.eval_interval == 0:
                 val_loss = evaluate(model_chunks, valid, seq)
                 tracker.log_metrics({"val/loss": val_loss}, state.step)

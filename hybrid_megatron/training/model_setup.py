@@ -26,6 +26,7 @@ def build_training_model(recipe) -> list:
         parallel=recipe.parallel,
         bf16=bf16,
         recompute=recipe.train.recompute,
+        cuda_graphs=recipe.train.cuda_graphs,
     )
     return wrap_for_training(model, bf16)
 
@@ -55,6 +56,21 @@ def wrap_for_training(model, bf16: bool) -> list:
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return [ddp]
+
+
+def captured_layer_graphs(model_chunks) -> int:
+    """How many layers of the model chunks replay a captured CUDA graph (``train.cuda_graphs``).
+
+    Takes the model chunks; returns the number of layers whose megatron-core graph manager holds
+    a captured forward graph (0 before the end of the first step, and without graphs).
+    """
+    count = 0
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            manager = getattr(module, "cudagraph_manager", None)
+            if manager is not None and any(r.fwd_graph is not None for r in manager.cudagraph_runners):
+                count += 1
+    return count
 
 
 def unwrap(model_chunk):

@@ -11,10 +11,12 @@ from hybrid_megatron.config.derived import data_parallel_size
 from hybrid_megatron.config.parallel import ParallelConfig
 
 
-def setup_model_parallel(parallel: ParallelConfig, seed: int) -> None:
+def setup_model_parallel(parallel: ParallelConfig, seed: int, cuda_graphs: bool = False) -> None:
     """Create TP/PP/EP/DP groups for the running process group and seed every RNG stream.
 
-    Takes the ParallelConfig and the run's seed; the default process group must exist
+    Takes the ParallelConfig, the run's seed and whether layers will run in CUDA graphs
+    (``train.cuda_graphs``: megatron-core then needs its graph-safe RNG tracker, which draws
+    the same streams from the same seeds); the default process group must exist
     (``torch.distributed.init_process_group``). An earlier state of the same TP/PP/EP sizes is
     kept (only re-seeded); another layout is destroyed first, so a process can switch layouts
     (the resharding tests do). Returns nothing. Raises
@@ -30,7 +32,7 @@ def setup_model_parallel(parallel: ParallelConfig, seed: int) -> None:
         if current == (parallel.tp, parallel.pp, parallel.ep):
             # Same layout: keep the groups (megatron-core's destroy drops its references but
             # leaves every gloo group's threads alive), only re-seed below.
-            _seed(seed)
+            _seed(seed, cuda_graphs)
             return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -38,10 +40,10 @@ def setup_model_parallel(parallel: ParallelConfig, seed: int) -> None:
         pipeline_model_parallel_size=parallel.pp,
         expert_model_parallel_size=parallel.ep,
     )
-    _seed(seed)
+    _seed(seed, cuda_graphs)
 
 
-def _seed(seed: int) -> None:
+def _seed(seed: int, cuda_graphs: bool) -> None:
     """Seed the default generator and megatron-core's per-rank streams (TP, expert)."""
     torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True, use_cudagraphable_rng=cuda_graphs)
