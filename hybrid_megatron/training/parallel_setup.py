@@ -15,8 +15,8 @@ def setup_model_parallel(parallel: ParallelConfig, seed: int, cuda_graphs: bool 
     """Create TP/PP/EP/DP groups for the running process group and seed every RNG stream.
 
     Takes the ParallelConfig, the run's seed and whether layers will run in CUDA graphs
-    (``train.cuda_graphs``: megatron-core then needs its graph-safe RNG tracker, which draws
-    the same streams from the same seeds); the default process group must exist
+    (``train.cuda_graphs``: megatron-core then needs a graph-safe RNG tracker, TE's where TE is
+    installed, which draws the same streams from the same seeds); the default process group must exist
     (``torch.distributed.init_process_group``). An earlier state of the same TP/PP/EP sizes is
     kept (only re-seeded); another layout is destroyed first, so a process can switch layouts
     (the resharding tests do). Returns nothing. Raises
@@ -46,4 +46,15 @@ def setup_model_parallel(parallel: ParallelConfig, seed: int, cuda_graphs: bool 
 def _seed(seed: int, cuda_graphs: bool) -> None:
     """Seed the default generator and megatron-core's per-rank streams (TP, expert)."""
     torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed, force_reset_rng=True, use_cudagraphable_rng=cuda_graphs)
+    # Under graph capture TE's attention accepts only TE's own (graph-safe) tracker; both it and
+    # megatron-core's graph-safe tracker seed one generator per stream as the plain one does.
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True, use_cudagraphable_rng=cuda_graphs,
+                                    te_rng_tracker=cuda_graphs and _have_transformer_engine())
+
+
+def _have_transformer_engine() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
