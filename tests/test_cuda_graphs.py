@@ -68,9 +68,13 @@ def test_fp8_attention_needs_fp8_and_reaches_the_config(single_rank, monkeypatch
     monkeypatch.setattr(transformer_config, "resolve_impl", lambda cfg: "local")
     with pytest.raises(ValueError, match="model.fp8_attention: needs model.fp8"):
         ModelConfig(**tiny_model("intra"), fp8_attention=True)
-    cfg = ModelConfig(**{**tiny_model("intra"), "impl": "te"}, fp8="hybrid", fp8_attention=True)
+    with pytest.raises(ValueError, match="model.fp8_attention: TE's cuDNN FP8 attention takes head size 128; this model's attention heads are 16 wide"):
+        ModelConfig(**{**tiny_model("intra"), "impl": "te"}, fp8="hybrid", fp8_attention=True)
+    head_128 = {**tiny_model("transformer"), "impl": "te",
+                "attention": {"num_heads": 2, "num_query_groups": 1, "head_dim": 128}}
+    cfg = ModelConfig(**head_128, fp8="hybrid", fp8_attention=True)
     assert build_transformer_config(cfg).fp8_dot_product_attention is True
-    cfg = ModelConfig(**{**tiny_model("intra"), "impl": "te"}, fp8="hybrid")
+    cfg = ModelConfig(**head_128, fp8="hybrid")
     assert build_transformer_config(cfg).fp8_dot_product_attention is False
 
 
@@ -106,9 +110,10 @@ def test_graphed_trainer_matches_eager_and_resumes(tmp_path):
     assert "validation loss" in log  # evaluation replays the forward graphs
     # Step 1 runs eagerly in both (graphs are recorded then): the same computation.
     assert graphed[0] == pytest.approx(eager[0], rel=1e-3)
-    # Later steps replay the same kernels; bf16 reductions allow a small drift.
+    # Later steps replay the same kernels; the order of bf16 reductions may differ a little
+    # (on an H100 the 20 losses agreed within 8e-5 relative).
     for step, (a, b) in enumerate(zip(eager, graphed), start=1):
-        assert b == pytest.approx(a, rel=2e-2), (step, eager, graphed)
+        assert b == pytest.approx(a, rel=2e-3), (step, eager, graphed)
     assert sum(graphed[-5:]) < sum(graphed[:5]) - 1.0  # and it learns
     # Both resume from their step-20 checkpoints; the graphed resume (graphs captured anew)
     # continues like the eager one.
@@ -116,4 +121,4 @@ def test_graphed_trainer_matches_eager_and_resumes(tmp_path):
     graphed_more, log = _train(tmp_path, "graphed", 24, graphs=True)
     assert "at step 20" in log and len(graphed_more) == 24
     for a, b in zip(eager_more[20:], graphed_more[20:]):
-        assert b == pytest.approx(a, rel=2e-2), (eager_more, graphed_more)
+        assert b == pytest.approx(a, rel=2e-3), (eager_more, graphed_more)

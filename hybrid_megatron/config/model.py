@@ -233,6 +233,13 @@ class ModelConfig(StrictSection):
             raise ValueError("model.fp8: needs impl 'te' (Transformer Engine)")
         if self.fp8_attention and self.fp8 is None:
             raise ValueError("model.fp8_attention: needs model.fp8 (hybrid or e4m3)")
+        if self.fp8_attention and self.attention is not None and self.head_dim != 128:
+            # Measured on an H100 (TE 2.11, cuDNN 9.14): head size 64 finds no FP8 attention
+            # backend at all, 128 trains (bench/results/train_throughput_h100_2026-11-24).
+            raise ValueError(
+                f"model.fp8_attention: TE's cuDNN FP8 attention takes head size 128; this "
+                f"model's attention heads are {self.head_dim} wide"
+            )
         return self
 
     # Derived sizes, one definition each so builders and accounting agree.
