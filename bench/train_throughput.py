@@ -336,7 +336,9 @@ def cmd_run(args) -> None:
         if time.monotonic() > deadline:
             record.setdefault("skipped", []).append(f"{scale}/{arch}/{moe}/{precision}")
             continue
-        if args.isolate:
+        # Captured CUDA graphs keep their memory pool for the life of the process (measured: the
+        # 1b row after a graphed one ran out of memory), so graphed rows always get their own.
+        if args.isolate or options.cuda_graphs:
             row = _measure_in_subprocess(scale, arch, moe, precision, args, options)
         else:
             row = measure_row(scale, arch, moe, precision, args.warmup, args.steps, options)
@@ -536,7 +538,8 @@ def _add_option_flags(parser) -> None:
     """The RunOptions flags (shared by run and profile)."""
     parser.add_argument("--mbs", type=int, help="micro-batch size (default: the scale's)")
     parser.add_argument("--microbatches", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--cuda-graphs", action="store_true", help="train.cuda_graphs on every row")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="train.cuda_graphs on every row (each row then runs in its own process)")
     parser.add_argument("--fp8-attention", action="store_true", help="model.fp8_attention on fp8 rows")
     parser.add_argument("--overlap-branches", action="store_true",
                         help="model.intra.overlap_branches on intra rows")
