@@ -27,7 +27,7 @@ def _names() -> set:
 
 def test_every_promised_recipe_is_shipped():
     expected = {f"tiny_{k}" for k in KINDS} | {f"tiny_{k}_moe" for k in KINDS}
-    expected |= {f"{s}_{k}" for s in SCALES for k in KINDS} | {"intra_3b_moe", "inter_3b_moe"}
+    expected |= {f"{s}_{k}" for s in SCALES for k in KINDS} | {"intra_3b_moe", "inter_3b_moe", "intra_1b_moe"}
     expected |= {"tiny_nemotron_h", "tiny_nemotron_h_moe"}
     assert expected <= _names(), sorted(expected - _names())
 

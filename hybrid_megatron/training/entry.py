@@ -191,7 +191,8 @@ def train(recipe) -> dict:
             tracker.log_metrics(metrics, state.step)
             if rank == 0:
                 with loss_log.open("a") as f:  # exact per-step record (resume checks read it)
-                    f.write(json.dumps({"step": state.step, "loss": loss.hex() if isinstance(loss, float) else loss}) + "\n")
+                    f.write(json.dumps({"step": state.step, "loss": loss.hex() if isinstance(loss, float) else loss,
+                                        "tokens_per_s": tokens_per_s, "mfu": mfu}) + "\n")
             if state.step % train_cfg.log_interval == 0 or state.step == 1:
                 _log(rank, f"step {state.step}/{total_steps} loss {loss:.4f} lr {metrics['train/lr']:.2e} "
                            f"grad_norm {metrics['train/grad_norm'] or float('nan'):.3f} "

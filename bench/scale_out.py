@@ -1,0 +1,364 @@
+#!/usr/bin/env python
+"""Scale-out check (issue #9): one recipe at two parallel layouts, plus a resharded resume.
+
+    python bench/scale_out.py RECIPE [key.path=value ...] \
+        --layout-a parallel.tp=2 parallel.pp=2 parallel.sequence_parallel=true \
+        --layout-b parallel.tp=1 parallel.pp=1 parallel.sequence_parallel=false \
+        [--nproc-a N] [--nproc-b N] [--steps 100] [--tolerance 2e-2] \
+        [--output runs/scale_out/<recipe>] [--out bench/results/scale_out_<recipe>.json]
+
+e.g. on 4 GPUs (issue #9; on 8 GPUs add parallel.ep=2 to layout A):
+
+    python bench/scale_out.py recipes/intra_1b_moe.yaml train.global_batch_size=32 \
+        --layout-a parallel.tp=2 parallel.pp=2 --layout-b parallel.tp=1 parallel.pp=1 \
+        parallel.sequence_parallel=false parallel.pipeline_stage_layers=null \
+        --out bench/results/scale_out_intra_1b_moe_h100.json
+
+Overrides after RECIPE apply to every run; ``--layout-a``/``--layout-b`` are overrides too.
+Every run goes through the user-facing launcher, ``launch/slurm.py --local`` (``--nproc``
+defaults to what the launcher picks: the layout's smallest world size on CPU, one rank per
+GPU of ``slurm.gpus_per_node`` on GPUs). Runs, each in ``<output>/<run>/``:
+
+  init    layout B, 1 step at lr ~0: the shared initial weights. Initialisation is not
+          layout-independent (TP shards are drawn from per-rank seeds on GPUs, pipeline stages
+          draw only their own layers), so A and B both start from this checkpoint
+          (``checkpoint.init_from``) and any loss difference is the parallelism's, not the init's.
+  a, b    STEPS steps at layout A / B from the init weights, same data order, checkpoint every
+          STEPS/2 steps.
+  resume  a copy of A's step-STEPS/2 checkpoint, resumed at layout B up to STEPS (resharding).
+
+Checks (relative loss difference per step, max over steps, against ``--tolerance``):
+A vs B on steps 1..STEPS, and resume vs A on steps STEPS/2+1..STEPS. Throughput: the median
+tokens/s per rank and MFU (GPUs only) of each layout from the trainer's per-step records,
+without the first steps (allocation, compilation). Writes one JSON record to ``--out``
+(atomically) and prints a markdown summary. Exit codes: 0 all checks pass, 1 a check or a run
+failed, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+LAUNCHER = ROOT / "launch" / "slurm.py"
+LOSS_LOG = "train_log.jsonl"  # hybrid_megatron.training.entry.LOSS_LOG (not imported: it pulls in megatron)
+THROUGHPUT_SKIP = 2  # first steps left out of throughput: allocation, compilation, warm caches
+
+
+class BadInput(Exception):
+    """A problem with the command line or the recipe: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _launcher():
+    """launch/slurm.py as a module: its world-size rule is the one the runs will use."""
+    spec = importlib.util.spec_from_file_location("hm_launch_slurm", LAUNCHER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def plan_layout(recipe: str, overrides: Sequence[str], nproc: Optional[int]) -> tuple:
+    """Validate one layout before anything runs.
+
+    Takes the recipe path, every override of the run and the requested process count (None:
+    the launcher's default). Returns ``(Recipe, nproc)``. Raises BadInput with one line when the
+    recipe or an override is invalid or the layout does not fit ``nproc`` ranks.
+    """
+    from hybrid_megatron.config import RecipeError, derived, load_recipe
+
+    launcher = _launcher()
+    try:
+        loaded = load_recipe(recipe, overrides)
+        nproc, _ = launcher.local_world(loaded, nproc)
+        derived(loaded, nproc, param_counter=lambda model: None)
+    except (RecipeError, launcher.UsageError) as err:
+        raise BadInput(str(err)) from None
+    return loaded, nproc
+
+
+def run_overrides(run_dir: Path, steps: int, warmup: int, interval: int,
+                  init_from: Optional[Path]) -> list[str]:
+    """The overrides that make a run self-contained: its own directory, STEPS steps, no MLflow.
+
+    Takes the run directory, steps, warmup steps, checkpoint interval and the initial weights
+    (None: the recipe's own init). Returns override strings for launch/slurm.py.
+    """
+    return [
+        f"checkpoint.dir={run_dir / 'checkpoints'}",  # run dir = its parent: logs, train_log.jsonl
+        "checkpoint.resume=auto",
+        f"checkpoint.interval={interval}",
+        "checkpoint.keep_last=2",  # keep step STEPS/2 for the resharded resume
+        "checkpoint.save_on_exit=true",
+        f"checkpoint.init_from={init_from if init_from else 'null'}",
+        "train.tokens=null",  # recipes with a token budget: steps instead
+        f"train.steps={steps}",
+        f"train.warmup_steps={warmup}",
+        "train.log_interval=1",  # a throughput line every step
+        "train.eval_iters=0",  # validation is not what is measured here
+        "tracking.enabled=false",  # no MLflow server needed
+    ]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def launch(recipe: str, overrides: Sequence[str], nproc: int, run_dir: Path, label: str) -> int:
+    """Run ``launch/slurm.py RECIPE OVERRIDES --local --nproc NPROC`` and wait.
+
+    Streams its output prefixed with ``[label]`` and keeps it in ``<run_dir>/launcher.log``
+    (the throughput lines are read back from there). Returns the launcher's exit code.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(LAUNCHER), recipe, *overrides, "--local", "--nproc", str(nproc)]
+    print(f"[{label}] {' '.join(command)}", flush=True)
+    with open(run_dir / "launcher.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
+        for line in proc.stdout:
+            log.write(line)
+            print(f"[{label}] {line}", end="", flush=True)
+        return proc.wait()
+
+
+def copy_checkpoint(src_root: Path, step: int, dst_root: Path) -> None:
+    """Copy checkpoint ``step`` of ``src_root`` into ``dst_root`` as its latest (the layout it was
+    saved at does not matter to the loader). Raises BadInput if that checkpoint is missing."""
+    name = f"step_{step:08d}"
+    if not (src_root / name).is_dir():
+        raise BadInput(f"{src_root / name}: no checkpoint at step {step} (was it pruned?)")
+    dst_root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src_root / name, dst_root / name)
+    (dst_root / "latest").write_text(name)  # the trainer's pointer file (training/checkpoint.py)
+
+
+# ----------------------------------------------------------------------------- reading results
+
+
+def read_train_log(run_dir: Path) -> dict[int, dict]:
+    """Step -> the trainer's per-step record (loss as a float; tokens_per_s of the whole job;
+    mfu per GPU, None on CPU) from a run's train_log.jsonl; {} if absent."""
+    path = run_dir / LOSS_LOG
+    records: dict[int, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                loss = rec["loss"]
+                rec["loss"] = float.fromhex(loss) if isinstance(loss, str) else float(loss)
+                records[rec["step"]] = rec
+    return records
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss of a run (see read_train_log)."""
+    return {step: rec["loss"] for step, rec in read_train_log(run_dir).items()}
+
+
+def compare_losses(reference: dict[int, float], other: dict[int, float], steps: Sequence[int],
+                   tolerance: float) -> dict:
+    """Compare two runs' losses on exactly ``steps``.
+
+    Takes step -> loss of the reference (its other steps are ignored) and of the other run (it
+    must have logged exactly ``steps``), the expected steps and the relative tolerance. Returns ``{"steps", "max_rel_diff", "worst_step", "passed", "problem"}``:
+    the largest ``|other - ref| / |ref|`` and its step; passed only if both runs logged exactly
+    those steps, every loss is finite and the largest difference is within the tolerance.
+    """
+    steps = list(steps)
+    wanted = set(steps)
+    reference = {s: v for s, v in reference.items() if s in wanted}  # A's steps before a resume
+    result = {"steps": [steps[0], steps[-1]] if steps else [], "max_rel_diff": None,
+              "worst_step": None, "passed": False, "problem": None}
+    for name, losses in (("reference", reference), ("other", other)):
+        if sorted(losses) != steps:  # e.g. a resume that did not resume logs steps 1..N
+            result["problem"] = f"{name} run logged steps {sorted(losses)[:3]}..., expected {steps[0]}..{steps[-1]}"
+            return result
+        if not all(math.isfinite(losses[s]) for s in steps):
+            result["problem"] = f"{name} run has non-finite losses"
+            return result
+    diffs = {s: abs(other[s] - reference[s]) / max(abs(reference[s]), 1e-12) for s in steps}
+    worst = max(diffs, key=diffs.get)
+    result.update(max_rel_diff=diffs[worst], worst_step=worst, passed=diffs[worst] <= tolerance)
+    if not result["passed"]:
+        result["problem"] = f"step {worst}: relative difference {diffs[worst]:.3g} > {tolerance:g}"
+    return result
+
+
+def read_throughput(records: dict[int, dict], nproc: int, skip: int = THROUGHPUT_SKIP) -> dict:
+    """Median tokens/s per rank and MFU of a run.
+
+    Takes the run's step -> record (read_train_log), its rank count and how many first steps to
+    leave out. The trainer records tokens/s of the whole job and MFU per GPU (None on CPU).
+    Returns ``{"tokens_per_s_per_rank", "mfu", "steps_measured"}`` (None values without records).
+    """
+    measured = [r for s, r in sorted(records.items()) if s > skip] or list(records.values())
+    measured = [r for r in measured if r.get("tokens_per_s") is not None]
+    if not measured:
+        return {"tokens_per_s_per_rank": None, "mfu": None, "steps_measured": 0}
+    mfus = [r["mfu"] for r in measured if r.get("mfu") is not None]
+    return {
+        "tokens_per_s_per_rank": statistics.median(r["tokens_per_s"] for r in measured) / nproc,
+        "mfu": statistics.median(mfus) if mfus else None,
+        "steps_measured": len(measured),
+    }
+
+
+def device_name() -> str:
+    """The accelerator's name (``NVIDIA H100 80GB HBM3``), else the CPU's."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write ``record`` to ``path`` atomically (temp file + rename): no half-written results."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def markdown(record: dict) -> str:
+    """A short markdown summary of a record: one throughput row per layout, one row per check."""
+    def num(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+
+    lines = [f"## scale-out: {record['recipe']} on {record['device']} ({record['date']})", "",
+             "| layout | overrides | ranks | tokens/s per rank | MFU |", "|---|---|---|---|---|"]
+    for key in ("a", "b"):
+        lay = record["layouts"][key]
+        lines.append(f"| {key.upper()} | `{' '.join(lay['overrides'])}` | {lay['nproc']} | "
+                     f"{num(lay['tokens_per_s_per_rank'], ',.0f')} | {num(lay['mfu'], '.1%')} |")
+    lines += ["", f"| check (tolerance {record['tolerance']:g}) | steps | max rel diff | result |",
+              "|---|---|---|---|"]
+    for name, check in record["checks"].items():
+        span = "..".join(map(str, check["steps"]))
+        verdict = "pass" if check["passed"] else f"FAIL: {check['problem']}"
+        lines.append(f"| {name} | {span} | {num(check['max_rel_diff'], '.3g')} | {verdict} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="bench/scale_out.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides for every run")
+    p.add_argument("--layout-a", nargs="+", required=True, metavar="key.path=value",
+                   help="overrides of layout A (the larger one; its checkpoint is resumed at B)")
+    p.add_argument("--layout-b", nargs="+", required=True, metavar="key.path=value",
+                   help="overrides of layout B (the reference)")
+    p.add_argument("--nproc-a", type=int, default=None, help="ranks of layout A (default: the launcher's)")
+    p.add_argument("--nproc-b", type=int, default=None, help="ranks of layout B (default: the launcher's)")
+    p.add_argument("--steps", type=int, default=100, help="training steps per layout (default 100)")
+    p.add_argument("--tolerance", type=float, default=2e-2,
+                   help="max relative loss difference per step (default 2e-2, bf16; fp32 CPU: ~1e-4)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="folder of the run directories (default runs/scale_out/<recipe name>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON record (default bench/results/scale_out_<recipe name>.json)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv``, run init/A/B/resume, check, write the record. Returns the exit code."""
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        if args.steps < 2:
+            raise BadInput(f"--steps {args.steps}: need at least 2 (the resume starts at steps/2)")
+        if args.tolerance <= 0:
+            raise BadInput(f"--tolerance {args.tolerance}: must be positive")
+        if not Path(args.recipe).is_file():
+            raise BadInput(f"{args.recipe}: recipe file not found")
+        args.recipe = str(Path(args.recipe).resolve())  # the launcher runs with cwd = the repo
+        common = list(args.overrides)
+        over_a, over_b = common + args.layout_a, common + args.layout_b
+        recipe_a, nproc_a = plan_layout(args.recipe, over_a, args.nproc_a)
+        recipe_b, nproc_b = plan_layout(args.recipe, over_b, args.nproc_b)
+    except BadInput as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    steps, half = args.steps, args.steps // 2
+    # Recipes with long warmups (2000 steps at 1B) would refuse a short run; the LR schedule
+    # does not change what is compared, as long as both layouts use the same one.
+    warmup = recipe_a.train.warmup_steps if recipe_a.train.warmup_steps < steps else steps // 10
+    output = (args.output or ROOT / "runs" / "scale_out" / recipe_a.name).resolve()
+    out_json = args.out or ROOT / "bench" / "results" / f"scale_out_{recipe_a.name}.json"
+    dirs = {name: output / name for name in ("init", "a", "b", "resume")}
+    init_ckpt = dirs["init"] / "checkpoints"
+    runs = [  # (name, overrides, nproc)
+        # lr ~0: the checkpoint holds the seed's initial weights (one step must run to save).
+        ("init", over_b + run_overrides(dirs["init"], 1, 0, 1, None)
+         + ["train.lr=1e-30", "train.min_lr=0"], nproc_b),
+        ("a", over_a + run_overrides(dirs["a"], steps, warmup, half, init_ckpt), nproc_a),
+        ("b", over_b + run_overrides(dirs["b"], steps, warmup, half, init_ckpt), nproc_b),
+        # resume: auto finds the copied step-`half` checkpoint; init_from is then not used.
+        ("resume", over_b + run_overrides(dirs["resume"], steps, warmup, half, None), nproc_b),
+    ]
+    for run_dir in dirs.values():  # train_log.jsonl is appended to: stale runs would mix in
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+    failed = None
+    for name, overrides, nproc in runs:
+        if name == "resume":  # the resharded resume starts from a copy of A's middle checkpoint
+            try:
+                copy_checkpoint(dirs["a"] / "checkpoints", half, dirs["resume"] / "checkpoints")
+            except BadInput as err:
+                failed = str(err)
+                break
+        code = launch(args.recipe, overrides, nproc, dirs[name], name)
+        if code != 0:
+            failed = f"run {name} failed (launcher exit {code}; logs in {dirs[name]})"
+            break
+
+    losses = {name: read_losses(dirs[name]) for name in ("a", "b", "resume")}
+    checks = {
+        "A vs B": compare_losses(losses["b"], losses["a"], range(1, steps + 1), args.tolerance),
+        "resume at B vs A": compare_losses(losses["a"], losses["resume"], range(half + 1, steps + 1),
+                                           args.tolerance),
+    }
+    layouts = {}
+    for key, overrides, nproc in (("a", args.layout_a, nproc_a), ("b", args.layout_b, nproc_b)):
+        layouts[key] = {"overrides": overrides, "nproc": nproc,
+                        **read_throughput(read_train_log(dirs[key]), nproc)}
+    record = {
+        "benchmark": "scale_out", "device": device_name(), "host": socket.gethostname(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "recipe": args.recipe,
+        "recipe_name": recipe_a.name, "common_overrides": common, "steps": steps,
+        "resume_from_step": half, "tolerance": args.tolerance, "layouts": layouts,
+        "losses": {k: [v[s] for s in sorted(v)] for k, v in losses.items()},
+        "checks": checks, "error": failed,
+        "passed": failed is None and all(c["passed"] for c in checks.values()),
+        "run_dirs": {k: str(v) for k, v in dirs.items()},
+    }
+    write_json(out_json, record)
+    print(markdown(record))
+    print(f"\nrecord: {out_json}" + (f"\nerror: {failed}" if failed else ""))
+    return 0 if record["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
