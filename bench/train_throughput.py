@@ -52,7 +52,8 @@ class RunOptions:
     micro_batch: samples per micro-batch (None: the scale's default); microbatches: micro-batches
     per optimizer step (gradient accumulation, as in real training where one step sees many);
     cuda_graphs: ``train.cuda_graphs``; fp8_attention: ``model.fp8_attention`` on fp8 rows;
-    overlap_branches: ``model.intra.overlap_branches`` on intra rows.
+    overlap_branches: ``model.intra.overlap_branches`` on intra rows; intra_dim_ratio:
+    ``model.intra.dim_ratio`` on intra rows (None: the recipe's).
     """
 
     micro_batch: int | None = None
@@ -60,6 +61,7 @@ class RunOptions:
     cuda_graphs: bool = False
     fp8_attention: bool = False
     overlap_branches: bool = False
+    intra_dim_ratio: str | None = None
 
     def as_args(self) -> list[str]:
         """The command-line flags that reproduce these options."""
@@ -69,6 +71,8 @@ class RunOptions:
         out += [flag for flag, on in (("--cuda-graphs", self.cuda_graphs),
                                       ("--fp8-attention", self.fp8_attention),
                                       ("--overlap-branches", self.overlap_branches)) if on]
+        if self.intra_dim_ratio:
+            out += ["--intra-dim-ratio", self.intra_dim_ratio]
         return out
 
 
@@ -100,6 +104,8 @@ def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunO
     fields["fp8_attention"] = precision == "fp8" and options.fp8_attention and kind != "mamba"
     if kind == "intra":
         fields["intra"] = {**(fields.get("intra") or {}), "overlap_branches": options.overlap_branches}
+        if options.intra_dim_ratio:
+            fields["intra"]["dim_ratio"] = options.intra_dim_ratio
     return ModelConfig(**fields)
 
 
@@ -321,7 +327,7 @@ def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, arg
 def _options(args) -> RunOptions:
     return RunOptions(micro_batch=args.mbs, microbatches=args.microbatches,
                       cuda_graphs=args.cuda_graphs, fp8_attention=args.fp8_attention,
-                      overlap_branches=args.overlap_branches)
+                      overlap_branches=args.overlap_branches, intra_dim_ratio=args.intra_dim_ratio)
 
 
 def cmd_run(args) -> None:
@@ -492,14 +498,14 @@ def markdown(summary: dict) -> str:
                      f"{r['num_parameters'] / 1e6:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {vs} |")
     runs = summary.get("sources") or []
     if any(r.get("options") for r in runs):
-        lines += ["", "| run | device | date | micro-batch x per step | CUDA graphs | fp8 attention | intra overlap |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| run | device | date | micro-batch x per step | CUDA graphs | fp8 attention | intra overlap | intra dim ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
         for i, r in enumerate(runs):
             o = r.get("options") or {}
             mbs = o.get("micro_batch") or "scale default"
             lines.append(f"| {i} | {r.get('device')} | {r.get('date')} | {mbs} x {o.get('microbatches', 1)} | "
                          f"{o.get('cuda_graphs', False)} | {o.get('fp8_attention', False)} | "
-                         f"{o.get('overlap_branches', False)} |")
+                         f"{o.get('overlap_branches', False)} | {o.get('intra_dim_ratio') or 'recipe'} |")
     lines += ["", "| run | goal | value | met |", "|---|---|---|---|"]
     for g in summary["goals"]:
         value = f"{g['value']:.1%}" if "MFU" in g["goal"] else f"{g['value']:.2f}x"
@@ -543,6 +549,7 @@ def _add_option_flags(parser) -> None:
     parser.add_argument("--fp8-attention", action="store_true", help="model.fp8_attention on fp8 rows")
     parser.add_argument("--overlap-branches", action="store_true",
                         help="model.intra.overlap_branches on intra rows")
+    parser.add_argument("--intra-dim-ratio", help="model.intra.dim_ratio on intra rows, e.g. 1:3")
 
 
 def main(argv=None) -> None:

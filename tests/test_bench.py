@@ -54,12 +54,13 @@ def test_tiny_rows_train_on_cpu(tmp_path):
         [sys.executable, str(REPO / "bench" / "train_throughput.py"), "run", "--scales", "tiny",
          "--archs", "inter", "intra", "--ffn", "dense", "moe", "--precisions", "bf16",
          "--warmup", "1", "--steps", "2", "--out", str(out),
-         "--mbs", "1", "--microbatches", "2", "--overlap-branches"],
+         "--mbs", "1", "--microbatches", "2", "--overlap-branches", "--intra-dim-ratio", "1:3"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())
     assert record["options"]["microbatches"] == 2 and record["options"]["overlap_branches"]
+    assert record["options"]["intra_dim_ratio"] == "1:3"
     rows = record["rows"]
     assert [(r["arch"], r["ffn"]) for r in rows] == [
         ("inter", "dense"), ("intra", "dense"), ("inter", "moe"), ("intra", "moe")]
