@@ -142,12 +142,14 @@ def launch(recipe: str, overrides: Sequence[str], nproc: int, run_dir: Path, lab
 def copy_checkpoint(src_root: Path, step: int, dst_root: Path) -> None:
     """Copy checkpoint ``step`` of ``src_root`` into ``dst_root`` as its latest (the layout it was
     saved at does not matter to the loader). Raises BadInput if that checkpoint is missing."""
-    name = f"step_{step:08d}"
+    from hybrid_megatron.training.checkpoint import step_dir_name, write_latest
+
+    name = step_dir_name(step)
     if not (src_root / name).is_dir():
         raise BadInput(f"{src_root / name}: no checkpoint at step {step} (was it pruned?)")
     dst_root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src_root / name, dst_root / name)
-    (dst_root / "latest").write_text(name)  # the trainer's pointer file (training/checkpoint.py)
+    write_latest(dst_root, name)
 
 
 # ----------------------------------------------------------------------------- reading results

@@ -118,20 +118,31 @@ def block_spec(
     TransformerBlock builds.
     """
     backend = backend_for(impl)
-    input_norm, in_proj = _input_projection(backend)
     with_ffn = has_ffn(cfg, letter)
     pre_ffn_norm, ffn, keys = _ffn(backend, cfg.moe if ffn_is_moe(cfg, letter) else None, with_ffn)
+    # FFN-only layers (- and E) keep TransformerLayer's defaults for the mixer slots: no input
+    # norm, no mixer, no mixer residual.
+    mixer_fields = {}
+    if has_mixer(letter):
+        input_norm, mixer, mixer_keys = _mixer(letter, cfg, tconfig, backend)
+        mixer_fields = dict(input_layernorm=input_norm, self_attention=mixer,
+                            self_attn_bda=get_bias_dropout_add)
+        keys = {**mixer_keys, **keys}
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            **mixer_fields,
+            pre_mlp_layernorm=pre_ffn_norm,
+            mlp=ffn,
+            mlp_bda=get_bias_dropout_add if with_ffn else IdentityFuncOp,
+            sharded_state_dict_keys_map=keys,
+        ),
+    )
 
-    if not has_mixer(letter):  # FFN-only layer: no input norm, no mixer, no mixer residual
-        return ModuleSpec(
-            module=TransformerLayer,
-            submodules=TransformerLayerSubmodules(
-                pre_mlp_layernorm=pre_ffn_norm,
-                mlp=ffn,
-                mlp_bda=get_bias_dropout_add,
-                sharded_state_dict_keys_map=keys,
-            ),
-        )
+
+def _mixer(letter: str, cfg: ModelConfig, tconfig: TransformerConfig, backend: BackendSpecProvider):
+    """(input norm spec, mixer spec, checkpoint keys map) of a block with a mixer (A, ``*``, M, H)."""
+    input_norm, in_proj = _input_projection(backend)
     if letter in ("A", "*"):
         mixer = _attention_spec(backend)
         mixer_keys = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
@@ -170,18 +181,5 @@ def block_spec(
         mixer_keys = {"input_layernorm.": "self_attention.in_proj.layer_norm_"}
     else:
         raise ValueError(f"unknown block letter {letter!r} (expected A, M, H, *, - or E)")
-
-    if input_norm is IdentityOp:
-        mixer_keys = {}
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=input_norm,
-            self_attention=mixer,
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=pre_ffn_norm,
-            mlp=ffn,
-            mlp_bda=get_bias_dropout_add if with_ffn else IdentityFuncOp,
-            sharded_state_dict_keys_map={**mixer_keys, **keys},
-        ),
-    )
+    # TE fuses the input norm into the mixer's in-projection: nothing to map then.
+    return input_norm, mixer, ({} if input_norm is IdentityOp else mixer_keys)

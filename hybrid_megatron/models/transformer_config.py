@@ -22,13 +22,16 @@ def resolve_impl(cfg: ModelConfig) -> str:
     Transformer Engine are both usable."""
     if cfg.impl != "auto":
         return cfg.impl
-    if not torch.cuda.is_available():
-        return "local"
+    return "te" if torch.cuda.is_available() and have_transformer_engine() else "local"
+
+
+def have_transformer_engine() -> bool:
+    """Whether Transformer Engine's PyTorch package imports (takes nothing)."""
     try:
         import transformer_engine.pytorch  # noqa: F401
     except Exception:
-        return "local"
-    return "te"
+        return False
+    return True
 
 
 def _window(cfg: ModelConfig) -> Optional[tuple[int, int]]:

@@ -185,10 +185,10 @@ def save_checkpoint(
             # run saved). If ``latest`` names it, name the new complete copy first: a crash
             # while the old one is deleted must not leave ``latest`` naming a half-deleted one.
             if _read_latest(Path(root)) == final.name:
-                _write_latest(Path(root), partial.name)
+                write_latest(Path(root), partial.name)
             shutil.rmtree(final)
         os.replace(partial, final)
-        _write_latest(Path(root), final.name)
+        write_latest(Path(root), final.name)
         _prune(root, keep_last)
     dist.barrier()
     return final
@@ -224,7 +224,8 @@ def _read_latest(root: Path) -> Optional[str]:
     return pointer.read_text().strip() if pointer.exists() else None
 
 
-def _write_latest(root: Path, name: str) -> None:
+def write_latest(root: Path, name: str) -> None:
+    """Point ``root/latest`` at checkpoint directory ``name`` (temp file + rename: atomic)."""
     tmp = root / f".{LATEST}.tmp"
     tmp.write_text(name)
     os.replace(tmp, root / LATEST)

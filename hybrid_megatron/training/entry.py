@@ -81,10 +81,9 @@ def reset_run_state() -> None:
     # Per-layer CUDA graphs (train.cuda_graphs): the record of captured graphs is process-global
     # too; a later model in the same process must record and capture its own.
     if torch.cuda.is_available():
-        from megatron.core.transformer.cuda_graphs import _CudagraphGlobalRecord, delete_cuda_graphs
+        from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
 
-        if _CudagraphGlobalRecord.cudagraph_created or _CudagraphGlobalRecord.cudagraph_record:
-            delete_cuda_graphs()
+        delete_cuda_graphs()
 
 
 def train(recipe) -> dict:
@@ -150,7 +149,7 @@ def train(recipe) -> dict:
     stop = GracefulStop().install()
     loss_log = Path(recipe.run_dir) / LOSS_LOG
     loss = val_loss = None
-    graphs_reported = 0
+    graphs_to_report = train_cfg.cuda_graphs  # logged once, after this run's first step
     last_saved = resume
     status = "FAILED"
     try:
@@ -199,10 +198,11 @@ def train(recipe) -> dict:
                            f"tokens/s {tokens_per_s:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "")
                            + f" mem {metrics['train/memory_gib']:.2f}GiB")
                 tracker.flush()
-            if train_cfg.cuda_graphs and not graphs_reported:
+            if graphs_to_report:
                 # megatron-core records each layer in the first step and captures at its end.
-                graphs_reported = captured_layer_graphs(model_chunks)
-                _log(rank, f"step {state.step}: CUDA graphs captured for {graphs_reported} layers")
+                _log(rank, f"step {state.step}: CUDA graphs captured for "
+                           f"{captured_layer_graphs(model_chunks)} layers")
+                graphs_to_report = False
             if valid and train_cfg.eval_interval and state.step % train_cfg.eval_interval == 0:
                 val_loss = evaluate(model_chunks, valid, seq)
                 tracker.log_metrics({"val/loss": val_loss}, state.step)

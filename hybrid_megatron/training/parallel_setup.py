@@ -9,6 +9,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from hybrid_megatron.config.derived import data_parallel_size
 from hybrid_megatron.config.parallel import ParallelConfig
+from hybrid_megatron.models.transformer_config import have_transformer_engine
 
 
 def setup_model_parallel(parallel: ParallelConfig, seed: int, cuda_graphs: bool = False) -> None:
@@ -49,12 +50,4 @@ def _seed(seed: int, cuda_graphs: bool) -> None:
     # Under graph capture TE's attention accepts only TE's own (graph-safe) tracker; both it and
     # megatron-core's graph-safe tracker seed one generator per stream as the plain one does.
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True, use_cudagraphable_rng=cuda_graphs,
-                                    te_rng_tracker=cuda_graphs and _have_transformer_engine())
-
-
-def _have_transformer_engine() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
+                                    te_rng_tracker=cuda_graphs and have_transformer_engine())
