@@ -43,7 +43,9 @@ def test_recipe_accepts_graphs_for_a_dense_single_gpu_bf16_run():
 def test_build_without_cuda_is_one_clear_error(single_rank):
     from hybrid_megatron.models import build_model
     from hybrid_megatron.models.builder import ModelConfigError
+    from hybrid_megatron.training.parallel_setup import setup_model_parallel
 
+    setup_model_parallel(ParallelConfig(), seed=1)  # an earlier test may have left another layout
     with pytest.raises(ModelConfigError, match="train.cuda_graphs: needs a GPU"):
         build_model(ModelConfig(**tiny_model("intra")), cuda_graphs=True)
 

@@ -80,7 +80,9 @@ def _meta_params(recipe) -> int:
 
     from hybrid_megatron.config import ParallelConfig
     from hybrid_megatron.models import build_model
+    from hybrid_megatron.training.parallel_setup import setup_model_parallel
 
+    setup_model_parallel(ParallelConfig(), seed=0)  # the RNG streams an earlier test may have reset
     with torch.device("meta"):
         model = build_model(recipe.model, parallel=ParallelConfig())
     embeddings = model.embedding.word_embeddings.weight.numel() + model.output_layer.weight.numel()
