@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -45,35 +46,74 @@ PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100/H200 SXM dense peaks (the i
 
 
 # ----------------------------------------------------------------------------- model configs
+def _option(default, flag: str, help: str):
+    """A RunOptions field with its command-line flag and help (the one place each is declared)."""
+    return dataclasses.field(default=default, metadata={"flag": flag, "help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """Settings shared by every row of one run (one ``run`` invocation, one JSON record).
 
-    micro_batch: samples per micro-batch (None: the scale's default); microbatches: micro-batches
-    per optimizer step (gradient accumulation, as in real training where one step sees many);
-    cuda_graphs: ``train.cuda_graphs``; fp8_attention: ``model.fp8_attention`` on fp8 rows;
-    overlap_branches: ``model.intra.overlap_branches`` on intra rows; intra_dim_ratio:
-    ``model.intra.dim_ratio`` on intra rows (None: the recipe's).
+    Each field declares its own flag (``add_option_flags`` and ``as_args`` read them). Bool
+    fields are on/off flags; the others take a value.
     """
 
-    micro_batch: int | None = None
-    microbatches: int = 1
-    cuda_graphs: bool = False
-    fp8_attention: bool = False
-    overlap_branches: bool = False
-    intra_dim_ratio: str | None = None
+    micro_batch: Optional[int] = _option(None, "--mbs", "samples per micro-batch (default: the scale's)")
+    microbatches: int = _option(1, "--microbatches", "micro-batches per optimizer step (gradient "
+                                "accumulation, as in real training where one step sees many)")
+    cuda_graphs: bool = _option(False, "--cuda-graphs", "train.cuda_graphs on every row (each row "
+                                "then runs in its own process)")
+    fp8_attention: bool = _option(False, "--fp8-attention", "model.fp8_attention on fp8 rows")
+    overlap_branches: bool = _option(False, "--overlap-branches", "model.intra.overlap_branches on intra rows")
+    intra_dim_ratio: Optional[str] = _option(None, "--intra-dim-ratio", "model.intra.dim_ratio on intra "
+                                             "rows, e.g. 1:3 (default: the recipe's)")
+    attention_head_dim: Optional[int] = _option(
+        None, "--attention-head-dim", "attention head size for every attention mixer, at the same "
+        "widths (heads and KV groups rescaled, so parameters and FLOPs stay the same)")
+    unfused: bool = _option(False, "--unfused", "switch off the fused loss, SwiGLU and weight-gradient "
+                            "accumulation (the before side of their measurement)")
 
     def as_args(self) -> list[str]:
         """The command-line flags that reproduce these options."""
-        out = ["--microbatches", str(self.microbatches)]
-        if self.micro_batch:
-            out += ["--mbs", str(self.micro_batch)]
-        out += [flag for flag, on in (("--cuda-graphs", self.cuda_graphs),
-                                      ("--fp8-attention", self.fp8_attention),
-                                      ("--overlap-branches", self.overlap_branches)) if on]
-        if self.intra_dim_ratio:
-            out += ["--intra-dim-ratio", self.intra_dim_ratio]
+        out = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in (bool, "bool"):
+                out += [f.metadata["flag"]] if value else []
+            elif value is not None:
+                out += [f.metadata["flag"], str(value)]
         return out
+
+    @classmethod
+    def from_args(cls, args) -> "RunOptions":
+        """The options parsed by :func:`add_option_flags` from an argparse namespace."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def add_option_flags(parser) -> None:
+    """Add every RunOptions flag to an argparse parser (run and profile share them)."""
+    types = {"Optional[int]": int, "int": int, "Optional[str]": str}
+    for f in dataclasses.fields(RunOptions):
+        if f.type in (bool, "bool"):
+            parser.add_argument(f.metadata["flag"], dest=f.name, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(f.metadata["flag"], dest=f.name, type=types[str(f.type)],
+                                default=f.default, help=f.metadata["help"])
+
+
+def _rescaled_heads(section: dict, old_head_dim: int, head_dim: int, heads_key: str) -> dict:
+    """An attention section with the same width at another head size: heads and KV groups
+    scaled by old/new head size. Raises ValueError if they do not divide."""
+    out = dict(section)
+    for key in (heads_key, "num_query_groups"):
+        if out.get(key):
+            scaled = out[key] * old_head_dim
+            if scaled % head_dim:
+                raise ValueError(f"--attention-head-dim {head_dim}: {key} {out[key]} x {old_head_dim} "
+                                 f"does not divide into heads of {head_dim}")
+            out[key] = scaled // head_dim
+    return out
 
 
 def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunOptions = RunOptions()):
@@ -106,6 +146,12 @@ def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunO
         fields["intra"] = {**(fields.get("intra") or {}), "overlap_branches": options.overlap_branches}
         if options.intra_dim_ratio:
             fields["intra"]["dim_ratio"] = options.intra_dim_ratio
+    if options.attention_head_dim and fields.get("attention"):
+        old = ModelConfig(**fields).head_dim
+        fields["attention"] = _rescaled_heads(fields["attention"], old, options.attention_head_dim, "num_heads")
+        fields["attention"]["head_dim"] = options.attention_head_dim
+        if fields.get("intra"):  # the intra branch's heads follow from its width and head_dim
+            fields["intra"] = _rescaled_heads(fields["intra"], old, options.attention_head_dim, "-")
     return ModelConfig(**fields)
 
 
@@ -205,9 +251,14 @@ def _reset_run_state() -> None:
 
 
 class Trainee:
-    """A row's model wrapped for training, its optimizer and schedule (the trainer's own code)."""
+    """A row's model wrapped for training, its optimizer and schedule (the trainer's own code).
 
-    def __init__(self, arch: str, cfg, recompute: str = "none", seed: int = 1234, cuda_graphs: bool = False):
+    ``fused=False`` switches off the fused cross-entropy, SwiGLU and weight-gradient accumulation
+    (``--unfused``), so that their effect is measured within one session.
+    """
+
+    def __init__(self, arch: str, cfg, recompute: str = "none", seed: int = 1234, cuda_graphs: bool = False,
+                 fused: bool = True):
         from hybrid_megatron.config.parallel import ParallelConfig
         from hybrid_megatron.config.train import TrainConfig
         from hybrid_megatron.training.model_setup import wrap_for_training
@@ -218,7 +269,11 @@ class Trainee:
         bf16 = torch.cuda.is_available()  # CPU smoke runs train in fp32
         model, self.pattern = build_row_model(arch, cfg, recompute, bf16, cuda_graphs)
         self.num_parameters = sum(p.numel() for p in model.parameters())
-        self.chunks = wrap_for_training(model, bf16=bf16)
+        if not fused:
+            # megatron-core reads these two per call: the unfused loss and SwiGLU from here on.
+            model.config.cross_entropy_loss_fusion = False
+            model.config.bias_activation_fusion = False
+        self.chunks = wrap_for_training(model, bf16=bf16, fuse_wgrad=fused)
         train = TrainConfig(global_batch_size=1, steps=1000, lr=1e-4, warmup_steps=10,
                             precision="bf16" if bf16 else "fp32")
         self.optimizer = build_optimizer(train, self.chunks)
@@ -248,7 +303,7 @@ def measure_row(scale: str, arch: str, moe: bool, precision: str, warmup: int, s
 
         row["flops_per_token"] = float(model_flops_per_token(cfg, shape["seq"]))
         t_build = time.perf_counter()
-        trainee = Trainee(arch, cfg, cuda_graphs=options.cuda_graphs)
+        trainee = Trainee(arch, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused)
         row.update(pattern=trainee.pattern, num_parameters=trainee.num_parameters,
                    build_s=round(time.perf_counter() - t_build, 2))
         batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0, microbatches=options.microbatches)
@@ -324,17 +379,11 @@ def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, arg
             "error": f"subprocess exit {done.returncode}: {done.stderr[-400:]}"}
 
 
-def _options(args) -> RunOptions:
-    return RunOptions(micro_batch=args.mbs, microbatches=args.microbatches,
-                      cuda_graphs=args.cuda_graphs, fp8_attention=args.fp8_attention,
-                      overlap_branches=args.overlap_branches, intra_dim_ratio=args.intra_dim_ratio)
-
-
 def cmd_run(args) -> None:
     """Measure every (scale, ffn, precision, arch) row; rewrites ``--out`` after each row so a
     time limit loses at most the row in flight."""
     archs = args.archs or (KINDS + (list(NATIVES) if torch.cuda.is_available() else []))
-    options = _options(args)
+    options = RunOptions.from_args(args)
     record = {**_header(), "warmup": args.warmup, "steps": args.steps,
               "options": dataclasses.asdict(options), "rows": []}
     deadline = time.monotonic() + args.time_budget
@@ -402,10 +451,10 @@ def cmd_profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     shape = SCALES[args.scale]
-    options = _options(args)
+    options = RunOptions.from_args(args)
     _reset_run_state()
     cfg = model_config(args.scale, NATIVES.get(args.kind, args.kind), args.moe, args.precision, options)
-    trainee = Trainee(args.kind, cfg, cuda_graphs=options.cuda_graphs)
+    trainee = Trainee(args.kind, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused)
     batch = _synthetic_batch(cfg.vocab_size, options.micro_batch or shape["mbs"], shape["seq"], seed=0,
                              microbatches=options.microbatches)
     for _ in range(3):
@@ -498,14 +547,11 @@ def markdown(summary: dict) -> str:
                      f"{r['num_parameters'] / 1e6:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {vs} |")
     runs = summary.get("sources") or []
     if any(r.get("options") for r in runs):
-        lines += ["", "| run | device | date | micro-batch x per step | CUDA graphs | fp8 attention | intra overlap | intra dim ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| run | device | date | options (flags of `run`) |", "|---|---|---|---|"]
+        names = {f.name for f in dataclasses.fields(RunOptions)}
         for i, r in enumerate(runs):
-            o = r.get("options") or {}
-            mbs = o.get("micro_batch") or "scale default"
-            lines.append(f"| {i} | {r.get('device')} | {r.get('date')} | {mbs} x {o.get('microbatches', 1)} | "
-                         f"{o.get('cuda_graphs', False)} | {o.get('fp8_attention', False)} | "
-                         f"{o.get('overlap_branches', False)} | {o.get('intra_dim_ratio') or 'recipe'} |")
+            o = RunOptions(**{k: v for k, v in (r.get("options") or {}).items() if k in names})
+            lines.append(f"| {i} | {r.get('device')} | {r.get('date')} | `{' '.join(o.as_args())}` |")
     lines += ["", "| run | goal | value | met |", "|---|---|---|---|"]
     for g in summary["goals"]:
         value = f"{g['value']:.1%}" if "MFU" in g["goal"] else f"{g['value']:.2f}x"
@@ -540,18 +586,6 @@ def _init_process_group() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
 
 
-def _add_option_flags(parser) -> None:
-    """The RunOptions flags (shared by run and profile)."""
-    parser.add_argument("--mbs", type=int, help="micro-batch size (default: the scale's)")
-    parser.add_argument("--microbatches", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="train.cuda_graphs on every row (each row then runs in its own process)")
-    parser.add_argument("--fp8-attention", action="store_true", help="model.fp8_attention on fp8 rows")
-    parser.add_argument("--overlap-branches", action="store_true",
-                        help="model.intra.overlap_branches on intra rows")
-    parser.add_argument("--intra-dim-ratio", help="model.intra.dim_ratio on intra rows, e.g. 1:3")
-
-
 def main(argv=None) -> None:
     """Parse the command line and run one subcommand."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -566,7 +600,7 @@ def main(argv=None) -> None:
     run.add_argument("--time-budget", type=float, default=540.0, help="seconds; later rows are skipped")
     run.add_argument("--isolate", action="store_true", help="each row in its own process")
     run.add_argument("--out", required=True)
-    _add_option_flags(run)
+    add_option_flags(run)
     mm = sub.add_parser("max-mbs", help="largest micro-batch per kind and recompute mode")
     mm.add_argument("--scale", default="1b", choices=list(SCALES))
     mm.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
@@ -582,7 +616,7 @@ def main(argv=None) -> None:
     prof.add_argument("--steps", type=int, default=2)
     prof.add_argument("--rows", type=int, default=40)
     prof.add_argument("--out", required=True)
-    _add_option_flags(prof)
+    add_option_flags(prof)
     rep = sub.add_parser("report", help="merge JSON records into a table")
     rep.add_argument("inputs", nargs="+")
     rep.add_argument("--json")

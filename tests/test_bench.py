@@ -54,13 +54,15 @@ def test_tiny_rows_train_on_cpu(tmp_path):
         [sys.executable, str(REPO / "bench" / "train_throughput.py"), "run", "--scales", "tiny",
          "--archs", "inter", "intra", "--ffn", "dense", "moe", "--precisions", "bf16",
          "--warmup", "1", "--steps", "2", "--out", str(out),
-         "--mbs", "1", "--microbatches", "2", "--overlap-branches", "--intra-dim-ratio", "1:3"],
+         "--mbs", "1", "--microbatches", "2", "--overlap-branches", "--intra-dim-ratio", "1:3",
+         "--attention-head-dim", "32", "--unfused"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())
     assert record["options"]["microbatches"] == 2 and record["options"]["overlap_branches"]
     assert record["options"]["intra_dim_ratio"] == "1:3"
+    assert record["options"]["attention_head_dim"] == 32 and record["options"]["unfused"] is True
     rows = record["rows"]
     assert [(r["arch"], r["ffn"]) for r in rows] == [
         ("inter", "dense"), ("intra", "dense"), ("inter", "moe"), ("intra", "moe")]
@@ -71,3 +73,33 @@ def test_tiny_rows_train_on_cpu(tmp_path):
         assert (r["micro_batch"], r["microbatches"]) == (1, 2)
         assert r["tokens_per_s"] * r["step_s"] == pytest.approx(2 * 1 * r["seq_length"])
         assert all(loss == loss for loss in r["losses"])  # finite
+
+
+def test_run_options_round_trip_through_their_flags():
+    import argparse
+
+    options = bench.RunOptions(micro_batch=2, microbatches=4, cuda_graphs=True, intra_dim_ratio="1:3",
+                               attention_head_dim=128, unfused=True)
+    parser = argparse.ArgumentParser()
+    bench.add_option_flags(parser)
+    assert bench.RunOptions.from_args(parser.parse_args(options.as_args())) == options
+    assert bench.RunOptions.from_args(parser.parse_args([])) == bench.RunOptions()
+
+
+@pytest.mark.parametrize("kind", ["transformer", "inter", "intra"])
+def test_attention_head_dim_keeps_parameters_and_flops(kind):
+    """--attention-head-dim 128 at 1b: 16 heads of 128 (4 KV groups) instead of 32 of 64 (8),
+    the same widths, so the same parameters and FLOPs; a size that does not divide is refused."""
+    from hybrid_megatron.accounting import count_parameters
+    from hybrid_megatron.accounting.flops import model_flops_per_token
+
+    base = bench.model_config("1b", kind, False, "bf16")
+    wide = bench.model_config("1b", kind, False, "bf16", bench.RunOptions(attention_head_dim=128))
+    assert (base.head_dim, wide.head_dim) == (64, 128)
+    assert (wide.attention.num_heads, wide.query_groups) == (16, 4)
+    if kind == "intra":
+        assert wide.intra.num_query_groups == 4
+    assert count_parameters(wide).total == count_parameters(base).total
+    assert model_flops_per_token(wide, 8192) == model_flops_per_token(base, 8192)
+    with pytest.raises(ValueError, match="--attention-head-dim 96"):
+        bench.model_config("1b", kind, False, "bf16", bench.RunOptions(attention_head_dim=96))

@@ -59,7 +59,6 @@ def build_transformer_config(
     """
     attention = cfg.attention
     moe = cfg.moe
-    fused = resolve_impl(cfg) == "te"
     kwargs = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -78,9 +77,7 @@ def build_transformer_config(
         add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # Fused kernels need Transformer Engine on a GPU; the local (CPU) path uses plain ops.
-        bias_dropout_fusion=fused,
-        apply_rope_fusion=fused,
+        **fused_kernel_fields(cfg),
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         init_method_std=cfg.init_method_std,
@@ -132,6 +129,27 @@ def build_transformer_config(
         # the whole layer, mixer and FFN.
         kwargs.update(cuda_graph_impl="local", cuda_graph_scope=[])
     return TransformerConfig(**kwargs)
+
+
+def fused_kernel_fields(cfg: ModelConfig) -> dict:
+    """megatron-core's kernel-fusion fields for the model: all on for the TE build (they need
+    Transformer Engine on a GPU), all off for the local (CPU) build, which uses plain ops.
+
+    Takes the ModelConfig; returns TransformerConfig keyword arguments.
+    """
+    fused = resolve_impl(cfg) == "te"
+    return dict(
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=fused,
+        # SwiGLU in one compiled kernel each way (megatron-core's bias_swiglu) instead of silu,
+        # mul and their backward as separate passes; relu2 has no fused form there.
+        bias_activation_fusion=fused and cfg.gated_ffn,
+        # The LM loss through TE's one-pass cross-entropy kernel: megatron-core's unfused
+        # vocab_parallel_cross_entropy makes about six fp32 passes over the [tokens x vocab]
+        # logits each way (4 GB per 8K-token micro-batch at a 128K vocabulary).
+        cross_entropy_loss_fusion=fused,
+        cross_entropy_fusion_impl="te",
+    )
 
 
 def _recompute_fields(recompute: str) -> dict:
