@@ -140,18 +140,18 @@ def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunO
             "expert_ffn_hidden_size": ffn // 2,
             "grouped_gemm": torch.cuda.is_available(),
         }
-    fields["fp8"] = "hybrid" if precision == "fp8" else None
-    fields["fp8_attention"] = precision == "fp8" and options.fp8_attention and kind != "mamba"
-    if kind == "intra":
-        fields["intra"] = {**(fields.get("intra") or {}), "overlap_branches": options.overlap_branches}
-        if options.intra_dim_ratio:
-            fields["intra"]["dim_ratio"] = options.intra_dim_ratio
     if options.attention_head_dim and fields.get("attention"):
         old = ModelConfig(**fields).head_dim
         fields["attention"] = _rescaled_heads(fields["attention"], old, options.attention_head_dim, "num_heads")
         fields["attention"]["head_dim"] = options.attention_head_dim
         if fields.get("intra"):  # the intra branch's heads follow from its width and head_dim
             fields["intra"] = _rescaled_heads(fields["intra"], old, options.attention_head_dim, "-")
+    fields["fp8"] = "hybrid" if precision == "fp8" else None
+    fields["fp8_attention"] = precision == "fp8" and options.fp8_attention and kind != "mamba"
+    if kind == "intra":
+        fields["intra"] = {**(fields.get("intra") or {}), "overlap_branches": options.overlap_branches}
+        if options.intra_dim_ratio:
+            fields["intra"]["dim_ratio"] = options.intra_dim_ratio
     return ModelConfig(**fields)
 
 
