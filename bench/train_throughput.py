@@ -42,6 +42,7 @@ KINDS = ["transformer", "swa", "mamba", "inter", "intra"]
 NATIVES = {"native_gpt": "transformer", "native_mamba_hybrid": "inter", "native_mamba": "mamba"}
 # Sequence length and micro-batch per scale (8K tokens per micro-batch at both).
 SCALES = {"350m": {"seq": 4096, "mbs": 2}, "1b": {"seq": 8192, "mbs": 1}, "tiny": {"seq": 64, "mbs": 2}}
+ROW_PROCESS_ENV = "HM_BENCH_ROW_PROCESS"  # set in a row's own process (see _measure_in_subprocess)
 PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100/H200 SXM dense peaks (the figures)
 
 
@@ -372,6 +373,7 @@ def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, arg
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out),
                *options.as_args()]
         env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the parent's is taken
+        env[ROW_PROCESS_ENV] = "1"  # the child measures its row itself instead of isolating again
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode == 0 and out.exists():
             return json.loads(out.read_text())["rows"][0]
@@ -393,7 +395,7 @@ def cmd_run(args) -> None:
             continue
         # Captured CUDA graphs keep their memory pool for the life of the process (measured: the
         # 1b row after a graphed one ran out of memory), so graphed rows always get their own.
-        if args.isolate or options.cuda_graphs:
+        if (args.isolate or options.cuda_graphs) and not os.environ.get(ROW_PROCESS_ENV):
             row = _measure_in_subprocess(scale, arch, moe, precision, args, options)
         else:
             row = measure_row(scale, arch, moe, precision, args.warmup, args.steps, options)

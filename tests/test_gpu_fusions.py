@@ -95,3 +95,24 @@ def test_fused_wgrad_accumulation_matches_hook_accumulation(single_rank, kind, m
     for name, ref in main_grads[False].items():
         err = (main_grads[True][name] - ref).norm() / ref.norm().clamp_min(1e-12)
         assert err < 2e-2, (name, err.item())
+
+
+def test_torch_compile_compiles_in_process(monkeypatch):
+    """Inductor's compile-worker pool hung our GPU processes at exit; importing the package sets
+    one compile thread (environment default, and inductor's config once imported) unless the
+    environment says otherwise."""
+    import importlib
+    import os
+
+    from hybrid_megatron import torch_compile
+
+    monkeypatch.delenv(torch_compile.COMPILE_THREADS_ENV, raising=False)
+    torch_compile.compile_in_process()
+    assert os.environ[torch_compile.COMPILE_THREADS_ENV] == "1"
+    config = importlib.import_module("torch._inductor.config")
+    monkeypatch.setattr(config, "compile_threads", config.compile_threads)  # restored afterwards
+    torch_compile.compile_in_process()
+    assert config.compile_threads == 1
+    monkeypatch.setenv(torch_compile.COMPILE_THREADS_ENV, "4")
+    torch_compile.compile_in_process()
+    assert config.compile_threads == 4
