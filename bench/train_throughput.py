@@ -540,7 +540,7 @@ def markdown(summary: dict) -> str:
     for r in summary["rows"]:
         if r.get("error"):
             lines.append(f"| {r['run']} | {r['scale']} | {r['arch']} | {r['ffn']} | {r['precision']} | | "
-                         f"error: {r['error'][:80]} | | | |")
+                         f"error: {' '.join(r['error'].split())[:80]} | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         vs = f"{r['vs_baseline']:.2f}x {r['baseline']}" if r.get("vs_baseline") else "-"
