@@ -56,6 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from bench.records import write_json  # noqa: E402
+
 LAUNCHER = ROOT / "launch" / "slurm.py"
 LOSS_LOG = "train_log.jsonl"  # hybrid_megatron.training.entry.LOSS_LOG (not imported: it pulls in megatron)
 THROUGHPUT_SKIP = 2  # first steps left out of throughput: allocation, compilation, warm caches
@@ -230,14 +232,6 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def write_json(path: Path, record: dict) -> None:
-    """Write ``record`` to ``path`` atomically (temp file + rename): no half-written results."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def markdown(record: dict) -> str:

@@ -38,6 +38,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from bench.records import write_json  # noqa: E402
+
 KINDS = ["transformer", "swa", "mamba", "inter", "intra"]
 NATIVES = {"native_gpt": "transformer", "native_mamba_hybrid": "inter", "native_mamba": "mamba"}
 # Sequence length and micro-batch per scale (8K tokens per micro-batch at both).
@@ -103,11 +105,12 @@ def add_option_flags(parser) -> None:
                                 default=f.default, help=f.metadata["help"])
 
 
-def _rescaled_heads(section: dict, old_head_dim: int, head_dim: int, heads_key: str) -> dict:
-    """An attention section with the same width at another head size: heads and KV groups
-    scaled by old/new head size. Raises ValueError if they do not divide."""
+def _rescaled_heads(section: dict, old_head_dim: int, head_dim: int, keys: tuple) -> dict:
+    """A copy of a recipe section with its head counts under ``keys`` (those set) scaled by
+    old/new head size: the same widths at another head size. Raises ValueError if they do not
+    divide."""
     out = dict(section)
-    for key in (heads_key, "num_query_groups"):
+    for key in keys:
         if out.get(key):
             scaled = out[key] * old_head_dim
             if scaled % head_dim:
@@ -121,7 +124,7 @@ def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunO
     """The ModelConfig of one row: the shipped ``recipes/<scale>_<kind>.yaml`` model section
     (``tiny``: tests/model_configs.py's tiny model), with an MoE FFN (8 experts, top-2, each
     half the dense FFN so the active FFN equals it), FP8 when asked and the run's options
-    (FP8 attention, intra branch overlap)."""
+    (attention head size, FP8 attention, intra branch overlap and dim ratio)."""
     from hybrid_megatron.config.model import ModelConfig
 
     if scale == "tiny":
@@ -143,10 +146,12 @@ def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunO
         }
     if options.attention_head_dim and fields.get("attention"):
         old = ModelConfig(**fields).head_dim
-        fields["attention"] = _rescaled_heads(fields["attention"], old, options.attention_head_dim, "num_heads")
+        fields["attention"] = _rescaled_heads(fields["attention"], old, options.attention_head_dim,
+                                              ("num_heads", "num_query_groups"))
         fields["attention"]["head_dim"] = options.attention_head_dim
-        if fields.get("intra"):  # the intra branch's heads follow from its width and head_dim
-            fields["intra"] = _rescaled_heads(fields["intra"], old, options.attention_head_dim, "-")
+        if fields.get("intra"):  # the intra branch's query heads follow from its width and head_dim
+            fields["intra"] = _rescaled_heads(fields["intra"], old, options.attention_head_dim,
+                                              ("num_query_groups",))
     fields["fp8"] = "hybrid" if precision == "fp8" else None
     fields["fp8_attention"] = precision == "fp8" and options.fp8_attention and kind != "mamba"
     if kind == "intra":
@@ -352,13 +357,6 @@ def _header() -> dict:
     return header
 
 
-def _write(path: str, record: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
-
-
 def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, args,
                            options: RunOptions) -> dict:
     """measure_row in a fresh process. MoE rows leave ~14 GB behind in one process (seen on an
@@ -401,8 +399,8 @@ def cmd_run(args) -> None:
             row = measure_row(scale, arch, moe, precision, args.warmup, args.steps, options)
         record["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "traceback")}), flush=True)
-        _write(args.out, record)
-    _write(args.out, record)
+        write_json(args.out, record)
+    write_json(args.out, record)
 
 
 # ----------------------------------------------------------------------------- largest micro-batch
@@ -442,9 +440,9 @@ def cmd_max_mbs(args) -> None:
             row["largest_micro_batch"] = max((f["micro_batch"] for f in row["fits"]), default=0)
             record["rows"].append(row)
             print(json.dumps(row), flush=True)
-            _write(args.out, record)
+            write_json(args.out, record)
     _reset_run_state()
-    _write(args.out, record)
+    write_json(args.out, record)
 
 
 # ----------------------------------------------------------------------------- profile
@@ -569,7 +567,7 @@ def cmd_report(args) -> None:
                                                    "megatron_core", "warmup", "steps", "options")}
                           for r in records]
     if args.json:
-        _write(args.json, summary)
+        write_json(args.json, summary)
     text = markdown(summary)
     if args.markdown:
         Path(args.markdown).write_text(text)

@@ -9,6 +9,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.transformer.module import Float16Module
 
 from hybrid_megatron.models import build_model
+from hybrid_megatron.models.transformer_config import have_transformer_engine
 
 
 def build_training_model(recipe) -> list:
@@ -56,13 +57,13 @@ def wrap_for_training(model, bf16: bool, fuse_wgrad: bool = True) -> list:
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     ddp.broadcast_params()  # identical replicas across data-parallel ranks
     if fuse_wgrad:
-        fuse_wgrad_accumulation(ddp, config)
+        fuse_wgrad_accumulation(ddp)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return [ddp]
 
 
-def fuse_wgrad_accumulation(ddp_model, config) -> int:
+def fuse_wgrad_accumulation(ddp_model) -> int:
     """Make every Transformer Engine layer of a DDP-wrapped model write its weight gradients
     straight into megatron-core's fp32 gradient buffer (``param.main_grad``).
 
@@ -75,20 +76,20 @@ def fuse_wgrad_accumulation(ddp_model, config) -> int:
     megatron-core's CUDA-graph runner reads it to replay TE's ``grad_added_to_main_grad``
     marks (its runners are created on the first forward, after this).
 
-    Takes the DDP-wrapped model and its TransformerConfig; returns how many TE modules were
-    switched (0 without Transformer Engine, e.g. on CPU).
+    Takes the DDP-wrapped model (its ``config`` is the model's TransformerConfig); returns how
+    many TE modules were switched (0 without Transformer Engine, e.g. on CPU).
     """
-    try:
-        from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
-    except Exception:  # no Transformer Engine: no TE layers to switch
+    if not have_transformer_engine():  # no TE layers to switch
         return 0
+    from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
+
     count = 0
     for module in ddp_model.modules():
         if isinstance(module, TransformerEngineBaseModule) and hasattr(module, "fuse_wgrad_accumulation"):
             module.fuse_wgrad_accumulation = True
             count += 1
     if count:
-        config.gradient_accumulation_fusion = True
+        ddp_model.config.gradient_accumulation_fusion = True
     return count
 
 
