@@ -74,8 +74,10 @@ class RunOptions:
     attention_head_dim: Optional[int] = _option(
         None, "--attention-head-dim", "attention head size for every attention mixer, at the same "
         "widths (heads and KV groups rescaled, so parameters and FLOPs stay the same)")
-    unfused: bool = _option(False, "--unfused", "switch off the fused loss, SwiGLU and weight-gradient "
-                            "accumulation (the before side of their measurement)")
+    unfused: bool = _option(False, "--unfused", "switch off the fused loss, SwiGLU, weight-gradient "
+                            "accumulation and MoE router/permutation (the before side of their measurement)")
+    unfused_moe: bool = _option(False, "--unfused-moe", "switch off only the MoE fusions (TE's fused "
+                                "router top-k and token permutation)")
 
     def as_args(self) -> list[str]:
         """The command-line flags that reproduce these options."""
@@ -250,6 +252,11 @@ def _reset_run_state() -> None:
         FP8GlobalStateManager.reset()
     except Exception:  # no TE (CPU)
         pass
+    _free_cached_memory()
+
+
+def _free_cached_memory() -> None:
+    """Collect garbage, return the allocator's cached blocks and restart the peak-memory count."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -259,12 +266,13 @@ def _reset_run_state() -> None:
 class Trainee:
     """A row's model wrapped for training, its optimizer and schedule (the trainer's own code).
 
-    ``fused=False`` switches off the fused cross-entropy, SwiGLU and weight-gradient accumulation
-    (``--unfused``), so that their effect is measured within one session.
+    ``fused=False`` switches off the fused cross-entropy, SwiGLU, weight-gradient accumulation and
+    MoE fusions (``--unfused``), ``fused_moe=False`` only the MoE router and permutation fusions
+    (``--unfused-moe``), so that their effect is measured within one session.
     """
 
     def __init__(self, arch: str, cfg, recompute: str = "none", seed: int = 1234, cuda_graphs: bool = False,
-                 fused: bool = True):
+                 fused: bool = True, fused_moe: bool = True):
         from hybrid_megatron.config.parallel import ParallelConfig
         from hybrid_megatron.config.train import TrainConfig
         from hybrid_megatron.training.model_setup import wrap_for_training
@@ -275,10 +283,14 @@ class Trainee:
         bf16 = torch.cuda.is_available()  # CPU smoke runs train in fp32
         model, self.pattern = build_row_model(arch, cfg, recompute, bf16, cuda_graphs)
         self.num_parameters = sum(p.numel() for p in model.parameters())
+        # megatron-core reads these per call (the layers share the model's config): the unfused
+        # loss, SwiGLU, router and token permutation from here on.
         if not fused:
-            # megatron-core reads these two per call: the unfused loss and SwiGLU from here on.
             model.config.cross_entropy_loss_fusion = False
             model.config.bias_activation_fusion = False
+        if not (fused and fused_moe):
+            model.config.moe_router_fusion = False
+            model.config.moe_permute_fusion = False
         self.chunks = wrap_for_training(model, bf16=bf16, fuse_wgrad=fused)
         train = TrainConfig(global_batch_size=1, steps=1000, lr=1e-4, warmup_steps=10,
                             precision="bf16" if bf16 else "fp32")
@@ -309,7 +321,8 @@ def measure_row(scale: str, arch: str, moe: bool, precision: str, warmup: int, s
 
         row["flops_per_token"] = float(model_flops_per_token(cfg, shape["seq"]))
         t_build = time.perf_counter()
-        trainee = Trainee(arch, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused)
+        trainee = Trainee(arch, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused,
+                          fused_moe=not options.unfused_moe)
         row.update(pattern=trainee.pattern, num_parameters=trainee.num_parameters,
                    build_s=round(time.perf_counter() - t_build, 2))
         batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0, microbatches=options.microbatches)
@@ -404,8 +417,44 @@ def cmd_run(args) -> None:
 
 
 # ----------------------------------------------------------------------------- largest micro-batch
+def largest_fitting(try_size, limit: int, deadline: float = float("inf")) -> list[dict]:
+    """Search for the largest micro-batch that fits: doubling from 1 until one does not fit (or
+    ``limit``), then bisection between the last size that fit and the first that did not.
+
+    Takes ``try_size(mbs)``, which returns the step's peak memory in GiB (None off GPU) or raises
+    torch.OutOfMemoryError, the largest size to try and a time.monotonic() deadline. Returns the
+    attempts in order, each ``{"micro_batch", "fits", "peak_memory_gib"}``.
+    """
+    attempts = []
+
+    def attempt(mbs: int) -> bool:
+        try:
+            peak = try_size(mbs)
+        except torch.OutOfMemoryError:
+            attempts.append({"micro_batch": mbs, "fits": False, "peak_memory_gib": None})
+            return False
+        attempts.append({"micro_batch": mbs, "fits": True, "peak_memory_gib": peak})
+        return True
+
+    fit, failed = 0, None
+    mbs = 1
+    while mbs <= limit and time.monotonic() < deadline:
+        if not attempt(mbs):
+            failed = mbs
+            break
+        fit, mbs = mbs, mbs * 2
+    while failed is not None and failed - fit > 1 and time.monotonic() < deadline:
+        mid = (fit + failed) // 2
+        if attempt(mid):
+            fit = mid
+        else:
+            failed = mid
+    return attempts
+
+
 def cmd_max_mbs(args) -> None:
-    """Largest micro-batch (doubling from 1) that trains one step per kind and recompute mode."""
+    """Largest micro-batch (doubling from 1, then bisection) that trains one step, per kind and
+    recompute mode; writes the attempts and the largest size of each to the JSON record."""
     shape = SCALES[args.scale]
     record = {**_header(), "scale": args.scale, "seq_length": shape["seq"], "rows": []}
     deadline = time.monotonic() + args.time_budget
@@ -414,30 +463,29 @@ def cmd_max_mbs(args) -> None:
             if time.monotonic() > deadline:
                 break
             _reset_run_state()
-            row = {"kind": kind, "recompute": recompute, "fits": [], "ffn": "dense"}
+            row = {"kind": kind, "recompute": recompute, "ffn": "dense", "attempts": []}
             try:
                 cfg = model_config(args.scale, kind, False, "bf16")
                 trainee = Trainee(kind, cfg, recompute)
-                mbs = 1
-                while mbs <= args.max and time.monotonic() < deadline:
-                    oom = False
+
+                def try_size(mbs: int):
                     try:
                         batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0)
                         trainee.step(batch, shape["seq"])
                         _sync()
-                        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-                        row["fits"].append({"micro_batch": mbs, "peak_memory_gib": peak})
-                    except torch.OutOfMemoryError:
-                        oom = True
-                    batch = None
-                    if oom:
-                        _reset_run_state()
-                        break
-                    mbs *= 2
+                        return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+                    finally:
+                        batch = None
+                        _free_cached_memory()  # an out-of-memory step leaves its blocks cached
+
+                row["attempts"] = largest_fitting(try_size, args.max, deadline)
                 del trainee
             except Exception as err:
                 row["error"] = f"{type(err).__name__}: {err}"[:500]
-            row["largest_micro_batch"] = max((f["micro_batch"] for f in row["fits"]), default=0)
+            fits = [a for a in row["attempts"] if a["fits"]]
+            best = max(fits, key=lambda a: a["micro_batch"], default=None)
+            row["largest_micro_batch"] = best["micro_batch"] if best else 0
+            row["peak_memory_gib"] = best["peak_memory_gib"] if best else None
             record["rows"].append(row)
             print(json.dumps(row), flush=True)
             write_json(args.out, record)
@@ -454,7 +502,8 @@ def cmd_profile(args) -> None:
     options = RunOptions.from_args(args)
     _reset_run_state()
     cfg = model_config(args.scale, NATIVES.get(args.kind, args.kind), args.moe, args.precision, options)
-    trainee = Trainee(args.kind, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused)
+    trainee = Trainee(args.kind, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused,
+                      fused_moe=not options.unfused_moe)
     batch = _synthetic_batch(cfg.vocab_size, options.micro_batch or shape["mbs"], shape["seq"], seed=0,
                              microbatches=options.microbatches)
     for _ in range(3):
@@ -462,15 +511,41 @@ def cmd_profile(args) -> None:
     _sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(args.steps):
             trainee.step(batch, shape["seq"])
         _sync()
+        wall_s = time.perf_counter() - start
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=90)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=sort, row_limit=args.rows, max_name_column_width=90)
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    syncs = {e.key: e.count for e in averages if e.key in HOST_SYNC_CALLS}
+    timing = (f"per step: {1e3 * wall_s / args.steps:.1f} ms wall (under the profiler), GPU busy "
+              f"{1e-3 * busy_time(kernels) / args.steps:.1f} ms; host waits on the GPU per step: "
+              + (", ".join(f"{k} x{v / args.steps:g}" for k, v in sorted(syncs.items())) or "none"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(f"{_header()}\n{args.scale} {args.kind} moe={args.moe} "
-                              f"{args.precision} {options}, {args.steps} steps\n{table}\n")
+                              f"{args.precision} {options}, {args.steps} steps\n{timing}\n{table}\n")
+    print(timing)
     print(table)
+
+
+# the CUDA runtime calls with which the host waits for the GPU (a drained launch queue after each)
+HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals (kernels on several streams overlap):
+    the time the GPU had at least one kernel running, in the intervals' unit."""
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        if hi <= end:
+            continue
+        total += hi - max(lo, end)
+        end = hi
+    return total
 
 
 # ----------------------------------------------------------------------------- report

@@ -79,7 +79,7 @@ def test_run_options_round_trip_through_their_flags():
     import argparse
 
     options = bench.RunOptions(micro_batch=2, microbatches=4, cuda_graphs=True, intra_dim_ratio="1:3",
-                               attention_head_dim=128, unfused=True)
+                               attention_head_dim=128, unfused=True, unfused_moe=True)
     parser = argparse.ArgumentParser()
     bench.add_option_flags(parser)
     assert bench.RunOptions.from_args(parser.parse_args(options.as_args())) == options
@@ -103,3 +103,32 @@ def test_attention_head_dim_keeps_parameters_and_flops(kind):
     assert model_flops_per_token(wide, 8192) == model_flops_per_token(base, 8192)
     with pytest.raises(ValueError, match="--attention-head-dim 96"):
         bench.model_config("1b", kind, False, "bf16", bench.RunOptions(attention_head_dim=96))
+
+
+@pytest.mark.parametrize("capacity,limit,largest", [(5, 32, 5), (1, 32, 1), (12, 32, 12), (0, 32, 0),
+                                                    (100, 16, 16), (8, 32, 8)])
+def test_largest_fitting_doubles_then_bisects(capacity, limit, largest):
+    """max-mbs's search finds the exact largest size up to the limit, never tries a size above
+    the first failure, and tries no size twice."""
+    import torch
+
+    def try_size(mbs):
+        if mbs > capacity:
+            raise torch.OutOfMemoryError(f"{mbs} > {capacity}")
+        return float(mbs)
+
+    attempts = bench.largest_fitting(try_size, limit)
+    sizes = [a["micro_batch"] for a in attempts]
+    assert max((a["micro_batch"] for a in attempts if a["fits"]), default=0) == largest
+    assert len(sizes) == len(set(sizes))
+    assert all(a["fits"] == (a["micro_batch"] <= capacity) for a in attempts)
+    failed = [a["micro_batch"] for a in attempts if not a["fits"]]
+    assert not failed or min(failed) == largest + 1 or largest == limit
+    assert len(attempts) <= 2 * limit.bit_length()  # doubling plus bisection, not a linear scan
+
+
+def test_busy_time_is_the_union_of_kernel_intervals():
+    """Kernels overlapping on two streams count once; gaps count not at all."""
+    assert bench.busy_time([]) == 0
+    assert bench.busy_time([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert bench.busy_time([(20, 25), (0, 10), (10, 11)]) == 16

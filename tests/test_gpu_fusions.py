@@ -1,5 +1,6 @@
-"""The fused kernels of the TE build: TE's cross-entropy, megatron-core's fused SwiGLU and TE's
-weight-gradient accumulation into DDP's fp32 buffers.
+"""The fused kernels of the TE build: TE's cross-entropy, megatron-core's fused SwiGLU, TE's
+weight-gradient accumulation into DDP's fp32 buffers, and for MoE TE's fused router and token
+permutation.
 
 On CPU: the TE build asks for them and the local build does not, and wrapping a local model fuses
 nothing. On a GPU (``-m gpu``): each computes what the unfused path computes."""
@@ -15,6 +16,7 @@ from tests.test_gpu import _batch, _build, gpu_model
 
 FUSION_FIELDS = ("bias_dropout_fusion", "apply_rope_fusion", "bias_activation_fusion",
                  "cross_entropy_loss_fusion")
+MOE_FUSION_FIELDS = ("moe_router_fusion", "moe_permute_fusion")
 
 
 def test_te_build_asks_for_the_fused_kernels_and_local_build_does_not(monkeypatch):
@@ -29,6 +31,13 @@ def test_te_build_asks_for_the_fused_kernels_and_local_build_does_not(monkeypatc
     # megatron-core fuses gelu and SwiGLU only: relu2 FFNs (flavour nemotron_h) stay unfused
     relu2 = fused_kernel_fields(ModelConfig(**tiny_model("inter"), flavour="nemotron_h"))
     assert relu2["bias_activation_fusion"] is False and relu2["cross_entropy_loss_fusion"] is True
+    # the MoE fusions only where there is an MoE
+    assert not any(te[f] for f in MOE_FUSION_FIELDS), te
+    moe = fused_kernel_fields(ModelConfig(**tiny_model("intra", moe=True)))
+    assert all(moe[f] for f in MOE_FUSION_FIELDS), moe
+    monkeypatch.setattr(transformer_config, "resolve_impl", lambda cfg: "local")
+    assert not any(fused_kernel_fields(ModelConfig(**tiny_model("intra", moe=True)))[f]
+                   for f in MOE_FUSION_FIELDS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU build")
@@ -69,6 +78,29 @@ def test_fused_loss_and_swiglu_match_unfused(single_rank, flag):
     for name, g in grads.items():
         err = (fused_grads[name] - g).norm() / g.norm().clamp_min(1e-12)
         assert err < 2e-2, (name, err.item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grouped_gemm", [False, True], ids=["sequential", "grouped"])
+def test_fused_moe_router_and_permutation_match_unfused(single_rank, grouped_gemm):
+    """The TE build fuses the MoE router's top-k (with its aux-loss scores) and the token
+    permutation; with both switched off (megatron-core reads both per call), the loss, which
+    includes the aux loss's gradient, and every gradient agree within bf16 rounding."""
+    cfg = gpu_model("intra", moe=True, params_dtype="bf16")
+    cfg["moe"] = {**cfg["moe"], "grouped_gemm": grouped_gemm, "aux_loss_coeff": 1e-2}
+    model = _build(cfg, bf16=True)
+    assert all(getattr(model.config, f) is True for f in MOE_FUSION_FIELDS)
+    ids, labels, pos = _batch()
+    fused_loss, fused_grads = _loss_and_grads(model, ids, labels, pos)
+    for flag in MOE_FUSION_FIELDS:
+        setattr(model.config, flag, False)
+    loss, grads = _loss_and_grads(model, ids, labels, pos)
+    # mean over tokens: a token whose two best experts tie within rounding may route differently
+    torch.testing.assert_close(fused_loss.mean(), loss.mean(), rtol=2e-3, atol=2e-3)
+    assert fused_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        err = (fused_grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert err < 3e-2, (name, err.item())
 
 
 @pytest.mark.gpu

@@ -138,6 +138,7 @@ def fused_kernel_fields(cfg: ModelConfig) -> dict:
     Takes the ModelConfig; returns TransformerConfig keyword arguments.
     """
     fused = resolve_impl(cfg) == "te"
+    moe = cfg.moe is not None
     return dict(
         bias_dropout_fusion=fused,
         apply_rope_fusion=fused,
@@ -149,6 +150,10 @@ def fused_kernel_fields(cfg: ModelConfig) -> dict:
         # logits each way (4 GB per 8K-token micro-batch at a 128K vocabulary).
         cross_entropy_loss_fusion=fused,
         cross_entropy_fusion_impl="te",
+        # MoE: TE's fused top-k routing with its aux-loss scores, and TE's fused token permute
+        # and unpermute (one kernel each way instead of index/sort/scatter chains per layer).
+        moe_router_fusion=fused and moe,
+        moe_permute_fusion=fused and moe,
     )
 
 
