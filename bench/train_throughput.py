@@ -78,6 +78,8 @@ class RunOptions:
                             "accumulation and MoE router/permutation (the before side of their measurement)")
     unfused_moe: bool = _option(False, "--unfused-moe", "switch off only the MoE fusions (TE's fused "
                                 "router top-k and token permutation)")
+    gc_freeze: bool = _option(False, "--gc-freeze", "after the warm-up steps, move every live Python "
+                              "object out of the garbage collector's generations (gc.freeze)")
 
     def as_args(self) -> list[str]:
         """The command-line flags that reproduce these options."""
@@ -252,6 +254,7 @@ def _reset_run_state() -> None:
         FP8GlobalStateManager.reset()
     except Exception:  # no TE (CPU)
         pass
+    gc.unfreeze()  # a frozen row's objects (--gc-freeze) become collectable again
     _free_cached_memory()
 
 
@@ -327,12 +330,15 @@ def measure_row(scale: str, arch: str, moe: bool, precision: str, warmup: int, s
                    build_s=round(time.perf_counter() - t_build, 2))
         batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0, microbatches=options.microbatches)
         losses = [trainee.step(batch, shape["seq"]) for _ in range(warmup)]
+        _after_warmup(options)
         _sync()
         t0 = time.perf_counter()
-        for _ in range(steps):
-            losses.append(trainee.step(batch, shape["seq"]))
-        _sync()
+        with GcPauses() as pauses:
+            for _ in range(steps):
+                losses.append(trainee.step(batch, shape["seq"]))
+            _sync()
         elapsed = time.perf_counter() - t0
+        row.update(gc_s_per_step=pauses.seconds / steps, gc_collections_per_step=pauses.count / steps)
         tokens_per_s = steps * options.microbatches * mbs * shape["seq"] / elapsed
         row.update(
             step_s=elapsed / steps,
@@ -508,9 +514,10 @@ def cmd_profile(args) -> None:
                              microbatches=options.microbatches)
     for _ in range(3):
         trainee.step(batch, shape["seq"])
+    _after_warmup(options)
     _sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities) as prof, GcPauses() as pauses:
         start = time.perf_counter()
         for _ in range(args.steps):
             trainee.step(batch, shape["seq"])
@@ -519,17 +526,53 @@ def cmd_profile(args) -> None:
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     averages = prof.key_averages()
     table = averages.table(sort_by=sort, row_limit=args.rows, max_name_column_width=90)
+    # the host's side: where its time goes when the GPU waits for it
+    table += "\nBy host time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                                   max_name_column_width=90)
     kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
                if e.device_type == torch.autograd.DeviceType.CUDA]
     syncs = {e.key: e.count for e in averages if e.key in HOST_SYNC_CALLS}
     timing = (f"per step: {1e3 * wall_s / args.steps:.1f} ms wall (under the profiler), GPU busy "
               f"{1e-3 * busy_time(kernels) / args.steps:.1f} ms; host waits on the GPU per step: "
-              + (", ".join(f"{k} x{v / args.steps:g}" for k, v in sorted(syncs.items())) or "none"))
+              + (", ".join(f"{k} x{v / args.steps:g}" for k, v in sorted(syncs.items())) or "none")
+              + f"; Python garbage collection per step: {pauses.count / args.steps:g} collections, "
+              f"{1e3 * pauses.seconds / args.steps:.1f} ms")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(f"{_header()}\n{args.scale} {args.kind} moe={args.moe} "
                               f"{args.precision} {options}, {args.steps} steps\n{timing}\n{table}\n")
     print(timing)
     print(table)
+
+
+def _after_warmup(options: RunOptions) -> None:
+    """What a run does once its warm-up steps are done: ``--gc-freeze``."""
+    if options.gc_freeze:
+        gc.collect()
+        gc.freeze()
+
+
+class GcPauses:
+    """Context manager that counts Python's garbage collections inside it and their total time
+    (``count``, ``seconds``), through gc.callbacks. Each collection walks every tracked object of
+    its generation on the host thread that launches the GPU's work."""
+
+    def __init__(self):
+        self.count, self.seconds, self._start = 0, 0.0, None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 # the CUDA runtime calls with which the host waits for the GPU (a drained launch queue after each)

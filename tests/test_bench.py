@@ -79,7 +79,8 @@ def test_run_options_round_trip_through_their_flags():
     import argparse
 
     options = bench.RunOptions(micro_batch=2, microbatches=4, cuda_graphs=True, intra_dim_ratio="1:3",
-                               attention_head_dim=128, unfused=True, unfused_moe=True)
+                               attention_head_dim=128, unfused=True, unfused_moe=True,
+                               gc_freeze=True)
     parser = argparse.ArgumentParser()
     bench.add_option_flags(parser)
     assert bench.RunOptions.from_args(parser.parse_args(options.as_args())) == options
@@ -132,3 +133,23 @@ def test_busy_time_is_the_union_of_kernel_intervals():
     assert bench.busy_time([]) == 0
     assert bench.busy_time([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
     assert bench.busy_time([(20, 25), (0, 10), (10, 11)]) == 16
+
+
+def test_gc_pauses_counts_collections_inside_only():
+    import gc
+
+    class Node:
+        pass
+
+    def cycles(n):
+        for _ in range(n):
+            a, b = Node(), Node()
+            a.other, b.other = b, a
+
+    with bench.GcPauses() as pauses:
+        cycles(10)
+        gc.collect()
+        gc.collect(0)
+    assert pauses.count == 2 and pauses.seconds > 0
+    gc.collect()
+    assert pauses.count == 2  # the callback is gone after the block

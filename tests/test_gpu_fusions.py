@@ -85,22 +85,23 @@ def test_fused_loss_and_swiglu_match_unfused(single_rank, flag):
 def test_fused_moe_router_and_permutation_match_unfused(single_rank, grouped_gemm):
     """The TE build fuses the MoE router's top-k (with its aux-loss scores) and the token
     permutation; with both switched off (megatron-core reads both per call), the loss, which
-    includes the aux loss's gradient, and every gradient agree within bf16 rounding."""
-    cfg = gpu_model("intra", moe=True, params_dtype="bf16")
+    includes the aux loss, and every gradient agree. In fp32: in bf16, a token whose two best
+    experts tie within rounding routes differently between the paths (seen on an H100: 5% on one
+    norm's gradient with equal losses), which would hide a real difference in the noise."""
+    cfg = gpu_model("intra", moe=True)
     cfg["moe"] = {**cfg["moe"], "grouped_gemm": grouped_gemm, "aux_loss_coeff": 1e-2}
-    model = _build(cfg, bf16=True)
+    model = _build(cfg)
     assert all(getattr(model.config, f) is True for f in MOE_FUSION_FIELDS)
     ids, labels, pos = _batch()
     fused_loss, fused_grads = _loss_and_grads(model, ids, labels, pos)
     for flag in MOE_FUSION_FIELDS:
         setattr(model.config, flag, False)
     loss, grads = _loss_and_grads(model, ids, labels, pos)
-    # mean over tokens: a token whose two best experts tie within rounding may route differently
-    torch.testing.assert_close(fused_loss.mean(), loss.mean(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-4, atol=1e-4)
     assert fused_grads.keys() == grads.keys()
     for name, g in grads.items():
         err = (fused_grads[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert err < 3e-2, (name, err.item())
+        assert err < 1e-3, (name, err.item())
 
 
 @pytest.mark.gpu
