@@ -78,8 +78,6 @@ class RunOptions:
                             "accumulation and MoE router/permutation (the before side of their measurement)")
     unfused_moe: bool = _option(False, "--unfused-moe", "switch off only the MoE fusions (TE's fused "
                                 "router top-k and token permutation)")
-    gc_freeze: bool = _option(False, "--gc-freeze", "after the warm-up steps, move every live Python "
-                              "object out of the garbage collector's generations (gc.freeze)")
 
     def as_args(self) -> list[str]:
         """The command-line flags that reproduce these options."""
@@ -254,7 +252,6 @@ def _reset_run_state() -> None:
         FP8GlobalStateManager.reset()
     except Exception:  # no TE (CPU)
         pass
-    gc.unfreeze()  # a frozen row's objects (--gc-freeze) become collectable again
     _free_cached_memory()
 
 
@@ -330,7 +327,6 @@ def measure_row(scale: str, arch: str, moe: bool, precision: str, warmup: int, s
                    build_s=round(time.perf_counter() - t_build, 2))
         batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0, microbatches=options.microbatches)
         losses = [trainee.step(batch, shape["seq"]) for _ in range(warmup)]
-        _after_warmup(options)
         _sync()
         t0 = time.perf_counter()
         with GcPauses() as pauses:
@@ -514,7 +510,6 @@ def cmd_profile(args) -> None:
                              microbatches=options.microbatches)
     for _ in range(3):
         trainee.step(batch, shape["seq"])
-    _after_warmup(options)
     _sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof, GcPauses() as pauses:
@@ -542,13 +537,6 @@ def cmd_profile(args) -> None:
                               f"{args.precision} {options}, {args.steps} steps\n{timing}\n{table}\n")
     print(timing)
     print(table)
-
-
-def _after_warmup(options: RunOptions) -> None:
-    """What a run does once its warm-up steps are done: ``--gc-freeze``."""
-    if options.gc_freeze:
-        gc.collect()
-        gc.freeze()
 
 
 class GcPauses:

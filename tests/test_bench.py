@@ -79,8 +79,7 @@ def test_run_options_round_trip_through_their_flags():
     import argparse
 
     options = bench.RunOptions(micro_batch=2, microbatches=4, cuda_graphs=True, intra_dim_ratio="1:3",
-                               attention_head_dim=128, unfused=True, unfused_moe=True,
-                               gc_freeze=True)
+                               attention_head_dim=128, unfused=True, unfused_moe=True)
     parser = argparse.ArgumentParser()
     bench.add_option_flags(parser)
     assert bench.RunOptions.from_args(parser.parse_args(options.as_args())) == options
