@@ -62,22 +62,30 @@ def _loss_and_grads(model, ids, labels, pos):
     return loss.detach(), grads
 
 
+def _assert_unfused_matches(model, flags, loss_tol: float, grad_tol: float) -> None:
+    """Per-token losses and every gradient of ``model`` (built with ``flags`` on), then again
+    with ``flags`` switched off on its config (megatron-core reads them per call): equal within
+    ``loss_tol`` (absolute and relative) and ``grad_tol`` (relative norm per parameter)."""
+    assert all(getattr(model.config, f) is True for f in flags)  # else unfused vs unfused
+    ids, labels, pos = _batch()
+    fused_loss, fused_grads = _loss_and_grads(model, ids, labels, pos)
+    for flag in flags:
+        setattr(model.config, flag, False)
+    loss, grads = _loss_and_grads(model, ids, labels, pos)
+    torch.testing.assert_close(fused_loss, loss, rtol=loss_tol, atol=loss_tol)
+    assert fused_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        err = (fused_grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert err < grad_tol, (name, err.item())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("flag", ["cross_entropy_loss_fusion", "bias_activation_fusion"])
 def test_fused_loss_and_swiglu_match_unfused(single_rank, flag):
     """The TE build turns both fusions on; turning one off (megatron-core reads both per call)
     changes per-token losses and gradients only by rounding."""
     model = _build(gpu_model("intra", params_dtype="bf16"), bf16=True)
-    assert getattr(model.config, flag) is True  # else this would compare unfused with unfused
-    ids, labels, pos = _batch()
-    fused_loss, fused_grads = _loss_and_grads(model, ids, labels, pos)
-    setattr(model.config, flag, False)
-    loss, grads = _loss_and_grads(model, ids, labels, pos)
-    torch.testing.assert_close(fused_loss, loss, rtol=2e-3, atol=2e-3)
-    assert fused_grads.keys() == grads.keys()
-    for name, g in grads.items():
-        err = (fused_grads[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert err < 2e-2, (name, err.item())
+    _assert_unfused_matches(model, (flag,), loss_tol=2e-3, grad_tol=2e-2)
 
 
 @pytest.mark.gpu
@@ -90,18 +98,7 @@ def test_fused_moe_router_and_permutation_match_unfused(single_rank, grouped_gem
     norm's gradient with equal losses), which would hide a real difference in the noise."""
     cfg = gpu_model("intra", moe=True)
     cfg["moe"] = {**cfg["moe"], "grouped_gemm": grouped_gemm, "aux_loss_coeff": 1e-2}
-    model = _build(cfg)
-    assert all(getattr(model.config, f) is True for f in MOE_FUSION_FIELDS)
-    ids, labels, pos = _batch()
-    fused_loss, fused_grads = _loss_and_grads(model, ids, labels, pos)
-    for flag in MOE_FUSION_FIELDS:
-        setattr(model.config, flag, False)
-    loss, grads = _loss_and_grads(model, ids, labels, pos)
-    torch.testing.assert_close(fused_loss, loss, rtol=1e-4, atol=1e-4)
-    assert fused_grads.keys() == grads.keys()
-    for name, g in grads.items():
-        err = (fused_grads[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert err < 1e-3, (name, err.item())
+    _assert_unfused_matches(_build(cfg), MOE_FUSION_FIELDS, loss_tol=1e-4, grad_tol=1e-3)
 
 
 @pytest.mark.gpu
