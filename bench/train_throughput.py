@@ -297,6 +297,12 @@ class Trainee:
         self.optimizer = build_optimizer(train, self.chunks)
         self.scheduler = build_scheduler(train, self.optimizer, 1000)
 
+    @classmethod
+    def for_options(cls, arch: str, cfg, options: RunOptions) -> "Trainee":
+        """A row's Trainee under a run's options (CUDA graphs, the fusions switched off)."""
+        return cls(arch, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused,
+                   fused_moe=not options.unfused_moe)
+
     def step(self, batch: list, seq: int) -> float:
         """One optimizer step on ``batch``; returns the loss."""
         from hybrid_megatron.training.step import train_step
@@ -321,8 +327,7 @@ def measure_row(scale: str, arch: str, moe: bool, precision: str, warmup: int, s
 
         row["flops_per_token"] = float(model_flops_per_token(cfg, shape["seq"]))
         t_build = time.perf_counter()
-        trainee = Trainee(arch, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused,
-                          fused_moe=not options.unfused_moe)
+        trainee = Trainee.for_options(arch, cfg, options)
         row.update(pattern=trainee.pattern, num_parameters=trainee.num_parameters,
                    build_s=round(time.perf_counter() - t_build, 2))
         batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0, microbatches=options.microbatches)
@@ -504,8 +509,7 @@ def cmd_profile(args) -> None:
     options = RunOptions.from_args(args)
     _reset_run_state()
     cfg = model_config(args.scale, NATIVES.get(args.kind, args.kind), args.moe, args.precision, options)
-    trainee = Trainee(args.kind, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused,
-                      fused_moe=not options.unfused_moe)
+    trainee = Trainee.for_options(args.kind, cfg, options)
     batch = _synthetic_batch(cfg.vocab_size, options.micro_batch or shape["mbs"], shape["seq"], seed=0,
                              microbatches=options.microbatches)
     for _ in range(3):
