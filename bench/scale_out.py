@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Scale-out check (issue #9): one recipe at two parallel layouts, plus a resharded resume.
+"""Scale-out check (issues #7, #9): one recipe at several parallel layouts, plus resharded resumes.
 
     python bench/scale_out.py RECIPE [key.path=value ...] \
         --layout-a parallel.tp=2 parallel.pp=2 parallel.sequence_parallel=true \
+        [--layout-a ANOTHER LAYOUT ...] \
         --layout-b parallel.tp=1 parallel.pp=1 parallel.sequence_parallel=false \
-        [--nproc-a N] [--nproc-b N] [--steps 100] [--tolerance 2e-2] \
-        [--output runs/scale_out/<recipe>] [--out bench/results/scale_out_<recipe>.json]
+        [--nproc-a N] [--nproc-b N] [--steps 100] [--tolerance 2e-2] [--no-resume] \
+        [--keep-finished] [--output runs/scale_out/<recipe>] [--out bench/results/scale_out_<recipe>.json]
 
 e.g. on 4 GPUs (issue #9; on 8 GPUs add parallel.ep=2 to layout A):
 
@@ -14,25 +15,34 @@ e.g. on 4 GPUs (issue #9; on 8 GPUs add parallel.ep=2 to layout A):
         parallel.sequence_parallel=false parallel.pipeline_stage_layers=null \
         --out bench/results/scale_out_intra_1b_moe_h100.json
 
+and on 2 GPUs issue #7's TP 2, EP 2 and TP 2 x EP 2 of the 350M intra MoE model against one
+GPU: recipes/intra_350m_moe.yaml's header.
+
 Overrides after RECIPE apply to every run; ``--layout-a``/``--layout-b`` are overrides too.
 Every run goes through the user-facing launcher, ``launch/slurm.py --local`` (``--nproc``
 defaults to what the launcher picks: the layout's smallest world size on CPU, one rank per
-GPU of ``slurm.gpus_per_node`` on GPUs). Runs, each in ``<output>/<run>/``:
+GPU of ``slurm.gpus_per_node`` on GPUs). Runs, each in ``<output>/<run>/``, in this order:
 
   init    layout B, 1 step at lr ~0: the shared initial weights. Initialisation is not
           layout-independent (TP shards are drawn from per-rank seeds on GPUs, pipeline stages
-          draw only their own layers), so A and B both start from this checkpoint
+          draw only their own layers), so every run starts from this checkpoint
           (``checkpoint.init_from``) and any loss difference is the parallelism's, not the init's.
-  a, b    STEPS steps at layout A / B from the init weights, same data order, checkpoint every
-          STEPS/2 steps.
-  resume  a copy of A's step-STEPS/2 checkpoint, resumed at layout B up to STEPS (resharding).
+  b       STEPS steps at layout B from the init weights (saves no checkpoint).
+  a       STEPS steps at layout A, same data order, checkpoint at STEPS/2 (the later ones are
+          deleted after the run: at 1B+ each checkpoint is tens of GB). With several
+          ``--layout-a`` the runs are a1, a2, ..., each followed by its resume.
+  resume  A's step-STEPS/2 checkpoint (moved), resumed at layout B up to STEPS (resharding);
+          resume_a1, ... for several A layouts; none with ``--no-resume``.
 
 Checks (relative loss difference per step, max over steps, against ``--tolerance``):
-A vs B on steps 1..STEPS, and resume vs A on steps STEPS/2+1..STEPS. Throughput: the median
-tokens/s per rank and MFU (GPUs only) of each layout from the trainer's per-step records,
-without the first steps (allocation, compilation). Writes one JSON record to ``--out``
-(atomically) and prints a markdown summary. Exit codes: 0 all checks pass, 1 a check or a run
-failed, 2 bad input (one line on stderr).
+each A vs B on steps 1..STEPS, and each resume vs its A on steps STEPS/2+1..STEPS.
+Throughput: the median tokens/s per rank and MFU (GPUs only) of each layout from the trainer's
+per-step records, without the first steps (allocation, compilation), and each A's whole-job
+tokens/s over B's. The JSON record is written to ``--out`` (atomically) after every run, with
+``complete`` false until the last one, so a time limit leaves what was measured; a later call
+with ``--keep-finished`` keeps the finished runs and continues the others. Prints a markdown
+summary. Exit codes: 0 all checks pass, 1 a check or a run failed, 2 bad input (one line on
+stderr).
 """
 
 from __future__ import annotations
@@ -97,19 +107,20 @@ def plan_layout(recipe: str, overrides: Sequence[str], nproc: Optional[int]) -> 
     return loaded, nproc
 
 
-def run_overrides(run_dir: Path, steps: int, warmup: int, interval: int,
+def run_overrides(run_dir: Path, steps: int, warmup: int, save_interval: Optional[int],
                   init_from: Optional[Path]) -> list[str]:
     """The overrides that make a run self-contained: its own directory, STEPS steps, no MLflow.
 
-    Takes the run directory, steps, warmup steps, checkpoint interval and the initial weights
-    (None: the recipe's own init). Returns override strings for launch/slurm.py.
+    Takes the run directory, steps, warmup steps, the checkpoint interval (None: the run saves
+    no checkpoint; at 1B+ each one holds tens of GB of optimizer state) and the initial
+    weights (None: the recipe's own init). Returns override strings for launch/slurm.py.
     """
     return [
         f"checkpoint.dir={run_dir / 'checkpoints'}",  # run dir = its parent: logs, train_log.jsonl
         "checkpoint.resume=auto",
-        f"checkpoint.interval={interval}",
+        f"checkpoint.interval={save_interval or steps + 1}",
         "checkpoint.keep_last=2",  # keep step STEPS/2 for the resharded resume
-        "checkpoint.save_on_exit=true",
+        "checkpoint.save_on_exit=false",
         f"checkpoint.init_from={init_from if init_from else 'null'}",
         "train.tokens=null",  # recipes with a token budget: steps instead
         f"train.steps={steps}",
@@ -118,6 +129,30 @@ def run_overrides(run_dir: Path, steps: int, warmup: int, interval: int,
         "train.eval_iters=0",  # validation is not what is measured here
         "tracking.enabled=false",  # no MLflow server needed
     ]
+
+
+def a_names(count: int) -> list[str]:
+    """Run names of the A layouts: ``a`` for one, ``a1``, ``a2``, ... for several."""
+    return ["a"] if count == 1 else [f"a{i}" for i in range(1, count + 1)]
+
+
+def resume_name(a_name: str) -> str:
+    """The run that resumes A layout ``a_name``'s middle checkpoint at layout B."""
+    return "resume" if a_name == "a" else f"resume_{a_name}"
+
+
+def logged_steps(name: str, steps: int) -> list[int]:
+    """The steps run ``name`` logs when complete: init 1, a*/b 1..steps, resume* steps/2+1..steps."""
+    if name == "init":
+        return [1]
+    if name.startswith("resume"):
+        return list(range(steps // 2 + 1, steps + 1))
+    return list(range(1, steps + 1))
+
+
+def is_finished(run_dir: Path, name: str, steps: int) -> bool:
+    """Whether ``run_dir`` holds a complete run ``name`` (every step logged, see logged_steps)."""
+    return sorted(read_losses(run_dir)) == logged_steps(name, steps)
 
 
 # ----------------------------------------------------------------------------- running
@@ -141,17 +176,33 @@ def launch(recipe: str, overrides: Sequence[str], nproc: int, run_dir: Path, lab
         return proc.wait()
 
 
-def copy_checkpoint(src_root: Path, step: int, dst_root: Path) -> None:
-    """Copy checkpoint ``step`` of ``src_root`` into ``dst_root`` as its latest (the layout it was
-    saved at does not matter to the loader). Raises BadInput if that checkpoint is missing."""
+def keep_only_checkpoint(root: Path, step: int, steps: int) -> None:
+    """Delete the checkpoints of steps 1..``steps`` under ``root`` except ``step`` (the one a
+    resume starts from), which becomes ``latest``; frees disk between runs."""
     from hybrid_megatron.training.checkpoint import step_dir_name, write_latest
 
+    for other in range(1, steps + 1):
+        if other != step and (root / step_dir_name(other)).is_dir():
+            shutil.rmtree(root / step_dir_name(other))
+    if (root / step_dir_name(step)).is_dir():
+        write_latest(root, step_dir_name(step))
+
+
+def move_checkpoint(src_root: Path, step: int, dst_root: Path) -> None:
+    """Move checkpoint ``step`` of ``src_root`` into ``dst_root`` as its latest (the layout it was
+    saved at does not matter to the loader). Nothing to do if ``dst_root`` already has it (a
+    resume run that is being continued). Raises BadInput if that checkpoint is missing."""
+    from hybrid_megatron.training.checkpoint import LATEST, step_dir_name, write_latest
+
     name = step_dir_name(step)
+    if (dst_root / name).is_dir():
+        return
     if not (src_root / name).is_dir():
         raise BadInput(f"{src_root / name}: no checkpoint at step {step} (was it pruned?)")
     dst_root.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src_root / name, dst_root / name)
+    shutil.move(str(src_root / name), str(dst_root / name))
     write_latest(dst_root, name)
+    (src_root / LATEST).unlink(missing_ok=True)  # it named the moved checkpoint
 
 
 # ----------------------------------------------------------------------------- reading results
@@ -234,17 +285,27 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def speedup(layout: dict, reference: dict) -> Optional[float]:
+    """Whole-job tokens/s of ``layout`` over that of ``reference`` (read_throughput dicts plus
+    ``nproc``); None when either has no throughput."""
+    if not layout.get("tokens_per_s_per_rank") or not reference.get("tokens_per_s_per_rank"):
+        return None
+    return (layout["tokens_per_s_per_rank"] * layout["nproc"]) / (
+        reference["tokens_per_s_per_rank"] * reference["nproc"])
+
+
 def markdown(record: dict) -> str:
     """A short markdown summary of a record: one throughput row per layout, one row per check."""
     def num(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
-    lines = [f"## scale-out: {record['recipe']} on {record['device']} ({record['date']})", "",
-             "| layout | overrides | ranks | tokens/s per rank | MFU |", "|---|---|---|---|---|"]
-    for key in ("a", "b"):
-        lay = record["layouts"][key]
+    lines = [f"## scale-out: {record['recipe_name']} on {record['device']} ({record['date']})", "",
+             "| layout | overrides | ranks | tokens/s per rank | MFU | job tokens/s vs B |",
+             "|---|---|---|---|---|---|"]
+    for key, lay in record["layouts"].items():
         lines.append(f"| {key.upper()} | `{' '.join(lay['overrides'])}` | {lay['nproc']} | "
-                     f"{num(lay['tokens_per_s_per_rank'], ',.0f')} | {num(lay['mfu'], '.1%')} |")
+                     f"{num(lay['tokens_per_s_per_rank'], ',.0f')} | {num(lay['mfu'], '.1%')} | "
+                     f"{num(lay.get('speedup_vs_b'), '.2f')}x |")
     lines += ["", f"| check (tolerance {record['tolerance']:g}) | steps | max rel diff | result |",
               "|---|---|---|---|"]
     for name, check in record["checks"].items():
@@ -262,15 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/scale_out.py", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides for every run")
-    p.add_argument("--layout-a", nargs="+", required=True, metavar="key.path=value",
-                   help="overrides of layout A (the larger one; its checkpoint is resumed at B)")
+    p.add_argument("--layout-a", nargs="+", required=True, action="append", metavar="key.path=value",
+                   help="overrides of an A layout (the larger one; its checkpoint is resumed at B); "
+                   "give it again for more layouts, each compared with the same B run")
     p.add_argument("--layout-b", nargs="+", required=True, metavar="key.path=value",
                    help="overrides of layout B (the reference)")
-    p.add_argument("--nproc-a", type=int, default=None, help="ranks of layout A (default: the launcher's)")
+    p.add_argument("--nproc-a", type=int, default=None,
+                   help="ranks of every A layout (default: the launcher's)")
     p.add_argument("--nproc-b", type=int, default=None, help="ranks of layout B (default: the launcher's)")
     p.add_argument("--steps", type=int, default=100, help="training steps per layout (default 100)")
     p.add_argument("--tolerance", type=float, default=2e-2,
                    help="max relative loss difference per step (default 2e-2, bf16; fp32 CPU: ~1e-4)")
+    p.add_argument("--no-resume", action="store_true", help="skip the resharded resumes")
+    p.add_argument("--keep-finished", action="store_true",
+                   help="keep the runs of an earlier call with the same --output that logged every "
+                   "step, and continue unfinished ones from their checkpoints, instead of starting over")
     p.add_argument("--output", type=Path, default=None,
                    help="folder of the run directories (default runs/scale_out/<recipe name>)")
     p.add_argument("--out", type=Path, default=None,
@@ -278,8 +345,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_record(args, recipe_name: str, common: list, layouts_run: dict, dirs: dict,
+                 failed: Optional[str], complete: bool) -> dict:
+    """The JSON record of the runs so far: per-layout throughput, losses and checks.
+
+    Takes the parsed arguments, the recipe's name, the common overrides, layout name ->
+    (overrides, nproc) for B and every A, run name -> directory, the first failure (None) and
+    whether every planned run has been attempted. A check whose runs are missing or
+    incomplete fails with the steps they did log.
+    """
+    steps, half = args.steps, args.steps // 2
+    losses = {name: read_losses(path) for name, path in dirs.items() if name != "init"}
+    checks = {}
+    layouts = {}
+    for key, (overrides, nproc) in layouts_run.items():
+        layouts[key] = {"overrides": overrides, "nproc": nproc,
+                        **read_throughput(read_train_log(dirs[key]), nproc)}
+    for key in layouts:
+        if key == "b":
+            continue
+        layouts[key]["speedup_vs_b"] = speedup(layouts[key], layouts["b"])
+        label = key.upper()
+        checks[f"{label} vs B"] = compare_losses(losses["b"], losses[key], range(1, steps + 1),
+                                                 args.tolerance)
+        if resume_name(key) in losses:
+            checks[f"resume at B vs {label}"] = compare_losses(
+                losses[key], losses[resume_name(key)], range(half + 1, steps + 1), args.tolerance)
+    return {
+        "benchmark": "scale_out", "device": device_name(), "host": socket.gethostname(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "recipe": args.recipe,
+        "recipe_name": recipe_name, "common_overrides": common, "steps": steps,
+        "resume_from_step": None if args.no_resume else half, "tolerance": args.tolerance,
+        "layouts": layouts,
+        "losses": {k: [v[s] for s in sorted(v)] for k, v in losses.items()},
+        "checks": checks, "error": failed, "complete": complete,
+        "passed": complete and failed is None and all(c["passed"] for c in checks.values()),
+        "run_dirs": {k: str(v) for k, v in dirs.items()},
+    }
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse ``argv``, run init/A/B/resume, check, write the record. Returns the exit code."""
+    """Parse ``argv``, run init/B/each A (+ its resume), check, write the record after every
+    run. Returns the exit code."""
     args = build_parser().parse_intermixed_args(argv)
     try:
         if args.steps < 2:
@@ -290,66 +397,66 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise BadInput(f"{args.recipe}: recipe file not found")
         args.recipe = str(Path(args.recipe).resolve())  # the launcher runs with cwd = the repo
         common = list(args.overrides)
-        over_a, over_b = common + args.layout_a, common + args.layout_b
-        recipe_a, nproc_a = plan_layout(args.recipe, over_a, args.nproc_a)
+        over_b = common + args.layout_b
         recipe_b, nproc_b = plan_layout(args.recipe, over_b, args.nproc_b)
+        layouts_a = {}  # name -> (layout overrides, all overrides, nproc)
+        for name, layout in zip(a_names(len(args.layout_a)), args.layout_a):
+            _, nproc = plan_layout(args.recipe, common + layout, args.nproc_a)
+            layouts_a[name] = (layout, common + layout, nproc)
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     steps, half = args.steps, args.steps // 2
     # Recipes with long warmups (2000 steps at 1B) would refuse a short run; the LR schedule
-    # does not change what is compared, as long as both layouts use the same one.
-    warmup = recipe_a.train.warmup_steps if recipe_a.train.warmup_steps < steps else steps // 10
-    output = (args.output or ROOT / "runs" / "scale_out" / recipe_a.name).resolve()
-    out_json = args.out or ROOT / "bench" / "results" / f"scale_out_{recipe_a.name}.json"
-    dirs = {name: output / name for name in ("init", "a", "b", "resume")}
-    init_ckpt = dirs["init"] / "checkpoints"
-    runs = [  # (name, overrides, nproc)
+    # does not change what is compared, as long as every layout uses the same one.
+    warmup = recipe_b.train.warmup_steps if recipe_b.train.warmup_steps < steps else steps // 10
+    output = (args.output or ROOT / "runs" / "scale_out" / recipe_b.name).resolve()
+    out_json = args.out or ROOT / "bench" / "results" / f"scale_out_{recipe_b.name}.json"
+    init_ckpt = output / "init" / "checkpoints"
+    # (name, overrides, nproc, checkpoint interval or None); B first: every A is compared with it.
+    runs = [
         # lr ~0: the checkpoint holds the seed's initial weights (one step must run to save).
-        ("init", over_b + run_overrides(dirs["init"], 1, 0, 1, None)
+        ("init", over_b + run_overrides(output / "init", 1, 0, 1, None)
          + ["train.lr=1e-30", "train.min_lr=0"], nproc_b),
-        ("a", over_a + run_overrides(dirs["a"], steps, warmup, half, init_ckpt), nproc_a),
-        ("b", over_b + run_overrides(dirs["b"], steps, warmup, half, init_ckpt), nproc_b),
-        # resume: auto finds the copied step-`half` checkpoint; init_from is then not used.
-        ("resume", over_b + run_overrides(dirs["resume"], steps, warmup, half, None), nproc_b),
+        ("b", over_b + run_overrides(output / "b", steps, warmup, None, init_ckpt), nproc_b),
     ]
-    for run_dir in dirs.values():  # train_log.jsonl is appended to: stale runs would mix in
-        if run_dir.exists():
+    for name, (_, over_a, nproc_a) in layouts_a.items():
+        runs.append((name, over_a + run_overrides(output / name, steps, warmup, half, init_ckpt), nproc_a))
+        if not args.no_resume:  # auto finds the moved step-`half` checkpoint; init_from is then unused
+            runs.append((resume_name(name),
+                         over_b + run_overrides(output / resume_name(name), steps, warmup, None, None),
+                         nproc_b))
+    dirs = {name: output / name for name, _, _ in runs}
+    layouts_run = {"b": (args.layout_b, nproc_b),
+                   **{name: (layout, nproc) for name, (layout, _, nproc) in layouts_a.items()}}
+    for name, run_dir in dirs.items():  # train_log.jsonl is appended to: stale runs would mix in
+        if run_dir.exists() and not args.keep_finished:
             shutil.rmtree(run_dir)
+
     failed = None
     for name, overrides, nproc in runs:
-        if name == "resume":  # the resharded resume starts from a copy of A's middle checkpoint
-            try:
-                copy_checkpoint(dirs["a"] / "checkpoints", half, dirs["resume"] / "checkpoints")
-            except BadInput as err:
-                failed = str(err)
-                break
+        if args.keep_finished and is_finished(dirs[name], name, steps):
+            print(f"[{name}] kept: finished by an earlier call", flush=True)
+            continue
+        try:
+            if name.startswith("resume"):  # starts from A's middle checkpoint, moved (disk)
+                a_name = "a" if name == "resume" else name[len("resume_"):]
+                move_checkpoint(dirs[a_name] / "checkpoints", half, dirs[name] / "checkpoints")
+        except BadInput as err:
+            failed = str(err)
+            break
         code = launch(args.recipe, overrides, nproc, dirs[name], name)
         if code != 0:
             failed = f"run {name} failed (launcher exit {code}; logs in {dirs[name]})"
             break
+        if name in layouts_a:
+            keep_only_checkpoint(dirs[name] / "checkpoints", half, steps)
+        elif name.startswith("resume"):
+            shutil.rmtree(dirs[name] / "checkpoints", ignore_errors=True)
+        write_json(out_json, build_record(args, recipe_b.name, common, layouts_run, dirs, None, False))
 
-    losses = {name: read_losses(dirs[name]) for name in ("a", "b", "resume")}
-    checks = {
-        "A vs B": compare_losses(losses["b"], losses["a"], range(1, steps + 1), args.tolerance),
-        "resume at B vs A": compare_losses(losses["a"], losses["resume"], range(half + 1, steps + 1),
-                                           args.tolerance),
-    }
-    layouts = {}
-    for key, overrides, nproc in (("a", args.layout_a, nproc_a), ("b", args.layout_b, nproc_b)):
-        layouts[key] = {"overrides": overrides, "nproc": nproc,
-                        **read_throughput(read_train_log(dirs[key]), nproc)}
-    record = {
-        "benchmark": "scale_out", "device": device_name(), "host": socket.gethostname(),
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "recipe": args.recipe,
-        "recipe_name": recipe_a.name, "common_overrides": common, "steps": steps,
-        "resume_from_step": half, "tolerance": args.tolerance, "layouts": layouts,
-        "losses": {k: [v[s] for s in sorted(v)] for k, v in losses.items()},
-        "checks": checks, "error": failed,
-        "passed": failed is None and all(c["passed"] for c in checks.values()),
-        "run_dirs": {k: str(v) for k, v in dirs.items()},
-    }
+    record = build_record(args, recipe_b.name, common, layouts_run, dirs, failed, True)
     write_json(out_json, record)
     print(markdown(record))
     print(f"\nrecord: {out_json}" + (f"\nerror: {failed}" if failed else ""))

@@ -571,9 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def min_world_size(recipe: Any) -> int:
-    """The smallest world size the recipe's layout fits: tp*pp*k with (k*tp) % ep == 0."""
+    """The smallest world size the recipe's layout fits: tp*pp*k with (k*tp) % (ep * expert tp) == 0."""
     par = recipe.parallel
-    k = par.ep // math.gcd(par.ep, par.tp)
+    expert_group = par.ep * par.expert_tensor_parallel
+    k = expert_group // math.gcd(expert_group, par.tp)
     return par.tp * par.pp * k
 
 
@@ -592,7 +593,8 @@ def local_world(recipe: Any, nproc: Optional[int]) -> tuple[int, int]:
     if nproc < 1 or nproc % smallest:
         raise UsageError(
             f"--nproc {nproc}: the world size must be a multiple of {smallest} "
-            f"(parallel.tp={recipe.parallel.tp} x pp={recipe.parallel.pp}, ep={recipe.parallel.ep})"
+            f"(parallel.tp={recipe.parallel.tp} x pp={recipe.parallel.pp}, ep={recipe.parallel.ep}"
+            f" x expert tp={recipe.parallel.expert_tensor_parallel})"
         )
     if gpus and nproc > gpus:
         raise UsageError(f"--nproc {nproc}: only {gpus} GPUs on this machine")

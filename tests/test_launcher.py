@@ -285,7 +285,13 @@ def test_min_world_size(launcher):
 
     assert launcher.min_world_size(load_recipe(DEMO)) == 2
     assert launcher.min_world_size(load_recipe(REPO / "recipes" / "tiny_mamba_moe.yaml", ["parallel.ep=2"])) == 2
-    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_3b_moe.yaml")) == 4
+    # tp 2, ep 4: each expert group is ep 4 x expert tp 2 (= tp) ranks
+    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_3b_moe.yaml")) == 8
+    # tp 2 x ep 2: experts split over tp (megatron-core's default) need 4 ranks, whole ones 2
+    tp2_ep2 = ["parallel.ep=2"]  # tiny_intra_moe has tp 2
+    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "tiny_intra_moe.yaml", tp2_ep2)) == 4
+    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "tiny_intra_moe.yaml",
+                                               tp2_ep2 + ["parallel.expert_tp=1"])) == 2
 
 
 # ---------------------------------------------------------------------------- --local

@@ -29,7 +29,10 @@ def test_heads_not_divisible_by_tp():
         _check(tiny_model("transformer", moe=True), ep=3)
     with pytest.raises(ModelConfigError, match="parallel.sequence_parallel: MoE with tp > 1"):
         _check(tiny_model("transformer", moe=True), tp=2)
+    with pytest.raises(ModelConfigError, match="parallel.expert_tp: 1 needs model.moe"):
+        _check(tiny_model("intra"), tp=2, sequence_parallel=True, expert_tp=1)
     _check(tiny_model("intra", moe=True), tp=2, sequence_parallel=True)  # fine
+    _check(tiny_model("intra", moe=True), tp=2, ep=2, sequence_parallel=True, expert_tp=1)  # fine
 
 
 def test_pattern_length_mismatch():

@@ -98,10 +98,10 @@ def _rel_err(a, b) -> float:
 
 def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe: bool,
                        layouts: dict | None = None) -> dict:
-    """Reference at TP=PP=EP=1, then the same weights at TP=2, PP=2 and (MoE) EP=2, or at the
-    given ``layouts`` (name -> ParallelConfig fields)."""
+    """Reference at TP=PP=EP=1, then the same weights at TP=2, PP=2 and (MoE) EP=2 and TP=2 x
+    EP=2 with whole experts, or at the given ``layouts`` (name -> ParallelConfig fields)."""
     import torch
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing, parallel_state
 
     torch.use_deterministic_algorithms(True)
     batch = _batch(cfg_dict["vocab_size"])
@@ -131,8 +131,12 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
         layouts["tp2"] = {"tp": 2}
     if moe and "tp2_sp" in layouts:
         layouts["ep2"] = {"ep": 2}
+        # MoE parallel folding: dense layers split over TP 2, whole experts spread over the
+        # same 2 ranks (expert TP 1 x EP 2), the only way to have both on 2 GPUs.
+        layouts["tp2_ep2_folded"] = {"tp": 2, "sequence_parallel": True, "ep": 2, "expert_tp": 1}
     for name, layout in layouts.items():
         model = _build(cfg_dict, layout)
+        out[f"{name}_expert_tp"] = parallel_state.get_expert_tensor_parallel_world_size()
         state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
         model.load_state_dict(state)
         if layout.get("pp", 1) == 1:
@@ -180,6 +184,9 @@ def test_parallel_layouts_match_single_rank(kind, moe, tmp_path):
         if moe:
             assert r["ep2_logits_rel_err"] < 1e-5, r
             assert r["ep2_loss_abs_err"] < 1e-5, r
+            assert (r["tp2_sp_expert_tp"], r["tp2_ep2_folded_expert_tp"]) == (2, 1), r
+            assert r["tp2_ep2_folded_logits_rel_err"] < 1e-5, r
+            assert r["tp2_ep2_folded_loss_abs_err"] < 1e-5, r
         assert r["pp2_stage_layers"] == 2, r
         if kind == "intra_scalars":
             assert r["tp2_scale_grad_rel_err"] < 1e-4, r

@@ -27,7 +27,7 @@ def _names() -> set:
 
 def test_every_promised_recipe_is_shipped():
     expected = {f"tiny_{k}" for k in KINDS} | {f"tiny_{k}_moe" for k in KINDS}
-    expected |= {f"{s}_{k}" for s in SCALES for k in KINDS} | {"intra_3b_moe", "inter_3b_moe", "intra_1b_moe"}
+    expected |= {f"{s}_{k}" for s in SCALES for k in KINDS} | {"intra_3b_moe", "inter_3b_moe", "intra_1b_moe", "intra_350m_moe"}
     expected |= {"tiny_nemotron_h", "tiny_nemotron_h_moe"}
     assert expected <= _names(), sorted(expected - _names())
 
@@ -266,6 +266,8 @@ def test_unknown_field_in_base_names_the_base(chain):
     ("data.seq_length=4096", "override: data.seq_length: 4096 exceeds model.max_position_embeddings 128"),
     ("parallel.tp=2", "parallel.sequence_parallel: MoE with tp > 1 needs it set to true"),
     ("parallel.ep=3", "model.moe.num_experts: 4 experts do not split over parallel.ep=3"),
+    ("parallel.expert_tp=3", "parallel.expert_tp: 3 must be 1 (whole experts) or parallel.tp=1"),
+    ("parallel.expert_tp=0", "override: parallel.expert_tp: input should be greater than 0"),
     ("name=has space", "override: name: 'has space' must be letters"),
     ("train", "override 'train': expected KEY.PATH=VALUE"),
     ("extends=x.yaml", "override 'extends=x.yaml': extends cannot be overridden"),
@@ -345,15 +347,27 @@ def test_derived_token_budget_rounds_up_to_whole_steps():
     assert derived(recipe, 64, param_counter=lambda m: None)["grad_accum_steps"] == 2
 
 
-@pytest.mark.parametrize("world, expected", [
-    (3, "parallel: world size 3 is not divisible by tp*pp = 2*1 = 2"),
-    (6, "train.global_batch_size: 8 is not divisible by train.micro_batch_size * dp = 4 * 3 = 12"),
+@pytest.mark.parametrize("world, overrides, expected", [
+    (3, [], "parallel: world size 3 is not divisible by tp*pp = 2*1 = 2"),
+    (6, [], "train.global_batch_size: 8 is not divisible by train.micro_batch_size * dp = 4 * 3 = 12"),
+    # megatron-core splits experts over tp ranks by default: tp 2 x ep 2 needs 4 ranks ...
+    (2, ["parallel.ep=2"], "parallel.ep: ep 2 x expert tp 2 = 4 ranks per expert group do not "
+                           "divide dp*tp = 1*2 on 2 ranks"),
+    (2, ["parallel.ep=4", "parallel.expert_tp=1"], "parallel.ep: 4 does not divide dp*tp = 1*2 on 2 ranks"),
 ])
-def test_derived_errors_name_the_field(world, expected):
-    recipe = load_recipe(RECIPES / "tiny_intra_moe.yaml")
+def test_derived_errors_name_the_field(world, overrides, expected):
+    recipe = load_recipe(RECIPES / "tiny_intra_moe.yaml", overrides)
     with pytest.raises(RecipeError) as err:
         derived(recipe, world, param_counter=lambda model: None)
     assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_whole_experts_fold_over_the_tp_ranks():
+    # ... unless the experts stay whole (expert_tp 1): then ep 2 fits the same 2 ranks as tp 2.
+    recipe = load_recipe(RECIPES / "tiny_intra_moe.yaml", ["parallel.ep=2", "parallel.expert_tp=1"])
+    values = derived(recipe, 2, param_counter=lambda model: None)
+    assert (values["tp"], values["ep"], values["expert_tp"], values["dp"]) == (2, 2, 1, 1)
+    assert "ranks     2 = tp 2 x pp 1 x dp 1 (ep 2, expert tp 1)" in format_derived(values)
 
 
 def test_derived_warmup_longer_than_token_budget():

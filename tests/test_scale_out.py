@@ -86,3 +86,71 @@ def test_tp2_pp2_matches_one_rank_and_resumes_resharded(tmp_path):
         assert record["layouts"][key]["tokens_per_s_per_rank"] > 0
         assert record["layouts"][key]["mfu"] is None  # no MFU without a GPU peak
     assert "| A vs B | 1..8 |" in done.stdout
+
+
+def test_run_names_and_their_steps():
+    assert scale_out.a_names(1) == ["a"] and scale_out.a_names(3) == ["a1", "a2", "a3"]
+    assert [scale_out.resume_name(n) for n in ("a", "a2")] == ["resume", "resume_a2"]
+    assert scale_out.logged_steps("init", 8) == [1]
+    assert scale_out.logged_steps("a2", 8) == scale_out.logged_steps("b", 8) == list(range(1, 9))
+    assert scale_out.logged_steps("resume_a2", 9) == [5, 6, 7, 8, 9]
+
+
+def test_speedup_is_whole_job_tokens_per_second():
+    b = {"tokens_per_s_per_rank": 1000.0, "nproc": 1}
+    assert scale_out.speedup({"tokens_per_s_per_rank": 800.0, "nproc": 2}, b) == pytest.approx(1.6)
+    assert scale_out.speedup({"tokens_per_s_per_rank": None, "nproc": 2}, b) is None
+
+
+def test_checkpoints_are_pruned_to_the_resume_step_and_moved(tmp_path):
+    from hybrid_megatron.training.checkpoint import step_dir_name
+
+    a, resume = tmp_path / "a" / "checkpoints", tmp_path / "resume" / "checkpoints"
+    for step in (4, 8):
+        (a / step_dir_name(step)).mkdir(parents=True)
+        (a / step_dir_name(step) / "shard").write_text(str(step))
+    scale_out.keep_only_checkpoint(a, 4, 8)
+    assert sorted(p.name for p in a.iterdir() if p.is_dir()) == [step_dir_name(4)]
+    scale_out.move_checkpoint(a, 4, resume)
+    assert (resume / step_dir_name(4) / "shard").read_text() == "4"
+    assert not (a / step_dir_name(4)).exists()
+    scale_out.move_checkpoint(a, 4, resume)  # a resume being continued: already there
+    with pytest.raises(scale_out.BadInput, match="no checkpoint at step 4"):
+        scale_out.move_checkpoint(a, 4, tmp_path / "other")
+
+
+@pytest.mark.slow  # ~2.5 min: init, B, two A layouts and their resumes, then B again
+def test_several_layouts_share_one_reference_and_a_later_call_keeps_finished_runs(tmp_path):
+    """Issue #7's 2-GPU layouts on 2 gloo ranks: TP 2 x EP 2 with whole experts and EP 2 (DP 2),
+    each against one rank, each resumed at one rank; then a run killed halfway (B's log lost)
+    is the only one a --keep-finished call redoes."""
+    out = tmp_path / "record.json"
+    command = [sys.executable, SCRIPT, RECIPE,
+               "--layout-a", "parallel.ep=2", "parallel.expert_tp=1",  # tiny_intra_moe: tp 2 + SP
+               "--layout-a", "parallel.ep=2", "parallel.tp=1", "parallel.sequence_parallel=false",
+               "--layout-b", "parallel.tp=1", "parallel.sequence_parallel=false",
+               "--nproc-a", "2", "--steps", "4", "--tolerance", "1e-4",
+               "--output", str(tmp_path / "runs"), "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["passed"] and record["complete"]
+    assert {k: v["nproc"] for k, v in record["layouts"].items()} == {"b": 1, "a1": 2, "a2": 2}
+    assert set(record["checks"]) == {"A1 vs B", "resume at B vs A1", "A2 vs B", "resume at B vs A2"}
+    for check in record["checks"].values():
+        assert check["passed"] and check["max_rel_diff"] <= 1e-4, check
+    assert record["layouts"]["a1"]["speedup_vs_b"] > 0
+    runs = tmp_path / "runs"
+    # B and the resumes save nothing; each A's middle checkpoint was moved to its resume
+    assert [p.parent.parent.name for p in runs.glob("*/checkpoints/step*")] == ["init"]
+    assert not (runs / "a1" / "checkpoints" / "latest").exists()
+    (runs / "b" / "train_log.jsonl").unlink()  # as if B had been killed
+    again = subprocess.run(command + ["--keep-finished"], cwd=REPO, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for name in ("init", "a1", "resume_a1", "a2", "resume_a2"):
+        assert f"[{name}] kept: finished by an earlier call" in again.stdout
+    assert "[b] kept" not in again.stdout
+    rerun = json.loads(out.read_text())
+    assert rerun["losses"]["b"] == pytest.approx(record["losses"]["b"], rel=1e-6)  # same init, data
+    assert rerun["passed"]

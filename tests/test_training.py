@@ -72,6 +72,27 @@ def test_checkpoint_from_tp2_resumes_at_pp2(tmp_path):
         assert abs(a - b) < 1e-4, (step, a, b)
 
 
+@pytest.mark.slow
+def test_checkpoint_from_ep1_resumes_at_ep2(tmp_path):
+    """MoE optimizer states across EP sizes: saved by one rank at EP 1 (one optimizer), loaded
+    by two ranks at EP 2, where megatron-core chains a second optimizer for the experts; the
+    next steps' losses match the EP 1 run continuing (fp32). The EP 2 -> 1 direction is
+    tests/test_scale_out.py's resume check."""
+    moe = str(REPO / "recipes" / "tiny_intra_moe.yaml")
+    one, ep2 = ["parallel.tp=1", "parallel.sequence_parallel=false"], ["parallel.ep=2"]
+    ref_dir, ep_dir = tmp_path / "ep1", tmp_path / "ep2"
+    assert wait_job(start_job(moe, _overrides(ref_dir, *one), 1, ref_dir / "logs")) == [0]
+    reference = read_losses(ref_dir)
+    shutil.copytree(ref_dir / "checkpoints" / "step_00000008", ep_dir / "ckpt" / "step_00000008")
+    resume = [f"checkpoint.resume={ep_dir}/ckpt/step_00000008", *one, *ep2]
+    assert wait_job(start_job(moe, _overrides(ep_dir, *resume), 2, ep_dir / "logs")) == [0, 0]
+    resumed = read_losses(ep_dir)
+    assert sorted(resumed) == [9, 10, 11, 12]
+    for step in resumed:
+        a, b = float.fromhex(resumed[step]), float.fromhex(reference[step])
+        assert abs(a - b) < 1e-4, (step, a, b)
+
+
 # ---- in-process tests (one gloo rank) -------------------------------------------------------
 
 

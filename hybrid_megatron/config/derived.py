@@ -30,8 +30,9 @@ def _default_param_counter() -> Optional[Callable[[Any], Any]]:
 def data_parallel_size(par, world_size: int) -> int:
     """The data-parallel size of ``world_size`` ranks under ParallelConfig ``par``.
 
-    Raises RecipeError naming ``parallel`` when tp*pp does not divide the world or ep does not
-    divide dp*tp (megatron-core's expert groups are carved out of dp*tp ranks).
+    Raises RecipeError naming ``parallel`` when tp*pp does not divide the world or an expert
+    group (ep x expert tp ranks) does not divide dp*tp (megatron-core carves the expert groups
+    out of each pipeline stage's dp*tp ranks).
     """
     model_ranks = par.tp * par.pp
     if world_size % model_ranks:
@@ -39,8 +40,15 @@ def data_parallel_size(par, world_size: int) -> int:
             f"parallel: world size {world_size} is not divisible by tp*pp = {par.tp}*{par.pp} = {model_ranks}"
         )
     dp = world_size // model_ranks
-    if (dp * par.tp) % par.ep:
-        raise RecipeError(f"parallel.ep: {par.ep} does not divide dp*tp = {dp}*{par.tp} on {world_size} ranks")
+    etp = par.expert_tensor_parallel
+    if (dp * par.tp) % (par.ep * etp):
+        if etp == 1:
+            raise RecipeError(f"parallel.ep: {par.ep} does not divide dp*tp = {dp}*{par.tp} on {world_size} ranks")
+        raise RecipeError(
+            f"parallel.ep: ep {par.ep} x expert tp {etp} = {par.ep * etp} ranks per expert group do not "
+            f"divide dp*tp = {dp}*{par.tp} on {world_size} ranks (the experts' TP defaults to "
+            f"parallel.tp; parallel.expert_tp=1 spreads whole experts over the TP ranks instead)"
+        )
     return dp
 
 
@@ -84,6 +92,7 @@ def derived(recipe, world_size: int, param_counter: Optional[Callable[[Any], Any
         "tp": par.tp,
         "pp": par.pp,
         "ep": par.ep,
+        "expert_tp": par.expert_tensor_parallel,
         "dp": dp,
         "micro_batch_size": train.micro_batch_size,
         "global_batch_size": train.global_batch_size,
@@ -117,7 +126,7 @@ def format_derived(values: dict) -> str:
         params_text = human(params)
     rows = [
         ("ranks", f"{values['world_size']} = tp {values['tp']} x pp {values['pp']} x dp {values['dp']}"
-                  f" (ep {values['ep']})"),
+                  f" (ep {values['ep']}, expert tp {values.get('expert_tp', values['tp'])})"),
         ("batch", f"global {values['global_batch_size']} = micro {values['micro_batch_size']} x dp "
                   f"{values['dp']} x grad accumulation {values['grad_accum_steps']}"),
         ("sequence", f"{values['seq_length']} tokens; {values['tokens_per_step']:,} tokens/step"),

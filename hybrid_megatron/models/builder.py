@@ -38,6 +38,14 @@ def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, e
         raise ModelConfigError(f"model.vocab_size: {cfg.vocab_size} does not split over parallel.tp={tp}")
     if cfg.moe is None and ep > 1:
         raise ModelConfigError(f"parallel.ep: {ep} > 1 needs model.moe")
+    if parallel.expert_tp is not None:
+        if cfg.moe is None:
+            raise ModelConfigError(f"parallel.expert_tp: {parallel.expert_tp} needs model.moe")
+        # The two expert layouts that are tested: split like the dense layers, or whole experts.
+        if parallel.expert_tp not in (1, tp):
+            raise ModelConfigError(
+                f"parallel.expert_tp: {parallel.expert_tp} must be 1 (whole experts) or parallel.tp={tp}"
+            )
     if cfg.attention is not None and ("A" in pattern or "*" in pattern):
         if cfg.attention.num_heads % tp:
             raise ModelConfigError(

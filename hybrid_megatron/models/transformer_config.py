@@ -87,6 +87,7 @@ def build_transformer_config(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
         sequence_parallel=sequence_parallel,
         pipeline_model_parallel_layout=pipeline_layout,
         # Without CUDA, weights are initialised on the host at full size and then sliced (so

@@ -125,7 +125,15 @@ def _language_model(model_chunks):
     return unwrap(model_chunks[0])
 
 
-def _sharded_state(model_chunks, optimizer, scheduler, state: TrainingState, loading: bool):
+# Optimizer states in per-parameter (canonical) form, so they reload at another TP/PP/DP layout
+# like the weights, under one key per parameter whichever optimizer holds it: megatron-core
+# chains a separate optimizer for the experts only when EP > 1, and its "chained_<i>." key
+# prefixes would tie a checkpoint to its EP size (_fit_optimizer_state handles the rest).
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def _sharded_state(model_chunks, optimizer, scheduler, state: TrainingState, loading: bool,
+                   optimizer_format: dict = OPTIMIZER_FORMAT):
     model_sd = _language_model(model_chunks).sharded_state_dict()
     out = {
         "model": model_sd,
@@ -134,11 +142,8 @@ def _sharded_state(model_chunks, optimizer, scheduler, state: TrainingState, loa
         "rng_state": _rng_entry(dist.get_rank(), dist.get_world_size()),
     }
     if optimizer is not None:
-        # "fully_reshardable": optimizer states in per-parameter (canonical) form, so they
-        # reload at another TP/PP/DP layout, like the weights.
-        out["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
-        )
+        out["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading,
+                                                        metadata=dict(optimizer_format))
     return out
 
 
@@ -281,9 +286,14 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
         raise CheckpointError(f"checkpoint.resume: {path} is not a megatron-core checkpoint")
     if optimizer is not None:
         _materialise_optimizer_state(optimizer)
-    template = _sharded_state(model_chunks, optimizer, scheduler, TrainingState(), loading=True)
-    saved_world = _saved_world_size(path)
-    if saved_world != dist.get_world_size():
+    saved = _saved_metadata(path)
+    optimizer_format = dict(OPTIMIZER_FORMAT)
+    if any(key.startswith("chained_") for key in saved):  # saved before OPTIMIZER_FORMAT had it
+        optimizer_format["chained_optim_avoid_prefix"] = False
+    template = _sharded_state(model_chunks, optimizer, scheduler, TrainingState(), loading=True,
+                              optimizer_format=optimizer_format)
+    if "rng_state" not in saved or saved["rng_state"].global_shape[0] != dist.get_world_size():
+        # The RNG ShardedObject's global shape is the world size it was saved with.
         template.pop("rng_state")
     try:
         loaded = dist_checkpointing.load(template, str(path))
@@ -291,7 +301,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
     _language_model(model_chunks).load_state_dict(loaded["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        optimizer.load_state_dict(_fit_optimizer_state(loaded["optimizer"], optimizer, path))
     if scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.num_steps = 0  # megatron-core's load_state_dict adds the saved count to it
         scheduler.load_state_dict(loaded["scheduler"])
@@ -323,10 +333,44 @@ def _materialise_optimizer_state(optimizer) -> None:
                     g["lr"], g["weight_decay"] = lr, wd
 
 
-def _saved_world_size(path: Path) -> Optional[int]:
-    # The RNG ShardedObject's global shape is the world size it was saved with.
+def _saved_metadata(path: Path) -> dict:
+    """Sharded key -> metadata of the checkpoint at ``path`` ({} if it cannot be read)."""
     try:
-        meta = dist_checkpointing.load_sharded_metadata(str(path))
-        return meta["rng_state"].global_shape[0] if "rng_state" in meta else None
+        return dist_checkpointing.load_sharded_metadata(str(path))
     except Exception:
-        return None
+        return {}
+
+
+def _fit_optimizer_state(loaded, optimizer, path: Path):
+    """The loaded optimizer state in the structure that ``optimizer.load_state_dict`` expects.
+
+    Takes the loaded ``optimizer`` entry, the megatron optimizer and the checkpoint path (for
+    errors). megatron-core chains a second optimizer for the experts when EP > 1, so an EP > 1
+    checkpoint holds ``{0: dense, 1: experts}`` and an EP = 1 one a single state. The
+    per-parameter tensors were loaded where this optimizer's template put them; the param
+    groups (with Adam's step) come back as they were saved. When the two structures differ,
+    each part of this optimizer gets its own param groups (lr and weight decay follow from the
+    recipe and the LR scheduler) with the saved step. Returns the state to load.
+    """
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    saved_parts = [loaded[k] for k in sorted(k for k in loaded if isinstance(k, int))]
+    saved_chained = bool(saved_parts) and "optimizer" in saved_parts[0]
+    if saved_chained == (len(parts) > 1):
+        return loaded
+    saved_groups = [g for part in (saved_parts if saved_chained else [loaded])
+                    for g in part["optimizer"]["param_groups"]]
+    steps = {float(g["step"]) for g in saved_groups if "step" in g}
+    if len(steps) > 1:
+        raise CheckpointError(f"cannot load checkpoint {path}: its param groups are at different "
+                              f"optimizer steps {sorted(steps)}")
+    step = next((g["step"] for g in saved_groups if "step" in g), None)
+    fitted = []
+    for i, part in enumerate(parts):
+        state = part.state_dict()
+        for group in state["optimizer"]["param_groups"]:
+            if step is not None:
+                group["step"] = step
+        state["param_state"] = loaded[i]["param_state"] if len(parts) > 1 else loaded["param_state"]
+        state["param_state_sharding_type"] = OPTIMIZER_FORMAT["distrib_optim_sharding_type"]
+        fitted.append(state)
+    return dict(enumerate(fitted)) if len(parts) > 1 else fitted[0]
