@@ -55,6 +55,14 @@ def test_kill9_then_resume_matches_uninterrupted_run_bitwise(tmp_path):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])
 
 
+def _assert_continues(reference: dict, resumed: dict) -> None:
+    """A run resumed from step 8 logged steps 9-12, each within 1e-4 of the reference (fp32)."""
+    assert sorted(resumed) == [9, 10, 11, 12]
+    for step in resumed:
+        a, b = float.fromhex(resumed[step]), float.fromhex(reference[step])
+        assert abs(a - b) < 1e-4, (step, a, b)
+
+
 @pytest.mark.slow
 def test_checkpoint_from_tp2_resumes_at_pp2(tmp_path):
     """Saved at TP=2,PP=1; loaded at TP=1,PP=2 (weights and optimizer states resharded):
@@ -65,11 +73,7 @@ def test_checkpoint_from_tp2_resumes_at_pp2(tmp_path):
     shutil.copytree(tp_dir / "checkpoints" / "step_00000008", pp_dir / "ckpt" / "step_00000008")
     resume = [f"checkpoint.resume={pp_dir}/ckpt/step_00000008", "parallel.pp=2"]
     assert wait_job(start_job(RECIPE, _overrides(pp_dir, *resume), 2, pp_dir / "logs")) == [0, 0]
-    resumed = read_losses(pp_dir)
-    assert sorted(resumed) == [9, 10, 11, 12]
-    for step in resumed:
-        a, b = float.fromhex(resumed[step]), float.fromhex(reference[step])
-        assert abs(a - b) < 1e-4, (step, a, b)
+    _assert_continues(reference, read_losses(pp_dir))
 
 
 @pytest.mark.slow
@@ -86,11 +90,7 @@ def test_checkpoint_from_ep1_resumes_at_ep2(tmp_path):
     shutil.copytree(ref_dir / "checkpoints" / "step_00000008", ep_dir / "ckpt" / "step_00000008")
     resume = [f"checkpoint.resume={ep_dir}/ckpt/step_00000008", *one, *ep2]
     assert wait_job(start_job(moe, _overrides(ep_dir, *resume), 2, ep_dir / "logs")) == [0, 0]
-    resumed = read_losses(ep_dir)
-    assert sorted(resumed) == [9, 10, 11, 12]
-    for step in resumed:
-        a, b = float.fromhex(resumed[step]), float.fromhex(reference[step])
-        assert abs(a - b) < 1e-4, (step, a, b)
+    _assert_continues(reference, read_losses(ep_dir))
 
 
 # ---- in-process tests (one gloo rank) -------------------------------------------------------
