@@ -414,20 +414,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     output = (args.output or ROOT / "runs" / "scale_out" / recipe_b.name).resolve()
     out_json = args.out or ROOT / "bench" / "results" / f"scale_out_{recipe_b.name}.json"
     init_ckpt = output / "init" / "checkpoints"
-    # (name, overrides, nproc, checkpoint interval or None); B first: every A is compared with it.
+    # (name, overrides, nproc, the A run a resume starts from or None); B first: every A is
+    # compared with it.
     runs = [
         # lr ~0: the checkpoint holds the seed's initial weights (one step must run to save).
         ("init", over_b + run_overrides(output / "init", 1, 0, 1, None)
-         + ["train.lr=1e-30", "train.min_lr=0"], nproc_b),
-        ("b", over_b + run_overrides(output / "b", steps, warmup, None, init_ckpt), nproc_b),
+         + ["train.lr=1e-30", "train.min_lr=0"], nproc_b, None),
+        ("b", over_b + run_overrides(output / "b", steps, warmup, None, init_ckpt), nproc_b, None),
     ]
     for name, (_, over_a, nproc_a) in layouts_a.items():
-        runs.append((name, over_a + run_overrides(output / name, steps, warmup, half, init_ckpt), nproc_a))
+        runs.append((name, over_a + run_overrides(output / name, steps, warmup, half, init_ckpt),
+                     nproc_a, None))
         if not args.no_resume:  # auto finds the moved step-`half` checkpoint; init_from is then unused
             runs.append((resume_name(name),
                          over_b + run_overrides(output / resume_name(name), steps, warmup, None, None),
-                         nproc_b))
-    dirs = {name: output / name for name, _, _ in runs}
+                         nproc_b, name))
+    dirs = {name: output / name for name, _, _, _ in runs}
     layouts_run = {"b": (args.layout_b, nproc_b),
                    **{name: (layout, nproc) for name, (layout, _, nproc) in layouts_a.items()}}
     for name, run_dir in dirs.items():  # train_log.jsonl is appended to: stale runs would mix in
@@ -435,14 +437,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutil.rmtree(run_dir)
 
     failed = None
-    for name, overrides, nproc in runs:
+    for name, overrides, nproc, resumes in runs:
         if args.keep_finished and is_finished(dirs[name], name, steps):
             print(f"[{name}] kept: finished by an earlier call", flush=True)
             continue
         try:
-            if name.startswith("resume"):  # starts from A's middle checkpoint, moved (disk)
-                a_name = "a" if name == "resume" else name[len("resume_"):]
-                move_checkpoint(dirs[a_name] / "checkpoints", half, dirs[name] / "checkpoints")
+            if resumes:  # starts from A's middle checkpoint, moved (disk)
+                move_checkpoint(dirs[resumes] / "checkpoints", half, dirs[name] / "checkpoints")
         except BadInput as err:
             failed = str(err)
             break
@@ -452,7 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             break
         if name in layouts_a:
             keep_only_checkpoint(dirs[name] / "checkpoints", half, steps)
-        elif name.startswith("resume"):
+        elif resumes:
             shutil.rmtree(dirs[name] / "checkpoints", ignore_errors=True)
         write_json(out_json, build_record(args, recipe_b.name, common, layouts_run, dirs, None, False))
 

@@ -573,8 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
 def min_world_size(recipe: Any) -> int:
     """The smallest world size the recipe's layout fits: tp*pp*k with (k*tp) % (ep * expert tp) == 0."""
     par = recipe.parallel
-    expert_group = par.ep * par.expert_tensor_parallel
-    k = expert_group // math.gcd(expert_group, par.tp)
+    k = par.expert_group_size // math.gcd(par.expert_group_size, par.tp)
     return par.tp * par.pp * k
 
 

@@ -30,3 +30,9 @@ class ParallelConfig(BaseModel):
     def expert_tensor_parallel(self) -> int:
         """The experts' tensor-parallel size: ``expert_tp``, else ``tp``."""
         return self.expert_tp or self.tp
+
+    @property
+    def expert_group_size(self) -> int:
+        """Ranks that share one copy of the experts: ``ep`` x the experts' tensor-parallel size
+        (megatron-core carves these groups out of each pipeline stage's dp*tp ranks)."""
+        return self.ep * self.expert_tensor_parallel

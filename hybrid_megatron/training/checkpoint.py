@@ -359,17 +359,17 @@ def _fit_optimizer_state(loaded, optimizer, path: Path):
         return loaded
     saved_groups = [g for part in (saved_parts if saved_chained else [loaded])
                     for g in part["optimizer"]["param_groups"]]
-    steps = {float(g["step"]) for g in saved_groups if "step" in g}
-    if len(steps) > 1:
+    steps = [g["step"] for g in saved_groups if "step" in g]
+    distinct = sorted({float(s) for s in steps})
+    if len(distinct) > 1:
         raise CheckpointError(f"cannot load checkpoint {path}: its param groups are at different "
-                              f"optimizer steps {sorted(steps)}")
-    step = next((g["step"] for g in saved_groups if "step" in g), None)
+                              f"optimizer steps {distinct}")
     fitted = []
     for i, part in enumerate(parts):
         state = part.state_dict()
-        for group in state["optimizer"]["param_groups"]:
-            if step is not None:
-                group["step"] = step
+        if steps:
+            for group in state["optimizer"]["param_groups"]:
+                group["step"] = steps[0]
         state["param_state"] = loaded[i]["param_state"] if len(parts) > 1 else loaded["param_state"]
         state["param_state_sharding_type"] = OPTIMIZER_FORMAT["distrib_optim_sharding_type"]
         fitted.append(state)
