@@ -68,9 +68,14 @@ class RunOptions:
     cuda_graphs: bool = _option(False, "--cuda-graphs", "train.cuda_graphs on every row (each row "
                                 "then runs in its own process)")
     fp8_attention: bool = _option(False, "--fp8-attention", "model.fp8_attention on fp8 rows")
+    fp8_output_layer: bool = _option(False, "--fp8-output-layer", "model.fp8_output_layer on fp8 rows "
+                                     "(the LM head in FP8; native baselines get the same head)")
     overlap_branches: bool = _option(False, "--overlap-branches", "model.intra.overlap_branches on intra rows")
     intra_dim_ratio: Optional[str] = _option(None, "--intra-dim-ratio", "model.intra.dim_ratio on intra "
                                              "rows, e.g. 1:3 (default: the recipe's)")
+    intra_pattern: Optional[str] = _option(None, "--intra-pattern", "model.pattern.ratio on intra "
+                                           "rows: hybrid to Mamba blocks, e.g. 1:3 (default: the "
+                                           "recipe's, every block hybrid)")
     attention_head_dim: Optional[int] = _option(
         None, "--attention-head-dim", "attention head size for every attention mixer, at the same "
         "widths (heads and KV groups rescaled, so parameters and FLOPs stay the same)")
@@ -126,7 +131,8 @@ def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunO
     """The ModelConfig of one row: the shipped ``recipes/<scale>_<kind>.yaml`` model section
     (``tiny``: tests/model_configs.py's tiny model), with an MoE FFN (8 experts, top-2, each
     half the dense FFN so the active FFN equals it), FP8 when asked and the run's options
-    (attention head size, FP8 attention, intra branch overlap and dim ratio)."""
+    (attention head size, FP8 attention and LM head, intra branch overlap, dim ratio and share of
+    hybrid blocks)."""
     from hybrid_megatron.config.model import ModelConfig
 
     if scale == "tiny":
@@ -156,10 +162,13 @@ def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunO
                                               ("num_query_groups",))
     fields["fp8"] = "hybrid" if precision == "fp8" else None
     fields["fp8_attention"] = precision == "fp8" and options.fp8_attention and kind != "mamba"
+    fields["fp8_output_layer"] = precision == "fp8" and options.fp8_output_layer
     if kind == "intra":
         fields["intra"] = {**(fields.get("intra") or {}), "overlap_branches": options.overlap_branches}
         if options.intra_dim_ratio:
             fields["intra"]["dim_ratio"] = options.intra_dim_ratio
+        if options.intra_pattern:
+            fields["pattern"] = {**(fields.get("pattern") or {}), "ratio": options.intra_pattern}
     return ModelConfig(**fields)
 
 
@@ -174,9 +183,11 @@ def native_pattern(our_pattern: str, moe: bool) -> str:
 def build_row_model(arch: str, cfg, recompute: str = "none", bf16: bool = True, cuda_graphs: bool = False):
     """Build the unwrapped model of one row: ours through ``build_model``, or a megatron-core
     native baseline with the same TransformerConfig (same widths, heads, MoE, FP8 and CUDA-graph
-    settings). Returns (model, pattern text)."""
+    settings; ``model.fp8_output_layer`` swaps their LM head like ours). Returns (model, pattern
+    text)."""
     from hybrid_megatron.models import build_model
     from hybrid_megatron.models.layer_pattern import build_layer_pattern
+    from hybrid_megatron.models.output_layer import use_fp8_output_layer
     from hybrid_megatron.models.transformer_config import build_transformer_config
 
     pattern = build_layer_pattern(cfg)
@@ -196,6 +207,8 @@ def build_row_model(arch: str, cfg, recompute: str = "none", bf16: bool = True, 
             max_sequence_length=cfg.max_position_embeddings, position_embedding_type="rope",
             rotary_base=int(cfg.attention.rotary_base),
         )
+        if cfg.fp8_output_layer:
+            use_fp8_output_layer(model)
         return model, pattern
     from megatron.core.models.mamba import MambaModel
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
@@ -211,6 +224,8 @@ def build_row_model(arch: str, cfg, recompute: str = "none", bf16: bool = True, 
         position_embedding_type="rope" if has_attention else "none",
         rotary_base=int(cfg.attention.rotary_base) if has_attention else 10000,
     )
+    if cfg.fp8_output_layer:
+        use_fp8_output_layer(model)
     return model, hybrid
 
 

@@ -79,6 +79,7 @@ def test_run_options_round_trip_through_their_flags():
     import argparse
 
     options = bench.RunOptions(micro_batch=2, microbatches=4, cuda_graphs=True, intra_dim_ratio="1:3",
+                               intra_pattern="1:3", fp8_output_layer=True,
                                attention_head_dim=128, unfused=True, unfused_moe=True)
     parser = argparse.ArgumentParser()
     bench.add_option_flags(parser)
@@ -103,6 +104,25 @@ def test_attention_head_dim_keeps_parameters_and_flops(kind):
     assert model_flops_per_token(wide, 8192) == model_flops_per_token(base, 8192)
     with pytest.raises(ValueError, match="--attention-head-dim 96"):
         bench.model_config("1b", kind, False, "bf16", bench.RunOptions(attention_head_dim=96))
+
+
+def test_fp8_head_and_intra_pattern_reach_only_their_rows():
+    """--fp8-output-layer sets model.fp8_output_layer on fp8 rows only; --intra-pattern sets
+    the share of hybrid blocks on intra rows only (1:3 at 1b: fewer attention FLOPs than the
+    all-hybrid recipe, but more than inter)."""
+    from hybrid_megatron.accounting.flops import model_flops_per_token
+    from hybrid_megatron.models.layer_pattern import build_layer_pattern
+
+    options = bench.RunOptions(fp8_output_layer=True, intra_pattern="1:3")
+    assert bench.model_config("1b", "inter", False, "fp8", options).fp8_output_layer
+    assert not bench.model_config("1b", "inter", False, "bf16", options).fp8_output_layer
+    intra = bench.model_config("1b", "intra", False, "bf16", options)
+    assert build_layer_pattern(intra) == "MMMHMMMHMMMMH"  # 3 hybrid blocks of 13, spread
+    assert bench.model_config("1b", "inter", False, "bf16", options).pattern.ratio == "1:5"
+    flops = {name: model_flops_per_token(cfg, 8192) for name, cfg in {
+        "all": bench.model_config("1b", "intra", False, "bf16"), "1:3": intra,
+        "inter": bench.model_config("1b", "inter", False, "bf16")}.items()}
+    assert flops["all"] > flops["1:3"] > flops["inter"]
 
 
 @pytest.mark.parametrize("capacity,limit,largest", [(5, 32, 5), (1, 32, 1), (12, 32, 12), (0, 32, 0),

@@ -122,6 +122,36 @@ def test_fp8_attention_trains_like_bf16_attention(single_rank, kind):
     assert losses[True][-1] < losses[True][0], losses
 
 
+def test_fp8_output_layer_trains_like_the_bf16_head(single_rank):
+    """model.fp8_output_layer: the LM head becomes a TE layer that starts from the same weight as
+    megatron-core's bf16 head, runs in FP8 (TE's ``fp8`` flag is set by its forward), starts
+    from the same loss within FP8 error and trains."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("FP8 needs Hopper or newer")
+    losses, heads, initial = {}, {}, {}
+    for fp8_head in (False, True):
+        model = _build(gpu_model("inter", params_dtype="bf16", fp8="hybrid",
+                                 fp8_output_layer=fp8_head), bf16=True)
+        heads[fp8_head] = model.output_layer
+        initial[fp8_head] = model.output_layer.weight.detach().clone()
+        ids, labels, pos = _batch()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        run = []
+        for _ in range(4):
+            opt.zero_grad()
+            loss = model(ids, pos, None, labels=labels).float().mean()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses[fp8_head] = run
+    assert torch.equal(initial[True], initial[False])
+    assert type(heads[True]).__name__ == "FP8OutputLayer" and heads[True].fp8
+    assert type(heads[False]).__name__ == "ColumnParallelLinear"
+    assert all(torch.isfinite(torch.tensor(losses[True]))), losses
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=2e-2), losses
+    assert losses[True][-1] < losses[True][0], losses
+
+
 def _ssd_inputs(dtype, b=2, L=200, h=8, p=32, g=2, n=16, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
@@ -263,11 +293,12 @@ def test_te_and_local_agree_on_one_checkpoint(single_rank, kind, tmp_path):
     assert (out - ref).abs().max() / ref.abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("fp8", [False, True, "head_on_resume"], ids=["bf16", "fp8", "fp8_head_on_resume"])
 def test_trainer_on_gpu_learns_and_checkpoints(tmp_path, fp8):
     """The real trainer (one rank, nccl) on the tiny intra MoE recipe with Transformer Engine in
     bf16 (and FP8): the loss falls, validation runs, a checkpoint is saved and a longer run
-    resumes from it."""
+    resumes from it; with ``head_on_resume`` the resumed run turns model.fp8_output_layer on
+    (its checkpoint has no FP8 state for the head yet)."""
     import json
 
     from tests.training_helpers import REPO, start_job, wait_job
@@ -294,9 +325,14 @@ def test_trainer_on_gpu_learns_and_checkpoints(tmp_path, fp8):
     assert (run_dir / "checkpoints" / "step_00000040").is_dir()
     assert (run_dir / "checkpoints" / "latest").read_text().strip().endswith("step_00000040")
     longer = [o.replace("train.steps=40", "train.steps=44") for o in overrides]
+    if fp8 == "head_on_resume":
+        longer.append("model.fp8_output_layer=true")
     assert wait_job(start_job(str(REPO / "recipes/tiny_intra_moe.yaml"), longer, 1, tmp_path / "logs2"),
                     timeout=600) == [0]
     resumed = (tmp_path / "logs2" / "rank0.log").read_text()
     assert "at step 40" in resumed, resumed[-3000:]
-    steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 45))
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 45))
+    resumed_losses = [float.fromhex(r["loss"]) for r in records[40:]]
+    # The resumed steps continue the curve (an FP8 head switched on included): no jump back.
+    assert max(resumed_losses) < sum(losses[:5]) / 5 - 1.0, (losses, resumed_losses)

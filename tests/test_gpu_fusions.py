@@ -54,6 +54,22 @@ def test_local_build_fuses_nothing(single_rank):
     assert model.config.gradient_accumulation_fusion is False  # no TE layers to switch
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU build")
+def test_local_build_keeps_megatrons_output_layer_under_fp8_output_layer(single_rank):
+    """A recipe with model.fp8_output_layer and impl auto still builds on CPU (local layers,
+    FP8 off): megatron-core's own output layer, no TE layer."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from hybrid_megatron.config.parallel import ParallelConfig
+    from hybrid_megatron.models import build_model
+    from hybrid_megatron.training.parallel_setup import setup_model_parallel
+
+    setup_model_parallel(ParallelConfig(), seed=1)
+    raw = tiny_model("transformer", impl="auto", fp8="hybrid", fp8_output_layer=True, vocab_size=128)
+    model = build_model(ModelConfig(**raw))
+    assert type(model.output_layer) is ColumnParallelLinear
+
+
 def _loss_and_grads(model, ids, labels, pos):
     model.zero_grad(set_to_none=True)
     loss = model(ids, pos, None, labels=labels).float()

@@ -31,6 +31,10 @@ def test_heads_not_divisible_by_tp():
         _check(tiny_model("transformer", moe=True), tp=2)
     with pytest.raises(ModelConfigError, match="parallel.expert_tp: 1 needs model.moe"):
         _check(tiny_model("intra"), tp=2, sequence_parallel=True, expert_tp=1)
+    with pytest.raises(ModelConfigError, match="model.fp8_output_layer: each of parallel.tp=2 ranks "
+                       "holds 56 vocabulary rows"):
+        _check(tiny_model("transformer", impl="te", fp8="hybrid", fp8_output_layer=True, vocab_size=112), tp=2)
+    _check(tiny_model("transformer", impl="te", fp8="hybrid", fp8_output_layer=True, vocab_size=128), tp=2)  # fine
     _check(tiny_model("intra", moe=True), tp=2, sequence_parallel=True)  # fine
     _check(tiny_model("intra", moe=True), tp=2, ep=2, sequence_parallel=True, expert_tp=1)  # fine
 
@@ -69,6 +73,11 @@ def test_early_attention():
         (tiny_model("transformer", pattern={"ratio": "1:1"}), "model.pattern.ratio: only kinds inter and intra"),
         (tiny_model("transformer", pattern={"layout": "AAAA"}), "model.pattern: only kinds inter and intra"),
         (tiny_model("transformer", impl="local", fp8="hybrid"), "model.fp8: needs impl 'te'"),
+        (tiny_model("transformer", fp8_output_layer=True), "model.fp8_output_layer: needs model.fp8"),
+        (tiny_model("transformer", impl="te", fp8="hybrid", fp8_output_layer=True, tie_embeddings=True),
+         "model.fp8_output_layer: needs tie_embeddings false"),
+        (tiny_model("transformer", impl="te", fp8="hybrid", fp8_output_layer=True, vocab_size=100),
+         "model.fp8_output_layer: FP8 GEMMs need vocab_size in multiples of 16, got 100"),
         (tiny_model("intra", flavour="nemotron_h"), "model.flavour: nemotron_h has no intra-layer"),
         (tiny_model("transformer", flavour="gpt"), "flavour"),
         ({**tiny_model("transformer"), "moe": {"num_experts": 4, "expert_bias": True}},

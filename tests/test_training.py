@@ -425,6 +425,93 @@ def test_keep_last_prunes_to_the_newest_k_and_resumes(single_rank, tmp_path, mon
     assert resumed == reference
 
 
+def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_path, monkeypatch):
+    """A checkpoint without one layer's TE extra state (as when model.fp8_output_layer is
+    switched on at a resume: the LM head becomes a TE layer) resumes, that entry keeping its
+    fresh value, and continues the uninterrupted run bitwise (the local layers' extra state is
+    empty). A checkpoint missing a weight is refused, naming the checkpoint."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from hybrid_megatron.training import checkpoint as ckpt
+    from hybrid_megatron.training import entry
+
+    extra = (*_SMALL, "train.steps=5", "checkpoint.interval=100")
+    entry.train(_recipe(tmp_path / "ref", *extra))
+    real_state, real_step = ckpt._sharded_state, entry.train_step
+    dropped = []
+
+    def stopped_after_3_saving_without(run_dir, key_is_dropped):
+        """Train until SIGUSR1 after step 3; that save leaves out the first matching key."""
+        def state(*args, loading, **kwargs):
+            out = real_state(*args, loading=loading, **kwargs)
+            if not loading:
+                dropped.append(next(k for k, v in out["model"].items() if key_is_dropped(k, v)))
+                out["model"].pop(dropped[-1])
+            return out
+
+        def step(*args, **kwargs):
+            out = real_step(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return out
+
+        calls = []
+        monkeypatch.setattr(ckpt, "_sharded_state", state)
+        monkeypatch.setattr(entry, "train_step", step)
+        assert entry.train(_recipe(run_dir, *extra))["steps"] == 3
+        monkeypatch.setattr(ckpt, "_sharded_state", real_state)
+        monkeypatch.setattr(entry, "train_step", real_step)
+
+    stopped_after_3_saving_without(tmp_path / "cut", lambda k, v: k.endswith("._extra_state")
+                                   and isinstance(v, ShardedObject))
+    assert dropped[-1].endswith("._extra_state")
+    assert entry.train(_recipe(tmp_path / "cut", *extra))["steps"] == 5
+    assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "ref")
+
+    stopped_after_3_saving_without(tmp_path / "bad", lambda k, v: k.endswith(".weight"))
+    with pytest.raises(ckpt.CheckpointError, match="cannot load checkpoint .*step_00000003"):
+        entry.train(_recipe(tmp_path / "bad", *extra))
+
+
+def test_resume_restores_the_rng_streams(single_rank, tmp_path, monkeypatch):
+    """The RNG state saved with a checkpoint is the one a resumed run continues from (the CPU
+    generator and megatron's tracker streams), not the seed's. Before the saved metadata was
+    read correctly, resumes silently restarted every stream from the seed."""
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from hybrid_megatron.training import entry
+
+    def streams():
+        return {"cpu": torch.get_rng_state(),
+                **{k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
+
+    saves, loads = [], []
+    real_save, real_load = entry.save_checkpoint, entry.load_checkpoint
+
+    def save(*args, **kwargs):
+        torch.rand(3)  # move the streams away from anything the seed gives
+        with get_cuda_rng_tracker().fork():
+            torch.rand(3)
+        saves.append(streams())
+        return real_save(*args, **kwargs)
+
+    def load(*args, **kwargs):
+        out = real_load(*args, **kwargs)
+        loads.append(streams())
+        return out
+
+    monkeypatch.setattr(entry, "save_checkpoint", save)
+    monkeypatch.setattr(entry, "load_checkpoint", load)
+    entry.train(_recipe(tmp_path, *_SMALL, "train.steps=4"))  # saves once, on finishing
+    assert len(saves) == 1 and not loads
+    assert entry.train(_recipe(tmp_path, *_SMALL, "train.steps=5"))["steps"] == 5
+    assert len(loads) == 1 and len(saves[0]) > 1 and loads[0].keys() == saves[0].keys()
+    for name, state in saves[0].items():
+        assert torch.equal(loads[0][name], state), name
+
+
 def test_keep_last_1_with_a_failed_save_keeps_the_latest(single_rank, tmp_path, monkeypatch):
     """keep_last 1: the save at step 4 dies half-way. ``latest`` still names step 2, which
     still exists and loads; the resumed run finishes with only its newest checkpoint left."""

@@ -190,6 +190,13 @@ class ModelConfig(StrictSection):
         description="with fp8: the attention core (QK^T, softmax, PV) in FP8 too, through TE's "
         "cuDNN FP8 attention (Hopper and newer); default keeps it in bf16",
     )
+    fp8_output_layer: bool = Field(
+        default=False,
+        description="with fp8: the LM head (output layer) as a Transformer Engine layer in FP8 "
+        "too; megatron-core's own output layer stays bf16. Needs untied embeddings and a "
+        "vocab_size whose shard per TP rank is a multiple of 16. Off by default: the logits' "
+        "precision matters more than any one layer's, so compare losses before relying on it",
+    )
     params_dtype: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
@@ -233,6 +240,17 @@ class ModelConfig(StrictSection):
             raise ValueError("model.fp8: needs impl 'te' (Transformer Engine)")
         if self.fp8_attention and self.fp8 is None:
             raise ValueError("model.fp8_attention: needs model.fp8 (hybrid or e4m3)")
+        if self.fp8_output_layer:
+            if self.fp8 is None:
+                raise ValueError("model.fp8_output_layer: needs model.fp8 (hybrid or e4m3)")
+            if self.tie_embeddings:
+                # TE's linear owns its weight; a tied head borrows the embedding's each call.
+                raise ValueError("model.fp8_output_layer: needs tie_embeddings false")
+            if self.vocab_size % 16:
+                raise ValueError(
+                    f"model.fp8_output_layer: FP8 GEMMs need vocab_size in multiples of 16, "
+                    f"got {self.vocab_size}"
+                )
         if self.fp8_attention and self.attention is not None and self.head_dim != 128:
             # Measured on an H100 (TE 2.11, cuDNN 9.14): head size 64 finds no FP8 attention
             # backend at all, 128 trains (bench/results/train_throughput_h100_2026-11-24).

@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
 from hybrid_megatron.models.layer_pattern import build_layer_pattern, split_pattern
+from hybrid_megatron.models.output_layer import use_fp8_output_layer
 from hybrid_megatron.models.specs import backend_for, block_spec, rms_norm_spec
 from hybrid_megatron.models.transformer_config import build_transformer_config, resolve_impl
 
@@ -36,6 +37,11 @@ def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, e
         raise ModelConfigError("parallel.sequence_parallel: needs tp > 1")
     if cfg.vocab_size % tp:
         raise ModelConfigError(f"model.vocab_size: {cfg.vocab_size} does not split over parallel.tp={tp}")
+    if cfg.fp8_output_layer and (cfg.vocab_size // tp) % 16:
+        raise ModelConfigError(
+            f"model.fp8_output_layer: each of parallel.tp={tp} ranks holds {cfg.vocab_size // tp} "
+            f"vocabulary rows; FP8 GEMMs need a multiple of 16"
+        )
     if cfg.moe is None and ep > 1:
         raise ModelConfigError(f"parallel.ep: {ep} > 1 needs model.moe")
     if parallel.expert_tp is not None:
@@ -163,6 +169,9 @@ def build_model(
         position_embedding_type="rope" if rope else "none",
         rotary_base=int(model_config.attention.rotary_base) if rope else 10000,
     )
+    if model_config.fp8_output_layer and post_process and impl == "te":
+        # Not on a local build (impl auto without a GPU): there FP8 is off altogether.
+        use_fp8_output_layer(model)
     model.layer_pattern = pattern
     model.stage_pattern = stage_pattern
     return model

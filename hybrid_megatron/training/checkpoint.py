@@ -33,6 +33,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
+
+# megatron-core raises many types; torch's distributed checkpoint wraps a rank's failure (a
+# key missing from the checkpoint, say) in CheckpointException, a BaseException.
+LOAD_ERRORS = (Exception, CheckpointException)
 
 LATEST = "latest"
 _STEP_PREFIX = "step_"
@@ -295,11 +300,18 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     if "rng_state" not in saved or saved["rng_state"].global_shape[0] != dist.get_world_size():
         # The RNG ShardedObject's global shape is the world size it was saved with.
         template.pop("rng_state")
+    fresh = unsaved_extra_state(template["model"], saved)
+    for key in fresh:
+        template["model"].pop(key)
     try:
         loaded = dist_checkpointing.load(template, str(path))
-    except Exception as err:  # megatron raises many types; the user needs the path and cause
+    except LOAD_ERRORS as err:  # the user needs the path and the cause
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
-    _language_model(model_chunks).load_state_dict(loaded["model"])
+    model = _language_model(model_chunks)
+    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+    if unexpected or set(missing) - set(fresh):
+        raise CheckpointError(f"cannot load checkpoint {path}: missing {sorted(set(missing) - set(fresh))}, "
+                              f"unexpected {sorted(unexpected)}")
     if optimizer is not None:
         optimizer.load_state_dict(_fit_optimizer_state(loaded["optimizer"], optimizer, path))
     if scheduler is not None and loaded.get("scheduler") is not None:
@@ -333,12 +345,31 @@ def _materialise_optimizer_state(optimizer) -> None:
                     g["lr"], g["weight_decay"] = lr, wd
 
 
+def unsaved_extra_state(model_template: dict, saved: dict) -> list[str]:
+    """Keys of Transformer Engine extra state (FP8 scaling history) that the model has and the
+    checkpoint lacks, e.g. ``model.fp8_output_layer`` switched on at a resume, which turns the
+    LM head into a TE layer. Takes the model's sharded state dict and the saved metadata
+    (``_saved_metadata``). Those entries keep
+    their fresh values: TE's delayed scaling rebuilds them from the next steps' amax values.
+    Returns the state-dict keys to leave out of the load."""
+    return [name for name, entry in model_template.items()
+            if name.endswith("._extra_state") and isinstance(entry, ShardedObject)
+            and entry.key not in saved]
+
+
 def _saved_metadata(path: Path) -> dict:
-    """Sharded key -> metadata of the checkpoint at ``path`` ({} if it cannot be read)."""
+    """Sharded key -> metadata (a ShardedTensor or ShardedObject without data) of everything in
+    the checkpoint at ``path``. megatron-core lists each object once per shard
+    (``rng_state/shard_0_2``); here each object appears once under its own key, with its global
+    shape. Raises CheckpointError naming the path when the metadata cannot be read (never
+    swallowed: an unreadable metadata once hid that the RNG streams were not restored)."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
     try:
-        return dist_checkpointing.load_sharded_metadata(str(path))
-    except Exception:
-        return {}
+        listed = load_sharded_metadata(str(path))
+    except LOAD_ERRORS as err:  # the user needs the path and the cause
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    return {entry.key: entry for entry in listed.values()}
 
 
 def _fit_optimizer_state(loaded, optimizer, path: Path):
