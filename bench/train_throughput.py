@@ -752,9 +752,14 @@ def main(argv=None) -> None:
         return
     import hybrid_megatron  # noqa: F401  (CPU shims when there is no GPU)
 
-    _init_process_group()
+    # A run whose rows each get their own process only spawns them: no CUDA context here, which
+    # would hold about 0.5 GiB of the GPU that the rows need (1b at micro-batch 4 is at the edge).
+    spawns_only = args.cmd == "run" and (args.isolate or args.cuda_graphs) and not os.environ.get(ROW_PROCESS_ENV)
+    if not spawns_only:
+        _init_process_group()
     {"run": cmd_run, "max-mbs": cmd_max_mbs, "profile": cmd_profile}[args.cmd](args)
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

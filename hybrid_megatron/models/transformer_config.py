@@ -153,7 +153,10 @@ def fused_kernel_fields(cfg: ModelConfig) -> dict:
         cross_entropy_fusion_impl="te",
         # MoE: TE's fused top-k routing with its aux-loss scores, and TE's fused token permute
         # and unpermute (one kernel each way instead of index/sort/scatter chains per layer).
-        moe_router_fusion=fused and moe,
+        # Not the fused router under FP8: megatron-core 0.16's dispatcher pads the routing map
+        # for FP8 GEMMs in place, and TE's fused top-k keeps that map for its backward, which
+        # then fails ("modified by an inplace operation"; tests/test_gpu.py's FP8 trainer run).
+        moe_router_fusion=fused and moe and cfg.fp8 is None,
         moe_permute_fusion=fused and moe,
     )
 
