@@ -327,9 +327,10 @@ def test_trainer_on_gpu_learns_and_checkpoints(tmp_path, fp8):
     longer = [o.replace("train.steps=40", "train.steps=44") for o in overrides]
     if fp8 == "head_on_resume":
         longer.append("model.fp8_output_layer=true")
-    assert wait_job(start_job(str(REPO / "recipes/tiny_intra_moe.yaml"), longer, 1, tmp_path / "logs2"),
-                    timeout=600) == [0]
+    codes = wait_job(start_job(str(REPO / "recipes/tiny_intra_moe.yaml"), longer, 1, tmp_path / "logs2"),
+                     timeout=600)
     resumed = (tmp_path / "logs2" / "rank0.log").read_text()
+    assert codes == [0], resumed[-3000:]
     assert "at step 40" in resumed, resumed[-3000:]
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 45))

@@ -5,8 +5,8 @@ TE's FP8 autocast does not touch) outside the transformer block's FP8 region. At
 vocabulary that head is about a fifth of the training FLOPs, which bounds FP8's gain
 (bench/results/train_throughput_h100_2026-11-24_moe_memory). ``use_fp8_output_layer`` swaps it
 for a TE column-parallel linear holding the same weight, run under megatron-core's FP8 context,
-with the output layer's calling convention. Checkpoint keys stay ``output_layer.weight`` (plus
-TE's ``output_layer._extra_state``, its FP8 scaling history).
+with the output layer's calling convention. Checkpoints hold ``output_layer.weight`` only, as
+before: the head's FP8 scaling history is not saved (see ``sharded_state_dict``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,14 @@ def _fp8_output_layer_class():
             if gather and self.tp_size > 1:
                 logits = gather_from_tensor_model_parallel_region(logits, group=self._tp_group)
             return logits, None
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            """The weight only: GPTModel drops the output layer's extra state from checkpoints
+            and insists that it is empty (older checkpoints had none), so TE's FP8 scaling
+            history of the head is not saved; after a resume it restarts as at step 1."""
+            out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            out.pop(f"{prefix}_extra_state", None)
+            return out
 
     return FP8OutputLayer
 

@@ -309,8 +309,11 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
     model = _language_model(model_chunks)
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
-    if unexpected or set(missing) - set(fresh):
-        raise CheckpointError(f"cannot load checkpoint {path}: missing {sorted(set(missing) - set(fresh))}, "
+    # Extra state keeps its fresh value when the checkpoint has none for it (``fresh``) or the
+    # sharded state dict never carries it (GPTModel leaves out the output layer's).
+    missing = [k for k in missing if not k.endswith("._extra_state")]
+    if unexpected or missing:
+        raise CheckpointError(f"cannot load checkpoint {path}: missing {sorted(missing)}, "
                               f"unexpected {sorted(unexpected)}")
     if optimizer is not None:
         optimizer.load_state_dict(_fit_optimizer_state(loaded["optimizer"], optimizer, path))
