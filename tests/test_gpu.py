@@ -66,6 +66,20 @@ def _batch(vocab=512, batch=2, seq=128):
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), torch.arange(seq).cuda().expand(batch, seq)
 
 
+def _train_losses(model, steps: int) -> list[float]:
+    """The losses of ``steps`` AdamW steps (lr 1e-3) on ``_batch()``: the FP8 tests' short run."""
+    ids, labels, pos = _batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(ids, pos, None, labels=labels).float().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("kind", KINDS + ["nemotron_h"])
 def test_te_bf16_forward_backward(single_rank, kind, moe):
@@ -83,15 +97,7 @@ def test_te_fp8_forward_backward(single_rank, kind):
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("FP8 needs Hopper or newer")
     model = _build(gpu_model(kind, params_dtype="bf16", fp8="hybrid"), bf16=True)
-    ids, labels, pos = _batch()
-    losses = []
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(3):  # a few steps so the delayed-scaling amax history is exercised
-        opt.zero_grad()
-        loss = model(ids, pos, None, labels=labels).float().mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train_losses(model, 3)  # a few steps so the delayed-scaling amax history is exercised
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < losses[0], losses
 
@@ -107,16 +113,7 @@ def test_fp8_attention_trains_like_bf16_attention(single_rank, kind):
     for fp8_attention in (False, True):
         model = _build(gpu_model(kind, params_dtype="bf16", fp8="hybrid", attention=attention,
                                  fp8_attention=fp8_attention), bf16=True)
-        ids, labels, pos = _batch()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        run = []
-        for _ in range(4):
-            opt.zero_grad()
-            loss = model(ids, pos, None, labels=labels).float().mean()
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses[fp8_attention] = run
+        losses[fp8_attention] = _train_losses(model, 4)
     assert all(torch.isfinite(torch.tensor(losses[True]))), losses
     assert losses[True][0] == pytest.approx(losses[False][0], rel=2e-2), losses
     assert losses[True][-1] < losses[True][0], losses
@@ -134,16 +131,7 @@ def test_fp8_output_layer_trains_like_the_bf16_head(single_rank):
                                  fp8_output_layer=fp8_head), bf16=True)
         heads[fp8_head] = model.output_layer
         initial[fp8_head] = model.output_layer.weight.detach().clone()
-        ids, labels, pos = _batch()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        run = []
-        for _ in range(4):
-            opt.zero_grad()
-            loss = model(ids, pos, None, labels=labels).float().mean()
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses[fp8_head] = run
+        losses[fp8_head] = _train_losses(model, 4)
     assert torch.equal(initial[True], initial[False])
     assert type(heads[True]).__name__ == "FP8OutputLayer" and heads[True].fp8
     assert type(heads[False]).__name__ == "ColumnParallelLinear"

@@ -361,6 +361,21 @@ def test_trainer_applies_and_logs_the_wsd_lr_across_a_resume(single_rank, tmp_pa
 # ---- keep_last pruning and odd saves (#4) ---------------------------------------------------
 
 
+def _stopping_after(n: int, real_step):
+    """A train_step that sends this process SIGUSR1 (the trainer's save-and-stop signal) after
+    its n-th call; the trainer then saves and returns after that step."""
+    calls = []
+
+    def step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    return step
+
+
 def _step_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir())
 
@@ -398,16 +413,7 @@ def test_keep_last_prunes_to_the_newest_k_and_resumes(single_rank, tmp_path, mon
 
     seen.clear()
     real_step = entry.train_step
-    calls = []
-
-    def stop_after_five(*args, **kwargs):
-        out = real_step(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return out
-
-    monkeypatch.setattr(entry, "train_step", stop_after_five)
+    monkeypatch.setattr(entry, "train_step", _stopping_after(5, real_step))
     first = entry.train(_recipe(cut_dir, *extra))
     assert first["steps"] == 5
     monkeypatch.setattr(entry, "train_step", real_step)
@@ -449,16 +455,8 @@ def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_p
                 out["model"].pop(dropped[-1])
             return out
 
-        def step(*args, **kwargs):
-            out = real_step(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return out
-
-        calls = []
         monkeypatch.setattr(ckpt, "_sharded_state", state)
-        monkeypatch.setattr(entry, "train_step", step)
+        monkeypatch.setattr(entry, "train_step", _stopping_after(3, real_step))
         assert entry.train(_recipe(run_dir, *extra))["steps"] == 3
         monkeypatch.setattr(ckpt, "_sharded_state", real_state)
         monkeypatch.setattr(entry, "train_step", real_step)
