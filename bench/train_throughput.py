@@ -194,6 +194,15 @@ def build_row_model(arch: str, cfg, recompute: str = "none", bf16: bool = True, 
     if not arch.startswith("native_"):
         return build_model(cfg, bf16=bf16, recompute=recompute, cuda_graphs=cuda_graphs), pattern
     tconfig = build_transformer_config(cfg, bf16=bf16, recompute=recompute, cuda_graphs=cuda_graphs)
+    model, text = _native_model(arch, cfg, pattern, tconfig, bf16)
+    if cfg.fp8_output_layer:
+        use_fp8_output_layer(model)
+    return model, text
+
+
+def _native_model(arch: str, cfg, pattern: str, tconfig, bf16: bool):
+    """megatron-core's GPTModel (``native_gpt``) or MambaModel with our block ``pattern``, built
+    from our TransformerConfig. Returns (model, pattern text)."""
     if arch == "native_gpt":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         from megatron.core.models.gpt.gpt_model import GPTModel
@@ -207,8 +216,6 @@ def build_row_model(arch: str, cfg, recompute: str = "none", bf16: bool = True, 
             max_sequence_length=cfg.max_position_embeddings, position_embedding_type="rope",
             rotary_base=int(cfg.attention.rotary_base),
         )
-        if cfg.fp8_output_layer:
-            use_fp8_output_layer(model)
         return model, pattern
     from megatron.core.models.mamba import MambaModel
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
@@ -224,8 +231,6 @@ def build_row_model(arch: str, cfg, recompute: str = "none", bf16: bool = True, 
         position_embedding_type="rope" if has_attention else "none",
         rotary_base=int(cfg.attention.rotary_base) if has_attention else 10000,
     )
-    if cfg.fp8_output_layer:
-        use_fp8_output_layer(model)
     return model, hybrid
 
 
@@ -414,6 +419,13 @@ def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, arg
             "error": f"subprocess exit {done.returncode}: {done.stderr[-400:]}"}
 
 
+def spawns_row_processes(args) -> bool:
+    """Whether this ``run`` measures each row in a process of its own (``--isolate``, or CUDA
+    graphs, whose pools outlive a row) instead of in this one: the parent then only spawns.
+    Takes the parsed ``run`` arguments; a row's own process (``ROW_PROCESS_ENV``) never spawns."""
+    return (args.isolate or args.cuda_graphs) and not os.environ.get(ROW_PROCESS_ENV)
+
+
 def cmd_run(args) -> None:
     """Measure every (scale, ffn, precision, arch) row; rewrites ``--out`` after each row so a
     time limit loses at most the row in flight."""
@@ -428,7 +440,7 @@ def cmd_run(args) -> None:
             continue
         # Captured CUDA graphs keep their memory pool for the life of the process (measured: the
         # 1b row after a graphed one ran out of memory), so graphed rows always get their own.
-        if (args.isolate or options.cuda_graphs) and not os.environ.get(ROW_PROCESS_ENV):
+        if spawns_row_processes(args):
             row = _measure_in_subprocess(scale, arch, moe, precision, args, options)
         else:
             row = measure_row(scale, arch, moe, precision, args.warmup, args.steps, options)
@@ -754,8 +766,7 @@ def main(argv=None) -> None:
 
     # A run whose rows each get their own process only spawns them: no CUDA context here, which
     # would hold about 0.5 GiB of the GPU that the rows need (1b at micro-batch 4 is at the edge).
-    spawns_only = args.cmd == "run" and (args.isolate or args.cuda_graphs) and not os.environ.get(ROW_PROCESS_ENV)
-    if not spawns_only:
+    if not (args.cmd == "run" and spawns_row_processes(args)):
         _init_process_group()
     {"run": cmd_run, "max-mbs": cmd_max_mbs, "profile": cmd_profile}[args.cmd](args)
     if dist.is_initialized():

@@ -352,9 +352,8 @@ def unsaved_extra_state(model_template: dict, saved: dict) -> list[str]:
     """Keys of Transformer Engine extra state (FP8 scaling history) that the model has and the
     checkpoint lacks, e.g. ``model.fp8_output_layer`` switched on at a resume, which turns the
     LM head into a TE layer. Takes the model's sharded state dict and the saved metadata
-    (``_saved_metadata``). Those entries keep
-    their fresh values: TE's delayed scaling rebuilds them from the next steps' amax values.
-    Returns the state-dict keys to leave out of the load."""
+    (``_saved_metadata``). Those entries keep their fresh values: TE's delayed scaling rebuilds
+    them from the next steps' amax values. Returns the state-dict keys to leave out of the load."""
     return [name for name, entry in model_template.items()
             if name.endswith("._extra_state") and isinstance(entry, ShardedObject)
             and entry.key not in saved]
