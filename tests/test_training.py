@@ -510,6 +510,41 @@ def test_resume_restores_the_rng_streams(single_rank, tmp_path, monkeypatch):
         assert torch.equal(loads[0][name], state), name
 
 
+def test_graph_safe_rng_streams_are_restored_into_the_live_generators():
+    """With CUDA graphs the tracker's streams are generator objects that a graph capture
+    registers; a resume must set their states in place, not swap in new objects (the graphed
+    resume on a GPU failed at capture when it did). CPU generators stand in for CUDA ones: the
+    rule is the same, only the device differs."""
+    import torch
+
+    from hybrid_megatron.training.checkpoint import set_tracker_states
+
+    class Tracker:  # megatron's tracker interface: get_states / set_states
+        def __init__(self, states):
+            self.states_ = states
+
+        def get_states(self):
+            return dict(self.states_)
+
+        def set_states(self, states):
+            self.states_ = states
+
+    live = {"model-parallel-rng": torch.Generator().manual_seed(1),
+            "data-parallel-rng": torch.Generator().manual_seed(2)}
+    saved = {name: torch.Generator().manual_seed(10 + i).get_state()
+             for i, name in enumerate([*live, "a-stream-this-run-lacks"])}
+    tracker = Tracker(dict(live))
+    set_tracker_states(tracker, saved, graph_safe=True)
+    assert tracker.states_.keys() == live.keys()
+    for name, generator in live.items():
+        assert tracker.states_[name] is generator, name  # the registered object stays
+        assert torch.equal(generator.get_state(), saved[name]), name
+    # A plain tracker holds tensors and takes the saved ones.
+    plain = Tracker({})
+    set_tracker_states(plain, saved, graph_safe=False)
+    assert plain.states_.keys() == saved.keys()
+
+
 def test_keep_last_1_with_a_failed_save_keeps_the_latest(single_rank, tmp_path, monkeypatch):
     """keep_last 1: the save at step 4 dies half-way. ``latest`` still names step 2, which
     still exists and loads; the resumed run finishes with only its newest checkpoint left."""

@@ -107,19 +107,34 @@ def _rng_entry(rank: int, world: int) -> ShardedObject:
 
 def _restore_rng(state: dict) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    from megatron.core.tensor_parallel.random import (
-        convert_cuda_rng_state,
-        is_graph_safe_cuda_rng_tracker,
-    )
+    from megatron.core.tensor_parallel.random import is_graph_safe_cuda_rng_tracker
 
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tracker = get_cuda_rng_tracker()
     graph_safe = torch.cuda.is_available() and is_graph_safe_cuda_rng_tracker(tracker)
-    tracker.set_states({name: convert_cuda_rng_state(s, to_graphable=graph_safe)
-                        for name, s in state["tracker"].items()})
+    set_tracker_states(tracker, state["tracker"], graph_safe)
+
+
+def set_tracker_states(tracker, saved: dict, graph_safe: bool) -> None:
+    """Load saved RNG tracker streams (name -> state tensor) into megatron's ``tracker``.
+
+    A plain tracker holds state tensors and takes the saved ones as they are. A graph-safe tracker
+    (``train.cuda_graphs``) holds generator objects, and those objects must stay: a CUDA graph
+    registers the generators it may draw from when it is captured, and TE's tracker lists its
+    generators in a registry of its own that the capture reads. A new object would be unregistered,
+    and the first captured kernel drawing from it fails ("Attempt to increase offset for a CUDA
+    generator not in capture mode"). So each live generator takes its saved state in place;
+    streams this run does not have are not used by it and are left out.
+    """
+    if not graph_safe:
+        tracker.set_states(dict(saved))
+        return
+    live = tracker.get_states()
+    for name, saved_state in saved.items():
+        if name in live:
+            live[name].set_state(saved_state)
 
 
 def _language_model(model_chunks):
