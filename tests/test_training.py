@@ -472,6 +472,30 @@ def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_p
         entry.train(_recipe(tmp_path / "bad", *extra))
 
 
+def test_resume_refuses_the_retired_per_ep_optimizer_keys(single_rank, tmp_path, monkeypatch):
+    """A checkpoint whose optimizer keys carry megatron-core's per-EP ``chained_<i>.`` prefixes
+    (the format before OPTIMIZER_FORMAT dropped them) gets one error naming the checkpoint and
+    the way out; the checkpoint itself is left as it was."""
+    from hybrid_megatron.training import checkpoint as ckpt
+    from hybrid_megatron.training import entry
+
+    run = (*_SMALL, "checkpoint.interval=100")
+    entry.train(_recipe(tmp_path, *run, "train.steps=3"))
+    step_dir = next((tmp_path / "checkpoints").glob("step_*"))
+    files = sorted(p.name for p in step_dir.iterdir())
+    real_metadata = ckpt._saved_metadata
+
+    def with_a_chained_key(path):
+        saved = real_metadata(path)
+        key = next(k for k in saved if k.startswith("optimizer."))
+        return {**saved, f"chained_0.{key}": saved[key]}
+
+    monkeypatch.setattr(ckpt, "_saved_metadata", with_a_chained_key)
+    with pytest.raises(ckpt.CheckpointError, match=f"{step_dir.name}.*retired per-EP 'chained_' keys"):
+        entry.train(_recipe(tmp_path, *run, "train.steps=4"))
+    assert sorted(p.name for p in step_dir.iterdir()) == files
+
+
 def test_resume_restores_the_rng_streams(single_rank, tmp_path, monkeypatch):
     """The RNG state saved with a checkpoint is the one a resumed run continues from (the CPU
     generator and megatron's tracker streams), not the seed's. Before the saved metadata was

@@ -152,8 +152,7 @@ def _language_model(model_chunks):
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
-def _sharded_state(model_chunks, optimizer, scheduler, state: TrainingState, loading: bool,
-                   optimizer_format: dict = OPTIMIZER_FORMAT):
+def _sharded_state(model_chunks, optimizer, scheduler, state: TrainingState, loading: bool):
     model_sd = _language_model(model_chunks).sharded_state_dict()
     out = {
         "model": model_sd,
@@ -163,7 +162,7 @@ def _sharded_state(model_chunks, optimizer, scheduler, state: TrainingState, loa
     }
     if optimizer is not None:
         out["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading,
-                                                        metadata=dict(optimizer_format))
+                                                        metadata=dict(OPTIMIZER_FORMAT))
     return out
 
 
@@ -307,11 +306,13 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     if optimizer is not None:
         _materialise_optimizer_state(optimizer)
     saved = _saved_metadata(path)
-    optimizer_format = dict(OPTIMIZER_FORMAT)
-    if any(key.startswith("chained_") for key in saved):  # saved before OPTIMIZER_FORMAT had it
-        optimizer_format["chained_optim_avoid_prefix"] = False
-    template = _sharded_state(model_chunks, optimizer, scheduler, TrainingState(), loading=True,
-                              optimizer_format=optimizer_format)
+    if any(key.startswith("chained_") for key in saved):
+        # Optimizer keys per EP size ("chained_<i>."): only the first EP > 1 checkpoints of
+        # this project's development, before OPTIMIZER_FORMAT dropped the prefixes.
+        raise CheckpointError(f"cannot load checkpoint {path}: its optimizer state uses the "
+                              f"retired per-EP 'chained_' keys; resume it with the version that "
+                              f"wrote it, or start from its weights with checkpoint.init_from")
+    template = _sharded_state(model_chunks, optimizer, scheduler, TrainingState(), loading=True)
     if "rng_state" not in saved or saved["rng_state"].global_shape[0] != dist.get_world_size():
         # The RNG ShardedObject's global shape is the world size it was saved with.
         template.pop("rng_state")
