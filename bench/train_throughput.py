@@ -691,7 +691,8 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {i} | {r.get('device')} | {r.get('date')} | `{' '.join(o.as_args())}` |")
     lines += ["", "| run | goal | value | met |", "|---|---|---|---|"]
     for g in summary["goals"]:
-        value = f"{g['value']:.1%}" if "MFU" in g["goal"] else f"{g['value']:.2f}x"
+        # Three decimals: a ratio just under its goal must not print as the goal ("1.00x NO").
+        value = f"{g['value']:.1%}" if "MFU" in g["goal"] else f"{g['value']:.3f}x"
         lines.append(f"| {g['run']} | {g['goal']} | {value} | {'yes' if g['met'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 

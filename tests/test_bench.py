@@ -48,6 +48,14 @@ def test_report_ratios_and_goals_stay_within_one_run():
     assert "| 0 | 1b | intra | dense | bf16 |" in bench.markdown(summary)
 
 
+def test_report_prints_a_ratio_just_under_its_goal_as_missed():
+    """0.997x must not print as "1.00x" next to "NO"."""
+    run = {"device": "H100", "date": "d", "rows": [
+        _row("inter", 39_880), _row("native_mamba_hybrid", 40_000)]}
+    text = bench.markdown(bench.summarise([run]))
+    assert "| 0 | 1b dense bf16: inter >= 1.00x native MambaModel | 0.997x | NO |" in text
+
+
 def test_tiny_rows_train_on_cpu(tmp_path):
     out = tmp_path / "tiny.json"
     done = subprocess.run(
