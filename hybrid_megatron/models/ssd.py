@@ -487,6 +487,45 @@ def causal_conv1d_fn(
     return out, final_states
 
 
+def _read_cache_rows(
+    cache: Tensor, indices: Optional[Tensor], batch: int, names: tuple[str, str]
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The decode-cache rows of a batch, as mamba-ssm's update kernels address them.
+
+    Takes the cache (rows first), the optional per-sample row ``indices`` (a negative index marks
+    a padded sample, which reads row 0 and is masked later), the batch size and the names of the
+    cache and indices arguments, for errors. Returns (rows, long indices or None, valid mask or None).
+    """
+    if indices is None:
+        if cache.shape[0] != batch:
+            raise ValueError(f"{names[0]} batch must equal x's batch without {names[1]}")
+        return cache, None, None
+    idx = indices.to(device=cache.device, dtype=torch.long)
+    valid = idx >= 0
+    return cache[idx.clamp(min=0)], idx, valid
+
+
+def _write_cache_rows(
+    cache: Tensor, new_rows: Tensor, idx: Optional[Tensor], valid: Optional[Tensor]
+) -> None:
+    """Stores ``new_rows`` into ``cache`` in place at the rows ``_read_cache_rows`` read; padded
+    samples leave the cache untouched. Returns nothing."""
+    # Cached states are inference buffers: never let them join an autograd graph.
+    with torch.no_grad():
+        new_rows = new_rows.detach()
+        if valid is None:
+            cache.copy_(new_rows)
+        else:
+            cache[idx[valid]] = new_rows[valid]
+
+
+def _zero_padded_rows(out: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """``out`` (batch first) with padded samples' rows zeroed, as the kernels leave them."""
+    if valid is None:
+        return out
+    return out * valid.to(out.dtype).reshape(-1, *([1] * (out.dim() - 1)))
+
+
 def causal_conv1d_update(
     x: Tensor,
     conv_state: Tensor,
@@ -527,15 +566,9 @@ def causal_conv1d_update(
     if conv_state.shape[1] != dim or tuple(weight.shape) != (dim, width):
         raise ValueError("conv_state / weight do not match x's dim")
 
-    if conv_state_indices is not None:
-        idx = conv_state_indices.to(device=conv_state.device, dtype=torch.long)
-        valid = idx >= 0
-        state = conv_state[idx.clamp(min=0)]
-    else:
-        if conv_state.shape[0] != batch:
-            raise ValueError("conv_state batch must equal x's batch without conv_state_indices")
-        valid = None
-        state = conv_state
+    state, idx, valid = _read_cache_rows(
+        conv_state, conv_state_indices, batch, ("conv_state", "conv_state_indices")
+    )
 
     cdt = _compute_dtype(x, weight, bias, conv_state)
     if cache_seqlens is None:
@@ -553,16 +586,8 @@ def causal_conv1d_update(
     )
     out = _activate(out, activation)
 
-    # Cached states are inference buffers: never let them join an autograd graph.
-    with torch.no_grad():
-        new_state = new_state.detach()
-        if valid is None:
-            conv_state.copy_(new_state)
-        else:
-            conv_state[idx[valid]] = new_state[valid]
-    if valid is not None:
-        out = out * valid.to(cdt).reshape(batch, 1, 1)
-    out = out.to(x.dtype)
+    _write_cache_rows(conv_state, new_state, idx, valid)
+    out = _zero_padded_rows(out, valid).to(x.dtype)
     return out.squeeze(-1) if squeeze else out
 
 
@@ -662,15 +687,9 @@ def selective_state_update(
     if bias4 is not None and tuple(bias4.shape) != (nheads, dim):
         raise ValueError(f"dt_bias must be {(nheads, dim)}, got {tuple(bias4.shape)}")
 
-    if state_batch_indices is not None:
-        idx = state_batch_indices.to(device=state.device, dtype=torch.long)
-        valid = idx >= 0
-        cur = state_v[idx.clamp(min=0)]
-    else:
-        if state_v.shape[0] != batch:
-            raise ValueError("state batch must equal x's batch without state_batch_indices")
-        valid = None
-        cur = state_v
+    cur, idx, valid = _read_cache_rows(
+        state_v, state_batch_indices, batch, ("state", "state_batch_indices")
+    )
 
     cdt = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     dtv = dt4.to(cdt)
@@ -691,15 +710,8 @@ def selective_state_update(
     if z4 is not None:
         out = out * F.silu(z4.to(cdt))
 
-    with torch.no_grad():
-        new_store = new.detach().to(state.dtype)
-        if valid is None:
-            state_v.copy_(new_store)
-        else:
-            state_v[idx[valid]] = new_store[valid]
-    if valid is not None:
-        out = out * valid.to(cdt).reshape(batch, 1, 1)
-    out = out.to(x.dtype)
+    _write_cache_rows(state_v, new.to(state.dtype), idx, valid)
+    out = _zero_padded_rows(out, valid).to(x.dtype)
     return out if has_heads else out.squeeze(1)
 
 
