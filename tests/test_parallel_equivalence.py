@@ -13,6 +13,7 @@ from functools import partial
 
 import pytest
 
+from tests.convert_helpers import perturb
 from tests.distributed import run_distributed
 from tests.model_configs import KINDS, tiny_model
 
@@ -87,6 +88,19 @@ def _full_logits(model, batch):
     return gather_from_tensor_model_parallel_region(logits)
 
 
+def _embedding_grad(model):
+    """The word-embedding gradient with every TP rank's vocabulary rows, gathered. It is the last
+    gradient backward computes, so a wrong backward in any layer changes it."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    grad = model.embedding.word_embeddings.weight.grad
+    shards = [torch.empty_like(grad) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+    dist.all_gather(shards, grad.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(shards)
+
+
 def _scale_grads(model) -> dict:
     """Gradients of the intra block's replicated branch scalars (TP must sum them exactly)."""
     return {n: float(p.grad) for n, p in model.named_parameters() if n.endswith("_scale")}
@@ -108,15 +122,16 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
     out = {}
 
     model = _build(cfg_dict, {})
-    g = torch.Generator().manual_seed(5)
-    for name, buf in model.named_buffers():  # sigmoid routers' expert bias: moves the routing
-        if name.endswith("expert_bias"):
-            buf.copy_(0.05 * torch.randn(buf.shape, generator=g))
+    # Random norms, scalars, SSM parameters and routers' expert biases: at their initial values
+    # (ones, zeros) a layout that ignored or mis-sharded one would still match.
+    perturb(model, seed=5)
     model.eval()
     ref_logits = _full_logits(model, batch)
     model.train()
     ref_loss = _loss_through_schedule(model, batch)
     ref_scale_grads = _scale_grads(model)
+    vocab = cfg_dict["vocab_size"]
+    ref_embedding_grad = _embedding_grad(model)[:vocab]
     model.zero_grad()
     os.makedirs(ckpt_dir, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
@@ -146,6 +161,10 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
         loss = _loss_through_schedule(model, batch)
         if loss is not None:
             out[f"{name}_loss_abs_err"] = abs(loss - ref_loss)
+        if layout.get("pp", 1) == 1:
+            out[f"{name}_embedding_grad_rel_err"] = _rel_err(
+                _embedding_grad(model)[:vocab], ref_embedding_grad
+            )
         if layout.get("pp", 1) == 1 and ref_scale_grads:
             grads = _scale_grads(model)
             out[f"{name}_scale_grad_rel_err"] = max(
@@ -176,6 +195,9 @@ def test_parallel_layouts_match_single_rank(kind, moe, tmp_path):
         equivalence_worker, 2, tmp_path, cfg, str(tmp_path / "ckpt"), moe
     )
     for r in ranks:
+        for layout in ("tp2_sp", "tp2", "ep2", "tp2_ep2_folded"):
+            if f"{layout}_logits_rel_err" in r:  # the layouts without PP
+                assert r[f"{layout}_embedding_grad_rel_err"] < 1e-4, (layout, r)
         assert r["tp2_sp_logits_rel_err"] < 1e-5, r
         assert r["tp2_sp_loss_abs_err"] < 1e-5, r
         if not moe:
