@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -102,7 +103,7 @@ def _recipe(tmp_path, *extra):
     return load_recipe(RECIPE, _overrides(tmp_path, *extra))
 
 
-def test_crash_during_save_keeps_latest_valid(single_rank, tmp_path, monkeypatch):
+def test_crash_during_save_keeps_latest_valid(single_rank, tmp_path, monkeypatch, capsys):
     from megatron.core import dist_checkpointing
 
     from hybrid_megatron.training import checkpoint as ckpt
@@ -128,7 +129,8 @@ def test_crash_during_save_keeps_latest_valid(single_rank, tmp_path, monkeypatch
     assert not (root / "step_00000008").exists()
 
     monkeypatch.setattr(dist_checkpointing, "save", real_save)
-    summary = train(_recipe(tmp_path, "train.steps=8"))  # resumes from step 4, cleans up
+    summary, resumed = _train_noting_the_resume(capsys, _recipe(tmp_path, "train.steps=8"))
+    assert resumed == "step_00000004"
     assert summary["steps"] == 8 and Path(summary["last_checkpoint"]).name == "step_00000008"
     assert not list(root.glob("*partial*"))
 
@@ -384,6 +386,18 @@ def _latest(root: Path) -> str:
     return (root / "latest").read_text().strip()
 
 
+def _train_noting_the_resume(capsys, recipe) -> tuple[dict, str | None]:
+    """Run ``train(recipe)`` on this rank; returns its summary and the checkpoint directory name
+    it resumed from, read from its log (None for a run that started fresh). A run that ignored
+    its checkpoint and started over would log the same losses, so the tests check this too."""
+    from hybrid_megatron.training.entry import train
+
+    capsys.readouterr()  # drop the earlier runs' output
+    summary = train(recipe)
+    resumed = re.findall(r"resumed from (\S+) at step \d+", capsys.readouterr().out)
+    return summary, Path(resumed[-1]).name if resumed else None
+
+
 def test_keep_last_prunes_to_the_newest_k_and_resumes(single_rank, tmp_path, monkeypatch):
     """Saves every 2 steps, keep_last 2, stopped after step 5 and resumed to step 7: after
     every save exactly the newest two step_* directories remain, ``latest`` names the newest,
@@ -431,7 +445,8 @@ def test_keep_last_prunes_to_the_newest_k_and_resumes(single_rank, tmp_path, mon
     assert resumed == reference
 
 
-def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_path, monkeypatch):
+def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_path, monkeypatch,
+                                                             capsys):
     """A checkpoint without one layer's TE extra state (as when model.fp8_output_layer is
     switched on at a resume: the LM head becomes a TE layer) resumes, that entry keeping its
     fresh value, and continues the uninterrupted run bitwise (the local layers' extra state is
@@ -464,7 +479,8 @@ def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_p
     stopped_after_3_saving_without(tmp_path / "cut", lambda k, v: k.endswith("._extra_state")
                                    and isinstance(v, ShardedObject))
     assert dropped[-1].endswith("._extra_state")
-    assert entry.train(_recipe(tmp_path / "cut", *extra))["steps"] == 5
+    summary, resumed = _train_noting_the_resume(capsys, _recipe(tmp_path / "cut", *extra))
+    assert resumed == "step_00000003" and summary["steps"] == 5
     assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "ref")
 
     stopped_after_3_saving_without(tmp_path / "bad", lambda k, v: k.endswith(".weight"))
@@ -569,7 +585,7 @@ def test_graph_safe_rng_streams_are_restored_into_the_live_generators():
     assert plain.states_.keys() == saved.keys()
 
 
-def test_keep_last_1_with_a_failed_save_keeps_the_latest(single_rank, tmp_path, monkeypatch):
+def test_keep_last_1_with_a_failed_save_keeps_the_latest(single_rank, tmp_path, monkeypatch, capsys):
     """keep_last 1: the save at step 4 dies half-way. ``latest`` still names step 2, which
     still exists and loads; the resumed run finishes with only its newest checkpoint left."""
     from megatron.core import dist_checkpointing
@@ -596,13 +612,14 @@ def test_keep_last_1_with_a_failed_save_keeps_the_latest(single_rank, tmp_path, 
     assert (root / "step_00000002" / "metadata.json").exists()
     assert [d for d in _step_dirs(root) if ".partial-" not in d] == ["step_00000002"]
     monkeypatch.setattr(dist_checkpointing, "save", real_save)
-    summary = train(_recipe(tmp_path, *extra))
+    summary, resumed = _train_noting_the_resume(capsys, _recipe(tmp_path, *extra))
+    assert resumed == "step_00000002"
     assert summary["steps"] == 6 and read_losses(tmp_path).keys() == set(range(1, 7))
     assert _step_dirs(root) == ["step_00000006"] and _latest(root) == "step_00000006"
     assert ckpt.latest_checkpoint(str(root)).name == "step_00000006"
 
 
-def test_rerun_in_a_used_directory_never_prunes_what_latest_names(single_rank, tmp_path):
+def test_rerun_in_a_used_directory_never_prunes_what_latest_names(single_rank, tmp_path, capsys):
     """keep_last 1; a first run leaves step 6; a rerun with ``resume: none`` saves step 3.
     Pruning by name alone kept step 6 and deleted step 3, leaving ``latest`` dangling."""
     from hybrid_megatron.training import checkpoint as ckpt
@@ -616,12 +633,14 @@ def test_rerun_in_a_used_directory_never_prunes_what_latest_names(single_rank, t
     assert _latest(root) == "step_00000003"
     assert ckpt.latest_checkpoint(str(root)).name == "step_00000003"
     assert _step_dirs(root) == ["step_00000003", "step_00000006"]  # the other run's is kept
-    summary = train(_recipe(tmp_path, "train.steps=6", *keep1))      # resume: auto
+    summary, resumed = _train_noting_the_resume(capsys, _recipe(tmp_path, "train.steps=6", *keep1))
+    assert resumed == "step_00000003"  # resume: auto takes what latest names, not step 6
     assert summary["steps"] == 6 and read_losses(tmp_path)  # steps 4-6 trained after the resume
     assert _step_dirs(root) == ["step_00000006"] and _latest(root) == "step_00000006"
 
 
-def test_resaving_the_latest_step_survives_a_crash_while_replacing_it(single_rank, tmp_path, monkeypatch):
+def test_resaving_the_latest_step_survives_a_crash_while_replacing_it(single_rank, tmp_path, monkeypatch,
+                                                                     capsys):
     """keep_last 1; a rerun from scratch saves step 4 again, where ``latest`` points; the
     process dies while deleting the old step 4. ``latest`` names the new complete copy, and
     a resume from it finishes the run."""
@@ -652,8 +671,9 @@ def test_resaving_the_latest_step_survives_a_crash_while_replacing_it(single_ran
     assert latest.name.startswith("step_00000004.partial-")  # the new, complete copy
     assert (latest / "metadata.json").exists() and (latest / "recipe.yaml").exists()
 
-    summary = train(_recipe(tmp_path, *_SMALL, "train.steps=6", "checkpoint.interval=4",
-                                 "checkpoint.keep_last=1"))
+    summary, resumed = _train_noting_the_resume(capsys, _recipe(
+        tmp_path, *_SMALL, "train.steps=6", "checkpoint.interval=4", "checkpoint.keep_last=1"))
+    assert resumed == latest.name  # the .partial- copy loads
     assert summary["steps"] == 6
     log = read_losses(tmp_path)
     assert sorted(log) == list(range(1, 7))
