@@ -4,8 +4,8 @@ megatron-core's hybrid pattern, and its report forms ratios and goals within one
 from __future__ import annotations
 
 import importlib.util
-import math
 import json
+import math
 import subprocess
 import sys
 
