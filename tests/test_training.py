@@ -488,6 +488,23 @@ def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_p
         entry.train(_recipe(tmp_path / "bad", *extra))
 
 
+def test_resume_refuses_a_checkpoint_of_another_model(single_rank, tmp_path):
+    """A resume into a model with fewer layers would load the first layers and drop the rest
+    without a word (megatron-core loads what the model asks for). It is refused, naming the
+    checkpoint and a weight the recipe's model lacks; nothing is trained or written."""
+    from hybrid_megatron.training import checkpoint as ckpt
+    from hybrid_megatron.training.entry import train
+
+    extra = (*_SMALL, "checkpoint.interval=2", "train.warmup_steps=1")
+    train(_recipe(tmp_path, *extra, "train.steps=2", "model.num_layers=4"))
+    root = tmp_path / "checkpoints"
+    before = _step_dirs(root)
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000002: it holds another model than "
+                       r"the recipe's: \d+ weights the recipe's model lacks \(decoder\.layers\.2\."):
+        train(_recipe(tmp_path, *extra, "train.steps=4"))  # 2 layers
+    assert _step_dirs(root) == before and _latest(root) == "step_00000002"
+
+
 def test_resume_refuses_the_retired_per_ep_optimizer_keys(single_rank, tmp_path, monkeypatch):
     """A checkpoint whose optimizer keys carry megatron-core's per-EP ``chained_<i>.`` prefixes
     (the format before OPTIMIZER_FORMAT dropped them) gets one error naming the checkpoint and

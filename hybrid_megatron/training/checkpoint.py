@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
 from torch.distributed.checkpoint.api import CheckpointException
 
 # megatron-core raises many types; torch's distributed checkpoint wraps a rank's failure (a
@@ -319,6 +320,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     fresh = unsaved_extra_state(template["model"], saved)
     for key in fresh:
         template["model"].pop(key)
+    _check_same_model(path, template["model"], saved)
     try:
         loaded = dist_checkpointing.load(template, str(path))
     except LOAD_ERRORS as err:  # the user needs the path and the cause
@@ -373,6 +375,48 @@ def unsaved_extra_state(model_template: dict, saved: dict) -> list[str]:
     return [name for name, entry in model_template.items()
             if name.endswith("._extra_state") and isinstance(entry, ShardedObject)
             and entry.key not in saved]
+
+
+def _check_same_model(path: Path, model_template: dict, saved: dict) -> None:
+    """Refuse a resume into a model other than the one saved; all ranks call it together.
+
+    Takes the checkpoint path, this rank's model sharded state dict (entries it will load) and
+    the saved metadata (``_saved_metadata``). megatron-core loads only the entries a model asks
+    for, so a model with fewer layers (or an attention layer where a Mamba layer was) would
+    silently drop the rest, and a model with entries the checkpoint lacks fails with a list of
+    every key. The model's keys are gathered from every rank, since a pipeline stage or an
+    expert-parallel rank asks for its own part only. Raises CheckpointError naming the path and
+    a few of the differing weights. Returns nothing.
+    """
+    wanted = {key for entry in model_template.values() for key in _stored_keys(entry)}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(wanted))
+    wanted = set().union(*everyone)
+    saved_weights = {key for key in saved if not key.startswith(_NON_MODEL_PREFIXES)}
+    problems = []
+    for what, keys in (("weights the recipe's model lacks", saved_weights - wanted),
+                       ("weights the checkpoint lacks", wanted - set(saved))):
+        if keys:
+            keys = sorted(keys)
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    if problems:
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: it holds another model than the recipe's: "
+            f"{'; '.join(problems)}. A resume needs the model the checkpoint was saved with"
+        )
+
+
+def _stored_keys(entry) -> list[str]:
+    """The keys under which a sharded state-dict entry is stored. A ShardedTensorFactory (a
+    fused weight saved as several tensors) is stored under the keys of what it builds; building
+    it only takes views of its tensor."""
+    if isinstance(entry, ShardedTensorFactory):
+        return [part.key for part in nested_values(entry.build())]
+    return [entry.key]
+
+
+# Sharded entries of a checkpoint that are not model weights.
+_NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
 
 
 def _saved_metadata(path: Path) -> dict:
