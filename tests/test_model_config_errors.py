@@ -25,6 +25,14 @@ def test_heads_not_divisible_by_tp():
         _check(tiny_model("mamba"), tp=4)
     with pytest.raises(ModelConfigError, match="model.intra.dim_ratio"):
         _check(tiny_model("intra", intra={"num_query_groups": 1}), tp=2)
+    # 2 x 64 / 16 = 8 SSM heads in a Mamba block, 4 in the all-hybrid intra's Mamba branch
+    with pytest.raises(ModelConfigError, match="model.mamba.num_groups: the Mamba blocks' 8 SSM "
+                       "heads do not split into 3 groups"):
+        _check(tiny_model("mamba", mamba={"num_groups": 3}))
+    with pytest.raises(ModelConfigError, match="model.mamba.num_groups: the intra block's Mamba "
+                       "branch's 4 SSM heads do not split into 8 groups"):
+        _check(tiny_model("intra", pattern={"ratio": "1:0"}, mamba={"num_groups": 8}))
+    _check(tiny_model("intra", pattern={"ratio": "1:0"}, mamba={"num_groups": 4}))  # fine
     with pytest.raises(ModelConfigError, match="model.moe.num_experts: 4 experts do not split over parallel.ep=3"):
         _check(tiny_model("transformer", moe=True), ep=3)
     with pytest.raises(ModelConfigError, match="parallel.sequence_parallel: MoE with tp > 1"):
@@ -81,6 +89,9 @@ def test_early_attention():
          "model.fp8_output_layer: needs tie_embeddings false"),
         (tiny_model("intra", flavour="nemotron_h"), "model.flavour: nemotron_h has no intra-layer"),
         (tiny_model("transformer", flavour="gpt"), "flavour"),
+        (tiny_model("transformer", num_layers=True), "num_layers\n.*expected a number, got true"),
+        (tiny_model("transformer", attention={"rotary_base": float("inf")}),
+         "rotary_base\n.*finite number"),
         ({**tiny_model("transformer"), "moe": {"num_experts": 4, "expert_bias": True}},
          "model.moe.expert_bias: needs the sigmoid score function"),
         ({**tiny_model("transformer", flavour="nemotron_h"),

@@ -293,6 +293,9 @@ def test_file_level_errors(tmp_path):
     assert "a recipe is a mapping of sections" in _error(path)
     path = _write(tmp_path / "orphan.yaml", "extends: missing.yaml\n")
     assert "extends: missing.yaml not found" in _error(path)
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    assert _error(path) == f"{path}: not a UTF-8 text file (byte 9)"
 
 
 def test_several_problems_are_one_line_each(tmp_path):

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import os
+import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 
 class StrictSection(BaseModel):
     """Base of every recipe section: unknown keys are errors (a typo never silently falls back
-    to a default) and a validated section is immutable."""
+    to a default), numbers are finite and never booleans, and a validated section is immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: ``lr: .inf`` once trained a run of NaN weights to the end.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse true/false for a numeric field (pydantic would read them as 1 and 0, so
+        ``num_layers: true`` built a one-layer model). Returns the value unchanged."""
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            types = set(typing.get_args(annotation)) or {annotation}
+            if types & {int, float} and bool not in types:
+                raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 def resolve_path(path: str, info: ValidationInfo) -> str:

@@ -90,7 +90,9 @@ def parse_value(text: str) -> Any:
 def read_yaml(path: Path) -> dict:
     """Read one recipe file into a mapping; RecipeError naming the file if it is not one."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{display_path(path)}: not a UTF-8 text file (byte {err.start})") from None
     except FileNotFoundError:
         raise RecipeError(f"{display_path(path)}: recipe file not found") from None
     except OSError as err:

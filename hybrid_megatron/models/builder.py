@@ -70,6 +70,7 @@ def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, e
                 f"model.mamba.head_dim: {heads} Mamba heads (expand*hidden/head_dim) must be a "
                 f"whole number divisible by parallel.tp={tp}"
             )
+        _check_mamba_groups(heads, cfg.mamba.num_groups, "Mamba blocks'")
     if "M" in pattern or "H" in pattern:
         if cfg.mamba.num_groups % tp:
             raise ModelConfigError(
@@ -91,9 +92,20 @@ def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, e
                     f"model.intra.dim_ratio: the intra block's {count} {name} do not split over "
                     f"parallel.tp={tp}"
                 )
+        if m_heads:
+            _check_mamba_groups(m_heads, cfg.mamba.num_groups, "intra block's Mamba branch's")
     if cfg.moe is not None and cfg.moe.num_experts % ep:
         raise ModelConfigError(
             f"model.moe.num_experts: {cfg.moe.num_experts} experts do not split over parallel.ep={ep}"
+        )
+
+
+def _check_mamba_groups(heads: int, groups: int, where: str) -> None:
+    """Raise ModelConfigError unless ``heads`` SSM heads split evenly into ``groups`` B/C groups
+    (each group is shared by a whole number of heads). ``where`` names the mixer."""
+    if heads % groups:
+        raise ModelConfigError(
+            f"model.mamba.num_groups: the {where} {heads} SSM heads do not split into {groups} groups"
         )
 
 
