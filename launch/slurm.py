@@ -506,6 +506,20 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+# Errors that mean bad input (recipe, model, data, tokenizer, checkpoint): their one-line
+# message names the problem, so the report shows it instead of the traceback (which stays in
+# the rank's log).
+INPUT_ERRORS = ("RecipeError", "ModelConfigError", "DataToolsError", "CheckpointError")
+
+
+def input_error_line(traceback_text: str) -> Optional[str]:
+    """``"Name: message"`` when a rank's traceback ends in one of INPUT_ERRORS, else None."""
+    lines = traceback_text.strip().splitlines()
+    name, sep, message = (lines[-1] if lines else "").partition(": ")
+    name = name.rsplit(".", 1)[-1]
+    return f"{name}: {message}" if sep and name in INPUT_ERRORS else None
+
+
 def report(job: Any, nproc: int, outcomes: list) -> int:
     """Print the end of a followed job: rank 0's summary, or each failed rank's error. Returns the exit code."""
     failed = [k for k, o in enumerate(outcomes) if o is None or o[0] != "success"]
@@ -531,7 +545,9 @@ def report(job: Any, nproc: int, outcomes: list) -> int:
     errors = sorted((k for k in failed if outcomes[k] is not None), key=finished_at)
     if errors:
         first = errors[0]
-        print(f"[launch] rank {first} failed:\n{outcomes[first][1]}", file=sys.stderr)
+        brief = input_error_line(outcomes[first][1])
+        print(f"[launch] rank {first} failed: {brief}" if brief else
+              f"[launch] rank {first} failed:\n{outcomes[first][1]}", file=sys.stderr)
         print(f"[launch] rank {first} logs: {task(first).paths.stdout} {task(first).paths.stderr}",
               file=sys.stderr)
         for k in errors[1:]:
@@ -648,7 +664,11 @@ def run_local(recipe: Any, args: argparse.Namespace, entry: Optional[str]) -> in
     nproc, gpus = local_world(recipe, args.nproc)
     print(f"[launch] {recipe.name}: {nproc} local ranks ({'%d GPUs' % gpus if gpus else 'CPU'})")
     print(describe(recipe, nproc), flush=True)
-    job = submit_local(recipe, nproc, entry, gpus)
+    try:
+        job = submit_local(recipe, nproc, entry, gpus)
+    except OSError as err:  # the run's folders (logs next to the checkpoints) cannot be made
+        raise UsageError(f"cannot create {err.filename}: {err.strerror or err} (the run's folders "
+                         f"go next to checkpoint.dir {recipe.checkpoint.dir})") from None
     print(f"[launch] local job {job.job_id}; logs in {job.paths.folder}", flush=True)
     try:
         outcomes = follow(job, nproc, is_active=lambda: not job.done(), cancel=lambda: job.cancel(check=False),

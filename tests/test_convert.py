@@ -442,3 +442,42 @@ def test_from_hf_then_init_from_trains_from_the_hf_weights(single_rank, tmp_path
                                                       "model.norm_epsilon=1e-5"])
     with pytest.raises(CheckpointError, match="checkpoint.init_from: .*model.norm_epsilon"):
         train(other)
+
+
+def _cli_error(capsys, *argv) -> str:
+    """Run the convert CLI with ``argv``; asserts exit code 2 and one ``error:`` line on stderr
+    (no traceback); returns that line."""
+    from hybrid_megatron.convert.__main__ import main
+
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_convert_cli_bad_input_is_one_line(tmp_path, capsys):
+    """Missing or broken inputs of to-hf and from-hf: one line naming the problem, exit 2,
+    nothing written. A model_type we do not read is refused before its weights are read."""
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "neither a checkpoint directory nor a root with 'latest'" in _cli_error(
+        capsys, "to-hf", "--checkpoint", str(empty), "--output", str(out))
+    assert f"{empty}: not a Hugging Face model directory (no config.json)" in _cli_error(
+        capsys, "from-hf", "--hf", str(empty), "--output", str(out))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{model_type: nemotron_h")
+    assert f"{hf / 'config.json'}: not valid JSON" in _cli_error(
+        capsys, "from-hf", "--hf", str(hf), "--output", str(out))
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert "model_type 'llama'; from-hf reads nemotron_h and falcon_h1" in _cli_error(
+        capsys, "from-hf", "--hf", str(hf), "--output", str(out))
+    (hf / "config.json").write_text(json.dumps({"model_type": "nemotron_h"}))
+    assert f"{hf / 'model.safetensors'}: weights file missing" in _cli_error(
+        capsys, "from-hf", "--hf", str(hf), "--output", str(out))
+    (hf / "model.safetensors").write_bytes(b"\x07" * 64)
+    assert f"{hf / 'model.safetensors'}: not a readable safetensors file" in _cli_error(
+        capsys, "from-hf", "--hf", str(hf), "--output", str(out))
+    assert not out.exists()

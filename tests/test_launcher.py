@@ -58,6 +58,13 @@ def failing_entry(recipe):
     time.sleep(600)
 
 
+def bad_data_entry(recipe):
+    """Fails the way the trainer does on a missing dataset."""
+    from hybrid_megatron.data.errors import DataToolsError
+
+    raise DataToolsError("dataset prefix /nope/x: /nope/x.idx does not exist")
+
+
 def graceful_entry(recipe):
     """Like the trainer: SIGUSR1 = save and stop. Sends itself SLURM's SIGUSR2 mid-"training"."""
     import signal
@@ -326,6 +333,27 @@ def test_local_failure_propagates_with_the_failing_rank(launcher, tmp_path, monk
     assert "[launch] rank 1 failed:" in err and "RuntimeError: rank 1 exploded on purpose" in err
     assert "FAILED" in err.splitlines()[-1]
     assert "rank 0 failed:" not in err  # the root cause is reported first, not the peer's fallout
+
+
+def test_bad_input_in_a_rank_is_reported_as_its_one_line(launcher, tmp_path, monkeypatch, capsys):
+    """A rank that stops on bad input (here a missing dataset) is reported by its message; the
+    traceback stays in the rank's log."""
+    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:bad_data_entry")
+    assert launcher.main([str(DEMO), "--local", _ckpt(tmp_path)]) == 1
+    report = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[rank")]
+    assert any(line.endswith(" failed: DataToolsError: dataset prefix /nope/x: /nope/x.idx does "
+                             "not exist") for line in report), report  # whichever rank ended first
+    assert not any(line.startswith(("Traceback", "  File")) for line in report), report
+    assert launcher.input_error_line("Traceback ...\nRuntimeError: boom") is None
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line(launcher, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = launcher.main([str(DEMO), "--local", f"checkpoint.dir={blocker}/run/checkpoints"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: cannot create {blocker}/run") and "checkpoint.dir" in err[0], err
 
 
 # ---------------------------------------------------------------------------- real SLURM

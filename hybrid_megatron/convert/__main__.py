@@ -27,6 +27,8 @@ def main(argv=None) -> int:
 
     from hybrid_megatron.convert.exactness import NotExactError
     from hybrid_megatron.convert.writer import ExportError
+    from hybrid_megatron.data.errors import DataToolsError
+    from hybrid_megatron.training.checkpoint import CheckpointError
 
     try:
         if args.command == "to-hf":
@@ -42,7 +44,8 @@ def main(argv=None) -> int:
             out, _ = from_hf_to_checkpoint(args.hf, args.output, args.overwrite)
             print(f"wrote {out} (megatron-core checkpoint, model weights only) and {out}/model.yaml;"
                   f" train from it with checkpoint.init_from: {out}")
-    except (NotExactError, ValueError, ExportError) as err:
+    # Bad input: an unreadable checkpoint or tokenizer, a path that cannot be read or written.
+    except (NotExactError, ValueError, ExportError, CheckpointError, DataToolsError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -101,19 +101,43 @@ def to_hf(
     return export_model(recipe.model, state, output, target, dtype, tokenizer, overwrite, progress)
 
 
-def read_hf_dir(path: str | Path) -> tuple[dict, dict]:
-    """Read an HF model directory: returns (config.json dict, {name: tensor}) from safetensors."""
+def read_hf_config(path: str | Path) -> dict:
+    """The ``config.json`` of an HF model directory, as a dict. Raises ValueError naming the
+    directory or file when it is missing or not a JSON object."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    return config
+
+
+def read_hf_weights(path: str | Path) -> dict:
+    """{name: tensor} from an HF model directory's safetensors file(s) (sharded with an index, or
+    one ``model.safetensors``). Raises ValueError naming a file that is missing or unreadable."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
     index = path / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
-             if index.exists() else ["model.safetensors"])
+    try:
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                 if index.exists() else ["model.safetensors"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index}: not a safetensors index ({err!r})") from None
     tensors = {}
     for name in files:
-        tensors.update(load_file(str(path / name)))
-    return config, tensors
+        if not (path / name).is_file():
+            raise ValueError(f"{path / name}: weights file missing")
+        try:
+            tensors.update(load_file(str(path / name)))
+        except SafetensorError as err:
+            raise ValueError(f"{path / name}: not a readable safetensors file ({err})") from None
+    return tensors
 
 
 def from_hf(path: str | Path) -> tuple[dict, dict]:
@@ -123,24 +147,25 @@ def from_hf(path: str | Path) -> tuple[dict, dict]:
     ``model.load_state_dict(sd, strict=False)`` (megatron's ``_extra_state`` entries are absent).
     Raises ValueError for other architectures or features our model does not have.
     """
-    config, tensors = read_hf_dir(path)
+    config = read_hf_config(path)
     kind = config.get("model_type")
+    if kind not in ("falcon_h1", "nemotron_h"):
+        raise ValueError(f"{path}: model_type {kind!r}; from-hf reads nemotron_h and falcon_h1")
+    tensors = read_hf_weights(path)
     if kind == "falcon_h1":
         from hybrid_megatron.convert.mapping_falcon_h1 import from_falcon_h1, model_config_from_falcon_h1
 
         model = model_config_from_falcon_h1(config)
         return model, from_falcon_h1(ModelConfig(**model), tensors)
-    if kind == "nemotron_h":
-        from hybrid_megatron.convert.mapping_nemotron_h import (
-            from_nemotron_h,
-            model_config_from_nemotron_h,
-            normalise_names,
-        )
+    from hybrid_megatron.convert.mapping_nemotron_h import (
+        from_nemotron_h,
+        model_config_from_nemotron_h,
+        normalise_names,
+    )
 
-        tensors = normalise_names(tensors)  # once (it stacks the experts' weights)
-        model = model_config_from_nemotron_h(config, tensors)
-        return model, from_nemotron_h(ModelConfig(**model), tensors)
-    raise ValueError(f"{path}: model_type {kind!r}; from-hf reads nemotron_h and falcon_h1")
+    tensors = normalise_names(tensors)  # once (it stacks the experts' weights)
+    model = model_config_from_nemotron_h(config, tensors)
+    return model, from_nemotron_h(ModelConfig(**model), tensors)
 
 
 def from_hf_to_checkpoint(path: str | Path, output: str | Path, overwrite: bool = False,

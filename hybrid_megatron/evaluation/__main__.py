@@ -183,9 +183,13 @@ def main(argv=None) -> int:
             return 1
         return lm_eval_cli(argv[1:])
     args = build_parser().parse_args(argv)
+    from hybrid_megatron.data.errors import DataToolsError
+    from hybrid_megatron.training.checkpoint import CheckpointError
+
     try:
         run(args)
-    except (FileNotFoundError, ValueError) as exc:
+    # Bad input: an unreadable checkpoint, tokenizer or data, a path that cannot be read.
+    except (OSError, ValueError, CheckpointError, DataToolsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
