@@ -98,6 +98,32 @@ def test_train_tokenizer_small(tmp_path, small_records):
         train_bpe_tokenizer([str(corpus)], 100, tmp_path / "tok2")
 
 
+def test_a_tokenizer_is_replaced_only_when_asked_and_all_at_once(tmp_path, small_records, monkeypatch):
+    """Datasets record their tokenizer's hash, so retraining into a used directory by accident
+    would orphan them: refused without overwrite. With it, the directory is swapped whole; a
+    write that fails leaves the old tokenizer as it was."""
+    from hybrid_megatron.data import tokenizer_training
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", small_records)
+    out = tmp_path / "tok"
+    first = train_bpe_tokenizer([str(corpus)], 600, out).content_hash
+    with pytest.raises(DataToolsError, match=f"{out}: exists and is not empty .*--overwrite"):
+        train_bpe_tokenizer([str(corpus)], 300, out)
+    assert load_tokenizer(out).content_hash == first
+
+    def broken_info(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer_training, "_write_training_info", broken_info)
+        with pytest.raises(OSError, match="disk full"):
+            train_bpe_tokenizer([str(corpus)], 300, out, overwrite=True)
+    assert load_tokenizer(out).content_hash == first
+    second = train_bpe_tokenizer([str(corpus)], 300, out, overwrite=True)
+    assert second.vocab_size == 300 and load_tokenizer(out).content_hash != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "tok"]  # no partial or old copy
+
+
 def test_tiktoken_file_matches_hf(tmp_path, tok):
     # Write the demo BPE as a tiktoken file (rank = id) and load it back through the converter.
     unicode_to_byte = {v: k for k, v in byte_to_unicode().items()}

@@ -180,13 +180,13 @@ def from_hf_to_checkpoint(path: str | Path, output: str | Path, overwrite: bool 
     ``output/model.yaml`` (``{"model": <recipe model section>}``). Training recipes start
     from it with ``checkpoint.init_from: <output>`` at any parallel layout. Returns
     ``(output, model dict)``. Raises ValueError for checkpoints we cannot represent and
-    writer.ExportError for an existing output.
+    FileExistsError for a non-empty output without ``overwrite``.
     """
     import yaml
     from megatron.core import dist_checkpointing
 
     from hybrid_megatron.config.parallel import ParallelConfig
-    from hybrid_megatron.convert.writer import ExportError, atomic_directory
+    from hybrid_megatron.atomic_output import atomic_directory, refuse_to_replace
     from hybrid_megatron.models import build_model
     from hybrid_megatron.training.distributed import init_distributed_from_env
     from hybrid_megatron.training.parallel_setup import setup_model_parallel
@@ -194,8 +194,7 @@ def from_hf_to_checkpoint(path: str | Path, output: str | Path, overwrite: bool 
 
     model_dict, state = from_hf(path)
     output = Path(output).resolve()
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
+    refuse_to_replace(output, overwrite)
     init_distributed_from_env()
     setup_model_parallel(ParallelConfig(), seed)
     model = build_model(ModelConfig(**model_dict))

@@ -3,15 +3,14 @@ tokenizer files, extra files (remote code). Progress bar while writing tensors."
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from hybrid_megatron.atomic_output import atomic_directory, refuse_to_replace
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # the usual HF shard size
 
@@ -19,25 +18,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ExportError(RuntimeError):
-    """The export cannot be written (output exists, bad dtype, ...); the message says why."""
-
-
-@contextlib.contextmanager
-def atomic_directory(output: Path):
-    """Write a directory all at once: yields a fresh hidden sibling of ``output`` to fill in,
-    which replaces ``output`` when the body finishes and is deleted if it raises. A reader
-    never sees a half-written ``output``; a crash leaves only a ``.NAME.partial-*`` sibling."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """The export cannot be written (bad dtype, ...); the message says why."""
 
 
 def _shards(tensors: dict, max_bytes: int) -> list[dict]:
@@ -73,8 +54,9 @@ def write_export(
     ``config.json`` dict (``torch_dtype``/``dtype`` filled in), an optional generation config,
     an optional callable writing tokenizer files into a directory, optional {file name: source
     path} copied verbatim (remote code), the shard size limit and whether an existing output
-    may be replaced. Everything is written into a sibling temporary directory that is renamed
-    into place at the end, so an interrupted export never leaves a half-written model.
+    may be replaced (FileExistsError otherwise). Everything is written into a sibling
+    temporary directory that is renamed into place at the end, so an interrupted export never
+    leaves a half-written model.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -82,8 +64,7 @@ def write_export(
     if dtype not in DTYPES:
         raise ExportError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     output = Path(output).resolve()
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
+    refuse_to_replace(output, overwrite)
     with atomic_directory(output) as tmp:
         torch_dtype = DTYPES[dtype]
         # contiguous + owned storage: safetensors refuses views sharing memory

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from hybrid_megatron.atomic_output import atomic_directory, refuse_to_replace
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.data.readers import TEXT_MODES, expand_inputs, iter_texts
 from hybrid_megatron.data.tokenizer import Tokenizer, load_tokenizer, write_hf_tokenizer_config
@@ -29,17 +30,22 @@ def train_bpe_tokenizer(
     min_frequency: int = 2,
     skip_bad: bool = False,
     show_progress: bool = False,
+    overwrite: bool = False,
 ) -> Tokenizer:
     """Trains byte-level BPE on the inputs and writes OUTPUT_DIR/tokenizer.json (+ HF configs).
 
     Takes input files/globs (same formats as preprocessing), the total vocabulary size
     (special tokens and the 256 byte symbols included), the output directory, the JSON text
-    field, plain-text mode, the BPE minimum pair frequency and whether to skip bad lines.
-    Returns the saved tokenizer, loaded back through `load_tokenizer`.
+    field, plain-text mode, the BPE minimum pair frequency, whether to skip bad lines and
+    whether a non-empty output directory may be replaced (a tokenizer in use is hashed into
+    its datasets: replacing it by accident orphans them). The directory is written all at
+    once. Returns the saved tokenizer, loaded back through `load_tokenizer`.
     """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
+    out = Path(output_dir)
+    _refuse_to_replace(out, overwrite)
     specials = list(DEFAULT_SPECIALS.values())
     floor = 256 + len(specials)
     if vocab_size < floor:
@@ -67,9 +73,15 @@ def train_bpe_tokenizer(
     backend.train_from_iterator(texts(), trainer=trainer)
     if count == 0:
         raise DataToolsError(f"no documents found in {', '.join(str(f.path) for f in files)}")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_hf_files(backend, out)
+    with atomic_directory(out) as tmp:
+        _write_hf_files(backend, tmp)
+        _write_training_info(tmp, vocab_size, backend, count, min_frequency, files)
+    return load_tokenizer(out)
+
+
+def _write_training_info(out: Path, vocab_size: int, backend, count: int, min_frequency: int,
+                         files) -> None:
+    """training_info.json: what the tokenizer was trained on and with which settings."""
     (out / "training_info.json").write_text(
         json.dumps(
             {
@@ -84,27 +96,37 @@ def train_bpe_tokenizer(
         )
         + "\n"
     )
-    return load_tokenizer(out)
 
 
 def _write_hf_files(backend, out: Path) -> None:
     """Saves tokenizer.json and the two small HF config files naming bos/eos/pad."""
-    tmp = out / "tokenizer.json.partial"
-    backend.save(str(tmp), pretty=True)
-    tmp.replace(out / "tokenizer.json")
+    backend.save(str(out / "tokenizer.json"), pretty=True)
     write_hf_tokenizer_config(out, {f"{k}_token": v for k, v in DEFAULT_SPECIALS.items()})
 
 
-def import_tokenizer(source: str | Path, output_dir: str | Path, **load_kwargs) -> Tokenizer:
+def import_tokenizer(source: str | Path, output_dir: str | Path, overwrite: bool = False,
+                     **load_kwargs) -> Tokenizer:
     """Converts an existing local tokenizer (tokenizer.json/dir/tiktoken) into OUTPUT_DIR.
 
-    Takes the source path, the output directory and `load_tokenizer` keyword arguments;
-    returns the re-loaded tokenizer. A sentencepiece .model cannot become tokenizer.json here
+    Takes the source path, the output directory, whether a non-empty output may be replaced
+    and `load_tokenizer` keyword arguments; writes the directory all at once and returns the
+    re-loaded tokenizer. A sentencepiece .model cannot become tokenizer.json here
     (that needs the sentencepiece package and a model-specific converter): use it directly.
     """
+    out = Path(output_dir)
+    _refuse_to_replace(out, overwrite)
     tokenizer = load_tokenizer(source, **load_kwargs)
-    tokenizer.save_hf(output_dir)
-    return load_tokenizer(output_dir)
+    with atomic_directory(out) as tmp:
+        tokenizer.save_hf(tmp)
+    return load_tokenizer(out)
+
+
+def _refuse_to_replace(out: Path, overwrite: bool) -> None:
+    """refuse_to_replace as a DataToolsError (the data tools' one-line error)."""
+    try:
+        refuse_to_replace(out, overwrite)
+    except FileExistsError as err:
+        raise DataToolsError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-frequency", type=int, default=2)
     parser.add_argument("--skip-bad", action="store_true", help="skip malformed jsonl lines")
     parser.add_argument("--tiktoken-pattern", default="cl100k", help="pre-tokenizer regex for tiktoken files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty output directory (datasets hashed with the old "
+                             "tokenizer no longer match it)")
     return parser
 
 
@@ -133,14 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.from_existing:
-            tokenizer = import_tokenizer(args.from_existing, args.output, tiktoken_pattern=args.tiktoken_pattern)
+            tokenizer = import_tokenizer(args.from_existing, args.output, args.overwrite,
+                                         tiktoken_pattern=args.tiktoken_pattern)
         else:
             if args.vocab_size is None:
                 parser.error("--vocab-size is required when training")
             tokenizer = train_bpe_tokenizer(
                 args.input, args.vocab_size, args.output, text_key=args.text_key,
                 text_mode=args.text_mode, min_frequency=args.min_frequency, skip_bad=args.skip_bad,
-                show_progress=sys.stderr.isatty(),
+                show_progress=sys.stderr.isatty(), overwrite=args.overwrite,
             )
     except DataToolsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,47 @@
+"""Output directories written all at once: a reader (or a crash) never sees a half-written one,
+and a non-empty one is replaced only when the user asked for it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def refuse_to_replace(output: Path, overwrite: bool) -> None:
+    """Raise FileExistsError naming ``output`` when it exists, is not empty and ``overwrite`` is
+    false (the CLIs' --overwrite). Returns nothing."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise FileExistsError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_directory(output: Path):
+    """Yields a fresh hidden sibling of ``output`` to fill in. When the body finishes it takes
+    ``output``'s place; when the body raises it is deleted and ``output`` is untouched.
+
+    An existing ``output`` is first renamed aside and deleted only after the new one is in
+    place, so a crash between the two renames leaves the old copy as ``.NAME.old-*``, never
+    neither copy; a crash while writing leaves only a ``.NAME.partial-*`` sibling.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = output.parent / f".{output.name}.partial-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if output.exists() or output.is_symlink():
+            old = output.parent / f".{output.name}.old-{tag}"
+            os.replace(output, old)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
