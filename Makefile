@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast gpu-test clean
+.PHONY: install demo test test-long test-fast gpu-test clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,12 +19,17 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) launch/slurm.py recipes/tiny_intra_moe.yaml --local --nproc 2
 
+# The suite, under 20 minutes on 2 cores; the few tests marked long run in `make test-long`.
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not long" $(PYTEST_ARGS)
 
-# Skips the tests marked slow (multi-rank equivalence sweeps, SLURM cluster).
+# End-to-end multi-run scripts, several minutes each (CI runs them after `make test`).
+test-long: install
+	$(PY) -m pytest -m long $(PYTEST_ARGS)
+
+# Skips the tests marked slow or long (multi-rank equivalence sweeps, SLURM cluster).
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not long" $(PYTEST_ARGS)
 
 # On a CUDA machine with TE + mamba-ssm installed.
 gpu-test:

@@ -61,7 +61,7 @@ def test_bad_input_is_one_line(tmp_path, args, message):
     assert not (tmp_path / "runs").exists()  # nothing ran
 
 
-@pytest.mark.slow  # ~90 s: four launcher runs (init, A on 4 ranks, B, resume) on 2 cores
+@pytest.mark.long  # ~100 s: four launcher runs (init, A on 4 ranks, B, resume) on 2 cores
 def test_tp2_pp2_matches_one_rank_and_resumes_resharded(tmp_path):
     out = tmp_path / "record.json"
     done = subprocess.run(
@@ -119,7 +119,7 @@ def test_checkpoints_are_pruned_to_the_resume_step_and_moved(tmp_path):
         scale_out.move_checkpoint(a, 4, tmp_path / "other")
 
 
-@pytest.mark.slow  # ~2.5 min: init, B, two A layouts and their resumes, then B again
+@pytest.mark.long  # ~2.5 min: init, B, two A layouts and their resumes, then B again
 def test_several_layouts_share_one_reference_and_a_later_call_keeps_finished_runs(tmp_path):
     """Issue #7's 2-GPU layouts on 2 gloo ranks: TP 2 x EP 2 with whole experts and EP 2 (DP 2),
     each against one rank, each resumed at one rank; then a run killed halfway (B's log lost)
