@@ -377,6 +377,10 @@ def unsaved_extra_state(model_template: dict, saved: dict) -> list[str]:
             and entry.key not in saved]
 
 
+# Sharded entries of a checkpoint that are not model weights.
+_NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
+
+
 def _check_same_model(path: Path, model_template: dict, saved: dict) -> None:
     """Refuse a resume into a model other than the one saved; all ranks call it together.
 
@@ -413,10 +417,6 @@ def _stored_keys(entry) -> list[str]:
     if isinstance(entry, ShardedTensorFactory):
         return [part.key for part in nested_values(entry.build())]
     return [entry.key]
-
-
-# Sharded entries of a checkpoint that are not model weights.
-_NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
 
 
 def _saved_metadata(path: Path) -> dict:
