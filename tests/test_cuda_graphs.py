@@ -24,7 +24,10 @@ GRAPHS_BF16 = ["train.cuda_graphs=true", "train.precision=bf16"]
 
 
 @pytest.mark.parametrize("recipe, overrides, expected", [
-    ("tiny_intra_moe.yaml", [], "train.cuda_graphs: MoE layers route"),
+    ("tiny_intra_moe.yaml", ["model.moe.experts=te_grouped"], "train.cuda_graphs: MoE layers need "
+     "model.moe.experts grouped and parallel.ep 1"),
+    ("tiny_intra_moe.yaml", ["parallel.ep=2", "parallel.tp=1", "parallel.sequence_parallel=false"],
+     "train.cuda_graphs: MoE layers need model.moe.experts grouped and parallel.ep 1"),
     ("tiny_intra.yaml", ["train.recompute=full"], "train.cuda_graphs: not combined with train.recompute 'full'"),
     ("tiny_intra.yaml", ["parallel.tp=2"], "train.cuda_graphs: only with parallel.tp = parallel.pp = 1"),
     ("tiny_intra.yaml", ["train.precision=fp32"], "train.cuda_graphs: needs train.precision bf16"),
@@ -37,6 +40,12 @@ def test_recipe_refuses_what_graphs_cannot_take(recipe, overrides, expected):
 
 def test_recipe_accepts_graphs_for_a_dense_single_gpu_bf16_run():
     assert load_recipe(TINY_INTRA, GRAPHS_BF16).train.cuda_graphs is True
+
+
+def test_recipe_accepts_graphs_for_grouped_experts_on_one_gpu():
+    recipe = load_recipe(REPO / "recipes" / "tiny_intra_moe.yaml",
+                         [*GRAPHS_BF16, "parallel.tp=1", "parallel.sequence_parallel=false"])
+    assert recipe.train.cuda_graphs is True and recipe.model.moe.experts == "grouped"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
@@ -81,9 +90,10 @@ def test_fp8_attention_needs_fp8_and_reaches_the_config(single_rank, monkeypatch
 
 
 # ----------------------------------------------------------------------------- GPU
-def _train(tmp_path, name: str, steps: int, graphs: bool) -> tuple[list[float], str]:
-    """Run (or resume) the trainer on tiny_intra with TE in bf16 (one rank) in ``tmp_path/name``;
-    returns (its per-step losses so far, its log)."""
+def _train(tmp_path, name: str, steps: int, graphs: bool, recipe: str = TINY_INTRA,
+           extra: tuple = ()) -> tuple[list[float], str]:
+    """Run (or resume) the trainer on ``recipe`` (tiny_intra) with TE in bf16 (one rank) in
+    ``tmp_path/name``; returns (its per-step losses so far, its log)."""
     from tests.training_helpers import start_job, wait_job
 
     run_dir = tmp_path / name
@@ -91,10 +101,10 @@ def _train(tmp_path, name: str, steps: int, graphs: bool) -> tuple[list[float], 
         f"checkpoint.dir={run_dir}/checkpoints", "tracking.enabled=false", "model.impl=te",
         "train.precision=bf16", f"train.steps={steps}", "train.eval_interval=10",
         "checkpoint.interval=10", "train.log_interval=5",
-        f"train.cuda_graphs={'true' if graphs else 'false'}",
+        f"train.cuda_graphs={'true' if graphs else 'false'}", *extra,
     ]
     logs = run_dir / f"logs_{steps}"
-    codes = wait_job(start_job(TINY_INTRA, overrides, 1, logs), timeout=600)
+    codes = wait_job(start_job(recipe, overrides, 1, logs), timeout=600)
     log = (logs / "rank0.log").read_text()
     assert codes == [0], log[-3000:]
     lines = (run_dir / "train_log.jsonl").read_text().splitlines()
@@ -124,3 +134,19 @@ def test_graphed_trainer_matches_eager_and_resumes(tmp_path):
     assert "at step 20" in log and len(graphed_more) == 24
     for a, b in zip(eager_more[20:], graphed_more[20:]):
         assert b == pytest.approx(a, rel=2e-3), (eager_more, graphed_more)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_graphed_moe_trainer_matches_eager(tmp_path):
+    """MoE layers with the grouped experts (token counts on the GPU) run whole in per-layer
+    graphs: the graphed run is captured, replayed and trains the eager run's losses."""
+    recipe = str(REPO / "recipes" / "tiny_intra_moe.yaml")
+    one_gpu = ("parallel.tp=1", "parallel.sequence_parallel=false")
+    eager, eager_log = _train(tmp_path, "eager", 20, graphs=False, recipe=recipe, extra=one_gpu)
+    graphed, log = _train(tmp_path, "graphed", 20, graphs=True, recipe=recipe, extra=one_gpu)
+    assert "CUDA graphs captured for" in log and "CUDA graphs" not in eager_log, log[-3000:]
+    assert graphed[0] == pytest.approx(eager[0], rel=1e-3)
+    for step, (a, b) in enumerate(zip(eager, graphed), start=1):
+        assert b == pytest.approx(a, rel=5e-3), (step, eager, graphed)
+    assert sum(graphed[-5:]) < sum(graphed[:5]) - 1.0

@@ -35,9 +35,13 @@ def test_te_build_asks_for_the_fused_kernels_and_local_build_does_not(monkeypatc
     assert not any(te[f] for f in MOE_FUSION_FIELDS), te
     moe = fused_kernel_fields(ModelConfig(**tiny_model("intra", moe=True)))
     assert all(moe[f] for f in MOE_FUSION_FIELDS), moe
-    # FP8 pads the routing map in place, which the fused router's backward cannot take
-    fp8 = fused_kernel_fields(ModelConfig(**tiny_model("intra", moe=True, impl="te", fp8="hybrid")))
-    assert fp8["moe_permute_fusion"] and not fp8["moe_router_fusion"], fp8
+    # FP8 with TE's experts pads the routing map in place, which the fused router's backward
+    # cannot take; the grouped experts pad their own groups, so the router stays fused
+    for experts, router_fused in (("te_grouped", False), ("sequential", False), ("grouped", True)):
+        cfg = tiny_model("intra", moe=True, impl="te", fp8="hybrid")
+        cfg["moe"] = {**cfg["moe"], "experts": experts}
+        fp8 = fused_kernel_fields(ModelConfig(**cfg))
+        assert fp8["moe_permute_fusion"] and fp8["moe_router_fusion"] is router_fused, (experts, fp8)
     monkeypatch.setattr(transformer_config, "resolve_impl", lambda cfg: "local")
     assert not any(fused_kernel_fields(ModelConfig(**tiny_model("intra", moe=True)))[f]
                    for f in MOE_FUSION_FIELDS)
@@ -108,15 +112,15 @@ def test_fused_loss_and_swiglu_match_unfused(single_rank, flag):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grouped_gemm", [False, True], ids=["sequential", "grouped"])
-def test_fused_moe_router_and_permutation_match_unfused(single_rank, grouped_gemm):
+@pytest.mark.parametrize("experts", ["sequential", "te_grouped", "grouped"])
+def test_fused_moe_router_and_permutation_match_unfused(single_rank, experts):
     """The TE build fuses the MoE router's top-k (with its aux-loss scores) and the token
     permutation; with both switched off (megatron-core reads both per call), the loss, which
     includes the aux loss, and every gradient agree. In fp32: in bf16, a token whose two best
     experts tie within rounding routes differently between the paths (seen on an H100: 5% on one
     norm's gradient with equal losses), which would hide a real difference in the noise."""
     cfg = gpu_model("intra", moe=True)
-    cfg["moe"] = {**cfg["moe"], "grouped_gemm": grouped_gemm, "aux_loss_coeff": 1e-2}
+    cfg["moe"] = {**cfg["moe"], "experts": experts, "aux_loss_coeff": 1e-2}
     _assert_unfused_matches(_build(cfg), MOE_FUSION_FIELDS, loss_tol=1e-4, grad_tol=1e-3)
 
 

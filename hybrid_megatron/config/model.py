@@ -6,7 +6,7 @@ only consumer. Validation here raises one error naming the bad field (pydantic's
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -119,7 +119,13 @@ class MoEConfig(StrictSection):
     token_dispatcher: Literal["auto", "allgather", "alltoall"] = Field(
         default="auto", description="auto: alltoall on GPU, allgather on CPU"
     )
-    grouped_gemm: bool = Field(default=False, description="TE grouped GEMM experts (GPU)")
+    experts: Literal["grouped", "sequential", "te_grouped"] = Field(
+        default="grouped",
+        description="how the local experts run. grouped: two grouped GEMMs with the token counts "
+        "kept on the device (no host sync per layer; CPU and GPU); sequential: megatron-core's "
+        "SequentialMLP, one MLP per expert; te_grouped: megatron-core's TEGroupedMLP (GPU). "
+        "All three give the same numbers and checkpoints",
+    )
     score_function: Optional[Literal["softmax", "sigmoid"]] = Field(
         default=None,
         description="router scores; default by flavour: llama softmax, nemotron_h sigmoid "
@@ -137,6 +143,20 @@ class MoEConfig(StrictSection):
     topk_scaling_factor: Optional[float] = Field(
         default=None, gt=0, description="multiplies the routing weights (NemotronH routed_scaling_factor)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grouped_gemm_flag(cls, data: Any) -> Any:
+        """Recipes saved before ``experts`` existed say ``grouped_gemm: true|false`` (TE's grouped
+        experts or the sequential ones); read it as that choice so their checkpoints resume."""
+        if isinstance(data, dict) and "grouped_gemm" in data:
+            data = dict(data)
+            flag = data.pop("grouped_gemm")
+            if not isinstance(flag, bool):
+                raise ValueError(f"grouped_gemm: expected true or false, got {flag!r} "
+                                 "(it is now moe.experts: grouped, sequential or te_grouped)")
+            data.setdefault("experts", "te_grouped" if flag else "sequential")
+        return data
 
     @model_validator(mode="after")
     def _topk(self) -> "MoEConfig":

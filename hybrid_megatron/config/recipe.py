@@ -43,13 +43,16 @@ from hybrid_megatron.config.train import TrainConfig
 def check_cuda_graphs(recipe: "Recipe") -> None:
     """Raise ValueError naming ``train.cuda_graphs`` for what per-layer CUDA graphs cannot take.
 
-    A graph replays fixed shapes and fixed kernel launches: MoE layers route a different number
-    of tokens to each expert every step, and recompute / pipeline schedules / tensor-parallel
+    A graph replays fixed shapes and fixed kernel launches with no host waits: MoE layers qualify
+    only with the grouped experts on one expert-parallel rank (their token counts stay on the
+    GPU, their buffers have fixed sizes); recompute / pipeline schedules / tensor-parallel
     collectives inside graphs are layouts this project has not verified on GPUs yet.
     """
     why = None
-    if recipe.model.moe is not None:
-        why = "MoE layers route a different number of tokens per expert each step (graphs replay fixed shapes)"
+    moe = recipe.model.moe
+    if moe is not None and (moe.experts != "grouped" or recipe.parallel.ep > 1):
+        why = ("MoE layers need model.moe.experts grouped and parallel.ep 1 (other experts, and "
+               "expert parallelism, read each expert's token count on the host every layer)")
     elif recipe.train.recompute != "none":
         why = f"not combined with train.recompute {recipe.train.recompute!r} (use none)"
     elif recipe.parallel.tp > 1 or recipe.parallel.pp > 1:

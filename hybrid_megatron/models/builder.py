@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
 from hybrid_megatron.models.layer_pattern import build_layer_pattern, split_pattern
+from hybrid_megatron.models.moe import keep_token_counts_on_device
 from hybrid_megatron.models.output_layer import use_fp8_output_layer
 from hybrid_megatron.models.specs import backend_for, block_spec, rms_norm_spec
 from hybrid_megatron.models.transformer_config import build_transformer_config, resolve_impl
@@ -184,6 +185,8 @@ def build_model(
     if model_config.fp8_output_layer and post_process and impl == "te":
         # Not on a local build (impl auto without a GPU): there FP8 is off altogether.
         use_fp8_output_layer(model)
+    if model_config.moe is not None and model_config.moe.experts == "grouped":
+        keep_token_counts_on_device(model)
     model.layer_pattern = pattern
     model.stage_pattern = stage_pattern
     return model

@@ -20,6 +20,7 @@ local norms onto TE's fused-norm names), so a checkpoint moves between implement
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -38,6 +39,7 @@ from hybrid_megatron.models.intra import IntraHybridMixer, IntraHybridSubmodules
 from hybrid_megatron.models.layer_pattern import ffn_is_moe, has_ffn, has_mixer
 from hybrid_megatron.models.norms import LocalRMSNorm
 from hybrid_megatron.models.mamba import MambaBranch, MambaSublayer, PassThroughProjection
+from hybrid_megatron.models.moe import GroupedExperts
 from hybrid_megatron.models.transformer_config import intra_branch_configs
 
 
@@ -88,8 +90,12 @@ def _ffn(backend: BackendSpecProvider, moe, with_ffn: bool):
     mlp = get_mlp_module_spec_for_backend(
         backend,
         num_experts=moe.num_experts if moe else None,
-        moe_grouped_gemm=bool(moe and moe.grouped_gemm),
+        moe_grouped_gemm=bool(moe and moe.experts == "te_grouped"),
     )
+    if moe is not None and moe.experts == "grouped":
+        mlp = dataclasses.replace(
+            mlp, submodules=dataclasses.replace(mlp.submodules, experts=ModuleSpec(module=GroupedExperts))
+        )
     if moe is None and backend.fuse_layernorm_and_linear():
         return IdentityOp, mlp, {}
     keys = {} if moe else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}

@@ -111,7 +111,7 @@ def build_transformer_config(
             moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
             moe_token_dispatcher_type=_dispatcher(moe.token_dispatcher),
-            moe_grouped_gemm=moe.grouped_gemm,
+            moe_grouped_gemm=moe.experts == "te_grouped",
             moe_router_score_function=cfg.moe_score_function,
             moe_router_enable_expert_bias=cfg.moe_expert_bias,
             moe_router_bias_update_rate=moe.expert_bias_update_rate,
@@ -119,8 +119,9 @@ def build_transformer_config(
         )
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed", fp8_dot_product_attention=cfg.fp8_attention)
-        if moe is not None:
-            # FP8 GEMMs need row counts in multiples of 16: the router pads each expert's tokens.
+        if moe is not None and moe.experts != "grouped":
+            # TE's FP8 GEMMs need row counts in multiples of 16: the router pads each expert's
+            # tokens (GroupedExperts pads its groups itself and runs its GEMMs in bf16).
             kwargs.update(moe_router_padding_for_quantization=True)
     kwargs.update(_recompute_fields(recompute))
     if cuda_graphs:
@@ -153,10 +154,10 @@ def fused_kernel_fields(cfg: ModelConfig) -> dict:
         cross_entropy_fusion_impl="te",
         # MoE: TE's fused top-k routing with its aux-loss scores, and TE's fused token permute
         # and unpermute (one kernel each way instead of index/sort/scatter chains per layer).
-        # Not the fused router under FP8: megatron-core 0.16's dispatcher pads the routing map
-        # for FP8 GEMMs in place, and TE's fused top-k keeps that map for its backward, which
-        # then fails ("modified by an inplace operation"; tests/test_gpu.py's FP8 trainer run).
-        moe_router_fusion=fused and moe and cfg.fp8 is None,
+        # Not the fused router where FP8 experts need the router's padding: megatron-core 0.16's
+        # dispatcher pads the routing map in place, and TE's fused top-k keeps that map for its
+        # backward, which then fails ("modified by an inplace operation").
+        moe_router_fusion=fused and moe and (cfg.fp8 is None or cfg.moe.experts == "grouped"),
         moe_permute_fusion=fused and moe,
     )
 

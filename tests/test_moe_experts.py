@@ -1,0 +1,147 @@
+"""GroupedExperts (grouped GEMMs, token counts on the device) against megatron-core's
+SequentialMLP: the padded group layout, the same outputs and gradients on the same weights, and
+checkpoints that move between the two in both directions mid-run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.conftest import build_single
+from tests.model_configs import tiny_model
+from tests.training_helpers import REPO, read_losses
+
+
+def test_padded_group_layout_places_each_group_at_an_aligned_start():
+    from hybrid_megatron.models.moe import padded_group_layout
+
+    counts = torch.tensor([3, 0, 5, 1])
+    destination, offsets, rows = padded_group_layout(counts, 9, alignment=4)
+    # groups padded to 4, 0, 8, 4 rows: starts 0, 4, 4, 12
+    assert destination.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 12]
+    assert offsets.tolist() == [4, 4, 12, 16] and offsets.dtype == torch.int32
+    assert rows == 9 + 4 * 3  # a bound that does not depend on the counts
+    destination, offsets, rows = padded_group_layout(counts, 9, alignment=1)
+    assert destination.tolist() == list(range(9)) and offsets.tolist() == [3, 3, 8, 9] and rows == 9
+
+
+def _model_pair(cfg: dict, seed: int = 3):
+    """The same model built with sequential and with grouped experts, on the same weights."""
+    models = {}
+    for experts in ("sequential", "grouped"):
+        models[experts] = build_single({**cfg, "moe": {**cfg["moe"], "experts": experts}}, seed=seed)
+    models["grouped"].load_state_dict(models["sequential"].state_dict())
+    return models["sequential"], models["grouped"]
+
+
+def _randomise(model, seed: int) -> None:
+    """Every weight drawn afresh (so that experts, norms and routers all differ from their init)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    loss = model(ids, pos, None, labels=ids).float().mean()
+    loss.backward()
+    # gradients under state-dict names, so both expert layouts are compared per expert
+    grads = {}
+    for name, p in model.named_parameters():
+        if name.endswith(("experts.weight1", "experts.weight2")):
+            fc = "linear_fc1" if name.endswith("1") else "linear_fc2"
+            for e in range(p.shape[0]):
+                grads[f"{name[:-len('weight1')]}local_experts.{e}.{fc}.weight"] = p.grad[e]
+        else:
+            grads[name] = p.grad
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("alignment", [None, 8], ids=["unpadded", "padded-to-8"])
+@pytest.mark.parametrize("kind", ["inter", "intra", "nemotron_h"])
+def test_grouped_experts_match_sequential(single_rank, kind, alignment):
+    """Loss and every parameter's gradient (each expert's too) equal SequentialMLP's, gated
+    SwiGLU (llama) and squared-ReLU (nemotron_h) experts, with and without padded groups."""
+    if kind == "nemotron_h":
+        cfg = tiny_model("inter", moe=True, flavour="nemotron_h",
+                         pattern={"ratio": None, "layout": "M*AE", "allow_early_attention": True})
+    else:
+        cfg = tiny_model(kind, moe=True)
+    sequential, grouped = _model_pair(cfg)
+    _randomise(sequential, seed=5)
+    grouped.load_state_dict(sequential.state_dict())
+    from hybrid_megatron.models.moe import GroupedExperts
+
+    experts = [m for m in grouped.modules() if isinstance(m, GroupedExperts)]
+    assert experts, "the grouped model has no GroupedExperts"
+    for m in experts:
+        m.alignment = alignment
+    ids = torch.randint(0, cfg["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
+    loss_s, grads_s = _loss_and_grads(sequential, ids)
+    loss_g, grads_g = _loss_and_grads(grouped, ids)
+    assert loss_g == pytest.approx(loss_s, rel=1e-6)
+    assert grads_g.keys() == grads_s.keys()
+    for name, g in grads_s.items():
+        torch.testing.assert_close(grads_g[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    expert_grads = [g for name, g in grads_s.items() if ".local_experts." in name]
+    assert expert_grads and all(g.abs().sum() > 0 for g in expert_grads[:2])
+
+
+def test_plain_state_dict_names_each_expert_as_sequential_does(single_rank):
+    sequential, grouped = _model_pair(tiny_model("inter", moe=True))
+    def weights(model):
+        return {k for k in model.state_dict() if not k.endswith("_extra_state")}
+
+    assert weights(grouped) == weights(sequential)
+    assert any(".local_experts.3.linear_fc1.weight" in k for k in weights(grouped))
+    broken = dict(sequential.state_dict())
+    del broken[next(k for k in broken if k.endswith("local_experts.1.linear_fc2.weight"))]
+    result = grouped.load_state_dict(broken, strict=False)
+    assert any(k.endswith("local_experts.1.linear_fc2.weight") for k in result.missing_keys)
+
+
+def test_old_recipes_grouped_gemm_flag_reads_as_the_experts_choice():
+    from pydantic import ValidationError
+
+    from hybrid_megatron.config.model import MoEConfig
+
+    assert MoEConfig(num_experts=4).experts == "grouped"
+    assert MoEConfig(num_experts=4, grouped_gemm=True).experts == "te_grouped"
+    assert MoEConfig(num_experts=4, grouped_gemm=False).experts == "sequential"
+    with pytest.raises(ValidationError, match="grouped_gemm: expected true or false"):
+        MoEConfig(num_experts=4, grouped_gemm="yes")
+
+
+_RUN = ("data.seq_length=64", "train.global_batch_size=4", "train.steps=6", "train.warmup_steps=1",
+        "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=3",
+        "checkpoint.keep_last=5", "train.deterministic=true", "tracking.enabled=false",
+        "model.num_layers=2", "parallel.tp=1", "parallel.sequence_parallel=false")
+
+
+@pytest.mark.parametrize("saved,resumed", [("sequential", "grouped"), ("grouped", "sequential")])
+def test_checkpoints_move_between_expert_implementations(single_rank, tmp_path, saved, resumed):
+    """A run saved with one expert implementation at step 3 resumes with the other (weights and
+    Adam states), and steps 4-6 give the losses of the uninterrupted run (fp32, 1e-5)."""
+    from hybrid_megatron.config import load_recipe
+    from hybrid_megatron.training.entry import train
+
+    recipe = str(REPO / "recipes" / "tiny_intra_moe.yaml")
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+
+    def run(run_dir, experts, *extra):
+        train(load_recipe(recipe, [f"checkpoint.dir={run_dir}/checkpoints", *_RUN,
+                                   f"model.moe.experts={experts}", *extra]))
+
+    run(ref_dir, saved)
+    reference = read_losses(ref_dir)
+    shutil.copytree(ref_dir / "checkpoints" / "step_00000003", cut_dir / "from" / "step_00000003")
+    run(cut_dir, resumed, f"checkpoint.resume={cut_dir}/from/step_00000003")
+    continued = read_losses(cut_dir)
+    assert sorted(continued) == [4, 5, 6]
+    for step in continued:
+        a, b = float.fromhex(continued[step]), float.fromhex(reference[step])
+        assert abs(a - b) < 1e-5 * max(1.0, abs(b)), (step, a, b)
