@@ -1,5 +1,6 @@
 """Tests of the chunked SSD scan (``mamba_chunk_scan_combined``): forward and backward against the
-token-by-token recurrence."""
+token-by-token recurrence, and against the quadratic-form reference ``ssd_minimal``.
+"""
 
 from __future__ import annotations
 
@@ -274,3 +275,66 @@ def test_gradients_match_recurrence(packed):
         assert got[k] is not None, k
         err = (got[k] - want[k]).abs().max().item()
         assert err < 1e-9 * max(1.0, want[k].abs().max().item()), (k, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# mamba_chunk_scan_combined against the quadratic-form reference ssd_minimal
+# ----------------------------------------------------------------------------------------------
+
+SSD_INPUT_NAMES = ["x", "dt_raw", "A", "B", "C", "D", "z", "dt_bias", "init"]
+
+
+def _chunked(v, chunk, seq_idx=None):
+    return ops.mamba_chunk_scan_combined(
+        v["x"], v["dt_raw"], v["A"], v["B"], v["C"], chunk, D=v["D"], z=v["z"],
+        dt_bias=v["dt_bias"], dt_softplus=True, initial_states=v["init"], seq_idx=seq_idx,
+        return_final_states=True,
+    )
+
+
+def _minimal(v, seq_idx=None):
+    """mamba_chunk_scan_combined's contract around ssd_minimal: dt bias + softplus, skip, gate."""
+    dt = F.softplus(v["dt_raw"] + v["dt_bias"])
+    y, final = ops.ssd_minimal(
+        v["x"], dt, v["A"], v["B"], v["C"], initial_states=v["init"], seq_idx=seq_idx
+    )
+    return (y + v["x"] * v["D"]) * F.silu(v["z"]), final
+
+
+@pytest.mark.parametrize(
+    "chunk,packed",
+    [
+        pytest.param(1, False, id="chunk1"),
+        pytest.param(4, False, id="chunk4_L_not_multiple"),
+        pytest.param(7, False, id="chunk7_L_multiple"),
+        pytest.param(8, False, id="chunk8_L_not_multiple"),
+        pytest.param(32, False, id="chunk_longer_than_L"),
+        pytest.param(4, True, id="chunk4_packed"),
+    ],
+)
+def test_chunked_ssd_matches_minimal_reference(chunk, packed):
+    """Outputs, final states and the gradient of every input agree with ssd_minimal (float64)."""
+    b, l, h, p, g, n = 2, 21, 4, 3, 2, 5
+    t = make_ssd_inputs(b, l, h, p, g, n, seed=17)
+    seq_idx = None
+    if packed:  # boundaries inside a chunk (5) and on a chunk edge (16); id 1 spans 3 chunks
+        seq_idx = torch.tensor([[0] * 5 + [1] * 11 + [2] * 5] * b, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(18)
+    g_out = torch.randn(b, l, h, p, generator=gen, dtype=F64)
+    g_final = torch.randn(b, h, p, n, generator=gen, dtype=F64)
+
+    def run(fn):
+        v = {k: t[k].clone().requires_grad_() for k in SSD_INPUT_NAMES}
+        out, final = fn(v)
+        ((out * g_out).sum() + (final * g_final).sum()).backward()
+        return out.detach(), final.detach(), {k: v[k].grad for k in SSD_INPUT_NAMES}
+
+    out, final, grads = run(lambda v: _chunked(v, chunk, seq_idx))
+    ref, ref_final, ref_grads = run(lambda v: _minimal(v, seq_idx))
+    assert out.shape == ref.shape and final.shape == ref_final.shape == (b, h, p, n)
+    assert (out - ref).abs().max().item() < TOL * max(1.0, ref.abs().max().item())
+    assert (final - ref_final).abs().max().item() < TOL * max(1.0, ref_final.abs().max().item())
+    for k in SSD_INPUT_NAMES:
+        assert grads[k] is not None and grads[k].abs().max().item() > 0, k
+        err = (grads[k] - ref_grads[k]).abs().max().item()
+        assert err < TOL * max(1.0, ref_grads[k].abs().max().item()), (k, err)

@@ -11,6 +11,9 @@ scan:
    passes states from chunk to chunk;
 4. the state entering each chunk is read out through ``C`` with the in-chunk decay.
 
+:mod:`hybrid_megatron.ops.ssd_minimal` is the same computation in its shortest readable form; the
+tests hold this one to it.
+
 Precision: like the kernels, all arithmetic happens in float32 for 16/32-bit inputs and results
 come back in the input dtype; intermediates are not rounded to bf16/fp16 in between, so
 half-precision results differ from the kernels by rounding only. Float64 inputs are computed in
