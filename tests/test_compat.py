@@ -93,12 +93,12 @@ def test_causal_masks_on_cpu():
 def test_mamba_mixer_uses_torch_ssd_without_kernels():
     from megatron.core.ssm import mamba_mixer
 
-    from hybrid_megatron.models import ssd
+    from hybrid_megatron import ops
 
     if compat.mamba_kernels_are_native():
         pytest.skip("mamba-ssm kernels are installed: the native path is used")
     assert mamba_mixer.HAVE_MAMBA_SSM
-    assert mamba_mixer.mamba_chunk_scan_combined is ssd.mamba_chunk_scan_combined
-    assert mamba_mixer.mamba_split_conv1d_scan_combined is ssd.mamba_split_conv1d_scan_combined
-    assert mamba_mixer.causal_conv1d_fn is ssd.causal_conv1d_fn
-    assert issubclass(mamba_mixer.ExtendedRMSNorm, ssd.RMSNormGated)
+    assert mamba_mixer.mamba_chunk_scan_combined is ops.mamba_chunk_scan_combined
+    assert mamba_mixer.mamba_split_conv1d_scan_combined is ops.mamba_split_conv1d_scan_combined
+    assert mamba_mixer.causal_conv1d_fn is ops.causal_conv1d_fn
+    assert issubclass(mamba_mixer.ExtendedRMSNorm, ops.RMSNormGated)

@@ -155,12 +155,12 @@ def _ssd_inputs(dtype, b=2, L=200, h=8, p=32, g=2, n=16, seed=0):
 def test_torch_ssd_matches_triton_kernel(dtype, tol):
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as triton_ssd
 
-    from hybrid_megatron.models import ssd
+    from hybrid_megatron import ops
 
     inp = _ssd_inputs(dtype)
     kw = dict(chunk_size=64, dt_softplus=True, return_final_states=True)
     y_ref, s_ref = triton_ssd(**inp, **kw)
-    y, s = ssd.mamba_chunk_scan_combined(**inp, **kw)
+    y, s = ops.mamba_chunk_scan_combined(**inp, **kw)
     scale = y_ref.float().abs().max()
     assert (y.float() - y_ref.float()).abs().max() / scale < tol
     assert (s.float() - s_ref.float()).abs().max() / s_ref.float().abs().max() < tol
@@ -170,7 +170,7 @@ def test_torch_ssd_matches_triton_kernel(dtype, tol):
 def test_torch_split_conv1d_scan_matches_triton(dtype, tol):
     from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined as triton_fn
 
-    from hybrid_megatron.models import ssd
+    from hybrid_megatron import ops
 
     b, L, h, p, g, n, w = 2, 160, 8, 32, 2, 16, 4
     d = h * p
@@ -186,7 +186,7 @@ def test_torch_split_conv1d_scan_matches_triton(dtype, tol):
     zxbcdt_ref = zxbcdt.clone().requires_grad_()
     zxbcdt_ours = zxbcdt.clone().requires_grad_()
     y_ref = triton_fn(zxbcdt_ref, *args[1:], **kw)
-    y = ssd.mamba_split_conv1d_scan_combined(zxbcdt_ours, *args[1:], **kw)
+    y = ops.mamba_split_conv1d_scan_combined(zxbcdt_ours, *args[1:], **kw)
     scale = y_ref.float().abs().max()
     assert (y.float() - y_ref.float()).abs().max() / scale < tol
     y_ref.float().pow(2).mean().backward()
@@ -199,14 +199,14 @@ def test_torch_conv1d_and_decode_match_kernels():
     from causal_conv1d import causal_conv1d_fn
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
-    from hybrid_megatron.models import ssd
+    from hybrid_megatron import ops
 
     gen = torch.Generator(device="cuda").manual_seed(2)
     x = torch.randn(2, 96, 50, device="cuda", generator=gen)
     w = torch.randn(96, 4, device="cuda", generator=gen)
     bias = torch.randn(96, device="cuda", generator=gen)
     torch.testing.assert_close(
-        ssd.causal_conv1d_fn(x, w, bias, activation="silu"),
+        ops.causal_conv1d_fn(x, w, bias, activation="silu"),
         causal_conv1d_fn(x, w, bias, activation="silu"), rtol=1e-4, atol=1e-4,
     )
     b, h, p, n = 2, 8, 32, 16
@@ -220,7 +220,7 @@ def test_torch_conv1d_and_decode_match_kernels():
     dt_bias = torch.randn(h, p, device="cuda", generator=gen)
     s1, s2 = state.clone(), state.clone()
     out_ref = selective_state_update(s1, xs, dt, A, Bm, Cm, D=D, dt_bias=dt_bias, dt_softplus=True)
-    out = ssd.selective_state_update(s2, xs, dt, A, Bm, Cm, D=D, dt_bias=dt_bias, dt_softplus=True)
+    out = ops.selective_state_update(s2, xs, dt, A, Bm, Cm, D=D, dt_bias=dt_bias, dt_softplus=True)
     torch.testing.assert_close(out, out_ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(s2, s1, rtol=1e-3, atol=1e-3)
 
@@ -229,7 +229,7 @@ def test_mamba_model_same_with_kernels_and_torch_path(single_rank, monkeypatch):
     """The whole mamba model: megatron-core's MambaMixer on Triton kernels vs on the torch SSD."""
     from megatron.core.ssm import mamba_mixer
 
-    from hybrid_megatron.models import ssd
+    from hybrid_megatron import ops
 
     cfg = gpu_model("mamba")
     ids, labels, pos = _batch()
@@ -237,7 +237,7 @@ def test_mamba_model_same_with_kernels_and_torch_path(single_rank, monkeypatch):
     with torch.no_grad():
         ref = model(ids, pos, None).float()
     for name in ("mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined", "causal_conv1d_fn"):
-        monkeypatch.setattr(mamba_mixer, name, getattr(ssd, name))
+        monkeypatch.setattr(mamba_mixer, name, getattr(ops, name))
     with torch.no_grad():
         ours = model(ids, pos, None).float()
     assert (ours - ref).abs().max() / ref.abs().max() < 2e-3

@@ -2,9 +2,9 @@
 
 ``megatron.core.ssm.mamba_mixer`` imports mamba-ssm's Triton SSD kernels, its gated RMSNorm and
 causal-conv1d at import time; without them it binds MagicMocks and refuses to build the mixer.
-This module rebinds those module-level names to the chunked-SSD implementation in
-:mod:`hybrid_megatron.models.ssd` (same signatures and semantics), so the unchanged MambaMixer
-runs on CPU (and on a GPU without the kernels, slowly). With the kernels present nothing is done.
+This module rebinds those module-level names to the PyTorch ops of :mod:`hybrid_megatron.ops`
+(same signatures and semantics), so the unchanged MambaMixer runs on CPU (and on a GPU without
+the kernels, slowly). With the kernels present nothing is done.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _sharded_rms_norm_gated():
     """
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-    from hybrid_megatron.models.ssd import RMSNormGated
+    from hybrid_megatron.ops import RMSNormGated
 
     class ShardedRMSNormGated(RMSNormGated):
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -48,16 +48,16 @@ def bind_torch_mamba_kernels() -> None:
         return
     from megatron.core.ssm import mamba_mixer
 
-    from hybrid_megatron.models import ssd
+    from hybrid_megatron import ops
 
     ShardedRMSNormGated = _sharded_rms_norm_gated()
 
-    mamba_mixer.RMSNormGated = ssd.RMSNormGated
+    mamba_mixer.RMSNormGated = ops.RMSNormGated
     mamba_mixer.ExtendedRMSNorm = ShardedRMSNormGated
-    mamba_mixer.mamba_chunk_scan_combined = ssd.mamba_chunk_scan_combined
-    mamba_mixer.mamba_split_conv1d_scan_combined = ssd.mamba_split_conv1d_scan_combined
-    mamba_mixer.causal_conv1d_fn = ssd.causal_conv1d_fn
-    mamba_mixer.causal_conv1d_update = ssd.causal_conv1d_update
-    mamba_mixer.selective_state_update = ssd.selective_state_update
+    mamba_mixer.mamba_chunk_scan_combined = ops.mamba_chunk_scan_combined
+    mamba_mixer.mamba_split_conv1d_scan_combined = ops.mamba_split_conv1d_scan_combined
+    mamba_mixer.causal_conv1d_fn = ops.causal_conv1d_fn
+    mamba_mixer.causal_conv1d_update = ops.causal_conv1d_update
+    mamba_mixer.selective_state_update = ops.selective_state_update
     mamba_mixer.HAVE_MAMBA_SSM = True
     _BOUND = True

@@ -33,7 +33,7 @@ class _MambaMixer(MambaMixer):
         super().__init__(config, *args, **kwargs)
         if self.rmsnorm:
             # MambaMixer builds the norm with eps=1e-5 whatever the config says; both the
-            # mamba-ssm kernel and the PyTorch one (models/ssd.py) read ``eps`` at call time.
+            # mamba-ssm kernel and the PyTorch one (ops/rmsnorm_gated.py) read ``eps`` at call time.
             self.norm.eps = config.layernorm_epsilon
 
 
