@@ -36,6 +36,8 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
 from torch.distributed.checkpoint.api import CheckpointException
 
+from hybrid_megatron.errors import InputError
+
 # megatron-core raises many types; torch's distributed checkpoint wraps a rank's failure (a
 # key missing from the checkpoint, say) in CheckpointException, a BaseException.
 LOAD_ERRORS = (Exception, CheckpointException)
@@ -44,7 +46,7 @@ LATEST = "latest"
 _STEP_PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint that cannot be written or read; the message names the path."""
 
 
