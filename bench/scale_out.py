@@ -67,13 +67,15 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from bench.records import write_json  # noqa: E402
+from hybrid_megatron import runtime  # noqa: E402
+from hybrid_megatron.errors import InputError  # noqa: E402
+from hybrid_megatron.training.entry import LOSS_LOG  # noqa: E402
 
 LAUNCHER = ROOT / "launch" / "slurm.py"
-LOSS_LOG = "train_log.jsonl"  # hybrid_megatron.training.entry.LOSS_LOG (not imported: it pulls in megatron)
 THROUGHPUT_SKIP = 2  # first steps left out of throughput: allocation, compilation, warm caches
 
 
-class BadInput(Exception):
+class BadInput(InputError):
     """A problem with the command line or the recipe: printed as one line, exit code 2."""
 
 
@@ -95,14 +97,14 @@ def plan_layout(recipe: str, overrides: Sequence[str], nproc: Optional[int]) -> 
     the launcher's default). Returns ``(Recipe, nproc)``. Raises BadInput with one line when the
     recipe or an override is invalid or the layout does not fit ``nproc`` ranks.
     """
-    from hybrid_megatron.config import RecipeError, derived, load_recipe
+    from hybrid_megatron.config import derived, load_recipe
 
     launcher = _launcher()
     try:
         loaded = load_recipe(recipe, overrides)
         nproc, _ = launcher.local_world(loaded, nproc)
         derived(loaded, nproc, param_counter=lambda model: None)
-    except (RecipeError, launcher.UsageError) as err:
+    except InputError as err:  # the recipe's, or the launcher's UsageError
         raise BadInput(str(err)) from None
     return loaded, nproc
 
@@ -388,6 +390,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, run init/B/each A (+ its resume), check, write the record after every
     run. Returns the exit code."""
     args = build_parser().parse_intermixed_args(argv)
+    runtime.setup()
     try:
         if args.steps < 2:
             raise BadInput(f"--steps {args.steps}: need at least 2 (the resume starts at steps/2)")

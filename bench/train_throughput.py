@@ -811,7 +811,9 @@ def main(argv=None) -> None:
     if args.cmd == "report":
         cmd_report(args)
         return
-    import hybrid_megatron  # noqa: F401  (CPU shims when there is no GPU)
+    from hybrid_megatron import runtime
+
+    runtime.setup()  # the CPU shims when there is no GPU, the allocator and compile defaults
 
     # A run whose rows each get their own process only spawns them: no CUDA context here, which
     # would hold about 0.5 GiB of the GPU that the rows need (1b at micro-batch 4 is at the edge).

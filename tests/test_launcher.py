@@ -65,6 +65,16 @@ def bad_data_entry(recipe):
     raise DataToolsError("dataset prefix /nope/x: /nope/x.idx does not exist")
 
 
+def input_error_entry(recipe):
+    """Raises an InputError subclass the launcher knows nothing of, with a two-line message."""
+    from hybrid_megatron.errors import InputError
+
+    class TokenizerMismatch(InputError):
+        pass
+
+    raise TokenizerMismatch("data.tokenizer: /tok/a has vocab 100\nthe dataset was made with vocab 200")
+
+
 def graceful_entry(recipe):
     """Like the trainer: SIGUSR1 = save and stop. Sends itself SLURM's SIGUSR2 mid-"training"."""
     import signal
@@ -345,6 +355,28 @@ def test_bad_input_in_a_rank_is_reported_as_its_one_line(launcher, tmp_path, mon
                              "not exist") for line in report), report  # whichever rank ended first
     assert not any(line.startswith(("Traceback", "  File")) for line in report), report
     assert launcher.input_error_line("Traceback ...\nRuntimeError: boom") is None
+
+
+def test_a_ranks_input_error_is_recognised_by_its_base_class(launcher, submitit_task_env):
+    """The rank entry turns any InputError into one marked traceback line carrying its class
+    name and message (several lines kept); the launcher reads that line back, and nothing else."""
+    import traceback
+
+    from hybrid_megatron.config import load_recipe
+
+    job = launcher.TrainJob(load_recipe(DEMO), entry=f"{THIS}:input_error_entry", master_port=1234)
+    with pytest.raises(launcher.RankInputError):
+        try:
+            job()
+        except launcher.RankInputError:
+            text = traceback.format_exc()
+            raise
+    assert launcher.input_error_line(text) == (
+        "TokenizerMismatch: data.tokenizer: /tok/a has vocab 100\nthe dataset was made with vocab 200")
+    assert "Traceback" in text and "input_error_entry" in text  # the rank's log keeps the traceback
+    # An error named like a user error but not raised through the rank entry is not one.
+    assert launcher.input_error_line("Traceback ...\nDataToolsError: dataset prefix /x: missing") is None
+    assert launcher.input_error_line("Traceback ...\nX: " + launcher.INPUT_ERROR_MARK + "{not json") is None
 
 
 def test_a_run_folder_that_cannot_be_made_is_one_line(launcher, tmp_path, capsys):

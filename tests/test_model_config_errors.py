@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from hybrid_megatron.config.errors import ModelConfigError
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
-from hybrid_megatron.models.builder import ModelConfigError, check_parallel_layout
+from hybrid_megatron.models.builder import check_parallel_layout
 from hybrid_megatron.models.layer_pattern import PatternError, build_layer_pattern
 from tests.model_configs import tiny_model
 

@@ -8,6 +8,7 @@ target with one NotExactError listing every reason, so nothing silently differen
 from __future__ import annotations
 
 from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.errors import InputError
 from hybrid_megatron.models.layer_pattern import (
     ATTENTION_LETTERS,
     build_layer_pattern,
@@ -18,7 +19,7 @@ from hybrid_megatron.models.layer_pattern import (
 TARGETS = ("nemotron_h", "falcon_h1", "remote_code")
 
 
-class NotExactError(ValueError):
+class NotExactError(InputError, ValueError):
     """The requested target cannot hold this model exactly; the message lists why."""
 
 

@@ -10,6 +10,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from hybrid_megatron.config.errors import ModelConfigError
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
 from hybrid_megatron.models.layer_pattern import build_layer_pattern, split_pattern
@@ -17,10 +18,6 @@ from hybrid_megatron.models.moe import keep_token_counts_on_device
 from hybrid_megatron.models.output_layer import use_fp8_output_layer
 from hybrid_megatron.models.specs import backend_for, block_spec, rms_norm_spec
 from hybrid_megatron.models.transformer_config import build_transformer_config, resolve_impl
-
-
-class ModelConfigError(ValueError):
-    """A model config that cannot be built on this parallel layout; names the field."""
 
 
 def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, ep: int) -> None:

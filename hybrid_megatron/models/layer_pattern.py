@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from hybrid_megatron.config.model import ModelConfig, parse_ratio
+from hybrid_megatron.errors import InputError
 
 BLOCK_LETTERS = ("A", "M", "H", "*", "-", "E")
 LETTER_ORDER = "".join(BLOCK_LETTERS)  # the order reports list block types in
@@ -28,7 +29,7 @@ _NEMOTRON_H_LETTERS = {
 }
 
 
-class PatternError(ValueError):
+class PatternError(InputError, ValueError):
     """A layer pattern that cannot be built; the message names the recipe field."""
 
 

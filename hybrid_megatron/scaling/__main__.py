@@ -29,12 +29,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      help="relative FLOPs difference within one isoFLOP budget")
     args = parser.parse_args(argv)
 
+    from hybrid_megatron import runtime
+    from hybrid_megatron.errors import InputError
+
+    runtime.setup()
     from hybrid_megatron.scaling.analysis import analyze, write_outputs
-    from hybrid_megatron.scaling.runs import RunsError, load_runs
+    from hybrid_megatron.scaling.runs import load_runs
 
     try:
         runs = load_runs(args.tracking_uri, args.experiment, args.group, args.min_runs)
-    except RunsError as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = analyze(runs, bootstrap=args.bootstrap, level=args.level, seed=args.seed,

@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from hybrid_megatron.errors import InputError
+
 PARAM_N = "model.num_parameters"
 PARAM_D = "train.tokens"
 PARAM_C = "train.flops"
@@ -25,7 +27,7 @@ TAG_GROUP = "hm.compare_group"
 MIN_RUNS = 5  # a 5-parameter law needs at least as many points per architecture
 
 
-class RunsError(ValueError):
+class RunsError(InputError, ValueError):
     """Runs that cannot be fitted: missing fields (naming the run ids) or too few runs."""
 
 
