@@ -19,7 +19,7 @@ scale_out = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(scale_out)
 
 SCRIPT = str(REPO / "bench" / "scale_out.py")
-RECIPE = "recipes/tiny_intra_moe.yaml"
+RECIPE = "recipes/intra_tiny_moe.yaml"
 LAYOUT_A = ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]
 LAYOUT_B = ["parallel.tp=1", "parallel.pp=1", "parallel.sequence_parallel=false"]
 
@@ -126,7 +126,7 @@ def test_several_layouts_share_one_reference_and_a_later_call_keeps_finished_run
     is the only one a --keep-finished call redoes."""
     out = tmp_path / "record.json"
     command = [sys.executable, SCRIPT, RECIPE,
-               "--layout-a", "parallel.ep=2", "parallel.expert_tp=1",  # tiny_intra_moe: tp 2 + SP
+               "--layout-a", "parallel.ep=2", "parallel.expert_tp=1",  # intra_tiny_moe: tp 2 + SP
                "--layout-a", "parallel.ep=2", "parallel.tp=1", "parallel.sequence_parallel=false",
                "--layout-b", "parallel.tp=1", "parallel.sequence_parallel=false",
                "--nproc-a", "2", "--steps", "4", "--tolerance", "1e-4",

@@ -15,7 +15,7 @@ import pytest
 
 from tests.training_helpers import REPO, kill_rank, read_losses, start_job, wait_job
 
-RECIPE = str(REPO / "recipes" / "tiny_intra.yaml")
+RECIPE = str(REPO / "recipes" / "intra_tiny.yaml")
 
 
 def _overrides(run_dir: Path, *extra: str) -> list[str]:
@@ -83,7 +83,7 @@ def test_checkpoint_from_ep1_resumes_at_ep2(tmp_path):
     by two ranks at EP 2, where megatron-core chains a second optimizer for the experts; the
     next steps' losses match the EP 1 run continuing (fp32). The EP 2 -> 1 direction is
     tests/test_scale_out.py's resume check."""
-    moe = str(REPO / "recipes" / "tiny_intra_moe.yaml")
+    moe = str(REPO / "recipes" / "intra_tiny_moe.yaml")
     one, ep2 = ["parallel.tp=1", "parallel.sequence_parallel=false"], ["parallel.ep=2"]
     ref_dir, ep_dir = tmp_path / "ep1", tmp_path / "ep2"
     assert wait_job(start_job(moe, _overrides(ref_dir, *one), 1, ref_dir / "logs")) == [0]
