@@ -69,7 +69,7 @@ def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(launcher, slur
                                                                    capsys):
     """A two-run F-matched sweep (Transformer reference, intra hybrid) submitted to the test
     SLURM cluster as one job array and followed with ``--wait``: each array task trains its
-    architecture for its own token budget, and both MLflow runs carry the sweep's compare group
+    kind for its own token budget, and both MLflow runs carry the sweep's compare group
     (SQLite store under tmp_path, created by the launcher before the tasks start)."""
     import math
     import subprocess

@@ -1,4 +1,4 @@
-"""Compute-matched sweeps: architectures x token budgets, P- or F-matched, as a list of runs.
+"""Compute-matched sweeps: kinds x token budgets, P- or F-matched, as a list of runs.
 
 A sweep file (``recipes/sweeps/*.yaml``)::
 
@@ -10,7 +10,7 @@ A sweep file (``recipes/sweeps/*.yaml``)::
       recipes: [../transformer_1b.yaml, ../inter_1b.yaml, ...]
       overrides: [train.eval_interval=2000]   # applied to every run
 
-Under ``F`` an architecture's token budget is ``tokens * F_ref / F_arch`` with F the training
+Under ``F`` a kind's token budget is ``tokens * F_ref / F_kind`` with F the training
 FLOPs per token from :mod:`hybrid_megatron.accounting` at the recipe's sequence length, so
 every run spends the same compute (the paper's "F-matched" comparison).
 """
