@@ -46,7 +46,7 @@ NATIVES = {"native_gpt": "transformer", "native_mamba_hybrid": "inter", "native_
 # Sequence length and micro-batch per scale (8K tokens per micro-batch at both).
 SCALES = {"350m": {"seq": 4096, "mbs": 2}, "1b": {"seq": 8192, "mbs": 1}, "tiny": {"seq": 64, "mbs": 2}}
 ROW_PROCESS_ENV = "HM_BENCH_ROW_PROCESS"  # set in a row's own process (see _measure_in_subprocess)
-PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100/H200 SXM dense peaks (the issue's figures)
+PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100/H200 SXM dense peaks (NVIDIA's datasheet)
 
 
 # ----------------------------------------------------------------------------- model configs
@@ -662,7 +662,7 @@ GOALS = {
 
 def summarise(records: list[dict]) -> dict:
     """Merge run records: every row gets ``mfu`` and ``vs_baseline`` (tokens/s over the
-    megatron-core baseline's at the same scale, FFN and precision); plus the issue's goals."""
+    megatron-core baseline's at the same scale, FFN and precision); plus the GOALS met or missed."""
     rows = []
     for run, record in enumerate(records):
         for row in record.get("rows", []):

@@ -1,4 +1,4 @@
-"""Checkpoint conversion to Hugging Face layouts, verified by logits parity (issue 6).
+"""Checkpoint conversion to Hugging Face layouts, verified by logits parity.
 
 Every parity test builds a tiny model, randomises all weights (norms, A_log, D, dt_bias and
 branch scalars included), exports it in fp32, loads the export with transformers (pinned:

@@ -1,4 +1,4 @@
-"""Evaluation (issue 8): NLL, cached generation, cache bytes, NIAH harness, extrapolation, CLI."""
+"""Evaluation: NLL, cached generation, cache bytes, NIAH harness, extrapolation, CLI."""
 
 from __future__ import annotations
 

@@ -415,7 +415,7 @@ def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(launcher, slurm
     assert f"Requeued job {job_id}" in log and "asking the trainer to checkpoint and stop" in log
 
 
-# ---------------------------------------------------------------------------- sweeps (#5)
+# ---------------------------------------------------------------------------- sweeps
 
 
 def test_sweep_dry_run_prints_the_runs_and_the_array_script(launcher, capsys):

@@ -1,4 +1,4 @@
-"""bench/scale_out.py (issue #9's scale-out check): its loss comparison fails when it should,
+"""bench/scale_out.py, the scale-out check: its loss comparison fails when it should,
 bad input is one line, and end to end on CPU the intra MoE hybrid at TP=2 x PP=2 (+SP, 4 gloo
 ranks) matches one rank, and a checkpoint saved at TP=2 x PP=2 resumes at one rank."""
 
@@ -121,7 +121,7 @@ def test_checkpoints_are_pruned_to_the_resume_step_and_moved(tmp_path):
 
 @pytest.mark.long  # ~2.5 min: init, B, two A layouts and their resumes, then B again
 def test_several_layouts_share_one_reference_and_a_later_call_keeps_finished_runs(tmp_path):
-    """Issue #7's 2-GPU layouts on 2 gloo ranks: TP 2 x EP 2 with whole experts and EP 2 (DP 2),
+    """The 350M MoE 2-GPU layouts on 2 gloo ranks: TP 2 x EP 2 with whole experts and EP 2 (DP 2),
     each against one rank, each resumed at one rank; then a run killed halfway (B's log lost)
     is the only one a --keep-finished call redoes."""
     out = tmp_path / "record.json"
