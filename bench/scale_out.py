@@ -179,7 +179,7 @@ def launch(recipe: str, overrides: Sequence[str], nproc: int, run_dir: Path, lab
 def keep_only_checkpoint(root: Path, step: int, steps: int) -> None:
     """Delete the checkpoints of steps 1..``steps`` under ``root`` except ``step`` (the one a
     resume starts from), which becomes ``latest``; frees disk between runs."""
-    from hybrid_megatron.training.checkpoint import step_dir_name, write_latest
+    from hybrid_megatron.checkpoint_layout import step_dir_name, write_latest
 
     for other in range(1, steps + 1):
         if other != step and (root / step_dir_name(other)).is_dir():
@@ -192,7 +192,7 @@ def move_checkpoint(src_root: Path, step: int, dst_root: Path) -> None:
     """Move checkpoint ``step`` of ``src_root`` into ``dst_root`` as its latest (the layout it was
     saved at does not matter to the loader). Nothing to do if ``dst_root`` already has it (a
     resume run that is being continued). Raises BadInput if that checkpoint is missing."""
-    from hybrid_megatron.training.checkpoint import LATEST, step_dir_name, write_latest
+    from hybrid_megatron.checkpoint_layout import LATEST, step_dir_name, write_latest
 
     name = step_dir_name(step)
     if (dst_root / name).is_dir():

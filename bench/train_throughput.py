@@ -86,6 +86,8 @@ class RunOptions:
                                 "router top-k and token permutation)")
     moe_experts: str = _option("grouped", "--moe-experts", "model.moe.experts on our MoE rows: grouped, "
                                "te_grouped or sequential (native rows keep megatron-core's TE grouped experts)")
+    adam_moments: str = _option("fp32", "--adam-moments", "train.adam_moments: fp32 or bf16 (the "
+                                "precision-aware optimizer, for MoE rows whose optimizer state does not fit)")
     gpu_busy: bool = _option(False, "--gpu-busy", "after the timed steps, profile 2 more steps (kernels "
                              "only) and record the share of the step the GPU is busy")
 
@@ -303,7 +305,7 @@ class Trainee:
     """
 
     def __init__(self, kind: str, cfg, recompute: str = "none", seed: int = 1234, cuda_graphs: bool = False,
-                 fused: bool = True, fused_moe: bool = True):
+                 fused: bool = True, fused_moe: bool = True, adam_moments: str = "fp32"):
         from hybrid_megatron.config.parallel import ParallelConfig
         from hybrid_megatron.config.train import TrainConfig
         from hybrid_megatron.training.model_setup import wrap_for_training
@@ -324,7 +326,7 @@ class Trainee:
             model.config.moe_permute_fusion = False
         self.chunks = wrap_for_training(model, bf16=bf16, fuse_wgrad=fused)
         train = TrainConfig(global_batch_size=1, steps=1000, lr=1e-4, warmup_steps=10,
-                            precision="bf16" if bf16 else "fp32")
+                            precision="bf16" if bf16 else "fp32", adam_moments=adam_moments)
         self.optimizer = build_optimizer(train, self.chunks)
         self.scheduler = build_scheduler(train, self.optimizer, 1000)
 
@@ -332,7 +334,7 @@ class Trainee:
     def for_options(cls, kind: str, cfg, options: RunOptions) -> "Trainee":
         """A row's Trainee under a run's options (CUDA graphs, the fusions switched off)."""
         return cls(kind, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused,
-                   fused_moe=not options.unfused_moe)
+                   fused_moe=not options.unfused_moe, adam_moments=options.adam_moments)
 
     def step(self, batch: list, seq: int) -> float:
         """One optimizer step on ``batch``; returns the loss."""

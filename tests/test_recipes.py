@@ -280,6 +280,8 @@ def test_unknown_field_in_base_names_the_base(chain):
     ("parallel.ep=3", "model.moe.num_experts: 4 experts do not split over parallel.ep=3"),
     ("parallel.expert_tp=3", "parallel.expert_tp: 3 must be 1 (whole experts) or parallel.tp=1"),
     ("parallel.expert_tp=0", "override: parallel.expert_tp: input should be greater than 0"),
+    ("train.adam_moments=bf16", "override: train.adam_moments: bf16 moments need train.precision bf16"),
+    ("model.moe.experts=fast", "override: model.moe.experts: 'fast' is not one of grouped, sequential, te_grouped"),
     ("name=has space", "override: name: 'has space' must be letters"),
     ("train", "override 'train': expected KEY.PATH=VALUE"),
     ("extends=x.yaml", "override 'extends=x.yaml': extends cannot be overridden"),

@@ -103,7 +103,7 @@ def test_speedup_is_whole_job_tokens_per_second():
 
 
 def test_checkpoints_are_pruned_to_the_resume_step_and_moved(tmp_path):
-    from hybrid_megatron.training.checkpoint import step_dir_name
+    from hybrid_megatron.checkpoint_layout import step_dir_name
 
     a, resume = tmp_path / "a" / "checkpoints", tmp_path / "resume" / "checkpoints"
     for step in (4, 8):

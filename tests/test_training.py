@@ -106,7 +106,7 @@ def _recipe(tmp_path, *extra):
 def test_crash_during_save_keeps_latest_valid(single_rank, tmp_path, monkeypatch, capsys):
     from megatron.core import dist_checkpointing
 
-    from hybrid_megatron.training import checkpoint as ckpt
+    from hybrid_megatron import checkpoint_layout as layout
     from hybrid_megatron.training.entry import train
 
     real_save = dist_checkpointing.save
@@ -124,7 +124,7 @@ def test_crash_during_save_keeps_latest_valid(single_rank, tmp_path, monkeypatch
         train(_recipe(tmp_path, "train.steps=8"))
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000004"
-    assert ckpt.latest_checkpoint(str(root)).name == "step_00000004"
+    assert layout.latest_checkpoint(root).name == "step_00000004"
     assert list(root.glob("step_00000008*partial*"))  # the broken one never got the final name
     assert not (root / "step_00000008").exists()
 
@@ -607,7 +607,7 @@ def test_keep_last_1_with_a_failed_save_keeps_the_latest(single_rank, tmp_path, 
     still exists and loads; the resumed run finishes with only its newest checkpoint left."""
     from megatron.core import dist_checkpointing
 
-    from hybrid_megatron.training import checkpoint as ckpt
+    from hybrid_megatron import checkpoint_layout as layout
     from hybrid_megatron.training.entry import train
 
     real_save = dist_checkpointing.save
@@ -633,13 +633,13 @@ def test_keep_last_1_with_a_failed_save_keeps_the_latest(single_rank, tmp_path, 
     assert resumed == "step_00000002"
     assert summary["steps"] == 6 and read_losses(tmp_path).keys() == set(range(1, 7))
     assert _step_dirs(root) == ["step_00000006"] and _latest(root) == "step_00000006"
-    assert ckpt.latest_checkpoint(str(root)).name == "step_00000006"
+    assert layout.latest_checkpoint(root).name == "step_00000006"
 
 
 def test_rerun_in_a_used_directory_never_prunes_what_latest_names(single_rank, tmp_path, capsys):
     """keep_last 1; a first run leaves step 6; a rerun with ``resume: none`` saves step 3.
     Pruning by name alone kept step 6 and deleted step 3, leaving ``latest`` dangling."""
-    from hybrid_megatron.training import checkpoint as ckpt
+    from hybrid_megatron import checkpoint_layout as layout
     from hybrid_megatron.training.entry import train
 
     root = tmp_path / "checkpoints"
@@ -648,7 +648,7 @@ def test_rerun_in_a_used_directory_never_prunes_what_latest_names(single_rank, t
     assert _step_dirs(root) == ["step_00000006"]
     train(_recipe(tmp_path, "train.steps=3", "checkpoint.resume=none", *keep1))
     assert _latest(root) == "step_00000003"
-    assert ckpt.latest_checkpoint(str(root)).name == "step_00000003"
+    assert layout.latest_checkpoint(root).name == "step_00000003"
     assert _step_dirs(root) == ["step_00000003", "step_00000006"]  # the other run's is kept
     summary, resumed = _train_noting_the_resume(capsys, _recipe(tmp_path, "train.steps=6", *keep1))
     assert resumed == "step_00000003"  # resume: auto takes what latest names, not step 6
@@ -663,7 +663,7 @@ def test_resaving_the_latest_step_survives_a_crash_while_replacing_it(single_ran
     a resume from it finishes the run."""
     import shutil as shutil_module
 
-    from hybrid_megatron.training import checkpoint as ckpt
+    from hybrid_megatron import checkpoint_layout as layout
     from hybrid_megatron.training.entry import train
 
     root = tmp_path / "checkpoints"
@@ -680,11 +680,11 @@ def test_resaving_the_latest_step_survives_a_crash_while_replacing_it(single_ran
             raise OSError("killed while deleting (simulated)")
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt.shutil, "rmtree", dies_half_way)
+    monkeypatch.setattr(layout.shutil, "rmtree", dies_half_way)
     with pytest.raises(OSError, match="killed while deleting"):
         train(_recipe(tmp_path, *keep1, "checkpoint.resume=none"))
-    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
-    latest = ckpt.latest_checkpoint(str(root))
+    monkeypatch.setattr(layout.shutil, "rmtree", real_rmtree)
+    latest = layout.latest_checkpoint(root)
     assert latest.name.startswith("step_00000004.partial-")  # the new, complete copy
     assert (latest / "metadata.json").exists() and (latest / "recipe.yaml").exists()
 

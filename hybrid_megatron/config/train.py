@@ -73,6 +73,12 @@ class TrainConfig(StrictSection):
     adam_beta2: float = Field(default=0.95, ge=0, lt=1)
     adam_eps: float = Field(default=1e-8, gt=0)
     clip_grad: float = Field(default=1.0, ge=0, description="global grad-norm clip; 0 disables")
+    adam_moments: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="dtype of Adam's two moment estimates. bf16 (GPU, train.precision bf16): "
+        "megatron-core's precision-aware optimizer with TE's fused Adam, 4 bytes per parameter "
+        "less, for models whose optimizer state does not fit otherwise (large MoE on few GPUs)",
+    )
     seed: int = Field(default=1234, description="model init, dropout and data-order seed")
     precision: Literal["fp32", "bf16"] = Field(
         default="fp32", description="training precision (bf16: mixed precision on GPU)"
@@ -113,6 +119,8 @@ class TrainConfig(StrictSection):
             raise ValueError(
                 f"train.warmup_steps: {self.warmup_steps} must be smaller than train.steps {self.steps}"
             )
+        if self.adam_moments == "bf16" and self.precision != "bf16":
+            raise ValueError("train.adam_moments: bf16 moments need train.precision bf16")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size: {self.global_batch_size} is not a multiple of "

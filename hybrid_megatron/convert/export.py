@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from hybrid_megatron.checkpoint_layout import MODEL_FILE, read_saved_recipe, resolve_checkpoint
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.convert.exactness import choose_target
 from hybrid_megatron.convert.writer import write_export
@@ -87,14 +88,10 @@ def to_hf(
     Loads it at TP=PP=1 on CPU (megatron-core reshards), checks exactness before doing any
     work, writes the export with the recipe's tokenizer. Returns ``(output, target, why)``.
     """
-    from hybrid_megatron.config.loader import read_yaml
-    from hybrid_megatron.config.recipe import validate_recipe
-    from hybrid_megatron.training.checkpoint import RECIPE_FILE
-    from hybrid_megatron.training.restore import load_trained_model, resolve_checkpoint
+    from hybrid_megatron.training.restore import load_trained_model
 
     step_dir = resolve_checkpoint(checkpoint)
-    recipe = validate_recipe(read_yaml(step_dir / RECIPE_FILE), step_dir, str(step_dir / RECIPE_FILE))
-    choose_target(recipe.model, target)  # refuse before loading anything
+    choose_target(read_saved_recipe(step_dir).model, target)  # refuse before loading anything
     recipe, model = load_trained_model(step_dir)
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     tokenizer = recipe.data.tokenizer if getattr(recipe, "data", None) is not None else None
@@ -190,7 +187,6 @@ def from_hf_to_checkpoint(path: str | Path, output: str | Path, overwrite: bool 
     from hybrid_megatron.models import build_model
     from hybrid_megatron.training.distributed import init_distributed_from_env
     from hybrid_megatron.training.parallel_setup import setup_model_parallel
-    from hybrid_megatron.training.restore import MODEL_FILE
 
     model_dict, state = from_hf(path)
     output = Path(output).resolve()

@@ -142,15 +142,11 @@ def run(args) -> dict:
         print(f"{label}: " + json.dumps(_summary(args.task, res)))
     print(f"wrote {js}")
     if args.mlflow:
+        from hybrid_megatron.checkpoint_layout import read_saved_recipe, resolve_checkpoint
         from hybrid_megatron.evaluation.mlflow_log import log_results
-        from hybrid_megatron.training.restore import load_trained_model  # noqa: F401 (recipe via restore)
-        from hybrid_megatron.config.loader import read_yaml
-        from hybrid_megatron.config.recipe import validate_recipe
-        from hybrid_megatron.training.restore import resolve_checkpoint
 
         for label, ckpt in recipes.items():
-            step_dir = resolve_checkpoint(ckpt)
-            recipe = validate_recipe(read_yaml(step_dir / "recipe.yaml"), step_dir, str(step_dir / "recipe.yaml"))
+            recipe = read_saved_recipe(resolve_checkpoint(ckpt))
             run_id = log_results(ckpt, recipe, metrics[label], [js, *artifacts.get(label, [])])
             print(f"{label}: " + (f"logged to MLflow run {run_id}" if run_id else "no mlflow_run_id: not logged"))
     return results

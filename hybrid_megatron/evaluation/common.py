@@ -9,6 +9,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from hybrid_megatron.checkpoint_layout import checkpoint_root
+
 
 def load_for_eval(checkpoint: str | Path, tp: int = 1, pp: int = 1):
     """Load a training checkpoint for evaluation at TP=``tp``, PP=``pp``.
@@ -107,9 +109,7 @@ def write_json(path: str | Path, payload: dict) -> Path:
 
 def checkpoint_label(checkpoint: str | Path, recipe=None) -> str:
     """A short label for plots: the run name (parent of the checkpoints dir) or the dir name."""
-    p = Path(checkpoint).resolve()
-    if p.name.startswith("step_"):
-        p = p.parent
+    p = checkpoint_root(checkpoint)
     if p.name == "checkpoints":
         p = p.parent
     return p.name

@@ -9,13 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from hybrid_megatron.checkpoint_layout import checkpoint_root
 from hybrid_megatron.tracking.mlflow_tracker import RUN_ID_FILE
-
-
-def checkpoint_root(checkpoint: str | Path) -> Path:
-    """The checkpoint root (the dir holding ``latest``) of a root or step directory."""
-    p = Path(checkpoint).resolve()
-    return p.parent if p.name.startswith("step_") else p
 
 
 def log_results(checkpoint: str | Path, recipe, metrics: dict[str, float], artifacts: list[str | Path] = (),

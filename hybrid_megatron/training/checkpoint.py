@@ -1,27 +1,16 @@
 """Atomic, resharding-capable checkpoints through megatron-core's dist_checkpointing.
 
-Layout under ``checkpoint.dir``::
-
-    step_00000020/          one megatron-core distributed checkpoint per save
-    step_00000040/
-    latest                  text file naming the newest complete checkpoint directory
-
-A save writes into ``step_N.partial-<id>/``, renames it to ``step_N/`` once every rank has
-finished, and only then replaces ``latest`` (write a temp file, ``os.replace``). A crash at any
-point leaves ``latest`` naming the previous complete checkpoint; leftovers of an interrupted
-save are removed by the next save. Re-saving a step that already has a directory (a rerun
-reaching a step an earlier run saved) points ``latest`` at the new, complete copy before the
-old one is deleted. Pruning (``keep_last``) keeps the newest checkpoints up to the one
-``latest`` names and never deletes that one; directories of higher steps (left by another run
-in the same directory) are not pruned: they are replaced when this run saves that step.
-Model and optimizer states are sharded per parameter (not per rank), so a checkpoint written
-at one TP/PP/EP layout loads at another.
+Where checkpoints lie (step directories, ``latest``, pruning) is
+:mod:`hybrid_megatron.checkpoint_layout`'s; this module writes and reads their contents. A save
+is written into a ``.partial-`` directory and published only once every rank has finished, so
+a crash at any point leaves ``latest`` naming the previous complete checkpoint. Model and
+optimizer states are sharded per parameter (not per rank), so a checkpoint written at one
+TP/PP/EP layout loads at another.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import uuid
 from contextlib import contextmanager
@@ -36,21 +25,12 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
 from torch.distributed.checkpoint.api import CheckpointException
 
+from hybrid_megatron import checkpoint_layout as layout
+from hybrid_megatron.checkpoint_layout import CheckpointError
+
 # megatron-core raises many types; torch's distributed checkpoint wraps a rank's failure (a
 # key missing from the checkpoint, say) in CheckpointException, a BaseException.
 LOAD_ERRORS = (Exception, CheckpointException)
-
-LATEST = "latest"
-_STEP_PREFIX = "step_"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; the message names the path."""
-
-
-def step_dir_name(step: int) -> str:
-    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
-    return f"{_STEP_PREFIX}{step:08d}"
 
 
 def check_writable(root: str) -> None:
@@ -62,21 +42,6 @@ def check_writable(root: str) -> None:
         probe.unlink()
     except OSError as err:
         raise CheckpointError(f"checkpoint.dir: {root} is not writable ({err.strerror})") from None
-
-
-def latest_checkpoint(root: str) -> Optional[Path]:
-    """The newest complete checkpoint under ``root`` per its ``latest`` pointer, or None.
-
-    Raises CheckpointError when ``latest`` names a directory that is missing or incomplete.
-    """
-    name = _read_latest(Path(root))
-    if name is None:
-        return None
-    pointer = Path(root) / LATEST
-    target = Path(root) / name
-    if not (target / "metadata.json").exists():
-        raise CheckpointError(f"{pointer} names {target}, which is not a complete checkpoint")
-    return target
 
 
 @dataclass
@@ -167,9 +132,6 @@ def _sharded_state(model_chunks, optimizer, scheduler, state: TrainingState, loa
     return out
 
 
-RECIPE_FILE = "recipe.yaml"
-
-
 def save_checkpoint(
     root: str,
     model_chunks,
@@ -187,13 +149,7 @@ def save_checkpoint(
     alone). Returns the final directory.
     """
     rank = dist.get_rank()
-    final = Path(root) / step_dir_name(state.step)
-    partial = None
-    if rank == 0:
-        _remove_leftovers(Path(root))
-        partial = Path(root) / f"{final.name}.partial-{uuid.uuid4().hex[:8]}"
-        partial.mkdir(parents=True)
-    box = [str(partial) if partial else None]
+    box = [str(layout.start_save(root, state.step)) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     partial = Path(box[0])
 
@@ -204,19 +160,11 @@ def save_checkpoint(
     dist.barrier()
     if rank == 0:
         if recipe_yaml is not None:
-            (partial / RECIPE_FILE).write_text(recipe_yaml)
-        if final.exists():
-            # Re-saving a step that has a directory already (a rerun reaching a step an earlier
-            # run saved). If ``latest`` names it, name the new complete copy first: a crash
-            # while the old one is deleted must not leave ``latest`` naming a half-deleted one.
-            if _read_latest(Path(root)) == final.name:
-                write_latest(Path(root), partial.name)
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        write_latest(Path(root), final.name)
-        _prune(root, keep_last)
+            (partial / layout.RECIPE_FILE).write_text(recipe_yaml)
+        layout.finish_save(partial)
+        layout.prune(root, keep_last)
     dist.barrier()
-    return final
+    return Path(root) / layout.step_dir_name(state.step)
 
 
 # The signals SLURM sends before a time limit or on preemption (SIGUSR2 is submitit's).
@@ -244,65 +192,13 @@ def _stop_signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _read_latest(root: Path) -> Optional[str]:
-    pointer = root / LATEST
-    return pointer.read_text().strip() if pointer.exists() else None
-
-
-def write_latest(root: Path, name: str) -> None:
-    """Point ``root/latest`` at checkpoint directory ``name`` (temp file + rename: atomic)."""
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(name)
-    os.replace(tmp, root / LATEST)
-
-
-def checkpoint_step(path: Path) -> Optional[int]:
-    """The step of a complete checkpoint directory's name (``step_00000040`` -> 40), else None.
-
-    None for anything else, including an unfinished ``step_N.partial-<id>`` directory.
-    """
-    name = Path(path).name
-    digits = name[len(_STEP_PREFIX):] if name.startswith(_STEP_PREFIX) else ""
-    return int(digits) if digits.isdigit() else None
-
-
-def _remove_leftovers(root: Path) -> None:
-    # Unfinished saves, except one that ``latest`` names (see the re-save in save_checkpoint).
-    current = _read_latest(root)
-    for leftover in root.glob(f"{_STEP_PREFIX}*.partial-*"):
-        if leftover.name != current:
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _prune(root: str, keep_last: int) -> None:
-    """Keep the ``keep_last`` newest checkpoints up to the one ``latest`` names; delete older ones.
-
-    The checkpoint ``latest`` names is never deleted; nothing is deleted when ``latest`` does
-    not name a ``step_N`` directory. Checkpoints of higher steps than ``latest``'s (another
-    run's, e.g. after ``resume: none`` in a used directory) are kept.
-    """
-    base = Path(root)
-    current = _read_latest(base)
-    current_step = checkpoint_step(base / current) if current else None
-    if current_step is None:
-        return
-    done = sorted(
-        (step, path) for path in base.iterdir()
-        if path.is_dir() and (step := checkpoint_step(path)) is not None and step <= current_step
-    )
-    for _, old in done[:-keep_last]:
-        if old.name != current:
-            shutil.rmtree(old, ignore_errors=True)
-    _remove_leftovers(base)
-
-
 def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingState:
     """Load a checkpoint into model, optimizer and scheduler (any parallel layout); all ranks.
 
     Returns the TrainingState stored with it. Raises CheckpointError naming the path when it
     is not a readable checkpoint. RNG streams are restored only when the world size matches.
     """
-    if not (Path(path) / "metadata.json").exists():
+    if not layout.is_complete(path):
         raise CheckpointError(f"checkpoint.resume: {path} is not a megatron-core checkpoint")
     if optimizer is not None:
         _materialise_optimizer_state(optimizer)

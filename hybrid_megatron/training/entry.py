@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hybrid_megatron.checkpoint_layout import is_checkpoint_root, latest_checkpoint
 from hybrid_megatron.config.derived import derived, format_derived
 from hybrid_megatron.training.checkpoint import (
     CheckpointError,
     TrainingState,
     check_writable,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -46,8 +46,8 @@ def _resume_path(recipe):
     if choice == "auto":
         return latest_checkpoint(recipe.checkpoint.dir)
     path = Path(choice)
-    if path.name != "" and (path / "latest").exists():  # a checkpoint root was given
-        return latest_checkpoint(str(path))
+    if path.name != "" and is_checkpoint_root(path):
+        return latest_checkpoint(path)
     return path
 
 

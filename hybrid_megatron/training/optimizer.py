@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -14,6 +15,12 @@ def build_optimizer(train: TrainConfig, model_chunks: list):
     Takes the TrainConfig and the DDP-wrapped chunks; returns a MegatronOptimizer (fp32 master
     weights for bf16 models; gradient clipping at ``clip_grad``; states sharded across DP).
     """
+    moments = {}
+    if train.adam_moments == "bf16":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.adam_moments bf16 needs a GPU (Transformer Engine's fused Adam)")
+        moments = dict(use_precision_aware_optimizer=True, exp_avg_dtype=torch.bfloat16,
+                       exp_avg_sq_dtype=torch.bfloat16)
     config = OptimizerConfig(
         optimizer="adam",
         lr=train.lr,
@@ -28,6 +35,7 @@ def build_optimizer(train: TrainConfig, model_chunks: list):
         if hasattr(model_chunks[0].module, "config")
         else None,
         use_distributed_optimizer=True,
+        **moments,
     )
     return get_megatron_optimizer(config, model_chunks)
 

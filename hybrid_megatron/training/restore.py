@@ -7,27 +7,14 @@ from typing import Optional
 
 from megatron.core import parallel_state
 
-from hybrid_megatron.config.parallel import ParallelConfig
-from hybrid_megatron.training.checkpoint import (
-    LATEST,
-    RECIPE_FILE,
+from hybrid_megatron.checkpoint_layout import (
     CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
+    read_saved_model,
+    read_saved_recipe,
+    resolve_checkpoint,
 )
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint root (holding ``latest``) or one step directory -> the step directory.
-
-    Raises CheckpointError naming the path when neither is found.
-    """
-    path = Path(path)
-    if (path / LATEST).exists():
-        return latest_checkpoint(str(path))
-    if (path / "metadata.json").exists():
-        return path
-    raise CheckpointError(f"{path}: neither a checkpoint directory nor a root with '{LATEST}'")
+from hybrid_megatron.config.parallel import ParallelConfig
+from hybrid_megatron.training.checkpoint import load_checkpoint
 
 
 def load_trained_model(checkpoint: str | Path, parallel: Optional[ParallelConfig] = None, seed: int = 1):
@@ -40,17 +27,12 @@ def load_trained_model(checkpoint: str | Path, parallel: Optional[ParallelConfig
     """
     import torch
 
-    from hybrid_megatron.config.loader import read_yaml
-    from hybrid_megatron.config.recipe import validate_recipe
     from hybrid_megatron.models import build_model
     from hybrid_megatron.training.distributed import init_distributed_from_env
     from hybrid_megatron.training.parallel_setup import setup_model_parallel
 
     step_dir = resolve_checkpoint(checkpoint)
-    recipe_file = step_dir / RECIPE_FILE
-    if not recipe_file.exists():
-        raise CheckpointError(f"{step_dir}: has no {RECIPE_FILE}; cannot tell which model it holds")
-    recipe = validate_recipe(read_yaml(recipe_file), step_dir, str(recipe_file))
+    recipe = read_saved_recipe(step_dir)
     parallel = parallel or ParallelConfig()
     init_distributed_from_env()
     setup_model_parallel(parallel, seed)
@@ -65,21 +47,6 @@ def load_trained_model(checkpoint: str | Path, parallel: Optional[ParallelConfig
     load_checkpoint(step_dir, [model], None, None)
     model.eval()
     return recipe, model
-
-
-MODEL_FILE = "model.yaml"  # the model section written next to a from-hf checkpoint
-
-
-def _saved_model(step_dir: Path):
-    """The ModelConfig stored with a checkpoint (from-hf ``model.yaml`` or a training run's
-    ``recipe.yaml``), or None when it has neither."""
-    from hybrid_megatron.config.loader import read_yaml
-    from hybrid_megatron.config.model import ModelConfig
-
-    for name in (MODEL_FILE, RECIPE_FILE):
-        if (step_dir / name).exists():
-            return ModelConfig(**read_yaml(step_dir / name)["model"])
-    return None
 
 
 def init_weights_from(path: str | Path, model_chunks, model_cfg) -> Path:
@@ -101,7 +68,7 @@ def init_weights_from(path: str | Path, model_chunks, model_cfg) -> Path:
         step_dir = resolve_checkpoint(path)
     except CheckpointError as err:
         raise CheckpointError(f"checkpoint.init_from: {err}") from None
-    saved = _saved_model(step_dir)
+    saved = read_saved_model(step_dir)
     if saved is not None:
         pairs = {
             "model.flavour": (saved.flavour, model_cfg.flavour),
