@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Scale-out check (issues #7, #9): one recipe at several parallel layouts, plus resharded resumes.
+"""Scale-out check: one recipe at several parallel layouts, plus resharded resumes.
 
     python bench/scale_out.py RECIPE [key.path=value ...] \
         --layout-a parallel.tp=2 parallel.pp=2 parallel.sequence_parallel=true \
@@ -8,14 +8,14 @@
         [--nproc-a N] [--nproc-b N] [--steps 100] [--tolerance 2e-2] [--no-resume] \
         [--keep-finished] [--output runs/scale_out/<recipe>] [--out bench/results/scale_out_<recipe>.json]
 
-e.g. on 4 GPUs (issue #9; on 8 GPUs add parallel.ep=2 to layout A):
+e.g. TP 2 x PP 2 against one GPU, on 4 GPUs (on 8 GPUs add parallel.ep=2 to layout A):
 
     python bench/scale_out.py recipes/intra_1b_moe.yaml train.global_batch_size=32 \
         --layout-a parallel.tp=2 parallel.pp=2 --layout-b parallel.tp=1 parallel.pp=1 \
         parallel.sequence_parallel=false parallel.pipeline_stage_layers=null \
         --out bench/results/scale_out_intra_1b_moe_h100.json
 
-and on 2 GPUs issue #7's TP 2, EP 2 and TP 2 x EP 2 of the 350M intra MoE model against one
+and on 2 GPUs TP 2, EP 2 and TP 2 x EP 2 of the 350M intra MoE model against one
 GPU: recipes/intra_350m_moe.yaml's header.
 
 Overrides after RECIPE apply to every run; ``--layout-a``/``--layout-b`` are overrides too.

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "recipes" / "tiny_intra_moe.yaml"
+DEMO = REPO / "recipes" / "intra_tiny_moe.yaml"
 THIS = Path(__file__).resolve()
 
 
@@ -153,12 +153,12 @@ def test_dry_run_prints_recipe_derived_and_sbatch(launcher, tmp_path, capsys):
     ])
     out = capsys.readouterr().out
     assert code == 0
-    assert "name: tiny_intra_moe" in out and "partition: gpu-x" in out      # the resolved recipe
+    assert "name: intra_tiny_moe" in out and "partition: gpu-x" in out      # the resolved recipe
     assert "8 = tp 2 x pp 1 x dp 4" in out                                  # derived on 2 x 4 ranks
     assert "global 32 = micro 4 x dp 4 x grad accumulation 2" in out
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
                  "#SBATCH --partition=gpu-x", "#SBATCH --account=proj7", "#SBATCH --time=90",
-                 "#SBATCH --job-name=tiny_intra_moe", "#SBATCH --signal=USR2@120", "#SBATCH --requeue",
+                 "#SBATCH --job-name=intra_tiny_moe", "#SBATCH --signal=USR2@120", "#SBATCH --requeue",
                  f"#SBATCH --output={tmp_path}/runs/demo/slurm/%j/%j_0_log.out", "export NCCL_DEBUG=WARN"):
         assert line in out.splitlines(), line
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
@@ -171,7 +171,7 @@ def test_dry_run_prints_recipe_derived_and_sbatch(launcher, tmp_path, capsys):
 def test_render_sbatch_array_and_cluster_options(launcher):
     from hybrid_megatron.config import load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / "1b_intra.yaml", [
+    recipe = load_recipe(REPO / "recipes" / "intra_1b.yaml", [
         "slurm.array_parallelism=2", "slurm.container_image=/img/hm.sqsh",
         "slurm.container_mounts=/data:/data,/scratch:/scratch", "slurm.qos=high", "slurm.constraint=h100",
         "slurm.setup=[module load cuda]", "slurm.sbatch_extra={gres: 'gpu:8'}",
@@ -301,13 +301,13 @@ def test_min_world_size(launcher):
     from hybrid_megatron.config import load_recipe
 
     assert launcher.min_world_size(load_recipe(DEMO)) == 2
-    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "tiny_mamba_moe.yaml", ["parallel.ep=2"])) == 2
+    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "mamba_tiny_moe.yaml", ["parallel.ep=2"])) == 2
     # tp 2, ep 4: each expert group is ep 4 x expert tp 2 (= tp) ranks
     assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_3b_moe.yaml")) == 8
     # tp 2 x ep 2: experts split over tp (megatron-core's default) need 4 ranks, whole ones 2
-    tp2_ep2 = ["parallel.ep=2"]  # tiny_intra_moe has tp 2
-    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "tiny_intra_moe.yaml", tp2_ep2)) == 4
-    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "tiny_intra_moe.yaml",
+    tp2_ep2 = ["parallel.ep=2"]  # intra_tiny_moe has tp 2
+    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml", tp2_ep2)) == 4
+    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml",
                                                tp2_ep2 + ["parallel.expert_tp=1"])) == 2
 
 
@@ -324,7 +324,7 @@ def test_local_two_ranks_rendezvous_and_report(launcher, tmp_path, monkeypatch, 
     for rank, record in records.items():
         assert (record["RANK"], record["dist_rank"], record["LOCAL_RANK"]) == (str(rank), rank, str(rank))
         assert (record["WORLD_SIZE"], record["dist_world"], record["rank_sum"]) == ("2", 2, 3)
-        assert record["MASTER_ADDR"] == "127.0.0.1" and record["recipe"] == "tiny_intra_moe"
+        assert record["MASTER_ADDR"] == "127.0.0.1" and record["recipe"] == "intra_tiny_moe"
     assert records[0]["MASTER_PORT"] == records[1]["MASTER_PORT"]
     assert "[rank0] stand-in rank 0 done" in out                  # rank 0's log was streamed
     assert "all 2 ranks finished" in out and "final_loss: 1.25" in out
@@ -447,7 +447,7 @@ def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(launcher, slurm
     assert f"Requeued job {job_id}" in log and "asking the trainer to checkpoint and stop" in log
 
 
-# ---------------------------------------------------------------------------- sweeps (#5)
+# ---------------------------------------------------------------------------- sweeps
 
 
 def test_sweep_dry_run_prints_the_runs_and_the_array_script(launcher, capsys):
@@ -455,23 +455,23 @@ def test_sweep_dry_run_prints_the_runs_and_the_array_script(launcher, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "sweep paper-1b-F: 5 runs, F-matched" in out
-    assert "paper-1b-F-1b_transformer-102B" in out and "102,000,000,000" in out
+    assert "paper-1b-F-transformer_1b-102B" in out and "102,000,000,000" in out
     assert "#SBATCH --array=0-4%5" in out and "dry run: nothing submitted" in out
 
 
 def test_sweep_local_runs_each_recipe_in_turn(launcher, tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(
-        "sweep: {name: mini, match: F, reference: tiny_transformer, tokens: [10K], "
+        "sweep: {name: mini, match: F, reference: transformer_tiny, tokens: [10K], "
         "overrides: [train.warmup_steps=1], recipes: ["
-        f"{REPO}/recipes/tiny_transformer.yaml, {REPO}/recipes/tiny_mamba.yaml]}}\n"
+        f"{REPO}/recipes/transformer_tiny.yaml, {REPO}/recipes/mamba_tiny.yaml]}}\n"
     )
     monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:standin_entry")
     code = launcher.main([str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "[sweep] 2/2 runs succeeded (compare group mini)" in out
-    for name in ("mini-tiny_transformer-10K", "mini-tiny_mamba-10K"):
+    for name in ("mini-transformer_tiny-10K", "mini-mamba_tiny-10K"):
         record = json.loads((tmp_path / "runs" / "mini" / name / "standin" / "rank0.json").read_text())
         assert record["recipe"] == name
 
@@ -502,7 +502,7 @@ def test_slurm_preemption_of_the_real_trainer_saves_requeues_and_resumes_exactly
     through the requeue."""
     from tests.training_helpers import read_losses, start_job, wait_job
 
-    recipe = str(REPO / "recipes" / "tiny_intra.yaml")
+    recipe = str(REPO / "recipes" / "intra_tiny.yaml")
     common = [
         "model.num_layers=2", "data.seq_length=64", "train.global_batch_size=4", "train.steps=30",
         "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=4",

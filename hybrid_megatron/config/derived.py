@@ -2,8 +2,8 @@
 
 ``derived(recipe, world_size)`` is computed by the launcher (before submitting) and by the
 trainer (at start); `format_derived` is the block both print. Parameter counts come from the
-accounting module (issue #5) through `PARAM_COUNTER`, a ``module:function`` hook taking the
-ModelConfig and returning an int or a dict of counts; until it exists they print as n/a.
+accounting module through `PARAM_COUNTER`, a ``module:function`` hook taking the
+ModelConfig and returning an int or a dict of counts; when it cannot be imported they print as n/a.
 """
 
 from __future__ import annotations
