@@ -118,6 +118,9 @@ def _active_from_model(model, top_k: int) -> int:
     unused = re.compile(r"\.local_experts\.(\d+)\.")
     total = 0
     for name, p in model.named_parameters():
+        if name.endswith(("experts.weight1", "experts.weight2")):  # grouped: [experts, out, in]
+            total += p[:top_k].numel()
+            continue
         m = unused.search(name)
         if m is None or int(m.group(1)) < top_k:
             total += p.numel()
