@@ -51,7 +51,7 @@ def test_recipe_accepts_graphs_for_grouped_experts_on_one_gpu():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
 def test_build_without_cuda_is_one_clear_error(single_rank):
     from hybrid_megatron.models import build_model
-    from hybrid_megatron.models.builder import ModelConfigError
+    from hybrid_megatron.config.errors import ModelConfigError
     from hybrid_megatron.training.parallel_setup import setup_model_parallel
 
     setup_model_parallel(ParallelConfig(), seed=1)  # an earlier test may have left another layout

@@ -8,7 +8,7 @@ unknown keys; errors are `RecipeError` (a ValueError) naming the dotted path.
 from hybrid_megatron.config.checkpoint import CheckpointConfig
 from hybrid_megatron.config.data import DataConfig
 from hybrid_megatron.config.derived import derived, format_derived
-from hybrid_megatron.config.errors import RecipeError
+from hybrid_megatron.config.errors import ModelConfigError, RecipeError
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
 from hybrid_megatron.config.recipe import Recipe, load_recipe, validate_recipe
@@ -18,6 +18,7 @@ from hybrid_megatron.config.train import TrainConfig
 
 __all__ = [
     "Recipe",
+    "ModelConfigError",
     "RecipeError",
     "load_recipe",
     "validate_recipe",

@@ -13,6 +13,7 @@ import math
 from typing import Any, Callable, Optional
 
 from hybrid_megatron.config.errors import RecipeError
+from hybrid_megatron.config.layer_pattern import build_layer_pattern
 
 # Where derived() looks for the parameter counter when none is passed (see module docstring).
 PARAM_COUNTER = "hybrid_megatron.accounting:count_params"
@@ -85,8 +86,6 @@ def derived(recipe, world_size: int, param_counter: Optional[Callable[[Any], Any
         )
     counter = param_counter or _default_param_counter()
     params = counter(recipe.model) if counter is not None else None
-    from hybrid_megatron.models.layer_pattern import build_layer_pattern
-
     return {
         "world_size": world_size,
         "tp": par.tp,

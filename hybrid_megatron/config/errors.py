@@ -1,4 +1,4 @@
-"""RecipeError and the translation of pydantic's ValidationError into one line per problem.
+"""The recipe's errors (RecipeError, ModelConfigError) and the translation of pydantic's ValidationError into one line per problem.
 
 A recipe author should read ``recipes/x.yaml: unknown field model.hiden_size (did you mean
 hidden_size?)`` or ``model.intra.fusion: 'sum' is not one of add, subtract, concat``, never a
@@ -19,6 +19,10 @@ from pydantic import BaseModel, ValidationError
 
 class RecipeError(ValueError):
     """A recipe that cannot be loaded or validated; the message names the dotted field path."""
+
+
+class ModelConfigError(ValueError):
+    """A model config that cannot be built on this parallel layout; names the field."""
 
 
 # A message that already starts with a dotted field path ("model.attention: ...").
