@@ -214,8 +214,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Headline parameter counts for logs and tracking: ``total``, ``active`` (MoE: router,
     top_k experts, shared expert) and ``non_embedding``.
 
-    Takes a ModelConfig; returns the dict. This is the hook ``hybrid_megatron.config.derived``
-    calls (``PARAM_COUNTER``).
+    Takes a ModelConfig; returns the dict. The launcher and the trainer pass it to
+    ``hybrid_megatron.config.derived`` as its parameter counter.
     """
     report = count_parameters(cfg)
     return {"total": report.total, "active": report.active, "non_embedding": report.non_embedding}
