@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) launch/slurm.py recipes/tiny_intra_moe.yaml --local --nproc 2
+	$(PY) launch/slurm.py recipes/intra_tiny_moe.yaml --local --nproc 2
 
 # The suite, under 20 minutes on 2 cores; the few tests marked long run in `make test-long`.
 test: install

@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the 1-worker run through HF tokenizers alone")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "preprocess_throughput.json"))
     args = parser.parse_args(argv)
+    from hybrid_megatron import runtime
+
+    runtime.setup()
 
     import tokenizers
     from megatron.core.datasets import indexed_dataset  # noqa: F401  (import cost not timed)

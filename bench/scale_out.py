@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Scale-out check (issues #7, #9): one recipe at several parallel layouts, plus resharded resumes.
+"""Scale-out check: one recipe at several parallel layouts, plus resharded resumes.
 
     python bench/scale_out.py RECIPE [key.path=value ...] \
         --layout-a parallel.tp=2 parallel.pp=2 parallel.sequence_parallel=true \
@@ -8,14 +8,14 @@
         [--nproc-a N] [--nproc-b N] [--steps 100] [--tolerance 2e-2] [--no-resume] \
         [--keep-finished] [--output runs/scale_out/<recipe>] [--out bench/results/scale_out_<recipe>.json]
 
-e.g. on 4 GPUs (issue #9; on 8 GPUs add parallel.ep=2 to layout A):
+e.g. TP 2 x PP 2 against one GPU, on 4 GPUs (on 8 GPUs add parallel.ep=2 to layout A):
 
     python bench/scale_out.py recipes/intra_1b_moe.yaml train.global_batch_size=32 \
         --layout-a parallel.tp=2 parallel.pp=2 --layout-b parallel.tp=1 parallel.pp=1 \
         parallel.sequence_parallel=false parallel.pipeline_stage_layers=null \
         --out bench/results/scale_out_intra_1b_moe_h100.json
 
-and on 2 GPUs issue #7's TP 2, EP 2 and TP 2 x EP 2 of the 350M intra MoE model against one
+and on 2 GPUs TP 2, EP 2 and TP 2 x EP 2 of the 350M intra MoE model against one
 GPU: recipes/intra_350m_moe.yaml's header.
 
 Overrides after RECIPE apply to every run; ``--layout-a``/``--layout-b`` are overrides too.
@@ -67,13 +67,15 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from bench.records import write_json  # noqa: E402
+from hybrid_megatron import runtime  # noqa: E402
+from hybrid_megatron.errors import InputError  # noqa: E402
+from hybrid_megatron.training.entry import LOSS_LOG  # noqa: E402
 
 LAUNCHER = ROOT / "launch" / "slurm.py"
-LOSS_LOG = "train_log.jsonl"  # hybrid_megatron.training.entry.LOSS_LOG (not imported: it pulls in megatron)
 THROUGHPUT_SKIP = 2  # first steps left out of throughput: allocation, compilation, warm caches
 
 
-class BadInput(Exception):
+class BadInput(InputError):
     """A problem with the command line or the recipe: printed as one line, exit code 2."""
 
 
@@ -95,14 +97,14 @@ def plan_layout(recipe: str, overrides: Sequence[str], nproc: Optional[int]) -> 
     the launcher's default). Returns ``(Recipe, nproc)``. Raises BadInput with one line when the
     recipe or an override is invalid or the layout does not fit ``nproc`` ranks.
     """
-    from hybrid_megatron.config import RecipeError, derived, load_recipe
+    from hybrid_megatron.config import derived, load_recipe
 
     launcher = _launcher()
     try:
         loaded = load_recipe(recipe, overrides)
         nproc, _ = launcher.local_world(loaded, nproc)
         derived(loaded, nproc, param_counter=lambda model: None)
-    except (RecipeError, launcher.UsageError) as err:
+    except InputError as err:  # the recipe's, or the launcher's UsageError
         raise BadInput(str(err)) from None
     return loaded, nproc
 
@@ -388,6 +390,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, run init/B/each A (+ its resume), check, write the record after every
     run. Returns the exit code."""
     args = build_parser().parse_intermixed_args(argv)
+    runtime.setup()
     try:
         if args.steps < 2:
             raise BadInput(f"--steps {args.steps}: need at least 2 (the resume starts at steps/2)")

@@ -41,11 +41,12 @@ import torch.distributed as dist  # noqa: E402
 from bench.records import write_json  # noqa: E402
 
 KINDS = ["transformer", "swa", "mamba", "inter", "intra"]
+# A row's kind is one of ours or a megatron-core native baseline, built from this kind's recipe.
 NATIVES = {"native_gpt": "transformer", "native_mamba_hybrid": "inter", "native_mamba": "mamba"}
 # Sequence length and micro-batch per scale (8K tokens per micro-batch at both).
 SCALES = {"350m": {"seq": 4096, "mbs": 2}, "1b": {"seq": 8192, "mbs": 1}, "tiny": {"seq": 64, "mbs": 2}}
 ROW_PROCESS_ENV = "HM_BENCH_ROW_PROCESS"  # set in a row's own process (see _measure_in_subprocess)
-PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100/H200 SXM dense peaks (the issue's figures)
+PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100/H200 SXM dense peaks (NVIDIA's datasheet)
 
 
 # ----------------------------------------------------------------------------- model configs
@@ -134,7 +135,7 @@ def _rescaled_heads(section: dict, old_head_dim: int, head_dim: int, keys: tuple
 
 
 def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunOptions = RunOptions()):
-    """The ModelConfig of one row: the shipped ``recipes/<scale>_<kind>.yaml`` model section
+    """The ModelConfig of one row: the shipped ``recipes/<kind>_<scale>.yaml`` model section
     (``tiny``: tests/model_configs.py's tiny model), with an MoE FFN (8 experts, top-2, each
     half the dense FFN so the active FFN equals it), FP8 when asked and the run's options
     (attention head size, FP8 attention and LM head, intra branch overlap, dim ratio and share of
@@ -149,7 +150,7 @@ def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunO
     else:
         from hybrid_megatron.config import load_recipe
 
-        fields = load_recipe(ROOT / "recipes" / f"{scale}_{kind}.yaml").model.model_dump()
+        fields = load_recipe(ROOT / "recipes" / f"{kind}_{scale}.yaml").model.model_dump()
     if moe:
         ffn = fields.get("ffn_hidden_size") or ModelConfig(**fields).ffn_size
         fields["moe"] = {
@@ -186,7 +187,7 @@ def native_pattern(our_pattern: str, moe: bool) -> str:
     return "".join({"M": "M", "A": "*"}[letter] + ffn for letter in our_pattern)
 
 
-def build_row_model(arch: str, cfg, recompute: str = "none", bf16: bool = True, cuda_graphs: bool = False):
+def build_row_model(kind: str, cfg, recompute: str = "none", bf16: bool = True, cuda_graphs: bool = False):
     """Build the unwrapped model of one row: ours through ``build_model``, or a megatron-core
     native baseline with the same TransformerConfig (same widths, heads, MoE, FP8 and CUDA-graph
     settings; ``model.fp8_output_layer`` swaps their LM head like ours). Returns (model, pattern
@@ -197,16 +198,16 @@ def build_row_model(arch: str, cfg, recompute: str = "none", bf16: bool = True, 
     from hybrid_megatron.models.transformer_config import build_transformer_config
 
     pattern = build_layer_pattern(cfg)
-    if not arch.startswith("native_"):
+    if not kind.startswith("native_"):
         return build_model(cfg, bf16=bf16, recompute=recompute, cuda_graphs=cuda_graphs), pattern
     tconfig = build_transformer_config(cfg, bf16=bf16, recompute=recompute, cuda_graphs=cuda_graphs)
-    model, text = _native_model(arch, cfg, pattern, tconfig, bf16)
+    model, text = _native_model(kind, cfg, pattern, tconfig, bf16)
     if cfg.fp8_output_layer:
         use_fp8_output_layer(model)
     return model, text
 
 
-def _native_model(arch: str, cfg, pattern: str, tconfig, bf16: bool):
+def _native_model(kind: str, cfg, pattern: str, tconfig, bf16: bool):
     """megatron-core's GPTModel (``native_gpt``) or MambaModel with our block ``pattern``, built
     from our TransformerConfig with megatron-core's own MoE experts (TE grouped GEMM, with the
     router's FP8 padding and no fused router under FP8). Returns (model, pattern text)."""
@@ -215,7 +216,7 @@ def _native_model(arch: str, cfg, pattern: str, tconfig, bf16: bool):
         tconfig = dataclasses.replace(
             tconfig, moe_grouped_gemm=True, moe_router_padding_for_quantization=fp8,
             moe_router_fusion=tconfig.moe_router_fusion and not fp8)
-    if arch == "native_gpt":
+    if kind == "native_gpt":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -303,7 +304,7 @@ class Trainee:
     (``--unfused-moe``), so that their effect is measured within one session.
     """
 
-    def __init__(self, arch: str, cfg, recompute: str = "none", seed: int = 1234, cuda_graphs: bool = False,
+    def __init__(self, kind: str, cfg, recompute: str = "none", seed: int = 1234, cuda_graphs: bool = False,
                  fused: bool = True, fused_moe: bool = True, adam_moments: str = "fp32"):
         from hybrid_megatron.config.parallel import ParallelConfig
         from hybrid_megatron.config.train import TrainConfig
@@ -313,7 +314,7 @@ class Trainee:
 
         setup_model_parallel(ParallelConfig(), seed, cuda_graphs=cuda_graphs)
         bf16 = torch.cuda.is_available()  # CPU smoke runs train in fp32
-        model, self.pattern = build_row_model(arch, cfg, recompute, bf16, cuda_graphs)
+        model, self.pattern = build_row_model(kind, cfg, recompute, bf16, cuda_graphs)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         # megatron-core reads these per call (the layers share the model's config): the unfused
         # loss, SwiGLU, router and token permutation from here on.
@@ -330,9 +331,9 @@ class Trainee:
         self.scheduler = build_scheduler(train, self.optimizer, 1000)
 
     @classmethod
-    def for_options(cls, arch: str, cfg, options: RunOptions) -> "Trainee":
+    def for_options(cls, kind: str, cfg, options: RunOptions) -> "Trainee":
         """A row's Trainee under a run's options (CUDA graphs, the fusions switched off)."""
-        return cls(arch, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused,
+        return cls(kind, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused,
                    fused_moe=not options.unfused_moe, adam_moments=options.adam_moments)
 
     def step(self, batch: list, seq: int) -> float:
@@ -343,23 +344,22 @@ class Trainee:
         return loss
 
 
-def measure_row(scale: str, arch: str, moe: bool, precision: str, warmup: int, steps: int,
+def measure_row(scale: str, kind: str, moe: bool, precision: str, warmup: int, steps: int,
                 options: RunOptions = RunOptions()) -> dict:
     """Train one row for ``warmup`` + ``steps`` steps; returns its record (tokens/s over the
     timed steps, peak memory, parameters, losses) or the error it hit."""
-    kind = NATIVES.get(arch, arch)
     shape = SCALES[scale]
     mbs = options.micro_batch or shape["mbs"]
-    row = {"scale": scale, "arch": arch, "ffn": "moe" if moe else "dense", "precision": precision,
+    row = {"scale": scale, "kind": kind, "ffn": "moe" if moe else "dense", "precision": precision,
            "seq_length": shape["seq"], "micro_batch": mbs, "microbatches": options.microbatches}
     _reset_run_state()
     try:
-        cfg = model_config(scale, kind, moe, precision, options)
+        cfg = model_config(scale, NATIVES.get(kind, kind), moe, precision, options)
         from hybrid_megatron.accounting.flops import model_flops_per_token
 
         row["flops_per_token"] = float(model_flops_per_token(cfg, shape["seq"]))
         t_build = time.perf_counter()
-        trainee = Trainee.for_options(arch, cfg, options)
+        trainee = Trainee.for_options(kind, cfg, options)
         row.update(pattern=trainee.pattern, num_parameters=trainee.num_parameters,
                    build_s=round(time.perf_counter() - t_build, 2))
         batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0, microbatches=options.microbatches)
@@ -389,12 +389,12 @@ def measure_row(scale: str, arch: str, moe: bool, precision: str, warmup: int, s
     return row
 
 
-def _rows(scales, archs, ffns, precisions):
+def _rows(scales, kinds, ffns, precisions):
     for scale in scales:
         for ffn in ffns:
             for precision in precisions:
-                for arch in archs:
-                    yield scale, arch, ffn == "moe", precision
+                for kind in kinds:
+                    yield scale, kind, ffn == "moe", precision
 
 
 def _header() -> dict:
@@ -411,7 +411,7 @@ def _header() -> dict:
     return header
 
 
-def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, args,
+def _measure_in_subprocess(scale: str, kind: str, moe: bool, precision: str, args,
                            options: RunOptions) -> dict:
     """measure_row in a fresh process. MoE rows leave ~14 GB behind in one process (seen on an
     H100: 350M MoE rows in a row ran out of memory), so each gets a clean process."""
@@ -420,7 +420,7 @@ def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, arg
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        cmd = [sys.executable, __file__, "run", "--scales", scale, "--archs", arch,
+        cmd = [sys.executable, __file__, "run", "--scales", scale, "--kinds", kind,
                "--ffn", "moe" if moe else "dense", "--precisions", precision,
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out),
                *options.as_args()]
@@ -429,7 +429,7 @@ def _measure_in_subprocess(scale: str, arch: str, moe: bool, precision: str, arg
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode == 0 and out.exists():
             return json.loads(out.read_text())["rows"][0]
-    return {"scale": scale, "arch": arch, "ffn": "moe" if moe else "dense", "precision": precision,
+    return {"scale": scale, "kind": kind, "ffn": "moe" if moe else "dense", "precision": precision,
             "error": f"subprocess exit {done.returncode}: {done.stderr[-400:]}"}
 
 
@@ -441,23 +441,23 @@ def spawns_row_processes(args) -> bool:
 
 
 def cmd_run(args) -> None:
-    """Measure every (scale, ffn, precision, arch) row; rewrites ``--out`` after each row so a
+    """Measure every (scale, ffn, precision, kind) row; rewrites ``--out`` after each row so a
     time limit loses at most the row in flight."""
-    archs = args.archs or (KINDS + (list(NATIVES) if torch.cuda.is_available() else []))
+    kinds = args.kinds or (KINDS + (list(NATIVES) if torch.cuda.is_available() else []))
     options = RunOptions.from_args(args)
     record = {**_header(), "warmup": args.warmup, "steps": args.steps,
               "options": dataclasses.asdict(options), "rows": []}
     deadline = time.monotonic() + args.time_budget
-    for scale, arch, moe, precision in _rows(args.scales, archs, args.ffn, args.precisions):
+    for scale, kind, moe, precision in _rows(args.scales, kinds, args.ffn, args.precisions):
         if time.monotonic() > deadline:
-            record.setdefault("skipped", []).append(f"{scale}/{arch}/{moe}/{precision}")
+            record.setdefault("skipped", []).append(f"{scale}/{kind}/{moe}/{precision}")
             continue
         # Captured CUDA graphs keep their memory pool for the life of the process (measured: the
         # 1b row after a graphed one ran out of memory), so graphed rows always get their own.
         if spawns_row_processes(args):
-            row = _measure_in_subprocess(scale, arch, moe, precision, args, options)
+            row = _measure_in_subprocess(scale, kind, moe, precision, args, options)
         else:
-            row = measure_row(scale, arch, moe, precision, args.warmup, args.steps, options)
+            row = measure_row(scale, kind, moe, precision, args.warmup, args.steps, options)
         record["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "traceback")}), flush=True)
         write_json(args.out, record)
@@ -648,9 +648,9 @@ def _mfu(row: dict) -> float | None:
     return row["flops_per_token"] * row["tokens_per_s"] / (PEAK_TFLOPS[row["precision"]] * 1e12)
 
 
-def _baseline(arch: str) -> str | None:
+def _baseline(kind: str) -> str | None:
     return {"transformer": "native_gpt", "swa": "native_gpt", "mamba": "native_mamba",
-            "inter": "native_mamba_hybrid", "intra": "native_mamba_hybrid"}.get(arch)
+            "inter": "native_mamba_hybrid", "intra": "native_mamba_hybrid"}.get(kind)
 
 
 # The targets the report checks: dense from the dense-efficiency work; MoE from the MoE work
@@ -664,25 +664,27 @@ GOALS = {
 
 def summarise(records: list[dict]) -> dict:
     """Merge run records: every row gets ``mfu`` and ``vs_baseline`` (tokens/s over the
-    megatron-core baseline's at the same scale, FFN and precision); plus the issue's goals."""
+    megatron-core baseline's at the same scale, FFN and precision); plus the GOALS met or missed."""
     rows = []
     for run, record in enumerate(records):
         for row in record.get("rows", []):
-            if "arch" in row:
-                rows.append({**row, "run": run, "device": record["device"], "date": record["date"]})
+            if "precision" in row:  # a throughput row (max-mbs rows have none)
+                kind = row.get("kind", row.get("arch"))  # the records in bench/results say "arch"
+                rows.append({**{k: v for k, v in row.items() if k != "arch"}, "kind": kind,
+                             "run": run, "device": record["device"], "date": record["date"]})
     # Ratios only within one run (one process on one machine): run-to-run noise is 10-25%.
-    index = {(r["run"], r["scale"], r["arch"], r["ffn"], r["precision"]): r for r in rows}
+    index = {(r["run"], r["scale"], r["kind"], r["ffn"], r["precision"]): r for r in rows}
     for r in rows:
         r["mfu"] = _mfu(r)
-        base = index.get((r["run"], r["scale"], _baseline(r["arch"]), r["ffn"], r["precision"]))
-        r["baseline"] = _baseline(r["arch"])
+        base = index.get((r["run"], r["scale"], _baseline(r["kind"]), r["ffn"], r["precision"]))
+        r["baseline"] = _baseline(r["kind"])
         r["vs_baseline"] = (r["tokens_per_s"] / base["tokens_per_s"]
                             if base and r.get("tokens_per_s") and base.get("tokens_per_s") else None)
 
     goals = []
     for run, scale in sorted({(r["run"], r["scale"]) for r in rows}):
-        def tps(scale, arch, ffn, precision):
-            r = index.get((run, scale, arch, ffn, precision))
+        def tps(scale, kind, ffn, precision):
+            r = index.get((run, scale, kind, ffn, precision))
             return r.get("tokens_per_s") if r else None
 
         for ffn in ("dense", "moe"):
@@ -690,45 +692,45 @@ def summarise(records: list[dict]) -> dict:
                 native = tps(scale, "native_mamba_hybrid", ffn, precision)
                 inter, intra = tps(scale, "inter", ffn, precision), tps(scale, "intra", ffn, precision)
                 bound = GOALS["vs_native"][ffn]
-                for arch, ours in (("inter", inter), ("intra", intra) if ffn == "moe" else (None, None)):
+                for kind, ours in (("inter", inter), ("intra", intra) if ffn == "moe" else (None, None)):
                     if ours and native:
                         goals.append({"run": run, "value": ours / native, "met": ours / native >= bound,
-                                      "goal": f"{scale} {ffn} {precision}: {arch} >= {bound:.2f}x native MambaModel"})
+                                      "goal": f"{scale} {ffn} {precision}: {kind} >= {bound:.2f}x native MambaModel"})
                 if inter and intra:
                     goals.append({"run": run, "goal": f"{scale} {ffn} {precision}: intra >= 0.95x inter",
                                   "value": intra / inter, "met": intra / inter >= 0.95})
-            for arch in ("inter", "intra"):
-                r = index.get((run, scale, arch, ffn, "bf16"))
-                bound = GOALS["mfu_1b"][ffn][arch]
+            for kind in ("inter", "intra"):
+                r = index.get((run, scale, kind, ffn, "bf16"))
+                bound = GOALS["mfu_1b"][ffn][kind]
                 if scale == "1b" and r and r.get("mfu") is not None:
-                    goals.append({"run": run, "goal": f"1b {ffn} bf16 8K: {arch} MFU >= {bound:.0%}",
+                    goals.append({"run": run, "goal": f"1b {ffn} bf16 8K: {kind} MFU >= {bound:.0%}",
                                   "value": r["mfu"], "met": r["mfu"] >= bound})
                 if ffn == "moe" and r and r.get("gpu_busy_share") is not None:
-                    goals.append({"run": run, "goal": f"{scale} moe bf16: {arch} GPU busy >= 90% of the step",
+                    goals.append({"run": run, "goal": f"{scale} moe bf16: {kind} GPU busy >= 90% of the step",
                                   "value": r["gpu_busy_share"], "met": r["gpu_busy_share"] >= 0.9})
-            for arch in KINDS:
-                b, f = tps(scale, arch, ffn, "bf16"), tps(scale, arch, ffn, "fp8")
+            for kind in KINDS:
+                b, f = tps(scale, kind, ffn, "bf16"), tps(scale, kind, ffn, "fp8")
                 bound = GOALS["fp8_1b"][ffn]
                 if scale == "1b" and b and f:
-                    goals.append({"run": run, "goal": f"1b {ffn} {arch}: fp8 >= {bound:.2f}x bf16",
+                    goals.append({"run": run, "goal": f"1b {ffn} {kind}: fp8 >= {bound:.2f}x bf16",
                                   "value": f / b, "met": f / b >= bound})
     return {"rows": rows, "goals": goals}
 
 
 def markdown(summary: dict) -> str:
     """The summary as markdown tables (rows, then goals)."""
-    lines = ["| run | scale | arch | ffn | precision | params (M) | tokens/s | MFU | GPU busy | peak GiB | vs baseline |",
+    lines = ["| run | scale | kind | ffn | precision | params (M) | tokens/s | MFU | GPU busy | peak GiB | vs baseline |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         if r.get("error"):
-            lines.append(f"| {r['run']} | {r['scale']} | {r['arch']} | {r['ffn']} | {r['precision']} | | "
+            lines.append(f"| {r['run']} | {r['scale']} | {r['kind']} | {r['ffn']} | {r['precision']} | | "
                          f"error: {' '.join(r['error'].split())[:80]} | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         vs = f"{r['vs_baseline']:.2f}x {r['baseline']}" if r.get("vs_baseline") else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
         busy = f"{r['gpu_busy_share']:.0%}" if r.get("gpu_busy_share") is not None else "-"
-        lines.append(f"| {r['run']} | {r['scale']} | {r['arch']} | {r['ffn']} | {r['precision']} | "
+        lines.append(f"| {r['run']} | {r['scale']} | {r['kind']} | {r['ffn']} | {r['precision']} | "
                      f"{r['num_parameters'] / 1e6:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {busy} | {mem} | {vs} |")
     runs = summary.get("sources") or []
     if any(r.get("options") for r in runs):
@@ -778,7 +780,7 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="throughput rows")
     run.add_argument("--scales", nargs="+", default=["350m", "1b"], choices=list(SCALES))
-    run.add_argument("--archs", nargs="+", choices=KINDS + list(NATIVES))
+    run.add_argument("--kinds", nargs="+", choices=KINDS + list(NATIVES))
     run.add_argument("--ffn", nargs="+", default=["dense", "moe"], choices=["dense", "moe"])
     run.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
     run.add_argument("--warmup", type=int, default=3)
@@ -811,7 +813,9 @@ def main(argv=None) -> None:
     if args.cmd == "report":
         cmd_report(args)
         return
-    import hybrid_megatron  # noqa: F401  (CPU shims when there is no GPU)
+    from hybrid_megatron import runtime
+
+    runtime.setup()  # the CPU shims when there is no GPU, the allocator and compile defaults
 
     # A run whose rows each get their own process only spawns them: no CUDA context here, which
     # would hold about 0.5 GiB of the GPU that the rows need (1b at micro-batch 4 is at the edge).

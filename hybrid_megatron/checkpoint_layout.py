@@ -35,6 +35,7 @@ from typing import Optional
 from hybrid_megatron.config.loader import read_yaml
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.recipe import Recipe, validate_recipe
+from hybrid_megatron.errors import InputError
 
 LATEST = "latest"
 STEP_PREFIX = "step_"
@@ -44,7 +45,7 @@ MODEL_FILE = "model.yaml"  # the model section written next to a from-hf checkpo
 _PARTIAL = ".partial-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint that cannot be written or read; the message names the path."""
 
 

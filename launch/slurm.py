@@ -21,11 +21,14 @@ with the failing rank's error if any rank fails. ``--dry-run``: prints the resol
 derived quantities and the sbatch script (or the local plan); submits nothing.
 
 Each task runs `TrainJob`: it derives MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK
-(and LOCAL_WORLD_SIZE, NODE_RANK) from ``submitit.JobEnvironment()``, exports them, and calls
-the trainer entry ``hybrid_megatron.training.entry:train(recipe)``, which initialises
-torch.distributed from them (gloo on CPU, nccl on GPU). Testing/debugging hook: the environment
-variable ``HM_TRAIN_ENTRY=module:function`` or ``HM_TRAIN_ENTRY=/path/to/file.py:function``,
-read when the launcher starts, replaces the trainer entry (it is called with the Recipe).
+(and LOCAL_WORLD_SIZE, NODE_RANK) from ``submitit.JobEnvironment()``, exports them, sets the
+process up (``hybrid_megatron.runtime.setup``) and calls the trainer entry
+``hybrid_megatron.training.entry:train(recipe)``, which initialises torch.distributed from them
+(gloo on CPU, nccl on GPU). A rank that stops on bad input (any ``InputError``: recipe, data,
+tokenizer, checkpoint) is reported by its one-line message; other failures by their traceback.
+Testing/debugging hook: the environment variable ``HM_TRAIN_ENTRY=module:function`` or
+``HM_TRAIN_ENTRY=/path/to/file.py:function``, read when the launcher starts, replaces the
+trainer entry (it is called with the Recipe).
 
 Preemption and time limits: sbatch asks SLURM for SIGUSR2 ``slurm.signal_delay_s`` seconds
 before the limit (submitit's preemption signal). `PreemptionBridge` hands it to the trainer's
@@ -44,6 +47,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import math
 import os
 import shlex
@@ -61,6 +65,9 @@ import submitit
 from submitit.core.utils import pickle_load
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from hybrid_megatron import runtime
+from hybrid_megatron.errors import InputError
+
 ENTRY_ENV = "HM_TRAIN_ENTRY"
 DEFAULT_ENTRY = "hybrid_megatron.training.entry:train"
 SLURM_ACTIVE_STATES = {
@@ -70,8 +77,24 @@ SLURM_ACTIVE_STATES = {
 SUMMARY_KEYS = ("checkpoint_dir", "last_checkpoint", "final_loss", "mlflow_run_id")
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """A problem with the command line or the recipe: printed as one line, exit code 2."""
+
+
+# The last line of a rank's traceback when its entry stopped on bad input, followed by the
+# error's class name and message as JSON (one line whatever the message holds).
+INPUT_ERROR_MARK = "[input error] "
+
+
+class RankInputError(Exception):
+    """Raised by a rank whose entry raised an InputError, to hand its message to the launcher.
+
+    A rank's outcome reaches the launcher only as traceback text; this exception's message (the
+    traceback's last line) carries the original error in a form `input_error_line` reads back.
+    """
+
+    def __init__(self, error: InputError) -> None:
+        super().__init__(INPUT_ERROR_MARK + json.dumps({"error": type(error).__name__, "message": str(error)}))
 
 
 # ----------------------------------------------------------------------------- per-rank side
@@ -192,10 +215,12 @@ class TrainJob(Checkpointable):
         self.threads = threads
 
     def __call__(self) -> Any:
-        """Run this task: export RANK & co. (see `rendezvous_env`), then ``entry(recipe)``.
+        """Run this task: export RANK & co. (see `rendezvous_env`), set the process up
+        (``runtime.setup``), then ``entry(recipe)``.
 
         While the entry runs, submitit's preemption signal is routed through `PreemptionBridge`
-        so the trainer checkpoints before the job is requeued.
+        so the trainer checkpoints before the job is requeued. An InputError of the entry is
+        raised again as `RankInputError`, which the launcher reports by its message.
         """
         env = rendezvous_env(submitit.JobEnvironment(), self.master_port)
         os.environ.update(env)
@@ -205,6 +230,7 @@ class TrainJob(Checkpointable):
             os.environ.setdefault("OMP_NUM_THREADS", str(threads))
             if "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        runtime.setup()
         spec = self.entry or os.environ.get(ENTRY_ENV) or DEFAULT_ENTRY
         print(
             f"[launch] rank {env['RANK']}/{env['WORLD_SIZE']} (local {env['LOCAL_RANK']}) on "
@@ -215,6 +241,8 @@ class TrainJob(Checkpointable):
         bridge = PreemptionBridge().install()
         try:
             result = entry(self.recipe)
+        except InputError as err:
+            raise RankInputError(err) from err
         finally:
             bridge.uninstall()
         finished = isinstance(result, dict) and "stopped_by_signal" in result and not result["stopped_by_signal"]
@@ -506,18 +534,21 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-# Errors that mean bad input (recipe, model, data, tokenizer, checkpoint): their one-line
-# message names the problem, so the report shows it instead of the traceback (which stays in
-# the rank's log).
-INPUT_ERRORS = ("RecipeError", "ModelConfigError", "DataToolsError", "CheckpointError")
-
-
 def input_error_line(traceback_text: str) -> Optional[str]:
-    """``"Name: message"`` when a rank's traceback ends in one of INPUT_ERRORS, else None."""
+    """``"Name: message"`` when a rank stopped on bad input (a `RankInputError`), else None.
+
+    Bad input (recipe, model, data, tokenizer, checkpoint) has a message that names the
+    problem, so the report shows it instead of the traceback (which stays in the rank's log).
+    """
     lines = traceback_text.strip().splitlines()
-    name, sep, message = (lines[-1] if lines else "").partition(": ")
-    name = name.rsplit(".", 1)[-1]
-    return f"{name}: {message}" if sep and name in INPUT_ERRORS else None
+    _, mark, payload = (lines[-1] if lines else "").partition(INPUT_ERROR_MARK)
+    if not mark:
+        return None
+    try:
+        error = json.loads(payload)
+        return f"{error['error']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def report(job: Any, nproc: int, outcomes: list) -> int:
@@ -618,22 +649,22 @@ def local_world(recipe: Any, nproc: Optional[int]) -> tuple[int, int]:
 
 def load(args: argparse.Namespace) -> Any:
     """Load and validate the recipe named on the command line; UsageError with its message."""
-    from hybrid_megatron.config import RecipeError, load_recipe
+    from hybrid_megatron.config import load_recipe
 
     try:
         return load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
+    except InputError as err:
         raise UsageError(str(err)) from None
 
 
 def describe(recipe: Any, world_size: int) -> str:
     """The derived-quantities block for ``world_size`` ranks; UsageError if they do not divide."""
     from hybrid_megatron.accounting import count_params
-    from hybrid_megatron.config import RecipeError, derived, format_derived
+    from hybrid_megatron.config import derived, format_derived
 
     try:
         return format_derived(derived(recipe, world_size, count_params))
-    except RecipeError as err:
+    except InputError as err:
         raise UsageError(str(err)) from None
 
 
@@ -716,13 +747,13 @@ def run_slurm(recipe: Any, args: argparse.Namespace, entry: Optional[str]) -> in
 def run_sweep(args: argparse.Namespace, entry: Optional[str]) -> int:
     """Expand a sweep file into runs; print their table; then (unless --dry-run) submit one
     SLURM job array, or with --local run them one after another. Returns the exit code."""
-    from hybrid_megatron.config import RecipeError, load_recipe
+    from hybrid_megatron.config import load_recipe
     from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep
 
     try:
         spec, runs = load_sweep(args.recipe, tuple(args.overrides))
         recipes = [load_recipe(run.recipe_path, run.overrides) for run in runs]
-    except RecipeError as err:
+    except InputError as err:
         raise UsageError(str(err)) from None
     print(format_sweep_table(spec, runs), flush=True)
     if args.dry_run:
@@ -768,6 +799,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and launch; returns the process exit code (0 ok, 1 job failed, 2 usage)."""
     # Intermixed: overrides may come before or after the flags.
     args = build_parser().parse_intermixed_args(argv)
+    runtime.setup()
     try:
         if args.sweep:
             return run_sweep(args, os.environ.get(ENTRY_ENV) or None)
@@ -780,7 +812,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.local:
             return run_local(recipe, args, entry)
         return run_slurm(recipe, args, entry)
-    except UsageError as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -1,5 +1,6 @@
-"""Shared fixtures: a one-rank gloo process group with megatron-core's parallel state, the
-launcher imported as a module, and a single-node SLURM cluster on 127.0.0.1."""
+"""The test process's set-up (``runtime.setup``, as every entry point does) and shared
+fixtures: a one-rank gloo process group with megatron-core's parallel state, the launcher
+imported as a module, and a single-node SLURM cluster on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ REPO = Path(__file__).resolve().parents[1]
 # megatron-core announces its fallbacks (no Transformer Engine, no apex) at import; on CPU
 # that is the expected configuration, not news.
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
+
+
+def pytest_configure(config):
+    """Set the test process up like an entry point, before any test module is imported.
+
+    Ranks that tests start get the same from their own entry: tests/distributed.py's rank
+    entry, the launcher's TrainJob, the CLIs' ``main``.
+    """
+    from hybrid_megatron import runtime
+
+    runtime.setup()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -33,6 +33,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+    from hybrid_megatron import runtime
+
+    runtime.setup()  # a spawned process starts bare: the CPU shims, as every entry point
     torch.set_num_threads(1)  # two ranks on two cores
     dist.init_process_group("gloo", rank=rank, world_size=world)
     result: Any

@@ -10,7 +10,7 @@ from tests.training_helpers import REPO
 
 
 def train_tiny(kind: str, run_dir: Path, steps: int = 4, *extra: str) -> dict:
-    """Train recipes/tiny_<kind>.yaml in-process for ``steps`` steps (validation at the end).
+    """Train recipes/<kind>_tiny.yaml in-process for ``steps`` steps (validation at the end).
 
     Needs the ``single_rank`` fixture. Returns the trainer's summary (``final_val_loss``,
     ``last_checkpoint``, ...).
@@ -23,7 +23,7 @@ def train_tiny(kind: str, run_dir: Path, steps: int = 4, *extra: str) -> dict:
         f"checkpoint.interval={steps}", f"train.eval_interval={steps}", "train.eval_iters=2",
         "tracking.enabled=false", *extra,
     ]
-    return train(load_recipe(str(REPO / "recipes" / f"tiny_{kind}.yaml"), overrides))
+    return train(load_recipe(str(REPO / "recipes" / f"{kind}_tiny.yaml"), overrides))
 
 
 class InductionCopyModel(torch.nn.Module):

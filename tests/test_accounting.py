@@ -498,9 +498,9 @@ def test_cli_on_shipped_recipe_and_param_hook(capsys):
     from hybrid_megatron.accounting.__main__ import main
     from hybrid_megatron.config import load_recipe
 
-    path = REPO / "recipes" / "tiny_inter_moe.yaml"
+    path = REPO / "recipes" / "inter_tiny_moe.yaml"
     if not path.exists():
-        pytest.skip("recipes/tiny_inter_moe.yaml is not shipped")
+        pytest.skip("recipes/inter_tiny_moe.yaml is not shipped")
     recipe = load_recipe(path)
     assert main([str(path), "--json"]) == 0
     captured = capsys.readouterr()

@@ -24,8 +24,8 @@ def test_native_pattern_maps_each_block_to_mixer_plus_ffn_layer():
     assert bench.native_pattern("MA", moe=True) == "ME*E"
 
 
-def _row(arch, tps, precision="bf16", scale="1b", ffn="dense"):
-    return {"scale": scale, "arch": arch, "ffn": ffn, "precision": precision,
+def _row(kind, tps, precision="bf16", scale="1b", ffn="dense"):
+    return {"scale": scale, "kind": kind, "ffn": ffn, "precision": precision,
             "tokens_per_s": tps, "flops_per_token": 1e10, "num_parameters": 1, "peak_memory_gib": 1.0}
 
 
@@ -37,7 +37,7 @@ def test_report_ratios_and_goals_stay_within_one_run():
     # A second run's native row must not become run_a's baseline.
     run_b = {"device": "H100", "date": "d", "rows": [_row("native_mamba_hybrid", 10_000)]}
     summary = bench.summarise([run_a, run_b])
-    inter = next(r for r in summary["rows"] if r["arch"] == "inter" and r["precision"] == "bf16")
+    inter = next(r for r in summary["rows"] if r["kind"] == "inter" and r["precision"] == "bf16")
     assert inter["vs_baseline"] == pytest.approx(1.0)
     assert inter["mfu"] == pytest.approx(1e10 * 40_000 / 989e12)
     goals = {g["goal"]: g for g in summary["goals"]}
@@ -57,11 +57,32 @@ def test_report_prints_a_ratio_just_under_its_goal_as_missed():
     assert "| 0 | 1b dense bf16: inter >= 1.00x native MambaModel | 0.997x | NO |" in text
 
 
+def test_report_reads_records_whose_rows_say_arch():
+    """The committed records in bench/results name the kind column ``arch``; max-mbs records
+    (rows with a kind but no precision) are not throughput rows."""
+    old = {"device": "H100", "date": "d", "rows": [
+        {**{k: v for k, v in _row(kind, tps).items() if k != "kind"}, "arch": kind}
+        for kind, tps in (("inter", 30_000), ("native_mamba_hybrid", 40_000))]}
+    max_mbs = {"device": "H100", "date": "d", "rows": [{"kind": "inter", "recompute": "none", "attempts": []}]}
+    summary = bench.summarise([old, max_mbs])
+    assert [(r["kind"], "arch" in r) for r in summary["rows"]] == [("inter", False), ("native_mamba_hybrid", False)]
+    assert summary["rows"][0]["vs_baseline"] == pytest.approx(0.75)
+    assert "| 0 | 1b | inter | dense | bf16 |" in bench.markdown(summary)
+
+
+def test_committed_records_still_report():
+    records = [json.loads(p.read_text()) for p in sorted((REPO / "bench" / "results").glob("train_throughput_*/run*.json"))]
+    summary = bench.summarise(records)
+    assert len(summary["rows"]) == sum(len(r["rows"]) for r in records) > 0
+    assert all(r["kind"] in bench.KINDS + list(bench.NATIVES) for r in summary["rows"])
+    assert bench.markdown(summary).count("\n| ") > len(summary["rows"])  # one line per row, plus goals
+
+
 def test_tiny_rows_train_on_cpu(tmp_path):
     out = tmp_path / "tiny.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "train_throughput.py"), "run", "--scales", "tiny",
-         "--archs", "inter", "intra", "--ffn", "dense", "moe", "--precisions", "bf16",
+         "--kinds", "inter", "intra", "--ffn", "dense", "moe", "--precisions", "bf16",
          "--warmup", "1", "--steps", "2", "--out", str(out),
          "--mbs", "1", "--microbatches", "2", "--overlap-branches", "--intra-dim-ratio", "1:3",
          "--attention-head-dim", "32", "--unfused"],
@@ -73,7 +94,7 @@ def test_tiny_rows_train_on_cpu(tmp_path):
     assert record["options"]["intra_dim_ratio"] == "1:3"
     assert record["options"]["attention_head_dim"] == 32 and record["options"]["unfused"] is True
     rows = record["rows"]
-    assert [(r["arch"], r["ffn"]) for r in rows] == [
+    assert [(r["kind"], r["ffn"]) for r in rows] == [
         ("inter", "dense"), ("intra", "dense"), ("inter", "moe"), ("intra", "moe")]
     for r in rows:
         assert "error" not in r, r.get("traceback")

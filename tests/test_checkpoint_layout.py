@@ -184,7 +184,7 @@ def test_the_saved_recipe_is_read_and_validated(tmp_path):
                                               f"model it holds$"):
         layout.read_saved_recipe(step_dir)
     assert layout.read_saved_model(step_dir) is None
-    recipe = load_recipe(REPO / "recipes" / "tiny_intra.yaml", ["model.num_layers=3"])
+    recipe = load_recipe(REPO / "recipes" / "intra_tiny.yaml", ["model.num_layers=3"])
     (step_dir / "recipe.yaml").write_text(recipe.to_yaml())
     saved = layout.read_saved_recipe(step_dir)
     assert saved.name == recipe.name and saved.model.num_layers == 3

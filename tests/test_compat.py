@@ -1,11 +1,13 @@
-"""Each CPU shim of hybrid_megatron.compat does what its docstring says (CPU only)."""
+"""Each CPU shim of hybrid_megatron.compat does what its docstring says (CPU only).
+
+The shims were applied by ``runtime.setup()`` in tests/conftest.py, as every entry point does.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import hybrid_megatron  # noqa: F401  (applies the shims)
 from hybrid_megatron import compat
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU shims apply only without CUDA")

@@ -1,4 +1,4 @@
-"""Checkpoint conversion to Hugging Face layouts, verified by logits parity (issue 6).
+"""Checkpoint conversion to Hugging Face layouts, verified by logits parity.
 
 Every parity test builds a tiny model, randomises all weights (norms, A_log, D, dt_bias and
 branch scalars included), exports it in fp32, loads the export with transformers (pinned:
@@ -340,7 +340,7 @@ def _tp2_logits(rank, world, ckpt, tokens):
 
 @pytest.mark.slow
 def test_checkpoint_trained_at_tp2_exports_exactly(tmp_path):
-    """Train tiny_intra 4 steps at TP=2; the CLI export (loaded at TP=1) matches TP=2 logits."""
+    """Train intra_tiny 4 steps at TP=2; the CLI export (loaded at TP=1) matches TP=2 logits."""
     from tests.distributed import run_distributed
     from tests.training_helpers import REPO, start_job, wait_job
 
@@ -348,7 +348,7 @@ def test_checkpoint_trained_at_tp2_exports_exactly(tmp_path):
     overrides = [f"checkpoint.dir={run}/checkpoints", "train.steps=4", "train.warmup_steps=1",
                  "checkpoint.interval=4", "train.eval_interval=0", "tracking.enabled=false",
                  "parallel.tp=2"]
-    assert wait_job(start_job(str(REPO / "recipes/tiny_intra.yaml"), overrides, 2, run / "logs")) == [0, 0]
+    assert wait_job(start_job(str(REPO / "recipes/intra_tiny.yaml"), overrides, 2, run / "logs")) == [0, 0]
     out = tmp_path / "hf"
     cli = subprocess.run(
         [sys.executable, "-m", "hybrid_megatron.convert", "to-hf", "--checkpoint",
@@ -356,7 +356,7 @@ def test_checkpoint_trained_at_tp2_exports_exactly(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert cli.returncode == 0, cli.stderr
-    assert "remote_code" in cli.stdout  # tiny_intra normalises its branches
+    assert "remote_code" in cli.stdout  # intra_tiny normalises its branches
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
     hf = load_hf(out)
     tokens = _tokens(vocab=hf.config.vocab_size)
@@ -406,7 +406,7 @@ def test_from_hf_then_init_from_trains_from_the_hf_weights(single_rank, tmp_path
     assert "nemotron_h" in model_yaml and (converted / "metadata.json").exists()
 
     recipe_file = tmp_path / "continue.yaml"
-    recipe_file.write_text(f"extends: {REPO / 'recipes' / '_base_tiny.yaml'}\n" + model_yaml)
+    recipe_file.write_text(f"extends: {REPO / 'recipes' / 'bases' / 'tiny.yaml'}\n" + model_yaml)
     run = tmp_path / "run"
     overrides = [f"checkpoint.dir={run}/checkpoints", f"checkpoint.init_from={converted}",
                  f"data.tokenizer={REPO}/data/tokenizer",  # the base's paths are relative

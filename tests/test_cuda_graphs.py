@@ -19,18 +19,18 @@ from hybrid_megatron.config.parallel import ParallelConfig
 from tests.model_configs import tiny_model
 from tests.training_helpers import REPO
 
-TINY_INTRA = str(REPO / "recipes" / "tiny_intra.yaml")
+TINY_INTRA = str(REPO / "recipes" / "intra_tiny.yaml")
 GRAPHS_BF16 = ["train.cuda_graphs=true", "train.precision=bf16"]
 
 
 @pytest.mark.parametrize("recipe, overrides, expected", [
-    ("tiny_intra_moe.yaml", ["model.moe.experts=te_grouped"], "train.cuda_graphs: MoE layers need "
+    ("intra_tiny_moe.yaml", ["model.moe.experts=te_grouped"], "train.cuda_graphs: MoE layers need "
      "model.moe.experts grouped and parallel.ep 1"),
-    ("tiny_intra_moe.yaml", ["parallel.ep=2", "parallel.tp=1", "parallel.sequence_parallel=false"],
+    ("intra_tiny_moe.yaml", ["parallel.ep=2", "parallel.tp=1", "parallel.sequence_parallel=false"],
      "train.cuda_graphs: MoE layers need model.moe.experts grouped and parallel.ep 1"),
-    ("tiny_intra.yaml", ["train.recompute=full"], "train.cuda_graphs: not combined with train.recompute 'full'"),
-    ("tiny_intra.yaml", ["parallel.tp=2"], "train.cuda_graphs: only with parallel.tp = parallel.pp = 1"),
-    ("tiny_intra.yaml", ["train.precision=fp32"], "train.cuda_graphs: needs train.precision bf16"),
+    ("intra_tiny.yaml", ["train.recompute=full"], "train.cuda_graphs: not combined with train.recompute 'full'"),
+    ("intra_tiny.yaml", ["parallel.tp=2"], "train.cuda_graphs: only with parallel.tp = parallel.pp = 1"),
+    ("intra_tiny.yaml", ["train.precision=fp32"], "train.cuda_graphs: needs train.precision bf16"),
 ])
 def test_recipe_refuses_what_graphs_cannot_take(recipe, overrides, expected):
     with pytest.raises(RecipeError) as err:
@@ -43,15 +43,15 @@ def test_recipe_accepts_graphs_for_a_dense_single_gpu_bf16_run():
 
 
 def test_recipe_accepts_graphs_for_grouped_experts_on_one_gpu():
-    recipe = load_recipe(REPO / "recipes" / "tiny_intra_moe.yaml",
+    recipe = load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml",
                          [*GRAPHS_BF16, "parallel.tp=1", "parallel.sequence_parallel=false"])
     assert recipe.train.cuda_graphs is True and recipe.model.moe.experts == "grouped"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
 def test_build_without_cuda_is_one_clear_error(single_rank):
-    from hybrid_megatron.models import build_model
     from hybrid_megatron.config.errors import ModelConfigError
+    from hybrid_megatron.models import build_model
     from hybrid_megatron.training.parallel_setup import setup_model_parallel
 
     setup_model_parallel(ParallelConfig(), seed=1)  # an earlier test may have left another layout
@@ -92,7 +92,7 @@ def test_fp8_attention_needs_fp8_and_reaches_the_config(single_rank, monkeypatch
 # ----------------------------------------------------------------------------- GPU
 def _train(tmp_path, name: str, steps: int, graphs: bool, recipe: str = TINY_INTRA,
            extra: tuple = ()) -> tuple[list[float], str]:
-    """Run (or resume) the trainer on ``recipe`` (tiny_intra) with TE in bf16 (one rank) in
+    """Run (or resume) the trainer on ``recipe`` (intra_tiny) with TE in bf16 (one rank) in
     ``tmp_path/name``; returns (its per-step losses so far, its log)."""
     from tests.training_helpers import start_job, wait_job
 
@@ -116,7 +116,7 @@ def _train(tmp_path, name: str, steps: int, graphs: bool, recipe: str = TINY_INT
 def test_graphed_trainer_matches_eager_and_resumes(tmp_path):
     eager, eager_log = _train(tmp_path, "eager", 20, graphs=False)
     graphed, log = _train(tmp_path, "graphed", 20, graphs=True)
-    # tiny_intra has 4 layers; each records in step 1 and replays its graph from step 2 on.
+    # intra_tiny has 4 layers; each records in step 1 and replays its graph from step 2 on.
     assert "step 1: CUDA graphs captured for 4 layers" in log, log[-3000:]
     assert "CUDA graphs" not in eager_log
     assert "validation loss" in log  # evaluation replays the forward graphs
@@ -141,7 +141,7 @@ def test_graphed_trainer_matches_eager_and_resumes(tmp_path):
 def test_graphed_moe_trainer_matches_eager(tmp_path):
     """MoE layers with the grouped experts (token counts on the GPU) run whole in per-layer
     graphs: the graphed run is captured, replayed and trains the eager run's losses."""
-    recipe = str(REPO / "recipes" / "tiny_intra_moe.yaml")
+    recipe = str(REPO / "recipes" / "intra_tiny_moe.yaml")
     one_gpu = ("parallel.tp=1", "parallel.sequence_parallel=false")
     eager, eager_log = _train(tmp_path, "eager", 20, graphs=False, recipe=recipe, extra=one_gpu)
     graphed, log = _train(tmp_path, "graphed", 20, graphs=True, recipe=recipe, extra=one_gpu)

@@ -1,4 +1,4 @@
-"""Evaluation (issue 8): NLL, cached generation, cache bytes, NIAH harness, extrapolation, CLI."""
+"""Evaluation: NLL, cached generation, cache bytes, NIAH harness, extrapolation, CLI."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ KINDS = ["transformer", "swa", "mamba", "inter", "intra"]
 def _recipe(kind: str):
     from hybrid_megatron.config import load_recipe
 
-    return load_recipe(str(REPO / "recipes" / f"tiny_{kind}.yaml"), ["tracking.enabled=false"])
+    return load_recipe(str(REPO / "recipes" / f"{kind}_tiny.yaml"), ["tracking.enabled=false"])
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_validation_set_does_not_depend_on_the_training_layout(single_rank):
     from hybrid_megatron.config import load_recipe
     from hybrid_megatron.evaluation.nll import validation_set
 
-    tp2 = load_recipe(str(REPO / "recipes" / "tiny_inter.yaml"), ["tracking.enabled=false", "parallel.tp=2"])
+    tp2 = load_recipe(str(REPO / "recipes" / "inter_tiny.yaml"), ["tracking.enabled=false", "parallel.tp=2"])
     a, b = validation_set(_recipe("inter")), validation_set(tp2)
     assert len(a) == len(b) == 2
     assert all(torch.equal(x["tokens"], y["tokens"]) for ga, gb in zip(a, b) for x, y in zip(ga, gb))

@@ -358,7 +358,7 @@ def test_trainer_on_gpu_learns_and_checkpoints(tmp_path, fp8):
         "model.mamba.head_dim=8",
         *(["model.fp8=hybrid"] if fp8 else []),
     ]
-    procs = start_job(str(REPO / "recipes/tiny_intra_moe.yaml"), overrides, 1, tmp_path / "logs")
+    procs = start_job(str(REPO / "recipes/intra_tiny_moe.yaml"), overrides, 1, tmp_path / "logs")
     codes = wait_job(procs, timeout=600)
     log = (tmp_path / "logs" / "rank0.log").read_text()
     assert codes == [0], log[-3000:]
@@ -373,7 +373,7 @@ def test_trainer_on_gpu_learns_and_checkpoints(tmp_path, fp8):
     longer = [o.replace("train.steps=40", "train.steps=44") for o in overrides]
     if fp8 == "head_on_resume":
         longer.append("model.fp8_output_layer=true")
-    codes = wait_job(start_job(str(REPO / "recipes/tiny_intra_moe.yaml"), longer, 1, tmp_path / "logs2"),
+    codes = wait_job(start_job(str(REPO / "recipes/intra_tiny_moe.yaml"), longer, 1, tmp_path / "logs2"),
                      timeout=600)
     resumed = (tmp_path / "logs2" / "rank0.log").read_text()
     assert codes == [0], resumed[-3000:]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "recipes" / "tiny_intra_moe.yaml"
+DEMO = REPO / "recipes" / "intra_tiny_moe.yaml"
 THIS = Path(__file__).resolve()
 
 
@@ -63,6 +63,16 @@ def bad_data_entry(recipe):
     from hybrid_megatron.data.errors import DataToolsError
 
     raise DataToolsError("dataset prefix /nope/x: /nope/x.idx does not exist")
+
+
+def input_error_entry(recipe):
+    """Raises an InputError subclass the launcher knows nothing of, with a two-line message."""
+    from hybrid_megatron.errors import InputError
+
+    class TokenizerMismatch(InputError):
+        pass
+
+    raise TokenizerMismatch("data.tokenizer: /tok/a has vocab 100\nthe dataset was made with vocab 200")
 
 
 def graceful_entry(recipe):
@@ -143,13 +153,13 @@ def test_dry_run_prints_recipe_derived_and_sbatch(launcher, tmp_path, capsys):
     ])
     out = capsys.readouterr().out
     assert code == 0
-    assert "name: tiny_intra_moe" in out and "partition: gpu-x" in out      # the resolved recipe
+    assert "name: intra_tiny_moe" in out and "partition: gpu-x" in out      # the resolved recipe
     assert "8 = tp 2 x pp 1 x dp 4" in out                                  # derived on 2 x 4 ranks
     assert "global 32 = micro 4 x dp 4 x grad accumulation 2" in out
     assert "  params    total 2.27M, active 1.88M, non_embedding 1.23M" in out.splitlines()  # accounting
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
                  "#SBATCH --partition=gpu-x", "#SBATCH --account=proj7", "#SBATCH --time=90",
-                 "#SBATCH --job-name=tiny_intra_moe", "#SBATCH --signal=USR2@120", "#SBATCH --requeue",
+                 "#SBATCH --job-name=intra_tiny_moe", "#SBATCH --signal=USR2@120", "#SBATCH --requeue",
                  f"#SBATCH --output={tmp_path}/runs/demo/slurm/%j/%j_0_log.out", "export NCCL_DEBUG=WARN"):
         assert line in out.splitlines(), line
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
@@ -162,7 +172,7 @@ def test_dry_run_prints_recipe_derived_and_sbatch(launcher, tmp_path, capsys):
 def test_render_sbatch_array_and_cluster_options(launcher):
     from hybrid_megatron.config import load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / "1b_intra.yaml", [
+    recipe = load_recipe(REPO / "recipes" / "intra_1b.yaml", [
         "slurm.array_parallelism=2", "slurm.container_image=/img/hm.sqsh",
         "slurm.container_mounts=/data:/data,/scratch:/scratch", "slurm.qos=high", "slurm.constraint=h100",
         "slurm.setup=[module load cuda]", "slurm.sbatch_extra={gres: 'gpu:8'}",
@@ -292,13 +302,13 @@ def test_min_world_size(launcher):
     from hybrid_megatron.config import load_recipe
 
     assert launcher.min_world_size(load_recipe(DEMO)) == 2
-    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "tiny_mamba_moe.yaml", ["parallel.ep=2"])) == 2
+    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "mamba_tiny_moe.yaml", ["parallel.ep=2"])) == 2
     # tp 2, ep 4: each expert group is ep 4 x expert tp 2 (= tp) ranks
     assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_3b_moe.yaml")) == 8
     # tp 2 x ep 2: experts split over tp (megatron-core's default) need 4 ranks, whole ones 2
-    tp2_ep2 = ["parallel.ep=2"]  # tiny_intra_moe has tp 2
-    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "tiny_intra_moe.yaml", tp2_ep2)) == 4
-    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "tiny_intra_moe.yaml",
+    tp2_ep2 = ["parallel.ep=2"]  # intra_tiny_moe has tp 2
+    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml", tp2_ep2)) == 4
+    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml",
                                                tp2_ep2 + ["parallel.expert_tp=1"])) == 2
 
 
@@ -315,7 +325,7 @@ def test_local_two_ranks_rendezvous_and_report(launcher, tmp_path, monkeypatch, 
     for rank, record in records.items():
         assert (record["RANK"], record["dist_rank"], record["LOCAL_RANK"]) == (str(rank), rank, str(rank))
         assert (record["WORLD_SIZE"], record["dist_world"], record["rank_sum"]) == ("2", 2, 3)
-        assert record["MASTER_ADDR"] == "127.0.0.1" and record["recipe"] == "tiny_intra_moe"
+        assert record["MASTER_ADDR"] == "127.0.0.1" and record["recipe"] == "intra_tiny_moe"
     assert records[0]["MASTER_PORT"] == records[1]["MASTER_PORT"]
     assert "[rank0] stand-in rank 0 done" in out                  # rank 0's log was streamed
     assert "all 2 ranks finished" in out and "final_loss: 1.25" in out
@@ -346,6 +356,28 @@ def test_bad_input_in_a_rank_is_reported_as_its_one_line(launcher, tmp_path, mon
                              "not exist") for line in report), report  # whichever rank ended first
     assert not any(line.startswith(("Traceback", "  File")) for line in report), report
     assert launcher.input_error_line("Traceback ...\nRuntimeError: boom") is None
+
+
+def test_a_ranks_input_error_is_recognised_by_its_base_class(launcher, submitit_task_env):
+    """The rank entry turns any InputError into one marked traceback line carrying its class
+    name and message (several lines kept); the launcher reads that line back, and nothing else."""
+    import traceback
+
+    from hybrid_megatron.config import load_recipe
+
+    job = launcher.TrainJob(load_recipe(DEMO), entry=f"{THIS}:input_error_entry", master_port=1234)
+    with pytest.raises(launcher.RankInputError):
+        try:
+            job()
+        except launcher.RankInputError:
+            text = traceback.format_exc()
+            raise
+    assert launcher.input_error_line(text) == (
+        "TokenizerMismatch: data.tokenizer: /tok/a has vocab 100\nthe dataset was made with vocab 200")
+    assert "Traceback" in text and "input_error_entry" in text  # the rank's log keeps the traceback
+    # An error named like a user error but not raised through the rank entry is not one.
+    assert launcher.input_error_line("Traceback ...\nDataToolsError: dataset prefix /x: missing") is None
+    assert launcher.input_error_line("Traceback ...\nX: " + launcher.INPUT_ERROR_MARK + "{not json") is None
 
 
 def test_a_run_folder_that_cannot_be_made_is_one_line(launcher, tmp_path, capsys):
@@ -416,7 +448,7 @@ def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(launcher, slurm
     assert f"Requeued job {job_id}" in log and "asking the trainer to checkpoint and stop" in log
 
 
-# ---------------------------------------------------------------------------- sweeps (#5)
+# ---------------------------------------------------------------------------- sweeps
 
 
 def test_sweep_dry_run_prints_the_runs_and_the_array_script(launcher, capsys):
@@ -424,23 +456,23 @@ def test_sweep_dry_run_prints_the_runs_and_the_array_script(launcher, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "sweep paper-1b-F: 5 runs, F-matched" in out
-    assert "paper-1b-F-1b_transformer-102B" in out and "102,000,000,000" in out
+    assert "paper-1b-F-transformer_1b-102B" in out and "102,000,000,000" in out
     assert "#SBATCH --array=0-4%5" in out and "dry run: nothing submitted" in out
 
 
 def test_sweep_local_runs_each_recipe_in_turn(launcher, tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(
-        "sweep: {name: mini, match: F, reference: tiny_transformer, tokens: [10K], "
+        "sweep: {name: mini, match: F, reference: transformer_tiny, tokens: [10K], "
         "overrides: [train.warmup_steps=1], recipes: ["
-        f"{REPO}/recipes/tiny_transformer.yaml, {REPO}/recipes/tiny_mamba.yaml]}}\n"
+        f"{REPO}/recipes/transformer_tiny.yaml, {REPO}/recipes/mamba_tiny.yaml]}}\n"
     )
     monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:standin_entry")
     code = launcher.main([str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "[sweep] 2/2 runs succeeded (compare group mini)" in out
-    for name in ("mini-tiny_transformer-10K", "mini-tiny_mamba-10K"):
+    for name in ("mini-transformer_tiny-10K", "mini-mamba_tiny-10K"):
         record = json.loads((tmp_path / "runs" / "mini" / name / "standin" / "rank0.json").read_text())
         assert record["recipe"] == name
 
@@ -471,7 +503,7 @@ def test_slurm_preemption_of_the_real_trainer_saves_requeues_and_resumes_exactly
     through the requeue."""
     from tests.training_helpers import read_losses, start_job, wait_job
 
-    recipe = str(REPO / "recipes" / "tiny_intra.yaml")
+    recipe = str(REPO / "recipes" / "intra_tiny.yaml")
     common = [
         "model.num_layers=2", "data.seq_length=64", "train.global_batch_size=4", "train.steps=30",
         "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=4",

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness adapter (issue 8): exact scores against the model's own logits, rolling
+"""lm-evaluation-harness adapter: exact scores against the model's own logits, rolling
 log-likelihood against the ``nll`` task, generation against ``generate``, and local harness
 tasks (YAML + jsonl written here, no hub) through the Python API and the CLI subcommand."""
 

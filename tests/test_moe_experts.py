@@ -129,7 +129,7 @@ def test_checkpoints_move_between_expert_implementations(single_rank, tmp_path, 
     from hybrid_megatron.config import load_recipe
     from hybrid_megatron.training.entry import train
 
-    recipe = str(REPO / "recipes" / "tiny_intra_moe.yaml")
+    recipe = str(REPO / "recipes" / "intra_tiny_moe.yaml")
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
 
     def run(run_dir, experts, *extra):

@@ -225,7 +225,7 @@ def test_parallel_layouts_match_single_rank(kind, moe, tmp_path):
 
 @pytest.mark.slow
 def test_tp2_x_pp2_intra_moe_matches_single_rank(tmp_path):
-    """Issue #9's layout on 4 CPU ranks: the intra MoE hybrid at TP=2 x PP=2 (with SP) gives the
+    """intra_1b_moe's layout on 4 CPU ranks: the intra MoE hybrid at TP=2 x PP=2 (with SP) gives the
     single-rank loss from the same checkpoint; each TP pair of a stage agrees."""
     cfg = tiny_model("intra", moe=True)
     layouts = {"tp2_pp2": {"tp": 2, "pp": 2, "sequence_parallel": True}}

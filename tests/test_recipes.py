@@ -16,7 +16,7 @@ from hybrid_megatron.config.train import parse_count
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-SHIPPED = sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith("_"))
+SHIPPED = sorted(RECIPES.glob("*.yaml"))  # the bases live in recipes/bases/
 KINDS = ["transformer", "swa", "mamba", "inter", "intra"]
 SCALES = ["100m", "350m", "1b", "3b"]
 
@@ -25,10 +25,22 @@ def _names() -> set:
     return {p.stem for p in SHIPPED}
 
 
+def _scale(path: Path) -> str:
+    """The ``<scale>`` of a recipe file named ``<kind>_<scale>[_<variant>].yaml``."""
+    return path.stem.split("_")[1]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_recipe_file_name_is_kind_scale_variant(path):
+    recipe = load_recipe(path)
+    kind, scale = path.stem.split("_")[:2]
+    assert (kind, scale) == (recipe.model.kind, recipe.tracking.scale)
+
+
 def test_every_promised_recipe_is_shipped():
-    expected = {f"tiny_{k}" for k in KINDS} | {f"tiny_{k}_moe" for k in KINDS}
-    expected |= {f"{s}_{k}" for s in SCALES for k in KINDS} | {"intra_3b_moe", "inter_3b_moe", "intra_1b_moe", "intra_350m_moe"}
-    expected |= {"tiny_nemotron_h", "tiny_nemotron_h_moe"}
+    expected = {f"{k}_tiny" for k in KINDS} | {f"{k}_tiny_moe" for k in KINDS}
+    expected |= {f"{k}_{s}" for s in SCALES for k in KINDS} | {"intra_3b_moe", "inter_3b_moe", "intra_1b_moe", "intra_350m_moe"}
+    expected |= {"inter_tiny_nemotron_h", "inter_tiny_nemotron_h_moe"}
     assert expected <= _names(), sorted(expected - _names())
 
 
@@ -36,7 +48,7 @@ def test_every_promised_recipe_is_shipped():
 def test_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
-    world = recipe.slurm.world_size if not recipe.name.startswith("tiny_") else recipe.parallel.tp * recipe.parallel.pp
+    world = recipe.slurm.world_size if _scale(path) != "tiny" else recipe.parallel.tp * recipe.parallel.pp
     values = derived(recipe, world, param_counter=lambda model: None)
     assert values["dp"] * recipe.parallel.tp * recipe.parallel.pp == world
     assert values["total_steps"] > recipe.train.warmup_steps
@@ -47,7 +59,7 @@ def test_shipped_recipe_validates(path):
 def test_tiny_recipes_point_at_the_bundled_corpus():
     stats = json.loads((REPO / "data" / "austen_4k_text_document.stats.json").read_text())
     for path in SHIPPED:
-        if not path.stem.startswith("tiny_"):
+        if _scale(path) != "tiny":
             continue
         recipe = load_recipe(path)
         for prefix in recipe.data.prefixes():
@@ -58,10 +70,10 @@ def test_tiny_recipes_point_at_the_bundled_corpus():
 
 
 def test_demo_and_paper_facts():
-    demo = load_recipe(RECIPES / "tiny_intra_moe.yaml")
+    demo = load_recipe(RECIPES / "intra_tiny_moe.yaml")
     assert (demo.model.kind, demo.parallel.tp, demo.parallel.sequence_parallel) == ("intra", 2, True)
     assert demo.model.moe is not None and demo.slurm.world_size == 2
-    one_b = {k: load_recipe(RECIPES / f"1b_{k}.yaml") for k in KINDS}
+    one_b = {k: load_recipe(RECIPES / f"{k}_1b.yaml") for k in KINDS}
     for recipe in one_b.values():
         assert recipe.model.hidden_size == 2048 and recipe.data.seq_length == 8192
         assert recipe.train.precision == "bf16" and recipe.train.tokens == 102 * 10**9
@@ -92,7 +104,7 @@ def _meta_params(recipe) -> int:
 @pytest.mark.parametrize("scale", SCALES)
 def test_paper_scale_recipes_build_and_are_parameter_matched(single_rank, scale):
     # Built on the meta device (no memory), at TP=1: the shapes, not the numbers, are the test.
-    counts = {k: _meta_params(load_recipe(RECIPES / f"{scale}_{k}.yaml")) for k in KINDS}
+    counts = {k: _meta_params(load_recipe(RECIPES / f"{k}_{scale}.yaml")) for k in KINDS}
     reference = counts["transformer"]
     for kind, count in counts.items():
         assert abs(count / reference - 1) < 0.05, (kind, count, reference)
@@ -101,8 +113,8 @@ def test_paper_scale_recipes_build_and_are_parameter_matched(single_rank, scale)
 
 def test_tiny_moe_recipes_build(single_rank):
     for kind in KINDS:
-        recipe = load_recipe(RECIPES / f"tiny_{kind}_moe.yaml")
-        assert _meta_params(recipe) > _meta_params(load_recipe(RECIPES / f"tiny_{kind}.yaml"))
+        recipe = load_recipe(RECIPES / f"{kind}_tiny_moe.yaml")
+        assert _meta_params(recipe) > _meta_params(load_recipe(RECIPES / f"{kind}_tiny.yaml"))
 
 
 def test_tiny_nemotron_h_recipes_are_exportable_nemotron_h_models(single_rank):
@@ -111,7 +123,7 @@ def test_tiny_nemotron_h_recipes_are_exportable_nemotron_h_models(single_rank):
     from hybrid_megatron.accounting import count_parameters
     from hybrid_megatron.convert import choose_target
 
-    dense, moe = (load_recipe(RECIPES / f"{n}.yaml") for n in ("tiny_nemotron_h", "tiny_nemotron_h_moe"))
+    dense, moe = (load_recipe(RECIPES / f"{n}.yaml") for n in ("inter_tiny_nemotron_h", "inter_tiny_nemotron_h_moe"))
     assert dense.model.flavour == moe.model.flavour == "nemotron_h"
     assert (dense.model.pattern.layout, moe.model.pattern.layout) == ("M-M*-M-", "MEM*EME")
     for recipe in (dense, moe):
@@ -330,7 +342,7 @@ def test_parsers():
 
 
 def test_derived_tiny_demo():
-    recipe = load_recipe(RECIPES / "tiny_intra_moe.yaml")
+    recipe = load_recipe(RECIPES / "intra_tiny_moe.yaml")
     values = derived(recipe, 2, param_counter=lambda model: {"total": 123, "active": 100})
     assert {k: values[k] for k in ("dp", "grad_accum_steps", "tokens_per_step", "total_steps", "total_tokens")} == {
         "dp": 1, "grad_accum_steps": 2, "tokens_per_step": 8 * 128, "total_steps": 60, "total_tokens": 60 * 1024}
@@ -341,7 +353,7 @@ def test_derived_tiny_demo():
 
 
 def test_derived_token_budget_rounds_up_to_whole_steps():
-    recipe = load_recipe(RECIPES / "1b_inter.yaml")
+    recipe = load_recipe(RECIPES / "inter_1b.yaml")
     values = derived(recipe, 16, param_counter=lambda model: None)
     per_step = 256 * 8192
     assert values["dp"] == 16 and values["grad_accum_steps"] == 8
@@ -361,7 +373,7 @@ def test_derived_token_budget_rounds_up_to_whole_steps():
     (2, ["parallel.ep=4", "parallel.expert_tp=1"], "parallel.ep: 4 does not divide dp*tp = 1*2 on 2 ranks"),
 ])
 def test_derived_errors_name_the_field(world, overrides, expected):
-    recipe = load_recipe(RECIPES / "tiny_intra_moe.yaml", overrides)
+    recipe = load_recipe(RECIPES / "intra_tiny_moe.yaml", overrides)
     with pytest.raises(RecipeError) as err:
         derived(recipe, world, param_counter=lambda model: None)
     assert str(err.value).startswith(expected), str(err.value)
@@ -369,13 +381,13 @@ def test_derived_errors_name_the_field(world, overrides, expected):
 
 def test_whole_experts_fold_over_the_tp_ranks():
     # ... unless the experts stay whole (expert_tp 1): then ep 2 fits the same 2 ranks as tp 2.
-    recipe = load_recipe(RECIPES / "tiny_intra_moe.yaml", ["parallel.ep=2", "parallel.expert_tp=1"])
+    recipe = load_recipe(RECIPES / "intra_tiny_moe.yaml", ["parallel.ep=2", "parallel.expert_tp=1"])
     values = derived(recipe, 2, param_counter=lambda model: None)
     assert (values["tp"], values["ep"], values["expert_tp"], values["dp"]) == (2, 2, 1, 1)
     assert "ranks     2 = tp 2 x pp 1 x dp 1 (ep 2, expert tp 1)" in format_derived(values)
 
 
 def test_derived_warmup_longer_than_token_budget():
-    recipe = load_recipe(RECIPES / "tiny_transformer.yaml", ["train.steps=null", "train.tokens=8192"])
+    recipe = load_recipe(RECIPES / "transformer_tiny.yaml", ["train.steps=null", "train.tokens=8192"])
     with pytest.raises(RecipeError, match=r"train.warmup_steps: 10 must be smaller than the 8 total steps"):
         derived(recipe, 1, param_counter=lambda model: None)

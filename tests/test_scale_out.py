@@ -1,4 +1,4 @@
-"""bench/scale_out.py (issue #9's scale-out check): its loss comparison fails when it should,
+"""bench/scale_out.py, the scale-out check: its loss comparison fails when it should,
 bad input is one line, and end to end on CPU the intra MoE hybrid at TP=2 x PP=2 (+SP, 4 gloo
 ranks) matches one rank, and a checkpoint saved at TP=2 x PP=2 resumes at one rank."""
 
@@ -19,7 +19,7 @@ scale_out = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(scale_out)
 
 SCRIPT = str(REPO / "bench" / "scale_out.py")
-RECIPE = "recipes/tiny_intra_moe.yaml"
+RECIPE = "recipes/intra_tiny_moe.yaml"
 LAYOUT_A = ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]
 LAYOUT_B = ["parallel.tp=1", "parallel.pp=1", "parallel.sequence_parallel=false"]
 
@@ -121,12 +121,12 @@ def test_checkpoints_are_pruned_to_the_resume_step_and_moved(tmp_path):
 
 @pytest.mark.long  # ~2.5 min: init, B, two A layouts and their resumes, then B again
 def test_several_layouts_share_one_reference_and_a_later_call_keeps_finished_runs(tmp_path):
-    """Issue #7's 2-GPU layouts on 2 gloo ranks: TP 2 x EP 2 with whole experts and EP 2 (DP 2),
+    """The 350M MoE 2-GPU layouts on 2 gloo ranks: TP 2 x EP 2 with whole experts and EP 2 (DP 2),
     each against one rank, each resumed at one rank; then a run killed halfway (B's log lost)
     is the only one a --keep-finished call redoes."""
     out = tmp_path / "record.json"
     command = [sys.executable, SCRIPT, RECIPE,
-               "--layout-a", "parallel.ep=2", "parallel.expert_tp=1",  # tiny_intra_moe: tp 2 + SP
+               "--layout-a", "parallel.ep=2", "parallel.expert_tp=1",  # intra_tiny_moe: tp 2 + SP
                "--layout-a", "parallel.ep=2", "parallel.tp=1", "parallel.sequence_parallel=false",
                "--layout-b", "parallel.tp=1", "parallel.sequence_parallel=false",
                "--nproc-a", "2", "--steps", "4", "--tolerance", "1e-4",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Two architectures with different known laws (the first is Chinchilla's fit).
+# Two kinds with different known laws (the first is Chinchilla's fit).
 LAWS = {
     "transformer": dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28),
     "mamba": dict(E=1.85, A=250.0, B=900.0, alpha=0.30, beta=0.36),
@@ -169,7 +169,7 @@ def test_too_few_runs_and_missing_fields_name_the_runs():
 # --- CLI against a local MLflow store -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def mlflow_store(tmp_path_factory):
-    """A sqlite MLflow store with experiment "sweep": 2 architectures x 4 budgets x 6 sizes from
+    """A sqlite MLflow store with experiment "sweep": 2 kinds x 4 budgets x 6 sizes from
     the known laws (group "g1"), plus runs that must be ignored: another group, one unfinished;
     and experiment "broken" with runs lacking val/loss or hm.kind."""
     from mlflow.entities import Metric, Param, RunTag
@@ -227,9 +227,9 @@ def test_cli_fit_end_to_end(mlflow_store, tmp_path, capsys):
     doc = json.loads((out / "fit.json").read_text())
     assert doc["experiment"] == "sweep" and doc["group"] == "g1"
     assert doc["plots"] == ["isoflop.png", "loss_vs_compute.png"]
-    assert set(doc["architectures"]) == set(LAWS)
+    assert set(doc["kinds"]) == set(LAWS)
     for kind, law in LAWS.items():
-        entry = doc["architectures"][kind]
+        entry = doc["kinds"][kind]
         assert entry["n_runs"] == 24 and len(entry["run_ids"]) == 24  # group/unfinished excluded
         assert set(entry) >= {"law", "compute_optimal", "flops_ratio", "isoflop", "bootstrap"}
         fit = entry["law"]

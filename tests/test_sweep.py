@@ -29,9 +29,9 @@ def test_f_matched_runs_spend_the_reference_flops():
         by_budget.setdefault(run.name.rsplit("-", 1)[1], []).append(per_token * recipe.train.tokens)
     for flops in by_budget.values():  # equal compute within rounding of one token
         assert max(flops) / min(flops) == pytest.approx(1.0, abs=1e-4)
-    ref = [r for r in runs if "tiny_transformer" in r.name]
+    ref = [r for r in runs if "transformer_tiny" in r.name]
     assert sorted(r.tokens for r in ref) == [20_000, 40_000]
-    inter = {r.name.rsplit("-", 1)[1]: r.tokens for r in runs if "tiny_inter" in r.name}
+    inter = {r.name.rsplit("-", 1)[1]: r.tokens for r in runs if "inter_tiny" in r.name}
     assert inter["40K"] in (2 * inter["20K"] - 1, 2 * inter["20K"], 2 * inter["20K"] + 1)
 
 
@@ -40,7 +40,7 @@ def test_p_matched_paper_sweep_table():
     assert {r.tokens for r in runs} == {102_000_000_000}
     assert [r.kind for r in runs] == ["transformer", "swa", "mamba", "inter", "intra"]
     table = format_sweep_table(spec, runs)
-    assert "paper-1b-P-1b_inter-102B" in table and "102,000,000,000" in table
+    assert "paper-1b-P-inter_1b-102B" in table and "102,000,000,000" in table
     # parameter-matched: the five 1B models within 10% of each other
     params = [r.params for r in runs]
     assert max(params) / min(params) < 1.10
@@ -56,7 +56,7 @@ def test_paper_f_sweep_gives_inter_more_tokens():
 def test_bad_sweep_names_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sweep: {name: x, match: F, reference: nope, tokens: [1M], recipes: ["
-                   f"{REPO}/recipes/tiny_transformer.yaml]}}\n")
+                   f"{REPO}/recipes/transformer_tiny.yaml]}}\n")
     with pytest.raises(RecipeError, match="sweep.reference: 'nope' is not one of"):
         load_sweep(bad)
     bad.write_text("sweep: {name: x, match: Q, tokens: [1M], recipes: [a.yaml]}\n")
@@ -69,7 +69,7 @@ def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(launcher, slur
                                                                    capsys):
     """A two-run F-matched sweep (Transformer reference, intra hybrid) submitted to the test
     SLURM cluster as one job array and followed with ``--wait``: each array task trains its
-    architecture for its own token budget, and both MLflow runs carry the sweep's compare group
+    kind for its own token budget, and both MLflow runs carry the sweep's compare group
     (SQLite store under tmp_path, created by the launcher before the tasks start)."""
     import math
     import subprocess
@@ -78,10 +78,10 @@ def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(launcher, slur
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(
-        "sweep: {name: mini-F, match: F, reference: tiny_transformer, tokens: [2048], overrides: ["
+        "sweep: {name: mini-F, match: F, reference: transformer_tiny, tokens: [2048], overrides: ["
         "model.num_layers=2, data.seq_length=64, train.global_batch_size=4, train.warmup_steps=1, "
         "train.eval_interval=0, train.log_interval=1, checkpoint.interval=1000], recipes: ["
-        f"{REPO}/recipes/tiny_transformer.yaml, {REPO}/recipes/tiny_intra.yaml]}}\n"
+        f"{REPO}/recipes/transformer_tiny.yaml, {REPO}/recipes/intra_tiny.yaml]}}\n"
     )
     extra = (f"checkpoint.dir={tmp_path}/runs/base/checkpoints",)
     _, runs = load_sweep(sweep, extra)

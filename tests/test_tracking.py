@@ -52,7 +52,7 @@ def test_training_run_is_logged_to_mlflow_server(single_rank, tmp_path, mlflow_s
     from hybrid_megatron.config import load_recipe
     from hybrid_megatron.training.entry import train
 
-    recipe = load_recipe(REPO / "recipes" / "tiny_inter_moe.yaml", [
+    recipe = load_recipe(REPO / "recipes" / "inter_tiny_moe.yaml", [
         f"checkpoint.dir={tmp_path}/run/checkpoints", "train.steps=6", "train.warmup_steps=1",
         "train.eval_interval=3", "checkpoint.interval=6",
         f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=hm-test",

@@ -15,7 +15,7 @@ import pytest
 
 from tests.training_helpers import REPO, kill_rank, read_losses, start_job, wait_job
 
-RECIPE = str(REPO / "recipes" / "tiny_intra.yaml")
+RECIPE = str(REPO / "recipes" / "intra_tiny.yaml")
 
 
 def _overrides(run_dir: Path, *extra: str) -> list[str]:
@@ -83,7 +83,7 @@ def test_checkpoint_from_ep1_resumes_at_ep2(tmp_path):
     by two ranks at EP 2, where megatron-core chains a second optimizer for the experts; the
     next steps' losses match the EP 1 run continuing (fp32). The EP 2 -> 1 direction is
     tests/test_scale_out.py's resume check."""
-    moe = str(REPO / "recipes" / "tiny_intra_moe.yaml")
+    moe = str(REPO / "recipes" / "intra_tiny_moe.yaml")
     one, ep2 = ["parallel.tp=1", "parallel.sequence_parallel=false"], ["parallel.ep=2"]
     ref_dir, ep_dir = tmp_path / "ep1", tmp_path / "ep2"
     assert wait_job(start_job(moe, _overrides(ref_dir, *one), 1, ref_dir / "logs")) == [0]
@@ -231,7 +231,7 @@ def test_bf16_training_runs_and_learns(single_rank, tmp_path):
 _SMALL = ("data.seq_length=64", "train.global_batch_size=4")
 
 
-# ---- learning-rate schedule (#4) ------------------------------------------------------------
+# ---- learning-rate schedule -----------------------------------------------------------------
 # Megatron-core's convention: step s (1-based) trains at the schedule's value after s - 1
 # applied updates; the value after the last update is min_lr. The tables below are written out
 # by hand from the recipe's numbers (lr 1e-3, min_lr 1e-4, 20 steps, 4 warmup steps).
@@ -360,7 +360,7 @@ def test_trainer_applies_and_logs_the_wsd_lr_across_a_resume(single_rank, tmp_pa
     assert [logged[s] for s in range(1, 11)] == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
-# ---- keep_last pruning and odd saves (#4) ---------------------------------------------------
+# ---- keep_last pruning and odd saves --------------------------------------------------------
 
 
 def _stopping_after(n: int, real_step):
@@ -531,8 +531,8 @@ def test_resume_refuses_the_retired_per_ep_optimizer_keys(single_rank, tmp_path,
 
 def test_resume_restores_the_rng_streams(single_rank, tmp_path, monkeypatch):
     """The RNG state saved with a checkpoint is the one a resumed run continues from (the CPU
-    generator and megatron's tracker streams), not the seed's. Before the saved metadata was
-    read correctly, resumes silently restarted every stream from the seed."""
+    generator and megatron's tracker streams), not the seed's: a resume that missed it would
+    silently restart every stream from the seed."""
     import torch
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 

@@ -25,8 +25,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
-    from pydantic import ValidationError
+    from hybrid_megatron import runtime
+    from hybrid_megatron.errors import InputError
 
+    runtime.setup()
     from hybrid_megatron.accounting.report import account, render_table, to_dict
     from hybrid_megatron.accounting.source import load_model_source
 
@@ -35,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = source.model
         seq_len = args.seq_len or source.seq_len or cfg.max_position_embeddings
         report = account(cfg, seq_len, args.dtype_bytes)
-    except (OSError, ValueError, ValidationError) as err:  # ValidationError is a ValueError
+    except (InputError, OSError, ValueError) as err:  # pydantic's ValidationError is a ValueError
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
     if source.note:

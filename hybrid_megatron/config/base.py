@@ -13,7 +13,7 @@ class StrictSection(BaseModel):
     """Base of every recipe section: unknown keys are errors (a typo never silently falls back
     to a default), numbers are finite and never booleans, and a validated section is immutable."""
 
-    # allow_inf_nan: ``lr: .inf`` once trained a run of NaN weights to the end.
+    # allow_inf_nan=False: an infinite ``lr: .inf`` would train a run of NaN weights to the end.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")

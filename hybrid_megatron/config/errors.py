@@ -16,13 +16,19 @@ from typing import Any, Callable, Optional, Sequence
 
 from pydantic import BaseModel, ValidationError
 
+from hybrid_megatron.errors import InputError
 
-class RecipeError(ValueError):
+
+class RecipeError(InputError, ValueError):
     """A recipe that cannot be loaded or validated; the message names the dotted field path."""
 
 
-class ModelConfigError(ValueError):
-    """A model config that cannot be built on this parallel layout; names the field."""
+class ModelConfigError(InputError, ValueError):
+    """A model config that cannot be built on this parallel layout; names the recipe field.
+
+    A ValueError, so that raised inside the recipe's validation it becomes one line of the
+    RecipeError.
+    """
 
 
 # A message that already starts with a dotted field path ("model.attention: ...").

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from hybrid_megatron.config.model import ModelConfig, parse_ratio
+from hybrid_megatron.errors import InputError
 
 ATTENTION = "A"  # self-attention mixer + FFN (Transformer block)
 MAMBA = "M"  # Mamba2 mixer (+ FFN with mamba_block_ffn)
@@ -41,7 +42,7 @@ _NEMOTRON_H_LETTERS = {
 }
 
 
-class PatternError(ValueError):
+class PatternError(InputError, ValueError):
     """A layer pattern that cannot be built; the message names the recipe field."""
 
 

@@ -8,7 +8,8 @@ Path rule: every relative path in a recipe (data prefixes, tokenizer, data cache
 checkpoint dir and resume path), including paths given as overrides and paths inherited
 from a base file, is resolved against the directory of the recipe file passed to
 `load_recipe`. Shipped recipes live in ``recipes/`` and therefore say ``../data/...`` and
-``../runs/...``; keep base files next to the recipes extending them.
+``../runs/...``, and so do the bases in ``recipes/bases/`` (their paths resolve from the
+recipe extending them).
 
 ``name`` and ``description`` describe one file and are not inherited; ``name`` defaults to the
 file's stem. ``{name}`` inside ``checkpoint.dir`` is replaced by the name, and the name is the

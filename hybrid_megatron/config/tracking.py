@@ -5,7 +5,7 @@ Example (YAML)::
     tracking:
       experiment: hybrid-1b
       tags: {owner: me}
-      compare_group: paper-1b-P      # runs compared with each other (issue #5's sweeps)
+      compare_group: paper-1b-P      # runs compared with each other (e.g. one sweep's)
       match: P                       # P: parameter-matched, F: FLOP-matched
       scale: 1b
 

@@ -25,11 +25,10 @@ def main(argv=None) -> int:
     fr.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
 
-    from hybrid_megatron.convert.exactness import NotExactError
-    from hybrid_megatron.convert.writer import ExportError
-    from hybrid_megatron.data.errors import DataToolsError
-    from hybrid_megatron.training.checkpoint import CheckpointError
+    from hybrid_megatron import runtime
+    from hybrid_megatron.errors import InputError
 
+    runtime.setup()
     try:
         if args.command == "to-hf":
             from hybrid_megatron.convert.export import to_hf
@@ -44,8 +43,9 @@ def main(argv=None) -> int:
             out, _ = from_hf_to_checkpoint(args.hf, args.output, args.overwrite)
             print(f"wrote {out} (megatron-core checkpoint, model weights only) and {out}/model.yaml;"
                   f" train from it with checkpoint.init_from: {out}")
-    # Bad input: an unreadable checkpoint or tokenizer, a path that cannot be read or written.
-    except (NotExactError, ValueError, ExportError, CheckpointError, DataToolsError, OSError) as err:
+    # Bad input: an unreadable checkpoint or tokenizer, a path that cannot be read or written,
+    # a Hugging Face directory that is not one (ValueError, naming the file).
+    except (InputError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

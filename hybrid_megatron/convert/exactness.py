@@ -18,11 +18,12 @@ from hybrid_megatron.config.layer_pattern import (
     has_ffn,
 )
 from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.errors import InputError
 
 TARGETS = ("nemotron_h", "falcon_h1", "remote_code")
 
 
-class NotExactError(ValueError):
+class NotExactError(InputError, ValueError):
     """The requested target cannot hold this model exactly; the message lists why."""
 
 

@@ -11,13 +11,14 @@ from typing import Callable, Optional
 import torch
 
 from hybrid_megatron.atomic_output import atomic_directory, refuse_to_replace
+from hybrid_megatron.errors import InputError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # the usual HF shard size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class ExportError(RuntimeError):
+class ExportError(InputError, RuntimeError):
     """The export cannot be written (bad dtype, ...); the message says why."""
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hybrid_megatron import runtime
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.data.indexed_io import check_indexed_prefix
 from hybrid_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from hybrid_megatron.errors import InputError
 
 
 def read_stats(prefix: str) -> dict | None:
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 error)."""
     args = build_parser().parse_args(argv)
+    runtime.setup()
     try:
         report = inspect_dataset(args.prefix, args.tokenizer, args.top)
         tokenizer = load_tokenizer(report["tokenizer"]) if report["tokenizer"] else None
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 text = decode_document(args.prefix, index, tokenizer)
                 more = "…" if len(text) > args.chars else ""
                 print(f"\n--- document {index} (first {args.chars} chars) ---\n{text[: args.chars]}{more}")
-    except DataToolsError as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

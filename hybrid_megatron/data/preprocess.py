@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator
 
+from hybrid_megatron import runtime
 from hybrid_megatron.data.encode_worker import ChunkResult, EncodeSettings, encode_chunk, init_worker, setup
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.data.indexed_io import AtomicIndexedWriter, token_dtype
 from hybrid_megatron.data.readers import TEXT_MODES, InputFile, expand_inputs, iter_chunks
 from hybrid_megatron.data.tokenizer import file_sha256, load_tokenizer
+from hybrid_megatron.errors import InputError
 
 # Reported skipped lines are listed up to this many; the rest are only counted.
 MAX_LISTED_BAD = 20
@@ -274,6 +276,7 @@ def _terminate_as_interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 data error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    runtime.setup()
     # SIGTERM (e.g. a scheduler's time limit) cleans up like Ctrl-C does.
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     options = PreprocessOptions(
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         stats = preprocess(options)
-    except DataToolsError as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,10 +12,12 @@ import json
 import sys
 from pathlib import Path
 
+from hybrid_megatron import runtime
 from hybrid_megatron.atomic_output import atomic_directory, refuse_to_replace
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.data.readers import TEXT_MODES, expand_inputs, iter_texts
 from hybrid_megatron.data.tokenizer import Tokenizer, load_tokenizer, write_hf_tokenizer_config
+from hybrid_megatron.errors import InputError
 
 DEFAULT_SPECIALS = {"bos": "<|bos|>", "eos": "<|endoftext|>", "pad": "<|pad|>"}
 
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    runtime.setup()
     try:
         if args.from_existing:
             tokenizer = import_tokenizer(args.from_existing, args.output, args.overwrite,
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 text_mode=args.text_mode, min_frequency=args.min_frequency, skip_bad=args.skip_bad,
                 show_progress=sys.stderr.isatty(), overwrite=args.overwrite,
             )
-    except DataToolsError as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(

@@ -1,4 +1,4 @@
-"""Evaluation of trained checkpoints (issue 8).
+"""Evaluation of trained checkpoints.
 
 Tasks (each a module, all reachable from ``python -m hybrid_megatron.evaluation <task>``):
 

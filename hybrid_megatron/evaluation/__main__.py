@@ -171,21 +171,23 @@ def main(argv=None) -> int:
     """CLI entry point; returns the exit code (1 with a one-line message on bad input)."""
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
     argv = sys.argv[1:] if argv is None else list(argv)
+    from hybrid_megatron import runtime
+    from hybrid_megatron.errors import InputError
+
     if argv[:1] == ["lm-eval"]:
         try:
             from hybrid_megatron.evaluation.lm_eval_adapter import lm_eval_cli
         except ImportError as exc:
             print(f"error: lm-eval needs lm_eval (pip install -e '.[eval]'): {exc}", file=sys.stderr)
             return 1
+        runtime.setup()
         return lm_eval_cli(argv[1:])
     args = build_parser().parse_args(argv)
-    from hybrid_megatron.data.errors import DataToolsError
-    from hybrid_megatron.training.checkpoint import CheckpointError
-
+    runtime.setup()
     try:
         run(args)
     # Bad input: an unreadable checkpoint, tokenizer or data, a path that cannot be read.
-    except (OSError, ValueError, CheckpointError, DataToolsError) as exc:
+    except (InputError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -5,8 +5,9 @@ TE's FP8 autocast does not touch) outside the transformer block's FP8 region. At
 vocabulary that head is about a fifth of the training FLOPs, which bounds FP8's gain
 (bench/results/train_throughput_h100_2026-11-24_moe_memory). ``use_fp8_output_layer`` swaps it
 for a TE column-parallel linear holding the same weight, run under megatron-core's FP8 context,
-with the output layer's calling convention. Checkpoints hold ``output_layer.weight`` only, as
-before: the head's FP8 scaling history is not saved (see ``sharded_state_dict``).
+with the output layer's calling convention. Checkpoints hold ``output_layer.weight`` only, with
+or without the swap, so they load either way: the head's FP8 scaling history is not saved (see
+``sharded_state_dict``).
 """
 
 from __future__ import annotations

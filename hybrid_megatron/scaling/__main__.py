@@ -16,12 +16,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="python -m hybrid_megatron.scaling")
     sub = parser.add_subparsers(dest="command", required=True)
-    fit = sub.add_parser("fit", help="fit L(N, D) per architecture, allocation, isoFLOP profiles")
+    fit = sub.add_parser("fit", help="fit L(N, D) per kind, allocation, isoFLOP profiles")
     fit.add_argument("--tracking-uri", required=True, help="sqlite:///..., file:... or http://...")
     fit.add_argument("--experiment", required=True, help="MLflow experiment name")
     fit.add_argument("--group", default=None, help="only runs with tag hm.compare_group = G")
     fit.add_argument("--out", required=True, help="output directory for fit.json and PNGs")
-    fit.add_argument("--min-runs", type=int, default=5, help="runs needed per architecture")
+    fit.add_argument("--min-runs", type=int, default=5, help="runs needed per kind")
     fit.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples (0: none)")
     fit.add_argument("--level", type=float, default=0.95, help="confidence level")
     fit.add_argument("--seed", type=int, default=0)
@@ -29,12 +29,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      help="relative FLOPs difference within one isoFLOP budget")
     args = parser.parse_args(argv)
 
+    from hybrid_megatron import runtime
+    from hybrid_megatron.errors import InputError
+
+    runtime.setup()
     from hybrid_megatron.scaling.analysis import analyze, write_outputs
-    from hybrid_megatron.scaling.runs import RunsError, load_runs
+    from hybrid_megatron.scaling.runs import load_runs
 
     try:
         runs = load_runs(args.tracking_uri, args.experiment, args.group, args.min_runs)
-    except RunsError as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = analyze(runs, bootstrap=args.bootstrap, level=args.level, seed=args.seed,
@@ -42,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {"tracking_uri": args.tracking_uri, "experiment": args.experiment,
             "group": args.group}
     paths = write_outputs(result, runs, args.out, meta)
-    for kind, entry in result["architectures"].items():
+    for kind, entry in result["kinds"].items():
         law, iso = entry["law"], entry["isoflop"]
         iso_text = f", isoFLOP a={iso['exponent']:.3f}" if iso["exponent"] is not None else ""
         print(f"{kind}: {entry['n_runs']} runs, E={law['E']:.3f} A={law['A']:.4g} "

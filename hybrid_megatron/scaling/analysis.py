@@ -1,5 +1,5 @@
 """One scaling analysis: law fit, bootstrap, compute-optimal allocation and isoFLOP estimate per
-architecture, written as ``fit.json`` plus PNG plots."""
+kind, written as ``fit.json`` plus PNG plots."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def analyze(
     seed: int = 0,
     tolerance: float = BUDGET_TOLERANCE,
 ) -> dict:
-    """Fit every architecture's runs.
+    """Fit every kind's runs.
 
     Takes kind -> RunSet, the number of bootstrap resamples (0: none), the interval level, a
     seed and the isoFLOP budget tolerance. Returns a JSON-ready dict: per kind the run ids, the
@@ -35,7 +35,7 @@ def analyze(
     runs' ``flops_ratio`` (train.flops / 6ND) and the isoFLOP estimate; plus private ``_fits`` /
     ``_isofits`` / ``_ratios`` entries holding the objects the plots need.
     """
-    out: dict = {"architectures": {}}
+    out: dict = {"kinds": {}}
     fits, isofits, ratios = {}, {}, {}
     for kind, rs in runs.items():
         fit = fit_law(rs.n, rs.d, rs.loss)
@@ -56,7 +56,7 @@ def analyze(
                                  seed=seed)
             entry["bootstrap"] = {"level": boot.level, "requested": boot.requested,
                                   "samples": boot.samples, "intervals": boot.intervals}
-        out["architectures"][kind] = entry
+        out["kinds"][kind] = entry
     out["_fits"], out["_isofits"], out["_ratios"] = fits, isofits, ratios
     return out
 

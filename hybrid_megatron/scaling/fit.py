@@ -20,7 +20,7 @@ Compute-optimal allocation under the closed-form budget C = 6 N D (minimise L su
     a = beta / (alpha + beta),  b = alpha / (alpha + beta).
 
 C = 6ND is used only for this closed form; the runs' own FLOPs (``train.flops``, attention and
-SSD terms included) differ from 6ND by an architecture-dependent factor, reported as
+SSD terms included) differ from 6ND by a kind-dependent factor, reported as
 ``flops_ratio`` (median of train.flops / 6ND) and used to place the frontier on the runs' axis.
 """
 
@@ -264,6 +264,6 @@ def bootstrap_law(
 
 def flops_ratio(n, d, c) -> float:
     """Median of the runs' own training FLOPs over 6ND (how far the C = 6ND closed form is
-    from the accounting's figure for this architecture)."""
+    from the accounting's figure for this kind)."""
     n, d, c = (np.asarray(x, dtype=float) for x in (n, d, c))
     return float(np.median(c / (6.0 * n * d)))

@@ -119,7 +119,7 @@ def fit_budget(run_ids, n, loss, flops: float, min_points: int = 3) -> Budget:
 def fit_isoflop(
     run_ids, n, c, loss, tolerance: float = BUDGET_TOLERANCE, min_points: int = 3
 ) -> IsoFlopFit:
-    """IsoFLOP estimate of N_opt(C) = k C^a from one architecture's runs.
+    """IsoFLOP estimate of N_opt(C) = k C^a from one kind's runs.
 
     Takes run ids, parameters, training FLOPs and final losses (aligned arrays), the budget
     tolerance and the minimum distinct sizes per budget. Returns an IsoFlopFit: every budget

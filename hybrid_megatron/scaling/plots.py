@@ -24,7 +24,7 @@ def _pyplot():
 def plot_loss_vs_compute(
     runs: dict[str, RunSet], fits: dict[str, LawFit], ratios: dict[str, float], path: Path
 ) -> Path:
-    """Loss against training FLOPs per architecture, with each fitted compute-optimal frontier.
+    """Loss against training FLOPs per kind, with each fitted compute-optimal frontier.
 
     Takes kind -> RunSet, kind -> LawFit, kind -> flops_ratio (runs' FLOPs / 6ND) and the output
     path. Points are the runs' own FLOPs; the frontier L(N*(C6), D*(C6)) is computed with the
@@ -55,9 +55,9 @@ def plot_loss_vs_compute(
 
 
 def plot_isoflops(isofits: dict[str, IsoFlopFit], path: Path) -> Path:
-    """IsoFLOP curves: per architecture, loss vs N for each budget, its parabola and vertex.
+    """IsoFLOP curves: per kind, loss vs N for each budget, its parabola and vertex.
 
-    Takes kind -> IsoFlopFit (architectures without budgets are skipped) and the output path;
+    Takes kind -> IsoFlopFit (kinds without budgets are skipped) and the output path;
     returns the path written.
     """
     plt = _pyplot()

@@ -1,11 +1,11 @@
-"""Finished training runs read back from MLflow, grouped by architecture, checked for fitting.
+"""Finished training runs read back from MLflow, grouped by kind, checked for fitting.
 
 Each run contributes one point (N, D, C, L):
 
 - N = param ``model.num_parameters``, D = param ``train.tokens``, C = param ``train.flops``
   (the run's own planned training FLOPs from the accounting module),
 - L = the final value of metric ``val/loss`` (MLflow keeps the value at the latest step),
-- the architecture is tag ``hm.kind``; tag ``hm.compare_group`` selects a sweep.
+- the kind is tag ``hm.kind``; tag ``hm.compare_group`` selects a sweep.
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ from typing import Optional
 
 import numpy as np
 
+from hybrid_megatron.errors import InputError
+
 PARAM_N = "model.num_parameters"
 PARAM_D = "train.tokens"
 PARAM_C = "train.flops"
 METRIC_LOSS = "val/loss"
 TAG_KIND = "hm.kind"
 TAG_GROUP = "hm.compare_group"
-MIN_RUNS = 5  # a 5-parameter law needs at least as many points per architecture
+MIN_RUNS = 5  # a 5-parameter law needs at least as many points per kind
 
 
-class RunsError(ValueError):
+class RunsError(InputError, ValueError):
     """Runs that cannot be fitted: missing fields (naming the run ids) or too few runs."""
 
 
@@ -43,7 +45,7 @@ class RunPoint:
 
 @dataclass
 class RunSet:
-    """The runs of one architecture, as arrays aligned with ``run_ids``."""
+    """The runs of one kind, as arrays aligned with ``run_ids``."""
 
     kind: str
     run_ids: list[str]
@@ -116,9 +118,9 @@ def points_from_frame(frame) -> list[RunPoint]:
 
 
 def group_by_kind(points: list[RunPoint], min_runs: int = MIN_RUNS) -> dict[str, RunSet]:
-    """Group RunPoints by architecture (``hm.kind``), each with at least ``min_runs`` runs.
+    """Group RunPoints by kind (``hm.kind``), each with at least ``min_runs`` runs.
 
-    Returns kind -> RunSet in sorted kind order. Raises RunsError naming each architecture with
+    Returns kind -> RunSet in sorted kind order. Raises RunsError naming each kind with
     too few runs and its run ids.
     """
     by_kind: dict[str, list[RunPoint]] = {}
@@ -129,7 +131,7 @@ def group_by_kind(points: list[RunPoint], min_runs: int = MIN_RUNS) -> dict[str,
         lines = [f"  {k}: {len(v)} run(s) ({', '.join(p.run_id for p in v)})"
                  for k, v in sorted(short.items())]
         raise RunsError(
-            f"too few runs to fit a scaling law (need at least {min_runs} per architecture):\n"
+            f"too few runs to fit a scaling law (need at least {min_runs} per kind):\n"
             + "\n".join(lines)
         )
     return {k: RunSet.from_points(k, by_kind[k]) for k in sorted(by_kind)}
@@ -138,11 +140,11 @@ def group_by_kind(points: list[RunPoint], min_runs: int = MIN_RUNS) -> dict[str,
 def load_runs(
     tracking_uri: str, experiment: str, group: Optional[str] = None, min_runs: int = MIN_RUNS
 ) -> dict[str, RunSet]:
-    """Read the finished runs of an MLflow experiment, per architecture.
+    """Read the finished runs of an MLflow experiment, per kind.
 
     Takes the tracking URI (``sqlite:///...``, a file store or ``http://`` server), the
     experiment name, an optional ``hm.compare_group`` to select, and the minimum number of runs
-    per architecture. Returns kind -> RunSet. Raises RunsError for an unknown experiment, no
+    per kind. Returns kind -> RunSet. Raises RunsError for an unknown experiment, no
     finished runs, missing params/metrics (naming the run ids) or too few runs.
     """
     import mlflow

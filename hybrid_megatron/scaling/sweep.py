@@ -1,16 +1,16 @@
-"""Compute-matched sweeps: architectures x token budgets, P- or F-matched, as a list of runs.
+"""Compute-matched sweeps: kinds x token budgets, P- or F-matched, as a list of runs.
 
 A sweep file (``recipes/sweeps/*.yaml``)::
 
     sweep:
       name: paper-1b-F            # becomes every run's tracking.compare_group
       match: F                    # P: same tokens for all; F: same training FLOPs as `reference`
-      reference: 1b_transformer   # (F) the run whose token budget sets the FLOP budget
+      reference: transformer_1b   # (F) the run whose token budget sets the FLOP budget
       tokens: [102B]              # budgets (of the reference under F)
-      recipes: [../1b_transformer.yaml, ../1b_inter.yaml, ...]
+      recipes: [../transformer_1b.yaml, ../inter_1b.yaml, ...]
       overrides: [train.eval_interval=2000]   # applied to every run
 
-Under ``F`` an architecture's token budget is ``tokens * F_ref / F_arch`` with F the training
+Under ``F`` a kind's token budget is ``tokens * F_ref / F_kind`` with F the training
 FLOPs per token from :mod:`hybrid_megatron.accounting` at the recipe's sequence length, so
 every run spends the same compute (the paper's "F-matched" comparison).
 """

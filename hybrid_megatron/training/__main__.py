@@ -12,22 +12,29 @@ import sys
 
 
 def main(argv=None) -> int:
-    """Parse the arguments, load the recipe and train; returns the process exit code."""
+    """Parse the arguments, set the process up, load the recipe and train.
+
+    Returns the process exit code: 0 done, 2 bad input (recipe, data, tokenizer, checkpoint;
+    one line on stderr).
+    """
     parser = argparse.ArgumentParser(prog="python -m hybrid_megatron.training")
     parser.add_argument("recipe", help="recipe YAML")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
 
+    from hybrid_megatron import runtime
+
+    runtime.setup()
     from hybrid_megatron.config import load_recipe
-    from hybrid_megatron.config.errors import RecipeError
+    from hybrid_megatron.errors import InputError
     from hybrid_megatron.training.entry import train
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
+        summary = train(recipe)
+    except InputError as err:  # bad recipe, data, tokenizer or checkpoint: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    summary = train(recipe)
     if summary.get("mlflow_run_id") is not None:
         print(json.dumps(summary))
     return 0

@@ -204,8 +204,8 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
         _materialise_optimizer_state(optimizer)
     saved = _saved_metadata(path)
     if any(key.startswith("chained_") for key in saved):
-        # Optimizer keys per EP size ("chained_<i>."): only the first EP > 1 checkpoints of
-        # this project's development, before OPTIMIZER_FORMAT dropped the prefixes.
+        # Optimizer keys per EP size ("chained_<i>."): a retired layout that OPTIMIZER_FORMAT
+        # does not read; refused with the two ways out.
         raise CheckpointError(f"cannot load checkpoint {path}: its optimizer state uses the "
                               f"retired per-EP 'chained_' keys; resume it with the version that "
                               f"wrote it, or start from its weights with checkpoint.init_from")
@@ -323,7 +323,7 @@ def _saved_metadata(path: Path) -> dict:
     the checkpoint at ``path``. megatron-core lists each object once per shard
     (``rng_state/shard_0_2``); here each object appears once under its own key, with its global
     shape. Raises CheckpointError naming the path when the metadata cannot be read (never
-    swallowed: an unreadable metadata once hid that the RNG streams were not restored)."""
+    swallowed: without it a resume would silently restart the RNG streams from the seed)."""
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     try:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from hybrid_megatron.accounting import count_params
 from hybrid_megatron.checkpoint_layout import is_checkpoint_root, latest_checkpoint
 from hybrid_megatron.config.derived import derived, format_derived
+from hybrid_megatron.logs import get_logger, log_rank0
 from hybrid_megatron.training.checkpoint import (
     CheckpointError,
     TrainingState,
@@ -30,14 +31,11 @@ from hybrid_megatron.training.step import evaluate, train_step
 
 LOSS_LOG = "train_log.jsonl"
 
+log = get_logger(__name__)
+
 
 class TrainingAborted(RuntimeError):
     """Training stopped on purpose (e.g. too many non-finite losses in a row); names the step."""
-
-
-def _log(rank: int, text: str) -> None:
-    if rank == 0:
-        print(text, flush=True)
 
 
 def _resume_path(recipe):
@@ -106,7 +104,7 @@ def train(recipe) -> dict:
         torch.use_deterministic_algorithms(True)
 
     info = derived(recipe, world, count_params)
-    _log(rank, format_derived(info))
+    log_rank0(log, format_derived(info))
     check_writable(recipe.checkpoint.dir)
     train_ds, valid_ds, _ = _prepare_data(recipe, info)
 
@@ -117,7 +115,7 @@ def train(recipe) -> dict:
         from hybrid_megatron.training.restore import init_weights_from
 
         init_weights_from(recipe.checkpoint.init_from, model_chunks, recipe.model)
-        _log(rank, f"initialised weights from {recipe.checkpoint.init_from} (fresh optimizer, step 0)")
+        log_rank0(log, f"initialised weights from {recipe.checkpoint.init_from} (fresh optimizer, step 0)")
     optimizer = build_optimizer(train_cfg, model_chunks)
     total_steps = info["total_steps"]
     scheduler = build_scheduler(train_cfg, optimizer, total_steps)
@@ -125,7 +123,7 @@ def train(recipe) -> dict:
     state = TrainingState()
     if resume is not None:
         state = load_checkpoint(resume, model_chunks, optimizer, scheduler)
-        _log(rank, f"resumed from {resume} at step {state.step}")
+        log_rank0(log, f"resumed from {resume} at step {state.step}")
 
     seq = recipe.data.seq_length
     g = train_cfg.global_batch_size
@@ -167,8 +165,8 @@ def train(recipe) -> dict:
             else:
                 state.skipped_steps += 1
                 state.consecutive_nan_skips += 1
-                _log(rank, f"step {state.step}: non-finite loss {loss}; update skipped "
-                           f"({state.consecutive_nan_skips} in a row)")
+                log_rank0(log, f"step {state.step}: non-finite loss {loss}; update skipped "
+                               f"({state.consecutive_nan_skips} in a row)")
                 if state.consecutive_nan_skips >= train_cfg.max_consecutive_nan_skips:
                     raise TrainingAborted(
                         f"step {state.step}: {state.consecutive_nan_skips} non-finite losses in a "
@@ -194,24 +192,24 @@ def train(recipe) -> dict:
                     f.write(json.dumps({"step": state.step, "loss": loss.hex() if isinstance(loss, float) else loss,
                                         "tokens_per_s": tokens_per_s, "mfu": mfu}) + "\n")
             if state.step % train_cfg.log_interval == 0 or state.step == 1:
-                _log(rank, f"step {state.step}/{total_steps} loss {loss:.4f} lr {metrics['train/lr']:.2e} "
-                           f"grad_norm {metrics['train/grad_norm'] or float('nan'):.3f} "
-                           f"tokens/s {tokens_per_s:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "")
-                           + f" mem {metrics['train/memory_gib']:.2f}GiB")
+                log_rank0(log, f"step {state.step}/{total_steps} loss {loss:.4f} lr {metrics['train/lr']:.2e} "
+                               f"grad_norm {metrics['train/grad_norm'] or float('nan'):.3f} "
+                               f"tokens/s {tokens_per_s:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "")
+                               + f" mem {metrics['train/memory_gib']:.2f}GiB")
                 tracker.flush()
             if graphs_to_report:
                 # megatron-core records each layer in the first step and captures at its end.
-                _log(rank, f"step {state.step}: CUDA graphs captured for "
-                           f"{captured_layer_graphs(model_chunks)} layers")
+                log_rank0(log, f"step {state.step}: CUDA graphs captured for "
+                               f"{captured_layer_graphs(model_chunks)} layers")
                 graphs_to_report = False
             if valid and train_cfg.eval_interval and state.step % train_cfg.eval_interval == 0:
                 val_loss = evaluate(model_chunks, valid, seq)
                 tracker.log_metrics({"val/loss": val_loss}, state.step)
-                _log(rank, f"step {state.step}: validation loss {val_loss:.4f}")
+                log_rank0(log, f"step {state.step}: validation loss {val_loss:.4f}")
             if state.step % recipe.checkpoint.interval == 0:
                 last_saved = save_checkpoint(recipe.checkpoint.dir, model_chunks, optimizer,
                                              scheduler, state, recipe.checkpoint.keep_last, recipe.to_yaml())
-                _log(rank, f"saved checkpoint {last_saved}")
+                log_rank0(log, f"saved checkpoint {last_saved}")
         if valid and (val_loss is None or state.step % max(train_cfg.eval_interval, 1)):
             val_loss = evaluate(model_chunks, valid, seq)
             tracker.log_metrics({"val/loss": val_loss}, state.step)
@@ -219,7 +217,7 @@ def train(recipe) -> dict:
         if recipe.checkpoint.save_on_exit and not finished_at_save:
             last_saved = save_checkpoint(recipe.checkpoint.dir, model_chunks, optimizer, scheduler,
                                          state, recipe.checkpoint.keep_last, recipe.to_yaml())
-            _log(rank, f"saved checkpoint {last_saved}")
+            log_rank0(log, f"saved checkpoint {last_saved}")
         status = "KILLED" if stop.stopping else "FINISHED"
     finally:
         tracker.finish(status)
@@ -234,8 +232,8 @@ def train(recipe) -> dict:
         "mlflow_run_id": tracker.run_id,
         "tracking_uri": recipe.tracking_uri() if tracker.active else None,
     }
-    _log(rank, f"done: {state.step} steps, final loss {loss}, checkpoint {summary['last_checkpoint']}"
-               + (f", MLflow run {tracker.run_id} at {recipe.tracking_uri()}" if tracker.run_id else ""))
+    log_rank0(log, f"done: {state.step} steps, final loss {loss}, checkpoint {summary['last_checkpoint']}"
+                   + (f", MLflow run {tracker.run_id} at {recipe.tracking_uri()}" if tracker.run_id else ""))
     if stop.requested:
         stop.hand_over()  # e.g. submitit's handler: requeue the job, which resumes from the save
     else:
