@@ -193,7 +193,7 @@ def build_row_model(kind: str, cfg, recompute: str = "none", bf16: bool = True, 
     settings; ``model.fp8_output_layer`` swaps their LM head like ours). Returns (model, pattern
     text)."""
     from hybrid_megatron.models import build_model
-    from hybrid_megatron.models.layer_pattern import build_layer_pattern
+    from hybrid_megatron.config.layer_pattern import build_layer_pattern
     from hybrid_megatron.models.output_layer import use_fp8_output_layer
     from hybrid_megatron.models.transformer_config import build_transformer_config
 

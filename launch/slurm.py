@@ -659,10 +659,11 @@ def load(args: argparse.Namespace) -> Any:
 
 def describe(recipe: Any, world_size: int) -> str:
     """The derived-quantities block for ``world_size`` ranks; UsageError if they do not divide."""
+    from hybrid_megatron.accounting import count_params
     from hybrid_megatron.config import derived, format_derived
 
     try:
-        return format_derived(derived(recipe, world_size))
+        return format_derived(derived(recipe, world_size, count_params))
     except InputError as err:
         raise UsageError(str(err)) from None
 
@@ -747,7 +748,7 @@ def run_sweep(args: argparse.Namespace, entry: Optional[str]) -> int:
     """Expand a sweep file into runs; print their table; then (unless --dry-run) submit one
     SLURM job array, or with --local run them one after another. Returns the exit code."""
     from hybrid_megatron.config import load_recipe
-    from hybrid_megatron.config.sweep import format_sweep_table, load_sweep
+    from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep
 
     try:
         spec, runs = load_sweep(args.recipe, tuple(args.overrides))

@@ -495,7 +495,8 @@ def test_cli_runs_as_module(tmp_path):
 
 def test_cli_on_shipped_recipe_and_param_hook(capsys):
     """A full shipped recipe goes through the project's recipe loader (``extends`` chain, its
-    data.seq_length); ``count_params`` is the hook hybrid_megatron.config.derived calls."""
+    data.seq_length); ``count_params`` is the counter the launcher and the trainer pass to
+    ``config.derived``."""
     from hybrid_megatron.accounting import count_parameters, count_params
     from hybrid_megatron.accounting.__main__ import main
     from hybrid_megatron.config import load_recipe
