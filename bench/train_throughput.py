@@ -380,7 +380,8 @@ def measure_row(scale: str, kind: str, moe: bool, precision: str, warmup: int, s
             losses=losses,
         )
         if options.gpu_busy and torch.cuda.is_available():
-            row["gpu_busy_share"] = gpu_busy_share(lambda: trainee.step(batch, shape["seq"]), steps=2)
+            step = trainee.step
+            row["gpu_busy_share"] = gpu_busy_share(lambda: step(batch, shape["seq"]), steps=2)
         del trainee
     except Exception as err:  # one row's failure (e.g. OOM) must not lose the others
         row["error"] = f"{type(err).__name__}: {err}"[:500]
