@@ -276,7 +276,7 @@ def _sync() -> None:
 
 def _reset_run_state() -> None:
     """Forget what the previous row left in process globals (MoE tracker, FP8 state, memory)."""
-    from hybrid_megatron.training.entry import reset_run_state
+    from hybrid_megatron.training.trainer import reset_run_state
 
     reset_run_state()
     try:

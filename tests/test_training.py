@@ -136,7 +136,7 @@ def test_crash_during_save_keeps_latest_valid(single_rank, tmp_path, monkeypatch
 
 
 def test_nan_steps_are_skipped_then_abort(single_rank, tmp_path, monkeypatch):
-    from hybrid_megatron.training import entry, step
+    from hybrid_megatron.training import entry, nan_policy, step
 
     real = step.run_schedule
     bad_calls = {3, 6, 7, 8}  # schedule calls (= steps here) returning a non-finite loss
@@ -148,7 +148,7 @@ def test_nan_steps_are_skipped_then_abort(single_rank, tmp_path, monkeypatch):
         return float("nan") if seen["n"] in bad_calls else loss
 
     monkeypatch.setattr(step, "run_schedule", flaky)
-    with pytest.raises(entry.TrainingAborted, match=r"step 8: 3 non-finite losses in a row"):
+    with pytest.raises(nan_policy.TrainingAborted, match=r"step 8: 3 non-finite losses in a row"):
         train = entry.train
         train(_recipe(tmp_path, "train.max_consecutive_nan_skips=3", "checkpoint.interval=100"))
 
@@ -313,7 +313,7 @@ def test_trainer_applies_and_logs_the_wsd_lr_across_a_resume(single_rank, tmp_pa
     from mlflow.tracking import MlflowClient
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from hybrid_megatron.training import entry
+    from hybrid_megatron.training import entry, trainable
 
     # 10 steps, 2 warmup, decay round(10 x 0.3) = 3 updates: ramp, peak for steps 3-8, decay.
     expected = [0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 7e-4, 4e-4]
@@ -324,7 +324,7 @@ def test_trainer_applies_and_logs_the_wsd_lr_across_a_resume(single_rank, tmp_pa
     # Artifacts (the loss-curve PNG) under tmp_path, not in ./mlruns of the working directory.
     MlflowClient(tracking_uri=uri).create_experiment("lr", artifact_location=str(tmp_path / "artifacts"))
     applied, in_step = [], []
-    real_step = entry.train_step
+    real_step = trainable.train_step
 
     def recording_step(*args, **kwargs):
         in_step.append(True)
@@ -342,7 +342,7 @@ def test_trainer_applies_and_logs_the_wsd_lr_across_a_resume(single_rank, tmp_pa
             applied.append({g["lr"] for g in optimizer.param_groups})
 
     stopped = []
-    monkeypatch.setattr(entry, "train_step", recording_step)
+    monkeypatch.setattr(trainable, "train_step", recording_step)
     handle = register_optimizer_step_pre_hook(hook)
     try:
         first = entry.train(_recipe(tmp_path, *_SMALL, *overrides))
@@ -402,19 +402,19 @@ def test_keep_last_prunes_to_the_newest_k_and_resumes(single_rank, tmp_path, mon
     """Saves every 2 steps, keep_last 2, stopped after step 5 and resumed to step 7: after
     every save exactly the newest two step_* directories remain, ``latest`` names the newest,
     and the resumed losses equal an uninterrupted run's bitwise."""
-    from hybrid_megatron.training import entry
+    from hybrid_megatron.training import checkpointing, entry, trainable
 
     extra = (*_SMALL, "train.steps=7", "checkpoint.interval=2", "checkpoint.keep_last=2")
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     seen = []
-    real_save = entry.save_checkpoint
+    real_save = checkpointing.save_checkpoint
 
     def listing_save(root, *args, **kwargs):
         path = real_save(root, *args, **kwargs)
         seen.append((path.name, _latest(Path(root)), _step_dirs(Path(root))))
         return path
 
-    monkeypatch.setattr(entry, "save_checkpoint", listing_save)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", listing_save)
     entry.train(_recipe(ref_dir, *extra))
     assert seen == [
         ("step_00000002", "step_00000002", ["step_00000002"]),
@@ -426,11 +426,11 @@ def test_keep_last_prunes_to_the_newest_k_and_resumes(single_rank, tmp_path, mon
     assert sorted(reference) == list(range(1, 8))
 
     seen.clear()
-    real_step = entry.train_step
-    monkeypatch.setattr(entry, "train_step", _stopping_after(5, real_step))
+    real_step = trainable.train_step
+    monkeypatch.setattr(trainable, "train_step", _stopping_after(5, real_step))
     first = entry.train(_recipe(cut_dir, *extra))
     assert first["steps"] == 5
-    monkeypatch.setattr(entry, "train_step", real_step)
+    monkeypatch.setattr(trainable, "train_step", real_step)
     second = entry.train(_recipe(cut_dir, *extra))
     assert second["steps"] == 7
     assert seen == [
@@ -454,11 +454,11 @@ def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_p
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from hybrid_megatron.training import checkpoint as ckpt
-    from hybrid_megatron.training import entry
+    from hybrid_megatron.training import entry, trainable
 
     extra = (*_SMALL, "train.steps=5", "checkpoint.interval=100")
     entry.train(_recipe(tmp_path / "ref", *extra))
-    real_state, real_step = ckpt._sharded_state, entry.train_step
+    real_state, real_step = ckpt._sharded_state, trainable.train_step
     dropped = []
 
     def stopped_after_3_saving_without(run_dir, key_is_dropped):
@@ -471,10 +471,10 @@ def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_p
             return out
 
         monkeypatch.setattr(ckpt, "_sharded_state", state)
-        monkeypatch.setattr(entry, "train_step", _stopping_after(3, real_step))
+        monkeypatch.setattr(trainable, "train_step", _stopping_after(3, real_step))
         assert entry.train(_recipe(run_dir, *extra))["steps"] == 3
         monkeypatch.setattr(ckpt, "_sharded_state", real_state)
-        monkeypatch.setattr(entry, "train_step", real_step)
+        monkeypatch.setattr(trainable, "train_step", real_step)
 
     stopped_after_3_saving_without(tmp_path / "cut", lambda k, v: k.endswith("._extra_state")
                                    and isinstance(v, ShardedObject))
@@ -536,14 +536,14 @@ def test_resume_restores_the_rng_streams(single_rank, tmp_path, monkeypatch):
     import torch
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from hybrid_megatron.training import entry
+    from hybrid_megatron.training import checkpointing, entry
 
     def streams():
         return {"cpu": torch.get_rng_state(),
                 **{k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
 
     saves, loads = [], []
-    real_save, real_load = entry.save_checkpoint, entry.load_checkpoint
+    real_save, real_load = checkpointing.save_checkpoint, checkpointing.load_checkpoint
 
     def save(*args, **kwargs):
         torch.rand(3)  # move the streams away from anything the seed gives
@@ -557,8 +557,8 @@ def test_resume_restores_the_rng_streams(single_rank, tmp_path, monkeypatch):
         loads.append(streams())
         return out
 
-    monkeypatch.setattr(entry, "save_checkpoint", save)
-    monkeypatch.setattr(entry, "load_checkpoint", load)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save)
+    monkeypatch.setattr(checkpointing, "load_checkpoint", load)
     entry.train(_recipe(tmp_path, *_SMALL, "train.steps=4"))  # saves once, on finishing
     assert len(saves) == 1 and not loads
     assert entry.train(_recipe(tmp_path, *_SMALL, "train.steps=5"))["steps"] == 5
