@@ -97,6 +97,10 @@ class ParamReport:
         """Total minus the embedding and output-layer matrices (the usual N of scaling laws)."""
         return self.total - self.embedding - self.output_layer
 
+    def headline(self) -> dict[str, int]:
+        """The counts logs and reports print: ``total``, ``active`` and ``non_embedding``."""
+        return {"total": self.total, "active": self.active, "non_embedding": self.non_embedding}
+
 
 def attention_mixer_params(h: int, a: AttentionDims) -> int:
     """Parameters of a Transformer block's attention mixer: fused QKV plus output projection.
@@ -202,13 +206,3 @@ def count_parameters(cfg: ModelConfig) -> ParamReport:
         final_norm=h,
     )
 
-
-def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Headline parameter counts for logs and tracking: ``total``, ``active`` (MoE: router,
-    top_k experts, shared expert) and ``non_embedding``.
-
-    Takes a ModelConfig; returns the dict. This is the hook ``hybrid_megatron.config.derived``
-    calls (``PARAM_COUNTER``).
-    """
-    report = count_parameters(cfg)
-    return {"total": report.total, "active": report.active, "non_embedding": report.non_embedding}

@@ -3,7 +3,8 @@
 ``derived(recipe, world_size)`` is computed by the launcher (before submitting) and by the
 trainer (at start); `format_derived` is the block both print. Parameter counts come from the
 accounting module through `PARAM_COUNTER`, a ``module:function`` hook taking the
-ModelConfig and returning an int or a dict of counts; when it cannot be imported they print as n/a.
+ModelConfig and returning a report whose ``headline()`` is the dict of counts; when it cannot be
+imported they print as n/a.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Callable, Optional
 from hybrid_megatron.config.errors import RecipeError
 
 # Where derived() looks for the parameter counter when none is passed (see module docstring).
-PARAM_COUNTER = "hybrid_megatron.accounting:count_params"
+PARAM_COUNTER = "hybrid_megatron.accounting:count_parameters"
 
 
 def _default_param_counter() -> Optional[Callable[[Any], Any]]:
@@ -24,7 +25,8 @@ def _default_param_counter() -> Optional[Callable[[Any], Any]]:
         module = importlib.import_module(module_name)
     except ImportError:
         return None
-    return getattr(module, func_name, None)
+    count = getattr(module, func_name, None)
+    return None if count is None else (lambda model: count(model).headline())
 
 
 def data_parallel_size(par, world_size: int) -> int:
