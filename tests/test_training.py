@@ -718,3 +718,101 @@ def test_stop_signal_to_one_rank_stops_all_ranks_after_the_same_step(tmp_path):
     assert _latest(root) == f"step_{stopped_at:08d}" and _step_dirs(root) == [f"step_{stopped_at:08d}"]
     assert (root / f"step_{stopped_at:08d}" / "metadata.json").exists()
     assert f"done: {stopped_at} steps" in (run / "logs" / "rank0.log").read_text()
+
+
+# ---- the Trainer's components on their own --------------------------------------------------
+
+
+def test_nan_policy_counts_skips_and_aborts_at_the_nth_in_a_row(capsys):
+    from hybrid_megatron.training.checkpoint import TrainingState
+    from hybrid_megatron.training.nan_policy import NanPolicy, TrainingAborted
+
+    policy, state = NanPolicy(max_consecutive=2), TrainingState()
+    for step, applied in enumerate([True, False, True, False], start=1):
+        state.step = step
+        policy.record(state, 1.0 if applied else float("nan"), applied)
+    assert (state.skipped_steps, state.consecutive_nan_skips) == (2, 1)
+    assert "step 4: non-finite loss nan; update skipped (1 in a row)" in capsys.readouterr().out
+    state.step = 5
+    with pytest.raises(TrainingAborted, match=r"^step 5: 2 non-finite losses in a row "
+                                              r"\(train.max_consecutive_nan_skips=2\)$"):
+        policy.record(state, float("inf"), False)
+    assert (state.skipped_steps, state.consecutive_nan_skips) == (3, 2)
+
+
+def test_loss_log_writes_every_step_exactly_and_prints_at_the_interval(tmp_path, capsys):
+    import json
+
+    from hybrid_megatron.training.loss_log import LOSS_LOG, LossLog
+
+    log = LossLog(tmp_path, log_interval=3, total_steps=6, active=True)
+    printed = []
+    for step in range(1, 7):
+        metrics = {"train/loss": 1.0 / step, "train/lr": 1e-3, "train/grad_norm": None,
+                   "train/tokens_per_s": 1234.5, "train/mfu": 0.25 if step == 6 else None,
+                   "train/memory_gib": 0.5}
+        printed.append(log.record(step, metrics))
+    assert printed == [True, False, True, False, False, True]
+    records = [json.loads(line) for line in (tmp_path / LOSS_LOG).read_text().splitlines()]
+    assert [float.fromhex(r["loss"]) for r in records] == [1.0 / s for s in range(1, 7)]
+    assert records[-1] == {"step": 6, "loss": (1.0 / 6).hex(), "tokens_per_s": 1234.5, "mfu": 0.25}
+    assert capsys.readouterr().out.splitlines() == [
+        "step 1/6 loss 1.0000 lr 1.00e-03 grad_norm nan tokens/s 1,234 mem 0.50GiB",
+        "step 3/6 loss 0.3333 lr 1.00e-03 grad_norm nan tokens/s 1,234 mem 0.50GiB",
+        "step 6/6 loss 0.1667 lr 1.00e-03 grad_norm nan tokens/s 1,234 mfu 25.0% mem 0.50GiB",
+    ]
+    LossLog(tmp_path / "other", log_interval=1, total_steps=1, active=False).record(1, metrics)
+    assert not (tmp_path / "other").exists()  # ranks other than 0 write nothing
+
+
+def test_checkpointing_saves_on_the_interval_and_once_more_on_exit(tmp_path, monkeypatch, capsys):
+    from hybrid_megatron.config.checkpoint import CheckpointConfig
+    from hybrid_megatron.training import checkpointing
+    from hybrid_megatron.training.checkpoint import TrainingState
+    from hybrid_megatron.training.trainable import Trainable
+
+    saves = []
+
+    def save(root, chunks, optimizer, scheduler, state, keep_last, recipe_yaml):
+        saves.append((state.step, keep_last, recipe_yaml))
+        return Path(root) / f"step_{state.step:08d}"
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save)
+    cfg = CheckpointConfig(dir=str(tmp_path), interval=4, keep_last=2)
+    ckpt, trainable, state = checkpointing.Checkpointing(cfg, "name: x\n"), Trainable([], None, None), TrainingState()
+    assert ckpt.resume(ckpt.resume_path(), trainable) == TrainingState()  # nothing saved yet
+    for step in range(1, 9):
+        state.step = step
+        ckpt.after_step(trainable, state)
+    ckpt.at_exit(trainable, state)  # step 8 is saved already
+    state.step = 9
+    ckpt.at_exit(trainable, state)
+    assert saves == [(4, 2, "name: x\n"), (8, 2, "name: x\n"), (9, 2, "name: x\n")]
+    assert ckpt.last_saved == tmp_path / "step_00000009"
+    assert f"saved checkpoint {tmp_path / 'step_00000009'}" in capsys.readouterr().out
+
+
+def test_validation_runs_on_the_interval_and_at_an_unvalidated_end(monkeypatch, capsys):
+    from hybrid_megatron.training import validation
+
+    calls = []
+    monkeypatch.setattr(validation, "evaluate", lambda chunks, batches, seq: calls.append(seq) or 2.5 + len(calls))
+
+    class Tracker:
+        logged = []
+
+        def log_metrics(self, metrics, step):
+            self.logged.append((step, metrics))
+
+    check = validation.Validation(["batch"], interval=3, seq_length=64, tracker=Tracker())
+    for step in range(1, 7):
+        check.after_step([], step)
+    check.at_end([], 6)  # step 6 was validated already
+    assert Tracker.logged == [(3, {"val/loss": 3.5}), (6, {"val/loss": 4.5})]
+    check.at_end([], 7)
+    assert Tracker.logged[-1] == (7, {"val/loss": 5.5}) and check.loss == 5.5
+    assert "step 6: validation loss 4.5000" in capsys.readouterr().out
+    none = validation.Validation(None, interval=3, seq_length=64, tracker=Tracker())
+    none.after_step([], 3)
+    none.at_end([], 3)
+    assert none.loss is None and calls == [64, 64, 64]
