@@ -69,7 +69,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from bench.records import write_json  # noqa: E402
 from hybrid_megatron import runtime  # noqa: E402
 from hybrid_megatron.errors import InputError  # noqa: E402
-from hybrid_megatron.training.entry import LOSS_LOG  # noqa: E402
+from hybrid_megatron.training.loss_log import LOSS_LOG  # noqa: E402
 
 LAUNCHER = ROOT / "launch" / "slurm.py"
 THROUGHPUT_SKIP = 2  # first steps left out of throughput: allocation, compilation, warm caches

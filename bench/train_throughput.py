@@ -2,9 +2,10 @@
 
 One process, one GPU, one row after another (same sequence length, micro-batch and width within a
 scale); a step is forward + backward + the distributed optimizer's update, through the trainer's
-own code (``wrap_for_training``, ``build_optimizer``, ``train_step``). Baselines are megatron-core's
-native ``GPTModel`` (TE layer spec) and ``MambaModel`` (its hybrid stack, with our ``inter`` and
-``mamba`` models' block patterns: each of our blocks = a mixer layer + an FFN layer there).
+own components (``wrap_for_training`` and ``Trainable``: optimizer, schedule, step). Baselines are
+megatron-core's native ``GPTModel`` (TE layer spec) and ``MambaModel`` (its hybrid stack, with our
+``inter`` and ``mamba`` models' block patterns: each of our blocks = a mixer layer + an FFN layer
+there).
 
 Subcommands (each writes JSON; ``report`` turns JSON files into the markdown table):
 
@@ -276,7 +277,7 @@ def _sync() -> None:
 
 def _reset_run_state() -> None:
     """Forget what the previous row left in process globals (MoE tracker, FP8 state, memory)."""
-    from hybrid_megatron.training.entry import reset_run_state
+    from hybrid_megatron.training.trainer import reset_run_state
 
     reset_run_state()
     try:
@@ -297,7 +298,8 @@ def _free_cached_memory() -> None:
 
 
 class Trainee:
-    """A row's model wrapped for training, its optimizer and schedule (the trainer's own code).
+    """A row's model, set up and stepped as the trainer does: megatron-core's parallel state and
+    RNG streams, ``wrap_for_training``, then a ``Trainable`` (optimizer, schedule, step).
 
     ``fused=False`` switches off the fused cross-entropy, SwiGLU, weight-gradient accumulation and
     MoE fusions (``--unfused``), ``fused_moe=False`` only the MoE router and permutation fusions
@@ -309,8 +311,8 @@ class Trainee:
         from hybrid_megatron.config.parallel import ParallelConfig
         from hybrid_megatron.config.train import TrainConfig
         from hybrid_megatron.training.model_setup import wrap_for_training
-        from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
         from hybrid_megatron.training.parallel_setup import setup_model_parallel
+        from hybrid_megatron.training.trainable import Trainable
 
         setup_model_parallel(ParallelConfig(), seed, cuda_graphs=cuda_graphs)
         bf16 = torch.cuda.is_available()  # CPU smoke runs train in fp32
@@ -324,11 +326,9 @@ class Trainee:
         if not (fused and fused_moe):
             model.config.moe_router_fusion = False
             model.config.moe_permute_fusion = False
-        self.chunks = wrap_for_training(model, bf16=bf16, fuse_wgrad=fused)
         train = TrainConfig(global_batch_size=1, steps=1000, lr=1e-4, warmup_steps=10,
                             precision="bf16" if bf16 else "fp32", adam_moments=adam_moments)
-        self.optimizer = build_optimizer(train, self.chunks)
-        self.scheduler = build_scheduler(train, self.optimizer, 1000)
+        self.trainable = Trainable.build(wrap_for_training(model, bf16=bf16, fuse_wgrad=fused), train, 1000)
 
     @classmethod
     def for_options(cls, kind: str, cfg, options: RunOptions) -> "Trainee":
@@ -337,10 +337,8 @@ class Trainee:
                    fused_moe=not options.unfused_moe, adam_moments=options.adam_moments)
 
     def step(self, batch: list, seq: int) -> float:
-        """One optimizer step on ``batch``; returns the loss."""
-        from hybrid_megatron.training.step import train_step
-
-        loss, _, _ = train_step(self.chunks, self.optimizer, self.scheduler, batch, seq)
+        """One optimizer step on ``batch`` (the trainer's own step); returns the loss."""
+        loss, _, _ = self.trainable.step(batch, seq)
         return loss
 
 

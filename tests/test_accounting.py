@@ -507,11 +507,12 @@ def test_cli_runs_as_module(tmp_path):
 
 def test_cli_on_shipped_recipe_and_param_hook(capsys):
     """A full shipped recipe goes through the project's recipe loader (``extends`` chain, its
-    data.seq_length); ``count_params`` is the counter the launcher and the trainer pass to
-    ``config.derived``."""
-    from hybrid_megatron.accounting import count_parameters, count_params
+    data.seq_length); ``count_parameters`` is the counter the launcher and the trainer pass to
+    ``config.derived``, which prints its headline."""
+    from hybrid_megatron.accounting import count_parameters
     from hybrid_megatron.accounting.__main__ import main
     from hybrid_megatron.config import load_recipe
+    from hybrid_megatron.config.derived import derived
 
     path = REPO / "recipes" / "inter_tiny_moe.yaml"
     if not path.exists():
@@ -524,5 +525,5 @@ def test_cli_on_shipped_recipe_and_param_hook(capsys):
     report = count_parameters(recipe.model)
     assert out["seq_len"] == recipe.data.seq_length
     assert out["pattern"] == report.pattern and out["params"]["total"] == report.total
-    assert count_params(recipe.model) == {
+    assert derived(recipe, 1, count_parameters)["params"] == {
         "total": report.total, "active": report.active, "non_embedding": report.non_embedding}

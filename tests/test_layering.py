@@ -159,12 +159,12 @@ def test_config_and_accounting_run_without_torch():
     code = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from hybrid_megatron.accounting import count_params, training_flops
+        from hybrid_megatron.accounting import count_parameters, training_flops
         from hybrid_megatron.config import load_recipe
         recipes = [p for p in sorted(Path({str(RECIPES)!r}).glob("*.yaml")) if not p.name.startswith("_")]
         for path in recipes:
             recipe = load_recipe(path)
-            count_params(recipe.model), training_flops(recipe.model, recipe.data.seq_length)
+            count_parameters(recipe.model), training_flops(recipe.model, recipe.data.seq_length)
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "megatron", "transformer_engine"))
         print(len(recipes) > 10, heavy[:5])
     """)

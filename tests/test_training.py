@@ -136,7 +136,7 @@ def test_crash_during_save_keeps_latest_valid(single_rank, tmp_path, monkeypatch
 
 
 def test_nan_steps_are_skipped_then_abort(single_rank, tmp_path, monkeypatch):
-    from hybrid_megatron.training import entry, step
+    from hybrid_megatron.training import entry, nan_policy, step
 
     real = step.run_schedule
     bad_calls = {3, 6, 7, 8}  # schedule calls (= steps here) returning a non-finite loss
@@ -148,7 +148,7 @@ def test_nan_steps_are_skipped_then_abort(single_rank, tmp_path, monkeypatch):
         return float("nan") if seen["n"] in bad_calls else loss
 
     monkeypatch.setattr(step, "run_schedule", flaky)
-    with pytest.raises(entry.TrainingAborted, match=r"step 8: 3 non-finite losses in a row"):
+    with pytest.raises(nan_policy.TrainingAborted, match=r"step 8: 3 non-finite losses in a row"):
         train = entry.train
         train(_recipe(tmp_path, "train.max_consecutive_nan_skips=3", "checkpoint.interval=100"))
 
@@ -313,7 +313,7 @@ def test_trainer_applies_and_logs_the_wsd_lr_across_a_resume(single_rank, tmp_pa
     from mlflow.tracking import MlflowClient
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from hybrid_megatron.training import entry
+    from hybrid_megatron.training import entry, trainable
 
     # 10 steps, 2 warmup, decay round(10 x 0.3) = 3 updates: ramp, peak for steps 3-8, decay.
     expected = [0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 7e-4, 4e-4]
@@ -324,7 +324,7 @@ def test_trainer_applies_and_logs_the_wsd_lr_across_a_resume(single_rank, tmp_pa
     # Artifacts (the loss-curve PNG) under tmp_path, not in ./mlruns of the working directory.
     MlflowClient(tracking_uri=uri).create_experiment("lr", artifact_location=str(tmp_path / "artifacts"))
     applied, in_step = [], []
-    real_step = entry.train_step
+    real_step = trainable.train_step
 
     def recording_step(*args, **kwargs):
         in_step.append(True)
@@ -342,7 +342,7 @@ def test_trainer_applies_and_logs_the_wsd_lr_across_a_resume(single_rank, tmp_pa
             applied.append({g["lr"] for g in optimizer.param_groups})
 
     stopped = []
-    monkeypatch.setattr(entry, "train_step", recording_step)
+    monkeypatch.setattr(trainable, "train_step", recording_step)
     handle = register_optimizer_step_pre_hook(hook)
     try:
         first = entry.train(_recipe(tmp_path, *_SMALL, *overrides))
@@ -402,19 +402,19 @@ def test_keep_last_prunes_to_the_newest_k_and_resumes(single_rank, tmp_path, mon
     """Saves every 2 steps, keep_last 2, stopped after step 5 and resumed to step 7: after
     every save exactly the newest two step_* directories remain, ``latest`` names the newest,
     and the resumed losses equal an uninterrupted run's bitwise."""
-    from hybrid_megatron.training import entry
+    from hybrid_megatron.training import checkpointing, entry, trainable
 
     extra = (*_SMALL, "train.steps=7", "checkpoint.interval=2", "checkpoint.keep_last=2")
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     seen = []
-    real_save = entry.save_checkpoint
+    real_save = checkpointing.save_checkpoint
 
     def listing_save(root, *args, **kwargs):
         path = real_save(root, *args, **kwargs)
         seen.append((path.name, _latest(Path(root)), _step_dirs(Path(root))))
         return path
 
-    monkeypatch.setattr(entry, "save_checkpoint", listing_save)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", listing_save)
     entry.train(_recipe(ref_dir, *extra))
     assert seen == [
         ("step_00000002", "step_00000002", ["step_00000002"]),
@@ -426,11 +426,11 @@ def test_keep_last_prunes_to_the_newest_k_and_resumes(single_rank, tmp_path, mon
     assert sorted(reference) == list(range(1, 8))
 
     seen.clear()
-    real_step = entry.train_step
-    monkeypatch.setattr(entry, "train_step", _stopping_after(5, real_step))
+    real_step = trainable.train_step
+    monkeypatch.setattr(trainable, "train_step", _stopping_after(5, real_step))
     first = entry.train(_recipe(cut_dir, *extra))
     assert first["steps"] == 5
-    monkeypatch.setattr(entry, "train_step", real_step)
+    monkeypatch.setattr(trainable, "train_step", real_step)
     second = entry.train(_recipe(cut_dir, *extra))
     assert second["steps"] == 7
     assert seen == [
@@ -454,11 +454,11 @@ def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_p
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from hybrid_megatron.training import checkpoint as ckpt
-    from hybrid_megatron.training import entry
+    from hybrid_megatron.training import entry, trainable
 
     extra = (*_SMALL, "train.steps=5", "checkpoint.interval=100")
     entry.train(_recipe(tmp_path / "ref", *extra))
-    real_state, real_step = ckpt._sharded_state, entry.train_step
+    real_state, real_step = ckpt._sharded_state, trainable.train_step
     dropped = []
 
     def stopped_after_3_saving_without(run_dir, key_is_dropped):
@@ -471,10 +471,10 @@ def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_p
             return out
 
         monkeypatch.setattr(ckpt, "_sharded_state", state)
-        monkeypatch.setattr(entry, "train_step", _stopping_after(3, real_step))
+        monkeypatch.setattr(trainable, "train_step", _stopping_after(3, real_step))
         assert entry.train(_recipe(run_dir, *extra))["steps"] == 3
         monkeypatch.setattr(ckpt, "_sharded_state", real_state)
-        monkeypatch.setattr(entry, "train_step", real_step)
+        monkeypatch.setattr(trainable, "train_step", real_step)
 
     stopped_after_3_saving_without(tmp_path / "cut", lambda k, v: k.endswith("._extra_state")
                                    and isinstance(v, ShardedObject))
@@ -536,14 +536,14 @@ def test_resume_restores_the_rng_streams(single_rank, tmp_path, monkeypatch):
     import torch
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from hybrid_megatron.training import entry
+    from hybrid_megatron.training import checkpointing, entry
 
     def streams():
         return {"cpu": torch.get_rng_state(),
                 **{k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
 
     saves, loads = [], []
-    real_save, real_load = entry.save_checkpoint, entry.load_checkpoint
+    real_save, real_load = checkpointing.save_checkpoint, checkpointing.load_checkpoint
 
     def save(*args, **kwargs):
         torch.rand(3)  # move the streams away from anything the seed gives
@@ -557,8 +557,8 @@ def test_resume_restores_the_rng_streams(single_rank, tmp_path, monkeypatch):
         loads.append(streams())
         return out
 
-    monkeypatch.setattr(entry, "save_checkpoint", save)
-    monkeypatch.setattr(entry, "load_checkpoint", load)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save)
+    monkeypatch.setattr(checkpointing, "load_checkpoint", load)
     entry.train(_recipe(tmp_path, *_SMALL, "train.steps=4"))  # saves once, on finishing
     assert len(saves) == 1 and not loads
     assert entry.train(_recipe(tmp_path, *_SMALL, "train.steps=5"))["steps"] == 5
@@ -718,3 +718,101 @@ def test_stop_signal_to_one_rank_stops_all_ranks_after_the_same_step(tmp_path):
     assert _latest(root) == f"step_{stopped_at:08d}" and _step_dirs(root) == [f"step_{stopped_at:08d}"]
     assert (root / f"step_{stopped_at:08d}" / "metadata.json").exists()
     assert f"done: {stopped_at} steps" in (run / "logs" / "rank0.log").read_text()
+
+
+# ---- the Trainer's components on their own --------------------------------------------------
+
+
+def test_nan_policy_counts_skips_and_aborts_at_the_nth_in_a_row(capsys):
+    from hybrid_megatron.training.checkpoint import TrainingState
+    from hybrid_megatron.training.nan_policy import NanPolicy, TrainingAborted
+
+    policy, state = NanPolicy(max_consecutive=2), TrainingState()
+    for step, applied in enumerate([True, False, True, False], start=1):
+        state.step = step
+        policy.record(state, 1.0 if applied else float("nan"), applied)
+    assert (state.skipped_steps, state.consecutive_nan_skips) == (2, 1)
+    assert "step 4: non-finite loss nan; update skipped (1 in a row)" in capsys.readouterr().out
+    state.step = 5
+    with pytest.raises(TrainingAborted, match=r"^step 5: 2 non-finite losses in a row "
+                                              r"\(train.max_consecutive_nan_skips=2\)$"):
+        policy.record(state, float("inf"), False)
+    assert (state.skipped_steps, state.consecutive_nan_skips) == (3, 2)
+
+
+def test_loss_log_writes_every_step_exactly_and_prints_at_the_interval(tmp_path, capsys):
+    import json
+
+    from hybrid_megatron.training.loss_log import LOSS_LOG, LossLog
+
+    log = LossLog(tmp_path, log_interval=3, total_steps=6, active=True)
+    printed = []
+    for step in range(1, 7):
+        metrics = {"train/loss": 1.0 / step, "train/lr": 1e-3, "train/grad_norm": None,
+                   "train/tokens_per_s": 1234.5, "train/mfu": 0.25 if step == 6 else None,
+                   "train/memory_gib": 0.5}
+        printed.append(log.record(step, metrics))
+    assert printed == [True, False, True, False, False, True]
+    records = [json.loads(line) for line in (tmp_path / LOSS_LOG).read_text().splitlines()]
+    assert [float.fromhex(r["loss"]) for r in records] == [1.0 / s for s in range(1, 7)]
+    assert records[-1] == {"step": 6, "loss": (1.0 / 6).hex(), "tokens_per_s": 1234.5, "mfu": 0.25}
+    assert capsys.readouterr().out.splitlines() == [
+        "step 1/6 loss 1.0000 lr 1.00e-03 grad_norm nan tokens/s 1,234 mem 0.50GiB",
+        "step 3/6 loss 0.3333 lr 1.00e-03 grad_norm nan tokens/s 1,234 mem 0.50GiB",
+        "step 6/6 loss 0.1667 lr 1.00e-03 grad_norm nan tokens/s 1,234 mfu 25.0% mem 0.50GiB",
+    ]
+    LossLog(tmp_path / "other", log_interval=1, total_steps=1, active=False).record(1, metrics)
+    assert not (tmp_path / "other").exists()  # ranks other than 0 write nothing
+
+
+def test_checkpointing_saves_on_the_interval_and_once_more_on_exit(tmp_path, monkeypatch, capsys):
+    from hybrid_megatron.config.checkpoint import CheckpointConfig
+    from hybrid_megatron.training import checkpointing
+    from hybrid_megatron.training.checkpoint import TrainingState
+    from hybrid_megatron.training.trainable import Trainable
+
+    saves = []
+
+    def save(root, chunks, optimizer, scheduler, state, keep_last, recipe_yaml):
+        saves.append((state.step, keep_last, recipe_yaml))
+        return Path(root) / f"step_{state.step:08d}"
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save)
+    cfg = CheckpointConfig(dir=str(tmp_path), interval=4, keep_last=2)
+    ckpt, trainable, state = checkpointing.Checkpointing(cfg, "name: x\n"), Trainable([], None, None), TrainingState()
+    assert ckpt.resume(ckpt.resume_path(), trainable) == TrainingState()  # nothing saved yet
+    for step in range(1, 9):
+        state.step = step
+        ckpt.after_step(trainable, state)
+    ckpt.at_exit(trainable, state)  # step 8 is saved already
+    state.step = 9
+    ckpt.at_exit(trainable, state)
+    assert saves == [(4, 2, "name: x\n"), (8, 2, "name: x\n"), (9, 2, "name: x\n")]
+    assert ckpt.last_saved == tmp_path / "step_00000009"
+    assert f"saved checkpoint {tmp_path / 'step_00000009'}" in capsys.readouterr().out
+
+
+def test_validation_runs_on_the_interval_and_at_an_unvalidated_end(monkeypatch, capsys):
+    from hybrid_megatron.training import validation
+
+    calls = []
+    monkeypatch.setattr(validation, "evaluate", lambda chunks, batches, seq: calls.append(seq) or 2.5 + len(calls))
+
+    class Tracker:
+        logged = []
+
+        def log_metrics(self, metrics, step):
+            self.logged.append((step, metrics))
+
+    check = validation.Validation(["batch"], interval=3, seq_length=64, tracker=Tracker())
+    for step in range(1, 7):
+        check.after_step([], step)
+    check.at_end([], 6)  # step 6 was validated already
+    assert Tracker.logged == [(3, {"val/loss": 3.5}), (6, {"val/loss": 4.5})]
+    check.at_end([], 7)
+    assert Tracker.logged[-1] == (7, {"val/loss": 5.5}) and check.loss == 5.5
+    assert "step 6: validation loss 4.5000" in capsys.readouterr().out
+    none = validation.Validation(None, interval=3, seq_length=64, tracker=Tracker())
+    none.after_step([], 3)
+    none.at_end([], 3)
+    assert none.loss is None and calls == [64, 64, 64]

@@ -14,7 +14,6 @@ from hybrid_megatron.accounting.params import (
     BlockParams,
     ParamReport,
     count_parameters,
-    count_params,
 )
 from hybrid_megatron.accounting.report import AccountingReport, account, render_table, to_dict
 
@@ -29,7 +28,6 @@ __all__ = [
     "account",
     "cache_bytes",
     "count_parameters",
-    "count_params",
     "model_flops_per_token",
     "render_table",
     "to_dict",

@@ -27,28 +27,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hybrid_megatron.config.geometry import (
+from hybrid_megatron.accounting.geometry import (
     AttentionDims,
     MambaDims,
     attention_dims,
     expert_ffn_size,
+    ffn_is_moe,
     ffn_matrices,
     fused_width,
-    mamba_dims,
-)
-from hybrid_megatron.config.layer_pattern import (
-    ATTENTION,
-    ATTENTION_LETTERS,
-    FFN_ONLY_LETTERS,
-    INTRA,
-    LETTER_ORDER,
-    MAMBA,
-    build_layer_pattern,
-    ffn_is_moe,
     has_ffn,
     has_mixer,
+    mamba_dims,
 )
+from hybrid_megatron.models.layer_pattern import LETTER_ORDER
 from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.models.layer_pattern import build_layer_pattern
 
 
 @dataclass
@@ -104,6 +97,10 @@ class ParamReport:
         """Total minus the embedding and output-layer matrices (the usual N of scaling laws)."""
         return self.total - self.embedding - self.output_layer
 
+    def headline(self) -> dict[str, int]:
+        """The counts logs and reports print: ``total``, ``active`` and ``non_embedding``."""
+        return {"total": self.total, "active": self.active, "non_embedding": self.non_embedding}
+
 
 def attention_mixer_params(h: int, a: AttentionDims) -> int:
     """Parameters of a Transformer block's attention mixer: fused QKV plus output projection.
@@ -130,7 +127,7 @@ def mamba_mixer_params(h: int, m: MambaDims) -> int:
 def intra_mixer_params(cfg: ModelConfig) -> int:
     """Parameters of the intra-layer hybrid mixer (see the module docstring)."""
     h = cfg.hidden_size
-    a, m = attention_dims(cfg, INTRA), mamba_dims(cfg, INTRA)
+    a, m = attention_dims(cfg, "H"), mamba_dims(cfg, "H")
     in_rows, total, branches = 0, 0, []
     if a is not None:
         in_rows += a.qkv_width
@@ -148,13 +145,13 @@ def intra_mixer_params(cfg: ModelConfig) -> int:
 
 def mixer_params(cfg: ModelConfig, letter: str) -> int:
     """Parameters of one block's mixer sublayer, by block letter (0 for ``-`` and E)."""
-    if letter in FFN_ONLY_LETTERS:
+    if letter in ("-", "E"):
         return 0
-    if letter in ATTENTION_LETTERS:
-        return attention_mixer_params(cfg.hidden_size, attention_dims(cfg, ATTENTION))
-    if letter == MAMBA:
-        return mamba_mixer_params(cfg.hidden_size, mamba_dims(cfg, MAMBA))
-    if letter == INTRA:
+    if letter in ("A", "*"):
+        return attention_mixer_params(cfg.hidden_size, attention_dims(cfg, "A"))
+    if letter == "M":
+        return mamba_mixer_params(cfg.hidden_size, mamba_dims(cfg, "M"))
+    if letter == "H":
         return intra_mixer_params(cfg)
     raise ValueError(f"unknown block letter {letter!r} (expected A, M, H, *, - or E)")
 
@@ -209,13 +206,3 @@ def count_parameters(cfg: ModelConfig) -> ParamReport:
         final_norm=h,
     )
 
-
-def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Headline parameter counts for logs and tracking: ``total``, ``active`` (MoE: router,
-    top_k experts, shared expert) and ``non_embedding``.
-
-    Takes a ModelConfig; returns the dict. The launcher and the trainer pass it to
-    ``hybrid_megatron.config.derived`` as its parameter counter.
-    """
-    report = count_parameters(cfg)
-    return {"total": report.total, "active": report.active, "non_embedding": report.non_embedding}

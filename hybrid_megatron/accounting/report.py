@@ -70,7 +70,7 @@ def to_dict(report: AccountingReport) -> dict:
         "blocks": blocks,
         "params": {
             "embedding": p.embedding, "output_layer": p.output_layer, "final_norm": p.final_norm,
-            "total": p.total, "active": p.active, "non_embedding": p.non_embedding,
+            **p.headline(),
         },
         "flops": {
             "lm_head_forward_per_sample": f.lm_head_forward,

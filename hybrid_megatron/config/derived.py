@@ -2,7 +2,7 @@
 
 ``derived(recipe, world_size, param_counter)`` is computed by the launcher (before submitting)
 and by the trainer (at start); `format_derived` is the block both print. The parameter counter
-is passed in (they pass ``hybrid_megatron.accounting.count_params``) because the accounting sits
+is passed in (they pass ``hybrid_megatron.accounting.count_parameters``) because the accounting sits
 above the recipe: config never imports it.
 """
 
@@ -44,7 +44,8 @@ def derived(recipe, world_size: int, param_counter: Optional[Callable[[Any], Any
     """Compute what the recipe implies on ``world_size`` ranks.
 
     Takes a Recipe, the number of ranks, and optionally a parameter counter
-    (``f(model_config) -> int | dict``, such as ``accounting.count_params``). Returns a
+    (``f(model_config)`` returning a report whose ``headline()`` is the dict of counts, such as
+    ``accounting.count_parameters``, or None). Returns a
     dict with world_size, tp, pp, ep, dp, micro_batch_size, global_batch_size,
     grad_accum_steps, seq_length, tokens_per_step, total_steps, total_tokens, warmup_steps,
     layer_pattern and params (None without a counter). Raises RecipeError naming
@@ -71,7 +72,8 @@ def derived(recipe, world_size: int, param_counter: Optional[Callable[[Any], Any
         raise RecipeError(
             f"train.warmup_steps: {train.warmup_steps} must be smaller than the {total_steps} total steps"
         )
-    params = param_counter(recipe.model) if param_counter is not None else None
+    report = param_counter(recipe.model) if param_counter is not None else None
+    params = report.headline() if report is not None else None
     return {
         "world_size": world_size,
         "tp": par.tp,

@@ -1,4 +1,4 @@
-"""Throughput, model FLOPs utilisation and memory figures for the training log."""
+"""The per-step metrics of a run: loss, lr, throughput, model FLOPs utilisation, memory."""
 
 from __future__ import annotations
 
@@ -39,3 +39,48 @@ def memory_gib() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
+
+
+class StepMetrics:
+    """The figures of each training step (tracked, and read by the loss log) and the run's
+    planned totals (tracked as parameters).
+
+    Takes the validated Recipe and the world size. MFU is None where the accelerator's peak is
+    unknown (CPU).
+    """
+
+    def __init__(self, recipe, world_size: int):
+        self.seq_length = recipe.data.seq_length
+        self.tokens_per_step = recipe.train.global_batch_size * self.seq_length
+        self.flops_per_token = flops_per_token(recipe.model, self.seq_length)
+        self.peak = peak_flops_per_gpu("fp8" if recipe.model.fp8 else recipe.train.precision)
+        self.world_size = world_size
+
+    def planned(self, model_config, total_steps: int) -> dict:
+        """Parameters (total, active), tokens and training FLOPs of a ``total_steps`` run."""
+        from hybrid_megatron.accounting import count_parameters
+
+        params = count_parameters(model_config)
+        return {
+            "model.num_parameters": params.total,
+            "model.active_parameters": params.active,
+            "train.tokens": total_steps * self.tokens_per_step,
+            "train.flops": self.flops_per_token * total_steps * self.tokens_per_step,
+        }
+
+    def of_step(self, state, loss: float, lr: float, grad_norm, seconds: float) -> dict:
+        """The ``train/*`` metrics of the step that brought training to ``state`` (a
+        TrainingState), given its loss, the lr its update used, its gradient norm (None when
+        skipped) and its wall time."""
+        tokens_per_s = self.tokens_per_step / seconds
+        return {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": None if grad_norm is None else float(grad_norm),
+            "train/tokens_per_s": tokens_per_s,
+            "train/mfu": self.flops_per_token * tokens_per_s / (self.peak * self.world_size) if self.peak else None,
+            "train/tokens_seen": state.consumed_samples * self.seq_length,
+            "train/flops_seen": self.flops_per_token * state.consumed_samples * self.seq_length,
+            "train/memory_gib": memory_gib(),
+            "train/skipped_steps": state.skipped_steps,
+        }
