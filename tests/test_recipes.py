@@ -343,7 +343,11 @@ def test_parsers():
 
 def test_derived_tiny_demo():
     recipe = load_recipe(RECIPES / "intra_tiny_moe.yaml")
-    values = derived(recipe, 2, param_counter=lambda model: {"total": 123, "active": 100})
+    class Report:  # a counter returns a report; derived() keeps its headline
+        def headline(self):
+            return {"total": 123, "active": 100}
+
+    values = derived(recipe, 2, param_counter=lambda model: Report())
     assert {k: values[k] for k in ("dp", "grad_accum_steps", "tokens_per_step", "total_steps", "total_tokens")} == {
         "dp": 1, "grad_accum_steps": 2, "tokens_per_step": 8 * 128, "total_steps": 60, "total_tokens": 60 * 1024}
     assert values["layer_pattern"] == "MHMH" and values["params"] == {"total": 123, "active": 100}
