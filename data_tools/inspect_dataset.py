@@ -2,14 +2,14 @@
 """Show statistics, a token histogram summary and decoded samples of an indexed dataset.
 
 Example:
-    python data_tools/inspect.py data/austen_4k_text_document --decode 0
+    python data_tools/inspect_dataset.py data/austen_4k_text_document --decode 0
 
-All logic lives in hybrid_megatron.data.inspect_dataset; this file is a thin launcher.
+The same as ``python -m hybrid_megatron.data.inspect_dataset`` and ``hybrid-megatron-inspect``.
 """
 
 import sys
 
-from _launch import run_main  # data_tools/_launch.py: the sys.path set-up shared by the tools
+from hybrid_megatron.data.inspect_dataset import main
 
 if __name__ == "__main__":
-    sys.exit(run_main("hybrid_megatron.data.inspect_dataset"))
+    sys.exit(main())
