@@ -191,7 +191,7 @@ def build_row_model(kind: str, cfg, recompute: str = "none", bf16: bool = True, 
     settings; ``model.fp8_output_layer`` swaps their LM head like ours). Returns (model, pattern
     text)."""
     from hybrid_megatron.models import build_model
-    from hybrid_megatron.models.layer_pattern import build_layer_pattern
+    from hybrid_megatron.config.layer_pattern import build_layer_pattern
     from hybrid_megatron.models.output_layer import use_fp8_output_layer
     from hybrid_megatron.models.transformer_config import build_transformer_config
 
@@ -378,7 +378,8 @@ def measure_row(scale: str, kind: str, moe: bool, precision: str, warmup: int, s
             losses=losses,
         )
         if options.gpu_busy and torch.cuda.is_available():
-            row["gpu_busy_share"] = gpu_busy_share(lambda: trainee.step(batch, shape["seq"]), steps=2)
+            step = trainee.step
+            row["gpu_busy_share"] = gpu_busy_share(lambda: step(batch, shape["seq"]), steps=2)
         del trainee
     except Exception as err:  # one row's failure (e.g. OOM) must not lose the others
         row["error"] = f"{type(err).__name__}: {err}"[:500]

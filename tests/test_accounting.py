@@ -118,6 +118,9 @@ def _active_from_model(model, top_k: int) -> int:
     unused = re.compile(r"\.local_experts\.(\d+)\.")
     total = 0
     for name, p in model.named_parameters():
+        if name.endswith(("experts.weight1", "experts.weight2")):  # grouped: [experts, out, in]
+            total += p[:top_k].numel()
+            continue
         m = unused.search(name)
         if m is None or int(m.group(1)) < top_k:
             total += p.numel()
@@ -211,6 +214,15 @@ def test_flop_terms_by_hand():
     assert m["conv1d"] == 2 * 160 * 4 * 20
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of torch._grouped_mm, which torch's counter does not know: every row of ``a``
+    meets one group's [K, N] matrix (2d x 3d), or the groups split K (2d x 2d, a weight
+    gradient), so both cost 2 x M x K x N over the whole operands."""
+    m, k = a_shape
+    n = b_shape[-1]
+    return 2 * m * k * n
+
+
 @pytest.mark.parametrize(
     "kind,moe,overrides",
     [("transformer", False, {}), ("swa", True, {}), ("mamba", False, {}),
@@ -239,11 +251,14 @@ def test_flops_match_torch_flop_counter(one_rank, kind, moe, overrides):
     model = _build(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (1, L))
     positions = torch.arange(L)[None]
-    with FlopCounterMode(display=False) as fwd:
+    grouped = {torch.ops.aten._grouped_mm: _grouped_mm_flops}
+    with FlopCounterMode(display=False, custom_mapping=grouped) as fwd:
         model(tokens, positions, None)
-    with FlopCounterMode(display=False) as both:
+    with FlopCounterMode(display=False, custom_mapping=grouped) as both:
         model(tokens, positions, None).float().sum().backward()
     counts = {str(k): v for k, v in fwd.get_flop_counts()["Global"].items()}
+    # the grouped experts' GEMMs are linear layers too
+    counts["aten.mm"] = counts.get("aten.mm", 0) + counts.pop("aten._grouped_mm", 0)
 
     report = training_flops(cfg, L)
     core = {"attn_scores", "attn_values", "conv1d", "ssd_intra_chunk", "ssd_state"}
@@ -492,7 +507,8 @@ def test_cli_runs_as_module(tmp_path):
 
 def test_cli_on_shipped_recipe_and_param_hook(capsys):
     """A full shipped recipe goes through the project's recipe loader (``extends`` chain, its
-    data.seq_length); ``count_params`` is the hook hybrid_megatron.config.derived calls."""
+    data.seq_length); ``count_params`` is the counter the launcher and the trainer pass to
+    ``config.derived``."""
     from hybrid_megatron.accounting import count_parameters, count_params
     from hybrid_megatron.accounting.__main__ import main
     from hybrid_megatron.config import load_recipe

@@ -136,7 +136,7 @@ def test_fp8_head_and_intra_pattern_reach_only_their_rows():
     the share of hybrid blocks on intra rows only (1:3 at 1b: fewer attention FLOPs than the
     all-hybrid recipe, but more than inter)."""
     from hybrid_megatron.accounting.flops import model_flops_per_token
-    from hybrid_megatron.models.layer_pattern import build_layer_pattern
+    from hybrid_megatron.config.layer_pattern import build_layer_pattern
 
     options = bench.RunOptions(fp8_output_layer=True, intra_pattern="1:3")
     assert bench.model_config("1b", "inter", False, "fp8", options).fp8_output_layer

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from hybrid_megatron.config.errors import ModelConfigError, RecipeError
+from hybrid_megatron.config.layer_pattern import PatternError
 from hybrid_megatron.convert.exactness import NotExactError
 from hybrid_megatron.convert.writer import ExportError
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.errors import InputError
-from hybrid_megatron.models.layer_pattern import PatternError
 from hybrid_megatron.scaling.runs import RunsError
 from hybrid_megatron.training.checkpoint import CheckpointError
 
@@ -51,4 +51,4 @@ def test_model_config_error_in_a_recipe_is_one_line_of_its_recipe_error():
     from tests.training_helpers import REPO
 
     with pytest.raises(RecipeError, match="model.vocab_size: .* does not split over parallel.tp=3"):
-        load_recipe(REPO / "recipes" / "tiny_intra_moe.yaml", ["parallel.tp=3", "model.vocab_size=1000"])
+        load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml", ["parallel.tp=3", "model.vocab_size=1000"])

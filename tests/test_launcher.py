@@ -169,6 +169,7 @@ def test_dry_run_prints_recipe_derived_and_sbatch(tmp_path, capsys):
     assert "name: intra_tiny_moe" in out and "partition: gpu-x" in out      # the resolved recipe
     assert "8 = tp 2 x pp 1 x dp 4" in out                                  # derived on 2 x 4 ranks
     assert "global 32 = micro 4 x dp 4 x grad accumulation 2" in out
+    assert "  params    total 2.27M, active 1.88M, non_embedding 1.23M" in out.splitlines()  # accounting
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
                  "#SBATCH --partition=gpu-x", "#SBATCH --account=proj7", "#SBATCH --time=90",
                  "#SBATCH --job-name=intra_tiny_moe", "#SBATCH --signal=USR2@120", "#SBATCH --requeue",

@@ -6,10 +6,10 @@ import pytest
 from pydantic import ValidationError
 
 from hybrid_megatron.config.errors import ModelConfigError
+from hybrid_megatron.config.layer_pattern import PatternError, build_layer_pattern
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
-from hybrid_megatron.models.builder import check_parallel_layout
-from hybrid_megatron.models.layer_pattern import PatternError, build_layer_pattern
+from hybrid_megatron.config.parallel_layout import check_parallel_layout
 from tests.model_configs import tiny_model
 
 

@@ -11,8 +11,8 @@ import yaml
 from hybrid_megatron.accounting import model_flops_per_token
 from hybrid_megatron.config import load_recipe
 from hybrid_megatron.config.errors import RecipeError
-from hybrid_megatron.config.sweep import format_sweep_table, load_sweep
 from hybrid_megatron.launch import cli
+from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep
 from tests.training_helpers import REPO
 
 SWEEPS = REPO / "recipes" / "sweeps"

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hybrid_megatron.accounting.geometry import attention_dims, mamba_dims
+from hybrid_megatron.config.geometry import attention_dims, mamba_dims
+from hybrid_megatron.config.layer_pattern import LETTER_ORDER, build_layer_pattern
 from hybrid_megatron.config.model import ModelConfig
-from hybrid_megatron.models.layer_pattern import LETTER_ORDER, build_layer_pattern
 
 
 @dataclass

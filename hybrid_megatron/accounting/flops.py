@@ -41,20 +41,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from hybrid_megatron.accounting.geometry import (
+from hybrid_megatron.config.geometry import (
     AttentionDims,
     MambaDims,
     attention_dims,
     expert_ffn_size,
-    ffn_is_moe,
     ffn_matrices,
     fused_width,
-    has_ffn,
     mamba_dims,
 )
-from hybrid_megatron.models.layer_pattern import LETTER_ORDER
+from hybrid_megatron.config.layer_pattern import (
+    ATTENTION_LETTERS,
+    FFN_ONLY_LETTERS,
+    INTRA,
+    LETTER_ORDER,
+    MAMBA,
+    build_layer_pattern,
+    ffn_is_moe,
+    has_ffn,
+)
 from hybrid_megatron.config.model import ModelConfig
-from hybrid_megatron.models.layer_pattern import build_layer_pattern
 
 TRAINING_MULTIPLIER = 3  # forward + backward (2x forward)
 
@@ -99,17 +105,17 @@ def mixer_terms(cfg: ModelConfig, letter: str, seq_len: int) -> dict[str, int]:
     h, L = cfg.hidden_size, seq_len
     a, m = attention_dims(cfg, letter), mamba_dims(cfg, letter)
     terms: dict[str, int] = {}
-    if letter in ("-", "E"):
+    if letter in FFN_ONLY_LETTERS:
         return terms
-    if letter in ("A", "*"):
+    if letter in ATTENTION_LETTERS:
         terms["qkv_proj"] = 2 * h * a.qkv_width * L
         terms.update(attention_core_terms(a, L))
         terms["out_proj"] = 2 * a.width * h * L
-    elif letter == "M":
+    elif letter == MAMBA:
         terms["in_proj"] = 2 * h * m.in_proj_width * L
         terms.update(ssd_terms(m, L))
         terms["out_proj"] = 2 * m.d_inner * h * L
-    elif letter == "H":
+    elif letter == INTRA:
         rows = (a.qkv_width if a else 0) + (m.in_proj_width if m else 0)
         terms["in_proj"] = 2 * h * rows * L
         if a is not None:

@@ -27,21 +27,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hybrid_megatron.accounting.geometry import (
+from hybrid_megatron.config.geometry import (
     AttentionDims,
     MambaDims,
     attention_dims,
     expert_ffn_size,
-    ffn_is_moe,
     ffn_matrices,
     fused_width,
-    has_ffn,
-    has_mixer,
     mamba_dims,
 )
-from hybrid_megatron.models.layer_pattern import LETTER_ORDER
+from hybrid_megatron.config.layer_pattern import (
+    ATTENTION,
+    ATTENTION_LETTERS,
+    FFN_ONLY_LETTERS,
+    INTRA,
+    LETTER_ORDER,
+    MAMBA,
+    build_layer_pattern,
+    ffn_is_moe,
+    has_ffn,
+    has_mixer,
+)
 from hybrid_megatron.config.model import ModelConfig
-from hybrid_megatron.models.layer_pattern import build_layer_pattern
 
 
 @dataclass
@@ -123,7 +130,7 @@ def mamba_mixer_params(h: int, m: MambaDims) -> int:
 def intra_mixer_params(cfg: ModelConfig) -> int:
     """Parameters of the intra-layer hybrid mixer (see the module docstring)."""
     h = cfg.hidden_size
-    a, m = attention_dims(cfg, "H"), mamba_dims(cfg, "H")
+    a, m = attention_dims(cfg, INTRA), mamba_dims(cfg, INTRA)
     in_rows, total, branches = 0, 0, []
     if a is not None:
         in_rows += a.qkv_width
@@ -141,13 +148,13 @@ def intra_mixer_params(cfg: ModelConfig) -> int:
 
 def mixer_params(cfg: ModelConfig, letter: str) -> int:
     """Parameters of one block's mixer sublayer, by block letter (0 for ``-`` and E)."""
-    if letter in ("-", "E"):
+    if letter in FFN_ONLY_LETTERS:
         return 0
-    if letter in ("A", "*"):
-        return attention_mixer_params(cfg.hidden_size, attention_dims(cfg, "A"))
-    if letter == "M":
-        return mamba_mixer_params(cfg.hidden_size, mamba_dims(cfg, "M"))
-    if letter == "H":
+    if letter in ATTENTION_LETTERS:
+        return attention_mixer_params(cfg.hidden_size, attention_dims(cfg, ATTENTION))
+    if letter == MAMBA:
+        return mamba_mixer_params(cfg.hidden_size, mamba_dims(cfg, MAMBA))
+    if letter == INTRA:
         return intra_mixer_params(cfg)
     raise ValueError(f"unknown block letter {letter!r} (expected A, M, H, *, - or E)")
 
@@ -207,8 +214,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Headline parameter counts for logs and tracking: ``total``, ``active`` (MoE: router,
     top_k experts, shared expert) and ``non_embedding``.
 
-    Takes a ModelConfig; returns the dict. This is the hook ``hybrid_megatron.config.derived``
-    calls (``PARAM_COUNTER``).
+    Takes a ModelConfig; returns the dict. The launcher and the trainer pass it to
+    ``hybrid_megatron.config.derived`` as its parameter counter.
     """
     report = count_parameters(cfg)
     return {"total": report.total, "active": report.active, "non_embedding": report.non_embedding}

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from hybrid_megatron.accounting.cache import CacheReport, cache_bytes
 from hybrid_megatron.accounting.flops import FlopReport, training_flops
 from hybrid_megatron.accounting.params import ParamReport, count_parameters
+from hybrid_megatron.config.layer_pattern import BLOCK_NAMES
 from hybrid_megatron.config.model import ModelConfig
 
 MIB = 1024 * 1024
-BLOCK_NAMES = {"A": "attention", "M": "mamba2", "H": "intra hybrid", "*": "attention only",
-               "-": "MLP only", "E": "MoE only"}
 
 
 @dataclass

@@ -1,30 +1,18 @@
 """Quantities that follow from a recipe and a world size: dp, gradient accumulation, budget.
 
-``derived(recipe, world_size)`` is computed by the launcher (before submitting) and by the
-trainer (at start); `format_derived` is the block both print. Parameter counts come from the
-accounting module through `PARAM_COUNTER`, a ``module:function`` hook taking the
-ModelConfig and returning an int or a dict of counts; when it cannot be imported they print as n/a.
+``derived(recipe, world_size, param_counter)`` is computed by the launcher (before submitting)
+and by the trainer (at start); `format_derived` is the block both print. The parameter counter
+is passed in (they pass ``hybrid_megatron.accounting.count_params``) because the accounting sits
+above the recipe: config never imports it.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any, Callable, Optional
 
 from hybrid_megatron.config.errors import RecipeError
-
-# Where derived() looks for the parameter counter when none is passed (see module docstring).
-PARAM_COUNTER = "hybrid_megatron.accounting:count_params"
-
-
-def _default_param_counter() -> Optional[Callable[[Any], Any]]:
-    module_name, _, func_name = PARAM_COUNTER.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None
-    return getattr(module, func_name, None)
+from hybrid_megatron.config.layer_pattern import build_layer_pattern
 
 
 def data_parallel_size(par, world_size: int) -> int:
@@ -56,10 +44,10 @@ def derived(recipe, world_size: int, param_counter: Optional[Callable[[Any], Any
     """Compute what the recipe implies on ``world_size`` ranks.
 
     Takes a Recipe, the number of ranks, and optionally a parameter counter
-    (``f(model_config) -> int | dict``; default: the accounting hook, if present). Returns a
+    (``f(model_config) -> int | dict``, such as ``accounting.count_params``). Returns a
     dict with world_size, tp, pp, ep, dp, micro_batch_size, global_batch_size,
     grad_accum_steps, seq_length, tokens_per_step, total_steps, total_tokens, warmup_steps,
-    layer_pattern and params (None when no counter is available). Raises RecipeError naming
+    layer_pattern and params (None without a counter). Raises RecipeError naming
     ``parallel`` or ``train.global_batch_size`` when the numbers do not divide.
     """
     par, train = recipe.parallel, recipe.train
@@ -83,10 +71,7 @@ def derived(recipe, world_size: int, param_counter: Optional[Callable[[Any], Any
         raise RecipeError(
             f"train.warmup_steps: {train.warmup_steps} must be smaller than the {total_steps} total steps"
         )
-    counter = param_counter or _default_param_counter()
-    params = counter(recipe.model) if counter is not None else None
-    from hybrid_megatron.models.layer_pattern import build_layer_pattern
-
+    params = param_counter(recipe.model) if param_counter is not None else None
     return {
         "world_size": world_size,
         "tp": par.tp,

@@ -36,6 +36,7 @@ from hybrid_megatron.config.loader import (
 )
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
+from hybrid_megatron.config.parallel_layout import check_parallel_layout
 from hybrid_megatron.config.slurm import SlurmConfig
 from hybrid_megatron.config.tracking import TrackingConfig, default_tracking_uri
 from hybrid_megatron.config.train import TrainConfig
@@ -70,8 +71,6 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
     The builder's own check (block pattern, pipeline split, heads / groups / experts / vocab
     against TP and EP, sequence-parallel rules); raises ValueError naming the field.
     """
-    from hybrid_megatron.models.builder import check_parallel_layout
-
     check_parallel_layout(model, parallel, parallel.tp, parallel.ep)
 
 

@@ -7,14 +7,18 @@ target with one NotExactError listing every reason, so nothing silently differen
 
 from __future__ import annotations
 
-from hybrid_megatron.config.model import ModelConfig
-from hybrid_megatron.errors import InputError
-from hybrid_megatron.models.layer_pattern import (
+from hybrid_megatron.config.geometry import intra_branch_widths
+from hybrid_megatron.config.layer_pattern import (
+    ATTENTION,
     ATTENTION_LETTERS,
+    INTRA,
+    MAMBA,
     build_layer_pattern,
     ffn_is_moe,
     has_ffn,
 )
+from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.errors import InputError
 
 TARGETS = ("nemotron_h", "falcon_h1", "remote_code")
 
@@ -36,12 +40,11 @@ def falcon_h1_geometry(cfg: ModelConfig) -> dict:
     "mamba_width": int or None}`` taken from the H blocks when there are any, else from the
     A and M blocks.
     """
-    from hybrid_megatron.models.transformer_config import intra_branch_widths
-
     pattern = build_layer_pattern(cfg)
     attn, d_inner = _geometry(cfg)
-    geo = {"attention": attn if "A" in pattern else None, "mamba_width": d_inner if "M" in pattern else None}
-    if "H" in pattern:
+    geo = {"attention": attn if ATTENTION in pattern else None,
+           "mamba_width": d_inner if MAMBA in pattern else None}
+    if INTRA in pattern:
         aw, mw = intra_branch_widths(cfg)
         heads = aw // cfg.head_dim
         geo["intra"] = (
@@ -66,7 +69,7 @@ def falcon_h1_blockers(cfg: ModelConfig) -> list[str]:
             f"model.flavour: Falcon-H1 layers are llama-flavoured (RoPE, SwiGLU); this model is "
             f"{cfg.flavour}"
         )
-    if "H" in pattern:
+    if INTRA in pattern:
         if cfg.intra.branch_norm != "none":
             reasons.append(
                 "model.intra.branch_norm: a per-branch RMSNorm on the branch outputs has no "
@@ -99,7 +102,7 @@ def nemotron_h_blockers(cfg: ModelConfig) -> list[str]:
     """
     reasons = []
     pattern = build_layer_pattern(cfg)
-    if "H" in pattern:
+    if INTRA in pattern:
         reasons.append("H blocks: NemotronH has no intra-layer (parallel) hybrid layer")
     attention = any(c in pattern for c in ATTENTION_LETTERS)
     ffn = [c for c in pattern if has_ffn(cfg, c)]
@@ -110,7 +113,7 @@ def nemotron_h_blockers(cfg: ModelConfig) -> list[str]:
                 "NemotronH attention has none. Set model.flavour: nemotron_h"
             )
         if ffn:
-            where = ("model.mamba_block_ffn: the Mamba blocks' FFNs" if set(ffn) == {"M"}
+            where = ("model.mamba_block_ffn: the Mamba blocks' FFNs" if set(ffn) == {MAMBA}
                      else "FFNs")
             reasons.append(
                 f"{where}: flavour llama FFNs are gated SwiGLU (and its MoE softmax-routed); "
@@ -166,7 +169,7 @@ def choose_target(cfg: ModelConfig, target: str = "auto") -> tuple[str, str]:
         if not nemotron_h_blockers(cfg):
             return "nemotron_h", "exact as NemotronHForCausalLM (native in transformers, vLLM)"
         pattern = build_layer_pattern(cfg)
-        if not falcon_h1_blockers(cfg) and set(pattern) == {"H"}:
+        if not falcon_h1_blockers(cfg) and set(pattern) == {INTRA}:
             return "falcon_h1", "exact as FalconH1ForCausalLM (native in transformers, vLLM)"
         # Falcon-H1 can also hold A/M blocks exactly by zeroing the absent branch, but that
         # pays a whole extra mixer per layer; auto prefers the lean remote-code model.

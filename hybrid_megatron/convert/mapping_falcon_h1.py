@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from hybrid_megatron.config.layer_pattern import ATTENTION, INTRA, MAMBA, build_layer_pattern, has_ffn
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.convert.exactness import falcon_h1_geometry
 from hybrid_megatron.convert.qkv import join_qkv, split_qkv
-from hybrid_megatron.models.layer_pattern import build_layer_pattern
 
 
 def _dims(cfg: ModelConfig):
@@ -88,10 +88,10 @@ def to_falcon_h1(cfg: ModelConfig, sd: dict) -> dict:
         mix = src + "self_attention."
         out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
         attn = mamba = None  # (q, k, v, o) / (in_proj, out_proj, params prefix)
-        if letter == "A":
+        if letter == ATTENTION:
             attn = (*split_qkv(sd[mix + "linear_qkv.weight"], heads, groups, head_dim),
                     sd[mix + "linear_proj.weight"])
-        elif letter == "M":
+        elif letter == MAMBA:
             mamba = (sd[mix + "in_proj.weight"], sd[mix + "out_proj.weight"], mix)
         else:
             qkv_rows = (heads + 2 * groups) * head_dim
@@ -133,7 +133,7 @@ def to_falcon_h1(cfg: ModelConfig, sd: dict) -> dict:
             out[m + "out_proj.weight"] = out_w.contiguous()
             for name in ("conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight"):
                 out[m + name] = sd[p + name]
-        if letter != "M" or cfg.mamba_block_ffn:
+        if has_ffn(cfg, letter):
             fc1 = sd[src + "mlp.linear_fc1.weight"]
             gate, up = fc1.chunk(2, dim=0)
             out[dst + "feed_forward.gate_proj.weight"] = gate.contiguous()
@@ -196,7 +196,7 @@ def model_config_from_falcon_h1(hf: dict) -> dict:
         "mamba": {"state_dim": hf["mamba_d_state"], "head_dim": d_ssm // hf["mamba_n_heads"],
                   "num_groups": hf["mamba_n_groups"], "expand": hf.get("mamba_expand", 2),
                   "conv_kernel": hf["mamba_d_conv"], "chunk_size": hf.get("mamba_chunk_size", 128)},
-        "pattern": {"layout": "H" * hf["num_hidden_layers"]},
+        "pattern": {"layout": INTRA * hf["num_hidden_layers"]},
         "intra": {"dim_ratio": f"{heads * head_dim}:{d_ssm}", "mixer_width": heads * head_dim + d_ssm,
                   "num_query_groups": groups, "branch_norm": "none", "branch_scalars": False,
                   "fusion": "concat"},

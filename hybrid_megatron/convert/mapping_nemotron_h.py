@@ -33,20 +33,26 @@ from typing import Optional
 
 import torch
 
-from hybrid_megatron.config.model import ModelConfig
-from hybrid_megatron.convert.qkv import join_qkv, split_qkv
-from hybrid_megatron.models.layer_pattern import (
+from hybrid_megatron.config.layer_pattern import (
+    ATTENTION,
     ATTENTION_LETTERS,
+    ATTENTION_ONLY,
+    FFN_ONLY_LETTERS,
+    MAMBA,
+    MLP_ONLY,
+    MOE_ONLY,
     build_layer_pattern,
     ffn_is_moe,
     has_ffn,
     has_mixer,
 )
+from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.convert.qkv import join_qkv, split_qkv
 
 _MAMBA_PARAMS = ("in_proj.weight", "out_proj.weight", "conv1d.weight", "conv1d.bias", "A_log",
                  "D", "dt_bias", "norm.weight")
 # NemotronH layer types (the names older and newer transformers both read) and their letters.
-_TYPE_LETTER = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
+_TYPE_LETTER = {"mamba": MAMBA, "attention": ATTENTION_ONLY, "mlp": MLP_ONLY, "moe": MOE_ONLY}
 _LEGACY_TYPES = {"linear_attention": "mamba", "full_attention": "attention"}
 HINT_KEY = "hybrid_megatron"  # config.json entry holding our block layout
 
@@ -269,10 +275,10 @@ def _hf_letters(hf: dict) -> str:
 
 def _expand(layout: str, mamba_block_ffn: bool, moe: bool) -> str:
     """Our block layout -> NemotronH layer letters (what hf_layers gives, as letters)."""
-    ffn = "E" if moe else "-"
+    ffn = MOE_ONLY if moe else MLP_ONLY
     out = []
     for c in layout:
-        out.append({"A": "*" + ffn, "M": "M" + (ffn if mamba_block_ffn else "")}.get(c, c))
+        out.append({ATTENTION: ATTENTION_ONLY + ffn, MAMBA: MAMBA + (ffn if mamba_block_ffn else "")}.get(c, c))
     return "".join(out)
 
 
@@ -298,11 +304,11 @@ def model_config_from_nemotron_h(hf: dict, tensors: Optional[dict] = None) -> di
         problems.append("use_conv_bias=false")
     if hf.get("mamba_hidden_act", "silu") != "silu":
         problems.append(f"mamba_hidden_act={hf['mamba_hidden_act']}")
-    if any(c in letters for c in "-E") and hf.get("mlp_hidden_act", "relu2") != "relu2":
+    if any(c in letters for c in FFN_ONLY_LETTERS) and hf.get("mlp_hidden_act", "relu2") != "relu2":
         problems.append(f"mlp_hidden_act={hf['mlp_hidden_act']} (ours is relu2)")
-    if "*" in letters and hf.get("sliding_window"):
+    if ATTENTION_ONLY in letters and hf.get("sliding_window"):
         problems.append("sliding_window")
-    moe = "E" in letters
+    moe = MOE_ONLY in letters
     if moe:
         top_k = hf.get("num_experts_per_tok", 2)
         if hf.get("moe_latent_size") is not None:
@@ -323,10 +329,10 @@ def model_config_from_nemotron_h(hf: dict, tensors: Optional[dict] = None) -> di
     else:
         layout, block_ffn = letters, False
     attention = any(c in layout for c in ATTENTION_LETTERS)
-    kind = "inter" if attention and "M" in layout else ("transformer" if attention else "mamba")
+    kind = "inter" if attention and MAMBA in layout else ("transformer" if attention else "mamba")
     hidden = hf["hidden_size"]
     d_inner = hf["mamba_num_heads"] * hf["mamba_head_dim"]
-    if "M" in layout and d_inner % hidden:
+    if MAMBA in layout and d_inner % hidden:
         raise ValueError(f"NemotronH d_inner {d_inner} is not a multiple of hidden_size {hidden}")
     tensors = normalise_names(tensors) if tensors is not None else None
     tie = bool(hf.get("tie_word_embeddings", False))
@@ -348,7 +354,7 @@ def model_config_from_nemotron_h(hf: dict, tensors: Optional[dict] = None) -> di
         "norm_epsilon": float(hf.get("layer_norm_epsilon", 1e-5)),
         "tie_embeddings": tie,
     }
-    default = {"inter": None, "transformer": "A" * len(layout), "mamba": "M" * len(layout)}[kind]
+    default = {"inter": None, "transformer": ATTENTION * len(layout), "mamba": MAMBA * len(layout)}[kind]
     if layout != default:
         out["pattern"] = {"layout": layout, "allow_early_attention": True}
     if attention:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hybrid_megatron.config.geometry import intra_branch_widths
+from hybrid_megatron.config.layer_pattern import INTRA, build_layer_pattern
 from hybrid_megatron.config.model import ModelConfig
-from hybrid_megatron.models.layer_pattern import build_layer_pattern
 
 TEMPLATE_DIR = Path(__file__).parent / "remote_code"
 TEMPLATE_FILES = ("configuration_hybrid_megatron.py", "modeling_hybrid_megatron.py")
@@ -51,9 +52,7 @@ def remote_code_config(cfg: ModelConfig) -> dict:
             sliding_window=cfg.attention.sliding_window,
             rotary_base=int(cfg.attention.rotary_base),
         )
-    if "H" in pattern:
-        from hybrid_megatron.models.transformer_config import intra_branch_widths
-
+    if INTRA in pattern:
         aw, mw = intra_branch_widths(cfg)
         out.update(
             intra_attention_width=aw,

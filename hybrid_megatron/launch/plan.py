@@ -30,10 +30,11 @@ def load(args: argparse.Namespace) -> Any:
 
 def describe(recipe: Any, world_size: int) -> str:
     """The derived-quantities block for ``world_size`` ranks; UsageError if they do not divide."""
+    from hybrid_megatron.accounting import count_params
     from hybrid_megatron.config import derived, format_derived
 
     try:
-        return format_derived(derived(recipe, world_size))
+        return format_derived(derived(recipe, world_size, count_params))
     except InputError as err:
         raise UsageError(str(err)) from None
 

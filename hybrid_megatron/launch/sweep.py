@@ -22,7 +22,7 @@ def run_sweep(args: argparse.Namespace, entry: Optional[str]) -> int:
     """Expand a sweep file into runs; print their table; then (unless --dry-run) submit one
     SLURM job array, or with --local run them one after another. Returns the exit code."""
     from hybrid_megatron.config import load_recipe
-    from hybrid_megatron.config.sweep import format_sweep_table, load_sweep
+    from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep
 
     try:
         spec, runs = load_sweep(args.recipe, tuple(args.overrides))

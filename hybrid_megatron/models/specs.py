@@ -34,9 +34,16 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from hybrid_megatron.config.layer_pattern import (
+    ATTENTION_LETTERS,
+    INTRA,
+    MAMBA,
+    ffn_is_moe,
+    has_ffn,
+    has_mixer,
+)
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.models.intra import IntraHybridMixer, IntraHybridSubmodules
-from hybrid_megatron.models.layer_pattern import ffn_is_moe, has_ffn, has_mixer
 from hybrid_megatron.models.norms import LocalRMSNorm
 from hybrid_megatron.models.mamba import MambaBranch, MambaSublayer, PassThroughProjection
 from hybrid_megatron.models.moe import GroupedExperts
@@ -149,17 +156,17 @@ def block_spec(
 def _mixer(letter: str, cfg: ModelConfig, tconfig: TransformerConfig, backend: BackendSpecProvider):
     """(input norm spec, mixer spec, checkpoint keys map) of a block with a mixer (A, ``*``, M, H)."""
     input_norm, in_proj = _input_projection(backend)
-    if letter in ("A", "*"):
+    if letter in ATTENTION_LETTERS:
         mixer = _attention_spec(backend)
         mixer_keys = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
-    elif letter == "M":
+    elif letter == MAMBA:
         mixer = ModuleSpec(
             module=MambaSublayer,
             params={"d_model": cfg.hidden_size, **mamba_mixer_params(cfg)},
             submodules=MambaMixerSubmodules(in_proj=in_proj, out_proj=backend.row_parallel_linear()),
         )
         mixer_keys = {"input_layernorm.": "self_attention.in_proj.layer_norm_"}
-    elif letter == "H":
+    elif letter == INTRA:
         attention_cfg, mamba_cfg = intra_branch_configs(cfg, tconfig)
         mixer = ModuleSpec(
             module=IntraHybridMixer,

@@ -14,7 +14,8 @@ from megatron.core import parallel_state
 from megatron.core.activations import squared_relu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from hybrid_megatron.config.model import ModelConfig, parse_ratio
+from hybrid_megatron.config.geometry import intra_branch_widths
+from hybrid_megatron.config.model import ModelConfig
 
 
 def resolve_impl(cfg: ModelConfig) -> str:
@@ -182,25 +183,6 @@ def _dispatcher(choice: str) -> str:
     if choice == "auto":
         return "alltoall" if torch.cuda.is_available() else "allgather"
     return choice
-
-
-def intra_branch_widths(cfg: ModelConfig) -> tuple[int, int]:
-    """Attention and Mamba channel widths of the intra block: mixer_width split by dim_ratio.
-
-    Takes the ModelConfig; returns (attention_width, mamba_width), each a multiple of its
-    branch's head size (attention.head_dim, mamba.head_dim). Raises ValueError naming the field.
-    """
-    total = cfg.intra.mixer_width or cfg.mamba.expand * cfg.hidden_size
-    a, m = parse_ratio(cfg.intra.dim_ratio, "model.intra.dim_ratio")
-    attention_width = total * a // (a + m)
-    mamba_width = total - attention_width
-    if attention_width % cfg.head_dim or mamba_width % cfg.mamba.head_dim:
-        raise ValueError(
-            f"model.intra.dim_ratio: widths {attention_width} (attention) and {mamba_width} "
-            f"(mamba) of mixer_width {total} must be multiples of attention.head_dim "
-            f"{cfg.head_dim} and mamba.head_dim {cfg.mamba.head_dim}"
-        )
-    return attention_width, mamba_width
 
 
 def intra_branch_configs(

@@ -1,5 +1,6 @@
 """Scaling laws from tracked runs: Chinchilla approach-3 fits, bootstrap intervals,
-compute-optimal allocation and isoFLOP profiles.
+compute-optimal allocation and isoFLOP profiles; and the compute-matched sweeps that plan
+those runs (`hybrid_megatron.scaling.sweep`).
 
 ``python -m hybrid_megatron.scaling fit --tracking-uri URI --experiment NAME [--group G] --out DIR``
 """

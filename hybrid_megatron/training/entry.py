@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hybrid_megatron.accounting import count_params
 from hybrid_megatron.checkpoint_layout import is_checkpoint_root, latest_checkpoint
 from hybrid_megatron.config.derived import derived, format_derived
 from hybrid_megatron.logs import get_logger, log_rank0
@@ -102,7 +103,7 @@ def train(recipe) -> dict:
     if train_cfg.deterministic:
         torch.use_deterministic_algorithms(True)
 
-    info = derived(recipe, world)
+    info = derived(recipe, world, count_params)
     log_rank0(log, format_derived(info))
     check_writable(recipe.checkpoint.dir)
     train_ds, valid_ds, _ = _prepare_data(recipe, info)

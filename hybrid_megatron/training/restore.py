@@ -61,7 +61,7 @@ def init_weights_from(path: str | Path, model_chunks, model_cfg) -> Path:
     """
     from megatron.core import dist_checkpointing
 
-    from hybrid_megatron.models.layer_pattern import build_layer_pattern
+    from hybrid_megatron.config.layer_pattern import build_layer_pattern
     from hybrid_megatron.training.model_setup import unwrap
 
     try:

@@ -1,9 +1,9 @@
-"""The shapes the accounting formulas need, read once from a ModelConfig.
+"""The shapes of each block's mixers, read once from a ModelConfig (no megatron-core).
 
 Each block letter (``A`` attention, ``M`` Mamba2, ``H`` intra-layer hybrid) has at most one
 attention mixer and at most one Mamba2 mixer; this module says how wide each one is. Parameters,
-FLOPs and cache bytes are all computed from these dataclasses, so the three reports agree on the
-model they describe and follow ``hybrid_megatron.models`` in one place:
+FLOPs and cache bytes (``hybrid_megatron.accounting``), the parallel-layout check, the builders
+and the exporters all read these widths here, so they agree on the model they describe:
 
 - ``A``: ``attention.num_heads`` query heads of ``head_dim``, ``query_groups`` KV heads, window
   ``attention.sliding_window`` (None = full causal attention).
@@ -23,9 +23,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from hybrid_megatron.config.model import ModelConfig
-from hybrid_megatron.models.layer_pattern import ffn_is_moe, has_ffn, has_mixer  # noqa: F401
-from hybrid_megatron.models.transformer_config import intra_branch_widths
+from hybrid_megatron.config.layer_pattern import (
+    ATTENTION_LETTERS,
+    FFN_ONLY_LETTERS,
+    INTRA,
+    MAMBA,
+)
+from hybrid_megatron.config.model import ModelConfig, parse_ratio
+
+
+def intra_branch_widths(cfg: ModelConfig) -> tuple[int, int]:
+    """Attention and Mamba channel widths of the intra block: mixer_width split by dim_ratio.
+
+    Takes the ModelConfig; returns (attention_width, mamba_width), each a multiple of its
+    branch's head size (attention.head_dim, mamba.head_dim). Raises ValueError naming the field.
+    """
+    total = cfg.intra.mixer_width or cfg.mamba.expand * cfg.hidden_size
+    a, m = parse_ratio(cfg.intra.dim_ratio, "model.intra.dim_ratio")
+    attention_width = total * a // (a + m)
+    mamba_width = total - attention_width
+    if attention_width % cfg.head_dim or mamba_width % cfg.mamba.head_dim:
+        raise ValueError(
+            f"model.intra.dim_ratio: widths {attention_width} (attention) and {mamba_width} "
+            f"(mamba) of mixer_width {total} must be multiples of attention.head_dim "
+            f"{cfg.head_dim} and mamba.head_dim {cfg.mamba.head_dim}"
+        )
+    return attention_width, mamba_width
 
 
 @dataclass(frozen=True)
@@ -77,12 +100,12 @@ def attention_dims(cfg: ModelConfig, letter: str) -> Optional[AttentionDims]:
     Takes the ModelConfig and the block letter (A, M or H); returns AttentionDims. Raises
     ValueError for an unknown letter or widths that do not divide into heads.
     """
-    if letter in ("M", "-", "E"):
+    if letter == MAMBA or letter in FFN_ONLY_LETTERS:
         return None
     window = cfg.attention.sliding_window
-    if letter in ("A", "*"):
+    if letter in ATTENTION_LETTERS:
         return AttentionDims(cfg.attention.num_heads, cfg.query_groups, cfg.head_dim, window)
-    if letter == "H":
+    if letter == INTRA:
         width, _ = intra_branch_widths(cfg)
         if width == 0:
             return None
@@ -96,11 +119,11 @@ def mamba_dims(cfg: ModelConfig, letter: str) -> Optional[MambaDims]:
 
     Takes the ModelConfig and the block letter (A, M or H); returns MambaDims.
     """
-    if letter in ("A", "*", "-", "E"):
+    if letter in ATTENTION_LETTERS or letter in FFN_ONLY_LETTERS:
         return None
-    if letter == "M":
+    if letter == MAMBA:
         d_inner = cfg.mamba.expand * cfg.hidden_size
-    elif letter == "H":
+    elif letter == INTRA:
         _, d_inner = intra_branch_widths(cfg)
         if d_inner == 0:
             return None

@@ -24,7 +24,10 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from hybrid_megatron.accounting import count_parameters, model_flops_per_token
+from hybrid_megatron.config import load_recipe
 from hybrid_megatron.config.errors import RecipeError
+from hybrid_megatron.config.train import parse_count
 
 
 class SweepSpec(BaseModel):
@@ -42,8 +45,6 @@ class SweepSpec(BaseModel):
     @field_validator("tokens", mode="before")
     @classmethod
     def _parse_tokens(cls, values):
-        from hybrid_megatron.config.train import parse_count
-
         return [parse_count(v) for v in values]
 
 
@@ -68,9 +69,6 @@ def load_sweep(path: str | Path, extra_overrides: tuple[str, ...] = ()) -> tuple
     checkpoint directory and the ``hm.compare_group`` / ``hm.match`` tags. Raises RecipeError
     naming the file and field for a bad sweep or recipe.
     """
-    from hybrid_megatron.accounting import count_parameters, model_flops_per_token
-    from hybrid_megatron.config import load_recipe
-
     path = Path(path).resolve()
     try:
         raw = yaml.safe_load(path.read_text())

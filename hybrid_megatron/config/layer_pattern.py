@@ -1,10 +1,10 @@
 """Which block type goes at which depth, and which pipeline stage builds which blocks.
 
-Block letters: ``A`` attention (Transformer) block, ``M`` Mamba2 block, ``H`` intra-layer hybrid
-block; each is one mixer sublayer plus its FFN sublayer (an ``M`` block only when
-``mamba_block_ffn``). Single-sublayer letters (flavour nemotron_h, NemotronH's and
-megatron-core's hybrid-pattern letters): ``*`` attention only, ``-`` dense MLP only, ``E`` MoE
-only. Every letter is one megatron-core TransformerLayer.
+Pure facts about the block letters (no megatron-core): the recipe's validation, the accounting,
+the builders and the exporters all read them here. Each letter is one megatron-core
+TransformerLayer: ``A``, ``M`` and ``H`` are a mixer sublayer plus its FFN sublayer (an ``M``
+block only when ``mamba_block_ffn``); ``*``, ``-`` and ``E`` (flavour nemotron_h, NemotronH's
+and megatron-core's hybrid-pattern letters) are a single sublayer.
 """
 
 from __future__ import annotations
@@ -14,18 +14,31 @@ from typing import Optional, Sequence
 from hybrid_megatron.config.model import ModelConfig, parse_ratio
 from hybrid_megatron.errors import InputError
 
-BLOCK_LETTERS = ("A", "M", "H", "*", "-", "E")
+ATTENTION = "A"  # self-attention mixer + FFN (Transformer block)
+MAMBA = "M"  # Mamba2 mixer (+ FFN with mamba_block_ffn)
+INTRA = "H"  # intra-layer hybrid mixer (attention and Mamba2 branches side by side) + FFN
+ATTENTION_ONLY = "*"  # self-attention mixer alone
+MLP_ONLY = "-"  # dense FFN alone
+MOE_ONLY = "E"  # MoE FFN alone
+
+BLOCK_LETTERS = (ATTENTION, MAMBA, INTRA, ATTENTION_ONLY, MLP_ONLY, MOE_ONLY)
 LETTER_ORDER = "".join(BLOCK_LETTERS)  # the order reports list block types in
-ATTENTION_LETTERS = ("A", "*")  # letters whose mixer is (only) self-attention
-MIXER_ONLY_LETTERS = ("*", "-", "E")  # single-sublayer layers, flavour nemotron_h
+BLOCK_NAMES = {
+    ATTENTION: "attention", MAMBA: "mamba2", INTRA: "intra hybrid", ATTENTION_ONLY: "attention only",
+    MLP_ONLY: "MLP only", MOE_ONLY: "MoE only",
+}
+ATTENTION_LETTERS = (ATTENTION, ATTENTION_ONLY)  # letters whose mixer is (only) self-attention
+FFN_ONLY_LETTERS = (MLP_ONLY, MOE_ONLY)  # letters without a mixer
+SINGLE_SUBLAYER_LETTERS = (ATTENTION_ONLY, MLP_ONLY, MOE_ONLY)  # flavour nemotron_h only
 
 # Layout letters each kind accepts (flavour nemotron_h adds the single-sublayer ones).
 _KIND_LETTERS = {
-    "transformer": {"A"}, "swa": {"A"}, "mamba": {"M"}, "inter": {"A", "M"}, "intra": {"H", "M"},
+    "transformer": {ATTENTION}, "swa": {ATTENTION}, "mamba": {MAMBA}, "inter": {ATTENTION, MAMBA},
+    "intra": {INTRA, MAMBA},
 }
 _NEMOTRON_H_LETTERS = {
-    "transformer": {"*", "-", "E"}, "swa": {"*", "-", "E"}, "mamba": {"-", "E"},
-    "inter": {"*", "-", "E"}, "intra": set(),
+    "transformer": set(SINGLE_SUBLAYER_LETTERS), "swa": set(SINGLE_SUBLAYER_LETTERS),
+    "mamba": set(FFN_ONLY_LETTERS), "inter": set(SINGLE_SUBLAYER_LETTERS), "intra": set(),
 }
 
 
@@ -65,11 +78,11 @@ def build_layer_pattern(cfg: ModelConfig) -> str:
     if p.layout is not None:
         pattern = _checked_layout(cfg)
     elif cfg.kind in ("transformer", "swa"):
-        return "A" * n
+        return ATTENTION * n
     elif cfg.kind == "mamba":
-        return "M" * n
+        return MAMBA * n
     else:
-        special = "A" if cfg.kind == "inter" else "H"
+        special = ATTENTION if cfg.kind == "inter" else INTRA
         default_ratio = "1:5" if cfg.kind == "inter" else "1:0"
         a, m = parse_ratio(p.ratio or default_ratio, "model.pattern.ratio")
         count = round(n * a / (a + m))
@@ -79,7 +92,7 @@ def build_layer_pattern(cfg: ModelConfig) -> str:
             )
         place = _spread_even if p.placement == "even" else _centered
         chosen = set(place(n, count)) if count else set()
-        pattern = "".join(special if i in chosen else "M" for i in range(n))
+        pattern = "".join(special if i in chosen else MAMBA for i in range(n))
 
     if cfg.kind == "inter" and not p.allow_early_attention:
         early = p.early_layers if p.early_layers is not None else default_early_layers(n)
@@ -108,13 +121,13 @@ def _checked_layout(cfg: ModelConfig) -> str:
     bad = sorted(set(layout) - allowed)
     if bad:
         hint = ""
-        if set(bad) & set(MIXER_ONLY_LETTERS) and cfg.flavour != "nemotron_h":
+        if set(bad) & set(SINGLE_SUBLAYER_LETTERS) and cfg.flavour != "nemotron_h":
             hint = "; the single-sublayer letters * - E need model.flavour nemotron_h"
         raise PatternError(
             f"model.pattern.layout: letters {bad} not allowed for kind {cfg.kind!r} "
             f"(allowed: {sorted(allowed)}){hint}"
         )
-    if "E" in layout and cfg.moe is None:
+    if MOE_ONLY in layout and cfg.moe is None:
         raise PatternError("model.pattern.layout: letter E (an MoE layer) needs model.moe")
     return layout
 
@@ -122,23 +135,23 @@ def _checked_layout(cfg: ModelConfig) -> str:
 def has_ffn(cfg: ModelConfig, letter: str) -> bool:
     """Whether a block of this letter carries an FFN sublayer (Mamba blocks only when
     ``mamba_block_ffn``; attention-only ``*`` layers never)."""
-    if letter == "M":
+    if letter == MAMBA:
         return cfg.mamba_block_ffn
-    return letter != "*"
+    return letter != ATTENTION_ONLY
 
 
 def has_mixer(letter: str) -> bool:
     """Whether a block of this letter has a mixer sublayer (with its input norm): all but the
     FFN-only ``-`` and ``E`` layers."""
-    return letter not in ("-", "E")
+    return letter not in FFN_ONLY_LETTERS
 
 
 def ffn_is_moe(cfg: ModelConfig, letter: str) -> bool:
     """Whether the FFN of a block of this letter is an MoE: always for ``E``, never for the
     dense ``-``, for the other letters when ``model.moe`` is set."""
-    if letter == "-":
+    if letter == MLP_ONLY:
         return False
-    return letter == "E" or cfg.moe is not None
+    return letter == MOE_ONLY or cfg.moe is not None
 
 
 def split_pattern(
