@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -27,8 +26,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("hybrid_megatron") is None:
-    sys.path.insert(0, str(REPO))
 
 GOAL_SPEEDUP = 1.7
 GOAL_MB_S_PER_WORKER = 5.0

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import math
 import os
@@ -62,15 +61,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hybrid_megatron import runtime
+from hybrid_megatron.atomic_output import write_json_atomically as write_json
+from hybrid_megatron.errors import InputError
+from hybrid_megatron.launch.plan import local_world
+from hybrid_megatron.training.loss_log import LOSS_LOG
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from bench.records import write_json  # noqa: E402
-from hybrid_megatron import runtime  # noqa: E402
-from hybrid_megatron.errors import InputError  # noqa: E402
-from hybrid_megatron.training.loss_log import LOSS_LOG  # noqa: E402
-
 LAUNCHER = ROOT / "launch" / "slurm.py"
 THROUGHPUT_SKIP = 2  # first steps left out of throughput: allocation, compilation, warm caches
 
@@ -82,14 +79,6 @@ class BadInput(InputError):
 # ----------------------------------------------------------------------------- planning
 
 
-def _launcher():
-    """launch/slurm.py as a module: its world-size rule is the one the runs will use."""
-    spec = importlib.util.spec_from_file_location("hm_launch_slurm", LAUNCHER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def plan_layout(recipe: str, overrides: Sequence[str], nproc: Optional[int]) -> tuple:
     """Validate one layout before anything runs.
 
@@ -99,10 +88,9 @@ def plan_layout(recipe: str, overrides: Sequence[str], nproc: Optional[int]) -> 
     """
     from hybrid_megatron.config import derived, load_recipe
 
-    launcher = _launcher()
     try:
         loaded = load_recipe(recipe, overrides)
-        nproc, _ = launcher.local_world(loaded, nproc)
+        nproc, _ = local_world(loaded, nproc)  # the launcher's own rule, as the runs will use
         derived(loaded, nproc, param_counter=lambda model: None)
     except InputError as err:  # the recipe's, or the launcher's UsageError
         raise BadInput(str(err)) from None

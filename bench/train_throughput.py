@@ -32,14 +32,12 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+import torch
+import torch.distributed as dist
+
+from hybrid_megatron.atomic_output import write_json_atomically as write_json
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from bench.records import write_json  # noqa: E402
 
 KINDS = ["transformer", "swa", "mamba", "inter", "intra"]
 # A row's kind is one of ours or a megatron-core native baseline, built from this kind's recipe.

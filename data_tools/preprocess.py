@@ -5,12 +5,12 @@ Example:
     python data_tools/preprocess.py --input data/austen.jsonl --tokenizer data/tokenizer \
         --output-prefix /tmp/austen --workers 2 --append-eod
 
-All logic lives in hybrid_megatron.data.preprocess; this file is a thin launcher.
+The same as ``python -m hybrid_megatron.data.preprocess`` and ``hybrid-megatron-preprocess``.
 """
 
 import sys
 
-from _launch import run_main  # data_tools/_launch.py: the sys.path set-up shared by the tools
+from hybrid_megatron.data.preprocess import main
 
 if __name__ == "__main__":
-    sys.exit(run_main("hybrid_megatron.data.preprocess"))
+    sys.exit(main())

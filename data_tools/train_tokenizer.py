@@ -4,12 +4,13 @@
 Example:
     python data_tools/train_tokenizer.py --input data/austen.jsonl --vocab-size 4096 --output /tmp/tok
 
-All logic lives in hybrid_megatron.data.tokenizer_training; this file is a thin launcher.
+The same as ``python -m hybrid_megatron.data.tokenizer_training`` and
+``hybrid-megatron-train-tokenizer``.
 """
 
 import sys
 
-from _launch import run_main  # data_tools/_launch.py: the sys.path set-up shared by the tools
+from hybrid_megatron.data.tokenizer_training import main
 
 if __name__ == "__main__":
-    sys.exit(run_main("hybrid_megatron.data.tokenizer_training"))
+    sys.exit(main())

@@ -1,9 +1,10 @@
-"""Output directories written all at once: a reader (or a crash) never sees a half-written one,
-and a non-empty one is replaced only when the user asked for it."""
+"""Outputs written all at once: a reader (or a crash) never sees a half-written directory or JSON
+record, and a non-empty directory is replaced only when the user asked for it."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -45,3 +46,13 @@ def atomic_directory(output: Path):
             shutil.rmtree(old)
         else:
             old.unlink()
+
+
+def write_json_atomically(path, record: dict) -> None:
+    """Write ``record`` to ``path`` (str or Path) as indented JSON: a temp file beside it, then a
+    rename, so a time limit or crash never leaves a half-written record. Creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)

@@ -1,17 +1,12 @@
 """The test process's set-up (``runtime.setup``, as every entry point does) and shared
-fixtures: a one-rank gloo process group with megatron-core's parallel state, the launcher
-imported as a module, and a single-node SLURM cluster on 127.0.0.1."""
+fixtures: a one-rank gloo process group with megatron-core's parallel state and a single-node
+SLURM cluster on 127.0.0.1."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 # megatron-core announces its fallbacks (no Transformer Engine, no apex) at import; on CPU
 # that is the expected configuration, not news.
@@ -77,18 +72,6 @@ def build_single(cfg_dict: dict, seed: int = 1):
 
     setup_model_parallel(ParallelConfig(), seed=seed)
     return build_model(ModelConfig(**cfg_dict))
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    """launch/slurm.py imported as a module (it is a script, not a package member)."""
-    name = "hm_launch_slurm"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "launch" / "slurm.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # cloudpickle ships its code by value from here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")

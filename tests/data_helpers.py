@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,8 +9,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("hybrid_megatron") is None:  # not pip-installed: use the checkout
-    sys.path.insert(0, str(REPO))
 
 DATA = REPO / "data"
 CORPUS = DATA / "austen.jsonl"

@@ -3,7 +3,6 @@ megatron-core's hybrid pattern, and its report forms ratios and goals within one
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,12 +10,8 @@ import sys
 
 import pytest
 
+from bench import train_throughput as bench
 from tests.training_helpers import REPO
-
-_spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench  # dataclasses resolve their module through sys.modules
-_spec.loader.exec_module(bench)
 
 
 def test_native_pattern_maps_each_block_to_mixer_plus_ffn_layer():

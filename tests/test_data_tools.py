@@ -467,8 +467,7 @@ def test_clis_run_as_scripts(tmp_path, small_records):
     assert result.returncode == 0, result.stderr
     assert "4 documents" in result.stdout and "skipped 1 bad lines" in result.stdout
     assert "docs/s" in result.stderr and "MB/s text" in result.stderr  # the progress bar
-    # inspect.py must not shadow the stdlib inspect module when run as a script
-    result = run_tool("inspect", str(tmp_path / "ds"), "--decode", "1")
+    result = run_tool("inspect_dataset", str(tmp_path / "ds"), "--decode", "1")
     assert result.returncode == 0, result.stderr
     assert "documents   4" in result.stdout
     assert small_records[1]["text"][:200] in result.stdout

@@ -1,5 +1,6 @@
-"""launch/slurm.py: dry-run output, the no-SLURM error, --local with real ranks (success and
-failure), and a real job on a single-node SLURM cluster brought up by tests/slurm_cluster.py.
+"""The launcher (hybrid_megatron.launch, run as launch/slurm.py): dry-run output, the no-SLURM
+error, --local with real ranks (success and failure), and a real job on a single-node SLURM
+cluster brought up by tests/slurm_cluster.py.
 
 Most ranks run stand-in trainer entries defined below (through the ``HM_TRAIN_ENTRY`` hook), not
 the trainer: those tests are about launching, rendezvous and failure propagation. The last two
@@ -19,13 +20,19 @@ from pathlib import Path
 
 import pytest
 
+from hybrid_megatron.launch import cli
+from hybrid_megatron.launch.job import (
+    INPUT_ERROR_MARK, RankInputError, TrainJob, input_error_line, rendezvous_env, resolve_entry,
+)
+from hybrid_megatron.launch.plan import min_world_size
+from hybrid_megatron.launch.slurm import render_sbatch, slurm_job_active
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "recipes" / "intra_tiny_moe.yaml"
-THIS = Path(__file__).resolve()
 
 
 # ---------------------------------------------------------------------------- stand-in entries
-# Called in each rank's process as `entry(recipe)` (HM_TRAIN_ENTRY=<this file>:<function>).
+# Called in each rank's process as `entry(recipe)` (HM_TRAIN_ENTRY=tests.test_launcher:<function>).
 
 
 def standin_entry(recipe):
@@ -124,6 +131,12 @@ def preempted_entry(recipe):
 # ---------------------------------------------------------------------------- helpers
 
 
+def _use_standin(monkeypatch, name: str) -> None:
+    """Make the ranks call ``name`` of this module; they import it by name, from the repository."""
+    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{__name__}:{name}")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+
 def _ckpt(tmp_path) -> str:
     return f"checkpoint.dir={tmp_path}/runs/demo/checkpoints"
 
@@ -145,8 +158,8 @@ def _rank_records(tmp_path) -> dict:
 # ---------------------------------------------------------------------------- dry run
 
 
-def test_dry_run_prints_recipe_derived_and_sbatch(launcher, tmp_path, capsys):
-    code = launcher.main([
+def test_dry_run_prints_recipe_derived_and_sbatch(tmp_path, capsys):
+    code = cli.main([
         str(DEMO), "--dry-run", _ckpt(tmp_path), "slurm.nodes=2", "slurm.gpus_per_node=4",
         "slurm.tasks_per_node=null", "slurm.partition=gpu-x", "slurm.account=proj7", "slurm.time=01:30:00",
         "train.global_batch_size=32", "slurm.env={NCCL_DEBUG: WARN}",
@@ -169,7 +182,7 @@ def test_dry_run_prints_recipe_derived_and_sbatch(launcher, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()                                 # nothing written
 
 
-def test_render_sbatch_array_and_cluster_options(launcher):
+def test_render_sbatch_array_and_cluster_options():
     from hybrid_megatron.config import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "intra_1b.yaml", [
@@ -177,7 +190,7 @@ def test_render_sbatch_array_and_cluster_options(launcher):
         "slurm.container_mounts=/data:/data,/scratch:/scratch", "slurm.qos=high", "slurm.constraint=h100",
         "slurm.setup=[module load cuda]", "slurm.sbatch_extra={gres: 'gpu:8'}",
     ])
-    lines = launcher.render_sbatch(recipe, array_size=5).splitlines()
+    lines = render_sbatch(recipe, array_size=5).splitlines()
     for line in ("#SBATCH --array=0-4%2", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --ntasks-per-node=8", "#SBATCH --mem=0", "#SBATCH --exclusive", "#SBATCH --qos=high",
                  "#SBATCH --constraint=h100", "#SBATCH --gres=gpu:8", "#SBATCH --time=2880",
@@ -192,9 +205,9 @@ def test_render_sbatch_array_and_cluster_options(launcher):
 # ---------------------------------------------------------------------------- usage errors
 
 
-def test_no_sbatch_says_slurm_not_found_and_suggests_local(launcher, tmp_path, monkeypatch, capsys):
+def test_no_sbatch_says_slurm_not_found_and_suggests_local(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    code = launcher.main([str(DEMO), _ckpt(tmp_path)])
+    code = cli.main([str(DEMO), _ckpt(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: SLURM was not found on this machine (no 'sbatch' on PATH)")
@@ -217,8 +230,8 @@ def test_no_sbatch_exit_code_from_the_command_line(tmp_path):
     (["model.intra.fusion=sum"], "model.intra.fusion: 'sum' is not one of add, subtract, concat"),
     (["--local", "--nproc", "6"], "train.global_batch_size: 8 is not divisible by"),
 ])
-def test_usage_errors_are_one_line_and_exit_2(launcher, tmp_path, capsys, argv, expected):
-    code = launcher.main([str(DEMO), _ckpt(tmp_path), *argv])
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, expected):
+    code = cli.main([str(DEMO), _ckpt(tmp_path), *argv])
     err = capsys.readouterr().err
     assert code == 2 and expected in err and err.startswith("error: "), err
     assert not (tmp_path / "runs").exists()
@@ -232,29 +245,29 @@ class _FakeEnv:
         self.__dict__.update(values)
 
 
-def test_rendezvous_env_from_a_slurm_job(launcher, monkeypatch):
+def test_rendezvous_env_from_a_slurm_job(monkeypatch):
     monkeypatch.delenv("HM_MASTER_PORT", raising=False)
     job = _FakeEnv(cluster="slurm", hostnames=["gpu017", "gpu018"], raw_job_id="4242", global_rank=13,
                    local_rank=5, num_tasks=16, num_nodes=2, node=1)
-    assert launcher.rendezvous_env(job) == {
+    assert rendezvous_env(job) == {
         "MASTER_ADDR": "gpu017", "MASTER_PORT": str(20000 + 4242), "RANK": "13", "WORLD_SIZE": "16",
         "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8", "NODE_RANK": "1"}
     monkeypatch.setenv("HM_MASTER_PORT", "31111")
-    assert launcher.rendezvous_env(job)["MASTER_PORT"] == "31111"
+    assert rendezvous_env(job)["MASTER_PORT"] == "31111"
     local = _FakeEnv(cluster="local", hostnames=["x"], raw_job_id="1", global_rank=1, local_rank=1,
                      num_tasks=2, num_nodes=1, node=0)
-    env = launcher.rendezvous_env(local, master_port=12345)
+    env = rendezvous_env(local, master_port=12345)
     assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["RANK"], env["WORLD_SIZE"]) == ("127.0.0.1", "12345", "1", "2")
 
 
-def test_checkpoint_requeues_itself_resuming_from_latest(launcher):
+def test_checkpoint_requeues_itself_resuming_from_latest():
     from hybrid_megatron.config import load_recipe
 
     recipe = load_recipe(DEMO, ["checkpoint.resume=/some/old/checkpoint"])
-    job = launcher.TrainJob(recipe, entry="pkg.mod:fn", master_port=None, threads=2)
+    job = TrainJob(recipe, entry="pkg.mod:fn", master_port=None, threads=2)
     delayed = job.checkpoint()
     requeued = delayed.function
-    assert isinstance(requeued, launcher.TrainJob) and requeued is not job
+    assert isinstance(requeued, TrainJob) and requeued is not job
     assert requeued.recipe.checkpoint.resume == "auto" and recipe.checkpoint.resume == "/some/old/checkpoint"
     assert requeued.recipe.model == recipe.model and (requeued.entry, requeued.threads) == ("pkg.mod:fn", 2)
     assert delayed.args == () and delayed.kwargs == {}
@@ -281,43 +294,45 @@ def submitit_task_env(monkeypatch):
     ("graceful_entry", ["yes"], True),   # trainer saved first, then submitit requeued
     ("deaf_entry", ["no"], False),       # no trainer handler: submitit's handler at once
 ])
-def test_preemption_signal_saves_before_requeue(launcher, submitit_task_env, entry, expected_calls, stopped):
+def test_preemption_signal_saves_before_requeue(submitit_task_env, entry, expected_calls, stopped):
     from hybrid_megatron.config import load_recipe
 
-    job = launcher.TrainJob(load_recipe(DEMO), entry=f"{THIS}:{entry}", master_port=1234)
+    job = TrainJob(load_recipe(DEMO), entry=f"{__name__}:{entry}", master_port=1234)
     result = job()
     assert submitit_task_env == expected_calls
     assert result["stopped_by_signal"] is stopped
     assert os.environ["RANK"] == "0" and os.environ["MASTER_PORT"] == "1234"
 
 
-def test_resolve_entry_by_module_and_by_file(launcher):
-    assert launcher.resolve_entry("json:dumps") is json.dumps
-    assert launcher.resolve_entry(f"{THIS}:standin_entry").__name__ == "standin_entry"
+def test_resolve_entry_by_module_name_only():
+    assert resolve_entry("json:dumps") is json.dumps
+    assert resolve_entry(f"{__name__}:standin_entry") is standin_entry
     with pytest.raises(ValueError, match="module:function"):
-        launcher.resolve_entry("no_function_here")
+        resolve_entry("no_function_here")
+    with pytest.raises(ValueError, match="not a file path"):  # ranks import entries by name
+        resolve_entry(f"{__file__}:standin_entry")
 
 
-def test_min_world_size(launcher):
+def test_min_world_size():
     from hybrid_megatron.config import load_recipe
 
-    assert launcher.min_world_size(load_recipe(DEMO)) == 2
-    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "mamba_tiny_moe.yaml", ["parallel.ep=2"])) == 2
+    assert min_world_size(load_recipe(DEMO)) == 2
+    assert min_world_size(load_recipe(REPO / "recipes" / "mamba_tiny_moe.yaml", ["parallel.ep=2"])) == 2
     # tp 2, ep 4: each expert group is ep 4 x expert tp 2 (= tp) ranks
-    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_3b_moe.yaml")) == 8
+    assert min_world_size(load_recipe(REPO / "recipes" / "intra_3b_moe.yaml")) == 8
     # tp 2 x ep 2: experts split over tp (megatron-core's default) need 4 ranks, whole ones 2
     tp2_ep2 = ["parallel.ep=2"]  # intra_tiny_moe has tp 2
-    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml", tp2_ep2)) == 4
-    assert launcher.min_world_size(load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml",
+    assert min_world_size(load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml", tp2_ep2)) == 4
+    assert min_world_size(load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml",
                                                tp2_ep2 + ["parallel.expert_tp=1"])) == 2
 
 
 # ---------------------------------------------------------------------------- --local
 
 
-def test_local_two_ranks_rendezvous_and_report(launcher, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:standin_entry")
-    code = launcher.main([str(DEMO), "--local", _ckpt(tmp_path)])  # default nproc: tp*pp = 2
+def test_local_two_ranks_rendezvous_and_report(tmp_path, monkeypatch, capsys):
+    _use_standin(monkeypatch, "standin_entry")
+    code = cli.main([str(DEMO), "--local", _ckpt(tmp_path)])  # default nproc: tp*pp = 2
     out = capsys.readouterr().out
     assert code == 0, out
     records = _rank_records(tmp_path)
@@ -333,10 +348,10 @@ def test_local_two_ranks_rendezvous_and_report(launcher, tmp_path, monkeypatch, 
     assert list((tmp_path / "runs" / "demo" / "local").iterdir())  # logs under the run dir
 
 
-def test_local_failure_propagates_with_the_failing_rank(launcher, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:failing_entry")
+def test_local_failure_propagates_with_the_failing_rank(tmp_path, monkeypatch, capsys):
+    _use_standin(monkeypatch, "failing_entry")
     started = time.time()
-    code = launcher.main([str(DEMO), "--local", "--nproc", "2", _ckpt(tmp_path)])
+    code = cli.main([str(DEMO), "--local", "--nproc", "2", _ckpt(tmp_path)])
     captured = capsys.readouterr()
     assert code == 1
     assert time.time() - started < 120  # rank 0 blocked in a barrier: it was stopped, not waited for
@@ -346,44 +361,44 @@ def test_local_failure_propagates_with_the_failing_rank(launcher, tmp_path, monk
     assert "rank 0 failed:" not in err  # the root cause is reported first, not the peer's fallout
 
 
-def test_bad_input_in_a_rank_is_reported_as_its_one_line(launcher, tmp_path, monkeypatch, capsys):
+def test_bad_input_in_a_rank_is_reported_as_its_one_line(tmp_path, monkeypatch, capsys):
     """A rank that stops on bad input (here a missing dataset) is reported by its message; the
     traceback stays in the rank's log."""
-    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:bad_data_entry")
-    assert launcher.main([str(DEMO), "--local", _ckpt(tmp_path)]) == 1
+    _use_standin(monkeypatch, "bad_data_entry")
+    assert cli.main([str(DEMO), "--local", _ckpt(tmp_path)]) == 1
     report = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[rank")]
     assert any(line.endswith(" failed: DataToolsError: dataset prefix /nope/x: /nope/x.idx does "
                              "not exist") for line in report), report  # whichever rank ended first
     assert not any(line.startswith(("Traceback", "  File")) for line in report), report
-    assert launcher.input_error_line("Traceback ...\nRuntimeError: boom") is None
+    assert input_error_line("Traceback ...\nRuntimeError: boom") is None
 
 
-def test_a_ranks_input_error_is_recognised_by_its_base_class(launcher, submitit_task_env):
+def test_a_ranks_input_error_is_recognised_by_its_base_class(submitit_task_env):
     """The rank entry turns any InputError into one marked traceback line carrying its class
     name and message (several lines kept); the launcher reads that line back, and nothing else."""
     import traceback
 
     from hybrid_megatron.config import load_recipe
 
-    job = launcher.TrainJob(load_recipe(DEMO), entry=f"{THIS}:input_error_entry", master_port=1234)
-    with pytest.raises(launcher.RankInputError):
+    job = TrainJob(load_recipe(DEMO), entry=f"{__name__}:input_error_entry", master_port=1234)
+    with pytest.raises(RankInputError):
         try:
             job()
-        except launcher.RankInputError:
+        except RankInputError:
             text = traceback.format_exc()
             raise
-    assert launcher.input_error_line(text) == (
+    assert input_error_line(text) == (
         "TokenizerMismatch: data.tokenizer: /tok/a has vocab 100\nthe dataset was made with vocab 200")
     assert "Traceback" in text and "input_error_entry" in text  # the rank's log keeps the traceback
     # An error named like a user error but not raised through the rank entry is not one.
-    assert launcher.input_error_line("Traceback ...\nDataToolsError: dataset prefix /x: missing") is None
-    assert launcher.input_error_line("Traceback ...\nX: " + launcher.INPUT_ERROR_MARK + "{not json") is None
+    assert input_error_line("Traceback ...\nDataToolsError: dataset prefix /x: missing") is None
+    assert input_error_line("Traceback ...\nX: " + INPUT_ERROR_MARK + "{not json") is None
 
 
-def test_a_run_folder_that_cannot_be_made_is_one_line(launcher, tmp_path, capsys):
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    code = launcher.main([str(DEMO), "--local", f"checkpoint.dir={blocker}/run/checkpoints"])
+    code = cli.main([str(DEMO), "--local", f"checkpoint.dir={blocker}/run/checkpoints"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: cannot create {blocker}/run") and "checkpoint.dir" in err[0], err
@@ -393,10 +408,10 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(launcher, tmp_path, capsys
 
 
 @pytest.mark.slow  # ~20 s on an idle machine: two ranks import torch + megatron-core
-def test_slurm_job_through_the_launcher(launcher, slurm_cluster, tmp_path, monkeypatch, capsys):
+def test_slurm_job_through_the_launcher(slurm_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
-    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:standin_entry")
-    code = launcher.main([
+    _use_standin(monkeypatch, "standin_entry")
+    code = cli.main([
         str(DEMO), "--wait", _ckpt(tmp_path), f"slurm.partition={slurm_cluster.partition}", "slurm.time=5",
     ])
     out = capsys.readouterr().out
@@ -409,7 +424,7 @@ def test_slurm_job_through_the_launcher(launcher, slurm_cluster, tmp_path, monke
         assert record["job_id"] == job_id and record["MASTER_ADDR"] == slurm_cluster.node
     assert "all 2 ranks finished" in out and "[rank0] stand-in rank 0 done" in out
     # The ranks have returned; SLURM marks the job done once the batch script has exited.
-    _wait_for(lambda: not launcher.slurm_job_active(job_id), 90, "SLURM to end the job")
+    _wait_for(lambda: not slurm_job_active(job_id), 90, "SLURM to end the job")
     state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
                            env=slurm_cluster.env, timeout=30).stdout
     assert "JobState=COMPLETED" in state and "NumTasks=2" in state
@@ -417,11 +432,11 @@ def test_slurm_job_through_the_launcher(launcher, slurm_cluster, tmp_path, monke
 
 
 @pytest.mark.slow  # two job starts (each importing torch + megatron-core) around a requeue
-def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(launcher, slurm_cluster, tmp_path, monkeypatch,
+def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(slurm_cluster, tmp_path, monkeypatch,
                                                                    capsys):
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
-    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:preempted_entry")
-    code = launcher.main([
+    _use_standin(monkeypatch, "preempted_entry")
+    code = cli.main([
         str(DEMO), _ckpt(tmp_path), "checkpoint.resume=none", f"slurm.partition={slurm_cluster.partition}",
         "slurm.time=10",
     ])
@@ -433,7 +448,7 @@ def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(launcher, slurm
     # What SLURM does signal_delay_s before the time limit (--signal=USR2@...): USR2 to the tasks.
     subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm_cluster.env, check=True, timeout=30)
     _wait_for(lambda: len(list(marks.glob("run2_rank*"))) == 2, 300, "the requeued job to run")
-    _wait_for(lambda: not launcher.slurm_job_active(job_id), 60, "the requeued job to end")
+    _wait_for(lambda: not slurm_job_active(job_id), 60, "the requeued job to end")
     for rank in (0, 1):
         # The first run returned normally (as the trainer does after saving) before the requeue,
         first = json.loads((marks / f"run1_rank{rank}.json").read_text())
@@ -451,8 +466,8 @@ def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(launcher, slurm
 # ---------------------------------------------------------------------------- sweeps
 
 
-def test_sweep_dry_run_prints_the_runs_and_the_array_script(launcher, capsys):
-    code = launcher.main([str(REPO / "recipes" / "sweeps" / "paper_1b_F.yaml"), "--sweep", "--dry-run"])
+def test_sweep_dry_run_prints_the_runs_and_the_array_script(capsys):
+    code = cli.main([str(REPO / "recipes" / "sweeps" / "paper_1b_F.yaml"), "--sweep", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "sweep paper-1b-F: 5 runs, F-matched" in out
@@ -460,15 +475,15 @@ def test_sweep_dry_run_prints_the_runs_and_the_array_script(launcher, capsys):
     assert "#SBATCH --array=0-4%5" in out and "dry run: nothing submitted" in out
 
 
-def test_sweep_local_runs_each_recipe_in_turn(launcher, tmp_path, monkeypatch, capsys):
+def test_sweep_local_runs_each_recipe_in_turn(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(
         "sweep: {name: mini, match: F, reference: transformer_tiny, tokens: [10K], "
         "overrides: [train.warmup_steps=1], recipes: ["
         f"{REPO}/recipes/transformer_tiny.yaml, {REPO}/recipes/mamba_tiny.yaml]}}\n"
     )
-    monkeypatch.setenv("HM_TRAIN_ENTRY", f"{THIS}:standin_entry")
-    code = launcher.main([str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path)])
+    _use_standin(monkeypatch, "standin_entry")
+    code = cli.main([str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "[sweep] 2/2 runs succeeded (compare group mini)" in out
@@ -478,10 +493,10 @@ def test_sweep_local_runs_each_recipe_in_turn(launcher, tmp_path, monkeypatch, c
 
 
 @pytest.mark.slow  # the real trainer on two SLURM tasks (TP=2): two ranks import torch + megatron-core
-def test_slurm_runs_the_real_trainer_to_a_checkpoint(launcher, slurm_cluster, tmp_path, monkeypatch, capsys):
+def test_slurm_runs_the_real_trainer_to_a_checkpoint(slurm_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
     monkeypatch.delenv("HM_TRAIN_ENTRY", raising=False)
-    code = launcher.main([
+    code = cli.main([
         str(DEMO), "--wait", _ckpt(tmp_path), f"slurm.partition={slurm_cluster.partition}", "slurm.time=10",
         "train.steps=4", "train.warmup_steps=1", "checkpoint.interval=4", "train.eval_interval=0",
         "tracking.enabled=false", "model.num_layers=2",
@@ -513,7 +528,7 @@ def test_slurm_preemption_of_the_real_trainer_saves_requeues_and_resumes_exactly
     # The uninterrupted reference, one thread like the SLURM task (cpus_per_task 1).
     reference = start_job(recipe, [*common, f"checkpoint.dir={ref_dir}/checkpoints"], 1, ref_dir / "logs")
     env = {k: v for k, v in slurm_cluster.env.items() if k != "HM_TRAIN_ENTRY"}
-    out = open(tmp_path / "launcher.out", "w+")
+    out = open(tmp_path / "out", "w+")
     launcher_proc = subprocess.Popen(
         [sys.executable, str(REPO / "launch" / "slurm.py"), recipe, "--wait", *common,
          f"checkpoint.dir={cut_dir}/checkpoints", f"slurm.partition={slurm_cluster.partition}", "slurm.time=10"],
@@ -521,7 +536,7 @@ def test_slurm_preemption_of_the_real_trainer_saves_requeues_and_resumes_exactly
     )
 
     def launcher_log() -> str:
-        return (tmp_path / "launcher.out").read_text()
+        return (tmp_path / "out").read_text()
 
     try:
         _wait_for(lambda: "[launch] submitted SLURM job" in launcher_log(), 120, "the submission")

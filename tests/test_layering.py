@@ -37,6 +37,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models", "data", "tracking", "checkpoint_layout"),
     ("training",),
     ("convert", "evaluation", "scaling"),
+    # the launcher: recipes to SLURM or local jobs (sweeps from scaling), ranks enter training by name
+    ("launch",),
 )
 
 

@@ -4,7 +4,6 @@ ranks) matches one rank, and a checkpoint saved at TP=2 x PP=2 resumes at one ra
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,11 +11,9 @@ import sys
 
 import pytest
 
+from bench import scale_out
 from tests.training_helpers import REPO
 
-_spec = importlib.util.spec_from_file_location("scale_out", REPO / "bench" / "scale_out.py")
-scale_out = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(scale_out)
 
 SCRIPT = str(REPO / "bench" / "scale_out.py")
 RECIPE = "recipes/intra_tiny_moe.yaml"

@@ -11,6 +11,7 @@ import yaml
 from hybrid_megatron.accounting import model_flops_per_token
 from hybrid_megatron.config import load_recipe
 from hybrid_megatron.config.errors import RecipeError
+from hybrid_megatron.launch import cli
 from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep
 from tests.training_helpers import REPO
 
@@ -65,8 +66,7 @@ def test_bad_sweep_names_the_field(tmp_path):
 
 
 @pytest.mark.slow  # two array tasks, each one SLURM task running the real trainer
-def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(launcher, slurm_cluster, tmp_path, monkeypatch,
-                                                                   capsys):
+def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(slurm_cluster, tmp_path, monkeypatch, capsys):
     """A two-run F-matched sweep (Transformer reference, intra hybrid) submitted to the test
     SLURM cluster as one job array and followed with ``--wait``: each array task trains its
     kind for its own token budget, and both MLflow runs carry the sweep's compare group
@@ -94,8 +94,8 @@ def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(launcher, slur
 
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
     monkeypatch.delenv("HM_TRAIN_ENTRY", raising=False)
-    code = launcher.main([str(sweep), "--sweep", "--wait", *extra, f"slurm.partition={slurm_cluster.partition}",
-                          "slurm.time=10"])
+    code = cli.main([str(sweep), "--sweep", "--wait", *extra, f"slurm.partition={slurm_cluster.partition}",
+                     "slurm.time=10"])
     out = capsys.readouterr().out
     assert code == 0, out
     array_id = next(line.split()[4] for line in out.splitlines() if line.startswith("[sweep] submitted job array"))

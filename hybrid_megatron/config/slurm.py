@@ -15,8 +15,8 @@ Example (YAML)::
       env: {NCCL_DEBUG: WARN}
       setup: ["module load cuda/12.8"]
 
-Everything maps onto submitit's SlurmExecutor parameters (see ``launch/slurm.py``); nothing
-here is read by the trainer.
+Everything maps onto submitit's SlurmExecutor parameters (see ``hybrid_megatron.launch.slurm``);
+nothing here is read by the trainer.
 """
 
 from __future__ import annotations

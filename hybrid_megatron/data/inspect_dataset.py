@@ -159,8 +159,8 @@ def _print_report(report: dict, out) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Returns the argument parser of data_tools/inspect.py."""
-    parser = argparse.ArgumentParser(prog="inspect.py", description="Inspect a megatron-core indexed dataset.")
+    """Returns the argument parser of data_tools/inspect_dataset.py."""
+    parser = argparse.ArgumentParser(prog="inspect_dataset.py", description="Inspect a megatron-core indexed dataset.")
     parser.add_argument("prefix", help="dataset prefix (without .bin/.idx)")
     parser.add_argument("--decode", type=int, action="append", metavar="I", help="print document I decoded (repeatable)")
     parser.add_argument("--samples", type=int, default=2, help="decoded previews of the first documents")
@@ -198,3 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -305,3 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     for example in stats["skipped_examples"]:
         print(f"  skipped {example}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

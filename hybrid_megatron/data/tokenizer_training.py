@@ -179,3 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         f"bos={tokenizer.bos_id} eos={tokenizer.eos_id} pad={tokenizer.pad_id}, sha256 {tokenizer.content_hash[:16]}…"
     )
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The launcher's command line: train a recipe on SLURM, on this machine, or print the plan.
+
+    python launch/slurm.py RECIPE [key.path=value ...] [--local [--nproc N]] [--dry-run]
+                                  [--wait] [--sweep]
+
+SLURM (default): submits one job (see `hybrid_megatron.launch.slurm`), prints the job id and
+log paths, and returns (``--wait``: follows rank 0's log until the job ends and exits non-zero
+if a rank failed). ``--sweep``: RECIPE is a sweep file; its runs are one job array (``--wait``:
+follows each run in turn, exit 1 if any failed), or with ``--local`` run one after another.
+``--local``: the same job through submitit's LocalExecutor, ``--nproc`` processes on this
+machine (default: the smallest world size the recipe's tp/pp/ep fit, or one per GPU of the
+recipe's ``gpus_per_node`` when CUDA is present); waits, streams rank 0's log, and exits 1
+with the failing rank's error if any rank fails. ``--dry-run``: prints the resolved recipe, the
+derived quantities and the sbatch script (or the local plan); submits nothing. Every rank runs
+`hybrid_megatron.launch.job.TrainJob`.
+
+Exit codes: 0 success (or submitted), 1 a rank or the job failed, 2 bad usage / recipe / no
+SLURM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from typing import Any, Optional, Sequence
+
+from hybrid_megatron import runtime
+from hybrid_megatron.errors import InputError
+from hybrid_megatron.launch.job import ENTRY_ENV
+from hybrid_megatron.launch.local import run_local
+from hybrid_megatron.launch.plan import UsageError, describe, load, local_world, log_folder
+from hybrid_megatron.launch.slurm import render_sbatch, run_slurm
+from hybrid_megatron.launch.sweep import run_sweep
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="launch/slurm.py",
+        description="Train a recipe on SLURM (submitit), locally (--local), or print the plan (--dry-run).",
+        epilog=f"Testing hook: {ENTRY_ENV}=module:function replaces the trainer entry.",
+    )
+    parser.add_argument("recipe", help="recipe YAML (a sweep recipe with --sweep)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="recipe overrides, value parsed as YAML (e.g. train.lr=3e-4 parallel.tp=2)")
+    parser.add_argument("--local", action="store_true", help="run on this machine (submitit LocalExecutor)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="--local: processes (ranks); default tp*pp (x what ep needs), or one per GPU")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved recipe, derived numbers and sbatch script; submit nothing")
+    parser.add_argument("--wait", action="store_true",
+                        help="SLURM: follow the job (a sweep: each run) until it ends; exit 1 if a rank failed")
+    parser.add_argument("--sweep", action="store_true",
+                        help="RECIPE is a sweep file (recipes/sweeps/): one job array of runs, or sequential with --local")
+    return parser
+
+
+def dry_run(recipe: Any, args: argparse.Namespace) -> int:
+    """Print the resolved recipe, derived numbers and the sbatch script / local plan."""
+    overrides = f" with {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"# recipe {recipe.source}{overrides}")
+    print("# ---- resolved recipe ----")
+    print(recipe.to_yaml().rstrip())
+    if args.local:
+        nproc, gpus = local_world(recipe, args.nproc)
+        print(f"# ---- derived ({nproc} ranks) ----")
+        print(describe(recipe, nproc))
+        print("# ---- local run ----")
+        print(f"# {nproc} processes on {socket.gethostname()} (submitit LocalExecutor), "
+              f"{'%d GPUs' % gpus if gpus else 'CPU, gloo'}; logs in {log_folder(recipe, 'local')}")
+    else:
+        world = recipe.slurm.world_size
+        print(f"# ---- derived ({world} ranks = {recipe.slurm.nodes} nodes x {recipe.slurm.ranks_per_node}) ----")
+        print(describe(recipe, world))
+        print("# ---- sbatch script (submitit) ----")
+        print(render_sbatch(recipe).rstrip())
+    print("# dry run: nothing submitted")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` and launch; returns the process exit code (0 ok, 1 job failed, 2 usage)."""
+    # Intermixed: overrides may come before or after the flags.
+    args = build_parser().parse_intermixed_args(argv)
+    runtime.setup()
+    try:
+        if args.sweep:
+            return run_sweep(args, os.environ.get(ENTRY_ENV) or None)
+        if args.nproc is not None and not args.local:
+            raise UsageError("--nproc applies to --local runs only (on SLURM: slurm.nodes / gpus_per_node)")
+        entry = os.environ.get(ENTRY_ENV) or None
+        recipe = load(args)
+        if args.dry_run:
+            return dry_run(recipe, args)
+        if args.local:
+            return run_local(recipe, args, entry)
+        return run_slurm(recipe, args, entry)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``--local``: the job through submitit's LocalExecutor, ``--nproc`` processes on this machine.
+
+The default process count is the smallest world size the recipe's tp/pp/ep fit, or one per GPU
+of the recipe's ``gpus_per_node`` when CUDA is present. The launcher waits, streams rank 0's
+log, and exits 1 with the failing rank's error if any rank fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from typing import Any, Optional
+
+import submitit
+
+from hybrid_megatron.launch.follow import follow, report
+from hybrid_megatron.launch.job import TrainJob
+from hybrid_megatron.launch.plan import UsageError, describe, local_world, log_folder
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def submit_local(recipe: Any, nproc: int, entry: Optional[str], gpus: int = 0) -> Any:
+    """Start the job on this machine through submitit's LocalExecutor; returns the submitit job.
+
+    ``nproc`` processes (one per rank), ``gpus`` of them visible (0 on CPU), the recipe's
+    ``slurm.env`` exported, ``slurm.time`` as the time limit (USR2 ``signal_delay_s`` before it,
+    as on SLURM). ``slurm.setup`` lines are cluster-specific and not run here.
+    """
+    executor = submitit.LocalExecutor(folder=log_folder(recipe, "local"), max_num_timeout=recipe.slurm.max_timeouts)
+    executor.update_parameters(
+        tasks_per_node=nproc,
+        gpus_per_node=gpus,
+        timeout_min=recipe.slurm.time,
+        signal_delay_s=min(recipe.slurm.signal_delay_s, max(1, recipe.slurm.time * 60 // 2)),
+    )
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    # The controller copies this process's environment into every task.
+    saved = dict(os.environ)
+    os.environ.update(recipe.slurm.env)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    try:
+        return executor.submit(TrainJob(recipe, entry, master_port=free_port(), threads=threads))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_local(recipe: Any, args: argparse.Namespace, entry: Optional[str]) -> int:
+    """Run the job on this machine and wait; returns the exit code (see `report`)."""
+    nproc, gpus = local_world(recipe, args.nproc)
+    print(f"[launch] {recipe.name}: {nproc} local ranks ({'%d GPUs' % gpus if gpus else 'CPU'})")
+    print(describe(recipe, nproc), flush=True)
+    try:
+        job = submit_local(recipe, nproc, entry, gpus)
+    except OSError as err:  # the run's folders (logs next to the checkpoints) cannot be made
+        raise UsageError(f"cannot create {err.filename}: {err.strerror or err} (the run's folders "
+                         f"go next to checkpoint.dir {recipe.checkpoint.dir})") from None
+    print(f"[launch] local job {job.job_id}; logs in {job.paths.folder}", flush=True)
+    try:
+        outcomes = follow(job, nproc, is_active=lambda: not job.done(), cancel=lambda: job.cancel(check=False),
+                          failure_grace_s=5.0)
+    except KeyboardInterrupt:
+        job.cancel(check=False)
+        print("[launch] interrupted: job cancelled", file=sys.stderr)
+        return 130
+    return report(job, nproc, outcomes)

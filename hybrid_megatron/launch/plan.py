@@ -1,0 +1,74 @@
+"""What the launcher works out before anything runs: the recipe, the world size, the derived
+numbers, where the logs go.
+
+Every problem found here is a `UsageError`: one line, exit code 2, nothing submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from hybrid_megatron.errors import InputError
+
+
+class UsageError(InputError):
+    """A problem with the command line or the recipe: printed as one line, exit code 2."""
+
+
+def load(args: argparse.Namespace) -> Any:
+    """Load and validate the recipe named on the command line; UsageError with its message."""
+    from hybrid_megatron.config import load_recipe
+
+    try:
+        return load_recipe(args.recipe, args.overrides)
+    except InputError as err:
+        raise UsageError(str(err)) from None
+
+
+def describe(recipe: Any, world_size: int) -> str:
+    """The derived-quantities block for ``world_size`` ranks; UsageError if they do not divide."""
+    from hybrid_megatron.accounting import count_parameters
+    from hybrid_megatron.config import derived, format_derived
+
+    try:
+        return format_derived(derived(recipe, world_size, count_parameters))
+    except InputError as err:
+        raise UsageError(str(err)) from None
+
+
+def log_folder(recipe: Any, kind: str) -> Path:
+    """``<run dir>/<kind>/%j``: submitit's folder for this recipe's jobs (kind: slurm or local)."""
+    return Path(recipe.run_dir) / kind / "%j"
+
+
+def min_world_size(recipe: Any) -> int:
+    """The smallest world size the recipe's layout fits: tp*pp*k with (k*tp) % (ep * expert tp) == 0."""
+    par = recipe.parallel
+    k = par.expert_group_size // math.gcd(par.expert_group_size, par.tp)
+    return par.tp * par.pp * k
+
+
+def local_world(recipe: Any, nproc: Optional[int]) -> tuple[int, int]:
+    """(processes, visible GPUs) for a local run; UsageError if ``nproc`` does not fit the layout."""
+    import torch
+
+    smallest = min_world_size(recipe)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if nproc is None:
+        if gpus:
+            wanted = min(recipe.slurm.gpus_per_node or gpus, gpus)
+            nproc = max(smallest, wanted // smallest * smallest)
+        else:
+            nproc = smallest
+    if nproc < 1 or nproc % smallest:
+        raise UsageError(
+            f"--nproc {nproc}: the world size must be a multiple of {smallest} "
+            f"(parallel.tp={recipe.parallel.tp} x pp={recipe.parallel.pp}, ep={recipe.parallel.ep}"
+            f" x expert tp={recipe.parallel.expert_tensor_parallel})"
+        )
+    if gpus and nproc > gpus:
+        raise UsageError(f"--nproc {nproc}: only {gpus} GPUs on this machine")
+    return nproc, (nproc if gpus else 0)

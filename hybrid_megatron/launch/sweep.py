@@ -1,0 +1,69 @@
+"""``--sweep``: a sweep file's runs as one SLURM job array (``--wait``: follows each run in turn,
+exit 1 if any failed), or with ``--local`` one after another."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from typing import Optional
+
+import submitit
+
+from hybrid_megatron.errors import InputError
+from hybrid_megatron.launch.follow import follow, report
+from hybrid_megatron.launch.local import run_local
+from hybrid_megatron.launch.plan import UsageError
+from hybrid_megatron.launch.slurm import render_sbatch, slurm_job_active, submit_slurm
+
+
+def run_sweep(args: argparse.Namespace, entry: Optional[str]) -> int:
+    """Expand a sweep file into runs; print their table; then (unless --dry-run) submit one
+    SLURM job array, or with --local run them one after another. Returns the exit code."""
+    from hybrid_megatron.config import load_recipe
+    from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep
+
+    try:
+        spec, runs = load_sweep(args.recipe, tuple(args.overrides))
+        recipes = [load_recipe(run.recipe_path, run.overrides) for run in runs]
+    except InputError as err:
+        raise UsageError(str(err)) from None
+    print(format_sweep_table(spec, runs), flush=True)
+    if args.dry_run:
+        print("# ---- sbatch script of the job array (submitit) ----")
+        print(render_sbatch(recipes[0], array_size=len(recipes)).rstrip())
+        print("# dry run: nothing submitted")
+        return 0
+    if args.local:
+        failed = 0
+        for run, recipe in zip(runs, recipes):
+            print(f"[sweep] {run.name}", flush=True)
+            failed += run_local(recipe, args, entry) != 0
+        print(f"[sweep] {len(runs) - failed}/{len(runs)} runs succeeded (compare group {spec.name})")
+        return 1 if failed else 0
+    if shutil.which("sbatch") is None:
+        raise UsageError("SLURM was not found on this machine (no 'sbatch' on PATH); add --local")
+    try:
+        jobs = submit_slurm(recipes, entry)
+    except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
+        print(f"[sweep] sbatch failed: {err}", file=sys.stderr)
+        return 1
+    print(f"[sweep] submitted job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} runs "
+          f"(compare group {spec.name})", flush=True)
+    for run, job in zip(runs, jobs):
+        print(f"[sweep]   {job.job_id}: {run.name}", flush=True)
+    if not args.wait:
+        return 0
+    world = recipes[0].slurm.world_size  # the array's tasks share the first recipe's allocation
+    failed = 0
+    for run, job in zip(runs, jobs):
+        print(f"[sweep] following {run.name} (job {job.job_id})", flush=True)
+        outcomes = follow(
+            job, world, is_active=lambda job=job: slurm_job_active(job.job_id),
+            cancel=lambda job=job: subprocess.run(["scancel", str(job.job_id)], check=False),
+            failure_grace_s=60.0, poll_s=1.0, settle_s=60.0,
+        )
+        failed += report(job, world, outcomes) != 0
+    print(f"[sweep] {len(runs) - failed}/{len(runs)} runs succeeded (compare group {spec.name})")
+    return 1 if failed else 0
