@@ -134,22 +134,15 @@ def _rescaled_heads(section: dict, old_head_dim: int, head_dim: int, keys: tuple
 
 
 def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunOptions = RunOptions()):
-    """The ModelConfig of one row: the shipped ``recipes/<kind>_<scale>.yaml`` model section
-    (``tiny``: tests/model_configs.py's tiny model), with an MoE FFN (8 experts, top-2, each
+    """The ModelConfig of one row: the shipped ``recipes/<kind>_<scale>.yaml`` model section, with an MoE FFN (8 experts, top-2, each
     half the dense FFN so the active FFN equals it), FP8 when asked and the run's options
     (attention head size, FP8 attention and LM head, intra branch overlap, dim ratio and share of
     hybrid blocks)."""
     from hybrid_megatron.config.model import ModelConfig
 
-    if scale == "tiny":
-        from tests.model_configs import tiny_model
+    from hybrid_megatron.config import load_recipe
 
-        fields = tiny_model(kind)
-        fields["vocab_size"] = 128
-    else:
-        from hybrid_megatron.config import load_recipe
-
-        fields = load_recipe(ROOT / "recipes" / f"{kind}_{scale}.yaml").model.model_dump()
+    fields = load_recipe(ROOT / "recipes" / f"{kind}_{scale}.yaml").model.model_dump()
     if moe:
         ffn = fields.get("ffn_hidden_size") or ModelConfig(**fields).ffn_size
         fields["moe"] = {
