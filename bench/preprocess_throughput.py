@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,10 @@ def run_once(corpus: Path, prefix: Path, workers: int) -> dict:
     ))
     elapsed = time.perf_counter() - start
     self_after, children_after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = lambda a, b: (a.ru_utime - b.ru_utime) + (a.ru_stime - b.ru_stime)
+
+    def cpu(after, before) -> float:
+        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
     main_cpu, worker_cpu = cpu(self_after, self_before), cpu(children_after, children_before)
     if workers == 1:  # one worker runs inside this process
         main_cpu, worker_cpu = 0.0, main_cpu
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "data_tools/preprocess.py throughput (bench/preprocess_throughput.py)",
         "device": cpu_description(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "tokenizers": tokenizers.__version__,
         "tokenizer": "data/tokenizer (byte-level BPE, vocab 4096)",

@@ -58,8 +58,8 @@ import socket
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from hybrid_megatron import runtime
 from hybrid_megatron.atomic_output import write_json_atomically as write_json
@@ -79,7 +79,7 @@ class BadInput(InputError):
 # ----------------------------------------------------------------------------- planning
 
 
-def plan_layout(recipe: str, overrides: Sequence[str], nproc: Optional[int]) -> tuple:
+def plan_layout(recipe: str, overrides: Sequence[str], nproc: int | None) -> tuple:
     """Validate one layout before anything runs.
 
     Takes the recipe path, every override of the run and the requested process count (None:
@@ -97,8 +97,8 @@ def plan_layout(recipe: str, overrides: Sequence[str], nproc: Optional[int]) -> 
     return loaded, nproc
 
 
-def run_overrides(run_dir: Path, steps: int, warmup: int, save_interval: Optional[int],
-                  init_from: Optional[Path]) -> list[str]:
+def run_overrides(run_dir: Path, steps: int, warmup: int, save_interval: int | None,
+                  init_from: Path | None) -> list[str]:
     """The overrides that make a run self-contained: its own directory, STEPS steps, no MLflow.
 
     Takes the run directory, steps, warmup steps, the checkpoint interval (None: the run saves
@@ -275,7 +275,7 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def speedup(layout: dict, reference: dict) -> Optional[float]:
+def speedup(layout: dict, reference: dict) -> float | None:
     """Whole-job tokens/s of ``layout`` over that of ``reference`` (read_throughput dicts plus
     ``nproc``); None when either has no throughput."""
     if not layout.get("tokens_per_s_per_rank") or not reference.get("tokens_per_s_per_rank"):
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_record(args, recipe_name: str, common: list, layouts_run: dict, dirs: dict,
-                 failed: Optional[str], complete: bool) -> dict:
+                 failed: str | None, complete: bool) -> dict:
     """The JSON record of the runs so far: per-layout throughput, losses and checks.
 
     Takes the parsed arguments, the recipe's name, the common overrides, layout name ->
@@ -374,7 +374,7 @@ def build_record(args, recipe_name: str, common: list, layouts_run: dict, dirs: 
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run init/B/each A (+ its resume), check, write the record after every
     run. Returns the exit code."""
     args = build_parser().parse_intermixed_args(argv)
@@ -423,7 +423,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dirs = {name: output / name for name, _, _, _ in runs}
     layouts_run = {"b": (args.layout_b, nproc_b),
                    **{name: (layout, nproc) for name, (layout, _, nproc) in layouts_a.items()}}
-    for name, run_dir in dirs.items():  # train_log.jsonl is appended to: stale runs would mix in
+    for run_dir in dirs.values():  # train_log.jsonl is appended to: stale runs would mix in
         if run_dir.exists() and not args.keep_finished:
             shutil.rmtree(run_dir)
 

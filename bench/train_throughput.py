@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import json
 import os
@@ -30,7 +31,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -62,7 +62,7 @@ class RunOptions:
     fields are on/off flags; the others take a value.
     """
 
-    micro_batch: Optional[int] = _option(None, "--mbs", "samples per micro-batch (default: the scale's)")
+    micro_batch: int | None = _option(None, "--mbs", "samples per micro-batch (default: the scale's)")
     microbatches: int = _option(1, "--microbatches", "micro-batches per optimizer step (gradient "
                                 "accumulation, as in real training where one step sees many)")
     cuda_graphs: bool = _option(False, "--cuda-graphs", "train.cuda_graphs on every row (each row "
@@ -71,12 +71,12 @@ class RunOptions:
     fp8_output_layer: bool = _option(False, "--fp8-output-layer", "model.fp8_output_layer on fp8 rows "
                                      "(the LM head in FP8; native baselines get the same head)")
     overlap_branches: bool = _option(False, "--overlap-branches", "model.intra.overlap_branches on intra rows")
-    intra_dim_ratio: Optional[str] = _option(None, "--intra-dim-ratio", "model.intra.dim_ratio on intra "
+    intra_dim_ratio: str | None = _option(None, "--intra-dim-ratio", "model.intra.dim_ratio on intra "
                                              "rows, e.g. 1:3 (default: the recipe's)")
-    intra_pattern: Optional[str] = _option(None, "--intra-pattern", "model.pattern.ratio on intra "
+    intra_pattern: str | None = _option(None, "--intra-pattern", "model.pattern.ratio on intra "
                                            "rows: hybrid to Mamba blocks, e.g. 1:3 (default: the "
                                            "recipe's, every block hybrid)")
-    attention_head_dim: Optional[int] = _option(
+    attention_head_dim: int | None = _option(
         None, "--attention-head-dim", "attention head size for every attention mixer, at the same "
         "widths (heads and KV groups rescaled, so parameters and FLOPs stay the same)")
     unfused: bool = _option(False, "--unfused", "switch off the fused loss, SwiGLU, weight-gradient "
@@ -102,14 +102,14 @@ class RunOptions:
         return out
 
     @classmethod
-    def from_args(cls, args) -> "RunOptions":
+    def from_args(cls, args) -> RunOptions:
         """The options parsed by :func:`add_option_flags` from an argparse namespace."""
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def add_option_flags(parser) -> None:
     """Add every RunOptions flag to an argparse parser (run and profile share them)."""
-    types = {"Optional[int]": int, "int": int, "Optional[str]": str, "str": str}
+    types = {"int | None": int, "int": int, "str | None": str, "str": str}
     for f in dataclasses.fields(RunOptions):
         if f.type in (bool, "bool"):
             parser.add_argument(f.metadata["flag"], dest=f.name, action="store_true", help=f.metadata["help"])
@@ -138,9 +138,8 @@ def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunO
     half the dense FFN so the active FFN equals it), FP8 when asked and the run's options
     (attention head size, FP8 attention and LM head, intra branch overlap, dim ratio and share of
     hybrid blocks)."""
-    from hybrid_megatron.config.model import ModelConfig
-
     from hybrid_megatron.config import load_recipe
+    from hybrid_megatron.config.model import ModelConfig
 
     fields = load_recipe(ROOT / "recipes" / f"{kind}_{scale}.yaml").model.model_dump()
     if moe:
@@ -184,8 +183,8 @@ def build_row_model(kind: str, cfg, recompute: str = "none", bf16: bool = True, 
     native baseline with the same TransformerConfig (same widths, heads, MoE, FP8 and CUDA-graph
     settings; ``model.fp8_output_layer`` swaps their LM head like ours). Returns (model, pattern
     text)."""
-    from hybrid_megatron.models import build_model
     from hybrid_megatron.config.layer_pattern import build_layer_pattern
+    from hybrid_megatron.models import build_model
     from hybrid_megatron.models.output_layer import use_fp8_output_layer
     from hybrid_megatron.models.transformer_config import build_transformer_config
 
@@ -322,7 +321,7 @@ class Trainee:
         self.trainable = Trainable.build(wrap_for_training(model, bf16=bf16, fuse_wgrad=fused), train, 1000)
 
     @classmethod
-    def for_options(cls, kind: str, cfg, options: RunOptions) -> "Trainee":
+    def for_options(cls, kind: str, cfg, options: RunOptions) -> Trainee:
         """A row's Trainee under a run's options (CUDA graphs, the fusions switched off)."""
         return cls(kind, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused,
                    fused_moe=not options.unfused_moe, adam_moments=options.adam_moments)
@@ -490,6 +489,18 @@ def largest_fitting(try_size, limit: int, deadline: float = float("inf")) -> lis
     return attempts
 
 
+def _step_peak_memory(trainee: Trainee, vocab: int, seq: int, mbs: int) -> float | None:
+    """One training step at micro-batch ``mbs``; its peak memory in GiB (None off GPU)."""
+    try:
+        batch = _synthetic_batch(vocab, mbs, seq, seed=0)
+        trainee.step(batch, seq)
+        _sync()
+        return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    finally:
+        batch = None
+        _free_cached_memory()  # an out-of-memory step leaves its blocks cached
+
+
 def cmd_max_mbs(args) -> None:
     """Largest micro-batch (doubling from 1, then bisection) that trains one step, per kind and
     recompute mode; writes the attempts and the largest size of each to the JSON record."""
@@ -505,18 +516,9 @@ def cmd_max_mbs(args) -> None:
             try:
                 cfg = model_config(args.scale, kind, False, "bf16")
                 trainee = Trainee(kind, cfg, recompute)
-
-                def try_size(mbs: int):
-                    try:
-                        batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0)
-                        trainee.step(batch, shape["seq"])
-                        _sync()
-                        return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-                    finally:
-                        batch = None
-                        _free_cached_memory()  # an out-of-memory step leaves its blocks cached
-
+                try_size = functools.partial(_step_peak_memory, trainee, cfg.vocab_size, shape["seq"])
                 row["attempts"] = largest_fitting(try_size, args.max, deadline)
+                del try_size  # holds the model
                 del trainee
             except Exception as err:
                 row["error"] = f"{type(err).__name__}: {err}"[:500]
@@ -590,7 +592,7 @@ class GcPauses:
             self.seconds += time.perf_counter() - self._start
             self._start = None
 
-    def __enter__(self) -> "GcPauses":
+    def __enter__(self) -> GcPauses:
         gc.callbacks.append(self._callback)
         return self
 
@@ -673,7 +675,7 @@ def summarise(records: list[dict]) -> dict:
 
     goals = []
     for run, scale in sorted({(r["run"], r["scale"]) for r in rows}):
-        def tps(scale, kind, ffn, precision):
+        def tps(scale, kind, ffn, precision, run=run):
             r = index.get((run, scale, kind, ffn, precision))
             return r.get("tokens_per_s") if r else None
 

@@ -30,7 +30,6 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
 
 from hybrid_megatron.config.loader import read_yaml
 from hybrid_megatron.config.model import ModelConfig
@@ -54,7 +53,7 @@ def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
-def checkpoint_step(path: str | Path) -> Optional[int]:
+def checkpoint_step(path: str | Path) -> int | None:
     """The step of a complete checkpoint directory's name (``step_00000040`` -> 40), else None.
 
     None for anything else, including an unfinished ``step_N.partial-<id>`` directory.
@@ -74,7 +73,7 @@ def is_checkpoint_root(path: str | Path) -> bool:
     return (Path(path) / LATEST).exists()
 
 
-def read_latest(root: str | Path) -> Optional[str]:
+def read_latest(root: str | Path) -> str | None:
     """The directory name ``root/latest`` holds, or None when there is no ``latest``."""
     pointer = Path(root) / LATEST
     return pointer.read_text().strip() if pointer.exists() else None
@@ -88,7 +87,7 @@ def write_latest(root: str | Path, name: str) -> None:
     os.replace(tmp, root / LATEST)
 
 
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
+def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest complete checkpoint under ``root`` per its ``latest`` pointer, or None.
 
     Raises CheckpointError when ``latest`` names a directory that is missing or incomplete.
@@ -205,7 +204,7 @@ def read_saved_recipe(step_dir: str | Path) -> Recipe:
     return validate_recipe(read_yaml(recipe_file), step_dir, str(recipe_file))
 
 
-def read_saved_model(step_dir: str | Path) -> Optional[ModelConfig]:
+def read_saved_model(step_dir: str | Path) -> ModelConfig | None:
     """The ModelConfig stored with a checkpoint (a from-hf ``model.yaml`` or a training run's
     ``recipe.yaml``), or None when it has neither."""
     step_dir = Path(step_dir)

@@ -3,6 +3,7 @@ export + reload through transformers."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -17,7 +18,7 @@ def perturb(model, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            rand = lambda: torch.randn(p.shape, generator=g, dtype=torch.float32)  # noqa: E731
+            rand = functools.partial(torch.randn, p.shape, generator=g, dtype=torch.float32)
             leaf = name.rsplit(".", 1)[-1]
             if leaf == "A_log":
                 p.copy_(torch.empty(p.shape).uniform_(1, 8, generator=g).log())

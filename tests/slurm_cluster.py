@@ -25,13 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "squeue", "scancel", "sinfo", "scontrol")
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason() -> str | None:
     """Why a test cluster cannot start here (missing binaries, not root), or None if it can."""
     missing = [name for name in DAEMONS + CLIENTS if shutil.which(name) is None
                and not Path("/usr/sbin", name).exists()]
@@ -173,7 +172,7 @@ class SlurmCluster:
             return ""
         return out.stdout.strip()
 
-    def start(self, timeout: float = 40.0) -> "SlurmCluster":
+    def start(self, timeout: float = 40.0) -> SlurmCluster:
         """Write the configuration and start munged, slurmctld and slurmd; returns self.
 
         Blocks until the node is idle. Raises SlurmClusterError (with log tails) if a daemon
@@ -241,7 +240,7 @@ class SlurmCluster:
             parts.append(f"--- {path.name}\n" + "\n".join(text))
         return "\n".join(parts)
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -238,12 +238,11 @@ def test_flops_match_torch_flop_counter(one_rank, kind, moe, overrides):
     the attention score matmul (aten.baddbmm), which megatron-core's local attention computes
     over the full L x L matrix, equals our per-pair cost times L^2 instead of the causal pairs."""
     import torch
+    from megatron.core.transformer.moe import moe_utils
     from torch.utils.flop_counter import FlopCounterMode
 
     from hybrid_megatron.accounting import training_flops
     from hybrid_megatron.accounting.flops import causal_context_sum
-
-    from megatron.core.transformer.moe import moe_utils
 
     moe_utils.get_moe_layer_wise_logging_tracker().clear()  # sized by the first MoE model run
     L = 16
@@ -459,7 +458,6 @@ def _write_recipe(tmp_path: Path, kind: str = "inter", **overrides) -> Path:
 def test_cli_json_and_table(tmp_path, capsys):
     from hybrid_megatron.accounting import cache_bytes, count_parameters, training_flops
     from hybrid_megatron.accounting.__main__ import main
-    from hybrid_megatron.config.model import ModelConfig
 
     path = _write_recipe(tmp_path, moe={"num_experts": 4, "top_k": 1})
     cfg = _cfg("inter", moe={"num_experts": 4, "top_k": 1})

@@ -12,7 +12,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -225,7 +224,7 @@ def test_nemotron_h_flavour_parity_and_round_trip(single_rank, tmp_path, name):
     assert "".join(_HF_LETTER[t] for t in config["layers_block_type"]) == expected
     assert config["hybrid_override_pattern"] == expected
     assert config["layer_norm_epsilon"] == cfg.norm_epsilon
-    mixers = [l.self_attention for l in model.decoder.layers if isinstance(l.self_attention, MambaMixer)]
+    mixers = [layer.self_attention for layer in model.decoder.layers if isinstance(layer.self_attention, MambaMixer)]
     assert all(m.norm.eps == cfg.norm_epsilon for m in mixers)  # megatron-core's own is 1e-5
     _check_parity(model, path, generate_with_cache="*" in expected)
 

@@ -15,9 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.data_helpers import (
-    DEMO_PREFIX, REPO, TOKENIZER_DIR, corpus_records, names_in, run_tool, write_jsonl,
-)
 from hybrid_megatron.config.data import DataConfig, load_data_config
 from hybrid_megatron.data import DataToolsError, load_tokenizer
 from hybrid_megatron.data import preprocess as preprocess_module
@@ -26,6 +23,15 @@ from hybrid_megatron.data.indexed_io import check_indexed_prefix
 from hybrid_megatron.data.preprocess import PreprocessOptions, preprocess
 from hybrid_megatron.data.tiktoken_bpe import byte_to_unicode
 from hybrid_megatron.data.tokenizer_training import train_bpe_tokenizer
+from tests.data_helpers import (
+    DEMO_PREFIX,
+    REPO,
+    TOKENIZER_DIR,
+    corpus_records,
+    names_in,
+    run_tool,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")

@@ -248,9 +248,9 @@ def test_grouped_experts_on_gpu_match_a_loop_over_experts(single_rank):
     against each expert's own matmuls in fp32: outputs and every gradient."""
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
+    from hybrid_megatron.config.model import ModelConfig
     from hybrid_megatron.models.moe import GroupedExperts, group_alignment
     from hybrid_megatron.models.transformer_config import build_transformer_config
-    from hybrid_megatron.config.model import ModelConfig
 
     cfg = gpu_model("intra", moe=True, params_dtype="bf16")
     tconfig = build_transformer_config(ModelConfig(**cfg), bf16=True)

@@ -22,7 +22,12 @@ import pytest
 
 from hybrid_megatron.launch import cli
 from hybrid_megatron.launch.job import (
-    INPUT_ERROR_MARK, RankInputError, TrainJob, input_error_line, rendezvous_env, resolve_entry,
+    INPUT_ERROR_MARK,
+    RankInputError,
+    TrainJob,
+    input_error_line,
+    rendezvous_env,
+    resolve_entry,
 )
 from hybrid_megatron.launch.plan import min_world_size
 from hybrid_megatron.launch.slurm import render_sbatch, slurm_job_active

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.layer_pattern import PatternError, build_layer_pattern, split_pattern
+from hybrid_megatron.config.model import ModelConfig
 from tests.model_configs import tiny_model
 
 

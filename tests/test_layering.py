@@ -15,8 +15,8 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 PACKAGE = "hybrid_megatron"
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
@@ -42,7 +42,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def unit_of(module: str, package_dir: Path = PACKAGE_DIR) -> Optional[str]:
+def unit_of(module: str, package_dir: Path = PACKAGE_DIR) -> str | None:
     """The unit a dotted module name belongs to, or None outside the package.
 
     ``from hybrid_megatron import x`` names ``hybrid_megatron.x``: the unit ``x`` when it is a

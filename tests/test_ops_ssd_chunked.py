@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from hybrid_megatron import ops
 from tests.ops_helpers import F64, TOL, make_ssd_inputs, naive_ssd
 
-
 # ----------------------------------------------------------------------------------------------
 # mamba_chunk_scan_combined: forward
 # ----------------------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.config.parallel import ParallelConfig
 from hybrid_megatron.config.train import TrainConfig
 from hybrid_megatron.models import build_model
-from hybrid_megatron.training.trainer import reset_run_state
 from hybrid_megatron.training.parallel_setup import setup_model_parallel
-from hybrid_megatron.config.parallel import ParallelConfig
+from hybrid_megatron.training.trainer import reset_run_state
 from tests.model_configs import tiny_model
 
 

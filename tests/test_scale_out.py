@@ -14,7 +14,6 @@ import pytest
 from bench import scale_out
 from tests.training_helpers import REPO
 
-
 SCRIPT = str(REPO / "bench" / "scale_out.py")
 RECIPE = "recipes/intra_tiny_moe.yaml"
 LAYOUT_A = ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]

@@ -82,7 +82,7 @@ def test_closed_form_allocation_minimises_loss_at_fixed_compute():
 
     fit = LawFit(**LAWS["mamba"], objective=0.0, n_runs=0)
     for c in (1e18, 1e21, 1e24):
-        res = minimize_scalar(lambda x: float(fit.predict(np.exp(x), c / (6 * np.exp(x)))),
+        res = minimize_scalar(lambda x, c=c: float(fit.predict(np.exp(x), c / (6 * np.exp(x)))),
                               bounds=(5, 40), method="bounded", options={"xatol": 1e-10})
         assert float(fit.optimal_n(c)) == pytest.approx(np.exp(res.x), rel=1e-4)
         assert float(fit.optimal_n(c) * fit.optimal_d(c)) == pytest.approx(c / 6, rel=1e-12)

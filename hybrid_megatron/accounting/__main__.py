@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Print the accounting of a recipe's model as a table (or JSON with ``--json``).
 
     Takes command-line arguments; returns the exit status (2 for a bad file or config).

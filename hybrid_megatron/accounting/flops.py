@@ -39,7 +39,6 @@ Forward FLOPs per sample of length L (h = hidden size):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from hybrid_megatron.config.geometry import (
     AttentionDims,
@@ -65,7 +64,7 @@ from hybrid_megatron.config.model import ModelConfig
 TRAINING_MULTIPLIER = 3  # forward + backward (2x forward)
 
 
-def causal_context_sum(seq_len: int, window: Optional[int] = None) -> int:
+def causal_context_sum(seq_len: int, window: int | None = None) -> int:
     """S = sum over query positions i = 1..L of min(i, W): the (query, key) pairs a causal,
     optionally windowed attention computes. Returns L(L+1)/2 without a window."""
     w = seq_len if window is None else min(window, seq_len)

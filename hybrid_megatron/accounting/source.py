@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -30,8 +29,8 @@ class ModelSource:
     """
 
     model: ModelConfig
-    seq_len: Optional[int]
-    note: Optional[str] = None
+    seq_len: int | None
+    note: str | None = None
 
 
 def _merged_recipe(path: Path) -> dict:
@@ -77,7 +76,7 @@ def load_model_source(path: str | Path) -> ModelSource:
     return ModelSource(ModelConfig(**merged["model"]), int(seq_len) if seq_len else None, note)
 
 
-def load_model_config(path: str | Path) -> tuple[ModelConfig, Optional[int]]:
+def load_model_config(path: str | Path) -> tuple[ModelConfig, int | None]:
     """``load_model_source`` as a (ModelConfig, sequence length or None) pair."""
     source = load_model_source(path)
     return source.model, source.seq_len

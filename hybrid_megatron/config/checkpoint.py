@@ -23,7 +23,6 @@ preempted and requeued run resumes from its own checkpoints instead of starting 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -44,7 +43,7 @@ class CheckpointConfig(StrictSection):
         description="auto: latest checkpoint in dir if any; none: start fresh; else a checkpoint path",
     )
     save_on_exit: bool = Field(default=True, description="save when training ends or is signalled")
-    init_from: Optional[str] = Field(
+    init_from: str | None = Field(
         default=None,
         min_length=1,
         description="weights to start from when there is nothing to resume: a from-hf output "
@@ -65,11 +64,11 @@ class CheckpointConfig(StrictSection):
 
     @field_validator("init_from")
     @classmethod
-    def _resolve_init_from(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+    def _resolve_init_from(cls, value: str | None, info: ValidationInfo) -> str | None:
         return None if value is None else resolve_path(value, info)
 
     @model_validator(mode="after")
-    def _one_start(self) -> "CheckpointConfig":
+    def _one_start(self) -> CheckpointConfig:
         if self.init_from is not None and self.resume not in ("auto", "none"):
             raise ValueError(
                 "checkpoint.init_from: not with an explicit checkpoint.resume path (resume "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -67,11 +67,11 @@ class DataConfig(StrictSection):
     """Datasets, splits and sample layout for training (the recipe's ``data:`` section)."""
 
     blend: list[BlendEntry] = Field(description="training datasets (split by `split` unless per-split blends)")
-    split: Optional[str] = Field(
+    split: str | None = Field(
         default=None, description=f"train,valid,test weights over documents, e.g. {DEFAULT_SPLIT!r}"
     )
-    valid_blend: Optional[list[BlendEntry]] = Field(default=None, description="separate validation datasets")
-    test_blend: Optional[list[BlendEntry]] = Field(default=None, description="separate test datasets")
+    valid_blend: list[BlendEntry] | None = Field(default=None, description="separate validation datasets")
+    test_blend: list[BlendEntry] | None = Field(default=None, description="separate test datasets")
     seq_length: int = Field(gt=0, description="tokens per training sample")
     tokenizer: str = Field(min_length=1, description="tokenizer.json / HF dir / sentencepiece .model / tiktoken file")
     num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes")
@@ -82,7 +82,7 @@ class DataConfig(StrictSection):
     create_attention_mask: bool = Field(
         default=False, description="materialise a seq x seq mask per sample (causal kernels don't need it)"
     )
-    cache_dir: Optional[str] = Field(default=None, description="where megatron-core caches sample indices")
+    cache_dir: str | None = Field(default=None, description="where megatron-core caches sample indices")
     mmap_bin_files: bool = True
 
     @field_validator("blend", "valid_blend", "test_blend", mode="before")
@@ -92,12 +92,12 @@ class DataConfig(StrictSection):
 
     @field_validator("tokenizer", "cache_dir")
     @classmethod
-    def _resolve_paths(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+    def _resolve_paths(cls, value: str | None, info: ValidationInfo) -> str | None:
         return None if value is None else resolve_path(value, info)
 
     @field_validator("split")
     @classmethod
-    def _check_split(cls, value: Optional[str]) -> Optional[str]:
+    def _check_split(cls, value: str | None) -> str | None:
         if value is None:
             return None
         parts = [p.strip() for p in str(value).split(",")]
@@ -117,7 +117,7 @@ class DataConfig(StrictSection):
         return data
 
     @model_validator(mode="after")
-    def _check_exclusive(self) -> "DataConfig":
+    def _check_exclusive(self) -> DataConfig:
         if self.split is not None and (self.valid_blend is not None or self.test_blend is not None):
             raise ValueError("data: give either split or valid_blend/test_blend, not both")
         return self

@@ -9,7 +9,8 @@ above the recipe: config never imports it.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from hybrid_megatron.config.errors import RecipeError
 from hybrid_megatron.config.layer_pattern import build_layer_pattern
@@ -40,7 +41,7 @@ def data_parallel_size(par, world_size: int) -> int:
     return dp
 
 
-def derived(recipe, world_size: int, param_counter: Optional[Callable[[Any], Any]] = None) -> dict:
+def derived(recipe, world_size: int, param_counter: Callable[[Any], Any] | None = None) -> dict:
     """Compute what the recipe implies on ``world_size`` ranks.
 
     Takes a Recipe, the number of ranks, and optionally a parameter counter
@@ -94,7 +95,7 @@ def derived(recipe, world_size: int, param_counter: Optional[Callable[[Any], Any
     }
 
 
-def human(n: Optional[float]) -> str:
+def human(n: float | None) -> str:
     """A count in K/M/B/T with 3 significant digits (``1.02B``); ``n/a`` for None."""
     if n is None:
         return "n/a"

@@ -12,7 +12,8 @@ import difflib
 import re
 import types
 import typing
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -81,7 +82,7 @@ def annotation_at(model: type[BaseModel], loc: Sequence[Any]) -> Any:
     return _strip(current)
 
 
-def allowed_values(model: type[BaseModel], loc: Sequence[Any]) -> Optional[list[str]]:
+def allowed_values(model: type[BaseModel], loc: Sequence[Any]) -> list[str] | None:
     """The values a Literal field at ``loc`` accepts, as strings; None if it is no Literal."""
     annotation = annotation_at(model, loc)
     if typing.get_origin(annotation) is typing.Literal:
@@ -134,7 +135,7 @@ def describe_error(model: type[BaseModel], error: dict) -> str:
 def format_validation_error(
     model: type[BaseModel],
     err: ValidationError,
-    source_of: Optional[Callable[[tuple], Optional[str]]] = None,
+    source_of: Callable[[tuple], str | None] | None = None,
 ) -> str:
     """Turn a pydantic ValidationError into the user-facing text of a RecipeError.
 

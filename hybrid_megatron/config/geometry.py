@@ -21,7 +21,6 @@ FFNs and experts are gated (SwiGLU: three h x ffn matrices), nemotron_h's are no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from hybrid_megatron.config.layer_pattern import (
     ATTENTION_LETTERS,
@@ -58,7 +57,7 @@ class AttentionDims:
     heads: int
     groups: int
     head_dim: int
-    window: Optional[int]
+    window: int | None
 
     @property
     def width(self) -> int:
@@ -94,7 +93,7 @@ class MambaDims:
         return 2 * self.d_inner + 2 * self.groups * self.state + self.heads
 
 
-def attention_dims(cfg: ModelConfig, letter: str) -> Optional[AttentionDims]:
+def attention_dims(cfg: ModelConfig, letter: str) -> AttentionDims | None:
     """The attention mixer of a block, or None if the block has none.
 
     Takes the ModelConfig and the block letter (A, M or H); returns AttentionDims. Raises
@@ -114,7 +113,7 @@ def attention_dims(cfg: ModelConfig, letter: str) -> Optional[AttentionDims]:
     raise ValueError(f"unknown block letter {letter!r} (expected A, M, H, *, - or E)")
 
 
-def mamba_dims(cfg: ModelConfig, letter: str) -> Optional[MambaDims]:
+def mamba_dims(cfg: ModelConfig, letter: str) -> MambaDims | None:
     """The Mamba2 mixer of a block, or None if the block has none.
 
     Takes the ModelConfig and the block letter (A, M or H); returns MambaDims.

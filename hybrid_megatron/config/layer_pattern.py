@@ -9,7 +9,7 @@ and megatron-core's hybrid-pattern letters) are a single sublayer.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from hybrid_megatron.config.model import ModelConfig, parse_ratio
 from hybrid_megatron.errors import InputError
@@ -155,7 +155,7 @@ def ffn_is_moe(cfg: ModelConfig, letter: str) -> bool:
 
 
 def split_pattern(
-    pattern: str, pp_size: int, stage_layers: Optional[Sequence[int]] = None
+    pattern: str, pp_size: int, stage_layers: Sequence[int] | None = None
 ) -> list[str]:
     """Split a pattern across pipeline stages.
 

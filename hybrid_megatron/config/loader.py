@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import yaml
 
@@ -144,7 +145,7 @@ def deep_merge(base: dict, child: dict, provenance: dict, source: str, prefix: t
     return out
 
 
-def load_chain(path: Path, provenance: dict, _stack: Optional[list[Path]] = None) -> dict:
+def load_chain(path: Path, provenance: dict, _stack: list[Path] | None = None) -> dict:
     """Read ``path`` and everything it ``extends`` (relative to the extending file), merged.
 
     Returns the merged mapping without the ``extends`` key; the per-file keys (name,

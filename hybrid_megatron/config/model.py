@@ -6,7 +6,7 @@ only consumer. Validation here raises one error naming the bad field (pydantic's
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -35,11 +35,11 @@ class AttentionConfig(StrictSection):
     """Self-attention of Transformer blocks and of the intra block's attention branch."""
 
     num_heads: int = Field(gt=0, description="query heads (Transformer blocks)")
-    num_query_groups: Optional[int] = Field(
+    num_query_groups: int | None = Field(
         default=None, gt=0, description="GQA key/value heads; default = num_heads (MHA)"
     )
-    head_dim: Optional[int] = Field(default=None, gt=0, description="default hidden/num_heads")
-    sliding_window: Optional[int] = Field(
+    head_dim: int | None = Field(default=None, gt=0, description="default hidden/num_heads")
+    sliding_window: int | None = Field(
         default=None, gt=0, description="window in tokens (kind swa, or any attention)"
     )
     rotary_base: float = Field(
@@ -61,7 +61,7 @@ class MambaConfig(StrictSection):
 class PatternConfig(StrictSection):
     """Which block goes at which depth (kinds inter and intra)."""
 
-    ratio: Optional[str] = Field(
+    ratio: str | None = Field(
         default=None,
         description="inter: attention:mamba blocks (default 1:5); "
         "intra: hybrid:mamba blocks (default 1:0, all hybrid)",
@@ -69,7 +69,7 @@ class PatternConfig(StrictSection):
     placement: Literal["middle", "even"] = Field(
         default="even", description="where the attention (inter) or hybrid (intra) blocks go"
     )
-    layout: Optional[str] = Field(
+    layout: str | None = Field(
         default=None,
         description="explicit pattern, one letter per layer. Blocks: A attention + FFN, M mamba "
         "(+ FFN if mamba_block_ffn), H intra hybrid + FFN. Single-sublayer layers (flavour "
@@ -77,7 +77,7 @@ class PatternConfig(StrictSection):
         "flavour nemotron_h also transformer, swa (A * - E) and mamba (M - E)",
     )
     allow_early_attention: bool = False
-    early_layers: Optional[int] = Field(
+    early_layers: int | None = Field(
         default=None, ge=0, description="depth guarded against attention; default max(1, L//8)"
     )
 
@@ -86,10 +86,10 @@ class IntraConfig(StrictSection):
     """The intra-layer (parallel, head-split) hybrid block."""
 
     dim_ratio: str = Field(default="1:1", description="attention:mamba share of mixer_width")
-    mixer_width: Optional[int] = Field(
+    mixer_width: int | None = Field(
         default=None, gt=0, description="attention + mamba channels; default mamba.expand*hidden"
     )
-    num_query_groups: Optional[int] = Field(
+    num_query_groups: int | None = Field(
         default=None, gt=0, description="attention-branch KV heads; default = its query heads"
     )
     branch_norm: Literal["none", "rmsnorm"] = "rmsnorm"
@@ -113,8 +113,8 @@ class MoEConfig(StrictSection):
 
     num_experts: int = Field(gt=1)
     top_k: int = Field(default=2, gt=0)
-    expert_ffn_hidden_size: Optional[int] = Field(default=None, gt=0, description="default ffn")
-    shared_expert_ffn_hidden_size: Optional[int] = Field(default=None, gt=0)
+    expert_ffn_hidden_size: int | None = Field(default=None, gt=0, description="default ffn")
+    shared_expert_ffn_hidden_size: int | None = Field(default=None, gt=0)
     aux_loss_coeff: float = Field(default=1e-2, ge=0)
     token_dispatcher: Literal["auto", "allgather", "alltoall"] = Field(
         default="auto", description="auto: alltoall on GPU, allgather on CPU"
@@ -126,12 +126,12 @@ class MoEConfig(StrictSection):
         "SequentialMLP, one MLP per expert; te_grouped: megatron-core's TEGroupedMLP (GPU). "
         "All three give the same numbers and checkpoints",
     )
-    score_function: Optional[Literal["softmax", "sigmoid"]] = Field(
+    score_function: Literal["softmax", "sigmoid"] | None = Field(
         default=None,
         description="router scores; default by flavour: llama softmax, nemotron_h sigmoid "
         "(top_k > 1: the chosen sigmoid scores are renormalised to sum to 1)",
     )
-    expert_bias: Optional[bool] = Field(
+    expert_bias: bool | None = Field(
         default=None,
         description="score-correction bias added to the scores for expert choice only, "
         "updated from expert load (aux-loss-free balancing; NemotronH's "
@@ -140,7 +140,7 @@ class MoEConfig(StrictSection):
     expert_bias_update_rate: float = Field(
         default=1e-3, gt=0, description="step size of the expert_bias load update"
     )
-    topk_scaling_factor: Optional[float] = Field(
+    topk_scaling_factor: float | None = Field(
         default=None, gt=0, description="multiplies the routing weights (NemotronH routed_scaling_factor)"
     )
 
@@ -159,7 +159,7 @@ class MoEConfig(StrictSection):
         return data
 
     @model_validator(mode="after")
-    def _topk(self) -> "MoEConfig":
+    def _topk(self) -> MoEConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"moe.top_k ({self.top_k}) > moe.num_experts ({self.num_experts})")
         return self
@@ -183,7 +183,7 @@ class ModelConfig(StrictSection):
         gt=0, description="letters of the layer pattern: blocks (mixer + FFN) and single-sublayer layers"
     )
     hidden_size: int = Field(gt=0)
-    ffn_hidden_size: Optional[int] = Field(
+    ffn_hidden_size: int | None = Field(
         default=None,
         gt=0,
         description="FFN inner size (llama: SwiGLU, default 8/3*hidden rounded up to 64; "
@@ -191,11 +191,11 @@ class ModelConfig(StrictSection):
     )
     vocab_size: int = Field(gt=0)
     max_position_embeddings: int = Field(default=4096, gt=0)
-    attention: Optional[AttentionConfig] = None
+    attention: AttentionConfig | None = None
     mamba: MambaConfig = MambaConfig()
     pattern: PatternConfig = PatternConfig()
     intra: IntraConfig = IntraConfig()
-    moe: Optional[MoEConfig] = None
+    moe: MoEConfig | None = None
     mamba_block_ffn: bool = Field(
         default=True, description="Mamba blocks carry an FFN (False: NemotronH-style mixer-only)"
     )
@@ -204,7 +204,7 @@ class ModelConfig(StrictSection):
     )
     init_method_std: float = 0.02
     tie_embeddings: bool = False
-    fp8: Optional[Literal["hybrid", "e4m3"]] = Field(default=None, description="TE FP8 recipe")
+    fp8: Literal["hybrid", "e4m3"] | None = Field(default=None, description="TE FP8 recipe")
     fp8_attention: bool = Field(
         default=False,
         description="with fp8: the attention core (QK^T, softmax, PV) in FP8 too, through TE's "
@@ -220,7 +220,7 @@ class ModelConfig(StrictSection):
     params_dtype: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         needs_attention = self.kind != "mamba"
         if needs_attention and self.attention is None:
             raise ValueError(f"model.attention: required for kind {self.kind!r}")
@@ -299,7 +299,7 @@ class ModelConfig(StrictSection):
         return self.flavour == "llama"
 
     @property
-    def moe_score_function(self) -> Optional[str]:
+    def moe_score_function(self) -> str | None:
         """The router's score function: ``moe.score_function``, else the flavour's (llama
         softmax, nemotron_h sigmoid); None without MoE."""
         if self.moe is None:

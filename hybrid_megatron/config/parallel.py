@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -15,14 +13,14 @@ class ParallelConfig(BaseModel):
     tp: int = Field(default=1, gt=0, description="tensor-parallel size")
     pp: int = Field(default=1, gt=0, description="pipeline-parallel size")
     ep: int = Field(default=1, gt=0, description="expert-parallel size (MoE)")
-    expert_tp: Optional[int] = Field(
+    expert_tp: int | None = Field(
         default=None, gt=0,
         description="tensor-parallel size of the experts (MoE): null = tp (megatron-core's default); "
         "1 with tp > 1 keeps experts whole and spreads them over the TP ranks as well (MoE "
         "parallel folding: tp 2 x ep 2 then fits 2 GPUs)",
     )
     sequence_parallel: bool = Field(default=False, description="needs tp > 1")
-    pipeline_stage_layers: Optional[list[int]] = Field(
+    pipeline_stage_layers: list[int] | None = Field(
         default=None, description="explicit blocks per pipeline stage; default an even split"
     )
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -42,7 +43,7 @@ from hybrid_megatron.config.tracking import TrackingConfig, default_tracking_uri
 from hybrid_megatron.config.train import TrainConfig
 
 
-def check_cuda_graphs(recipe: "Recipe") -> None:
+def check_cuda_graphs(recipe: Recipe) -> None:
     """Raise ValueError naming ``train.cuda_graphs`` for what per-layer CUDA graphs cannot take.
 
     A graph replays fixed shapes and fixed kernel launches with no host waits: MoE layers qualify
@@ -84,7 +85,7 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, description="run name; default the recipe file's stem")
-    description: Optional[str] = None
+    description: str | None = None
     model: ModelConfig
     parallel: ParallelConfig = ParallelConfig()
     data: DataConfig
@@ -94,7 +95,7 @@ class Recipe(BaseModel):
     slurm: SlurmConfig = SlurmConfig()
 
     # Where the recipe came from (not part of the schema; set by load_recipe).
-    _source: Optional[str] = PrivateAttr(default=None)
+    _source: str | None = PrivateAttr(default=None)
     _overrides: tuple = PrivateAttr(default=())
 
     @model_validator(mode="before")
@@ -128,7 +129,7 @@ class Recipe(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "Recipe":
+    def _check(self) -> Recipe:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.name):
             raise ValueError(f"name: {self.name!r} must be letters, digits and . _ + - (it names directories)")
         if self.data.seq_length > self.model.max_position_embeddings:
@@ -144,7 +145,7 @@ class Recipe(BaseModel):
         return self
 
     @property
-    def source(self) -> Optional[str]:
+    def source(self) -> str | None:
         """The recipe file this was loaded from (absolute), or None."""
         return self._source
 
@@ -177,7 +178,7 @@ def validate_recipe(
     data: dict,
     base_dir: os.PathLike | str,
     source: str = "recipe",
-    provenance: Optional[dict] = None,
+    provenance: dict | None = None,
 ) -> Recipe:
     """Validate a merged recipe mapping; relative paths resolve against ``base_dir``.
 

@@ -22,7 +22,7 @@ nothing here is read by the trainer.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Union
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -66,19 +66,19 @@ class SlurmConfig(StrictSection):
 
     nodes: int = Field(default=1, gt=0)
     gpus_per_node: int = Field(default=8, ge=0, description="GPUs per node; 0 for CPU-only clusters")
-    tasks_per_node: Optional[int] = Field(
+    tasks_per_node: int | None = Field(
         default=None, gt=0, description="ranks per node; default gpus_per_node (1 without GPUs)"
     )
-    cpus_per_task: Optional[int] = Field(default=None, gt=0)
-    mem_gb: Optional[float] = Field(default=None, ge=0, description="per node; 0 = all of it")
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
+    cpus_per_task: int | None = Field(default=None, gt=0)
+    mem_gb: float | None = Field(default=None, ge=0, description="per node; 0 = all of it")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
     time: int = Field(default=60, gt=0, description="time limit in minutes (or [D-]HH:MM:SS text)")
-    constraint: Optional[str] = None
+    constraint: str | None = None
     exclusive: bool = Field(default=False, description="whole nodes (sbatch --exclusive)")
-    job_name: Optional[str] = Field(default=None, description="default: the recipe's name")
-    container_image: Optional[str] = Field(default=None, description="pyxis --container-image")
+    job_name: str | None = Field(default=None, description="default: the recipe's name")
+    container_image: str | None = Field(default=None, description="pyxis --container-image")
     container_mounts: list[str] = Field(default_factory=list, description="pyxis SRC:DST mounts")
     env: dict[str, str] = Field(default_factory=dict, description="exported before the job starts")
     setup: list[str] = Field(default_factory=list, description="shell lines run before srun")
@@ -87,7 +87,7 @@ class SlurmConfig(StrictSection):
         default=120, ge=0, description="USR2 this long before the time limit (checkpoint + requeue)"
     )
     max_timeouts: int = Field(default=3, ge=0, description="requeues after hitting the time limit")
-    sbatch_extra: dict[str, Union[str, int, bool]] = Field(
+    sbatch_extra: dict[str, str | int | bool] = Field(
         default_factory=dict, description="more #SBATCH options, e.g. {gres: 'gpu:8'}"
     )
     srun_extra: list[str] = Field(default_factory=list, description="more srun arguments")
@@ -111,7 +111,7 @@ class SlurmConfig(StrictSection):
         return string_map(value)
 
     @model_validator(mode="after")
-    def _check(self) -> "SlurmConfig":
+    def _check(self) -> SlurmConfig:
         for key in self.env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"slurm.env: {key!r} is not a valid environment variable name")

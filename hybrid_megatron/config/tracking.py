@@ -16,7 +16,7 @@ trainer resolves it (see `default_tracking_uri`). ``run_name`` left out is the r
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -37,17 +37,17 @@ class TrackingConfig(StrictSection):
     """MLflow settings (the recipe's ``tracking:`` section)."""
 
     enabled: bool = Field(default=True, description="log to MLflow (rank 0 only)")
-    tracking_uri: Optional[str] = Field(
+    tracking_uri: str | None = Field(
         default=None, description="MLflow URI; default sqlite:///<run dir parent>/mlruns.db"
     )
     experiment: str = Field(default="hybrid_megatron", min_length=1)
-    run_name: Optional[str] = Field(default=None, description="default: the recipe's name")
+    run_name: str | None = Field(default=None, description="default: the recipe's name")
     tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow tags")
-    compare_group: Optional[str] = Field(default=None, description="tag hm.compare_group")
-    match: Optional[Literal["P", "F"]] = Field(
+    compare_group: str | None = Field(default=None, description="tag hm.compare_group")
+    match: Literal["P", "F"] | None = Field(
         default=None, description="tag hm.match: P parameter-matched, F FLOP-matched"
     )
-    scale: Optional[str] = Field(default=None, description="tag hm.scale, e.g. 1b")
+    scale: str | None = Field(default=None, description="tag hm.scale, e.g. 1b")
 
     @field_validator("tags", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ The trainer (``hybrid_megatron.training``) is the consumer; `derived` turns the 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -55,8 +55,8 @@ class TrainConfig(StrictSection):
 
     global_batch_size: int = Field(gt=0, description="samples per optimizer step (all DP ranks)")
     micro_batch_size: int = Field(default=1, gt=0, description="samples per forward/backward per rank")
-    steps: Optional[int] = Field(default=None, gt=0, description="optimizer steps (or give tokens)")
-    tokens: Optional[int] = Field(
+    steps: int | None = Field(default=None, gt=0, description="optimizer steps (or give tokens)")
+    tokens: int | None = Field(
         default=None, gt=0, description="token budget; steps = ceil(tokens / (gbs * seq_length))"
     )
     lr: float = Field(gt=0, description="peak learning rate")
@@ -110,7 +110,7 @@ class TrainConfig(StrictSection):
         return parse_count(value)
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("train: give exactly one of train.steps and train.tokens")
         if self.min_lr > self.lr:

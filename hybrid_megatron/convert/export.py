@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -45,10 +44,10 @@ def export_model(
     output: str | Path,
     target: str = "auto",
     dtype: str = "bf16",
-    tokenizer_path: Optional[str] = None,
+    tokenizer_path: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    max_shard_bytes: Optional[int] = None,
+    max_shard_bytes: int | None = None,
 ) -> tuple[Path, str, str]:
     """Export an in-memory model (its ModelConfig and full state dict) as an HF directory.
 
@@ -182,8 +181,8 @@ def from_hf_to_checkpoint(path: str | Path, output: str | Path, overwrite: bool 
     import yaml
     from megatron.core import dist_checkpointing
 
-    from hybrid_megatron.config.parallel import ParallelConfig
     from hybrid_megatron.atomic_output import atomic_directory, refuse_to_replace
+    from hybrid_megatron.config.parallel import ParallelConfig
     from hybrid_megatron.models import build_model
     from hybrid_megatron.training.distributed import init_distributed_from_env
     from hybrid_megatron.training.parallel_setup import setup_model_parallel

@@ -29,7 +29,6 @@ checkpoints map layer for layer onto single-sublayer letters.
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 
@@ -282,7 +281,7 @@ def _expand(layout: str, mamba_block_ffn: bool, moe: bool) -> str:
     return "".join(out)
 
 
-def model_config_from_nemotron_h(hf: dict, tensors: Optional[dict] = None) -> dict:
+def model_config_from_nemotron_h(hf: dict, tensors: dict | None = None) -> dict:
     """A NemotronH ``config.json`` dict -> our ``model:`` recipe dict (flavour nemotron_h).
 
     Takes the config and optionally the checkpoint's tensors (to tell whether a
@@ -394,7 +393,7 @@ def normalise_names(hf_sd: dict) -> dict:
     return out
 
 
-def _no_shared_expert(hf: dict, tensors: Optional[dict]) -> bool:
+def _no_shared_expert(hf: dict, tensors: dict | None) -> bool:
     """Whether the MoE layers' shared expert is absent: our export's ``n_shared_experts: 0``
     with all-zero weights (transformers builds and runs it whatever n_shared_experts says)."""
     if hf.get("n_shared_experts", 1) or tensors is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -42,9 +42,9 @@ def write_export(
     tensors: dict,
     config: dict,
     dtype: str = "bf16",
-    generation_config: Optional[dict] = None,
-    tokenizer_writer: Optional[Callable[[Path], object]] = None,
-    extra_files: Optional[dict] = None,
+    generation_config: dict | None = None,
+    tokenizer_writer: Callable[[Path], object] | None = None,
+    extra_files: dict | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     progress: bool = True,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from hybrid_megatron.config.data import BlendEntry, DataConfig
 from hybrid_megatron.data.errors import DataToolsError
@@ -62,7 +62,7 @@ def check_dataset_tokenizer(prefix: str, tokenizer: Tokenizer) -> None:
         )
 
 
-def check_prefixes(config: DataConfig, tokenizer: Optional[Tokenizer] = None) -> dict[str, IndexSummary]:
+def check_prefixes(config: DataConfig, tokenizer: Tokenizer | None = None) -> dict[str, IndexSummary]:
     """Checks every prefix of the config (files, index, optional tokenizer hash).
 
     Returns {prefix: IndexSummary}. Raises DataToolsError naming the first bad prefix.
@@ -77,7 +77,7 @@ def check_prefixes(config: DataConfig, tokenizer: Optional[Tokenizer] = None) ->
     return summaries
 
 
-def split_document_ranges(split: str, documents: int) -> list[Optional[tuple[int, int]]]:
+def split_document_ranges(split: str, documents: int) -> list[tuple[int, int] | None]:
     """Returns the [begin, end) document range of train/valid/test for a split string.
 
     Mirrors megatron-core's arithmetic (normalised weights, cumulative bookends, rounding) so
@@ -99,7 +99,7 @@ def split_document_ranges(split: str, documents: int) -> list[Optional[tuple[int
 
 
 def check_split_coverage(config: DataConfig, summaries: dict[str, IndexSummary],
-                         num_samples: Sequence[Optional[int]]) -> None:
+                         num_samples: Sequence[int | None]) -> None:
     """Raises DataToolsError if a split that must yield samples gets no document of a prefix.
 
     megatron-core does not check this: a split with zero tokens makes GPTDataset's epoch
@@ -119,7 +119,7 @@ def check_split_coverage(config: DataConfig, summaries: dict[str, IndexSummary],
                 )
 
 
-def _megatron_blend(entries: Optional[list[BlendEntry]]):
+def _megatron_blend(entries: list[BlendEntry] | None):
     """Converts entries to megatron's (prefixes, weights); one dataset needs no weights."""
     if not entries:
         return None
@@ -130,13 +130,13 @@ def _megatron_blend(entries: Optional[list[BlendEntry]]):
 
 def build_gpt_datasets(
     config: DataConfig,
-    num_samples: Sequence[Optional[int]],
+    num_samples: Sequence[int | None],
     *,
-    tokenizer: Optional[Tokenizer] = None,
-    model_vocab_size: Optional[int] = None,
+    tokenizer: Tokenizer | None = None,
+    model_vocab_size: int | None = None,
     max_vocab_padding: int = DEFAULT_MAX_VOCAB_PADDING,
-    cache_dir: Optional[str] = None,
-    is_built_on_rank: Optional[Callable[[], bool]] = None,
+    cache_dir: str | None = None,
+    is_built_on_rank: Callable[[], bool] | None = None,
 ):
     """Builds (train, valid, test) megatron-core GPTDatasets for a DataConfig.
 

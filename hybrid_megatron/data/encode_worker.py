@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass, field
+
 import numpy as np
 
 from hybrid_megatron.data.readers import Chunk, parse_json_line

@@ -56,7 +56,7 @@ class AsciiByteLevelBPE:
         self._tokens = array("q")
 
     @classmethod
-    def for_backend(cls, backend) -> "AsciiByteLevelBPE | None":
+    def for_backend(cls, backend) -> AsciiByteLevelBPE | None:
         """Returns an encoder if the tokenizer is plain GPT-2 style byte-level BPE, else None.
 
         Eligible: no normaliser, a ByteLevel pre-tokenizer with the GPT-2 regex and no prefix

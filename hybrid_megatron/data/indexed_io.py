@@ -104,7 +104,7 @@ class AtomicIndexedWriter:
         self._builder = None
         self.committed = False
 
-    def __enter__(self) -> "AtomicIndexedWriter":
+    def __enter__(self) -> AtomicIndexedWriter:
         # Imported here: megatron-core takes seconds to import and workers never need it.
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 

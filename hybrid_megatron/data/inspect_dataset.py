@@ -7,6 +7,7 @@ decodes with the tokenizer recorded in PREFIX.stats.json unless another one is g
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -134,7 +135,7 @@ def decode_document(prefix: str, index: int, tokenizer: Tokenizer) -> str:
 
 
 def _print_report(report: dict, out) -> None:
-    p = lambda *a: print(*a, file=out)
+    p = functools.partial(print, file=out)
     p(f"dataset     {report['prefix']}")
     p(f"documents   {report['documents']:,}   tokens {report['tokens']:,}   dtype {report['dtype']}")
     stats = report["stats_file"]

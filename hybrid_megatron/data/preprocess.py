@@ -14,9 +14,9 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Iterator
+from datetime import UTC, datetime
 
 from hybrid_megatron import runtime
 from hybrid_megatron.data.encode_worker import ChunkResult, EncodeSettings, encode_chunk, init_worker, setup
@@ -204,7 +204,7 @@ def preprocess(options: PreprocessOptions) -> dict:
                 "inputs": _describe_inputs(inputs, tally),
                 "workers": options.workers,
                 "elapsed_s": round(time.monotonic() - started, 3),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             writer.commit(stats)
     finally:

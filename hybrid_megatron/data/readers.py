@@ -12,9 +12,9 @@ import gzip
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from hybrid_megatron.data.errors import DataToolsError
 

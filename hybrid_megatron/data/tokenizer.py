@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -275,7 +275,10 @@ def _load_tiktoken(file: Path, overrides: SpecialTokens, pattern: str) -> Tokeni
 
     extra = [t for t in vars(overrides).values() if t] or [DEFAULT_SPECIAL_TOKEN]
     backend = build_hf_from_tiktoken(file, pattern=pattern, special_tokens=list(dict.fromkeys(extra)))
-    has = lambda t: backend.token_to_id(t) is not None
+
+    def has(token: str) -> bool:
+        return backend.token_to_id(token) is not None
+
     # tiktoken encodings use <|endoftext|> both to start and to end documents.
     default = SpecialTokens(
         bos=overrides.bos or (DEFAULT_SPECIAL_TOKEN if has(DEFAULT_SPECIAL_TOKEN) else None),

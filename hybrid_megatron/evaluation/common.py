@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -56,7 +55,7 @@ def per_token_nll(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return model(tokens, pos, None, labels=labels).float()
 
 
-def held_out_documents(recipe, split: str = "valid", prefix: Optional[str] = None) -> list[np.ndarray]:
+def held_out_documents(recipe, split: str = "valid", prefix: str | None = None) -> list[np.ndarray]:
     """Token arrays of the held-out documents, in corpus order.
 
     Takes a recipe, the split (``valid`` or ``test``) and optionally an indexed-dataset prefix
@@ -88,7 +87,7 @@ def held_out_documents(recipe, split: str = "valid", prefix: Optional[str] = Non
     return [np.asarray(ds[i], dtype=np.int64) for i in range(lo, hi)]
 
 
-def token_stream(recipe, min_tokens: int, split: str = "valid", prefix: Optional[str] = None) -> np.ndarray:
+def token_stream(recipe, min_tokens: int, split: str = "valid", prefix: str | None = None) -> np.ndarray:
     """At least ``min_tokens`` held-out tokens (documents concatenated, repeated if short)."""
     docs = held_out_documents(recipe, split, prefix)
     if not docs:

@@ -8,8 +8,8 @@ length; one that does not shows a jump at ``seq_length``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -10,8 +10,8 @@ O(context) for attention layers instead of O(context^2).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -23,7 +23,7 @@ class GenerationResult:
     """Generated ids ``tokens`` [b, prompt + new] and, when cached, the inference context used."""
 
     tokens: torch.Tensor
-    context: Optional[object] = None
+    context: object | None = None
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
@@ -83,8 +83,8 @@ def decode_step(model, tokens: torch.Tensor, context) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
              temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             stop_token: Optional[int] = None,
-             stop: Optional[Callable[[torch.Tensor], bool]] = None) -> GenerationResult:
+             stop_token: int | None = None,
+             stop: Callable[[torch.Tensor], bool] | None = None) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens after ``prompt`` [b, s] (int64 ids).
 
     ``temperature`` 0 is greedy; otherwise softmax sampling (optionally top-k) from a generator

@@ -15,7 +15,7 @@ and does not evict rows outside a window; that allocation is reported separately
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -91,7 +91,7 @@ def accounted_cache_bytes(model_cfg, seq_len: int, dtype_bytes: int) -> dict:
 
 
 @torch.no_grad()
-def cache_check(model, model_cfg, prompt_len: int, new_tokens: int, vocab: Optional[int] = None,
+def cache_check(model, model_cfg, prompt_len: int, new_tokens: int, vocab: int | None = None,
                 seed: int = 0) -> dict:
     """Generate ``new_tokens`` after a random prompt, then measure and account the cache.
 

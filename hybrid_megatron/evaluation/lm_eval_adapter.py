@@ -32,7 +32,6 @@ pipeline parallelism and data parallelism are not supported here.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,7 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "hybrid_megatron"
 
 
-def _as_int(value, name: str, default: Optional[int] = None) -> Optional[int]:
+def _as_int(value, name: str, default: int | None = None) -> int | None:
     """``value`` from ``--model_args`` (str or int) as int; ``None``/"" give ``default``."""
     if value is None or value == "":
         return default
@@ -94,7 +93,7 @@ class HybridMegatronLM(TemplateLM):
     true), ``seed`` (sampling seed, default 0). ``batch_size`` comes from lm_eval's own option.
     """
 
-    def __init__(self, checkpoint: Optional[str] = None, tp=1, pp=1, batch_size=1, max_batch_size=None,
+    def __init__(self, checkpoint: str | None = None, tp=1, pp=1, batch_size=1, max_batch_size=None,
                  max_length=None, max_gen_toks=256, use_cache=True, seed=0, device=None,
                  model=None, tokenizer=None, **unused):
         """Load ``checkpoint`` at TP=``tp`` (or wrap ``model`` + ``tokenizer``, a
@@ -158,7 +157,7 @@ class HybridMegatronLM(TemplateLM):
         """The tokenizer file's content hash (lm_eval fingerprints request caches with it)."""
         return self.tokenizer.content_hash
 
-    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """Token ids of ``string`` (no BOS/EOS added: the training data have none at the start)."""
         return self.tokenizer.encode(string)
 

@@ -7,14 +7,13 @@ tracking URI defaults to the recipe's (``sqlite:///<parent of the run dir>/mlrun
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from hybrid_megatron.checkpoint_layout import checkpoint_root
 from hybrid_megatron.tracking.mlflow_tracker import RUN_ID_FILE
 
 
 def log_results(checkpoint: str | Path, recipe, metrics: dict[str, float], artifacts: list[str | Path] = (),
-                tracking_uri: Optional[str] = None, step: Optional[int] = None) -> Optional[str]:
+                tracking_uri: str | None = None, step: int | None = None) -> str | None:
     """Log ``metrics`` (name -> number) and ``artifacts`` (files) to the checkpoint's run.
 
     Returns the run id, or None (nothing logged) when the checkpoint has no ``mlflow_run_id``

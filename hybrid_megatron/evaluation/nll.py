@@ -9,14 +9,13 @@ Runs through megatron-core's pipeline schedules, so any TP/PP layout works at lo
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 
-def validation_set(recipe, world: int = 1, eval_iters: Optional[int] = None) -> list[list[dict]]:
+def validation_set(recipe, world: int = 1, eval_iters: int | None = None) -> list[list[dict]]:
     """The trainer's validation global batches for ``recipe`` (a list of micro-batch lists).
 
     ``eval_iters`` overrides ``train.eval_iters``; asking for more samples than the trainer's
@@ -88,8 +87,8 @@ def evaluate_nll(model, global_batches: list[list[dict]], seq_length: int) -> di
     }
 
 
-def run_nll(checkpoint: str, tp: int = 1, pp: int = 1, eval_iters: Optional[int] = None,
-            data_prefix: Optional[str] = None, num_samples: int = 64) -> dict:
+def run_nll(checkpoint: str, tp: int = 1, pp: int = 1, eval_iters: int | None = None,
+            data_prefix: str | None = None, num_samples: int = 64) -> dict:
     """NLL task for one checkpoint; returns a JSON-able dict (``evaluate_nll``'s plus context).
 
     Without ``data_prefix`` the data are the trainer's validation set (``eval_iters`` global

@@ -24,7 +24,8 @@ import argparse
 import os
 import socket
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hybrid_megatron import runtime
 from hybrid_megatron.errors import InputError
@@ -69,7 +70,7 @@ def dry_run(recipe: Any, args: argparse.Namespace) -> int:
         print(describe(recipe, nproc))
         print("# ---- local run ----")
         print(f"# {nproc} processes on {socket.gethostname()} (submitit LocalExecutor), "
-              f"{'%d GPUs' % gpus if gpus else 'CPU, gloo'}; logs in {log_folder(recipe, 'local')}")
+              f"{f'{gpus} GPUs' if gpus else 'CPU, gloo'}; logs in {log_folder(recipe, 'local')}")
     else:
         world = recipe.slurm.world_size
         print(f"# ---- derived ({world} ranks = {recipe.slurm.nodes} nodes x {recipe.slurm.ranks_per_node}) ----")
@@ -80,7 +81,7 @@ def dry_run(recipe: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and launch; returns the process exit code (0 ok, 1 job failed, 2 usage)."""
     # Intermixed: overrides may come before or after the flags.
     args = build_parser().parse_intermixed_args(argv)

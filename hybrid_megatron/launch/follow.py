@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from submitit.core.utils import pickle_load
 
@@ -28,7 +29,7 @@ class LogFollower:
         """Print complete new lines (and, when ``final``, any unterminated last line)."""
         for path in self.paths:
             try:
-                with open(path, "r", errors="replace") as handle:
+                with open(path, errors="replace") as handle:
                     handle.seek(self.offsets[path])
                     chunk = handle.read()
                     self.offsets[path] = handle.tell()
@@ -44,7 +45,7 @@ class LogFollower:
                 print(f"{self.prefix}{line}", file=self.out, flush=True)
 
 
-def read_outcome(task: Any) -> Optional[tuple]:
+def read_outcome(task: Any) -> tuple | None:
     """A finished task's ``("success", value)`` or ``("error", traceback)``; None if not there yet."""
     path = task.paths.result_pickle
     if not path.exists():
@@ -69,7 +70,7 @@ def follow(job: Any, nproc: int, is_active: Callable[[], bool], cancel: Callable
     """
     tasks = [job.task(k) if nproc > 1 else job for k in range(nproc)]
     follower = LogFollower([tasks[0].paths.stdout, tasks[0].paths.stderr], "[rank0] ")
-    failed_at: Optional[float] = None
+    failed_at: float | None = None
     cancelled = False
     outcomes: list = [None] * nproc
     while True:

@@ -28,7 +28,8 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
@@ -55,7 +56,7 @@ class RankInputError(Exception):
         super().__init__(INPUT_ERROR_MARK + json.dumps({"error": type(error).__name__, "message": str(error)}))
 
 
-def input_error_line(traceback_text: str) -> Optional[str]:
+def input_error_line(traceback_text: str) -> str | None:
     """``"Name: message"`` when a rank stopped on bad input (a `RankInputError`), else None.
 
     Bad input (recipe, model, data, tokenizer, checkpoint) has a message that names the
@@ -94,7 +95,7 @@ def slurm_master_port(job_id: str) -> int:
     return 20000 + int(digits) % 20000
 
 
-def rendezvous_env(job_env: Any, master_port: Optional[int] = None) -> dict:
+def rendezvous_env(job_env: Any, master_port: int | None = None) -> dict:
     """The torch.distributed variables of this task, from a submitit JobEnvironment.
 
     Takes the JobEnvironment and an explicit port (local runs pick a free one; SLURM jobs derive
@@ -136,7 +137,7 @@ class PreemptionBridge:
         self.frame: Any = None
         self.installed = False
 
-    def install(self) -> "PreemptionBridge":
+    def install(self) -> PreemptionBridge:
         """Take over the preemption signal (main thread only; elsewhere a no-op). Returns self."""
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(self.signum, self._on_signal)
@@ -174,8 +175,8 @@ class TrainJob(Checkpointable):
     preemption/timeout; see `checkpoint`.
     """
 
-    def __init__(self, recipe: Any, entry: Optional[str] = None, master_port: Optional[int] = None,
-                 threads: Optional[int] = None) -> None:
+    def __init__(self, recipe: Any, entry: str | None = None, master_port: int | None = None,
+                 threads: int | None = None) -> None:
         self.recipe = recipe
         self.entry = entry
         self.master_port = master_port

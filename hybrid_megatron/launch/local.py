@@ -11,7 +11,7 @@ import argparse
 import os
 import socket
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import submitit
 
@@ -27,7 +27,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def submit_local(recipe: Any, nproc: int, entry: Optional[str], gpus: int = 0) -> Any:
+def submit_local(recipe: Any, nproc: int, entry: str | None, gpus: int = 0) -> Any:
     """Start the job on this machine through submitit's LocalExecutor; returns the submitit job.
 
     ``nproc`` processes (one per rank), ``gpus`` of them visible (0 on CPU), the recipe's
@@ -53,10 +53,10 @@ def submit_local(recipe: Any, nproc: int, entry: Optional[str], gpus: int = 0) -
         os.environ.update(saved)
 
 
-def run_local(recipe: Any, args: argparse.Namespace, entry: Optional[str]) -> int:
+def run_local(recipe: Any, args: argparse.Namespace, entry: str | None) -> int:
     """Run the job on this machine and wait; returns the exit code (see `report`)."""
     nproc, gpus = local_world(recipe, args.nproc)
-    print(f"[launch] {recipe.name}: {nproc} local ranks ({'%d GPUs' % gpus if gpus else 'CPU'})")
+    print(f"[launch] {recipe.name}: {nproc} local ranks ({f'{gpus} GPUs' if gpus else 'CPU'})")
     print(describe(recipe, nproc), flush=True)
     try:
         job = submit_local(recipe, nproc, entry, gpus)

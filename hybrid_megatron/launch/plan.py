@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hybrid_megatron.errors import InputError
 
@@ -51,7 +51,7 @@ def min_world_size(recipe: Any) -> int:
     return par.tp * par.pp * k
 
 
-def local_world(recipe: Any, nproc: Optional[int]) -> tuple[int, int]:
+def local_world(recipe: Any, nproc: int | None) -> tuple[int, int]:
     """(processes, visible GPUs) for a local run; UsageError if ``nproc`` does not fit the layout."""
     import torch
 

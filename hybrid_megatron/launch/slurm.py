@@ -17,8 +17,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import submitit
 
@@ -77,7 +78,7 @@ def slurm_parameters(recipe: Any) -> dict:
     return params
 
 
-def render_sbatch(recipe: Any, array_size: Optional[int] = None, python: Optional[str] = None) -> str:
+def render_sbatch(recipe: Any, array_size: int | None = None, python: str | None = None) -> str:
     """The sbatch script submitit would submit for ``recipe`` (no SLURM needed to render it).
 
     Takes the Recipe, optionally the job-array size (sweeps) and the python command; returns
@@ -94,7 +95,7 @@ def render_sbatch(recipe: Any, array_size: Optional[int] = None, python: Optiona
     return _make_sbatch_string(command=command, folder=folder, **params)
 
 
-def submit_slurm(recipes: Sequence[Any], entry: Optional[str]) -> list:
+def submit_slurm(recipes: Sequence[Any], entry: str | None) -> list:
     """Submit one SLURM job per recipe (several: one job array); returns the submitit jobs.
 
     All recipes share the first one's slurm section and log folder (a sweep's runs differ in
@@ -154,7 +155,7 @@ def slurm_job_active(job_id: str) -> bool:
     return bool(states & SLURM_ACTIVE_STATES)
 
 
-def run_slurm(recipe: Any, args: argparse.Namespace, entry: Optional[str]) -> int:
+def run_slurm(recipe: Any, args: argparse.Namespace, entry: str | None) -> int:
     """Submit the job to SLURM; with --wait follow it to the end. Returns the exit code."""
     if shutil.which("sbatch") is None:
         raise UsageError(

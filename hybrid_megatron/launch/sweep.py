@@ -7,7 +7,6 @@ import argparse
 import shutil
 import subprocess
 import sys
-from typing import Optional
 
 import submitit
 
@@ -18,7 +17,7 @@ from hybrid_megatron.launch.plan import UsageError
 from hybrid_megatron.launch.slurm import render_sbatch, slurm_job_active, submit_slurm
 
 
-def run_sweep(args: argparse.Namespace, entry: Optional[str]) -> int:
+def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     """Expand a sweep file into runs; print their table; then (unless --dry-run) submit one
     SLURM job array, or with --local run them one after another. Returns the exit code."""
     from hybrid_megatron.config import load_recipe

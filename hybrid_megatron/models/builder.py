@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -21,7 +19,7 @@ from hybrid_megatron.models.specs import backend_for, block_spec, rms_norm_spec
 from hybrid_megatron.models.transformer_config import build_transformer_config, resolve_impl
 
 
-def _pipeline_layout(stages: list[str]) -> Optional[list[list[str]]]:
+def _pipeline_layout(stages: list[str]) -> list[list[str]] | None:
     """megatron-core's explicit layout for uneven stages (None when the split is even)."""
     if len({len(s) for s in stages}) == 1:
         return None
@@ -35,7 +33,7 @@ def build_model(
     model_config: ModelConfig,
     pre_process: bool = True,
     post_process: bool = True,
-    parallel: Optional[ParallelConfig] = None,
+    parallel: ParallelConfig | None = None,
     bf16: bool = False,
     recompute: str = "none",
     cuda_graphs: bool = False,

@@ -17,7 +17,6 @@ of the fused projection holds its own attention heads and Mamba heads.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -96,10 +95,10 @@ class MambaBranchCacheKey(int):
 class IntraHybridSubmodules:
     """Specs of the hybrid mixer's parts (chosen per impl: TE or local megatron-core)."""
 
-    in_proj: Union[ModuleSpec, type] = None
-    attention: Optional[ModuleSpec] = None
-    mamba: Optional[ModuleSpec] = None
-    out_proj: Union[ModuleSpec, type] = None
+    in_proj: ModuleSpec | type = None
+    attention: ModuleSpec | None = None
+    mamba: ModuleSpec | None = None
+    out_proj: ModuleSpec | type = None
 
 
 class IntraHybridMixer(MegatronModule):
@@ -125,8 +124,8 @@ class IntraHybridMixer(MegatronModule):
         self,
         config: TransformerConfig,
         submodules: IntraHybridSubmodules,
-        attention_config: Optional[TransformerConfig],
-        mamba_config: Optional[TransformerConfig],
+        attention_config: TransformerConfig | None,
+        mamba_config: TransformerConfig | None,
         fusion: str,
         branch_norm: str,
         branch_scalars: bool,
@@ -237,7 +236,7 @@ class IntraHybridMixer(MegatronModule):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
+        attention_mask: torch.Tensor | None = None,
         inference_context=None,
         rotary_pos_emb=None,
         packed_seq_params=None,

@@ -16,8 +16,6 @@ milliseconds of host time per call. Here the counts stay on the device:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
@@ -69,7 +67,7 @@ class GroupedExperts(MegatronModule):
     ffn / tp]``, split over the expert-TP group like megatron-core's column/row-parallel experts.
     """
 
-    alignment: Optional[int] = None  # rows per padded group; None: group_alignment(device)
+    alignment: int | None = None  # rows per padded group; None: group_alignment(device)
 
     def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection=None):
         super().__init__(config=config)
@@ -184,7 +182,7 @@ class GroupedExperts(MegatronModule):
             out = out.index_select(0, destination)
         return out, None
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """SequentialMLP's checkpoint layout: one tensor per weight,
         ``{prefix}experts.linear_fc{1,2}.weight`` of global shape ``[experts, out, in]``, gated
         fc1 rows stored as all gate rows then all linear rows whatever the TP size."""
@@ -242,7 +240,7 @@ class DeviceCountsAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
             and (self.num_local_experts == 1 or cfg.moe_permute_fusion)
         )
 
-    def _maybe_dtoh_and_synchronize(self, point: str, tokens_per_expert: Optional[torch.Tensor] = None):
+    def _maybe_dtoh_and_synchronize(self, point: str, tokens_per_expert: torch.Tensor | None = None):
         if self._counts_stay_on_device():
             return tokens_per_expert
         return super()._maybe_dtoh_and_synchronize(point, tokens_per_expert)

@@ -17,7 +17,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fp8_output_layer_class():
     """The TE-backed output-layer class; built on first use because megatron-core's TE wrappers
     are stand-ins without Transformer Engine (the CPU build) and cannot be subclassed there."""

@@ -21,7 +21,6 @@ local norms onto TE's fused-norm names), so a checkpoint moves between implement
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
@@ -44,9 +43,9 @@ from hybrid_megatron.config.layer_pattern import (
 )
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.models.intra import IntraHybridMixer, IntraHybridSubmodules
-from hybrid_megatron.models.norms import LocalRMSNorm
 from hybrid_megatron.models.mamba import MambaBranch, MambaSublayer, PassThroughProjection
 from hybrid_megatron.models.moe import GroupedExperts
+from hybrid_megatron.models.norms import LocalRMSNorm
 from hybrid_megatron.models.transformer_config import intra_branch_configs
 
 

@@ -6,7 +6,6 @@ The only place where recipe fields become megatron-core config fields.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def _window(cfg: ModelConfig) -> Optional[tuple[int, int]]:
+def _window(cfg: ModelConfig) -> tuple[int, int] | None:
     # megatron-core/TE windows are (left, right) offsets; a window of W tokens sees itself + W-1.
     w = cfg.attention.sliding_window if cfg.attention is not None else None
     return (w - 1, 0) if w else None
@@ -44,7 +43,7 @@ def _window(cfg: ModelConfig) -> Optional[tuple[int, int]]:
 def build_transformer_config(
     cfg: ModelConfig,
     sequence_parallel: bool = False,
-    pipeline_layout: Optional[list] = None,
+    pipeline_layout: list | None = None,
     bf16: bool = False,
     recompute: str = "none",
     cuda_graphs: bool = False,
@@ -187,7 +186,7 @@ def _dispatcher(choice: str) -> str:
 
 def intra_branch_configs(
     cfg: ModelConfig, base: TransformerConfig
-) -> tuple[Optional[TransformerConfig], Optional[TransformerConfig]]:
+) -> tuple[TransformerConfig | None, TransformerConfig | None]:
     """Per-branch TransformerConfigs of the intra block (None for a 0-width branch).
 
     Takes the ModelConfig and the model's TransformerConfig; returns (attention, mamba) configs

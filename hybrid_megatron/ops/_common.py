@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any floating input is float64, else float32 (the kernels' accumulation type)."""
     for t in tensors:
         if t is not None and t.dtype == torch.float64:
@@ -22,13 +20,13 @@ def softplus(x: Tensor) -> Tensor:
     return F.softplus(x, beta=1.0, threshold=20.0)
 
 
-def check_activation(activation: Optional[str]) -> None:
+def check_activation(activation: str | None) -> None:
     """Raise NotImplementedError unless ``activation`` is one the kernels support."""
     if activation not in (None, "silu", "swish"):
         raise NotImplementedError("activation must be None, silu, or swish")
 
 
-def activate(x: Tensor, activation: Optional[str]) -> Tensor:
+def activate(x: Tensor, activation: str | None) -> Tensor:
     """SiLU for "silu"/"swish", identity for None."""
     if activation in ("silu", "swish"):
         return F.silu(x)
@@ -36,8 +34,8 @@ def activate(x: Tensor, activation: Optional[str]) -> Tensor:
 
 
 def read_cache_rows(
-    cache: Tensor, indices: Optional[Tensor], batch: int, names: tuple[str, str]
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    cache: Tensor, indices: Tensor | None, batch: int, names: tuple[str, str]
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The decode-cache rows of a batch, as mamba-ssm's update kernels address them.
 
     Takes the cache (rows first), the optional per-sample row ``indices`` (a negative index marks
@@ -55,7 +53,7 @@ def read_cache_rows(
 
 
 def write_cache_rows(
-    cache: Tensor, new_rows: Tensor, idx: Optional[Tensor], valid: Optional[Tensor]
+    cache: Tensor, new_rows: Tensor, idx: Tensor | None, valid: Tensor | None
 ) -> None:
     """Store ``new_rows`` into ``cache`` in place at the rows ``read_cache_rows`` read; padded
     samples leave the cache untouched. Returns nothing."""
@@ -68,7 +66,7 @@ def write_cache_rows(
             cache[idx[valid]] = new_rows[valid]
 
 
-def zero_padded_rows(out: Tensor, valid: Optional[Tensor]) -> Tensor:
+def zero_padded_rows(out: Tensor, valid: Tensor | None) -> Tensor:
     """``out`` (batch first) with padded samples' rows zeroed, as the kernels leave them."""
     if valid is None:
         return out

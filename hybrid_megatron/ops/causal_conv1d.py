@@ -7,8 +7,6 @@ Arithmetic is in float32 (float64 for float64 inputs); results come back in x's 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -25,7 +23,7 @@ __all__ = ["causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_varlen_sta
 
 
 def _depthwise_causal_taps(
-    window: Tensor, weight: Tensor, bias: Optional[Tensor], out_len: int
+    window: Tensor, weight: Tensor, bias: Tensor | None, out_len: int
 ) -> Tensor:
     """out[..., t] = bias + sum_k weight[:, k] * window[..., t + k]; w - 1 extra inputs on the left.
 
@@ -44,12 +42,12 @@ def _depthwise_causal_taps(
 def causal_conv1d_fn(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor] = None,
-    seq_idx: Optional[Tensor] = None,
-    initial_states: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_states: Tensor | None = None,
     return_final_states: bool = False,
-    final_states_out: Optional[Tensor] = None,
-    activation: Optional[str] = None,
+    final_states_out: Tensor | None = None,
+    activation: str | None = None,
 ):
     """Causal depthwise 1-D convolution with optional SiLU, as ``causal_conv1d.causal_conv1d_fn``.
 
@@ -132,10 +130,10 @@ def causal_conv1d_update(
     x: Tensor,
     conv_state: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor] = None,
-    activation: Optional[str] = None,
-    cache_seqlens: Optional[Tensor] = None,
-    conv_state_indices: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    cache_seqlens: Tensor | None = None,
+    conv_state_indices: Tensor | None = None,
 ) -> Tensor:
     """Decode step(s) of the causal conv, updating ``conv_state`` in place (causal-conv1d's API).
 

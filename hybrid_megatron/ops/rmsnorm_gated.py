@@ -6,8 +6,6 @@ norm where it is missing.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,10 +18,10 @@ __all__ = ["rmsnorm_fn", "RMSNormGated"]
 def rmsnorm_fn(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    z: Tensor | None = None,
     eps: float = 1e-6,
-    group_size: Optional[int] = None,
+    group_size: int | None = None,
     norm_before_gate: bool = True,
 ) -> Tensor:
     """Grouped RMSNorm with an optional SiLU gate, as mamba-ssm's ``layernorm_gated.rmsnorm_fn``.
@@ -75,7 +73,7 @@ class RMSNormGated(torch.nn.Module):
         self,
         hidden_size: int,
         eps: float = 1e-5,
-        group_size: Optional[int] = None,
+        group_size: int | None = None,
         norm_before_gate: bool = True,
         device=None,
         dtype=None,
@@ -95,7 +93,7 @@ class RMSNormGated(torch.nn.Module):
         """Set the weight to ones."""
         torch.nn.init.ones_(self.weight)
 
-    def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
         """x: (..., hidden_size); z: same shape or None. Returns x's shape and dtype."""
         return rmsnorm_fn(
             x,

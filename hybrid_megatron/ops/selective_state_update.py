@@ -6,8 +6,6 @@ stand-in for mamba-ssm's Triton kernel where it is missing.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,11 +28,11 @@ def selective_state_update(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    dt_bias: Optional[Tensor] = None,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
-    state_batch_indices: Optional[Tensor] = None,
+    state_batch_indices: Tensor | None = None,
 ) -> Tensor:
     """One recurrent SSM step, updating ``state`` in place (mamba-ssm's selective_state_update).
 

@@ -6,8 +6,6 @@ so megatron-core's MambaMixer trains where mamba-ssm's fused kernel is missing.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,21 +21,21 @@ __all__ = ["mamba_split_conv1d_scan_combined"]
 def mamba_split_conv1d_scan_combined(
     zxbcdt: Tensor,
     conv1d_weight: Tensor,
-    conv1d_bias: Optional[Tensor],
+    conv1d_bias: Tensor | None,
     dt_bias: Tensor,
     A: Tensor,
     D: Tensor,
     chunk_size: int,
-    initial_states: Optional[Tensor] = None,
-    seq_idx: Optional[Tensor] = None,
-    dt_limit: Tuple[float, float] = NO_DT_LIMIT,
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
     return_final_states: bool = False,
-    activation: Optional[str] = "silu",
-    rmsnorm_weight: Optional[Tensor] = None,
+    activation: str | None = "silu",
+    rmsnorm_weight: Tensor | None = None,
     rmsnorm_eps: float = 1e-6,
-    outproj_weight: Optional[Tensor] = None,
-    outproj_bias: Optional[Tensor] = None,
-    headdim: Optional[int] = None,
+    outproj_weight: Tensor | None = None,
+    outproj_bias: Tensor | None = None,
+    headdim: int | None = None,
     ngroups: int = 1,
     norm_before_gate: bool = True,
 ):

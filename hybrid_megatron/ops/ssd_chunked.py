@@ -23,7 +23,6 @@ float64, which is what makes ``gradcheck`` usable.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +52,9 @@ def _segsum(a: Tensor) -> Tensor:
 
 def process_dt(
     dt: Tensor,
-    dt_bias: Optional[Tensor],
+    dt_bias: Tensor | None,
     dt_softplus: bool,
-    dt_limit: Tuple[float, float],
+    dt_limit: tuple[float, float],
     dtype: torch.dtype,
 ) -> Tensor:
     """dt (..., h) -> clamp(softplus(dt + dt_bias)) in ``dtype``, exactly as the cumsum kernel.
@@ -78,13 +77,13 @@ def ssd_chunked(
     B: Tensor,
     C: Tensor,
     chunk_size: int,
-    D: Optional[Tensor],
-    z: Optional[Tensor],
-    initial_states: Optional[Tensor],
-    seq_idx: Optional[Tensor],
-    cu_seqlens: Optional[Tensor],
+    D: Tensor | None,
+    z: Tensor | None,
+    initial_states: Tensor | None,
+    seq_idx: Tensor | None,
+    cu_seqlens: Tensor | None,
     cdt: torch.dtype,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Core SSD on already-processed ``dt`` (float, (b, l, h)); everything returned in ``cdt``.
 
     Returns (y (b, l, h, p), final_states (b, h, p, n), varlen_states (nseq, h, p, n) or None).
@@ -229,14 +228,14 @@ def mamba_chunk_scan_combined(
     B: Tensor,
     C: Tensor,
     chunk_size: int,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    dt_bias: Optional[Tensor] = None,
-    initial_states: Optional[Tensor] = None,
-    seq_idx: Optional[Tensor] = None,
-    cu_seqlens: Optional[Tensor] = None,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     dt_softplus: bool = False,
-    dt_limit: Tuple[float, float] = NO_DT_LIMIT,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
     return_final_states: bool = False,
     return_varlen_states: bool = False,
 ):

@@ -7,8 +7,6 @@ O(seqlen^2) memory and is meant for tests and for reading, not for training.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -21,9 +19,9 @@ def ssd_minimal(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    initial_states: Optional[Tensor] = None,
-    seq_idx: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Outputs and final state of the SSD, by the quadratic form; the tests' reference.
 
     Per head the recurrence ``H_t = exp(dt_t A) H_{t-1} + dt_t x_t B_t^T``, ``y_t = H_t C_t``

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Fit scaling laws to an MLflow experiment's finished runs and write fit.json and plots.
 
     Takes command-line arguments; returns the exit status (2 when the runs cannot be fitted:

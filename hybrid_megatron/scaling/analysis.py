@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 from hybrid_megatron.scaling.fit import bootstrap_law, fit_law, flops_ratio
 from hybrid_megatron.scaling.isoflop import BUDGET_TOLERANCE, fit_isoflop
@@ -62,7 +61,7 @@ def analyze(
 
 
 def write_outputs(result: dict, runs: dict[str, RunSet], out_dir: Path,
-                  meta: Optional[dict] = None) -> dict[str, Path]:
+                  meta: dict | None = None) -> dict[str, Path]:
     """Write ``fit.json``, ``loss_vs_compute.png`` and ``isoflop.png`` into ``out_dir``.
 
     Takes ``analyze``'s result, the runs, the output directory (created) and metadata merged

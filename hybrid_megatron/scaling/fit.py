@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import numpy as np
 from scipy.optimize import minimize
@@ -163,8 +162,8 @@ def fit_law(
     n, d, loss,
     delta: float = HUBER_DELTA,
     starts: int = 32,
-    grid: Optional[np.ndarray] = None,
-    extra_starts: Optional[list] = None,
+    grid: np.ndarray | None = None,
+    extra_starts: list | None = None,
 ) -> LawFit:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs by Chinchilla's approach 3.
 

@@ -10,7 +10,6 @@ optimum). With two or more such budgets, a line ln N_opt = ln k + a ln C gives N
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -25,10 +24,10 @@ class Budget:
     run_ids: list[str]
     n: list[float]
     loss: list[float]
-    coeffs: Optional[list[float]] = None  # loss = c2 (ln N)^2 + c1 ln N + c0
-    n_opt: Optional[float] = None
-    loss_opt: Optional[float] = None
-    note: Optional[str] = None  # why the budget is not used, if it is not
+    coeffs: list[float] | None = None  # loss = c2 (ln N)^2 + c1 ln N + c0
+    n_opt: float | None = None
+    loss_opt: float | None = None
+    note: str | None = None  # why the budget is not used, if it is not
 
     @property
     def used(self) -> bool:
@@ -44,9 +43,9 @@ class IsoFlopFit:
     """
 
     budgets: list[Budget]
-    exponent: Optional[float] = None
-    coefficient: Optional[float] = None
-    exponent_stderr: Optional[float] = None
+    exponent: float | None = None
+    coefficient: float | None = None
+    exponent_stderr: float | None = None
     used_budgets: int = field(init=False)
 
     def __post_init__(self) -> None:

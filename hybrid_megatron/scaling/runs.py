@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -55,7 +54,7 @@ class RunSet:
     loss: np.ndarray
 
     @classmethod
-    def from_points(cls, kind: str, points: list[RunPoint]) -> "RunSet":
+    def from_points(cls, kind: str, points: list[RunPoint]) -> RunSet:
         """Stack RunPoints of one kind into arrays (float64)."""
         return cls(
             kind=kind,
@@ -70,7 +69,7 @@ class RunSet:
         return len(self.run_ids)
 
 
-def _number(value) -> Optional[float]:
+def _number(value) -> float | None:
     """A positive finite float from an MLflow param/metric cell, else None."""
     if value is None:
         return None
@@ -138,7 +137,7 @@ def group_by_kind(points: list[RunPoint], min_runs: int = MIN_RUNS) -> dict[str,
 
 
 def load_runs(
-    tracking_uri: str, experiment: str, group: Optional[str] = None, min_runs: int = MIN_RUNS
+    tracking_uri: str, experiment: str, group: str | None = None, min_runs: int = MIN_RUNS
 ) -> dict[str, RunSet]:
     """Read the finished runs of an MLflow experiment, per kind.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -39,7 +39,7 @@ class SweepSpec(BaseModel):
     match: Literal["P", "F"]
     recipes: list[str] = Field(min_length=1, description="recipe files, relative to this file")
     tokens: list[int] = Field(min_length=1, description="token budgets")
-    reference: Optional[str] = Field(default=None, description="F: recipe stem setting the budget")
+    reference: str | None = Field(default=None, description="F: recipe stem setting the budget")
     overrides: list[str] = Field(default_factory=list)
 
     @field_validator("tokens", mode="before")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -35,7 +35,7 @@ class RunTracker:
 
     def __init__(self, recipe, planned: dict, active: bool):
         self.active = active and recipe.tracking.enabled
-        self.run_id: Optional[str] = None
+        self.run_id: str | None = None
         self._pending: list = []
         self.history: dict[str, list[tuple[int, float]]] = {}
         if not self.active:

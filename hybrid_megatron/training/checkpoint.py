@@ -16,7 +16,6 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -139,7 +138,7 @@ def save_checkpoint(
     scheduler,
     state: TrainingState,
     keep_last: int,
-    recipe_yaml: Optional[str] = None,
+    recipe_yaml: str | None = None,
 ) -> Path:
     """Save a checkpoint of model, optimizer, LR schedule, RNG and TrainingState; all ranks call.
 

@@ -8,7 +8,6 @@ hold.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from hybrid_megatron.checkpoint_layout import checkpoint_step, is_checkpoint_root, latest_checkpoint
 from hybrid_megatron.config.checkpoint import CheckpointConfig
@@ -34,14 +33,14 @@ class Checkpointing:
     def __init__(self, cfg: CheckpointConfig, recipe_yaml: str):
         self.cfg = cfg
         self.recipe_yaml = recipe_yaml
-        self.last_saved: Optional[Path] = None
+        self.last_saved: Path | None = None
 
     def check_writable(self) -> None:
         """Create ``checkpoint.dir`` and prove it writable; raises CheckpointError (before any
         model is built, so a bad path costs seconds)."""
         check_writable(self.cfg.dir)
 
-    def resume_path(self) -> Optional[Path]:
+    def resume_path(self) -> Path | None:
         """The checkpoint ``checkpoint.resume`` asks for: None (``none``, or ``auto`` with
         nothing saved yet), the latest under ``checkpoint.dir`` or under a given root, or a
         given step directory. Raises CheckpointError when ``latest`` names no complete one."""
@@ -55,7 +54,7 @@ class Checkpointing:
             return latest_checkpoint(path)
         return path
 
-    def resume(self, path: Optional[Path], trainable) -> TrainingState:
+    def resume(self, path: Path | None, trainable) -> TrainingState:
         """Load checkpoint ``path`` into the Trainable and return where training stands; a
         fresh TrainingState when ``path`` is None."""
         self.last_saved = path

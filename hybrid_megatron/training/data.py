@@ -7,7 +7,7 @@ would have read.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from megatron.core import parallel_state
@@ -65,7 +65,7 @@ def num_eval_samples(eval_iters: int, eval_interval: int, steps: int, global_bat
     return evaluations * eval_iters * global_batch
 
 
-def validation_batches(dataset, global_batch: int, micro_batch: int, eval_iters: int) -> Optional[list]:
+def validation_batches(dataset, global_batch: int, micro_batch: int, eval_iters: int) -> list | None:
     """The fixed validation set: the first ``eval_iters`` global batches, the same every time."""
     if dataset is None or eval_iters <= 0:
         return None

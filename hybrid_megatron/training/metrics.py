@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 # Dense peak TFLOP/s per GPU (no sparsity), by device-name fragment and precision.
@@ -13,7 +11,7 @@ _PEAK_TFLOPS = {
 }
 
 
-def peak_flops_per_gpu(precision: str) -> Optional[float]:
+def peak_flops_per_gpu(precision: str) -> float | None:
     """Peak FLOP/s of this rank's accelerator for ``precision`` (bf16|fp8|fp32); None on CPU
     or an unknown GPU (MFU is then not reported)."""
     if not torch.cuda.is_available():
@@ -25,7 +23,7 @@ def peak_flops_per_gpu(precision: str) -> Optional[float]:
     return None
 
 
-def flops_per_token(model_config, seq_length: int) -> Optional[float]:
+def flops_per_token(model_config, seq_length: int) -> float | None:
     """Training FLOPs per token (forward + backward) from the accounting module."""
     from hybrid_megatron.accounting.flops import model_flops_per_token
 

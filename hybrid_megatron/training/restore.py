@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from megatron.core import parallel_state
 
@@ -17,7 +16,7 @@ from hybrid_megatron.config.parallel import ParallelConfig
 from hybrid_megatron.training.checkpoint import load_checkpoint
 
 
-def load_trained_model(checkpoint: str | Path, parallel: Optional[ParallelConfig] = None, seed: int = 1):
+def load_trained_model(checkpoint: str | Path, parallel: ParallelConfig | None = None, seed: int = 1):
     """Load the model of a training checkpoint at any parallel layout (default TP=PP=1).
 
     Takes a checkpoint root or step directory and the layout to load at; joins (or creates, as

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,11 +23,11 @@ class GracefulStop:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
-        self.received: Optional[int] = None
+        self.received: int | None = None
         self.stopping = False
         self._previous = {}
 
-    def install(self) -> "GracefulStop":
+    def install(self) -> GracefulStop:
         """Install the handlers (main thread only); returns self."""
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)

@@ -24,7 +24,7 @@ class Trainable:
     scheduler: Any
 
     @classmethod
-    def build(cls, model_chunks: list, train: TrainConfig, total_steps: int) -> "Trainable":
+    def build(cls, model_chunks: list, train: TrainConfig, total_steps: int) -> Trainable:
         """The optimizer and schedule of ``train`` (a TrainConfig) for a ``total_steps`` run
         over the wrapped ``model_chunks``."""
         optimizer = build_optimizer(train, model_chunks)

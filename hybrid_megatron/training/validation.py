@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from hybrid_megatron.logs import get_logger, log_rank0
 from hybrid_megatron.training.step import evaluate
 
@@ -19,12 +17,12 @@ class Validation:
     the first).
     """
 
-    def __init__(self, batches: Optional[list], interval: int, seq_length: int, tracker):
+    def __init__(self, batches: list | None, interval: int, seq_length: int, tracker):
         self.batches = batches
         self.interval = interval
         self.seq_length = seq_length
         self.tracker = tracker
-        self.loss: Optional[float] = None
+        self.loss: float | None = None
 
     def after_step(self, model_chunks, step: int) -> None:
         """Validate and log the loss when ``step`` is a multiple of the interval."""

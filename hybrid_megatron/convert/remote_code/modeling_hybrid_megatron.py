@@ -12,7 +12,6 @@ per Mamba layer (``HybridMegatronCache``). Padding masks are not supported (unpa
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -474,11 +473,11 @@ class HybridMegatronForCausalLM(HybridMegatronPreTrainedModel, GenerationMixin):
 
     def forward(
         self,
-        input_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[HybridMegatronCache] = None,
-        use_cache: Optional[bool] = None,
-        labels: Optional[torch.LongTensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: HybridMegatronCache | None = None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ):
         """Logits [b, s, vocab] (fp32) for ``input_ids`` [b, s]; with ``use_cache`` a cache."""
