@@ -60,14 +60,26 @@ def run_once(corpus: Path, prefix: Path, workers: int) -> dict:
     from hybrid_megatron.data.preprocess import PreprocessOptions, preprocess
 
     load_before = os.getloadavg()[0]
-    self_before, children_before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    self_before, children_before = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     start = time.perf_counter()
-    stats = preprocess(PreprocessOptions(
-        inputs=[str(corpus)], output_prefix=str(prefix), tokenizer=str(REPO / "data" / "tokenizer"),
-        workers=workers, append_eod=True, progress=False,
-    ))
+    stats = preprocess(
+        PreprocessOptions(
+            inputs=[str(corpus)],
+            output_prefix=str(prefix),
+            tokenizer=str(REPO / "data" / "tokenizer"),
+            workers=workers,
+            append_eod=True,
+            progress=False,
+        )
+    )
     elapsed = time.perf_counter() - start
-    self_after, children_after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    self_after, children_after = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
 
     def cpu(after, before) -> float:
         return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -98,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-mb", type=float, default=50.0)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
-                        help="skip the 1-worker run through HF tokenizers alone")
+    parser.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the 1-worker run through HF tokenizers alone",
+    )
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "preprocess_throughput.json"))
     args = parser.parse_args(argv)
     from hybrid_megatron import runtime
@@ -118,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             for workers in args.workers:
                 result = run_once(corpus, workdir / f"out_w{workers}", workers)
                 runs[workers].append(result)
-                print(f"workers={workers} run {attempt + 1}: {result['mb_per_s']:.2f} MB/s "
-                      f"({result['elapsed_s']}s, worker CPU {result['worker_cpu_s']}s, main CPU "
-                      f"{result['main_cpu_s']}s, load {result['loadavg_1min_before']})", flush=True)
+                print(
+                    f"workers={workers} run {attempt + 1}: {result['mb_per_s']:.2f} MB/s "
+                    f"({result['elapsed_s']}s, worker CPU {result['worker_cpu_s']}s, main CPU "
+                    f"{result['main_cpu_s']}s, load {result['loadavg_1min_before']})",
+                    flush=True,
+                )
         baseline = None
         if args.baseline:
             # Same run through HF tokenizers alone (the ASCII shortcut off), for comparison.
@@ -140,9 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     best = {w: max(r, key=lambda x: x["mb_per_s"]) for w, r in runs.items()}
     base = best[min(best)]["mb_per_s"]
     summary = {
-        str(w): {"mb_per_s": b["mb_per_s"], "mb_per_s_per_worker": round(b["mb_per_s"] / w, 3),
-                 "speedup_vs_1": round(b["mb_per_s"] / base, 3), "docs_per_s": b["docs_per_s"],
-                 "mb_per_worker_cpu_s": max(r["mb_per_worker_cpu_s"] for r in runs[w])}
+        str(w): {
+            "mb_per_s": b["mb_per_s"],
+            "mb_per_s_per_worker": round(b["mb_per_s"] / w, 3),
+            "speedup_vs_1": round(b["mb_per_s"] / base, 3),
+            "docs_per_s": b["docs_per_s"],
+            "mb_per_worker_cpu_s": max(r["mb_per_worker_cpu_s"] for r in runs[w]),
+        }
         for w, b in best.items()
     }
     identical = len({b["output_sha256"] for b in best.values()}) == 1
@@ -156,16 +179,17 @@ def main(argv: list[str] | None = None) -> int:
         "tokenizers": tokenizers.__version__,
         "tokenizer": "data/tokenizer (byte-level BPE, vocab 4096)",
         "corpus": f"data/austen.jsonl repeated to {best[min(best)]['text_mb']} MB of text "
-                  f"({best[min(best)]['documents']} documents)",
+        f"({best[min(best)]['documents']} documents)",
         "method": f"best of {args.repeat} in-process runs per worker count, --append-eod, "
-                  "timed from the call to the renamed output (megatron-core import excluded)",
+        "timed from the call to the renamed output (megatron-core import excluded)",
         "results": summary,
         "runs": {str(w): r for w, r in runs.items()},
         "load_note": "wall-clock figures depend on other processes on the machine (see "
-                     "loadavg_1min_before per run; 2 cores); mb_per_worker_cpu_s divides by the "
-                     "workers' CPU seconds instead and is robust to that",
+        "loadavg_1min_before per run; 2 cores); mb_per_worker_cpu_s divides by the "
+        "workers' CPU seconds instead and is robust to that",
         "hf_tokenizers_only_1_worker": baseline,
-        "outputs_byte_identical": identical and (baseline is None or baseline["output_sha256"] == best[min(best)]["output_sha256"]),
+        "outputs_byte_identical": identical
+        and (baseline is None or baseline["output_sha256"] == best[min(best)]["output_sha256"]),
         "goals": {"speedup_2_workers": GOAL_SPEEDUP, "mb_per_s_per_worker": GOAL_MB_S_PER_WORKER},
         "goal_speedup_met": speedup is not None and speedup >= GOAL_SPEEDUP,
         "goal_per_worker_met": per_worker is not None and per_worker >= GOAL_MB_S_PER_WORKER,

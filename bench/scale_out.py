@@ -97,8 +97,9 @@ def plan_layout(recipe: str, overrides: Sequence[str], nproc: int | None) -> tup
     return loaded, nproc
 
 
-def run_overrides(run_dir: Path, steps: int, warmup: int, save_interval: int | None,
-                  init_from: Path | None) -> list[str]:
+def run_overrides(
+    run_dir: Path, steps: int, warmup: int, save_interval: int | None, init_from: Path | None
+) -> list[str]:
     """The overrides that make a run self-contained: its own directory, STEPS steps, no MLflow.
 
     Takes the run directory, steps, warmup steps, the checkpoint interval (None: the run saves
@@ -158,8 +159,9 @@ def launch(recipe: str, overrides: Sequence[str], nproc: int, run_dir: Path, lab
     command = [sys.executable, str(LAUNCHER), recipe, *overrides, "--local", "--nproc", str(nproc)]
     print(f"[{label}] {' '.join(command)}", flush=True)
     with open(run_dir / "launcher.log", "w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace")
+        proc = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
         for line in proc.stdout:
             log.write(line)
             print(f"[{label}] {line}", end="", flush=True)
@@ -218,8 +220,9 @@ def read_losses(run_dir: Path) -> dict[int, float]:
     return {step: rec["loss"] for step, rec in read_train_log(run_dir).items()}
 
 
-def compare_losses(reference: dict[int, float], other: dict[int, float], steps: Sequence[int],
-                   tolerance: float) -> dict:
+def compare_losses(
+    reference: dict[int, float], other: dict[int, float], steps: Sequence[int], tolerance: float
+) -> dict:
     """Compare two runs' losses on exactly ``steps``.
 
     Takes step -> loss of the reference (its other steps are ignored) and of the other run (it
@@ -230,11 +233,18 @@ def compare_losses(reference: dict[int, float], other: dict[int, float], steps: 
     steps = list(steps)
     wanted = set(steps)
     reference = {s: v for s, v in reference.items() if s in wanted}  # A's steps before a resume
-    result = {"steps": [steps[0], steps[-1]] if steps else [], "max_rel_diff": None,
-              "worst_step": None, "passed": False, "problem": None}
+    result = {
+        "steps": [steps[0], steps[-1]] if steps else [],
+        "max_rel_diff": None,
+        "worst_step": None,
+        "passed": False,
+        "problem": None,
+    }
     for name, losses in (("reference", reference), ("other", other)):
         if sorted(losses) != steps:  # e.g. a resume that did not resume logs steps 1..N
-            result["problem"] = f"{name} run logged steps {sorted(losses)[:3]}..., expected {steps[0]}..{steps[-1]}"
+            result["problem"] = (
+                f"{name} run logged steps {sorted(losses)[:3]}..., expected {steps[0]}..{steps[-1]}"
+            )
             return result
         if not all(math.isfinite(losses[s]) for s in steps):
             result["problem"] = f"{name} run has non-finite losses"
@@ -281,23 +291,33 @@ def speedup(layout: dict, reference: dict) -> float | None:
     if not layout.get("tokens_per_s_per_rank") or not reference.get("tokens_per_s_per_rank"):
         return None
     return (layout["tokens_per_s_per_rank"] * layout["nproc"]) / (
-        reference["tokens_per_s_per_rank"] * reference["nproc"])
+        reference["tokens_per_s_per_rank"] * reference["nproc"]
+    )
 
 
 def markdown(record: dict) -> str:
     """A short markdown summary of a record: one throughput row per layout, one row per check."""
+
     def num(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
-    lines = [f"## scale-out: {record['recipe_name']} on {record['device']} ({record['date']})", "",
-             "| layout | overrides | ranks | tokens/s per rank | MFU | job tokens/s vs B |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"## scale-out: {record['recipe_name']} on {record['device']} ({record['date']})",
+        "",
+        "| layout | overrides | ranks | tokens/s per rank | MFU | job tokens/s vs B |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, lay in record["layouts"].items():
-        lines.append(f"| {key.upper()} | `{' '.join(lay['overrides'])}` | {lay['nproc']} | "
-                     f"{num(lay['tokens_per_s_per_rank'], ',.0f')} | {num(lay['mfu'], '.1%')} | "
-                     f"{num(lay.get('speedup_vs_b'), '.2f')}x |")
-    lines += ["", f"| check (tolerance {record['tolerance']:g}) | steps | max rel diff | result |",
-              "|---|---|---|---|"]
+        lines.append(
+            f"| {key.upper()} | `{' '.join(lay['overrides'])}` | {lay['nproc']} | "
+            f"{num(lay['tokens_per_s_per_rank'], ',.0f')} | {num(lay['mfu'], '.1%')} | "
+            f"{num(lay.get('speedup_vs_b'), '.2f')}x |"
+        )
+    lines += [
+        "",
+        f"| check (tolerance {record['tolerance']:g}) | steps | max rel diff | result |",
+        "|---|---|---|---|",
+    ]
     for name, check in record["checks"].items():
         span = "..".join(map(str, check["steps"]))
         verdict = "pass" if check["passed"] else f"FAIL: {check['problem']}"
@@ -313,30 +333,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/scale_out.py", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides for every run")
-    p.add_argument("--layout-a", nargs="+", required=True, action="append", metavar="key.path=value",
-                   help="overrides of an A layout (the larger one; its checkpoint is resumed at B); "
-                   "give it again for more layouts, each compared with the same B run")
-    p.add_argument("--layout-b", nargs="+", required=True, metavar="key.path=value",
-                   help="overrides of layout B (the reference)")
-    p.add_argument("--nproc-a", type=int, default=None,
-                   help="ranks of every A layout (default: the launcher's)")
+    p.add_argument(
+        "--layout-a",
+        nargs="+",
+        required=True,
+        action="append",
+        metavar="key.path=value",
+        help="overrides of an A layout (the larger one; its checkpoint is resumed at B); "
+        "give it again for more layouts, each compared with the same B run",
+    )
+    p.add_argument(
+        "--layout-b",
+        nargs="+",
+        required=True,
+        metavar="key.path=value",
+        help="overrides of layout B (the reference)",
+    )
+    p.add_argument(
+        "--nproc-a", type=int, default=None, help="ranks of every A layout (default: the launcher's)"
+    )
     p.add_argument("--nproc-b", type=int, default=None, help="ranks of layout B (default: the launcher's)")
     p.add_argument("--steps", type=int, default=100, help="training steps per layout (default 100)")
-    p.add_argument("--tolerance", type=float, default=2e-2,
-                   help="max relative loss difference per step (default 2e-2, bf16; fp32 CPU: ~1e-4)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=2e-2,
+        help="max relative loss difference per step (default 2e-2, bf16; fp32 CPU: ~1e-4)",
+    )
     p.add_argument("--no-resume", action="store_true", help="skip the resharded resumes")
-    p.add_argument("--keep-finished", action="store_true",
-                   help="keep the runs of an earlier call with the same --output that logged every "
-                   "step, and continue unfinished ones from their checkpoints, instead of starting over")
-    p.add_argument("--output", type=Path, default=None,
-                   help="folder of the run directories (default runs/scale_out/<recipe name>)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON record (default bench/results/scale_out_<recipe name>.json)")
+    p.add_argument(
+        "--keep-finished",
+        action="store_true",
+        help="keep the runs of an earlier call with the same --output that logged every "
+        "step, and continue unfinished ones from their checkpoints, instead of starting over",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="folder of the run directories (default runs/scale_out/<recipe name>)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON record (default bench/results/scale_out_<recipe name>.json)",
+    )
     return p
 
 
-def build_record(args, recipe_name: str, common: list, layouts_run: dict, dirs: dict,
-                 failed: str | None, complete: bool) -> dict:
+def build_record(
+    args, recipe_name: str, common: list, layouts_run: dict, dirs: dict, failed: str | None, complete: bool
+) -> dict:
     """The JSON record of the runs so far: per-layout throughput, losses and checks.
 
     Takes the parsed arguments, the recipe's name, the common overrides, layout name ->
@@ -349,26 +397,39 @@ def build_record(args, recipe_name: str, common: list, layouts_run: dict, dirs: 
     checks = {}
     layouts = {}
     for key, (overrides, nproc) in layouts_run.items():
-        layouts[key] = {"overrides": overrides, "nproc": nproc,
-                        **read_throughput(read_train_log(dirs[key]), nproc)}
+        layouts[key] = {
+            "overrides": overrides,
+            "nproc": nproc,
+            **read_throughput(read_train_log(dirs[key]), nproc),
+        }
     for key in layouts:
         if key == "b":
             continue
         layouts[key]["speedup_vs_b"] = speedup(layouts[key], layouts["b"])
         label = key.upper()
-        checks[f"{label} vs B"] = compare_losses(losses["b"], losses[key], range(1, steps + 1),
-                                                 args.tolerance)
+        checks[f"{label} vs B"] = compare_losses(
+            losses["b"], losses[key], range(1, steps + 1), args.tolerance
+        )
         if resume_name(key) in losses:
             checks[f"resume at B vs {label}"] = compare_losses(
-                losses[key], losses[resume_name(key)], range(half + 1, steps + 1), args.tolerance)
+                losses[key], losses[resume_name(key)], range(half + 1, steps + 1), args.tolerance
+            )
     return {
-        "benchmark": "scale_out", "device": device_name(), "host": socket.gethostname(),
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "recipe": args.recipe,
-        "recipe_name": recipe_name, "common_overrides": common, "steps": steps,
-        "resume_from_step": None if args.no_resume else half, "tolerance": args.tolerance,
+        "benchmark": "scale_out",
+        "device": device_name(),
+        "host": socket.gethostname(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "recipe": args.recipe,
+        "recipe_name": recipe_name,
+        "common_overrides": common,
+        "steps": steps,
+        "resume_from_step": None if args.no_resume else half,
+        "tolerance": args.tolerance,
         "layouts": layouts,
         "losses": {k: [v[s] for s in sorted(v)] for k, v in losses.items()},
-        "checks": checks, "error": failed, "complete": complete,
+        "checks": checks,
+        "error": failed,
+        "complete": complete,
         "passed": complete and failed is None and all(c["passed"] for c in checks.values()),
         "run_dirs": {k: str(v) for k, v in dirs.items()},
     }
@@ -409,20 +470,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     # compared with it.
     runs = [
         # lr ~0: the checkpoint holds the seed's initial weights (one step must run to save).
-        ("init", over_b + run_overrides(output / "init", 1, 0, 1, None)
-         + ["train.lr=1e-30", "train.min_lr=0"], nproc_b, None),
+        (
+            "init",
+            over_b + run_overrides(output / "init", 1, 0, 1, None) + ["train.lr=1e-30", "train.min_lr=0"],
+            nproc_b,
+            None,
+        ),
         ("b", over_b + run_overrides(output / "b", steps, warmup, None, init_ckpt), nproc_b, None),
     ]
     for name, (_, over_a, nproc_a) in layouts_a.items():
-        runs.append((name, over_a + run_overrides(output / name, steps, warmup, half, init_ckpt),
-                     nproc_a, None))
+        runs.append(
+            (name, over_a + run_overrides(output / name, steps, warmup, half, init_ckpt), nproc_a, None)
+        )
         if not args.no_resume:  # auto finds the moved step-`half` checkpoint; init_from is then unused
-            runs.append((resume_name(name),
-                         over_b + run_overrides(output / resume_name(name), steps, warmup, None, None),
-                         nproc_b, name))
+            runs.append(
+                (
+                    resume_name(name),
+                    over_b + run_overrides(output / resume_name(name), steps, warmup, None, None),
+                    nproc_b,
+                    name,
+                )
+            )
     dirs = {name: output / name for name, _, _, _ in runs}
-    layouts_run = {"b": (args.layout_b, nproc_b),
-                   **{name: (layout, nproc) for name, (layout, _, nproc) in layouts_a.items()}}
+    layouts_run = {
+        "b": (args.layout_b, nproc_b),
+        **{name: (layout, nproc) for name, (layout, _, nproc) in layouts_a.items()},
+    }
     for run_dir in dirs.values():  # train_log.jsonl is appended to: stale runs would mix in
         if run_dir.exists() and not args.keep_finished:
             shutil.rmtree(run_dir)

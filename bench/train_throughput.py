@@ -63,32 +63,69 @@ class RunOptions:
     """
 
     micro_batch: int | None = _option(None, "--mbs", "samples per micro-batch (default: the scale's)")
-    microbatches: int = _option(1, "--microbatches", "micro-batches per optimizer step (gradient "
-                                "accumulation, as in real training where one step sees many)")
-    cuda_graphs: bool = _option(False, "--cuda-graphs", "train.cuda_graphs on every row (each row "
-                                "then runs in its own process)")
+    microbatches: int = _option(
+        1,
+        "--microbatches",
+        "micro-batches per optimizer step (gradient "
+        "accumulation, as in real training where one step sees many)",
+    )
+    cuda_graphs: bool = _option(
+        False, "--cuda-graphs", "train.cuda_graphs on every row (each row then runs in its own process)"
+    )
     fp8_attention: bool = _option(False, "--fp8-attention", "model.fp8_attention on fp8 rows")
-    fp8_output_layer: bool = _option(False, "--fp8-output-layer", "model.fp8_output_layer on fp8 rows "
-                                     "(the LM head in FP8; native baselines get the same head)")
-    overlap_branches: bool = _option(False, "--overlap-branches", "model.intra.overlap_branches on intra rows")
-    intra_dim_ratio: str | None = _option(None, "--intra-dim-ratio", "model.intra.dim_ratio on intra "
-                                             "rows, e.g. 1:3 (default: the recipe's)")
-    intra_pattern: str | None = _option(None, "--intra-pattern", "model.pattern.ratio on intra "
-                                           "rows: hybrid to Mamba blocks, e.g. 1:3 (default: the "
-                                           "recipe's, every block hybrid)")
+    fp8_output_layer: bool = _option(
+        False,
+        "--fp8-output-layer",
+        "model.fp8_output_layer on fp8 rows (the LM head in FP8; native baselines get the same head)",
+    )
+    overlap_branches: bool = _option(
+        False, "--overlap-branches", "model.intra.overlap_branches on intra rows"
+    )
+    intra_dim_ratio: str | None = _option(
+        None, "--intra-dim-ratio", "model.intra.dim_ratio on intra rows, e.g. 1:3 (default: the recipe's)"
+    )
+    intra_pattern: str | None = _option(
+        None,
+        "--intra-pattern",
+        "model.pattern.ratio on intra "
+        "rows: hybrid to Mamba blocks, e.g. 1:3 (default: the "
+        "recipe's, every block hybrid)",
+    )
     attention_head_dim: int | None = _option(
-        None, "--attention-head-dim", "attention head size for every attention mixer, at the same "
-        "widths (heads and KV groups rescaled, so parameters and FLOPs stay the same)")
-    unfused: bool = _option(False, "--unfused", "switch off the fused loss, SwiGLU, weight-gradient "
-                            "accumulation and MoE router/permutation (the before side of their measurement)")
-    unfused_moe: bool = _option(False, "--unfused-moe", "switch off only the MoE fusions (TE's fused "
-                                "router top-k and token permutation)")
-    moe_experts: str = _option("grouped", "--moe-experts", "model.moe.experts on our MoE rows: grouped, "
-                               "te_grouped or sequential (native rows keep megatron-core's TE grouped experts)")
-    adam_moments: str = _option("fp32", "--adam-moments", "train.adam_moments: fp32 or bf16 (the "
-                                "precision-aware optimizer, for MoE rows whose optimizer state does not fit)")
-    gpu_busy: bool = _option(False, "--gpu-busy", "after the timed steps, profile 2 more steps (kernels "
-                             "only) and record the share of the step the GPU is busy")
+        None,
+        "--attention-head-dim",
+        "attention head size for every attention mixer, at the same "
+        "widths (heads and KV groups rescaled, so parameters and FLOPs stay the same)",
+    )
+    unfused: bool = _option(
+        False,
+        "--unfused",
+        "switch off the fused loss, SwiGLU, weight-gradient "
+        "accumulation and MoE router/permutation (the before side of their measurement)",
+    )
+    unfused_moe: bool = _option(
+        False,
+        "--unfused-moe",
+        "switch off only the MoE fusions (TE's fused router top-k and token permutation)",
+    )
+    moe_experts: str = _option(
+        "grouped",
+        "--moe-experts",
+        "model.moe.experts on our MoE rows: grouped, "
+        "te_grouped or sequential (native rows keep megatron-core's TE grouped experts)",
+    )
+    adam_moments: str = _option(
+        "fp32",
+        "--adam-moments",
+        "train.adam_moments: fp32 or bf16 (the "
+        "precision-aware optimizer, for MoE rows whose optimizer state does not fit)",
+    )
+    gpu_busy: bool = _option(
+        False,
+        "--gpu-busy",
+        "after the timed steps, profile 2 more steps (kernels "
+        "only) and record the share of the step the GPU is busy",
+    )
 
     def as_args(self) -> list[str]:
         """The command-line flags that reproduce these options."""
@@ -114,8 +151,13 @@ def add_option_flags(parser) -> None:
         if f.type in (bool, "bool"):
             parser.add_argument(f.metadata["flag"], dest=f.name, action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(f.metadata["flag"], dest=f.name, type=types[str(f.type)],
-                                default=f.default, help=f.metadata["help"])
+            parser.add_argument(
+                f.metadata["flag"],
+                dest=f.name,
+                type=types[str(f.type)],
+                default=f.default,
+                help=f.metadata["help"],
+            )
 
 
 def _rescaled_heads(section: dict, old_head_dim: int, head_dim: int, keys: tuple) -> dict:
@@ -127,8 +169,10 @@ def _rescaled_heads(section: dict, old_head_dim: int, head_dim: int, keys: tuple
         if out.get(key):
             scaled = out[key] * old_head_dim
             if scaled % head_dim:
-                raise ValueError(f"--attention-head-dim {head_dim}: {key} {out[key]} x {old_head_dim} "
-                                 f"does not divide into heads of {head_dim}")
+                raise ValueError(
+                    f"--attention-head-dim {head_dim}: {key} {out[key]} x {old_head_dim} "
+                    f"does not divide into heads of {head_dim}"
+                )
             out[key] = scaled // head_dim
     return out
 
@@ -152,12 +196,14 @@ def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunO
         }
     if options.attention_head_dim and fields.get("attention"):
         old = ModelConfig(**fields).head_dim
-        fields["attention"] = _rescaled_heads(fields["attention"], old, options.attention_head_dim,
-                                              ("num_heads", "num_query_groups"))
+        fields["attention"] = _rescaled_heads(
+            fields["attention"], old, options.attention_head_dim, ("num_heads", "num_query_groups")
+        )
         fields["attention"]["head_dim"] = options.attention_head_dim
         if fields.get("intra"):  # the intra branch's query heads follow from its width and head_dim
-            fields["intra"] = _rescaled_heads(fields["intra"], old, options.attention_head_dim,
-                                              ("num_query_groups",))
+            fields["intra"] = _rescaled_heads(
+                fields["intra"], old, options.attention_head_dim, ("num_query_groups",)
+            )
     fields["fp8"] = "hybrid" if precision == "fp8" else None
     fields["fp8_attention"] = precision == "fp8" and options.fp8_attention and kind != "mamba"
     fields["fp8_output_layer"] = precision == "fp8" and options.fp8_output_layer
@@ -205,8 +251,11 @@ def _native_model(kind: str, cfg, pattern: str, tconfig, bf16: bool):
     if cfg.moe is not None:
         fp8 = cfg.fp8 is not None
         tconfig = dataclasses.replace(
-            tconfig, moe_grouped_gemm=True, moe_router_padding_for_quantization=fp8,
-            moe_router_fusion=tconfig.moe_router_fusion and not fp8)
+            tconfig,
+            moe_grouped_gemm=True,
+            moe_router_padding_for_quantization=fp8,
+            moe_router_fusion=tconfig.moe_router_fusion and not fp8,
+        )
     if kind == "native_gpt":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         from megatron.core.models.gpt.gpt_model import GPTModel
@@ -216,8 +265,11 @@ def _native_model(kind: str, cfg, pattern: str, tconfig, bf16: bool):
             moe_grouped_gemm=cfg.moe is not None,
         )
         model = GPTModel(
-            config=tconfig, transformer_layer_spec=spec, vocab_size=cfg.vocab_size,
-            max_sequence_length=cfg.max_position_embeddings, position_embedding_type="rope",
+            config=tconfig,
+            transformer_layer_spec=spec,
+            vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.max_position_embeddings,
+            position_embedding_type="rope",
             rotary_base=int(cfg.attention.rotary_base),
         )
         return model, pattern
@@ -226,12 +278,16 @@ def _native_model(kind: str, cfg, pattern: str, tconfig, bf16: bool):
 
     hybrid = native_pattern(pattern, cfg.moe is not None)
     # MambaLayer casts its input to params_dtype; megatron's own bf16 training builds bf16 params.
-    tconfig = dataclasses.replace(tconfig, num_layers=len(hybrid),
-                                  params_dtype=torch.bfloat16 if bf16 else torch.float32)
+    tconfig = dataclasses.replace(
+        tconfig, num_layers=len(hybrid), params_dtype=torch.bfloat16 if bf16 else torch.float32
+    )
     has_attention = "*" in hybrid
     model = MambaModel(
-        config=tconfig, mamba_stack_spec=mamba_stack_spec, vocab_size=cfg.vocab_size,
-        max_sequence_length=cfg.max_position_embeddings, hybrid_override_pattern=hybrid,
+        config=tconfig,
+        mamba_stack_spec=mamba_stack_spec,
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        hybrid_override_pattern=hybrid,
         position_embedding_type="rope" if has_attention else "none",
         rotary_base=int(cfg.attention.rotary_base) if has_attention else 10000,
     )
@@ -251,12 +307,14 @@ def _synthetic_batch(vocab: int, mbs: int, seq: int, seed: int, microbatches: in
     batch = []
     for _ in range(microbatches):
         tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=gen)
-        batch.append({
-            "tokens": tokens[:, :-1].contiguous().to(device),
-            "labels": tokens[:, 1:].contiguous().to(device),
-            "loss_mask": torch.ones(mbs, seq, device=device),
-            "position_ids": torch.arange(seq, device=device).expand(mbs, seq).contiguous(),
-        })
+        batch.append(
+            {
+                "tokens": tokens[:, :-1].contiguous().to(device),
+                "labels": tokens[:, 1:].contiguous().to(device),
+                "loss_mask": torch.ones(mbs, seq, device=device),
+                "position_ids": torch.arange(seq, device=device).expand(mbs, seq).contiguous(),
+            }
+        )
     return batch
 
 
@@ -296,8 +354,17 @@ class Trainee:
     (``--unfused-moe``), so that their effect is measured within one session.
     """
 
-    def __init__(self, kind: str, cfg, recompute: str = "none", seed: int = 1234, cuda_graphs: bool = False,
-                 fused: bool = True, fused_moe: bool = True, adam_moments: str = "fp32"):
+    def __init__(
+        self,
+        kind: str,
+        cfg,
+        recompute: str = "none",
+        seed: int = 1234,
+        cuda_graphs: bool = False,
+        fused: bool = True,
+        fused_moe: bool = True,
+        adam_moments: str = "fp32",
+    ):
         from hybrid_megatron.config.parallel import ParallelConfig
         from hybrid_megatron.config.train import TrainConfig
         from hybrid_megatron.training.model_setup import wrap_for_training
@@ -316,15 +383,27 @@ class Trainee:
         if not (fused and fused_moe):
             model.config.moe_router_fusion = False
             model.config.moe_permute_fusion = False
-        train = TrainConfig(global_batch_size=1, steps=1000, lr=1e-4, warmup_steps=10,
-                            precision="bf16" if bf16 else "fp32", adam_moments=adam_moments)
+        train = TrainConfig(
+            global_batch_size=1,
+            steps=1000,
+            lr=1e-4,
+            warmup_steps=10,
+            precision="bf16" if bf16 else "fp32",
+            adam_moments=adam_moments,
+        )
         self.trainable = Trainable.build(wrap_for_training(model, bf16=bf16, fuse_wgrad=fused), train, 1000)
 
     @classmethod
     def for_options(cls, kind: str, cfg, options: RunOptions) -> Trainee:
         """A row's Trainee under a run's options (CUDA graphs, the fusions switched off)."""
-        return cls(kind, cfg, cuda_graphs=options.cuda_graphs, fused=not options.unfused,
-                   fused_moe=not options.unfused_moe, adam_moments=options.adam_moments)
+        return cls(
+            kind,
+            cfg,
+            cuda_graphs=options.cuda_graphs,
+            fused=not options.unfused,
+            fused_moe=not options.unfused_moe,
+            adam_moments=options.adam_moments,
+        )
 
     def step(self, batch: list, seq: int) -> float:
         """One optimizer step on ``batch`` (the trainer's own step); returns the loss."""
@@ -332,14 +411,28 @@ class Trainee:
         return loss
 
 
-def measure_row(scale: str, kind: str, moe: bool, precision: str, warmup: int, steps: int,
-                options: RunOptions = RunOptions()) -> dict:
+def measure_row(
+    scale: str,
+    kind: str,
+    moe: bool,
+    precision: str,
+    warmup: int,
+    steps: int,
+    options: RunOptions = RunOptions(),
+) -> dict:
     """Train one row for ``warmup`` + ``steps`` steps; returns its record (tokens/s over the
     timed steps, peak memory, parameters, losses) or the error it hit."""
     shape = SCALES[scale]
     mbs = options.micro_batch or shape["mbs"]
-    row = {"scale": scale, "kind": kind, "ffn": "moe" if moe else "dense", "precision": precision,
-           "seq_length": shape["seq"], "micro_batch": mbs, "microbatches": options.microbatches}
+    row = {
+        "scale": scale,
+        "kind": kind,
+        "ffn": "moe" if moe else "dense",
+        "precision": precision,
+        "seq_length": shape["seq"],
+        "micro_batch": mbs,
+        "microbatches": options.microbatches,
+    }
     _reset_run_state()
     try:
         cfg = model_config(scale, NATIVES.get(kind, kind), moe, precision, options)
@@ -348,8 +441,11 @@ def measure_row(scale: str, kind: str, moe: bool, precision: str, warmup: int, s
         row["flops_per_token"] = float(model_flops_per_token(cfg, shape["seq"]))
         t_build = time.perf_counter()
         trainee = Trainee.for_options(kind, cfg, options)
-        row.update(pattern=trainee.pattern, num_parameters=trainee.num_parameters,
-                   build_s=round(time.perf_counter() - t_build, 2))
+        row.update(
+            pattern=trainee.pattern,
+            num_parameters=trainee.num_parameters,
+            build_s=round(time.perf_counter() - t_build, 2),
+        )
         batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0, microbatches=options.microbatches)
         losses = [trainee.step(batch, shape["seq"]) for _ in range(warmup)]
         _sync()
@@ -364,7 +460,9 @@ def measure_row(scale: str, kind: str, moe: bool, precision: str, warmup: int, s
         row.update(
             step_s=elapsed / steps,
             tokens_per_s=tokens_per_s,
-            peak_memory_gib=(torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
+            peak_memory_gib=(torch.cuda.max_memory_allocated() / 2**30)
+            if torch.cuda.is_available()
+            else None,
             losses=losses,
         )
         if options.gpu_busy and torch.cuda.is_available():
@@ -389,8 +487,12 @@ def _rows(scales, kinds, ffns, precisions):
 def _header() -> dict:
     import megatron.core
 
-    header = {"device": _device(), "date": dt.date.today().isoformat(), "torch": torch.__version__,
-              "megatron_core": megatron.core.__version__}
+    header = {
+        "device": _device(),
+        "date": dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+    }
     try:
         import transformer_engine
 
@@ -400,8 +502,9 @@ def _header() -> dict:
     return header
 
 
-def _measure_in_subprocess(scale: str, kind: str, moe: bool, precision: str, args,
-                           options: RunOptions) -> dict:
+def _measure_in_subprocess(
+    scale: str, kind: str, moe: bool, precision: str, args, options: RunOptions
+) -> dict:
     """measure_row in a fresh process. MoE rows leave ~14 GB behind in one process (seen on an
     H100: 350M MoE rows in a row ran out of memory), so each gets a clean process."""
     import subprocess
@@ -409,17 +512,38 @@ def _measure_in_subprocess(scale: str, kind: str, moe: bool, precision: str, arg
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        cmd = [sys.executable, __file__, "run", "--scales", scale, "--kinds", kind,
-               "--ffn", "moe" if moe else "dense", "--precisions", precision,
-               "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out),
-               *options.as_args()]
+        cmd = [
+            sys.executable,
+            __file__,
+            "run",
+            "--scales",
+            scale,
+            "--kinds",
+            kind,
+            "--ffn",
+            "moe" if moe else "dense",
+            "--precisions",
+            precision,
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+            "--out",
+            str(out),
+            *options.as_args(),
+        ]
         env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the parent's is taken
         env[ROW_PROCESS_ENV] = "1"  # the child measures its row itself instead of isolating again
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode == 0 and out.exists():
             return json.loads(out.read_text())["rows"][0]
-    return {"scale": scale, "kind": kind, "ffn": "moe" if moe else "dense", "precision": precision,
-            "error": f"subprocess exit {done.returncode}: {done.stderr[-400:]}"}
+    return {
+        "scale": scale,
+        "kind": kind,
+        "ffn": "moe" if moe else "dense",
+        "precision": precision,
+        "error": f"subprocess exit {done.returncode}: {done.stderr[-400:]}",
+    }
 
 
 def spawns_row_processes(args) -> bool:
@@ -434,8 +558,13 @@ def cmd_run(args) -> None:
     time limit loses at most the row in flight."""
     kinds = args.kinds or (KINDS + (list(NATIVES) if torch.cuda.is_available() else []))
     options = RunOptions.from_args(args)
-    record = {**_header(), "warmup": args.warmup, "steps": args.steps,
-              "options": dataclasses.asdict(options), "rows": []}
+    record = {
+        **_header(),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "options": dataclasses.asdict(options),
+        "rows": [],
+    }
     deadline = time.monotonic() + args.time_budget
     for scale, kind, moe, precision in _rows(args.scales, kinds, args.ffn, args.precisions):
         if time.monotonic() > deadline:
@@ -543,8 +672,13 @@ def cmd_profile(args) -> None:
     _reset_run_state()
     cfg = model_config(args.scale, NATIVES.get(args.kind, args.kind), args.moe, args.precision, options)
     trainee = Trainee.for_options(args.kind, cfg, options)
-    batch = _synthetic_batch(cfg.vocab_size, options.micro_batch or shape["mbs"], shape["seq"], seed=0,
-                             microbatches=options.microbatches)
+    batch = _synthetic_batch(
+        cfg.vocab_size,
+        options.micro_batch or shape["mbs"],
+        shape["seq"],
+        seed=0,
+        microbatches=options.microbatches,
+    )
     for _ in range(3):
         trainee.step(batch, shape["seq"])
     _sync()
@@ -559,19 +693,27 @@ def cmd_profile(args) -> None:
     averages = prof.key_averages()
     table = averages.table(sort_by=sort, row_limit=args.rows, max_name_column_width=90)
     # the host's side: where its time goes when the GPU waits for it
-    table += "\nBy host time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=args.rows,
-                                                   max_name_column_width=90)
-    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
+    table += "\nBy host time:\n" + averages.table(
+        sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=90
+    )
+    kernels = [
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
     syncs = {e.key: e.count for e in averages if e.key in HOST_SYNC_CALLS}
-    timing = (f"per step: {1e3 * wall_s / args.steps:.1f} ms wall (under the profiler), GPU busy "
-              f"{1e-3 * busy_time(kernels) / args.steps:.1f} ms; host waits on the GPU per step: "
-              + (", ".join(f"{k} x{v / args.steps:g}" for k, v in sorted(syncs.items())) or "none")
-              + f"; Python garbage collection per step: {pauses.count / args.steps:g} collections, "
-              f"{1e3 * pauses.seconds / args.steps:.1f} ms")
+    timing = (
+        f"per step: {1e3 * wall_s / args.steps:.1f} ms wall (under the profiler), GPU busy "
+        f"{1e-3 * busy_time(kernels) / args.steps:.1f} ms; host waits on the GPU per step: "
+        + (", ".join(f"{k} x{v / args.steps:g}" for k, v in sorted(syncs.items())) or "none")
+        + f"; Python garbage collection per step: {pauses.count / args.steps:g} collections, "
+        f"{1e3 * pauses.seconds / args.steps:.1f} ms"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(f"{_header()}\n{args.scale} {args.kind} moe={args.moe} "
-                              f"{args.precision} {options}, {args.steps} steps\n{timing}\n{table}\n")
+    Path(args.out).write_text(
+        f"{_header()}\n{args.scale} {args.kind} moe={args.moe} "
+        f"{args.precision} {options}, {args.steps} steps\n{timing}\n{table}\n"
+    )
     print(timing)
     print(table)
 
@@ -616,8 +758,11 @@ def gpu_busy_share(step, steps: int) -> float:
             step()
         _sync()
         wall_s = time.perf_counter() - start
-    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
     return 1e-6 * busy_time(kernels) / wall_s
 
 
@@ -641,8 +786,13 @@ def _mfu(row: dict) -> float | None:
 
 
 def _baseline(kind: str) -> str | None:
-    return {"transformer": "native_gpt", "swa": "native_gpt", "mamba": "native_mamba",
-            "inter": "native_mamba_hybrid", "intra": "native_mamba_hybrid"}.get(kind)
+    return {
+        "transformer": "native_gpt",
+        "swa": "native_gpt",
+        "mamba": "native_mamba",
+        "inter": "native_mamba_hybrid",
+        "intra": "native_mamba_hybrid",
+    }.get(kind)
 
 
 # The targets the report checks: dense from the dense-efficiency work; MoE from the MoE work
@@ -662,19 +812,30 @@ def summarise(records: list[dict]) -> dict:
         for row in record.get("rows", []):
             if "precision" in row:  # a throughput row (max-mbs rows have none)
                 kind = row.get("kind", row.get("arch"))  # the records in bench/results say "arch"
-                rows.append({**{k: v for k, v in row.items() if k != "arch"}, "kind": kind,
-                             "run": run, "device": record["device"], "date": record["date"]})
+                rows.append(
+                    {
+                        **{k: v for k, v in row.items() if k != "arch"},
+                        "kind": kind,
+                        "run": run,
+                        "device": record["device"],
+                        "date": record["date"],
+                    }
+                )
     # Ratios only within one run (one process on one machine): run-to-run noise is 10-25%.
     index = {(r["run"], r["scale"], r["kind"], r["ffn"], r["precision"]): r for r in rows}
     for r in rows:
         r["mfu"] = _mfu(r)
         base = index.get((r["run"], r["scale"], _baseline(r["kind"]), r["ffn"], r["precision"]))
         r["baseline"] = _baseline(r["kind"])
-        r["vs_baseline"] = (r["tokens_per_s"] / base["tokens_per_s"]
-                            if base and r.get("tokens_per_s") and base.get("tokens_per_s") else None)
+        r["vs_baseline"] = (
+            r["tokens_per_s"] / base["tokens_per_s"]
+            if base and r.get("tokens_per_s") and base.get("tokens_per_s")
+            else None
+        )
 
     goals = []
     for run, scale in sorted({(r["run"], r["scale"]) for r in rows}):
+
         def tps(scale, kind, ffn, precision, run=run):
             r = index.get((run, scale, kind, ffn, precision))
             return r.get("tokens_per_s") if r else None
@@ -686,44 +847,80 @@ def summarise(records: list[dict]) -> dict:
                 bound = GOALS["vs_native"][ffn]
                 for kind, ours in (("inter", inter), ("intra", intra) if ffn == "moe" else (None, None)):
                     if ours and native:
-                        goals.append({"run": run, "value": ours / native, "met": ours / native >= bound,
-                                      "goal": f"{scale} {ffn} {precision}: {kind} >= {bound:.2f}x native MambaModel"})
+                        goals.append(
+                            {
+                                "run": run,
+                                "value": ours / native,
+                                "met": ours / native >= bound,
+                                "goal": f"{scale} {ffn} {precision}: {kind} >= {bound:.2f}x native MambaModel",
+                            }
+                        )
                 if inter and intra:
-                    goals.append({"run": run, "goal": f"{scale} {ffn} {precision}: intra >= 0.95x inter",
-                                  "value": intra / inter, "met": intra / inter >= 0.95})
+                    goals.append(
+                        {
+                            "run": run,
+                            "goal": f"{scale} {ffn} {precision}: intra >= 0.95x inter",
+                            "value": intra / inter,
+                            "met": intra / inter >= 0.95,
+                        }
+                    )
             for kind in ("inter", "intra"):
                 r = index.get((run, scale, kind, ffn, "bf16"))
                 bound = GOALS["mfu_1b"][ffn][kind]
                 if scale == "1b" and r and r.get("mfu") is not None:
-                    goals.append({"run": run, "goal": f"1b {ffn} bf16 8K: {kind} MFU >= {bound:.0%}",
-                                  "value": r["mfu"], "met": r["mfu"] >= bound})
+                    goals.append(
+                        {
+                            "run": run,
+                            "goal": f"1b {ffn} bf16 8K: {kind} MFU >= {bound:.0%}",
+                            "value": r["mfu"],
+                            "met": r["mfu"] >= bound,
+                        }
+                    )
                 if ffn == "moe" and r and r.get("gpu_busy_share") is not None:
-                    goals.append({"run": run, "goal": f"{scale} moe bf16: {kind} GPU busy >= 90% of the step",
-                                  "value": r["gpu_busy_share"], "met": r["gpu_busy_share"] >= 0.9})
+                    goals.append(
+                        {
+                            "run": run,
+                            "goal": f"{scale} moe bf16: {kind} GPU busy >= 90% of the step",
+                            "value": r["gpu_busy_share"],
+                            "met": r["gpu_busy_share"] >= 0.9,
+                        }
+                    )
             for kind in KINDS:
                 b, f = tps(scale, kind, ffn, "bf16"), tps(scale, kind, ffn, "fp8")
                 bound = GOALS["fp8_1b"][ffn]
                 if scale == "1b" and b and f:
-                    goals.append({"run": run, "goal": f"1b {ffn} {kind}: fp8 >= {bound:.2f}x bf16",
-                                  "value": f / b, "met": f / b >= bound})
+                    goals.append(
+                        {
+                            "run": run,
+                            "goal": f"1b {ffn} {kind}: fp8 >= {bound:.2f}x bf16",
+                            "value": f / b,
+                            "met": f / b >= bound,
+                        }
+                    )
     return {"rows": rows, "goals": goals}
 
 
 def markdown(summary: dict) -> str:
     """The summary as markdown tables (rows, then goals)."""
-    lines = ["| run | scale | kind | ffn | precision | params (M) | tokens/s | MFU | GPU busy | peak GiB | vs baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | scale | kind | ffn | precision | params (M) | tokens/s | MFU | GPU busy | peak GiB | vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary["rows"]:
         if r.get("error"):
-            lines.append(f"| {r['run']} | {r['scale']} | {r['kind']} | {r['ffn']} | {r['precision']} | | "
-                         f"error: {' '.join(r['error'].split())[:80]} | | | | |")
+            lines.append(
+                f"| {r['run']} | {r['scale']} | {r['kind']} | {r['ffn']} | {r['precision']} | | "
+                f"error: {' '.join(r['error'].split())[:80]} | | | | |"
+            )
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         vs = f"{r['vs_baseline']:.2f}x {r['baseline']}" if r.get("vs_baseline") else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
         busy = f"{r['gpu_busy_share']:.0%}" if r.get("gpu_busy_share") is not None else "-"
-        lines.append(f"| {r['run']} | {r['scale']} | {r['kind']} | {r['ffn']} | {r['precision']} | "
-                     f"{r['num_parameters'] / 1e6:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {busy} | {mem} | {vs} |")
+        lines.append(
+            f"| {r['run']} | {r['scale']} | {r['kind']} | {r['ffn']} | {r['precision']} | "
+            f"{r['num_parameters'] / 1e6:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {busy} | {mem} | {vs} |"
+        )
     runs = summary.get("sources") or []
     if any(r.get("options") for r in runs):
         lines += ["", "| run | device | date | options (flags of `run`) |", "|---|---|---|---|"]
@@ -743,9 +940,22 @@ def cmd_report(args) -> None:
     """Merge JSON run records into one summary JSON and a markdown table."""
     records = [json.loads(Path(p).read_text()) for p in args.inputs]
     summary = summarise(records)
-    summary["sources"] = [{k: r.get(k) for k in ("device", "date", "torch", "transformer_engine",
-                                                   "megatron_core", "warmup", "steps", "options")}
-                          for r in records]
+    summary["sources"] = [
+        {
+            k: r.get(k)
+            for k in (
+                "device",
+                "date",
+                "torch",
+                "transformer_engine",
+                "megatron_core",
+                "warmup",
+                "steps",
+                "options",
+            )
+        }
+        for r in records
+    ]
     if args.json:
         write_json(args.json, summary)
     text = markdown(summary)

@@ -59,7 +59,7 @@ def checkpoint_step(path: str | Path) -> int | None:
     None for anything else, including an unfinished ``step_N.partial-<id>`` directory.
     """
     name = Path(path).name
-    digits = name[len(STEP_PREFIX):] if name.startswith(STEP_PREFIX) else ""
+    digits = name[len(STEP_PREFIX) :] if name.startswith(STEP_PREFIX) else ""
     return int(digits) if digits.isdigit() else None
 
 
@@ -129,7 +129,8 @@ def step_directories(root: str | Path) -> list[tuple[int, Path]]:
     directories are not listed.
     """
     return sorted(
-        (step, path) for path in Path(root).iterdir()
+        (step, path)
+        for path in Path(root).iterdir()
         if path.is_dir() and (step := checkpoint_step(path)) is not None
     )
 

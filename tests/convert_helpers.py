@@ -77,7 +77,12 @@ def hf_greedy(hf_model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """transformers ``generate`` (greedy, with its KV + SSM cache)."""
     with torch.no_grad():
         return hf_model.generate(
-            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            use_cache=True, pad_token_id=0, eos_token_id=None,
+            prompt,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+            eos_token_id=None,
             attention_mask=torch.ones_like(prompt),
         )

@@ -46,5 +46,10 @@ def run_tool(tool: str, *args: str, timeout: int = 120, **popen) -> subprocess.C
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [sys.executable, str(REPO / "data_tools" / f"{tool}.py"), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **popen,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
     )

@@ -22,7 +22,10 @@ def free_port() -> int:
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
     import warnings
@@ -63,7 +66,10 @@ def run_distributed(fn: Callable, world: int, tmp_path: Path, *args) -> list:
     out_dir = tmp_path / f"ranks-{free_port()}"
     out_dir.mkdir()
     mp.start_processes(
-        _entry, args=(world, free_port(), fn, args, str(out_dir)), nprocs=world, join=True,
+        _entry,
+        args=(world, free_port(), fn, args, str(out_dir)),
+        nprocs=world,
+        join=True,
         start_method="spawn",
     )
     results = []

@@ -19,9 +19,14 @@ def train_tiny(kind: str, run_dir: Path, steps: int = 4, *extra: str) -> dict:
     from hybrid_megatron.training.entry import train
 
     overrides = [
-        f"checkpoint.dir={run_dir}/checkpoints", f"train.steps={steps}", "train.warmup_steps=1",
-        f"checkpoint.interval={steps}", f"train.eval_interval={steps}", "train.eval_iters=2",
-        "tracking.enabled=false", *extra,
+        f"checkpoint.dir={run_dir}/checkpoints",
+        f"train.steps={steps}",
+        "train.warmup_steps=1",
+        f"checkpoint.interval={steps}",
+        f"train.eval_interval={steps}",
+        "train.eval_iters=2",
+        "tracking.enabled=false",
+        *extra,
     ]
     return train(load_recipe(str(REPO / "recipes" / f"{kind}_tiny.yaml"), overrides))
 

@@ -32,11 +32,13 @@ CLIENTS = ("sbatch", "srun", "squeue", "scancel", "sinfo", "scontrol")
 
 def unavailable_reason() -> str | None:
     """Why a test cluster cannot start here (missing binaries, not root), or None if it can."""
-    missing = [name for name in DAEMONS + CLIENTS if shutil.which(name) is None
-               and not Path("/usr/sbin", name).exists()]
+    missing = [
+        name
+        for name in DAEMONS + CLIENTS
+        if shutil.which(name) is None and not Path("/usr/sbin", name).exists()
+    ]
     if missing:
-        return (f"SLURM/munge not installed (missing {', '.join(missing)}); "
-                "run scripts/install_test_deps.sh")
+        return f"SLURM/munge not installed (missing {', '.join(missing)}); run scripts/install_test_deps.sh"
     if os.geteuid() != 0:
         return "the test SLURM cluster runs slurmd as root; not root here"
     return None
@@ -103,54 +105,59 @@ class SlurmCluster:
             key.write_bytes(os.urandom(128))
         key.chmod(0o400)
         cpus = os.cpu_count() or 1
-        self.conf.write_text("\n".join([
-            "ClusterName=hmtest",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            # cred_expire is also how long a requeued job waits before it may start again
-            # (default 120 s): short, so the preemption/requeue test stays short.
-            f"AuthInfo=socket={run / 'munge.socket'},cred_expire={self.cred_expire_s}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            f"StateSaveLocation={root / 'state'}",
-            f"SlurmdSpoolDir={root / 'spool'}",
-            f"SlurmctldPidFile={run / 'slurmctld.pid'}",
-            f"SlurmdPidFile={run / 'slurmd.pid'}",
-            f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
-            f"PlugStackConfig={root / 'plugstack.conf'}",
-            # No cgroups, no accounting daemon: processes are tracked by /proc, as in a container.
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_CPU",
-            "SchedulerType=sched/builtin",
-            # Test pending jobs every 2 s, not 60: a requeued job starts as soon as it may.
-            "SchedulerParameters=sched_interval=2",
-            "MpiDefault=none",
-            "ReturnToService=2",
-            "SlurmctldTimeout=30",
-            "SlurmdTimeout=30",
-            "InactiveLimit=0",
-            "KillWait=5",
-            "MinJobAge=300",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_memory_mb()} State=UNKNOWN",
-            f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]))
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=hmtest",
+                    f"SlurmctldHost={self.node}(127.0.0.1)",
+                    f"SlurmctldPort={_free_port()}",
+                    f"SlurmdPort={_free_port()}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    # cred_expire is also how long a requeued job waits before it may start again
+                    # (default 120 s): short, so the preemption/requeue test stays short.
+                    f"AuthInfo=socket={run / 'munge.socket'},cred_expire={self.cred_expire_s}",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    f"StateSaveLocation={root / 'state'}",
+                    f"SlurmdSpoolDir={root / 'spool'}",
+                    f"SlurmctldPidFile={run / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={run / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
+                    f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
+                    f"PlugStackConfig={root / 'plugstack.conf'}",
+                    # No cgroups, no accounting daemon: processes are tracked by /proc, as in a container.
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_CPU",
+                    "SchedulerType=sched/builtin",
+                    # Test pending jobs every 2 s, not 60: a requeued job starts as soon as it may.
+                    "SchedulerParameters=sched_interval=2",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    "SlurmctldTimeout=30",
+                    "SlurmdTimeout=30",
+                    "InactiveLimit=0",
+                    "KillWait=5",
+                    "MinJobAge=300",
+                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_memory_mb()} State=UNKNOWN",
+                    f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
         (root / "plugstack.conf").write_text("")
 
     # -- processes ---------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.out", "ab")
         self._logs.append(log)
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            cwd=self.root, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True
+        )
 
     def _wait(self, what: str, ready, timeout: float) -> None:
         deadline = time.time() + timeout
@@ -166,8 +173,13 @@ class SlurmCluster:
     def node_state(self) -> str:
         """The node's state as sinfo reports it (``idle``, ``down*``, ...); '' if unreachable."""
         try:
-            out = subprocess.run(["sinfo", "-h", "-n", self.node, "-o", "%T"], capture_output=True,
-                                 text=True, env=self.env, timeout=10)
+            out = subprocess.run(
+                ["sinfo", "-h", "-n", self.node, "-o", "%T"],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=10,
+            )
         except subprocess.TimeoutExpired:
             return ""
         return out.stdout.strip()
@@ -184,11 +196,18 @@ class SlurmCluster:
         root = self.root
         socket_path = self.run_dir / "munge.socket"
         try:
-            self._spawn("munged", [
-                _binary("munged"), "--foreground", f"--key-file={root / 'munge' / 'munge.key'}",
-                f"--socket={socket_path}", f"--pid-file={self.run_dir / 'munged.pid'}",
-                f"--log-file={root / 'log' / 'munged.log'}", f"--seed-file={root / 'munge' / 'munged.seed'}",
-            ])
+            self._spawn(
+                "munged",
+                [
+                    _binary("munged"),
+                    "--foreground",
+                    f"--key-file={root / 'munge' / 'munge.key'}",
+                    f"--socket={socket_path}",
+                    f"--pid-file={self.run_dir / 'munged.pid'}",
+                    f"--log-file={root / 'log' / 'munged.log'}",
+                    f"--seed-file={root / 'munge' / 'munged.seed'}",
+                ],
+            )
             self._wait("munged's socket", socket_path.exists, 10)
             self._spawn("slurmctld", [_binary("slurmctld"), "-D", "-f", str(self.conf)])
             self._spawn("slurmd", [_binary("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
@@ -203,8 +222,13 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel every job, then end slurmd, slurmctld and munged (TERM, then KILL after 10 s)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            subprocess.run(["scancel", "--quiet", f"--partition={self.partition}"], env=self.env,
-                           capture_output=True, timeout=30, check=False)
+            subprocess.run(
+                ["scancel", "--quiet", f"--partition={self.partition}"],
+                env=self.env,
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
             deadline = time.time() + 10
             while time.time() < deadline and self._has_jobs():
                 time.sleep(0.3)
@@ -225,8 +249,14 @@ class SlurmCluster:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _has_jobs(self) -> bool:
-        out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
-                             env=self.env, timeout=10, check=False)
+        out = subprocess.run(
+            ["squeue", "-h", "-o", "%i"],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=10,
+            check=False,
+        )
         return bool(out.stdout.strip())
 
     def log_tails(self, lines: int = 15) -> str:

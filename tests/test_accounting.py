@@ -28,9 +28,7 @@ def one_rank():
 
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-        )
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     setup_model_parallel(ParallelConfig(), seed=3)
     yield
     parallel_state.destroy_model_parallel()
@@ -60,41 +58,82 @@ def _build(cfg):
 
 
 # (id, kind, moe, overrides): every kind dense and MoE, and the options that change the count.
-PARAM_CASES = [(f"{k}-dense", k, False, {}) for k in KINDS] + [
-    (f"{k}-moe", k, True, {}) for k in KINDS
-] + [
-    ("transformer-tied", "transformer", False, {"tie_embeddings": True}),
-    ("mamba-tied-moe", "mamba", True, {"tie_embeddings": True}),
-    ("mamba-no-ffn", "mamba", False, {"mamba_block_ffn": False}),
-    ("inter-no-ffn-moe", "inter", True, {"mamba_block_ffn": False}),
-    ("intra-no-ffn", "intra", False, {"mamba_block_ffn": False, "pattern": {"ratio": "1:1"}}),
-    ("intra-add-scalars", "intra", False, {"intra": {"fusion": "add", "branch_scalars": True}}),
-    ("intra-subtract-nonorm", "intra", False,
-     {"intra": {"fusion": "subtract", "branch_norm": "none"}}),
-    ("intra-concat-3to1-width", "intra", False,
-     {"intra": {"dim_ratio": "3:1", "mixer_width": 128, "branch_scalars": True}}),
-    ("intra-attention-only-mha", "intra", False,
-     {"intra": {"dim_ratio": "1:0", "num_query_groups": None}}),
-    ("intra-mamba-only", "intra", False, {"intra": {"dim_ratio": "0:1", "fusion": "add"}}),
-    ("swa-moe-shared-top3", "swa", True,
-     {"moe": {"num_experts": 6, "top_k": 3, "expert_ffn_hidden_size": 48,
-              "shared_expert_ffn_hidden_size": 32}}),
-    ("transformer-mha-headdim", "transformer", False,
-     {"attention": {"num_heads": 2, "num_query_groups": None, "head_dim": 24}}),
-    ("mamba-groups-state", "mamba", False,
-     {"mamba": {"state_dim": 16, "num_groups": 1, "head_dim": 32}}),
-] + [  # flavour nemotron_h: no-RoPE attention, relu2 FFNs and experts, sigmoid router
-    (f"nemotron_h-{k}-{'moe' if m else 'dense'}", k, m, {"flavour": "nemotron_h"})
-    for k in ("transformer", "mamba", "inter") for m in (False, True)
-] + [
-    ("nemotron_h-letters-shared-tied", "inter", True,
-     {"flavour": "nemotron_h", "num_layers": 6, "mamba_block_ffn": False, "tie_embeddings": True,
-      "pattern": {"ratio": None, "layout": "M*-MEA", "allow_early_attention": True},
-      "moe": {"shared_expert_ffn_hidden_size": 32}}),
-    ("nemotron_h-default-ffn-top1-nobias", "transformer", True,
-     {"flavour": "nemotron_h", "ffn_hidden_size": None,
-      "moe": {"top_k": 1, "expert_bias": False, "expert_ffn_hidden_size": None}}),
-]
+PARAM_CASES = (
+    [(f"{k}-dense", k, False, {}) for k in KINDS]
+    + [(f"{k}-moe", k, True, {}) for k in KINDS]
+    + [
+        ("transformer-tied", "transformer", False, {"tie_embeddings": True}),
+        ("mamba-tied-moe", "mamba", True, {"tie_embeddings": True}),
+        ("mamba-no-ffn", "mamba", False, {"mamba_block_ffn": False}),
+        ("inter-no-ffn-moe", "inter", True, {"mamba_block_ffn": False}),
+        ("intra-no-ffn", "intra", False, {"mamba_block_ffn": False, "pattern": {"ratio": "1:1"}}),
+        ("intra-add-scalars", "intra", False, {"intra": {"fusion": "add", "branch_scalars": True}}),
+        ("intra-subtract-nonorm", "intra", False, {"intra": {"fusion": "subtract", "branch_norm": "none"}}),
+        (
+            "intra-concat-3to1-width",
+            "intra",
+            False,
+            {"intra": {"dim_ratio": "3:1", "mixer_width": 128, "branch_scalars": True}},
+        ),
+        (
+            "intra-attention-only-mha",
+            "intra",
+            False,
+            {"intra": {"dim_ratio": "1:0", "num_query_groups": None}},
+        ),
+        ("intra-mamba-only", "intra", False, {"intra": {"dim_ratio": "0:1", "fusion": "add"}}),
+        (
+            "swa-moe-shared-top3",
+            "swa",
+            True,
+            {
+                "moe": {
+                    "num_experts": 6,
+                    "top_k": 3,
+                    "expert_ffn_hidden_size": 48,
+                    "shared_expert_ffn_hidden_size": 32,
+                }
+            },
+        ),
+        (
+            "transformer-mha-headdim",
+            "transformer",
+            False,
+            {"attention": {"num_heads": 2, "num_query_groups": None, "head_dim": 24}},
+        ),
+        ("mamba-groups-state", "mamba", False, {"mamba": {"state_dim": 16, "num_groups": 1, "head_dim": 32}}),
+    ]
+    + [  # flavour nemotron_h: no-RoPE attention, relu2 FFNs and experts, sigmoid router
+        (f"nemotron_h-{k}-{'moe' if m else 'dense'}", k, m, {"flavour": "nemotron_h"})
+        for k in ("transformer", "mamba", "inter")
+        for m in (False, True)
+    ]
+    + [
+        (
+            "nemotron_h-letters-shared-tied",
+            "inter",
+            True,
+            {
+                "flavour": "nemotron_h",
+                "num_layers": 6,
+                "mamba_block_ffn": False,
+                "tie_embeddings": True,
+                "pattern": {"ratio": None, "layout": "M*-MEA", "allow_early_attention": True},
+                "moe": {"shared_expert_ffn_hidden_size": 32},
+            },
+        ),
+        (
+            "nemotron_h-default-ffn-top1-nobias",
+            "transformer",
+            True,
+            {
+                "flavour": "nemotron_h",
+                "ffn_hidden_size": None,
+                "moe": {"top_k": 1, "expert_bias": False, "expert_ffn_hidden_size": None},
+            },
+        ),
+    ]
+)
 
 
 def _per_layer_counts(model) -> tuple[dict[int, int], dict[int, int], dict[str, int]]:
@@ -172,8 +211,15 @@ def test_param_formulas_by_hand():
     assert m.mixer == 64 * 296 + 160 * 5 + 24 + 128 + 128 * 64
     # flavour nemotron_h: relu2 FFN 2*64*128 (up, down); '*' attention only (one norm);
     # '-' MLP only (one norm); 'E' MoE only: router 4*64 + 4 experts 2*64*64, top-2 active.
-    n = count_parameters(_cfg("inter", True, flavour="nemotron_h", pattern={
-        "ratio": None, "layout": "MA*-E", "allow_early_attention": True}, num_layers=5)).blocks
+    n = count_parameters(
+        _cfg(
+            "inter",
+            True,
+            flavour="nemotron_h",
+            pattern={"ratio": None, "layout": "MA*-E", "allow_early_attention": True},
+            num_layers=5,
+        )
+    ).blocks
     assert (n["A"].mixer, n["A"].norms, n["A"].ffn) == (a.mixer, 128, 4 * 64 + 4 * 2 * 64 * 64)
     assert (n["*"].mixer, n["*"].norms, n["*"].ffn) == (a.mixer, 64, 0)
     assert (n["-"].mixer, n["-"].norms, n["-"].ffn) == (0, 64, 2 * 64 * 128)
@@ -225,12 +271,24 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
 
 @pytest.mark.parametrize(
     "kind,moe,overrides",
-    [("transformer", False, {}), ("swa", True, {}), ("mamba", False, {}),
-     ("inter", True, {"mamba_block_ffn": False}), ("intra", True, {}),
-     ("intra", False, {"intra": {"fusion": "subtract"}}),
-     ("inter", True, {"flavour": "nemotron_h", "num_layers": 5, "moe": {
-         "shared_expert_ffn_hidden_size": 32}, "pattern": {
-         "ratio": None, "layout": "MA*-E", "allow_early_attention": True}})],
+    [
+        ("transformer", False, {}),
+        ("swa", True, {}),
+        ("mamba", False, {}),
+        ("inter", True, {"mamba_block_ffn": False}),
+        ("intra", True, {}),
+        ("intra", False, {"intra": {"fusion": "subtract"}}),
+        (
+            "inter",
+            True,
+            {
+                "flavour": "nemotron_h",
+                "num_layers": 5,
+                "moe": {"shared_expert_ffn_hidden_size": 32},
+                "pattern": {"ratio": None, "layout": "MA*-E", "allow_early_attention": True},
+            },
+        ),
+    ],
 )
 def test_flops_match_torch_flop_counter(one_rank, kind, moe, overrides):
     """Against torch's FlopCounterMode on the built model (L=16, batch 1): every linear layer
@@ -262,8 +320,7 @@ def test_flops_match_torch_flop_counter(one_rank, kind, moe, overrides):
     report = training_flops(cfg, L)
     core = {"attn_scores", "attn_values", "conv1d", "ssd_intra_chunk", "ssd_state"}
     linear = report.lm_head_forward + sum(
-        b.count * sum(v for k, v in b.terms.items() if k not in core)
-        for b in report.blocks.values()
+        b.count * sum(v for k, v in b.terms.items() if k not in core) for b in report.blocks.values()
     )
     assert counts["aten.mm"] == linear
     window = cfg.attention.sliding_window if cfg.attention else None
@@ -284,12 +341,15 @@ def test_flops_scaling_with_length_window_and_experts():
     a1, a2, a4 = (t("transformer", L).training_per_token for L in (1024, 2048, 4096))
     assert a4 - a2 == pytest.approx(2 * (a2 - a1), rel=1e-3)
     # A window caps it: beyond the window the per-token cost stops growing (up to W^2/L).
-    s2, s4 = (t("swa", L, attention={"num_heads": 4, "sliding_window": 256}).training_per_token
-              for L in (2048, 4096))
+    s2, s4 = (
+        t("swa", L, attention={"num_heads": 4, "sliding_window": 256}).training_per_token
+        for L in (2048, 4096)
+    )
     assert s4 - s2 < 0.01 * (a4 - a2)
     # Mamba: linear in L once L spans whole chunks: per-token cost constant.
     assert t("mamba", 1024).training_per_token == pytest.approx(
-        t("mamba", 4096).training_per_token, rel=1e-12)
+        t("mamba", 4096).training_per_token, rel=1e-12
+    )
     # MoE: top_k=2 costs one more expert than top_k=1 per token, nothing else changes.
     moe = {"num_experts": 4, "expert_ffn_hidden_size": 64}
     one = t("transformer", 64, moe={**moe, "top_k": 1})
@@ -299,8 +359,7 @@ def test_flops_scaling_with_length_window_and_experts():
     # Mamba blocks without FFN: exactly the dense FFN's cost less per M block.
     with_ffn, without = t("mamba", 64), t("mamba", 64, mamba_block_ffn=False)
     assert with_ffn.training_per_token - without.training_per_token == 2 * 3 * 2 * 3 * 256 * 512
-    assert model_flops_per_token(_cfg("inter"), 32) == training_flops(
-        _cfg("inter"), 32).training_per_token
+    assert model_flops_per_token(_cfg("inter"), 32) == training_flops(_cfg("inter"), 32).training_per_token
 
 
 def test_cache_bytes_by_hand_and_against_megatron_state_shapes(one_rank):
@@ -331,8 +390,16 @@ def test_cache_bytes_by_hand_and_against_megatron_state_shapes(one_rank):
     m = cache_bytes(_cfg("mamba"), 10).blocks["M"]
     assert (m.conv_bytes, m.ssm_bytes, m.kv_bytes) == (160 * 4 * 2, 8 * 16 * 8 * 2, 0)
     # nemotron_h letters: '*' keeps K/V like 'A'; '-' and 'E' keep nothing.
-    n = cache_bytes(_cfg("inter", True, flavour="nemotron_h", num_layers=4, pattern={
-        "ratio": None, "layout": "M*-E", "allow_early_attention": True}), 50)
+    n = cache_bytes(
+        _cfg(
+            "inter",
+            True,
+            flavour="nemotron_h",
+            num_layers=4,
+            pattern={"ratio": None, "layout": "M*-E", "allow_early_attention": True},
+        ),
+        50,
+    )
     assert n.blocks["*"].kv_bytes == 2 * 2 * 16 * 50 * 2 and n.blocks["-"].total == n.blocks["E"].total == 0
     assert n.total_bytes == n.blocks["*"].total + n.blocks["M"].total
 
@@ -357,8 +424,13 @@ def _one_b(kind: str, num_layers: int):
     from hybrid_megatron.config.model import ModelConfig
 
     cfg = dict(
-        kind=kind, impl="local", num_layers=num_layers, hidden_size=2048, ffn_hidden_size=8192,
-        vocab_size=32000, max_position_embeddings=SEQ,
+        kind=kind,
+        impl="local",
+        num_layers=num_layers,
+        hidden_size=2048,
+        ffn_hidden_size=8192,
+        vocab_size=32000,
+        max_position_embeddings=SEQ,
         mamba={"state_dim": 128, "head_dim": 64, "num_groups": 1, "expand": 2},
     )
     if kind != "mamba":
@@ -414,7 +486,12 @@ def test_table1_orderings_at_8k():
 
     cfgs = {k: _p_matched_1b(k) for k in TABLE1}
     assert {k: c.num_layers for k, c in cfgs.items()} == {
-        "transformer": 16, "swa": 16, "mamba": 13, "inter": 13, "intra": 13}
+        "transformer": 16,
+        "swa": 16,
+        "mamba": 13,
+        "inter": 13,
+        "intra": 13,
+    }
     flops = {k: training_flops(c, SEQ).training_per_sample for k, c in cfgs.items()}
     cache = {k: cache_bytes(c, SEQ).total_bytes / MIB for k, c in cfgs.items()}
 
@@ -450,8 +527,7 @@ def _write_recipe(tmp_path: Path, kind: str = "inter", **overrides) -> Path:
     import yaml
 
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"model": _model_dict(kind, **overrides),
-                                    "data": {"seq_length": 48}}))
+    path.write_text(yaml.safe_dump({"model": _model_dict(kind, **overrides), "data": {"seq_length": 48}}))
     return path
 
 
@@ -495,7 +571,10 @@ def test_cli_runs_as_module(tmp_path):
     path = _write_recipe(tmp_path, "swa")
     proc = subprocess.run(
         [sys.executable, "-m", "hybrid_megatron.accounting", str(path), "--json", "--seq-len", "8"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -524,4 +603,7 @@ def test_cli_on_shipped_recipe_and_param_hook(capsys):
     assert out["seq_len"] == recipe.data.seq_length
     assert out["pattern"] == report.pattern and out["params"]["total"] == report.total
     assert derived(recipe, 1, count_parameters)["params"] == {
-        "total": report.total, "active": report.active, "non_embedding": report.non_embedding}
+        "total": report.total,
+        "active": report.active,
+        "non_embedding": report.non_embedding,
+    }

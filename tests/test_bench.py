@@ -20,15 +20,29 @@ def test_native_pattern_maps_each_block_to_mixer_plus_ffn_layer():
 
 
 def _row(kind, tps, precision="bf16", scale="1b", ffn="dense"):
-    return {"scale": scale, "kind": kind, "ffn": ffn, "precision": precision,
-            "tokens_per_s": tps, "flops_per_token": 1e10, "num_parameters": 1, "peak_memory_gib": 1.0}
+    return {
+        "scale": scale,
+        "kind": kind,
+        "ffn": ffn,
+        "precision": precision,
+        "tokens_per_s": tps,
+        "flops_per_token": 1e10,
+        "num_parameters": 1,
+        "peak_memory_gib": 1.0,
+    }
 
 
 def test_report_ratios_and_goals_stay_within_one_run():
-    run_a = {"device": "H100", "date": "d", "rows": [
-        _row("inter", 40_000), _row("native_mamba_hybrid", 40_000), _row("intra", 30_000),
-        _row("inter", 52_000, "fp8"),
-    ]}
+    run_a = {
+        "device": "H100",
+        "date": "d",
+        "rows": [
+            _row("inter", 40_000),
+            _row("native_mamba_hybrid", 40_000),
+            _row("intra", 30_000),
+            _row("inter", 52_000, "fp8"),
+        ],
+    }
     # A second run's native row must not become run_a's baseline.
     run_b = {"device": "H100", "date": "d", "rows": [_row("native_mamba_hybrid", 10_000)]}
     summary = bench.summarise([run_a, run_b])
@@ -46,8 +60,11 @@ def test_report_ratios_and_goals_stay_within_one_run():
 
 def test_report_prints_a_ratio_just_under_its_goal_as_missed():
     """0.997x must not print as "1.00x" next to "NO"."""
-    run = {"device": "H100", "date": "d", "rows": [
-        _row("inter", 39_880), _row("native_mamba_hybrid", 40_000)]}
+    run = {
+        "device": "H100",
+        "date": "d",
+        "rows": [_row("inter", 39_880), _row("native_mamba_hybrid", 40_000)],
+    }
     text = bench.markdown(bench.summarise([run]))
     assert "| 0 | 1b dense bf16: inter >= 1.00x native MambaModel | 0.997x | NO |" in text
 
@@ -55,18 +72,33 @@ def test_report_prints_a_ratio_just_under_its_goal_as_missed():
 def test_report_reads_records_whose_rows_say_arch():
     """The committed records in bench/results name the kind column ``arch``; max-mbs records
     (rows with a kind but no precision) are not throughput rows."""
-    old = {"device": "H100", "date": "d", "rows": [
-        {**{k: v for k, v in _row(kind, tps).items() if k != "kind"}, "arch": kind}
-        for kind, tps in (("inter", 30_000), ("native_mamba_hybrid", 40_000))]}
-    max_mbs = {"device": "H100", "date": "d", "rows": [{"kind": "inter", "recompute": "none", "attempts": []}]}
+    old = {
+        "device": "H100",
+        "date": "d",
+        "rows": [
+            {**{k: v for k, v in _row(kind, tps).items() if k != "kind"}, "arch": kind}
+            for kind, tps in (("inter", 30_000), ("native_mamba_hybrid", 40_000))
+        ],
+    }
+    max_mbs = {
+        "device": "H100",
+        "date": "d",
+        "rows": [{"kind": "inter", "recompute": "none", "attempts": []}],
+    }
     summary = bench.summarise([old, max_mbs])
-    assert [(r["kind"], "arch" in r) for r in summary["rows"]] == [("inter", False), ("native_mamba_hybrid", False)]
+    assert [(r["kind"], "arch" in r) for r in summary["rows"]] == [
+        ("inter", False),
+        ("native_mamba_hybrid", False),
+    ]
     assert summary["rows"][0]["vs_baseline"] == pytest.approx(0.75)
     assert "| 0 | 1b | inter | dense | bf16 |" in bench.markdown(summary)
 
 
 def test_committed_records_still_report():
-    records = [json.loads(p.read_text()) for p in sorted((REPO / "bench" / "results").glob("train_throughput_*/run*.json"))]
+    records = [
+        json.loads(p.read_text())
+        for p in sorted((REPO / "bench" / "results").glob("train_throughput_*/run*.json"))
+    ]
     summary = bench.summarise(records)
     assert len(summary["rows"]) == sum(len(r["rows"]) for r in records) > 0
     assert all(r["kind"] in bench.KINDS + list(bench.NATIVES) for r in summary["rows"])
@@ -76,12 +108,41 @@ def test_committed_records_still_report():
 def test_tiny_rows_train_on_cpu(tmp_path):
     out = tmp_path / "tiny.json"
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "train_throughput.py"), "run", "--scales", "tiny",
-         "--kinds", "inter", "intra", "--ffn", "dense", "moe", "--precisions", "bf16",
-         "--warmup", "1", "--steps", "2", "--out", str(out),
-         "--mbs", "1", "--microbatches", "2", "--overlap-branches", "--intra-dim-ratio", "1:3",
-         "--attention-head-dim", "32", "--unfused"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "bench" / "train_throughput.py"),
+            "run",
+            "--scales",
+            "tiny",
+            "--kinds",
+            "inter",
+            "intra",
+            "--ffn",
+            "dense",
+            "moe",
+            "--precisions",
+            "bf16",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--mbs",
+            "1",
+            "--microbatches",
+            "2",
+            "--overlap-branches",
+            "--intra-dim-ratio",
+            "1:3",
+            "--attention-head-dim",
+            "32",
+            "--unfused",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())
@@ -90,7 +151,11 @@ def test_tiny_rows_train_on_cpu(tmp_path):
     assert record["options"]["attention_head_dim"] == 32 and record["options"]["unfused"] is True
     rows = record["rows"]
     assert [(r["kind"], r["ffn"]) for r in rows] == [
-        ("inter", "dense"), ("intra", "dense"), ("inter", "moe"), ("intra", "moe")]
+        ("inter", "dense"),
+        ("intra", "dense"),
+        ("inter", "moe"),
+        ("intra", "moe"),
+    ]
     for r in rows:
         assert "error" not in r, r.get("traceback")
         assert r["tokens_per_s"] > 0 and len(r["losses"]) == 3
@@ -103,9 +168,17 @@ def test_tiny_rows_train_on_cpu(tmp_path):
 def test_run_options_round_trip_through_their_flags():
     import argparse
 
-    options = bench.RunOptions(micro_batch=2, microbatches=4, cuda_graphs=True, intra_dim_ratio="1:3",
-                               intra_pattern="1:3", fp8_output_layer=True,
-                               attention_head_dim=128, unfused=True, unfused_moe=True)
+    options = bench.RunOptions(
+        micro_batch=2,
+        microbatches=4,
+        cuda_graphs=True,
+        intra_dim_ratio="1:3",
+        intra_pattern="1:3",
+        fp8_output_layer=True,
+        attention_head_dim=128,
+        unfused=True,
+        unfused_moe=True,
+    )
     parser = argparse.ArgumentParser()
     bench.add_option_flags(parser)
     assert bench.RunOptions.from_args(parser.parse_args(options.as_args())) == options
@@ -144,14 +217,20 @@ def test_fp8_head_and_intra_pattern_reach_only_their_rows():
     intra = bench.model_config("1b", "intra", False, "bf16", options)
     assert build_layer_pattern(intra) == "MMMHMMMHMMMMH"  # 3 hybrid blocks of 13, spread
     assert bench.model_config("1b", "inter", False, "bf16", options).pattern.ratio == "1:5"
-    flops = {name: model_flops_per_token(cfg, 8192) for name, cfg in {
-        "all": bench.model_config("1b", "intra", False, "bf16"), "1:3": intra,
-        "inter": bench.model_config("1b", "inter", False, "bf16")}.items()}
+    flops = {
+        name: model_flops_per_token(cfg, 8192)
+        for name, cfg in {
+            "all": bench.model_config("1b", "intra", False, "bf16"),
+            "1:3": intra,
+            "inter": bench.model_config("1b", "inter", False, "bf16"),
+        }.items()
+    }
     assert flops["all"] > flops["1:3"] > flops["inter"]
 
 
-@pytest.mark.parametrize("capacity,limit,largest", [(5, 32, 5), (1, 32, 1), (12, 32, 12), (0, 32, 0),
-                                                    (100, 16, 16), (8, 32, 8)])
+@pytest.mark.parametrize(
+    "capacity,limit,largest", [(5, 32, 5), (1, 32, 1), (12, 32, 12), (0, 32, 0), (100, 16, 16), (8, 32, 8)]
+)
 def test_largest_fitting_doubles_then_bisects(capacity, limit, largest):
     """max-mbs's search finds the exact largest size up to the limit, never tries a size above
     the first failure, and tries no size twice."""

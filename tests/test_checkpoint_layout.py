@@ -56,8 +56,10 @@ def test_latest_checkpoint_is_what_latest_names_and_must_be_complete(tmp_path):
     assert layout.latest_checkpoint(tmp_path) == tmp_path / "step_00000004"  # not the highest
     (tmp_path / "step_00000012").mkdir()  # no metadata: never finished
     layout.write_latest(tmp_path, "step_00000012")
-    with pytest.raises(CheckpointError, match=f"^{tmp_path}/latest names {tmp_path}/step_00000012, "
-                                              f"which is not a complete checkpoint$"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"^{tmp_path}/latest names {tmp_path}/step_00000012, which is not a complete checkpoint$",
+    ):
         layout.latest_checkpoint(tmp_path)
     layout.write_latest(tmp_path, "step_00000016")  # missing altogether
     with pytest.raises(CheckpointError, match="step_00000016, which is not a complete checkpoint"):
@@ -72,8 +74,9 @@ def test_resolve_a_root_a_step_directory_a_missing_and_a_partial_one(tmp_path):
     assert layout.resolve_checkpoint(root) == step4  # a root: what latest names
     assert layout.resolve_checkpoint(str(root / "step_00000008")) == root / "step_00000008"
     missing = tmp_path / "nope"
-    with pytest.raises(CheckpointError, match=f"^{missing}: neither a checkpoint directory nor a "
-                                              f"root with 'latest'$"):
+    with pytest.raises(
+        CheckpointError, match=f"^{missing}: neither a checkpoint directory nor a root with 'latest'$"
+    ):
         layout.resolve_checkpoint(missing)
     partial = root / "step_00000012.partial-0123abcd"
     partial.mkdir()  # an interrupted save: no metadata
@@ -103,8 +106,12 @@ def test_step_directories_are_listed_by_step_not_by_name(tmp_path):
     (tmp_path / "mlflow_run_id").write_text("abc")
     listed = layout.step_directories(tmp_path)
     assert [step for step, _ in listed] == [2, 10, 99999999, 100000000]
-    assert [path.name for _, path in listed] == ["step_00000002", "step_00000010", "step_99999999",
-                                                 "step_100000000"]
+    assert [path.name for _, path in listed] == [
+        "step_00000002",
+        "step_00000010",
+        "step_99999999",
+        "step_100000000",
+    ]
 
 
 def test_prune_keeps_the_newest_up_to_latest_and_higher_steps(tmp_path):
@@ -135,8 +142,12 @@ def test_prune_deletes_nothing_when_latest_names_no_step_directory(tmp_path):
     resaved = _complete(tmp_path, "step_00000006.partial-0123abcd")
     layout.write_latest(tmp_path, resaved.name)  # a re-save in progress names its new copy
     layout.prune(tmp_path, keep_last=1)
-    assert _names(tmp_path) == ["step_00000002", "step_00000004", "step_00000006",
-                                "step_00000006.partial-0123abcd"]
+    assert _names(tmp_path) == [
+        "step_00000002",
+        "step_00000004",
+        "step_00000006",
+        "step_00000006.partial-0123abcd",
+    ]
 
 
 def test_a_save_is_published_under_its_step_name_then_named_by_latest(tmp_path):
@@ -180,8 +191,9 @@ def test_the_saved_recipe_is_read_and_validated(tmp_path):
     from hybrid_megatron.config import RecipeError, load_recipe
 
     step_dir = _complete(tmp_path, "step_00000004")
-    with pytest.raises(CheckpointError, match=f"^{step_dir}: has no recipe.yaml; cannot tell which "
-                                              f"model it holds$"):
+    with pytest.raises(
+        CheckpointError, match=f"^{step_dir}: has no recipe.yaml; cannot tell which model it holds$"
+    ):
         layout.read_saved_recipe(step_dir)
     assert layout.read_saved_model(step_dir) is None
     recipe = load_recipe(REPO / "recipes" / "intra_tiny.yaml", ["model.num_layers=3"])

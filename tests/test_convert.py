@@ -50,8 +50,13 @@ def _export(tmp_path, cfg_dict, target, seed=0, **kw):
     perturb(model, seed)
     model.eval()
     path, chosen, _ = export_model(
-        ModelConfig(**cfg_dict), full_state(model), tmp_path / f"export-{target}", target, "fp32",
-        progress=False, **kw,
+        ModelConfig(**cfg_dict),
+        full_state(model),
+        tmp_path / f"export-{target}",
+        target,
+        "fp32",
+        progress=False,
+        **kw,
     )
     return model, path, chosen
 
@@ -67,9 +72,16 @@ def _check_parity(model, path, generate_with_cache=True):
         theirs = hf_greedy(hf, prompt, NEW_TOKENS)
     else:
         with torch.no_grad():
-            theirs = hf.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                 do_sample=False, use_cache=False, pad_token_id=0, eos_token_id=None,
-                                 attention_mask=torch.ones_like(prompt))
+            theirs = hf.generate(
+                prompt,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                use_cache=False,
+                pad_token_id=0,
+                eos_token_id=None,
+                attention_mask=torch.ones_like(prompt),
+            )
     assert torch.equal(ours, theirs), f"greedy continuations differ:\n{ours}\n{theirs}"
     return diff
 
@@ -89,13 +101,25 @@ def test_remote_code_parity(single_rank, tmp_path, kind, moe):
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"intra": {"num_query_groups": 2, "branch_norm": "none", "fusion": "add",
-                   "branch_scalars": True}},
-        {"intra": {"num_query_groups": 2, "branch_norm": "rmsnorm", "fusion": "subtract",
-                   "branch_scalars": True}, "tie_embeddings": True},
+        {"intra": {"num_query_groups": 2, "branch_norm": "none", "fusion": "add", "branch_scalars": True}},
+        {
+            "intra": {
+                "num_query_groups": 2,
+                "branch_norm": "rmsnorm",
+                "fusion": "subtract",
+                "branch_scalars": True,
+            },
+            "tie_embeddings": True,
+        },
         {"intra": {"num_query_groups": 2, "dim_ratio": "1:3"}, "pattern": {"layout": "HMHH"}},
-        {"moe": {"num_experts": 4, "top_k": 1, "expert_ffn_hidden_size": 32,
-                 "shared_expert_ffn_hidden_size": 48}},
+        {
+            "moe": {
+                "num_experts": 4,
+                "top_k": 1,
+                "expert_ffn_hidden_size": 32,
+                "shared_expert_ffn_hidden_size": 48,
+            }
+        },
         {"norm_epsilon": 1e-2},
     ],
     ids=["add-scalars", "subtract-norm-tied", "ratio1:3", "moe-top1-shared", "eps1e-2"],
@@ -112,8 +136,7 @@ def _falcon_intra(fusion, scalars=False, **extra):
     return tiny_model(
         "intra",
         pattern={"layout": "HHHH"},
-        intra={"num_query_groups": 2, "branch_norm": "none", "fusion": fusion,
-               "branch_scalars": scalars},
+        intra={"num_query_groups": 2, "branch_norm": "none", "fusion": fusion, "branch_scalars": scalars},
         **extra,
     )
 
@@ -133,8 +156,11 @@ def test_falcon_h1_parity(single_rank, tmp_path, fusion, scalars, eps):
 
 def test_falcon_h1_zero_filled_branches(single_rank, tmp_path):
     """Mamba blocks (mixer-only) beside intra blocks: attention branch and FFN zero-filled."""
-    cfg = tiny_model("intra", mamba_block_ffn=False, intra={
-        "num_query_groups": 2, "branch_norm": "none", "fusion": "concat", "mixer_width": 256})
+    cfg = tiny_model(
+        "intra",
+        mamba_block_ffn=False,
+        intra={"num_query_groups": 2, "branch_norm": "none", "fusion": "concat", "mixer_width": 256},
+    )
     assert choose_target(ModelConfig(**cfg))[0] == "remote_code"  # auto avoids the padding
     model, path, _ = _export(tmp_path, cfg, "falcon_h1")
     _check_parity(model, path)
@@ -145,8 +171,13 @@ def test_falcon_h1_zero_filled_branches(single_rank, tmp_path):
     [
         ({"intra": {"num_query_groups": 2, "branch_norm": "rmsnorm"}}, "branch_norm"),
         ({"intra": {"num_query_groups": 2, "branch_norm": "none"}, "moe": True}, "model.moe"),
-        ({"intra": {"num_query_groups": 2, "branch_norm": "none"},
-          "attention": {"num_heads": 4, "num_query_groups": 2, "sliding_window": 8}}, "sliding_window"),
+        (
+            {
+                "intra": {"num_query_groups": 2, "branch_norm": "none"},
+                "attention": {"num_heads": 4, "num_query_groups": 2, "sliding_window": 8},
+            },
+            "sliding_window",
+        ),
         ({"intra": {"num_query_groups": 2, "branch_norm": "none"}}, "mixer_width"),  # M != branch
     ],
     ids=["branch-norm", "moe", "swa", "mamba-width"],
@@ -193,15 +224,24 @@ NEMOTRON_H_CASES = {
     "inter-moe": _nemotron("inter", moe=True),
     # single-sublayer letters, mixer-only Mamba, shared expert, routed scaling, eps, tied
     "inter-letters-shared-eps-tied": _nemotron(
-        "inter", num_layers=6, mamba_block_ffn=False, norm_epsilon=1e-2, tie_embeddings=True,
+        "inter",
+        num_layers=6,
+        mamba_block_ffn=False,
+        norm_epsilon=1e-2,
+        tie_embeddings=True,
         pattern={"ratio": None, "layout": "M*-MEA", "allow_early_attention": True},
-        moe={"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64,
-             "shared_expert_ffn_hidden_size": 48, "topk_scaling_factor": 2.5},
+        moe={
+            "num_experts": 4,
+            "top_k": 2,
+            "expert_ffn_hidden_size": 64,
+            "shared_expert_ffn_hidden_size": 48,
+            "topk_scaling_factor": 2.5,
+        },
     ),
     # top-1 sigmoid routing (no renormalisation) without an expert bias
     "transformer-moe-top1-nobias": _nemotron(
-        "transformer", moe={"num_experts": 4, "top_k": 1, "expert_ffn_hidden_size": 64,
-                            "expert_bias": False}),
+        "transformer", moe={"num_experts": 4, "top_k": 1, "expert_ffn_hidden_size": 64, "expert_bias": False}
+    ),
 }
 _HF_LETTER = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
 
@@ -219,12 +259,15 @@ def test_nemotron_h_flavour_parity_and_round_trip(single_rank, tmp_path, name):
     config = json.loads((path / "config.json").read_text())
     pattern = model.layer_pattern
     ffn = "E" if cfg.moe else "-"
-    expected = "".join({"A": "*" + ffn, "M": "M" + (ffn if cfg.mamba_block_ffn else "")}.get(c, c)
-                       for c in pattern)
+    expected = "".join(
+        {"A": "*" + ffn, "M": "M" + (ffn if cfg.mamba_block_ffn else "")}.get(c, c) for c in pattern
+    )
     assert "".join(_HF_LETTER[t] for t in config["layers_block_type"]) == expected
     assert config["hybrid_override_pattern"] == expected
     assert config["layer_norm_epsilon"] == cfg.norm_epsilon
-    mixers = [layer.self_attention for layer in model.decoder.layers if isinstance(layer.self_attention, MambaMixer)]
+    mixers = [
+        layer.self_attention for layer in model.decoder.layers if isinstance(layer.self_attention, MambaMixer)
+    ]
     assert all(m.norm.eps == cfg.norm_epsilon for m in mixers)  # megatron-core's own is 1e-5
     _check_parity(model, path, generate_with_cache="*" in expected)
 
@@ -251,8 +294,11 @@ def test_nemotron_h_flavour_parity_and_round_trip(single_rank, tmp_path, name):
         ("inter", {"mamba_block_ffn": False}, "rotary"),
         ("intra", {}, "intra-layer"),
         ("swa", {"flavour": "nemotron_h"}, "sliding_window"),
-        ("transformer", {"flavour": "nemotron_h",
-                         "moe": {"num_experts": 4, "score_function": "softmax"}}, "score_function"),
+        (
+            "transformer",
+            {"flavour": "nemotron_h", "moe": {"num_experts": 4, "score_function": "softmax"}},
+            "score_function",
+        ),
     ],
 )
 def test_nemotron_h_refuses_inexact(kind, overrides, needle):
@@ -308,8 +354,9 @@ def test_sharded_export_and_refusal_to_overwrite(single_rank, tmp_path):
 def test_bf16_export_loads(single_rank, tmp_path):
     cfg = _falcon_intra("concat")
     model = build_single(cfg)
-    path, _, _ = export_model(ModelConfig(**cfg), full_state(model), tmp_path / "bf16", "auto", "bf16",
-                              progress=False)
+    path, _, _ = export_model(
+        ModelConfig(**cfg), full_state(model), tmp_path / "bf16", "auto", "bf16", progress=False
+    )
     from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), "pt") as f:
@@ -344,22 +391,43 @@ def test_checkpoint_trained_at_tp2_exports_exactly(tmp_path):
     from tests.training_helpers import REPO, start_job, wait_job
 
     run = tmp_path / "run"
-    overrides = [f"checkpoint.dir={run}/checkpoints", "train.steps=4", "train.warmup_steps=1",
-                 "checkpoint.interval=4", "train.eval_interval=0", "tracking.enabled=false",
-                 "parallel.tp=2"]
+    overrides = [
+        f"checkpoint.dir={run}/checkpoints",
+        "train.steps=4",
+        "train.warmup_steps=1",
+        "checkpoint.interval=4",
+        "train.eval_interval=0",
+        "tracking.enabled=false",
+        "parallel.tp=2",
+    ]
     assert wait_job(start_job(str(REPO / "recipes/intra_tiny.yaml"), overrides, 2, run / "logs")) == [0, 0]
     out = tmp_path / "hf"
     cli = subprocess.run(
-        [sys.executable, "-m", "hybrid_megatron.convert", "to-hf", "--checkpoint",
-         str(run / "checkpoints"), "--output", str(out), "--dtype", "fp32"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "hybrid_megatron.convert",
+            "to-hf",
+            "--checkpoint",
+            str(run / "checkpoints"),
+            "--output",
+            str(out),
+            "--dtype",
+            "fp32",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert cli.returncode == 0, cli.stderr
     assert "remote_code" in cli.stdout  # intra_tiny normalises its branches
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
     hf = load_hf(out)
     tokens = _tokens(vocab=hf.config.vocab_size)
-    ref = torch.tensor(run_distributed(_tp2_logits, 2, tmp_path, str(run / "checkpoints"), tokens.tolist())[0])
+    ref = torch.tensor(
+        run_distributed(_tp2_logits, 2, tmp_path, str(run / "checkpoints"), tokens.tolist())[0]
+    )
     diff = (ref - hf_logits(hf, tokens)).abs().max().item()
     assert diff < TOL, diff
 
@@ -372,11 +440,24 @@ def _random_nemotron_h(path, vocab: int):
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     config = NemotronHConfig(
-        vocab_size=vocab, hidden_size=64, layers_block_type=["mamba", "mlp", "attention", "moe"],
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
-        ssm_state_size=8, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, chunk_size=16,
-        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        moe_shared_expert_intermediate_size=48, routed_scaling_factor=1.5, layer_norm_epsilon=1e-4,
+        vocab_size=vocab,
+        hidden_size=64,
+        layers_block_type=["mamba", "mlp", "attention", "moe"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        ssm_state_size=8,
+        mamba_num_heads=8,
+        mamba_head_dim=16,
+        n_groups=2,
+        chunk_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=48,
+        routed_scaling_factor=1.5,
+        layer_norm_epsilon=1e-4,
         max_position_embeddings=256,
     )
     torch.manual_seed(0)
@@ -407,10 +488,17 @@ def test_from_hf_then_init_from_trains_from_the_hf_weights(single_rank, tmp_path
     recipe_file = tmp_path / "continue.yaml"
     recipe_file.write_text(f"extends: {REPO / 'recipes' / 'bases' / 'tiny.yaml'}\n" + model_yaml)
     run = tmp_path / "run"
-    overrides = [f"checkpoint.dir={run}/checkpoints", f"checkpoint.init_from={converted}",
-                 f"data.tokenizer={REPO}/data/tokenizer",  # the base's paths are relative
-                 f"data.blend={REPO}/data/austen_4k_text_document", "train.steps=3", "train.warmup_steps=1", "train.eval_interval=0",
-                 "train.log_interval=1", "tracking.enabled=false"]
+    overrides = [
+        f"checkpoint.dir={run}/checkpoints",
+        f"checkpoint.init_from={converted}",
+        f"data.tokenizer={REPO}/data/tokenizer",  # the base's paths are relative
+        f"data.blend={REPO}/data/austen_4k_text_document",
+        "train.steps=3",
+        "train.warmup_steps=1",
+        "train.eval_interval=0",
+        "train.log_interval=1",
+        "tracking.enabled=false",
+    ]
     first = []
     real = step.run_schedule
 
@@ -437,8 +525,9 @@ def test_from_hf_then_init_from_trains_from_the_hf_weights(single_rank, tmp_path
     assert losses[3] != losses[1]  # it trained
 
     # a recipe whose model differs from the checkpoint's is refused, naming the field
-    other = load_recipe(recipe_file, overrides[1:] + [f"checkpoint.dir={tmp_path}/other/ckpt",
-                                                      "model.norm_epsilon=1e-5"])
+    other = load_recipe(
+        recipe_file, overrides[1:] + [f"checkpoint.dir={tmp_path}/other/ckpt", "model.norm_epsilon=1e-5"]
+    )
     with pytest.raises(CheckpointError, match="checkpoint.init_from: .*model.norm_epsilon"):
         train(other)
 
@@ -462,21 +551,27 @@ def test_convert_cli_bad_input_is_one_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "neither a checkpoint directory nor a root with 'latest'" in _cli_error(
-        capsys, "to-hf", "--checkpoint", str(empty), "--output", str(out))
+        capsys, "to-hf", "--checkpoint", str(empty), "--output", str(out)
+    )
     assert f"{empty}: not a Hugging Face model directory (no config.json)" in _cli_error(
-        capsys, "from-hf", "--hf", str(empty), "--output", str(out))
+        capsys, "from-hf", "--hf", str(empty), "--output", str(out)
+    )
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{model_type: nemotron_h")
     assert f"{hf / 'config.json'}: not valid JSON" in _cli_error(
-        capsys, "from-hf", "--hf", str(hf), "--output", str(out))
+        capsys, "from-hf", "--hf", str(hf), "--output", str(out)
+    )
     (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert "model_type 'llama'; from-hf reads nemotron_h and falcon_h1" in _cli_error(
-        capsys, "from-hf", "--hf", str(hf), "--output", str(out))
+        capsys, "from-hf", "--hf", str(hf), "--output", str(out)
+    )
     (hf / "config.json").write_text(json.dumps({"model_type": "nemotron_h"}))
     assert f"{hf / 'model.safetensors'}: weights file missing" in _cli_error(
-        capsys, "from-hf", "--hf", str(hf), "--output", str(out))
+        capsys, "from-hf", "--hf", str(hf), "--output", str(out)
+    )
     (hf / "model.safetensors").write_bytes(b"\x07" * 64)
     assert f"{hf / 'model.safetensors'}: not a readable safetensors file" in _cli_error(
-        capsys, "from-hf", "--hf", str(hf), "--output", str(out))
+        capsys, "from-hf", "--hf", str(hf), "--output", str(out)
+    )
     assert not out.exists()

@@ -23,15 +23,28 @@ TINY_INTRA = str(REPO / "recipes" / "intra_tiny.yaml")
 GRAPHS_BF16 = ["train.cuda_graphs=true", "train.precision=bf16"]
 
 
-@pytest.mark.parametrize("recipe, overrides, expected", [
-    ("intra_tiny_moe.yaml", ["model.moe.experts=te_grouped"], "train.cuda_graphs: MoE layers need "
-     "model.moe.experts grouped and parallel.ep 1"),
-    ("intra_tiny_moe.yaml", ["parallel.ep=2", "parallel.tp=1", "parallel.sequence_parallel=false"],
-     "train.cuda_graphs: MoE layers need model.moe.experts grouped and parallel.ep 1"),
-    ("intra_tiny.yaml", ["train.recompute=full"], "train.cuda_graphs: not combined with train.recompute 'full'"),
-    ("intra_tiny.yaml", ["parallel.tp=2"], "train.cuda_graphs: only with parallel.tp = parallel.pp = 1"),
-    ("intra_tiny.yaml", ["train.precision=fp32"], "train.cuda_graphs: needs train.precision bf16"),
-])
+@pytest.mark.parametrize(
+    "recipe, overrides, expected",
+    [
+        (
+            "intra_tiny_moe.yaml",
+            ["model.moe.experts=te_grouped"],
+            "train.cuda_graphs: MoE layers need model.moe.experts grouped and parallel.ep 1",
+        ),
+        (
+            "intra_tiny_moe.yaml",
+            ["parallel.ep=2", "parallel.tp=1", "parallel.sequence_parallel=false"],
+            "train.cuda_graphs: MoE layers need model.moe.experts grouped and parallel.ep 1",
+        ),
+        (
+            "intra_tiny.yaml",
+            ["train.recompute=full"],
+            "train.cuda_graphs: not combined with train.recompute 'full'",
+        ),
+        ("intra_tiny.yaml", ["parallel.tp=2"], "train.cuda_graphs: only with parallel.tp = parallel.pp = 1"),
+        ("intra_tiny.yaml", ["train.precision=fp32"], "train.cuda_graphs: needs train.precision bf16"),
+    ],
+)
 def test_recipe_refuses_what_graphs_cannot_take(recipe, overrides, expected):
     with pytest.raises(RecipeError) as err:
         load_recipe(REPO / "recipes" / recipe, [*GRAPHS_BF16, *overrides])
@@ -43,8 +56,10 @@ def test_recipe_accepts_graphs_for_a_dense_single_gpu_bf16_run():
 
 
 def test_recipe_accepts_graphs_for_grouped_experts_on_one_gpu():
-    recipe = load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml",
-                         [*GRAPHS_BF16, "parallel.tp=1", "parallel.sequence_parallel=false"])
+    recipe = load_recipe(
+        REPO / "recipes" / "intra_tiny_moe.yaml",
+        [*GRAPHS_BF16, "parallel.tp=1", "parallel.sequence_parallel=false"],
+    )
     assert recipe.train.cuda_graphs is True and recipe.model.moe.experts == "grouped"
 
 
@@ -79,10 +94,16 @@ def test_fp8_attention_needs_fp8_and_reaches_the_config(single_rank, monkeypatch
     monkeypatch.setattr(transformer_config, "resolve_impl", lambda cfg: "local")
     with pytest.raises(ValueError, match="model.fp8_attention: needs model.fp8"):
         ModelConfig(**tiny_model("intra"), fp8_attention=True)
-    with pytest.raises(ValueError, match="model.fp8_attention: TE's cuDNN FP8 attention takes head size 128; this model's attention heads are 16 wide"):
+    with pytest.raises(
+        ValueError,
+        match="model.fp8_attention: TE's cuDNN FP8 attention takes head size 128; this model's attention heads are 16 wide",
+    ):
         ModelConfig(**{**tiny_model("intra"), "impl": "te"}, fp8="hybrid", fp8_attention=True)
-    head_128 = {**tiny_model("transformer"), "impl": "te",
-                "attention": {"num_heads": 2, "num_query_groups": 1, "head_dim": 128}}
+    head_128 = {
+        **tiny_model("transformer"),
+        "impl": "te",
+        "attention": {"num_heads": 2, "num_query_groups": 1, "head_dim": 128},
+    }
     cfg = ModelConfig(**head_128, fp8="hybrid", fp8_attention=True)
     assert build_transformer_config(cfg).fp8_dot_product_attention is True
     cfg = ModelConfig(**head_128, fp8="hybrid")
@@ -90,18 +111,25 @@ def test_fp8_attention_needs_fp8_and_reaches_the_config(single_rank, monkeypatch
 
 
 # ----------------------------------------------------------------------------- GPU
-def _train(tmp_path, name: str, steps: int, graphs: bool, recipe: str = TINY_INTRA,
-           extra: tuple = ()) -> tuple[list[float], str]:
+def _train(
+    tmp_path, name: str, steps: int, graphs: bool, recipe: str = TINY_INTRA, extra: tuple = ()
+) -> tuple[list[float], str]:
     """Run (or resume) the trainer on ``recipe`` (intra_tiny) with TE in bf16 (one rank) in
     ``tmp_path/name``; returns (its per-step losses so far, its log)."""
     from tests.training_helpers import start_job, wait_job
 
     run_dir = tmp_path / name
     overrides = [
-        f"checkpoint.dir={run_dir}/checkpoints", "tracking.enabled=false", "model.impl=te",
-        "train.precision=bf16", f"train.steps={steps}", "train.eval_interval=10",
-        "checkpoint.interval=10", "train.log_interval=5",
-        f"train.cuda_graphs={'true' if graphs else 'false'}", *extra,
+        f"checkpoint.dir={run_dir}/checkpoints",
+        "tracking.enabled=false",
+        "model.impl=te",
+        "train.precision=bf16",
+        f"train.steps={steps}",
+        "train.eval_interval=10",
+        "checkpoint.interval=10",
+        "train.log_interval=5",
+        f"train.cuda_graphs={'true' if graphs else 'false'}",
+        *extra,
     ]
     logs = run_dir / f"logs_{steps}"
     codes = wait_job(start_job(recipe, overrides, 1, logs), timeout=600)

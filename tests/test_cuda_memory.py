@@ -14,10 +14,19 @@ KEYS = ("PYTORCH_CUDA_ALLOC_CONF", "NCCL_GRAPH_REGISTER")
 
 
 def _env_after_setup(env: dict) -> tuple[str, str]:
-    code = ("import os; from hybrid_megatron import runtime; runtime.setup(); "
-            f"print(*(os.environ.get(k, '-') for k in {KEYS!r}))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, check=True)
+    code = (
+        "import os; from hybrid_megatron import runtime; runtime.setup(); "
+        f"print(*(os.environ.get(k, '-') for k in {KEYS!r}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return tuple(done.stdout.strip().splitlines()[-1].split())
 
 
@@ -27,4 +36,6 @@ def test_setup_sets_expandable_segments_unless_configured():
     assert _env_after_setup({**env, "NCCL_GRAPH_REGISTER": "1"}) == ("expandable_segments:True", "1")
     # an allocator configured by the user is left alone, and so is NCCL
     assert _env_after_setup({**env, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}) == (
-        "max_split_size_mb:512", "-")
+        "max_split_size_mb:512",
+        "-",
+    )

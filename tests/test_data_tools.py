@@ -79,7 +79,15 @@ def test_ascii_fast_path_is_exact(tok, monkeypatch):
     rng = random.Random(0)
     pieces = [chr(i) for i in range(128)] + ["'s", "'re", "'ll", "don't", " 42", "  ", "\n\n", "Mr."]
     stress = ["".join(rng.choice(pieces) for _ in range(2000)) for _ in range(40)]
-    specials = ["x<|endoftext|>y", "<|pad|>", "café “quoted”", "", "   ", "\x1c\x1d x\x1f", "it's 1234567 'LL"]
+    specials = [
+        "x<|endoftext|>y",
+        "<|pad|>",
+        "café “quoted”",
+        "",
+        "   ",
+        "\x1c\x1d x\x1f",
+        "it's 1234567 'LL",
+    ]
     texts = [r["text"] for r in corpus_records(30)] + stress + specials
     reference = tok.encode_batch_reference(texts)
     assert tok.encode_batch(texts) == reference
@@ -239,7 +247,10 @@ def test_input_formats_agree(tmp_path, tok, small_records):
     # paragraph / line modes split one text file at blank lines / newlines
     (tmp_path / "p.txt").write_text("first para\nline two\n\n\nsecond para\n")
     run([tmp_path / "p.txt"], tmp_path / "para", text_mode="paragraph")
-    assert [tok.decode(d.tolist()) for d in read_docs(str(tmp_path / "para"))] == ["first para\nline two", "second para"]
+    assert [tok.decode(d.tolist()) for d in read_docs(str(tmp_path / "para"))] == [
+        "first para\nline two",
+        "second para",
+    ]
     run([tmp_path / "p.txt"], tmp_path / "line", text_mode="line")
     assert len(read_docs(str(tmp_path / "line"))) == 3
 
@@ -264,11 +275,15 @@ def test_malformed_json_names_file_and_line(tmp_path, small_records):
 
 def test_skip_bad_counts_and_reports(tmp_path, tok, small_records):
     corpus = write_jsonl(
-        tmp_path / "c.jsonl", small_records[:5], raw_lines={1: "not json at all", 4: '{"body": "no text key"}'}
+        tmp_path / "c.jsonl",
+        small_records[:5],
+        raw_lines={1: "not json at all", 4: '{"body": "no text key"}'},
     )
     stats = run([corpus], tmp_path / "ds", skip_bad=True)
     assert stats["documents"] == 5 and stats["skipped_lines"] == 2
-    assert stats["skipped_examples"][0].endswith("c.jsonl:2: malformed JSON: Expecting value: line 1 column 1 (char 0)")
+    assert stats["skipped_examples"][0].endswith(
+        "c.jsonl:2: malformed JSON: Expecting value: line 1 column 1 (char 0)"
+    )
     assert "c.jsonl:5: missing text key 'text'" in stats["skipped_examples"][1]
     decoded = [tok.decode(d.tolist()) for d in read_docs(str(tmp_path / "ds"))]
     assert decoded == [r["text"] for r in small_records[:5]]
@@ -336,10 +351,25 @@ def test_killed_cli_leaves_no_dataset(tmp_path, sig):
     corpus = write_jsonl(tmp_path / "big.jsonl", records * 4)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "data_tools" / "preprocess.py"), "--input", str(corpus), "--tokenizer",
-         str(TOKENIZER_DIR), "--output-prefix", str(out / "ds"), "--workers", "2", "--no-progress",
-         "--chunk-mb", "0.25"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(REPO / "data_tools" / "preprocess.py"),
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(TOKENIZER_DIR),
+            "--output-prefix",
+            str(out / "ds"),
+            "--workers",
+            "2",
+            "--no-progress",
+            "--chunk-mb",
+            "0.25",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     deadline = time.monotonic() + 90
@@ -364,8 +394,14 @@ def test_killed_cli_leaves_no_dataset(tmp_path, sig):
 
 # --- blends and GPTDatasets ----------------------------------------------------------------
 def demo_config(tmp_path, **extra) -> DataConfig:
-    section = {"blend": [{"prefix": "austen_4k_text_document"}], "tokenizer": "tokenizer",
-               "seq_length": 128, "split": "90,5,5", "cache_dir": str(tmp_path / "cache"), **extra}
+    section = {
+        "blend": [{"prefix": "austen_4k_text_document"}],
+        "tokenizer": "tokenizer",
+        "seq_length": 128,
+        "split": "90,5,5",
+        "cache_dir": str(tmp_path / "cache"),
+        **extra,
+    }
     return load_data_config(section, base_dir=REPO / "data")
 
 
@@ -399,8 +435,9 @@ def test_weighted_blend_and_per_split_blends(tmp_path, small_records):
         build_gpt_datasets(demo_config(tmp_path, blend=str(tmp_path / "tiny")), [10, 2, 2])
     corpus = write_jsonl(tmp_path / "c.jsonl", corpus_records(40))
     run([corpus], tmp_path / "small", append_eod=True)
-    config = demo_config(tmp_path, blend=[{"prefix": "austen_4k_text_document", "weight": 3},
-                                          [1.0, str(tmp_path / "small")]])
+    config = demo_config(
+        tmp_path, blend=[{"prefix": "austen_4k_text_document", "weight": 3}, [1.0, str(tmp_path / "small")]]
+    )
     train, valid, test = build_gpt_datasets(config, [400, 40, 40])
     assert [len(train), len(valid), len(test)] == [400, 40, 40]
     # 3:1 weights -> about 300 samples from the first dataset
@@ -445,7 +482,11 @@ def test_vocab_and_prefix_errors(tmp_path, tok, small_records):
 def test_data_config_validation(tmp_path):
     base = {"blend": "p", "tokenizer": "t", "seq_length": 8}
     config = load_data_config(base, base_dir="/recipes")
-    assert config.split == "98,1,1" and config.blend[0].prefix == "/recipes/p" and config.tokenizer == "/recipes/t"
+    assert (
+        config.split == "98,1,1"
+        and config.blend[0].prefix == "/recipes/p"
+        and config.tokenizer == "/recipes/t"
+    )
     assert load_data_config({**base, "tokenizer": "/abs/t"}, base_dir="/r").tokenizer == "/abs/t"
     from pydantic import ValidationError
 
@@ -464,12 +505,34 @@ def test_data_config_validation(tmp_path):
 # --- CLIs --------------------------------------------------------------------------------
 def test_clis_run_as_scripts(tmp_path, small_records):
     corpus = write_jsonl(tmp_path / "c.jsonl", small_records[:4], raw_lines={2: "{oops"})
-    result = run_tool("preprocess", "--input", str(corpus), "--tokenizer", str(TOKENIZER_DIR),
-                      "--output-prefix", str(tmp_path / "ds"), "--workers", "2", "--append-eod", "--no-progress")
+    result = run_tool(
+        "preprocess",
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        str(TOKENIZER_DIR),
+        "--output-prefix",
+        str(tmp_path / "ds"),
+        "--workers",
+        "2",
+        "--append-eod",
+        "--no-progress",
+    )
     assert result.returncode == 1 and f"{corpus}:3: malformed JSON" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_tool("preprocess", "--input", str(corpus), "--tokenizer", str(TOKENIZER_DIR),
-                      "--output-prefix", str(tmp_path / "ds"), "--workers", "2", "--append-eod", "--skip-bad")
+    result = run_tool(
+        "preprocess",
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        str(TOKENIZER_DIR),
+        "--output-prefix",
+        str(tmp_path / "ds"),
+        "--workers",
+        "2",
+        "--append-eod",
+        "--skip-bad",
+    )
     assert result.returncode == 0, result.stderr
     assert "4 documents" in result.stdout and "skipped 1 bad lines" in result.stdout
     assert "docs/s" in result.stderr and "MB/s text" in result.stderr  # the progress bar
@@ -477,6 +540,14 @@ def test_clis_run_as_scripts(tmp_path, small_records):
     assert result.returncode == 0, result.stderr
     assert "documents   4" in result.stdout
     assert small_records[1]["text"][:200] in result.stdout
-    result = run_tool("train_tokenizer", "--input", str(corpus), "--skip-bad", "--vocab-size", "400",
-                      "--output", str(tmp_path / "tok"))
+    result = run_tool(
+        "train_tokenizer",
+        "--input",
+        str(corpus),
+        "--skip-bad",
+        "--vocab-size",
+        "400",
+        "--output",
+        str(tmp_path / "tok"),
+    )
     assert result.returncode == 0 and "vocab 400" in result.stdout, result.stderr

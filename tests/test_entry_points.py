@@ -23,14 +23,25 @@ THIN_SCRIPTS = {
     "data_tools/train_tokenizer.py": "hybrid-megatron-train-tokenizer",
     "data_tools/inspect_dataset.py": "hybrid-megatron-inspect",
 }
-LOADERS = {"spec_from_file_location", "SourceFileLoader", "SourcelessFileLoader", "run_path", "load_source",
-           "register_pickle_by_value", "addsitedir"}
+LOADERS = {
+    "spec_from_file_location",
+    "SourceFileLoader",
+    "SourcelessFileLoader",
+    "run_path",
+    "load_source",
+    "register_pickle_by_value",
+    "addsitedir",
+}
 PATH_EDITS = {"insert", "append", "extend", "remove", "pop", "clear", "__setitem__"}
 
 
 def _is_sys_path(node: ast.AST) -> bool:
-    return (isinstance(node, ast.Attribute) and node.attr == "path"
-            and isinstance(node.value, ast.Name) and node.value.id == "sys")
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == "path"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "sys"
+    )
 
 
 def import_hacks(source: str) -> list[tuple[int, str]]:
@@ -77,17 +88,28 @@ def test_the_hack_finder_finds_each_kind():
 def test_no_file_loads_code_by_path_edits_the_import_path_or_pickles_by_value():
     files = list(_python_files())
     assert len(files) > 100  # the walk saw the repository
-    offenders = [f"{os.path.relpath(path, REPO)}:{line}: {what}"
-                 for path in files for line, what in import_hacks(open(path, encoding="utf-8").read())]
+    offenders = [
+        f"{os.path.relpath(path, REPO)}:{line}: {what}"
+        for path in files
+        for line, what in import_hacks(open(path, encoding="utf-8").read())
+    ]
     assert offenders == []
 
 
 def test_console_scripts_are_the_package_mains():
-    assert sorted(SCRIPTS) == sorted([
-        "hybrid-megatron-launch", "hybrid-megatron-train", "hybrid-megatron-train-tokenizer",
-        "hybrid-megatron-preprocess", "hybrid-megatron-inspect", "hybrid-megatron-accounting",
-        "hybrid-megatron-convert", "hybrid-megatron-evaluate", "hybrid-megatron-scaling",
-    ])
+    assert sorted(SCRIPTS) == sorted(
+        [
+            "hybrid-megatron-launch",
+            "hybrid-megatron-train",
+            "hybrid-megatron-train-tokenizer",
+            "hybrid-megatron-preprocess",
+            "hybrid-megatron-inspect",
+            "hybrid-megatron-accounting",
+            "hybrid-megatron-convert",
+            "hybrid-megatron-evaluate",
+            "hybrid-megatron-scaling",
+        ]
+    )
     for name, target in SCRIPTS.items():
         module_name, _, function = target.partition(":")
         assert module_name.startswith("hybrid_megatron.") and function == "main", name
@@ -103,23 +125,35 @@ def test_each_tool_prints_its_usage_and_runs_as_a_module(name, capsys):
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("usage: "), name
     # `python -m <module>` (a package's __main__, or the module itself) ends in the same main.
     tree = ast.parse(open(module.__file__, encoding="utf-8").read())
-    guards = [node for node in tree.body
-              if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"]
+    guards = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
+    ]
     assert len(guards) == 1 and ast.unparse(guards[0].body[0]) == "sys.exit(main())", name
 
 
 @pytest.mark.parametrize("script", sorted(THIN_SCRIPTS))
 def test_documented_scripts_call_the_console_scripts_main(script):
     tree = ast.parse((REPO / script).read_text())
-    imports = [f"{node.module}:{alias.name}" for node in tree.body if isinstance(node, ast.ImportFrom)
-               for alias in node.names]
+    imports = [
+        f"{node.module}:{alias.name}"
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    ]
     assert imports == [SCRIPTS[THIN_SCRIPTS[script]]], script
     # Nothing but the docstring, `import sys`, the import of main and the __main__ guard.
     assert len([node for node in tree.body if not isinstance(node, ast.Expr)]) == 3
 
 
 def test_the_launcher_runs_as_a_module():
-    done = subprocess.run([sys.executable, "-m", "hybrid_megatron.launch", "--help"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "hybrid_megatron.launch", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: launch/slurm.py") and "--sweep" in done.stdout

@@ -91,8 +91,9 @@ def test_niah_copying_model_scores_full_accuracy_and_writes_heatmap(tmp_path):
 
     tok = load_tokenizer(REPO / "data" / "tokenizer")
     filler = tok.encode(json.loads((REPO / "data" / "austen.jsonl").open().readline())["text"])
-    res = niah_grid(InductionCopyModel(tok.vocab_size), tok, filler, [64, 256], [0.0, 0.5, 1.0],
-                    trials=2, use_cache=False)
+    res = niah_grid(
+        InductionCopyModel(tok.vocab_size), tok, filler, [64, 256], [0.0, 0.5, 1.0], trials=2, use_cache=False
+    )
     assert res["accuracy"] == [[1.0] * 3] * 2, res["samples"]
     png = plot_heatmap(res, tmp_path / "niah.png")
     assert png.stat().st_size > 1000
@@ -121,8 +122,24 @@ def test_cli_extrapolation_niah_inference_on_checkpoint(trained, tmp_path):
     summary, _ = trained
     ckpt = str(summary["last_checkpoint"])
     out = tmp_path / "out"
-    assert main(["extrapolation", "--checkpoint", ckpt, "--checkpoint", ckpt, "--out", str(out),
-                 "--multiples", "1,2,4", "--num-sequences", "1"]) == 0
+    assert (
+        main(
+            [
+                "extrapolation",
+                "--checkpoint",
+                ckpt,
+                "--checkpoint",
+                ckpt,
+                "--out",
+                str(out),
+                "--multiples",
+                "1,2,4",
+                "--num-sequences",
+                "1",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "extrapolation.json").read_text())
     assert len(res) == 2 and (out / "extrapolation.png").stat().st_size > 1000
     for r in res.values():
@@ -132,14 +149,46 @@ def test_cli_extrapolation_niah_inference_on_checkpoint(trained, tmp_path):
             assert len(losses) == int(c["multiple"]) * 4
             # finite, and below a uniform guess over the 4096-token vocab (ln 4096 = 8.32) + slack
             assert all(0 < x < 10 for x in losses)
-    assert main(["niah", "--checkpoint", ckpt, "--out", str(out), "--contexts", "64,128",
-                 "--depths", "0,1", "--trials", "1"]) == 0
+    assert (
+        main(
+            [
+                "niah",
+                "--checkpoint",
+                ckpt,
+                "--out",
+                str(out),
+                "--contexts",
+                "64,128",
+                "--depths",
+                "0,1",
+                "--trials",
+                "1",
+            ]
+        )
+        == 0
+    )
     niah = json.loads((out / "niah.json").read_text())
     grid = next(iter(niah.values()))["accuracy"]
     assert len(grid) == 2 and all(0 <= a <= 1 for row in grid for a in row)
     assert list(out.glob("niah_*.png"))
-    assert main(["inference", "--checkpoint", ckpt, "--out", str(out), "--batch-sizes", "1,2",
-                 "--contexts", "32,64", "--new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "inference",
+                "--checkpoint",
+                ckpt,
+                "--out",
+                str(out),
+                "--batch-sizes",
+                "1,2",
+                "--contexts",
+                "32,64",
+                "--new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     inf = next(iter(json.loads((out / "inference.json").read_text()).values()))
     assert inf["cache_matches_accounting"] is True
     assert len(inf["throughput"]) == 4 and all(r["decode_tokens_per_s"] > 0 for r in inf["throughput"])
@@ -159,7 +208,10 @@ def test_mlflow_log_writes_to_the_checkpoints_run(tmp_path):
     (root / "mlflow_run_id").write_text(run.info.run_id)
     artifact = tmp_path / "nll.json"
     artifact.write_text("{}")
-    assert log_results(root / "step_00000004", None, {"eval/nll/nll": 2.5}, [artifact], tracking_uri=uri) == run.info.run_id
+    assert (
+        log_results(root / "step_00000004", None, {"eval/nll/nll": 2.5}, [artifact], tracking_uri=uri)
+        == run.info.run_id
+    )
     assert client.get_run(run.info.run_id).data.metrics["eval/nll/nll"] == 2.5
     assert [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")] == ["evaluation/nll.json"]
 
@@ -187,7 +239,10 @@ def _two_rank_eval(rank: int, world: int, ckpt: str, prefix: str) -> dict:
     prompt = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
     out["logits_tp2"] = logits_of(model, prompt)[:, -1].tolist()
     out["generate"] = {
-        str(t): [generate(model, prompt, 24, use_cache=c, temperature=t, seed=3).tokens.tolist() for c in (False, True)]
+        str(t): [
+            generate(model, prompt, 24, use_cache=c, temperature=t, seed=3).tokens.tolist()
+            for c in (False, True)
+        ]
         for t in (0.0, 1.0)
     }
     out["nll_pp2"] = run_nll(ckpt, pp=2)["nll"]
@@ -203,8 +258,9 @@ def two_rank_eval(trained, tmp_path_factory):
 
     summary, _ = trained
     prefix = str(REPO / "data" / "austen_4k_text_document")
-    return run_distributed(_two_rank_eval, 2, tmp_path_factory.mktemp("two_rank_eval"),
-                           str(summary["last_checkpoint"]), prefix)
+    return run_distributed(
+        _two_rank_eval, 2, tmp_path_factory.mktemp("two_rank_eval"), str(summary["last_checkpoint"]), prefix
+    )
 
 
 @pytest.mark.slow

@@ -46,8 +46,13 @@ def any_gpu_model(kind: str, moe: bool = False, **overrides) -> dict:
     if kind != "nemotron_h":
         return gpu_model(kind, moe, **overrides)
     layout = "M*A" + ("E" if moe else "-")
-    return gpu_model("inter", moe, flavour="nemotron_h",
-                     pattern={"layout": layout, "allow_early_attention": True}, **overrides)
+    return gpu_model(
+        "inter",
+        moe,
+        flavour="nemotron_h",
+        pattern={"layout": layout, "allow_early_attention": True},
+        **overrides,
+    )
 
 
 def _build(cfg: dict, seed: int = 1, bf16: bool = False):
@@ -111,8 +116,12 @@ def test_fp8_attention_trains_like_bf16_attention(single_rank, kind):
     attention = {"num_heads": 2, "num_query_groups": 2}  # head size 256/2 = 128
     losses = {}
     for fp8_attention in (False, True):
-        model = _build(gpu_model(kind, params_dtype="bf16", fp8="hybrid", attention=attention,
-                                 fp8_attention=fp8_attention), bf16=True)
+        model = _build(
+            gpu_model(
+                kind, params_dtype="bf16", fp8="hybrid", attention=attention, fp8_attention=fp8_attention
+            ),
+            bf16=True,
+        )
         losses[fp8_attention] = _train_losses(model, 4)
     assert all(torch.isfinite(torch.tensor(losses[True]))), losses
     assert losses[True][0] == pytest.approx(losses[False][0], rel=2e-2), losses
@@ -127,8 +136,9 @@ def test_fp8_output_layer_trains_like_the_bf16_head(single_rank):
         pytest.skip("FP8 needs Hopper or newer")
     losses, heads, initial = {}, {}, {}
     for fp8_head in (False, True):
-        model = _build(gpu_model("inter", params_dtype="bf16", fp8="hybrid",
-                                 fp8_output_layer=fp8_head), bf16=True)
+        model = _build(
+            gpu_model("inter", params_dtype="bf16", fp8="hybrid", fp8_output_layer=fp8_head), bf16=True
+        )
         heads[fp8_head] = model.output_layer
         initial[fp8_head] = model.output_layer.weight.detach().clone()
         losses[fp8_head] = _train_losses(model, 4)
@@ -144,10 +154,14 @@ def _ssd_inputs(dtype, b=2, L=200, h=8, p=32, g=2, n=16, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
     return dict(
-        x=r(b, L, h, p).to(dtype), dt=r(b, L, h).to(dtype),
+        x=r(b, L, h, p).to(dtype),
+        dt=r(b, L, h).to(dtype),
         A=-torch.rand(h, device="cuda", generator=gen) * 4 - 0.5,
-        B=r(b, L, g, n).to(dtype), C=r(b, L, g, n).to(dtype),
-        D=r(h), z=r(b, L, h, p).to(dtype), dt_bias=r(h) * 0.5,
+        B=r(b, L, g, n).to(dtype),
+        C=r(b, L, g, n).to(dtype),
+        D=r(h),
+        z=r(b, L, h, p).to(dtype),
+        dt_bias=r(h) * 0.5,
     )
 
 
@@ -207,7 +221,9 @@ def test_torch_conv1d_and_decode_match_kernels():
     bias = torch.randn(96, device="cuda", generator=gen)
     torch.testing.assert_close(
         ops.causal_conv1d_fn(x, w, bias, activation="silu"),
-        causal_conv1d_fn(x, w, bias, activation="silu"), rtol=1e-4, atol=1e-4,
+        causal_conv1d_fn(x, w, bias, activation="silu"),
+        rtol=1e-4,
+        atol=1e-4,
     )
     b, h, p, n = 2, 8, 32, 16
     state = torch.randn(b, h, p, n, device="cuda", generator=gen)
@@ -268,15 +284,19 @@ def test_grouped_experts_on_gpu_match_a_loop_over_experts(single_rank):
     x, p = tokens.detach().float().requires_grad_(), probs.detach().requires_grad_()
     pieces, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        h = x[start:start + n] @ w1[e].T
+        h = x[start : start + n] @ w1[e].T
         gate, linear = h.chunk(2, dim=-1)
-        pieces.append((torch.nn.functional.silu(gate) * linear * p[start:start + n, None]) @ w2[e].T)
+        pieces.append((torch.nn.functional.silu(gate) * linear * p[start : start + n, None]) @ w2[e].T)
         start += n
     ref = torch.cat(pieces)
     ref.backward(grad_out.float())
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
-    for got, want in ((tokens.grad, x.grad), (probs.grad, p.grad), (experts.weight1.grad, w1.grad),
-                      (experts.weight2.grad, w2.grad)):
+    for got, want in (
+        (tokens.grad, x.grad),
+        (probs.grad, p.grad),
+        (experts.weight1.grad, w1.grad),
+        (experts.weight2.grad, w2.grad),
+    ):
         err = (got.float() - want).norm() / want.norm()
         assert err < 2e-2, err.item()
     assert experts.weight1.grad[1].abs().max() == 0  # the expert without tokens learns nothing
@@ -351,9 +371,16 @@ def test_trainer_on_gpu_learns_and_checkpoints(tmp_path, fp8):
 
     run_dir = tmp_path / "run"
     overrides = [
-        f"checkpoint.dir={run_dir}/checkpoints", "tracking.enabled=false",  # no MLflow on the GPU box
-        "model.impl=te", "parallel.tp=1", "parallel.sequence_parallel=false", "train.precision=bf16",
-        "train.steps=40", "train.eval_interval=20", "checkpoint.interval=20", "train.log_interval=10",
+        f"checkpoint.dir={run_dir}/checkpoints",
+        "tracking.enabled=false",  # no MLflow on the GPU box
+        "model.impl=te",
+        "parallel.tp=1",
+        "parallel.sequence_parallel=false",
+        "train.precision=bf16",
+        "train.steps=40",
+        "train.eval_interval=20",
+        "checkpoint.interval=20",
+        "train.log_interval=10",
         # FP8 GEMMs need the Mamba in-projection width in multiples of 16 (8-channel SSM heads).
         "model.mamba.head_dim=8",
         *(["model.fp8=hybrid"] if fp8 else []),
@@ -373,8 +400,9 @@ def test_trainer_on_gpu_learns_and_checkpoints(tmp_path, fp8):
     longer = [o.replace("train.steps=40", "train.steps=44") for o in overrides]
     if fp8 == "head_on_resume":
         longer.append("model.fp8_output_layer=true")
-    codes = wait_job(start_job(str(REPO / "recipes/intra_tiny_moe.yaml"), longer, 1, tmp_path / "logs2"),
-                     timeout=600)
+    codes = wait_job(
+        start_job(str(REPO / "recipes/intra_tiny_moe.yaml"), longer, 1, tmp_path / "logs2"), timeout=600
+    )
     resumed = (tmp_path / "logs2" / "rank0.log").read_text()
     assert codes == [0], resumed[-3000:]
     assert "at step 40" in resumed, resumed[-3000:]

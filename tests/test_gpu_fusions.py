@@ -14,8 +14,12 @@ from hybrid_megatron.config.model import ModelConfig
 from tests.model_configs import tiny_model
 from tests.test_gpu import _batch, _build, gpu_model
 
-FUSION_FIELDS = ("bias_dropout_fusion", "apply_rope_fusion", "bias_activation_fusion",
-                 "cross_entropy_loss_fusion")
+FUSION_FIELDS = (
+    "bias_dropout_fusion",
+    "apply_rope_fusion",
+    "bias_activation_fusion",
+    "cross_entropy_loss_fusion",
+)
 MOE_FUSION_FIELDS = ("moe_router_fusion", "moe_permute_fusion")
 
 
@@ -43,8 +47,9 @@ def test_te_build_asks_for_the_fused_kernels_and_local_build_does_not(monkeypatc
         fp8 = fused_kernel_fields(ModelConfig(**cfg))
         assert fp8["moe_permute_fusion"] and fp8["moe_router_fusion"] is router_fused, (experts, fp8)
     monkeypatch.setattr(transformer_config, "resolve_impl", lambda cfg: "local")
-    assert not any(fused_kernel_fields(ModelConfig(**tiny_model("intra", moe=True)))[f]
-                   for f in MOE_FUSION_FIELDS)
+    assert not any(
+        fused_kernel_fields(ModelConfig(**tiny_model("intra", moe=True)))[f] for f in MOE_FUSION_FIELDS
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU build")

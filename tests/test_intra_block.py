@@ -26,7 +26,9 @@ def _tokens(vocab=96, batch=2, seed=0):
 )
 def test_every_variant_runs_forward_and_backward(single_rank, fusion, norm, scalars):
     cfg = tiny_model(
-        "intra", num_layers=2, pattern={"ratio": "1:0"},
+        "intra",
+        num_layers=2,
+        pattern={"ratio": "1:0"},
         intra={"fusion": fusion, "branch_norm": norm, "branch_scalars": scalars},
     )
     model = build_single(cfg)
@@ -61,8 +63,15 @@ def test_subtract_is_attention_minus_mamba(single_rank):
     x = torch.randn(SEQ, 2, 64, generator=torch.Generator().manual_seed(5))
     outs = {}
     for fusion in ("add", "subtract"):
-        model = build_single(tiny_model("intra", num_layers=1, pattern={"ratio": "1:0"},
-                                        intra={"fusion": fusion, "branch_norm": "none"}), seed=3)
+        model = build_single(
+            tiny_model(
+                "intra",
+                num_layers=1,
+                pattern={"ratio": "1:0"},
+                intra={"fusion": fusion, "branch_norm": "none"},
+            ),
+            seed=3,
+        )
         mixer = model.decoder.layers[0].self_attention
         with torch.no_grad():
             outs[fusion] = mixer(x, attention_mask=None)[0]
@@ -82,9 +91,13 @@ def _logits(model, ids, pos):
 
 def test_zero_mamba_share_is_a_transformer(single_rank):
     """dim_ratio 1:0, no branch norm: the intra block is exactly a Transformer block."""
-    intra = build_single(tiny_model("intra", pattern={"ratio": "1:0"},
-                                    intra={"dim_ratio": "1:0", "mixer_width": 64,
-                                           "branch_norm": "none"}))
+    intra = build_single(
+        tiny_model(
+            "intra",
+            pattern={"ratio": "1:0"},
+            intra={"dim_ratio": "1:0", "mixer_width": 64, "branch_norm": "none"},
+        )
+    )
     dense = build_single(tiny_model("transformer", attention={"num_heads": 4, "num_query_groups": 2}))
     # the intra branch uses its own num_query_groups (tiny_model sets 2)
     renamed = {}
@@ -101,8 +114,9 @@ def test_zero_mamba_share_is_a_transformer(single_rank):
 
 def test_zero_attention_share_is_a_mamba_model(single_rank):
     """dim_ratio 0:1, no branch norm: the intra block is exactly a Mamba2 block."""
-    intra = build_single(tiny_model("intra", pattern={"ratio": "1:0"},
-                                    intra={"dim_ratio": "0:1", "branch_norm": "none"}))
+    intra = build_single(
+        tiny_model("intra", pattern={"ratio": "1:0"}, intra={"dim_ratio": "0:1", "branch_norm": "none"})
+    )
     mamba = build_single(tiny_model("mamba"))
     renamed = {}
     for key, value in mamba.state_dict().items():

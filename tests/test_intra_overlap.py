@@ -27,8 +27,7 @@ def _loss_and_grads(model, ids, labels, pos):
     model.zero_grad(set_to_none=True)
     loss = model(ids, pos, None, labels=labels).float()
     loss.mean().backward()
-    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
-             if p.grad is not None}
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
 
 

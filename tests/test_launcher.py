@@ -49,8 +49,14 @@ def standin_entry(recipe):
     dist.init_process_group("gloo")  # env:// from MASTER_ADDR/PORT, RANK, WORLD_SIZE
     total = torch.tensor([dist.get_rank() + 1])
     dist.all_reduce(total)
-    record = {**env, "dist_rank": dist.get_rank(), "dist_world": dist.get_world_size(),
-              "rank_sum": int(total.item()), "job_id": os.environ.get("SLURM_JOB_ID"), "recipe": recipe.name}
+    record = {
+        **env,
+        "dist_rank": dist.get_rank(),
+        "dist_world": dist.get_world_size(),
+        "rank_sum": int(total.item()),
+        "job_id": os.environ.get("SLURM_JOB_ID"),
+        "recipe": recipe.name,
+    }
     out = Path(recipe.run_dir) / "standin"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{env['RANK']}.json").write_text(json.dumps(record))
@@ -164,45 +170,85 @@ def _rank_records(tmp_path) -> dict:
 
 
 def test_dry_run_prints_recipe_derived_and_sbatch(tmp_path, capsys):
-    code = cli.main([
-        str(DEMO), "--dry-run", _ckpt(tmp_path), "slurm.nodes=2", "slurm.gpus_per_node=4",
-        "slurm.tasks_per_node=null", "slurm.partition=gpu-x", "slurm.account=proj7", "slurm.time=01:30:00",
-        "train.global_batch_size=32", "slurm.env={NCCL_DEBUG: WARN}",
-    ])
+    code = cli.main(
+        [
+            str(DEMO),
+            "--dry-run",
+            _ckpt(tmp_path),
+            "slurm.nodes=2",
+            "slurm.gpus_per_node=4",
+            "slurm.tasks_per_node=null",
+            "slurm.partition=gpu-x",
+            "slurm.account=proj7",
+            "slurm.time=01:30:00",
+            "train.global_batch_size=32",
+            "slurm.env={NCCL_DEBUG: WARN}",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
-    assert "name: intra_tiny_moe" in out and "partition: gpu-x" in out      # the resolved recipe
-    assert "8 = tp 2 x pp 1 x dp 4" in out                                  # derived on 2 x 4 ranks
+    assert "name: intra_tiny_moe" in out and "partition: gpu-x" in out  # the resolved recipe
+    assert "8 = tp 2 x pp 1 x dp 4" in out  # derived on 2 x 4 ranks
     assert "global 32 = micro 4 x dp 4 x grad accumulation 2" in out
     assert "  params    total 2.27M, active 1.88M, non_embedding 1.23M" in out.splitlines()  # accounting
-    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
-                 "#SBATCH --partition=gpu-x", "#SBATCH --account=proj7", "#SBATCH --time=90",
-                 "#SBATCH --job-name=intra_tiny_moe", "#SBATCH --signal=USR2@120", "#SBATCH --requeue",
-                 f"#SBATCH --output={tmp_path}/runs/demo/slurm/%j/%j_0_log.out", "export NCCL_DEBUG=WARN"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --partition=gpu-x",
+        "#SBATCH --account=proj7",
+        "#SBATCH --time=90",
+        "#SBATCH --job-name=intra_tiny_moe",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={tmp_path}/runs/demo/slurm/%j/%j_0_log.out",
+        "export NCCL_DEBUG=WARN",
+    ):
         assert line in out.splitlines(), line
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun and "-m submitit.core._submit" in srun
     assert "#SBATCH --array" not in out
     assert out.rstrip().endswith("# dry run: nothing submitted")
-    assert not (tmp_path / "runs").exists()                                 # nothing written
+    assert not (tmp_path / "runs").exists()  # nothing written
 
 
 def test_render_sbatch_array_and_cluster_options():
     from hybrid_megatron.config import load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / "intra_1b.yaml", [
-        "slurm.array_parallelism=2", "slurm.container_image=/img/hm.sqsh",
-        "slurm.container_mounts=/data:/data,/scratch:/scratch", "slurm.qos=high", "slurm.constraint=h100",
-        "slurm.setup=[module load cuda]", "slurm.sbatch_extra={gres: 'gpu:8'}",
-    ])
+    recipe = load_recipe(
+        REPO / "recipes" / "intra_1b.yaml",
+        [
+            "slurm.array_parallelism=2",
+            "slurm.container_image=/img/hm.sqsh",
+            "slurm.container_mounts=/data:/data,/scratch:/scratch",
+            "slurm.qos=high",
+            "slurm.constraint=h100",
+            "slurm.setup=[module load cuda]",
+            "slurm.sbatch_extra={gres: 'gpu:8'}",
+        ],
+    )
     lines = render_sbatch(recipe, array_size=5).splitlines()
-    for line in ("#SBATCH --array=0-4%2", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --ntasks-per-node=8", "#SBATCH --mem=0", "#SBATCH --exclusive", "#SBATCH --qos=high",
-                 "#SBATCH --constraint=h100", "#SBATCH --gres=gpu:8", "#SBATCH --time=2880",
-                 "#SBATCH --signal=USR2@180", "export CUDA_DEVICE_MAX_CONNECTIONS=1", "module load cuda"):
+    for line in (
+        "#SBATCH --array=0-4%2",
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --mem=0",
+        "#SBATCH --exclusive",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --gres=gpu:8",
+        "#SBATCH --time=2880",
+        "#SBATCH --signal=USR2@180",
+        "export CUDA_DEVICE_MAX_CONNECTIONS=1",
+        "module load cuda",
+    ):
         assert line in lines, line
     srun = next(line for line in lines if line.startswith("srun "))
-    assert "--container-image=/img/hm.sqsh" in srun and "--container-mounts=/data:/data,/scratch:/scratch" in srun
+    assert (
+        "--container-image=/img/hm.sqsh" in srun
+        and "--container-mounts=/data:/data,/scratch:/scratch" in srun
+    )
     # Array logs are per array task.
     assert any(line.startswith("#SBATCH --output=") and "%A_%a_0_log.out" in line for line in lines)
 
@@ -221,20 +267,28 @@ def test_no_sbatch_says_slurm_not_found_and_suggests_local(tmp_path, monkeypatch
 
 
 def test_no_sbatch_exit_code_from_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "slurm.py"), str(DEMO), _ckpt(tmp_path)],
-                          capture_output=True, text=True, env={**os.environ, "PATH": str(tmp_path)},
-                          cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "slurm.py"), str(DEMO), _ckpt(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": str(tmp_path)},
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "SLURM was not found" in proc.stderr and "add --local" in proc.stderr
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--sweep"], "not a sweep file: it has no 'sweep:' section"),
-    (["--nproc", "2"], "--nproc applies to --local runs only"),
-    (["--local", "--nproc", "3"], "--nproc 3: the world size must be a multiple of 2"),
-    (["model.intra.fusion=sum"], "model.intra.fusion: 'sum' is not one of add, subtract, concat"),
-    (["--local", "--nproc", "6"], "train.global_batch_size: 8 is not divisible by"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--sweep"], "not a sweep file: it has no 'sweep:' section"),
+        (["--nproc", "2"], "--nproc applies to --local runs only"),
+        (["--local", "--nproc", "3"], "--nproc 3: the world size must be a multiple of 2"),
+        (["model.intra.fusion=sum"], "model.intra.fusion: 'sum' is not one of add, subtract, concat"),
+        (["--local", "--nproc", "6"], "train.global_batch_size: 8 is not divisible by"),
+    ],
+)
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, expected):
     code = cli.main([str(DEMO), _ckpt(tmp_path), *argv])
     err = capsys.readouterr().err
@@ -252,17 +306,44 @@ class _FakeEnv:
 
 def test_rendezvous_env_from_a_slurm_job(monkeypatch):
     monkeypatch.delenv("HM_MASTER_PORT", raising=False)
-    job = _FakeEnv(cluster="slurm", hostnames=["gpu017", "gpu018"], raw_job_id="4242", global_rank=13,
-                   local_rank=5, num_tasks=16, num_nodes=2, node=1)
+    job = _FakeEnv(
+        cluster="slurm",
+        hostnames=["gpu017", "gpu018"],
+        raw_job_id="4242",
+        global_rank=13,
+        local_rank=5,
+        num_tasks=16,
+        num_nodes=2,
+        node=1,
+    )
     assert rendezvous_env(job) == {
-        "MASTER_ADDR": "gpu017", "MASTER_PORT": str(20000 + 4242), "RANK": "13", "WORLD_SIZE": "16",
-        "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8", "NODE_RANK": "1"}
+        "MASTER_ADDR": "gpu017",
+        "MASTER_PORT": str(20000 + 4242),
+        "RANK": "13",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "5",
+        "LOCAL_WORLD_SIZE": "8",
+        "NODE_RANK": "1",
+    }
     monkeypatch.setenv("HM_MASTER_PORT", "31111")
     assert rendezvous_env(job)["MASTER_PORT"] == "31111"
-    local = _FakeEnv(cluster="local", hostnames=["x"], raw_job_id="1", global_rank=1, local_rank=1,
-                     num_tasks=2, num_nodes=1, node=0)
+    local = _FakeEnv(
+        cluster="local",
+        hostnames=["x"],
+        raw_job_id="1",
+        global_rank=1,
+        local_rank=1,
+        num_tasks=2,
+        num_nodes=1,
+        node=0,
+    )
     env = rendezvous_env(local, master_port=12345)
-    assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["RANK"], env["WORLD_SIZE"]) == ("127.0.0.1", "12345", "1", "2")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["RANK"], env["WORLD_SIZE"]) == (
+        "127.0.0.1",
+        "12345",
+        "1",
+        "2",
+    )
 
 
 def test_checkpoint_requeues_itself_resuming_from_latest():
@@ -281,11 +362,26 @@ def test_checkpoint_requeues_itself_resuming_from_latest():
 @pytest.fixture
 def submitit_task_env(monkeypatch):
     """The environment of task 0 of a one-task submitit local job, restored afterwards."""
-    for key, value in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "77", "SUBMITIT_LOCAL_NTASKS": "1",
-                       "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0", "SUBMITIT_LOCAL_NODEID": "0",
-                       "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "HM_TEST_SAVED": "no"}.items():
+    for key, value in {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_JOB_ID": "77",
+        "SUBMITIT_LOCAL_NTASKS": "1",
+        "SUBMITIT_LOCAL_GLOBALID": "0",
+        "SUBMITIT_LOCAL_LOCALID": "0",
+        "SUBMITIT_LOCAL_NODEID": "0",
+        "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+        "HM_TEST_SAVED": "no",
+    }.items():
         monkeypatch.setenv(key, value)
-    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK"):
+    for key in (
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "NODE_RANK",
+    ):
         monkeypatch.setenv(key, "unset")  # TrainJob overwrites them; monkeypatch restores them
     import signal
 
@@ -295,10 +391,13 @@ def submitit_task_env(monkeypatch):
     signal.signal(signal.SIGUSR2, previous)
 
 
-@pytest.mark.parametrize("entry, expected_calls, stopped", [
-    ("graceful_entry", ["yes"], True),   # trainer saved first, then submitit requeued
-    ("deaf_entry", ["no"], False),       # no trainer handler: submitit's handler at once
-])
+@pytest.mark.parametrize(
+    "entry, expected_calls, stopped",
+    [
+        ("graceful_entry", ["yes"], True),  # trainer saved first, then submitit requeued
+        ("deaf_entry", ["no"], False),  # no trainer handler: submitit's handler at once
+    ],
+)
 def test_preemption_signal_saves_before_requeue(submitit_task_env, entry, expected_calls, stopped):
     from hybrid_megatron.config import load_recipe
 
@@ -328,8 +427,12 @@ def test_min_world_size():
     # tp 2 x ep 2: experts split over tp (megatron-core's default) need 4 ranks, whole ones 2
     tp2_ep2 = ["parallel.ep=2"]  # intra_tiny_moe has tp 2
     assert min_world_size(load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml", tp2_ep2)) == 4
-    assert min_world_size(load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml",
-                                               tp2_ep2 + ["parallel.expert_tp=1"])) == 2
+    assert (
+        min_world_size(
+            load_recipe(REPO / "recipes" / "intra_tiny_moe.yaml", tp2_ep2 + ["parallel.expert_tp=1"])
+        )
+        == 2
+    )
 
 
 # ---------------------------------------------------------------------------- --local
@@ -347,7 +450,7 @@ def test_local_two_ranks_rendezvous_and_report(tmp_path, monkeypatch, capsys):
         assert (record["WORLD_SIZE"], record["dist_world"], record["rank_sum"]) == ("2", 2, 3)
         assert record["MASTER_ADDR"] == "127.0.0.1" and record["recipe"] == "intra_tiny_moe"
     assert records[0]["MASTER_PORT"] == records[1]["MASTER_PORT"]
-    assert "[rank0] stand-in rank 0 done" in out                  # rank 0's log was streamed
+    assert "[rank0] stand-in rank 0 done" in out  # rank 0's log was streamed
     assert "all 2 ranks finished" in out and "final_loss: 1.25" in out
     assert f"checkpoint_dir: {tmp_path}/runs/demo/checkpoints" in out
     assert list((tmp_path / "runs" / "demo" / "local").iterdir())  # logs under the run dir
@@ -372,8 +475,10 @@ def test_bad_input_in_a_rank_is_reported_as_its_one_line(tmp_path, monkeypatch, 
     _use_standin(monkeypatch, "bad_data_entry")
     assert cli.main([str(DEMO), "--local", _ckpt(tmp_path)]) == 1
     report = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[rank")]
-    assert any(line.endswith(" failed: DataToolsError: dataset prefix /nope/x: /nope/x.idx does "
-                             "not exist") for line in report), report  # whichever rank ended first
+    assert any(
+        line.endswith(" failed: DataToolsError: dataset prefix /nope/x: /nope/x.idx does not exist")
+        for line in report
+    ), report  # whichever rank ended first
     assert not any(line.startswith(("Traceback", "  File")) for line in report), report
     assert input_error_line("Traceback ...\nRuntimeError: boom") is None
 
@@ -393,7 +498,8 @@ def test_a_ranks_input_error_is_recognised_by_its_base_class(submitit_task_env):
             text = traceback.format_exc()
             raise
     assert input_error_line(text) == (
-        "TokenizerMismatch: data.tokenizer: /tok/a has vocab 100\nthe dataset was made with vocab 200")
+        "TokenizerMismatch: data.tokenizer: /tok/a has vocab 100\nthe dataset was made with vocab 200"
+    )
     assert "Traceback" in text and "input_error_entry" in text  # the rank's log keeps the traceback
     # An error named like a user error but not raised through the rank entry is not one.
     assert input_error_line("Traceback ...\nDataToolsError: dataset prefix /x: missing") is None
@@ -416,12 +522,20 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
 def test_slurm_job_through_the_launcher(slurm_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
     _use_standin(monkeypatch, "standin_entry")
-    code = cli.main([
-        str(DEMO), "--wait", _ckpt(tmp_path), f"slurm.partition={slurm_cluster.partition}", "slurm.time=5",
-    ])
+    code = cli.main(
+        [
+            str(DEMO),
+            "--wait",
+            _ckpt(tmp_path),
+            f"slurm.partition={slurm_cluster.partition}",
+            "slurm.time=5",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
-    job_id = next(line.split()[4] for line in out.splitlines() if line.startswith("[launch] submitted SLURM job"))
+    job_id = next(
+        line.split()[4] for line in out.splitlines() if line.startswith("[launch] submitted SLURM job")
+    )
     records = _rank_records(tmp_path)
     assert sorted(records) == [0, 1]
     for rank, record in records.items():
@@ -430,24 +544,33 @@ def test_slurm_job_through_the_launcher(slurm_cluster, tmp_path, monkeypatch, ca
     assert "all 2 ranks finished" in out and "[rank0] stand-in rank 0 done" in out
     # The ranks have returned; SLURM marks the job done once the batch script has exited.
     _wait_for(lambda: not slurm_job_active(job_id), 90, "SLURM to end the job")
-    state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
-                           env=slurm_cluster.env, timeout=30).stdout
+    state = subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True, env=slurm_cluster.env, timeout=30
+    ).stdout
     assert "JobState=COMPLETED" in state and "NumTasks=2" in state
     assert (tmp_path / "runs" / "demo" / "slurm" / job_id / f"{job_id}_1_log.out").exists()
 
 
 @pytest.mark.slow  # two job starts (each importing torch + megatron-core) around a requeue
-def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(slurm_cluster, tmp_path, monkeypatch,
-                                                                   capsys):
+def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(
+    slurm_cluster, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
     _use_standin(monkeypatch, "preempted_entry")
-    code = cli.main([
-        str(DEMO), _ckpt(tmp_path), "checkpoint.resume=none", f"slurm.partition={slurm_cluster.partition}",
-        "slurm.time=10",
-    ])
+    code = cli.main(
+        [
+            str(DEMO),
+            _ckpt(tmp_path),
+            "checkpoint.resume=none",
+            f"slurm.partition={slurm_cluster.partition}",
+            "slurm.time=10",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
-    job_id = next(line.split()[4] for line in out.splitlines() if line.startswith("[launch] submitted SLURM job"))
+    job_id = next(
+        line.split()[4] for line in out.splitlines() if line.startswith("[launch] submitted SLURM job")
+    )
     marks = tmp_path / "runs" / "demo" / "standin"
     _wait_for(lambda: len(list(marks.glob("waiting_rank*"))) == 2, 300, "both ranks to start")
     # What SLURM does signal_delay_s before the time limit (--signal=USR2@...): USR2 to the tasks.
@@ -460,8 +583,9 @@ def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(slurm_cluster, 
         assert first == {"stopped": True, "resume": "none"}
         # ...and the requeued run resumes from the latest checkpoint.
         assert json.loads((marks / f"run2_rank{rank}.json").read_text()) == {"resume": "auto"}
-    state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
-                           env=slurm_cluster.env, timeout=30).stdout
+    state = subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True, env=slurm_cluster.env, timeout=30
+    ).stdout
     assert "JobState=COMPLETED" in state and "Restarts=1" in state
     logs = tmp_path / "runs" / "demo" / "slurm" / job_id
     log = "".join(p.read_text(errors="replace") for p in sorted(logs.glob(f"{job_id}_0_log.*")))
@@ -501,11 +625,21 @@ def test_sweep_local_runs_each_recipe_in_turn(tmp_path, monkeypatch, capsys):
 def test_slurm_runs_the_real_trainer_to_a_checkpoint(slurm_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
     monkeypatch.delenv("HM_TRAIN_ENTRY", raising=False)
-    code = cli.main([
-        str(DEMO), "--wait", _ckpt(tmp_path), f"slurm.partition={slurm_cluster.partition}", "slurm.time=10",
-        "train.steps=4", "train.warmup_steps=1", "checkpoint.interval=4", "train.eval_interval=0",
-        "tracking.enabled=false", "model.num_layers=2",
-    ])
+    code = cli.main(
+        [
+            str(DEMO),
+            "--wait",
+            _ckpt(tmp_path),
+            f"slurm.partition={slurm_cluster.partition}",
+            "slurm.time=10",
+            "train.steps=4",
+            "train.warmup_steps=1",
+            "checkpoint.interval=4",
+            "train.eval_interval=0",
+            "tracking.enabled=false",
+            "model.num_layers=2",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     root = tmp_path / "runs" / "demo" / "checkpoints"
@@ -525,9 +659,17 @@ def test_slurm_preemption_of_the_real_trainer_saves_requeues_and_resumes_exactly
 
     recipe = str(REPO / "recipes" / "intra_tiny.yaml")
     common = [
-        "model.num_layers=2", "data.seq_length=64", "train.global_batch_size=4", "train.steps=30",
-        "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=4",
-        "checkpoint.keep_last=2", "train.deterministic=true", "tracking.enabled=false",
+        "model.num_layers=2",
+        "data.seq_length=64",
+        "train.global_batch_size=4",
+        "train.steps=30",
+        "train.warmup_steps=2",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        "checkpoint.interval=4",
+        "checkpoint.keep_last=2",
+        "train.deterministic=true",
+        "tracking.enabled=false",
     ]
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     # The uninterrupted reference, one thread like the SLURM task (cpus_per_task 1).
@@ -535,9 +677,21 @@ def test_slurm_preemption_of_the_real_trainer_saves_requeues_and_resumes_exactly
     env = {k: v for k, v in slurm_cluster.env.items() if k != "HM_TRAIN_ENTRY"}
     out = open(tmp_path / "out", "w+")
     launcher_proc = subprocess.Popen(
-        [sys.executable, str(REPO / "launch" / "slurm.py"), recipe, "--wait", *common,
-         f"checkpoint.dir={cut_dir}/checkpoints", f"slurm.partition={slurm_cluster.partition}", "slurm.time=10"],
-        cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            str(REPO / "launch" / "slurm.py"),
+            recipe,
+            "--wait",
+            *common,
+            f"checkpoint.dir={cut_dir}/checkpoints",
+            f"slurm.partition={slurm_cluster.partition}",
+            "slurm.time=10",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
     def launcher_log() -> str:
@@ -545,9 +699,14 @@ def test_slurm_preemption_of_the_real_trainer_saves_requeues_and_resumes_exactly
 
     try:
         _wait_for(lambda: "[launch] submitted SLURM job" in launcher_log(), 120, "the submission")
-        job_id = next(line.split()[4] for line in launcher_log().splitlines()
-                      if line.startswith("[launch] submitted SLURM job"))
-        _wait_for(lambda: max(read_losses(cut_dir), default=0) >= 5, 300, "step 5 (after the step-4 checkpoint)")
+        job_id = next(
+            line.split()[4]
+            for line in launcher_log().splitlines()
+            if line.startswith("[launch] submitted SLURM job")
+        )
+        _wait_for(
+            lambda: max(read_losses(cut_dir), default=0) >= 5, 300, "step 5 (after the step-4 checkpoint)"
+        )
         subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm_cluster.env, check=True, timeout=30)
         code = launcher_proc.wait(timeout=400)
     finally:
@@ -577,6 +736,7 @@ def test_slurm_preemption_of_the_real_trainer_saves_requeues_and_resumes_exactly
     root = cut_dir / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000030"
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000028", "step_00000030"]
-    state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
-                           env=slurm_cluster.env, timeout=30).stdout
+    state = subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True, env=slurm_cluster.env, timeout=30
+    ).stdout
     assert "JobState=COMPLETED" in state and "Restarts=1" in state

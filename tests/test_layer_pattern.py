@@ -80,9 +80,15 @@ def test_nemotron_h_letters():
     """Flavour nemotron_h: single-sublayer letters (* attention, - MLP, E MoE) in layouts of
     kinds inter, transformer and mamba; lower case and spaces are fine; kinds keep their
     default patterns."""
+
     def nemo(kind, layout=None, **extra):
-        raw = tiny_model(kind, num_layers=len(layout.replace(" ", "")) if layout else 4,
-                         flavour="nemotron_h", moe=True, **extra)
+        raw = tiny_model(
+            kind,
+            num_layers=len(layout.replace(" ", "")) if layout else 4,
+            flavour="nemotron_h",
+            moe=True,
+            **extra,
+        )
         raw.pop("pattern", None)
         if layout:
             raw["pattern"] = {"layout": layout, "allow_early_attention": True}

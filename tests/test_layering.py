@@ -93,8 +93,11 @@ def imported_modules(path: Path, package_dir: Path = PACKAGE_DIR) -> Iterator[tu
             func = node.func
             called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
             first = node.args[0]
-            if called in ("import_module", "__import__") and isinstance(first, ast.Constant) \
-                    and isinstance(first.value, str):
+            if (
+                called in ("import_module", "__import__")
+                and isinstance(first, ast.Constant)
+                and isinstance(first.value, str)
+            ):
                 yield node.lineno, first.value
 
 
@@ -112,12 +115,16 @@ def layer_violations(package_dir: Path = PACKAGE_DIR, layers=LAYERS) -> list[str
             if target is None or target == source:
                 continue
             if target not in rank:
-                problems.append(f"{path.relative_to(package_dir.parent)}:{line}: imports {module}, "
-                                f"whose unit {target!r} is in no row of LAYERS")
+                problems.append(
+                    f"{path.relative_to(package_dir.parent)}:{line}: imports {module}, "
+                    f"whose unit {target!r} is in no row of LAYERS"
+                )
             elif rank[target] >= rank[source]:
                 where = "a higher layer" if rank[target] > rank[source] else "its own row"
-                problems.append(f"{path.relative_to(package_dir.parent)}:{line}: {source} imports "
-                                f"{module} ({target}, {where})")
+                problems.append(
+                    f"{path.relative_to(package_dir.parent)}:{line}: {source} imports "
+                    f"{module} ({target}, {where})"
+                )
     return sorted(set(problems))
 
 
@@ -136,18 +143,22 @@ def test_checker_reports_upward_sideways_and_unlisted_imports(tmp_path):
         "def f():\n    from hybrid_megatron.high import x\n"  # deferred, still counted
     )
     (pkg / "low" / "b.py").write_text("import importlib\nimportlib.import_module('hybrid_megatron.mid.y')\n")
-    (pkg / "mid" / "c.py").write_text("from ..side import z\nfrom . import c2\nfrom hybrid_megatron import low\n")
+    (pkg / "mid" / "c.py").write_text(
+        "from ..side import z\nfrom . import c2\nfrom hybrid_megatron import low\n"
+    )
     (pkg / "high" / "d.py").write_text("from hybrid_megatron import mid, extra\n")
     (pkg / "extra.py").write_text("")
     layers = (("low",), ("mid", "side"), ("high",), (PACKAGE,))
     problems = layer_violations(pkg, layers)
-    assert problems == sorted([
-        "hybrid_megatron/extra.py: unit 'extra' is in no row of LAYERS",
-        "hybrid_megatron/high/d.py:1: imports hybrid_megatron.extra, whose unit 'extra' is in no row of LAYERS",
-        "hybrid_megatron/low/a.py:2: low imports hybrid_megatron.high (high, a higher layer)",
-        "hybrid_megatron/low/b.py:2: low imports hybrid_megatron.mid.y (mid, a higher layer)",
-        "hybrid_megatron/mid/c.py:1: mid imports hybrid_megatron.side (side, its own row)",
-    ])
+    assert problems == sorted(
+        [
+            "hybrid_megatron/extra.py: unit 'extra' is in no row of LAYERS",
+            "hybrid_megatron/high/d.py:1: imports hybrid_megatron.extra, whose unit 'extra' is in no row of LAYERS",
+            "hybrid_megatron/low/a.py:2: low imports hybrid_megatron.high (high, a higher layer)",
+            "hybrid_megatron/low/b.py:2: low imports hybrid_megatron.mid.y (mid, a higher layer)",
+            "hybrid_megatron/mid/c.py:1: mid imports hybrid_megatron.side (side, its own row)",
+        ]
+    )
 
 
 def test_every_row_names_a_unit_once():

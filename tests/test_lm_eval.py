@@ -42,7 +42,9 @@ def _instances(kind: str, args: list[tuple]) -> list:
     return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
 
-def _reference_loglikelihood(model, tok, context: str, continuation: str, max_length: int) -> tuple[float, bool]:
+def _reference_loglikelihood(
+    model, tok, context: str, continuation: str, max_length: int
+) -> tuple[float, bool]:
     """Sum of the continuation's log-probs straight from the model's logits, position by position.
 
     Context and continuation are encoded whole and split at the context's token count (the
@@ -50,9 +52,9 @@ def _reference_loglikelihood(model, tok, context: str, continuation: str, max_le
     token; over-long inputs keep their last ``max_length + 1`` tokens.
     """
     ctx = tok.encode(context) if context else [tok.eod]
-    cont = (tok.encode(context + continuation)[len(ctx):] if context else []) or tok.encode(continuation)
+    cont = (tok.encode(context + continuation)[len(ctx) :] if context else []) or tok.encode(continuation)
     whole = ctx + cont
-    seq = whole[-(max_length + 1):]
+    seq = whole[-(max_length + 1) :]
     inp = torch.tensor([seq[:-1]])
     logits = model(inp, torch.arange(inp.shape[1]).unsqueeze(0), None, runtime_gather_output=True)
     logp = torch.log_softmax(logits[0].double(), dim=-1)
@@ -90,14 +92,17 @@ def test_loglikelihood_equals_sum_of_logit_log_probs(lm):
     got = lm.loglikelihood(_instances("loglikelihood", pairs))
     for (context, continuation), (score, greedy) in zip(pairs, got):
         moved = len(context) - len(context.rstrip())
-        ref_ctx, ref_cont = context[:len(context) - moved], context[len(context) - moved:] + continuation
+        ref_ctx, ref_cont = context[: len(context) - moved], context[len(context) - moved :] + continuation
         want, want_greedy = _reference_loglikelihood(lm.model, lm.tokenizer, ref_ctx, ref_cont, lm.max_length)
         assert score < 0 and abs(score - want) < 1e-5, (context, score, want)
         assert greedy == want_greedy
     assert lm._encode_pair("She was happ", "y to")[1] == lm.tok_encode(" to")
     assert lm._encode_pair("Mr. Darc", "y was")[1] == lm.tok_encode("y was")
     # the trailing space really moved: scoring "...husband" + " that..." gives the same number
-    assert got[1][0] == lm.loglikelihood(_instances("loglikelihood", [(pairs[1][0].rstrip(), " " + pairs[1][1])]))[0][0]
+    assert (
+        got[1][0]
+        == lm.loglikelihood(_instances("loglikelihood", [(pairs[1][0].rstrip(), " " + pairs[1][1])]))[0][0]
+    )
 
     batched = HybridMegatronLM(model=lm.model, tokenizer=lm.tokenizer, max_length=lm.max_length, batch_size=4)
     for (a, _), (b, _) in zip(got, batched.loglikelihood(_instances("loglikelihood", pairs))):
@@ -109,7 +114,7 @@ def test_loglikelihood_is_greedy_flag(lm):
     from hybrid_megatron.evaluation.generation import generate
 
     ctx = lm.tok_encode("It is a truth universally acknowledged")
-    greedy = generate(lm.model, torch.tensor([ctx]), 6, use_cache=False).tokens[0, len(ctx):].tolist()
+    greedy = generate(lm.model, torch.tensor([ctx]), 6, use_cache=False).tokens[0, len(ctx) :].tolist()
     other = greedy[:-1] + [(greedy[-1] + 1) % 4096]
     (s1, g1), (s2, g2) = lm._loglikelihood_tokens([(None, ctx, greedy), (None, ctx, other)])
     assert g1 is True and g2 is False and s1 > s2
@@ -151,8 +156,12 @@ def test_loglikelihood_rolling_equals_nll_task(lm, ckpt, tmp_path):
     assert abs(-rolling[0] - res["nll"] * res["tokens"]) < 1e-5 * res["tokens"], (rolling[0], res)
     s = tok.encode(short)
     window = torch.tensor([[tok.eod] + s])
-    micro = {"tokens": window[:, :-1], "labels": window[:, 1:], "loss_mask": torch.ones(1, len(s)),
-             "position_ids": torch.arange(len(s)).unsqueeze(0)}
+    micro = {
+        "tokens": window[:, :-1],
+        "labels": window[:, 1:],
+        "loss_mask": torch.ones(1, len(s)),
+        "position_ids": torch.arange(len(s)).unsqueeze(0),
+    }
     short_nll = evaluate_nll(lm.model, [[micro]], len(s))
     assert short_nll["tokens"] == len(s)
     assert abs(-rolling[1] - short_nll["nll"] * len(s)) < 1e-5 * len(s), (rolling[1], short_nll)
@@ -174,7 +183,7 @@ def test_generate_until_stops_at_until_and_matches_greedy(lm):
     tok = lm.tokenizer
     prompt = "It is a truth universally acknowledged, that a single man in possession"
     ids = tok.encode(prompt)
-    new = generate(lm.model, torch.tensor([ids]), 24, use_cache=False).tokens[0, len(ids):].tolist()
+    new = generate(lm.model, torch.tensor([ids]), 24, use_cache=False).tokens[0, len(ids) :].tolist()
     full = tok.decode(new)
     k, piece = _first_new_piece(tok, new)
     want = full.split(piece)[0]
@@ -183,8 +192,13 @@ def test_generate_until_stops_at_until_and_matches_greedy(lm):
     calls = []
     hook = lm.model.register_forward_hook(lambda *_: calls.append(1))
     try:
-        reqs = _instances("generate_until", [(prompt, {"until": [piece], "max_gen_toks": 24, "do_sample": False}),
-                                             (prompt, {"until": ["\u00a7"], "max_gen_toks": 24})])
+        reqs = _instances(
+            "generate_until",
+            [
+                (prompt, {"until": [piece], "max_gen_toks": 24, "do_sample": False}),
+                (prompt, {"until": ["\u00a7"], "max_gen_toks": 24}),
+            ],
+        )
         stopped, unstopped = lm.generate_until(reqs)
     finally:
         hook.remove()
@@ -197,8 +211,11 @@ def test_generate_until_stops_at_until_and_matches_greedy(lm):
     assert uncached.generate_until(reqs) == [stopped, unstopped]
 
 
-PAIRS = [("It is a truth universally acknowledged,", " that a single man"), ("", "She was"),
-         ("Mrs. Bennet said to her husband ", "that Netherfield")]
+PAIRS = [
+    ("It is a truth universally acknowledged,", " that a single man"),
+    ("", "She was"),
+    ("Mrs. Bennet said to her husband ", "that Netherfield"),
+]
 GEN = ("It is a truth universally acknowledged,", {"until": ["\u00a7"], "max_gen_toks": 12})
 
 
@@ -207,10 +224,13 @@ def _adapter_at_tp2(rank: int, world: int, ckpt: str) -> dict:
     from hybrid_megatron.evaluation.lm_eval_adapter import HybridMegatronLM
 
     lm = HybridMegatronLM(checkpoint=ckpt, tp=2)
-    return {"rank": lm.rank, "world": lm.world_size,
-            "ll": lm.loglikelihood(_instances("loglikelihood", PAIRS)),
-            "rolling": lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(TEXT[:1500],)])),
-            "gen": lm.generate_until(_instances("generate_until", [GEN]))}
+    return {
+        "rank": lm.rank,
+        "world": lm.world_size,
+        "ll": lm.loglikelihood(_instances("loglikelihood", PAIRS)),
+        "rolling": lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(TEXT[:1500],)])),
+        "gen": lm.generate_until(_instances("generate_until", [GEN])),
+    }
 
 
 @pytest.mark.slow
@@ -237,34 +257,45 @@ def _write_tasks(root, tok) -> str:
     tasks = root / "tasks"
     tasks.mkdir()
     choice = [
-        {"question": "It is a truth universally", "choices": [" acknowledged", " banana", " the"], "label": 0},
+        {
+            "question": "It is a truth universally",
+            "choices": [" acknowledged", " banana", " the"],
+            "label": 0,
+        },
         {"question": "Mr. Bennet was", "choices": [" so odd", " seven", " a"], "label": 2},
         {"question": "She was", "choices": [" not", " purple", " happy"], "label": 0},
         {"question": "She was", "choices": [" purple", " not"], "label": 0},  # most likely scored wrong
     ]
     rolling = [{"text": TEXT[:400]}, {"text": TEXT[1000:1300]}]
-    gen = [{"prompt": "It is a truth universally acknowledged,", "answer": " that"},
-           {"prompt": "Mrs. Bennet said", "answer": " nothing"}]
+    gen = [
+        {"prompt": "It is a truth universally acknowledged,", "answer": " that"},
+        {"prompt": "Mrs. Bennet said", "answer": " nothing"},
+    ]
     for name, rows in (("choice", choice), ("rolling", rolling), ("gen", gen)):
         (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cache = root / "hf_cache"
 
     def data(name):
-        return f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / name}.jsonl\n  cache_dir: {cache}\n" \
-               "test_split: test\n"
+        return (
+            f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / name}.jsonl\n  cache_dir: {cache}\n"
+            "test_split: test\n"
+        )
 
     (tasks / "hm_choice.yaml").write_text(
-        "task: hm_choice\n" + data("choice") + "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\ntarget_delimiter: \"\"\n"
-        "metric_list:\n  - metric: acc\n")
+        "task: hm_choice\n" + data("choice") + 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\ntarget_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n"
+    )
     (tasks / "hm_rolling.yaml").write_text(
-        "task: hm_rolling\n" + data("rolling") + "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\n"
-        "doc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: bits_per_byte\n  - metric: word_perplexity\n")
+        "task: hm_rolling\n" + data("rolling") + 'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
+        'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: bits_per_byte\n  - metric: word_perplexity\n'
+    )
     (tasks / "hm_gen.yaml").write_text(
-        "task: hm_gen\n" + data("gen") + "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\n"
-        "doc_to_target: \"{{answer}}\"\ntarget_delimiter: \"\"\n"
-        "generation_kwargs:\n  until: [\"\\n\", \".\"]\n  max_gen_toks: 6\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n")
+        "task: hm_gen\n" + data("gen") + 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\n'
+        'doc_to_target: "{{answer}}"\ntarget_delimiter: ""\n'
+        'generation_kwargs:\n  until: ["\\n", "."]\n  max_gen_toks: 6\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n"
+    )
     return str(tasks)
 
 
@@ -274,16 +305,29 @@ def _expected_metrics(lm, root) -> dict:
     choice = [json.loads(x) for x in (tasks / "choice.jsonl").read_text().splitlines()]
     correct = []
     for d in choice:
-        scores = [s for s, _ in lm.loglikelihood(_instances("loglikelihood", [(d["question"], c) for c in d["choices"]]))]
+        scores = [
+            s
+            for s, _ in lm.loglikelihood(
+                _instances("loglikelihood", [(d["question"], c) for c in d["choices"]])
+            )
+        ]
         correct.append(float(int(np.argmax(scores)) == d["label"]))
     texts = [json.loads(x)["text"] for x in (tasks / "rolling.jsonl").read_text().splitlines()]
     ll = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(t,) for t in texts]))
     n_bytes = sum(len(t.encode()) for t in texts)
     gen = [json.loads(x) for x in (tasks / "gen.jsonl").read_text().splitlines()]
-    outs = lm.generate_until(_instances("generate_until", [(d["prompt"], {"until": ["\n", "."], "max_gen_toks": 6,
-                                                                          "do_sample": False}) for d in gen]))
-    return {"acc": sum(correct) / len(correct), "bits_per_byte": -sum(ll) / n_bytes / math.log(2),
-            "exact_match": sum(float(o == d["answer"]) for o, d in zip(outs, gen)) / len(gen), "outs": outs}
+    outs = lm.generate_until(
+        _instances(
+            "generate_until",
+            [(d["prompt"], {"until": ["\n", "."], "max_gen_toks": 6, "do_sample": False}) for d in gen],
+        )
+    )
+    return {
+        "acc": sum(correct) / len(correct),
+        "bits_per_byte": -sum(ll) / n_bytes / math.log(2),
+        "exact_match": sum(float(o == d["answer"]) for o, d in zip(outs, gen)) / len(gen),
+        "outs": outs,
+    }
 
 
 def test_simple_evaluate_on_local_tasks(lm, tmp_path, monkeypatch):
@@ -293,9 +337,12 @@ def test_simple_evaluate_on_local_tasks(lm, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     include = _write_tasks(tmp_path, lm.tokenizer)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["hm_choice", "hm_rolling", "hm_gen"],
-                                  task_manager=TaskManager(include_path=include, include_defaults=False),
-                                  log_samples=True)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["hm_choice", "hm_rolling", "hm_gen"],
+        task_manager=TaskManager(include_path=include, include_defaults=False),
+        log_samples=True,
+    )
     res = out["results"]
     want = _expected_metrics(lm, tmp_path)
     assert res["hm_choice"]["acc,none"] == pytest.approx(want["acc"])
@@ -311,14 +358,36 @@ def test_cli_subcommand_runs_lm_eval_with_the_registered_model(lm, ckpt, tmp_pat
     ``lm_eval`` CLI has no plugin discovery, so it cannot find the model on its own)."""
     include = _write_tasks(tmp_path, lm.tokenizer)
     out_dir = tmp_path / "results"
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": "2"}
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "2",
+    }
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "hybrid_megatron.evaluation", "lm-eval", "--model_args", f"checkpoint={ckpt}",
-         "--tasks", "hm_choice,hm_rolling", "--include_path", include, "--output_path", str(out_dir)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "hybrid_megatron.evaluation",
+            "lm-eval",
+            "--model_args",
+            f"checkpoint={ckpt}",
+            "--tasks",
+            "hm_choice,hm_rolling",
+            "--include_path",
+            include,
+            "--output_path",
+            str(out_dir),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out_dir.rglob("results_*.json"))
     assert len(files) == 1, list(out_dir.rglob("*"))
@@ -326,4 +395,6 @@ def test_cli_subcommand_runs_lm_eval_with_the_registered_model(lm, ckpt, tmp_pat
     assert res["config"]["model"] == "hybrid_megatron"
     want = _expected_metrics(lm, tmp_path)
     assert res["results"]["hm_choice"]["acc,none"] == pytest.approx(want["acc"])
-    assert res["results"]["hm_rolling"]["bits_per_byte,none"] == pytest.approx(want["bits_per_byte"], rel=1e-6)
+    assert res["results"]["hm_rolling"]["bits_per_byte,none"] == pytest.approx(
+        want["bits_per_byte"], rel=1e-6
+    )

@@ -25,8 +25,9 @@ def _one_token_floor() -> float:
     successors = defaultdict(Counter)
     for i, token in enumerate(PERIOD):
         successors[token][PERIOD[(i + 1) % len(PERIOD)]] += 1
-    return -sum(n * math.log(n / sum(c.values())) for c in successors.values()
-                for n in c.values()) / len(PERIOD)
+    return -sum(n * math.log(n / sum(c.values())) for c in successors.values() for n in c.values()) / len(
+        PERIOD
+    )
 
 
 def _batch(gen: torch.Generator, size: int = 4) -> torch.Tensor:

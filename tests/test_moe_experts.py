@@ -55,7 +55,7 @@ def _loss_and_grads(model, ids):
         if name.endswith(("experts.weight1", "experts.weight2")):
             fc = "linear_fc1" if name.endswith("1") else "linear_fc2"
             for e in range(p.shape[0]):
-                grads[f"{name[:-len('weight1')]}local_experts.{e}.{fc}.weight"] = p.grad[e]
+                grads[f"{name[: -len('weight1')]}local_experts.{e}.{fc}.weight"] = p.grad[e]
         else:
             grads[name] = p.grad
     return loss.item(), grads
@@ -67,8 +67,12 @@ def test_grouped_experts_match_sequential(single_rank, kind, alignment):
     """Loss and every parameter's gradient (each expert's too) equal SequentialMLP's, gated
     SwiGLU (llama) and squared-ReLU (nemotron_h) experts, with and without padded groups."""
     if kind == "nemotron_h":
-        cfg = tiny_model("inter", moe=True, flavour="nemotron_h",
-                         pattern={"ratio": None, "layout": "M*AE", "allow_early_attention": True})
+        cfg = tiny_model(
+            "inter",
+            moe=True,
+            flavour="nemotron_h",
+            pattern={"ratio": None, "layout": "M*AE", "allow_early_attention": True},
+        )
     else:
         cfg = tiny_model(kind, moe=True)
     sequential, grouped = _model_pair(cfg)
@@ -93,6 +97,7 @@ def test_grouped_experts_match_sequential(single_rank, kind, alignment):
 
 def test_plain_state_dict_names_each_expert_as_sequential_does(single_rank):
     sequential, grouped = _model_pair(tiny_model("inter", moe=True))
+
     def weights(model):
         return {k for k in model.state_dict() if not k.endswith("_extra_state")}
 
@@ -116,10 +121,21 @@ def test_old_recipes_grouped_gemm_flag_reads_as_the_experts_choice():
         MoEConfig(num_experts=4, grouped_gemm="yes")
 
 
-_RUN = ("data.seq_length=64", "train.global_batch_size=4", "train.steps=6", "train.warmup_steps=1",
-        "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=3",
-        "checkpoint.keep_last=5", "train.deterministic=true", "tracking.enabled=false",
-        "model.num_layers=2", "parallel.tp=1", "parallel.sequence_parallel=false")
+_RUN = (
+    "data.seq_length=64",
+    "train.global_batch_size=4",
+    "train.steps=6",
+    "train.warmup_steps=1",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "checkpoint.interval=3",
+    "checkpoint.keep_last=5",
+    "train.deterministic=true",
+    "tracking.enabled=false",
+    "model.num_layers=2",
+    "parallel.tp=1",
+    "parallel.sequence_parallel=false",
+)
 
 
 @pytest.mark.parametrize("saved,resumed", [("sequential", "grouped"), ("grouped", "sequential")])
@@ -133,8 +149,12 @@ def test_checkpoints_move_between_expert_implementations(single_rank, tmp_path, 
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
 
     def run(run_dir, experts, *extra):
-        train(load_recipe(recipe, [f"checkpoint.dir={run_dir}/checkpoints", *_RUN,
-                                   f"model.moe.experts={experts}", *extra]))
+        train(
+            load_recipe(
+                recipe,
+                [f"checkpoint.dir={run_dir}/checkpoints", *_RUN, f"model.moe.experts={experts}", *extra],
+            )
+        )
 
     run(ref_dir, saved)
     reference = read_losses(ref_dir)

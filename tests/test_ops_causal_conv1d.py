@@ -70,7 +70,11 @@ def test_causal_conv1d_update_circular_buffer_matches_shift_buffer():
     for t in range(l):
         a = ops.causal_conv1d_update(x[:, :, t], shift_state, wt, None, "silu")
         c = ops.causal_conv1d_update(
-            x[:, :, t], ring, wt, None, "silu",
+            x[:, :, t],
+            ring,
+            wt,
+            None,
+            "silu",
             cache_seqlens=torch.full((b,), t, dtype=torch.int32),
         )
         assert (a - c).abs().max().item() < TOL

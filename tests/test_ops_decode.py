@@ -21,10 +21,21 @@ def _decode_setup(seed=0):
         return torch.randn(*shape, generator=gen, dtype=F64) * s
 
     return dict(
-        b=b, l=l, h=nheads, p=headdim, g=ngroups, n=dstate, w=width, dim=dim,
-        xBC=rnd(b, l, conv_dim), z=rnd(b, l, dim), dt=rnd(b, l, nheads),
-        conv_w=rnd(conv_dim, width, s=0.5), conv_b=rnd(conv_dim, s=0.1),
-        dt_bias=rnd(nheads, s=0.5) - 1.0, A=-(torch.rand(nheads, generator=gen, dtype=F64) + 0.3),
+        b=b,
+        l=l,
+        h=nheads,
+        p=headdim,
+        g=ngroups,
+        n=dstate,
+        w=width,
+        dim=dim,
+        xBC=rnd(b, l, conv_dim),
+        z=rnd(b, l, dim),
+        dt=rnd(b, l, nheads),
+        conv_w=rnd(conv_dim, width, s=0.5),
+        conv_b=rnd(conv_dim, s=0.1),
+        dt_bias=rnd(nheads, s=0.5) - 1.0,
+        A=-(torch.rand(nheads, generator=gen, dtype=F64) + 0.3),
         D=rnd(nheads),
     )
 
@@ -33,17 +44,28 @@ def _full_forward(s, xBC, z, dt, conv_init=None, ssm_init=None):
     """Prefill path: causal_conv1d_fn + mamba_chunk_scan_combined (megatron's _ssm_prefill)."""
     b, l = xBC.shape[:2]
     conv, conv_final = ops.causal_conv1d_fn(
-        xBC.transpose(1, 2), s["conv_w"], s["conv_b"], initial_states=conv_init,
-        return_final_states=True, activation="silu",
+        xBC.transpose(1, 2),
+        s["conv_w"],
+        s["conv_b"],
+        initial_states=conv_init,
+        return_final_states=True,
+        activation="silu",
     )
     conv = conv.transpose(1, 2)
     dim, gn = s["dim"], s["g"] * s["n"]
     y, final = ops.mamba_chunk_scan_combined(
-        conv[..., :dim].reshape(b, l, s["h"], s["p"]), dt, s["A"],
+        conv[..., :dim].reshape(b, l, s["h"], s["p"]),
+        dt,
+        s["A"],
         conv[..., dim : dim + gn].reshape(b, l, s["g"], s["n"]),
-        conv[..., dim + gn :].reshape(b, l, s["g"], s["n"]), 8, D=s["D"],
-        z=z.reshape(b, l, s["h"], s["p"]), dt_bias=s["dt_bias"], dt_softplus=True,
-        initial_states=ssm_init, return_final_states=True,
+        conv[..., dim + gn :].reshape(b, l, s["g"], s["n"]),
+        8,
+        D=s["D"],
+        z=z.reshape(b, l, s["h"], s["p"]),
+        dt_bias=s["dt_bias"],
+        dt_softplus=True,
+        initial_states=ssm_init,
+        return_final_states=True,
     )
     return y.reshape(b, l, dim), conv_final, final
 
@@ -59,10 +81,12 @@ def _decode_step(s, xBC_t, z_t, dt_t, conv_state, ssm_state, batch_indices=None)
     B_t = xBC_t[:, dim : dim + g * n].reshape(bsz, g, n)
     C_t = xBC_t[:, dim + g * n :].reshape(bsz, g, n)
     y = ops.selective_state_update(
-        ssm_state, x_t,
+        ssm_state,
+        x_t,
         dt_t[:, :, None].expand(bsz, h, p),  # repeat(dt, "b h -> b h p"): stride-0 view
         s["A"][:, None, None].expand(h, p, n),
-        B_t, C_t,
+        B_t,
+        C_t,
         s["D"][:, None].expand(h, p),
         z=z_t.reshape(bsz, h, p),
         dt_bias=s["dt_bias"][:, None].expand(h, p),
@@ -80,8 +104,7 @@ def test_decode_reproduces_full_sequence():
     conv_state = torch.zeros(b, s["xBC"].shape[-1], w, dtype=F64)  # megatron keeps width d_conv
     ssm_state = torch.zeros(b, s["h"], s["p"], s["n"], dtype=F64)
     ys = [
-        _decode_step(s, s["xBC"][:, t], s["z"][:, t], s["dt"][:, t], conv_state, ssm_state)
-        for t in range(l)
+        _decode_step(s, s["xBC"][:, t], s["z"][:, t], s["dt"][:, t], conv_state, ssm_state) for t in range(l)
     ]
     assert (torch.stack(ys, 1) - y_full).abs().max().item() < TOL
     assert (ssm_state - ssm_final).abs().max().item() < TOL
@@ -105,8 +128,12 @@ def test_prefill_then_decode():
     assert (torch.cat([y_pre, torch.stack(ys, 1)], 1) - y_full).abs().max().item() < TOL
     # chunked prefill continuing from the stored states gives the same tail
     y_tail, _, _ = _full_forward(
-        s, s["xBC"][:, k:], s["z"][:, k:], s["dt"][:, k:],
-        conv_init=conv_final, ssm_init=ssm_final,
+        s,
+        s["xBC"][:, k:],
+        s["z"][:, k:],
+        s["dt"][:, k:],
+        conv_init=conv_final,
+        ssm_init=ssm_final,
     )
     assert (y_tail - y_full[:, k:]).abs().max().item() < TOL
 
@@ -157,8 +184,15 @@ def test_selective_state_update_without_heads_and_low_precision_state():
 
     s16 = state.to(torch.bfloat16)
     out16 = ops.selective_state_update(
-        s16, x.bfloat16(), dt.bfloat16(), A.float(), B.bfloat16(), C.bfloat16(), D=D.float(),
-        z=z.bfloat16(), dt_softplus=True,
+        s16,
+        x.bfloat16(),
+        dt.bfloat16(),
+        A.float(),
+        B.bfloat16(),
+        C.bfloat16(),
+        D=D.float(),
+        z=z.bfloat16(),
+        dt_softplus=True,
     )
     assert out16.dtype == torch.bfloat16 and s16.dtype == torch.bfloat16
     assert (s16.double() - want_state).abs().max().item() < 5e-2 * want_state.abs().max().item()

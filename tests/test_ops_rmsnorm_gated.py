@@ -18,8 +18,9 @@ def test_rmsnorm_gated_formula(group_size, norm_before_gate, gated):
     hidden = 12
     x = torch.randn(3, 5, hidden, generator=gen, dtype=F64) * 3
     z = torch.randn(3, 5, hidden, generator=gen, dtype=F64) if gated else None
-    norm = ops.RMSNormGated(hidden, eps=1e-5, group_size=group_size,
-                            norm_before_gate=norm_before_gate, dtype=F64)
+    norm = ops.RMSNormGated(
+        hidden, eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate, dtype=F64
+    )
     assert norm.bias is None and torch.equal(norm.weight, torch.ones(hidden, dtype=F64))
     with torch.no_grad():
         norm.weight.copy_(torch.randn(hidden, generator=gen, dtype=F64))

@@ -12,9 +12,25 @@ from hybrid_megatron import ops
 from tests.ops_helpers import F64, TOL, naive_ssd, ref_conv, ref_gated_rmsnorm
 
 
-def split_reference(zxbcdt, conv_w, conv_b, dt_bias, A, D, headdim, ngroups, *, seq_lengths=None,
-                    initial_states=None, rmsnorm_weight=None, eps=1e-6, norm_before_gate=True,
-                    outproj_weight=None, outproj_bias=None, d_nonssm=0):
+def split_reference(
+    zxbcdt,
+    conv_w,
+    conv_b,
+    dt_bias,
+    A,
+    D,
+    headdim,
+    ngroups,
+    *,
+    seq_lengths=None,
+    initial_states=None,
+    rmsnorm_weight=None,
+    eps=1e-6,
+    norm_before_gate=True,
+    outproj_weight=None,
+    outproj_bias=None,
+    d_nonssm=0,
+):
     """conv -> split -> SSD recurrence -> gate / gated norm -> projection, spelled out."""
     b, l, _ = zxbcdt.shape
     nheads = D.shape[0]
@@ -40,9 +56,15 @@ def split_reference(zxbcdt, conv_w, conv_b, dt_bias, A, D, headdim, ngroups, *, 
     if seq_lengths is not None:
         seq_idx = torch.cat([torch.full((m,), i) for i, m in enumerate(seq_lengths)])[None]
     y, final = naive_ssd(
-        x, F.softplus(dt + dt_bias), A, B, C, D=D,
+        x,
+        F.softplus(dt + dt_bias),
+        A,
+        B,
+        C,
+        D=D,
         z=z.reshape(b, l, nheads, headdim) if rmsnorm_weight is None else None,
-        initial_states=initial_states, seq_idx=seq_idx,
+        initial_states=initial_states,
+        seq_idx=seq_idx,
     )
     y = y.reshape(b, l, dim)
     if rmsnorm_weight is not None:
@@ -58,8 +80,9 @@ SPLIT_CASES = [
     pytest.param(dict(), id="D_per_head_gate_in_ssd"),
     pytest.param(dict(D_2d=True, ngroups=2, init=True), id="D_2d_ngroups2_init_final"),
     pytest.param(dict(ngroups=2, rmsnorm=True, norm_before_gate=True), id="rmsnorm_before_gate"),
-    pytest.param(dict(ngroups=2, rmsnorm=True, norm_before_gate=False, outproj=True),
-                 id="rmsnorm_after_gate_outproj"),
+    pytest.param(
+        dict(ngroups=2, rmsnorm=True, norm_before_gate=False, outproj=True), id="rmsnorm_after_gate_outproj"
+    ),
     pytest.param(dict(outproj=True), id="outproj_no_norm"),
     pytest.param(dict(d_nonssm=3, rmsnorm=True), id="nonssm_swiglu_prefix"),
     pytest.param(dict(packed=True, ngroups=2), id="seq_idx_packed"),
@@ -90,8 +113,12 @@ def _split_inputs(case, seed=0):
         out_w=rnd(7, d_nonssm + dim, s=0.3) if case.get("outproj") else None,
         out_b=rnd(7, s=0.1) if case.get("outproj") else None,
     )
-    meta = dict(headdim=headdim, ngroups=ngroups, d_nonssm=d_nonssm,
-                seq_lengths=[6, 10, 11] if case.get("packed") else None)
+    meta = dict(
+        headdim=headdim,
+        ngroups=ngroups,
+        d_nonssm=d_nonssm,
+        seq_lengths=[6, 10, 11] if case.get("packed") else None,
+    )
     return inp, meta
 
 
@@ -104,19 +131,41 @@ def test_split_conv1d_scan_matches_composition(case):
             [torch.full((m,), i, dtype=torch.int32) for i, m in enumerate(meta["seq_lengths"])]
         )[None]
     out, final = ops.mamba_split_conv1d_scan_combined(
-        inp["zxbcdt"], inp["conv_w"], inp["conv_b"], inp["dt_bias"], inp["A"], inp["D"], 8,
-        initial_states=inp["init"], seq_idx=seq_idx, return_final_states=True,
-        activation="silu", rmsnorm_weight=inp["norm_w"], rmsnorm_eps=1e-6,
-        outproj_weight=inp["out_w"], outproj_bias=inp["out_b"],
-        headdim=None if case.get("D_2d") else meta["headdim"], ngroups=meta["ngroups"],
+        inp["zxbcdt"],
+        inp["conv_w"],
+        inp["conv_b"],
+        inp["dt_bias"],
+        inp["A"],
+        inp["D"],
+        8,
+        initial_states=inp["init"],
+        seq_idx=seq_idx,
+        return_final_states=True,
+        activation="silu",
+        rmsnorm_weight=inp["norm_w"],
+        rmsnorm_eps=1e-6,
+        outproj_weight=inp["out_w"],
+        outproj_bias=inp["out_b"],
+        headdim=None if case.get("D_2d") else meta["headdim"],
+        ngroups=meta["ngroups"],
         norm_before_gate=case.get("norm_before_gate", True),
     )
     ref, ref_final = split_reference(
-        inp["zxbcdt"], inp["conv_w"], inp["conv_b"], inp["dt_bias"], inp["A"], inp["D"],
-        meta["headdim"], meta["ngroups"], seq_lengths=meta["seq_lengths"],
-        initial_states=inp["init"], rmsnorm_weight=inp["norm_w"],
-        norm_before_gate=case.get("norm_before_gate", True), outproj_weight=inp["out_w"],
-        outproj_bias=inp["out_b"], d_nonssm=meta["d_nonssm"],
+        inp["zxbcdt"],
+        inp["conv_w"],
+        inp["conv_b"],
+        inp["dt_bias"],
+        inp["A"],
+        inp["D"],
+        meta["headdim"],
+        meta["ngroups"],
+        seq_lengths=meta["seq_lengths"],
+        initial_states=inp["init"],
+        rmsnorm_weight=inp["norm_w"],
+        norm_before_gate=case.get("norm_before_gate", True),
+        outproj_weight=inp["out_w"],
+        outproj_bias=inp["out_b"],
+        d_nonssm=meta["d_nonssm"],
     )
     assert out.shape == ref.shape and out.dtype == F64
     assert (out - ref).abs().max().item() < TOL
@@ -133,14 +182,24 @@ def test_split_conv1d_scan_gradients_match_composition():
         common = (v["zxbcdt"], v["conv_w"], v["conv_b"], v["dt_bias"], v["A"], v["D"])
         if use_impl:
             out = ops.mamba_split_conv1d_scan_combined(
-                *common, 8, rmsnorm_weight=v["norm_w"], outproj_weight=v["out_w"],
-                outproj_bias=v["out_b"], headdim=meta["headdim"], ngroups=meta["ngroups"],
+                *common,
+                8,
+                rmsnorm_weight=v["norm_w"],
+                outproj_weight=v["out_w"],
+                outproj_bias=v["out_b"],
+                headdim=meta["headdim"],
+                ngroups=meta["ngroups"],
                 norm_before_gate=False,
             )
         else:
             out, _ = split_reference(
-                *common, meta["headdim"], meta["ngroups"], rmsnorm_weight=v["norm_w"],
-                norm_before_gate=False, outproj_weight=v["out_w"], outproj_bias=v["out_b"],
+                *common,
+                meta["headdim"],
+                meta["ngroups"],
+                rmsnorm_weight=v["norm_w"],
+                norm_before_gate=False,
+                outproj_weight=v["out_w"],
+                outproj_bias=v["out_b"],
             )
         (out * torch.linspace(-1, 1, out.numel(), dtype=F64).reshape(out.shape)).sum().backward()
         return {k: t.grad for k, t in v.items()}
@@ -155,7 +214,13 @@ def test_split_conv1d_scan_zxbcdt_layout():
     """dt is the LAST nheads channels and z the FIRST dim ones: perturbing each moves the output."""
     inp, meta = _split_inputs(dict())
     base = ops.mamba_split_conv1d_scan_combined(
-        inp["zxbcdt"], inp["conv_w"], inp["conv_b"], inp["dt_bias"], inp["A"], inp["D"], 8,
+        inp["zxbcdt"],
+        inp["conv_w"],
+        inp["conv_b"],
+        inp["dt_bias"],
+        inp["A"],
+        inp["D"],
+        8,
         headdim=meta["headdim"],
     )
     dim = inp["D"].shape[0] * meta["headdim"]
@@ -163,12 +228,24 @@ def test_split_conv1d_scan_zxbcdt_layout():
         bumped = inp["zxbcdt"].clone()
         bumped[..., lo:hi] += 0.5
         moved = ops.mamba_split_conv1d_scan_combined(
-            bumped, inp["conv_w"], inp["conv_b"], inp["dt_bias"], inp["A"], inp["D"], 8,
+            bumped,
+            inp["conv_w"],
+            inp["conv_b"],
+            inp["dt_bias"],
+            inp["A"],
+            inp["D"],
+            8,
             headdim=meta["headdim"],
         )
         assert (moved - base).abs().max().item() > 1e-3
     with pytest.raises(ValueError):
         ops.mamba_split_conv1d_scan_combined(
-            inp["zxbcdt"][..., 1:], inp["conv_w"], inp["conv_b"], inp["dt_bias"], inp["A"],
-            inp["D"], 8, headdim=meta["headdim"],
+            inp["zxbcdt"][..., 1:],
+            inp["conv_w"],
+            inp["conv_b"],
+            inp["dt_bias"],
+            inp["A"],
+            inp["D"],
+            8,
+            headdim=meta["headdim"],
         )

@@ -61,12 +61,17 @@ def test_initial_and_final_states_and_split_prefill():
     b, l, h, p, g, n = 2, 45, 4, 4, 2, 6
     t = make_ssd_inputs(b, l, h, p, g, n)
     dt = F.softplus(t["dt_raw"])
-    ref, ref_final = naive_ssd(
-        t["x"], dt, t["A"], t["B"], t["C"], D=t["D"], initial_states=t["init"]
-    )
+    ref, ref_final = naive_ssd(t["x"], dt, t["A"], t["B"], t["C"], D=t["D"], initial_states=t["init"])
     out, final = ops.mamba_chunk_scan_combined(
-        t["x"], dt, t["A"], t["B"], t["C"], 16, D=t["D"],
-        initial_states=t["init"], return_final_states=True,
+        t["x"],
+        dt,
+        t["A"],
+        t["B"],
+        t["C"],
+        16,
+        D=t["D"],
+        initial_states=t["init"],
+        return_final_states=True,
     )
     assert final.shape == (b, h, p, n)
     assert (out - ref).abs().max().item() < TOL
@@ -75,12 +80,26 @@ def test_initial_and_final_states_and_split_prefill():
     # chunked prefill: the final state of the first part seeds the second part
     k = 19
     out1, mid = ops.mamba_chunk_scan_combined(
-        t["x"][:, :k], dt[:, :k], t["A"], t["B"][:, :k], t["C"][:, :k], 16, D=t["D"],
-        initial_states=t["init"], return_final_states=True,
+        t["x"][:, :k],
+        dt[:, :k],
+        t["A"],
+        t["B"][:, :k],
+        t["C"][:, :k],
+        16,
+        D=t["D"],
+        initial_states=t["init"],
+        return_final_states=True,
     )
     out2, final2 = ops.mamba_chunk_scan_combined(
-        t["x"][:, k:], dt[:, k:], t["A"], t["B"][:, k:], t["C"][:, k:], 16, D=t["D"],
-        initial_states=mid, return_final_states=True,
+        t["x"][:, k:],
+        dt[:, k:],
+        t["A"],
+        t["B"][:, k:],
+        t["C"][:, k:],
+        16,
+        D=t["D"],
+        initial_states=mid,
+        return_final_states=True,
     )
     assert (torch.cat([out1, out2], dim=1) - ref).abs().max().item() < TOL
     assert (final2 - ref_final).abs().max().item() < TOL
@@ -91,8 +110,17 @@ def test_chunk_size_invariance():
     outs, finals = [], []
     for chunk in (1, 3, 8, 16, 64, 128):
         out, final = ops.mamba_chunk_scan_combined(
-            t["x"], t["dt_raw"], t["A"], t["B"], t["C"], chunk, D=t["D"], z=t["z"],
-            dt_bias=t["dt_bias"], dt_softplus=True, initial_states=t["init"],
+            t["x"],
+            t["dt_raw"],
+            t["A"],
+            t["B"],
+            t["C"],
+            chunk,
+            D=t["D"],
+            z=t["z"],
+            dt_bias=t["dt_bias"],
+            dt_softplus=True,
+            initial_states=t["init"],
             return_final_states=True,
         )
         outs.append(out)
@@ -117,8 +145,17 @@ def test_seq_idx_isolates_packed_sequences():
     dt = F.softplus(t["dt_raw"])
     init = t["init"][:1]
     out, final = ops.mamba_chunk_scan_combined(
-        t["x"], dt, t["A"], t["B"], t["C"], 8, D=t["D"], z=t["z"], initial_states=init,
-        seq_idx=seq_idx, return_final_states=True,
+        t["x"],
+        dt,
+        t["A"],
+        t["B"],
+        t["C"],
+        8,
+        D=t["D"],
+        z=t["z"],
+        initial_states=init,
+        seq_idx=seq_idx,
+        return_final_states=True,
     )
     ref, ref_final = naive_ssd(
         t["x"], dt, t["A"], t["B"], t["C"], D=t["D"], z=t["z"], initial_states=init, seq_idx=seq_idx
@@ -131,8 +168,14 @@ def test_seq_idx_isolates_packed_sequences():
     for i, m in enumerate(lengths):
         sl = slice(start, start + m)
         piece, piece_final = naive_ssd(
-            t["x"][:, sl], dt[:, sl], t["A"], t["B"][:, sl], t["C"][:, sl], D=t["D"],
-            z=t["z"][:, sl], initial_states=init if i == 0 else None,
+            t["x"][:, sl],
+            dt[:, sl],
+            t["A"],
+            t["B"][:, sl],
+            t["C"][:, sl],
+            D=t["D"],
+            z=t["z"][:, sl],
+            initial_states=init if i == 0 else None,
         )
         pieces.append(piece)
         start += m
@@ -177,14 +220,28 @@ def test_float32_and_bfloat16_inputs():
     for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         x, dt, B, C, z = (t[k].to(dtype) for k in ("x", "dt_raw", "B", "C", "z"))
         out, final = ops.mamba_chunk_scan_combined(
-            x, dt, t["A"].float(), B, C, 16, D=t["D"].float(), z=z, dt_bias=t["dt_bias"].float(),
-            dt_softplus=True, return_final_states=True,
+            x,
+            dt,
+            t["A"].float(),
+            B,
+            C,
+            16,
+            D=t["D"].float(),
+            z=z,
+            dt_bias=t["dt_bias"].float(),
+            dt_softplus=True,
+            return_final_states=True,
         )
         assert out.dtype == dtype and final.dtype == torch.float32
         # compare with the float64 recurrence on the same (rounded) inputs
         r, r_final = naive_ssd(
-            x.double(), F.softplus(dt.double() + t["dt_bias"].float().double()), t["A"],
-            B.double(), C.double(), D=t["D"].float().double(), z=z.double(),
+            x.double(),
+            F.softplus(dt.double() + t["dt_bias"].float().double()),
+            t["A"],
+            B.double(),
+            C.double(),
+            D=t["D"].float().double(),
+            z=z.double(),
         )
         assert (out.double() - r).abs().max().item() < rtol * scale
         assert (final.double() - r_final).abs().max().item() < rtol * r_final.abs().max().item()
@@ -222,21 +279,43 @@ def test_gradcheck_tiny():
     t = make_ssd_inputs(1, 7, 2, 2, 1, 2, seed=3)
     seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1]], dtype=torch.int32)
     names = ["x", "dt_raw", "A", "B", "C", "D", "z", "dt_bias", "init"]
-    inputs = [t[k][:1].clone().requires_grad_() if k == "init" else t[k].clone().requires_grad_()
-              for k in names]
+    inputs = [
+        t[k][:1].clone().requires_grad_() if k == "init" else t[k].clone().requires_grad_() for k in names
+    ]
 
     def fn(x, dt, A, B, C, D, z, dt_bias, init):
         return ops.mamba_chunk_scan_combined(
-            x, dt, A, B, C, 3, D=D, z=z, dt_bias=dt_bias, initial_states=init,
-            dt_softplus=True, return_final_states=True,
+            x,
+            dt,
+            A,
+            B,
+            C,
+            3,
+            D=D,
+            z=z,
+            dt_bias=dt_bias,
+            initial_states=init,
+            dt_softplus=True,
+            return_final_states=True,
         )
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
     def fn_packed(x, dt, A, B, C, D, z, dt_bias, init):
         return ops.mamba_chunk_scan_combined(
-            x, dt, A, B, C, 2, D=D, z=z, dt_bias=dt_bias, initial_states=init,
-            dt_softplus=True, seq_idx=seq_idx, return_final_states=True,
+            x,
+            dt,
+            A,
+            B,
+            C,
+            2,
+            D=D,
+            z=z,
+            dt_bias=dt_bias,
+            initial_states=init,
+            dt_softplus=True,
+            seq_idx=seq_idx,
+            return_final_states=True,
         )
 
     assert torch.autograd.gradcheck(fn_packed, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -256,15 +335,32 @@ def test_gradients_match_recurrence(packed):
         leaves = {k: (t[k][:b] if k == "init" else t[k]).clone().requires_grad_() for k in names}
         if use_chunked:
             out, final = ops.mamba_chunk_scan_combined(
-                leaves["x"], leaves["dt_raw"], leaves["A"], leaves["B"], leaves["C"], 8,
-                D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=True,
-                initial_states=leaves["init"], seq_idx=seq_idx, return_final_states=True,
+                leaves["x"],
+                leaves["dt_raw"],
+                leaves["A"],
+                leaves["B"],
+                leaves["C"],
+                8,
+                D=leaves["D"],
+                z=leaves["z"],
+                dt_bias=leaves["dt_bias"],
+                dt_softplus=True,
+                initial_states=leaves["init"],
+                seq_idx=seq_idx,
+                return_final_states=True,
             )
         else:
             dt = F.softplus(leaves["dt_raw"] + leaves["dt_bias"])
             out, final = naive_ssd(
-                leaves["x"], dt, leaves["A"], leaves["B"], leaves["C"], D=leaves["D"],
-                z=leaves["z"], initial_states=leaves["init"], seq_idx=seq_idx,
+                leaves["x"],
+                dt,
+                leaves["A"],
+                leaves["B"],
+                leaves["C"],
+                D=leaves["D"],
+                z=leaves["z"],
+                initial_states=leaves["init"],
+                seq_idx=seq_idx,
             )
         ((out * g_out).sum() + (final * g_final).sum()).backward()
         return {k: v.grad for k, v in leaves.items()}
@@ -285,8 +381,18 @@ SSD_INPUT_NAMES = ["x", "dt_raw", "A", "B", "C", "D", "z", "dt_bias", "init"]
 
 def _chunked(v, chunk, seq_idx=None):
     return ops.mamba_chunk_scan_combined(
-        v["x"], v["dt_raw"], v["A"], v["B"], v["C"], chunk, D=v["D"], z=v["z"],
-        dt_bias=v["dt_bias"], dt_softplus=True, initial_states=v["init"], seq_idx=seq_idx,
+        v["x"],
+        v["dt_raw"],
+        v["A"],
+        v["B"],
+        v["C"],
+        chunk,
+        D=v["D"],
+        z=v["z"],
+        dt_bias=v["dt_bias"],
+        dt_softplus=True,
+        initial_states=v["init"],
+        seq_idx=seq_idx,
         return_final_states=True,
     )
 
@@ -294,9 +400,7 @@ def _chunked(v, chunk, seq_idx=None):
 def _minimal(v, seq_idx=None):
     """mamba_chunk_scan_combined's contract around ssd_minimal: dt bias + softplus, skip, gate."""
     dt = F.softplus(v["dt_raw"] + v["dt_bias"])
-    y, final = ops.ssd_minimal(
-        v["x"], dt, v["A"], v["B"], v["C"], initial_states=v["init"], seq_idx=seq_idx
-    )
+    y, final = ops.ssd_minimal(v["x"], dt, v["A"], v["B"], v["C"], initial_states=v["init"], seq_idx=seq_idx)
     return (y + v["x"] * v["D"]) * F.silu(v["z"]), final
 
 

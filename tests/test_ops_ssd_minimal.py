@@ -24,8 +24,11 @@ def test_two_tokens_by_hand():
         return torch.tensor(v, dtype=F64)
 
     y, final = ops.ssd_minimal(
-        t(x0, x1).reshape(1, 2, 1, 1), t(dt0, dt1).reshape(1, 2, 1), t(a),
-        t(b0, b1).reshape(1, 2, 1, 1), t(c0, c1).reshape(1, 2, 1, 1),
+        t(x0, x1).reshape(1, 2, 1, 1),
+        t(dt0, dt1).reshape(1, 2, 1),
+        t(a),
+        t(b0, b1).reshape(1, 2, 1, 1),
+        t(c0, c1).reshape(1, 2, 1, 1),
         initial_states=t(h_init).reshape(1, 1, 1, 1),
     )
     assert torch.allclose(y.flatten(), t(h0 * c0, h1 * c1), rtol=0, atol=1e-15)
@@ -65,12 +68,8 @@ def test_minimal_seq_idx_matches_recurrence(ids):
     t = make_ssd_inputs(b, l, h, p, g, n, seed=22)
     dt = F.softplus(t["dt_raw"])
     seq_idx = torch.tensor([ids] * b, dtype=torch.int32)
-    y, final = ops.ssd_minimal(
-        t["x"], dt, t["A"], t["B"], t["C"], initial_states=t["init"], seq_idx=seq_idx
-    )
-    ref, ref_final = naive_ssd(
-        t["x"], dt, t["A"], t["B"], t["C"], initial_states=t["init"], seq_idx=seq_idx
-    )
+    y, final = ops.ssd_minimal(t["x"], dt, t["A"], t["B"], t["C"], initial_states=t["init"], seq_idx=seq_idx)
+    ref, ref_final = naive_ssd(t["x"], dt, t["A"], t["B"], t["C"], initial_states=t["init"], seq_idx=seq_idx)
     assert (y - ref).abs().max().item() < TOL
     assert (final - ref_final).abs().max().item() < TOL
     # the reset matters on this data: ignoring seq_idx gives something else

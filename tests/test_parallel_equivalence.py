@@ -110,8 +110,9 @@ def _rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe: bool,
-                       layouts: dict | None = None) -> dict:
+def equivalence_worker(
+    rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe: bool, layouts: dict | None = None
+) -> dict:
     """Reference at TP=PP=EP=1, then the same weights at TP=2, PP=2 and (MoE) EP=2 and TP=2 x
     EP=2 with whole experts, or at the given ``layouts`` (name -> ParallelConfig fields)."""
     import torch
@@ -179,7 +180,8 @@ def equivalence_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, moe
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize(
-    "kind", KINDS + ["intra_scalars", pytest.param("nemotron_h", marks=pytest.mark.slow)]  # ~50 s
+    "kind",
+    KINDS + ["intra_scalars", pytest.param("nemotron_h", marks=pytest.mark.slow)],  # ~50 s
 )
 def test_parallel_layouts_match_single_rank(kind, moe, tmp_path):
     if kind == "intra_scalars":  # subtract fusion with learnable branch scalars
@@ -187,13 +189,15 @@ def test_parallel_layouts_match_single_rank(kind, moe, tmp_path):
             pytest.skip("covered by the dense case")
         cfg = tiny_model("intra", intra={"fusion": "subtract", "branch_scalars": True})
     elif kind == "nemotron_h":  # flavour nemotron_h: a block, an attention-only and an FFN-only layer
-        cfg = tiny_model("inter", moe=moe, flavour="nemotron_h", pattern={
-            "ratio": None, "layout": "M*A" + ("E" if moe else "-"), "allow_early_attention": True})
+        cfg = tiny_model(
+            "inter",
+            moe=moe,
+            flavour="nemotron_h",
+            pattern={"ratio": None, "layout": "M*A" + ("E" if moe else "-"), "allow_early_attention": True},
+        )
     else:
         cfg = tiny_model(kind, moe=moe)
-    ranks = run_distributed(
-        equivalence_worker, 2, tmp_path, cfg, str(tmp_path / "ckpt"), moe
-    )
+    ranks = run_distributed(equivalence_worker, 2, tmp_path, cfg, str(tmp_path / "ckpt"), moe)
     for r in ranks:
         for layout in ("tp2_sp", "tp2", "ep2", "tp2_ep2_folded"):
             if f"{layout}_logits_rel_err" in r:  # the layouts without PP
@@ -229,9 +233,7 @@ def test_tp2_x_pp2_intra_moe_matches_single_rank(tmp_path):
     single-rank loss from the same checkpoint; each TP pair of a stage agrees."""
     cfg = tiny_model("intra", moe=True)
     layouts = {"tp2_pp2": {"tp": 2, "pp": 2, "sequence_parallel": True}}
-    ranks = run_distributed(
-        equivalence_worker, 4, tmp_path, cfg, str(tmp_path / "ckpt"), True, layouts
-    )
+    ranks = run_distributed(equivalence_worker, 4, tmp_path, cfg, str(tmp_path / "ckpt"), True, layouts)
     # megatron-core's rank order is TP fastest, then PP: ranks 2 and 3 hold the last stage.
     assert "tp2_pp2_loss_abs_err" not in ranks[0] and "tp2_pp2_loss_abs_err" not in ranks[1]
     for r in ranks[2:]:

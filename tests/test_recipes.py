@@ -39,7 +39,12 @@ def test_recipe_file_name_is_kind_scale_variant(path):
 
 def test_every_promised_recipe_is_shipped():
     expected = {f"{k}_tiny" for k in KINDS} | {f"{k}_tiny_moe" for k in KINDS}
-    expected |= {f"{k}_{s}" for s in SCALES for k in KINDS} | {"intra_3b_moe", "inter_3b_moe", "intra_1b_moe", "intra_350m_moe"}
+    expected |= {f"{k}_{s}" for s in SCALES for k in KINDS} | {
+        "intra_3b_moe",
+        "inter_3b_moe",
+        "intra_1b_moe",
+        "intra_350m_moe",
+    }
     expected |= {"inter_tiny_nemotron_h", "inter_tiny_nemotron_h_moe"}
     assert expected <= _names(), sorted(expected - _names())
 
@@ -123,7 +128,9 @@ def test_tiny_nemotron_h_recipes_are_exportable_nemotron_h_models(single_rank):
     from hybrid_megatron.accounting import count_parameters
     from hybrid_megatron.convert import choose_target
 
-    dense, moe = (load_recipe(RECIPES / f"{n}.yaml") for n in ("inter_tiny_nemotron_h", "inter_tiny_nemotron_h_moe"))
+    dense, moe = (
+        load_recipe(RECIPES / f"{n}.yaml") for n in ("inter_tiny_nemotron_h", "inter_tiny_nemotron_h_moe")
+    )
     assert dense.model.flavour == moe.model.flavour == "nemotron_h"
     assert (dense.model.pattern.layout, moe.model.pattern.layout) == ("M-M*-M-", "MEM*EME")
     for recipe in (dense, moe):
@@ -169,27 +176,33 @@ BASE = textwrap.dedent("""\
 def chain(tmp_path):
     """base.yaml <- mid/mid.yaml <- mid/leaf.yaml (paths relative to each file)."""
     _write(tmp_path / "base.yaml", BASE)
-    _write(tmp_path / "mid" / "mid.yaml", """\
+    _write(
+        tmp_path / "mid" / "mid.yaml",
+        """\
         extends: ../base.yaml
         name: mid-name
         model: {hidden_size: 128, attention: {num_query_groups: 2}, moe: null}
         train: {lr: 2.0e-3}
         slurm: {env: {B: "2"}}
-    """)
-    return _write(tmp_path / "mid" / "leaf.yaml", """\
+    """,
+    )
+    return _write(
+        tmp_path / "mid" / "leaf.yaml",
+        """\
         extends: mid.yaml
         train: {steps: 50}
-    """)
+    """,
+    )
 
 
 def test_extends_chain_deep_merges_child_wins(chain):
     recipe = load_recipe(chain)
-    assert recipe.name == "leaf"                      # name is per file: the leaf's stem
-    assert recipe.description is None                 # description is per file too
-    assert recipe.model.hidden_size == 128            # mid beats base
-    assert recipe.model.attention.num_heads == 4      # ...while base's siblings survive
+    assert recipe.name == "leaf"  # name is per file: the leaf's stem
+    assert recipe.description is None  # description is per file too
+    assert recipe.model.hidden_size == 128  # mid beats base
+    assert recipe.model.attention.num_heads == 4  # ...while base's siblings survive
     assert recipe.model.attention.num_query_groups == 2
-    assert recipe.model.moe is None                   # null removes an inherited section
+    assert recipe.model.moe is None  # null removes an inherited section
     assert (recipe.train.lr, recipe.train.steps, recipe.train.global_batch_size) == (2e-3, 50, 8)
     assert recipe.slurm.env == {"A": "1", "B": "2"}
     # Relative paths resolve against the loaded (leaf) file's directory, {name} is substituted.
@@ -203,11 +216,20 @@ def test_extends_chain_deep_merges_child_wins(chain):
 
 
 def test_overrides_are_yaml_typed_and_create_paths(chain):
-    recipe = load_recipe(chain, [
-        "train.lr=3e-4", "train.tokens=1.5M", "train.steps=null", "model.moe={num_experts: 2, top_k: 1}",
-        "slurm.setup=[echo a, echo b]", "slurm.time=01:30:00", "tracking.tags.seed=7", "data.blend.0=other/doc",
-        "name=renamed",
-    ])
+    recipe = load_recipe(
+        chain,
+        [
+            "train.lr=3e-4",
+            "train.tokens=1.5M",
+            "train.steps=null",
+            "model.moe={num_experts: 2, top_k: 1}",
+            "slurm.setup=[echo a, echo b]",
+            "slurm.time=01:30:00",
+            "tracking.tags.seed=7",
+            "data.blend.0=other/doc",
+            "name=renamed",
+        ],
+    )
     assert recipe.train.lr == 3e-4 and recipe.train.steps is None and recipe.train.tokens == 1_500_000
     assert (recipe.model.moe.num_experts, recipe.model.moe.top_k) == (2, 1)
     assert recipe.slurm.setup == ["echo a", "echo b"] and recipe.slurm.time == 90
@@ -263,29 +285,35 @@ def test_unknown_field_in_base_names_the_base(chain):
     assert message.startswith(f"{base}: unknown field train.warmup_stpes"), message
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("model.intra.fusion=sum", "override: model.intra.fusion: 'sum' is not one of add, subtract, concat"),
-    ("train.schedule=linear", "override: train.schedule: 'linear' is not one of cosine, wsd, constant"),
-    ("train.precision=fp16", "override: train.precision: 'fp16' is not one of fp32, bf16"),
-    ("tracking.match=X", "override: tracking.match: 'X' is not one of P, F"),
-    ("model.kind=rnn", "override: model.kind: 'rnn' is not one of transformer, swa, mamba, inter, intra"),
-    ("train.lr=-1", "override: train.lr: input should be greater than 0 (got -1)"),
-    ("train.global_batch_size=abc", "override: train.global_batch_size: "),
-    ("train.tokens=1e9", "override: train: give exactly one of train.steps and train.tokens"),
-    ("train.min_lr=1", "override: train.min_lr: 1.0 is larger than train.lr 0.001"),
-    ("slurm.time=1:2:3:4", "override: slurm.time: expected minutes or [D-]HH:MM:SS"),
-    ("model.pattern.layout=AMMMMM", "override: model.pattern: attention block at layer 0"),
-    ("data.seq_length=4096", "override: data.seq_length: 4096 exceeds model.max_position_embeddings 128"),
-    ("parallel.tp=2", "parallel.sequence_parallel: MoE with tp > 1 needs it set to true"),
-    ("parallel.ep=3", "model.moe.num_experts: 4 experts do not split over parallel.ep=3"),
-    ("parallel.expert_tp=3", "parallel.expert_tp: 3 must be 1 (whole experts) or parallel.tp=1"),
-    ("parallel.expert_tp=0", "override: parallel.expert_tp: input should be greater than 0"),
-    ("train.adam_moments=bf16", "override: train.adam_moments: bf16 moments need train.precision bf16"),
-    ("model.moe.experts=fast", "override: model.moe.experts: 'fast' is not one of grouped, sequential, te_grouped"),
-    ("name=has space", "override: name: 'has space' must be letters"),
-    ("train", "override 'train': expected KEY.PATH=VALUE"),
-    ("extends=x.yaml", "override 'extends=x.yaml': extends cannot be overridden"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.intra.fusion=sum", "override: model.intra.fusion: 'sum' is not one of add, subtract, concat"),
+        ("train.schedule=linear", "override: train.schedule: 'linear' is not one of cosine, wsd, constant"),
+        ("train.precision=fp16", "override: train.precision: 'fp16' is not one of fp32, bf16"),
+        ("tracking.match=X", "override: tracking.match: 'X' is not one of P, F"),
+        ("model.kind=rnn", "override: model.kind: 'rnn' is not one of transformer, swa, mamba, inter, intra"),
+        ("train.lr=-1", "override: train.lr: input should be greater than 0 (got -1)"),
+        ("train.global_batch_size=abc", "override: train.global_batch_size: "),
+        ("train.tokens=1e9", "override: train: give exactly one of train.steps and train.tokens"),
+        ("train.min_lr=1", "override: train.min_lr: 1.0 is larger than train.lr 0.001"),
+        ("slurm.time=1:2:3:4", "override: slurm.time: expected minutes or [D-]HH:MM:SS"),
+        ("model.pattern.layout=AMMMMM", "override: model.pattern: attention block at layer 0"),
+        ("data.seq_length=4096", "override: data.seq_length: 4096 exceeds model.max_position_embeddings 128"),
+        ("parallel.tp=2", "parallel.sequence_parallel: MoE with tp > 1 needs it set to true"),
+        ("parallel.ep=3", "model.moe.num_experts: 4 experts do not split over parallel.ep=3"),
+        ("parallel.expert_tp=3", "parallel.expert_tp: 3 must be 1 (whole experts) or parallel.tp=1"),
+        ("parallel.expert_tp=0", "override: parallel.expert_tp: input should be greater than 0"),
+        ("train.adam_moments=bf16", "override: train.adam_moments: bf16 moments need train.precision bf16"),
+        (
+            "model.moe.experts=fast",
+            "override: model.moe.experts: 'fast' is not one of grouped, sequential, te_grouped",
+        ),
+        ("name=has space", "override: name: 'has space' must be letters"),
+        ("train", "override 'train': expected KEY.PATH=VALUE"),
+        ("extends=x.yaml", "override 'extends=x.yaml': extends cannot be overridden"),
+    ],
+)
 def test_each_bad_input_is_one_message_naming_the_path(tmp_path, override, expected):
     path = _write(tmp_path / "x.yaml", BASE)
     message = _error(path, [override])
@@ -324,7 +352,9 @@ def test_several_problems_are_one_line_each(tmp_path):
 
 
 def test_yaml_numbers_are_yaml_1_2(tmp_path):
-    text = BASE.replace("lr: 1.0e-3", "lr: 3e-4").replace("gpus_per_node: 4", "gpus_per_node: 4, time: 04:00:00")
+    text = BASE.replace("lr: 1.0e-3", "lr: 3e-4").replace(
+        "gpus_per_node: 4", "gpus_per_node: 4, time: 04:00:00"
+    )
     recipe = load_recipe(_write(tmp_path / "x.yaml", text))
     assert recipe.train.lr == pytest.approx(3e-4) and recipe.slurm.time == 240
 
@@ -335,7 +365,14 @@ def test_parsers():
     with pytest.raises(ValueError):
         parse_count(1.5)
     assert [parse_minutes(v) for v in (30, "30", "1:30", "2:00:00", "1-0", "1-02:30", "0:0:59")] == [
-        30, 30, 2, 120, 1440, 1590, 1]
+        30,
+        30,
+        2,
+        120,
+        1440,
+        1590,
+        1,
+    ]
 
 
 # ---------------------------------------------------------------------------- derived
@@ -343,13 +380,21 @@ def test_parsers():
 
 def test_derived_tiny_demo():
     recipe = load_recipe(RECIPES / "intra_tiny_moe.yaml")
+
     class Report:  # a counter returns a report; derived() keeps its headline
         def headline(self):
             return {"total": 123, "active": 100}
 
     values = derived(recipe, 2, param_counter=lambda model: Report())
-    assert {k: values[k] for k in ("dp", "grad_accum_steps", "tokens_per_step", "total_steps", "total_tokens")} == {
-        "dp": 1, "grad_accum_steps": 2, "tokens_per_step": 8 * 128, "total_steps": 60, "total_tokens": 60 * 1024}
+    assert {
+        k: values[k] for k in ("dp", "grad_accum_steps", "tokens_per_step", "total_steps", "total_tokens")
+    } == {
+        "dp": 1,
+        "grad_accum_steps": 2,
+        "tokens_per_step": 8 * 128,
+        "total_steps": 60,
+        "total_tokens": 60 * 1024,
+    }
     assert values["layer_pattern"] == "MHMH" and values["params"] == {"total": 123, "active": 100}
     text = format_derived(values)
     assert "global 8 = micro 4 x dp 1 x grad accumulation 2" in text
@@ -368,14 +413,24 @@ def test_derived_token_budget_rounds_up_to_whole_steps():
     assert derived(recipe, 64, param_counter=lambda m: None)["grad_accum_steps"] == 2
 
 
-@pytest.mark.parametrize("world, overrides, expected", [
-    (3, [], "parallel: world size 3 is not divisible by tp*pp = 2*1 = 2"),
-    (6, [], "train.global_batch_size: 8 is not divisible by train.micro_batch_size * dp = 4 * 3 = 12"),
-    # megatron-core splits experts over tp ranks by default: tp 2 x ep 2 needs 4 ranks ...
-    (2, ["parallel.ep=2"], "parallel.ep: ep 2 x expert tp 2 = 4 ranks per expert group do not "
-                           "divide dp*tp = 1*2 on 2 ranks"),
-    (2, ["parallel.ep=4", "parallel.expert_tp=1"], "parallel.ep: 4 does not divide dp*tp = 1*2 on 2 ranks"),
-])
+@pytest.mark.parametrize(
+    "world, overrides, expected",
+    [
+        (3, [], "parallel: world size 3 is not divisible by tp*pp = 2*1 = 2"),
+        (6, [], "train.global_batch_size: 8 is not divisible by train.micro_batch_size * dp = 4 * 3 = 12"),
+        # megatron-core splits experts over tp ranks by default: tp 2 x ep 2 needs 4 ranks ...
+        (
+            2,
+            ["parallel.ep=2"],
+            "parallel.ep: ep 2 x expert tp 2 = 4 ranks per expert group do not divide dp*tp = 1*2 on 2 ranks",
+        ),
+        (
+            2,
+            ["parallel.ep=4", "parallel.expert_tp=1"],
+            "parallel.ep: 4 does not divide dp*tp = 1*2 on 2 ranks",
+        ),
+    ],
+)
 def test_derived_errors_name_the_field(world, overrides, expected):
     recipe = load_recipe(RECIPES / "intra_tiny_moe.yaml", overrides)
     with pytest.raises(RecipeError) as err:

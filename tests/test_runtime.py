@@ -60,8 +60,9 @@ print(json.dumps({{"failed": failed, "before": before, "after": state()}}))
 
 
 def _probe(env: dict) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -74,7 +75,9 @@ def probed():
 def test_importing_every_module_changes_nothing_global(probed):
     before = probed["before"]
     # Only optional third-party packages may be missing; every module of ours imported.
-    assert not [name for name in probed["failed"] if name.split(".")[0] in ("hybrid_megatron", "torch", "megatron")]
+    assert not [
+        name for name in probed["failed"] if name.split(".")[0] in ("hybrid_megatron", "torch", "megatron")
+    ]
     assert before["env"] == dict.fromkeys(ENV_KEYS)
     assert before["function_modes"] == 0
     assert before["current_device"] == "torch.cuda"
@@ -87,8 +90,11 @@ def test_importing_every_module_changes_nothing_global(probed):
 
 def test_setup_applies_the_process_defaults(probed):
     after = probed["after"]
-    assert after["env"] == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
-                            "NCCL_GRAPH_REGISTER": "0", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    assert after["env"] == {
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "NCCL_GRAPH_REGISTER": "0",
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",
+    }
     assert after["inductor_threads"] in (None, 1)  # set if inductor's config was imported
     assert after["log_handlers"] == 1  # twice set up, one handler
 
@@ -105,10 +111,13 @@ def test_setup_applies_the_cpu_shims_once(probed):
 
 
 def test_the_errors_module_imports_nothing_heavy():
-    code = ("import sys, hybrid_megatron.errors, hybrid_megatron.logs, hybrid_megatron.runtime; "
-            "print(sorted(m for m in ('torch', 'megatron', 'numpy', 'pydantic') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, check=True)
+    code = (
+        "import sys, hybrid_megatron.errors, hybrid_megatron.logs, hybrid_megatron.runtime; "
+        "print(sorted(m for m in ('torch', 'megatron', 'numpy', 'pydantic') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
     assert done.stdout.strip() == "[]"
 
 
@@ -129,6 +138,7 @@ logs.get_logger("tests.other").info("any rank")  # under the package's logger
 log.debug("below INFO: dropped")
 log.warning("a warning, on stderr")
 """
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
     assert (done.stdout, done.stderr) == ("step 1/2 loss 1.0000\nany rank\n", "a warning, on stderr\n")

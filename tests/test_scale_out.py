@@ -33,24 +33,48 @@ def test_loss_comparison_fails_on_a_perturbed_run():
 
 
 def test_throughput_is_read_from_the_trainer_records():
-    records = {s: {"step": s, "loss": 7.0, "tokens_per_s": t, "mfu": m}
-               for s, t, m in [(1, 1_000, 0.01), (2, 2_000, 0.02), (3, 40_000, 0.40),
-                               (4, 44_000, 0.44), (5, 42_000, 0.42)]}
+    records = {
+        s: {"step": s, "loss": 7.0, "tokens_per_s": t, "mfu": m}
+        for s, t, m in [
+            (1, 1_000, 0.01),
+            (2, 2_000, 0.02),
+            (3, 40_000, 0.40),
+            (4, 44_000, 0.44),
+            (5, 42_000, 0.42),
+        ]
+    }
     got = scale_out.read_throughput(records, nproc=4)  # steps 1-2 are warm-up, left out
     assert got == {"tokens_per_s_per_rank": 10_500.0, "mfu": pytest.approx(0.42), "steps_measured": 3}
     cpu = {s: {**r, "mfu": None} for s, r in records.items()}
     assert scale_out.read_throughput(cpu, nproc=1)["mfu"] is None
 
 
-@pytest.mark.parametrize("args, message", [
-    (["recipes/nope.yaml"], "recipes/nope.yaml: recipe file not found"),
-    ([RECIPE, "--nproc-a", "6"], "--nproc 6: the world size must be a multiple of 4"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["recipes/nope.yaml"], "recipes/nope.yaml: recipe file not found"),
+        ([RECIPE, "--nproc-a", "6"], "--nproc 6: the world size must be a multiple of 4"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, args, message):
     done = subprocess.run(
-        [sys.executable, SCRIPT, *args, "--layout-a", *LAYOUT_A, "--layout-b", *LAYOUT_B,
-         "--output", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            SCRIPT,
+            *args,
+            "--layout-a",
+            *LAYOUT_A,
+            "--layout-b",
+            *LAYOUT_B,
+            "--output",
+            str(tmp_path / "runs"),
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and f"error: {message}" in done.stderr, done.stderr
@@ -61,9 +85,27 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 def test_tp2_pp2_matches_one_rank_and_resumes_resharded(tmp_path):
     out = tmp_path / "record.json"
     done = subprocess.run(
-        [sys.executable, SCRIPT, RECIPE, "--layout-a", *LAYOUT_A, "--layout-b", *LAYOUT_B,
-         "--steps", "8", "--tolerance", "1e-4", "--output", str(tmp_path / "runs"), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            SCRIPT,
+            RECIPE,
+            "--layout-a",
+            *LAYOUT_A,
+            "--layout-b",
+            *LAYOUT_B,
+            "--steps",
+            "8",
+            "--tolerance",
+            "1e-4",
+            "--output",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads(out.read_text())
@@ -121,12 +163,31 @@ def test_several_layouts_share_one_reference_and_a_later_call_keeps_finished_run
     each against one rank, each resumed at one rank; then a run killed halfway (B's log lost)
     is the only one a --keep-finished call redoes."""
     out = tmp_path / "record.json"
-    command = [sys.executable, SCRIPT, RECIPE,
-               "--layout-a", "parallel.ep=2", "parallel.expert_tp=1",  # intra_tiny_moe: tp 2 + SP
-               "--layout-a", "parallel.ep=2", "parallel.tp=1", "parallel.sequence_parallel=false",
-               "--layout-b", "parallel.tp=1", "parallel.sequence_parallel=false",
-               "--nproc-a", "2", "--steps", "4", "--tolerance", "1e-4",
-               "--output", str(tmp_path / "runs"), "--out", str(out)]
+    command = [
+        sys.executable,
+        SCRIPT,
+        RECIPE,
+        "--layout-a",
+        "parallel.ep=2",
+        "parallel.expert_tp=1",  # intra_tiny_moe: tp 2 + SP
+        "--layout-a",
+        "parallel.ep=2",
+        "parallel.tp=1",
+        "parallel.sequence_parallel=false",
+        "--layout-b",
+        "parallel.tp=1",
+        "parallel.sequence_parallel=false",
+        "--nproc-a",
+        "2",
+        "--steps",
+        "4",
+        "--tolerance",
+        "1e-4",
+        "--output",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads(out.read_text())
@@ -141,8 +202,9 @@ def test_several_layouts_share_one_reference_and_a_later_call_keeps_finished_run
     assert [p.parent.parent.name for p in runs.glob("*/checkpoints/step*")] == ["init"]
     assert not (runs / "a1" / "checkpoints" / "latest").exists()
     (runs / "b" / "train_log.jsonl").unlink()  # as if B had been killed
-    again = subprocess.run(command + ["--keep-finished"], cwd=REPO, capture_output=True, text=True,
-                           timeout=900)
+    again = subprocess.run(
+        command + ["--keep-finished"], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     for name in ("init", "a1", "resume_a1", "a2", "resume_a2"):
         assert f"[{name}] kept: finished by an earlier call" in again.stdout

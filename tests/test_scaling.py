@@ -82,8 +82,12 @@ def test_closed_form_allocation_minimises_loss_at_fixed_compute():
 
     fit = LawFit(**LAWS["mamba"], objective=0.0, n_runs=0)
     for c in (1e18, 1e21, 1e24):
-        res = minimize_scalar(lambda x, c=c: float(fit.predict(np.exp(x), c / (6 * np.exp(x)))),
-                              bounds=(5, 40), method="bounded", options={"xatol": 1e-10})
+        res = minimize_scalar(
+            lambda x, c=c: float(fit.predict(np.exp(x), c / (6 * np.exp(x)))),
+            bounds=(5, 40),
+            method="bounded",
+            options={"xatol": 1e-10},
+        )
         assert float(fit.optimal_n(c)) == pytest.approx(np.exp(res.x), rel=1e-4)
         assert float(fit.optimal_n(c) * fit.optimal_d(c)) == pytest.approx(c / 6, rel=1e-12)
     assert fit.a + fit.b == pytest.approx(1.0)
@@ -149,14 +153,16 @@ def test_too_few_runs_and_missing_fields_name_the_runs():
         group_by_kind(points)
     assert list(group_by_kind(points, min_runs=3)) == ["mamba", "transformer"]
 
-    frame = pd.DataFrame({
-        "run_id": ["a", "b", "c"],
-        "params.model.num_parameters": ["1e8", None, "2e8"],
-        "params.train.tokens": ["1e9", "1e9", "abc"],
-        "params.train.flops": ["6e17", "6e17", "6e17"],
-        "metrics.val/loss": [3.0, np.nan, 2.9],
-        "tags.hm.kind": ["mamba", "mamba", "mamba"],
-    })
+    frame = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "params.model.num_parameters": ["1e8", None, "2e8"],
+            "params.train.tokens": ["1e9", "1e9", "abc"],
+            "params.train.flops": ["6e17", "6e17", "6e17"],
+            "metrics.val/loss": [3.0, np.nan, 2.9],
+            "tags.hm.kind": ["mamba", "mamba", "mamba"],
+        }
+    )
     with pytest.raises(RunsError) as err:
         points_from_frame(frame)
     text = str(err.value)
@@ -181,13 +187,20 @@ def mlflow_store(tmp_path_factory):
 
     def log_run(exp, kind, n, d, c, loss, group="g1", finish=True, skip=()):
         run = client.create_run(exp, tags={"hm.compare_group": group})
-        params = {"model.num_parameters": str(int(n)), "train.tokens": str(int(d)),
-                  "train.flops": repr(float(c))}
+        params = {
+            "model.num_parameters": str(int(n)),
+            "train.tokens": str(int(d)),
+            "train.flops": repr(float(c)),
+        }
         tags = [RunTag("hm.kind", kind)] if "kind" not in skip else []
-        metrics = [] if "loss" in skip else [
-            Metric("val/loss", float(loss) + 0.5, 0, 0), Metric("val/loss", float(loss), 0, 10)]
-        client.log_batch(run.info.run_id, metrics=metrics, tags=tags,
-                         params=[Param(k, v) for k, v in params.items()])
+        metrics = (
+            []
+            if "loss" in skip
+            else [Metric("val/loss", float(loss) + 0.5, 0, 0), Metric("val/loss", float(loss), 0, 10)]
+        )
+        client.log_batch(
+            run.info.run_id, metrics=metrics, tags=tags, params=[Param(k, v) for k, v in params.items()]
+        )
         if finish:
             client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
@@ -220,8 +233,21 @@ def test_cli_fit_end_to_end(mlflow_store, tmp_path, capsys):
     from hybrid_megatron.scaling.__main__ import main
 
     out = tmp_path / "fit"
-    code = main(["fit", "--tracking-uri", mlflow_store["uri"], "--experiment", "sweep",
-                 "--group", "g1", "--out", str(out), "--bootstrap", "8"])
+    code = main(
+        [
+            "fit",
+            "--tracking-uri",
+            mlflow_store["uri"],
+            "--experiment",
+            "sweep",
+            "--group",
+            "g1",
+            "--out",
+            str(out),
+            "--bootstrap",
+            "8",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "transformer: 24 runs" in capsys.readouterr().out
     doc = json.loads((out / "fit.json").read_text())

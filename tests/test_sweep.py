@@ -56,8 +56,10 @@ def test_paper_f_sweep_gives_inter_more_tokens():
 
 def test_bad_sweep_names_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("sweep: {name: x, match: F, reference: nope, tokens: [1M], recipes: ["
-                   f"{REPO}/recipes/transformer_tiny.yaml]}}\n")
+    bad.write_text(
+        "sweep: {name: x, match: F, reference: nope, tokens: [1M], recipes: ["
+        f"{REPO}/recipes/transformer_tiny.yaml]}}\n"
+    )
     with pytest.raises(RecipeError, match="sweep.reference: 'nope' is not one of"):
         load_sweep(bad)
     bad.write_text("sweep: {name: x, match: Q, tokens: [1M], recipes: [a.yaml]}\n")
@@ -66,7 +68,9 @@ def test_bad_sweep_names_the_field(tmp_path):
 
 
 @pytest.mark.slow  # two array tasks, each one SLURM task running the real trainer
-def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(slurm_cluster, tmp_path, monkeypatch, capsys):
+def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(
+    slurm_cluster, tmp_path, monkeypatch, capsys
+):
     """A two-run F-matched sweep (Transformer reference, intra hybrid) submitted to the test
     SLURM cluster as one job array and followed with ``--wait``: each array task trains its
     kind for its own token budget, and both MLflow runs carry the sweep's compare group
@@ -86,7 +90,9 @@ def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(slurm_cluster,
     extra = (f"checkpoint.dir={tmp_path}/runs/base/checkpoints",)
     _, runs = load_sweep(sweep, extra)
     # F-matched: the hybrid's budget is the reference's FLOPs over its own FLOPs per token.
-    per_token = {r.kind: model_flops_per_token(load_recipe(r.recipe_path, r.overrides).model, 64) for r in runs}
+    per_token = {
+        r.kind: model_flops_per_token(load_recipe(r.recipe_path, r.overrides).model, 64) for r in runs
+    }
     budgets = {"transformer": 2048, "intra": round(2048 * per_token["transformer"] / per_token["intra"])}
     assert [r.tokens for r in runs] == [budgets["transformer"], budgets["intra"]]
     steps = {kind: math.ceil(tokens / 256) for kind, tokens in budgets.items()}  # 4 x 64 tokens a step
@@ -94,15 +100,30 @@ def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(slurm_cluster,
 
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
     monkeypatch.delenv("HM_TRAIN_ENTRY", raising=False)
-    code = cli.main([str(sweep), "--sweep", "--wait", *extra, f"slurm.partition={slurm_cluster.partition}",
-                     "slurm.time=10"])
+    code = cli.main(
+        [
+            str(sweep),
+            "--sweep",
+            "--wait",
+            *extra,
+            f"slurm.partition={slurm_cluster.partition}",
+            "slurm.time=10",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
-    array_id = next(line.split()[4] for line in out.splitlines() if line.startswith("[sweep] submitted job array"))
+    array_id = next(
+        line.split()[4] for line in out.splitlines() if line.startswith("[sweep] submitted job array")
+    )
     assert f"[sweep] submitted job array {array_id} with 2 runs (compare group mini-F)" in out
     assert "[sweep] 2/2 runs succeeded (compare group mini-F)" in out
-    state = subprocess.run(["scontrol", "show", "job", array_id], capture_output=True, text=True,
-                           env=slurm_cluster.env, timeout=30).stdout
+    state = subprocess.run(
+        ["scontrol", "show", "job", array_id],
+        capture_output=True,
+        text=True,
+        env=slurm_cluster.env,
+        timeout=30,
+    ).stdout
     for task in (0, 1):  # one array, one task per run, both done
         assert f"ArrayJobId={array_id} ArrayTaskId={task}" in state, state
     assert state.count("JobState=COMPLETED") == 2, state
@@ -111,11 +132,24 @@ def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(slurm_cluster,
         run_dir = tmp_path / "runs" / "mini-F" / run.name
         logged = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
         assert logged == list(range(1, steps[run.kind] + 1)), (run.name, logged)
-        saved = yaml.safe_load((run_dir / "checkpoints" / f"step_{steps[run.kind]:08d}" / "recipe.yaml").read_text())
-        assert (saved["name"], saved["model"]["kind"], saved["train"]["tokens"]) == (run.name, run.kind, run.tokens)
+        saved = yaml.safe_load(
+            (run_dir / "checkpoints" / f"step_{steps[run.kind]:08d}" / "recipe.yaml").read_text()
+        )
+        assert (saved["name"], saved["model"]["kind"], saved["train"]["tokens"]) == (
+            run.name,
+            run.kind,
+            run.tokens,
+        )
         # The array task that ran it (submitit's logs of the whole array sit in the first run's dir).
-        log = (tmp_path / "runs" / "mini-F" / runs[0].name / "slurm" / f"{array_id}_{task}"
-               / f"{array_id}_{task}_0_log.out").read_text()
+        log = (
+            tmp_path
+            / "runs"
+            / "mini-F"
+            / runs[0].name
+            / "slurm"
+            / f"{array_id}_{task}"
+            / f"{array_id}_{task}_0_log.out"
+        ).read_text()
         assert f"budget    {steps[run.kind]} steps, {steps[run.kind] * 256:,} tokens" in log
         assert ("layers    AA" if run.kind == "transformer" else "layers    MH") in log
 
@@ -132,7 +166,7 @@ def test_sweep_runs_as_one_slurm_job_array_with_f_matched_budgets(slurm_cluster,
     for _, row in found.iterrows():
         kind = row["tags.hm.kind"]
         assert row["params.model.kind"] == kind
-        assert int(row["params.train.tokens"]) == steps[kind] * 256     # planned: whole steps
+        assert int(row["params.train.tokens"]) == steps[kind] * 256  # planned: whole steps
         assert row["metrics.train/tokens_seen"] == steps[kind] * 256
     assert experiment.artifact_location.endswith(f"{tmp_path}/runs/mini-F/mlartifacts")  # not the jobs' cwd
     assert len(list((tmp_path / "runs" / "mini-F" / "mlartifacts").rglob("loss_curve.png"))) == 2

@@ -19,10 +19,24 @@ def mlflow_server(tmp_path):
     """An `mlflow server` on 127.0.0.1 with a SQLite store; yields its http URI."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "wb"),
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "server.log", "wb"),
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -52,12 +66,20 @@ def test_training_run_is_logged_to_mlflow_server(single_rank, tmp_path, mlflow_s
     from hybrid_megatron.config import load_recipe
     from hybrid_megatron.training.entry import train
 
-    recipe = load_recipe(REPO / "recipes" / "inter_tiny_moe.yaml", [
-        f"checkpoint.dir={tmp_path}/run/checkpoints", "train.steps=6", "train.warmup_steps=1",
-        "train.eval_interval=3", "checkpoint.interval=6",
-        f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=hm-test",
-        "tracking.compare_group=g1", "tracking.match=P",
-    ])
+    recipe = load_recipe(
+        REPO / "recipes" / "inter_tiny_moe.yaml",
+        [
+            f"checkpoint.dir={tmp_path}/run/checkpoints",
+            "train.steps=6",
+            "train.warmup_steps=1",
+            "train.eval_interval=3",
+            "checkpoint.interval=6",
+            f"tracking.tracking_uri={mlflow_server}",
+            "tracking.experiment=hm-test",
+            "tracking.compare_group=g1",
+            "tracking.match=P",
+        ],
+    )
     summary = train(recipe)
 
     mlflow.set_tracking_uri(mlflow_server)
@@ -73,7 +95,9 @@ def test_training_run_is_logged_to_mlflow_server(single_rank, tmp_path, mlflow_s
     assert int(params["model.active_parameters"]) == report.active < report.total  # MoE
     tokens = 6 * recipe.train.global_batch_size * recipe.data.seq_length
     assert int(params["train.tokens"]) == tokens
-    assert float(params["train.flops"]) == pytest.approx(tokens * model_flops_per_token(recipe.model, recipe.data.seq_length))
+    assert float(params["train.flops"]) == pytest.approx(
+        tokens * model_flops_per_token(recipe.model, recipe.data.seq_length)
+    )
     assert params["model.intra.fusion"] == "concat" and params["train.steps"] == "6"  # flattened recipe
 
     client = mlflow.tracking.MlflowClient()

@@ -21,9 +21,15 @@ RECIPE = str(REPO / "recipes" / "intra_tiny.yaml")
 def _overrides(run_dir: Path, *extra: str) -> list[str]:
     return [
         f"checkpoint.dir={run_dir}/checkpoints",
-        "train.steps=12", "train.warmup_steps=2", "train.log_interval=1",
-        "train.eval_interval=0", "checkpoint.interval=4", "checkpoint.keep_last=5",
-        "train.deterministic=true", "tracking.enabled=false", "model.num_layers=2",
+        "train.steps=12",
+        "train.warmup_steps=2",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        "checkpoint.interval=4",
+        "checkpoint.keep_last=5",
+        "train.deterministic=true",
+        "tracking.enabled=false",
+        "model.num_layers=2",
         *extra,
     ]
 
@@ -248,14 +254,23 @@ def _cosine(n: int) -> float:
 _SCHEDULES = {
     # wsd_decay_fraction 0.25 of 20 steps: the decay spans the last 5 updates (n = 15 -> 20):
     # peak through step 16, then 8.2e-4, 6.4e-4, 4.6e-4, 2.8e-4, and min_lr after step 20.
-    "wsd-0.25": (["train.schedule=wsd", "train.wsd_decay_fraction=0.25"],
-                 _RAMP + [1e-3] * 12 + [8.2e-4, 6.4e-4, 4.6e-4, 2.8e-4], 1e-4),
+    "wsd-0.25": (
+        ["train.schedule=wsd", "train.wsd_decay_fraction=0.25"],
+        _RAMP + [1e-3] * 12 + [8.2e-4, 6.4e-4, 4.6e-4, 2.8e-4],
+        1e-4,
+    ),
     # 0.2 of 20 = 4: peak through step 17, then 7.75e-4, 5.5e-4, 3.25e-4.
-    "wsd-0.2": (["train.schedule=wsd", "train.wsd_decay_fraction=0.2"],
-                _RAMP + [1e-3] * 13 + [7.75e-4, 5.5e-4, 3.25e-4], 1e-4),
+    "wsd-0.2": (
+        ["train.schedule=wsd", "train.wsd_decay_fraction=0.2"],
+        _RAMP + [1e-3] * 13 + [7.75e-4, 5.5e-4, 3.25e-4],
+        1e-4,
+    ),
     # 1.0 would start the decay inside the warmup; it is clamped to the 16 steps after it.
-    "wsd-1.0": (["train.schedule=wsd", "train.wsd_decay_fraction=1.0"],
-                _RAMP + [1e-3] + [1e-4 + 9e-4 * (16 - k) / 16 for k in range(1, 16)], 1e-4),
+    "wsd-1.0": (
+        ["train.schedule=wsd", "train.wsd_decay_fraction=1.0"],
+        _RAMP + [1e-3] + [1e-4 + 9e-4 * (16 - k) / 16 for k in range(1, 16)],
+        1e-4,
+    ),
     "cosine": (["train.schedule=cosine"], _RAMP + [_cosine(n) for n in range(4, 20)], 1e-4),
     "constant": (["train.schedule=constant"], _RAMP + [1e-3] * 16, 1e-3),
 }
@@ -269,8 +284,9 @@ def test_scheduler_sets_the_lr_of_every_step(single_rank, tmp_path, name):
     from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
 
     extra, expected, final = _SCHEDULES[name]
-    recipe = _recipe(tmp_path, "train.steps=20", "train.warmup_steps=4", "train.lr=1e-3",
-                     "train.min_lr=1e-4", *extra)
+    recipe = _recipe(
+        tmp_path, "train.steps=20", "train.warmup_steps=4", "train.lr=1e-3", "train.min_lr=1e-4", *extra
+    )
     optimizer = build_optimizer(recipe.train, build_training_model(recipe))
     scheduler = build_scheduler(recipe.train, optimizer, 20)
     used = []
@@ -285,8 +301,8 @@ def test_scheduler_sets_the_lr_of_every_step(single_rank, tmp_path, name):
         assert used[12] == pytest.approx(5.5e-4, rel=1e-12)
     below_peak = {"wsd-0.25": 4, "wsd-0.2": 3}.get(name)  # D - 1 trained steps, then min_lr
     if below_peak:  # stable: exactly the peak from step 5; decay: strictly falling to the end
-        assert used[4:20 - below_peak] == [1e-3] * (16 - below_peak)
-        assert all(a > b for a, b in zip(used[-below_peak - 1:], used[-below_peak:]))
+        assert used[4 : 20 - below_peak] == [1e-3] * (16 - below_peak)
+        assert all(a > b for a, b in zip(used[-below_peak - 1 :], used[-below_peak:]))
 
 
 def test_wsd_decay_rounds_to_whole_steps(single_rank, tmp_path):
@@ -294,8 +310,15 @@ def test_wsd_decay_rounds_to_whole_steps(single_rank, tmp_path):
     from hybrid_megatron.training.model_setup import build_training_model
     from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
 
-    recipe = _recipe(tmp_path, "train.steps=7", "train.warmup_steps=1", "train.lr=1e-3",
-                     "train.min_lr=1e-4", "train.schedule=wsd", "train.wsd_decay_fraction=0.2")
+    recipe = _recipe(
+        tmp_path,
+        "train.steps=7",
+        "train.warmup_steps=1",
+        "train.lr=1e-3",
+        "train.min_lr=1e-4",
+        "train.schedule=wsd",
+        "train.wsd_decay_fraction=0.2",
+    )
     optimizer = build_optimizer(recipe.train, build_training_model(recipe))
     scheduler = build_scheduler(recipe.train, optimizer, 7)
     assert scheduler.wsd_decay_steps == 1
@@ -318,9 +341,18 @@ def test_trainer_applies_and_logs_the_wsd_lr_across_a_resume(single_rank, tmp_pa
     # 10 steps, 2 warmup, decay round(10 x 0.3) = 3 updates: ramp, peak for steps 3-8, decay.
     expected = [0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 7e-4, 4e-4]
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    overrides = ["train.steps=10", "train.warmup_steps=2", "train.lr=1e-3", "train.min_lr=1e-4",
-                 "train.schedule=wsd", "train.wsd_decay_fraction=0.3", "checkpoint.interval=100",
-                 "tracking.enabled=true", f"tracking.tracking_uri={uri}", "tracking.experiment=lr"]
+    overrides = [
+        "train.steps=10",
+        "train.warmup_steps=2",
+        "train.lr=1e-3",
+        "train.min_lr=1e-4",
+        "train.schedule=wsd",
+        "train.wsd_decay_fraction=0.3",
+        "checkpoint.interval=100",
+        "tracking.enabled=true",
+        f"tracking.tracking_uri={uri}",
+        "tracking.experiment=lr",
+    ]
     # Artifacts (the loss-curve PNG) under tmp_path, not in ./mlruns of the working directory.
     MlflowClient(tracking_uri=uri).create_experiment("lr", artifact_location=str(tmp_path / "artifacts"))
     applied, in_step = [], []
@@ -445,8 +477,7 @@ def test_keep_last_prunes_to_the_newest_k_and_resumes(single_rank, tmp_path, mon
     assert resumed == reference
 
 
-def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_path, monkeypatch,
-                                                             capsys):
+def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_path, monkeypatch, capsys):
     """A checkpoint without one layer's TE extra state (as when model.fp8_output_layer is
     switched on at a resume: the LM head becomes a TE layer) resumes, that entry keeping its
     fresh value, and continues the uninterrupted run bitwise (the local layers' extra state is
@@ -463,6 +494,7 @@ def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_p
 
     def stopped_after_3_saving_without(run_dir, key_is_dropped):
         """Train until SIGUSR1 after step 3; that save leaves out the first matching key."""
+
         def state(*args, loading, **kwargs):
             out = real_state(*args, loading=loading, **kwargs)
             if not loading:
@@ -476,8 +508,9 @@ def test_resume_into_a_model_with_more_extra_state_than_saved(single_rank, tmp_p
         monkeypatch.setattr(ckpt, "_sharded_state", real_state)
         monkeypatch.setattr(trainable, "train_step", real_step)
 
-    stopped_after_3_saving_without(tmp_path / "cut", lambda k, v: k.endswith("._extra_state")
-                                   and isinstance(v, ShardedObject))
+    stopped_after_3_saving_without(
+        tmp_path / "cut", lambda k, v: k.endswith("._extra_state") and isinstance(v, ShardedObject)
+    )
     assert dropped[-1].endswith("._extra_state")
     summary, resumed = _train_noting_the_resume(capsys, _recipe(tmp_path / "cut", *extra))
     assert resumed == "step_00000003" and summary["steps"] == 5
@@ -499,8 +532,11 @@ def test_resume_refuses_a_checkpoint_of_another_model(single_rank, tmp_path):
     train(_recipe(tmp_path, *extra, "train.steps=2", "model.num_layers=4"))
     root = tmp_path / "checkpoints"
     before = _step_dirs(root)
-    with pytest.raises(ckpt.CheckpointError, match=r"step_00000002: it holds another model than "
-                       r"the recipe's: \d+ weights the recipe's model lacks \(decoder\.layers\.2\."):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"step_00000002: it holds another model than "
+        r"the recipe's: \d+ weights the recipe's model lacks \(decoder\.layers\.2\.",
+    ):
         train(_recipe(tmp_path, *extra, "train.steps=4"))  # 2 layers
     assert _step_dirs(root) == before and _latest(root) == "step_00000002"
 
@@ -539,8 +575,10 @@ def test_resume_restores_the_rng_streams(single_rank, tmp_path, monkeypatch):
     from hybrid_megatron.training import checkpointing, entry
 
     def streams():
-        return {"cpu": torch.get_rng_state(),
-                **{k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
+        return {
+            "cpu": torch.get_rng_state(),
+            **{k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
+        }
 
     saves, loads = [], []
     real_save, real_load = checkpointing.save_checkpoint, checkpointing.load_checkpoint
@@ -586,10 +624,14 @@ def test_graph_safe_rng_streams_are_restored_into_the_live_generators():
         def set_states(self, states):
             self.states_ = states
 
-    live = {"model-parallel-rng": torch.Generator().manual_seed(1),
-            "data-parallel-rng": torch.Generator().manual_seed(2)}
-    saved = {name: torch.Generator().manual_seed(10 + i).get_state()
-             for i, name in enumerate([*live, "a-stream-this-run-lacks"])}
+    live = {
+        "model-parallel-rng": torch.Generator().manual_seed(1),
+        "data-parallel-rng": torch.Generator().manual_seed(2),
+    }
+    saved = {
+        name: torch.Generator().manual_seed(10 + i).get_state()
+        for i, name in enumerate([*live, "a-stream-this-run-lacks"])
+    }
     tracker = Tracker(dict(live))
     set_tracker_states(tracker, saved, graph_safe=True)
     assert tracker.states_.keys() == live.keys()
@@ -656,8 +698,9 @@ def test_rerun_in_a_used_directory_never_prunes_what_latest_names(single_rank, t
     assert _step_dirs(root) == ["step_00000006"] and _latest(root) == "step_00000006"
 
 
-def test_resaving_the_latest_step_survives_a_crash_while_replacing_it(single_rank, tmp_path, monkeypatch,
-                                                                     capsys):
+def test_resaving_the_latest_step_survives_a_crash_while_replacing_it(
+    single_rank, tmp_path, monkeypatch, capsys
+):
     """keep_last 1; a rerun from scratch saves step 4 again, where ``latest`` points; the
     process dies while deleting the old step 4. ``latest`` names the new complete copy, and
     a resume from it finishes the run."""
@@ -688,8 +731,9 @@ def test_resaving_the_latest_step_survives_a_crash_while_replacing_it(single_ran
     assert latest.name.startswith("step_00000004.partial-")  # the new, complete copy
     assert (latest / "metadata.json").exists() and (latest / "recipe.yaml").exists()
 
-    summary, resumed = _train_noting_the_resume(capsys, _recipe(
-        tmp_path, *_SMALL, "train.steps=6", "checkpoint.interval=4", "checkpoint.keep_last=1"))
+    summary, resumed = _train_noting_the_resume(
+        capsys, _recipe(tmp_path, *_SMALL, "train.steps=6", "checkpoint.interval=4", "checkpoint.keep_last=1")
+    )
     assert resumed == latest.name  # the .partial- copy loads
     assert summary["steps"] == 6
     log = read_losses(tmp_path)
@@ -703,8 +747,12 @@ def test_stop_signal_to_one_rank_stops_all_ranks_after_the_same_step(tmp_path):
     different moments). Both ranks stop after the same step and save it together; before
     the ranks agreed, rank 1 went to save while rank 0 trained on (mismatched collectives)."""
     run = tmp_path / "run"
-    procs = start_job(RECIPE, _overrides(run, "parallel.tp=2", "train.steps=200", "checkpoint.interval=100",
-                                         *_SMALL), 2, run / "logs")
+    procs = start_job(
+        RECIPE,
+        _overrides(run, "parallel.tp=2", "train.steps=200", "checkpoint.interval=100", *_SMALL),
+        2,
+        run / "logs",
+    )
     deadline = time.time() + 300
     while max(read_losses(run), default=0) < 3:
         assert time.time() < deadline and all(p.poll() is None for p in procs)
@@ -734,8 +782,11 @@ def test_nan_policy_counts_skips_and_aborts_at_the_nth_in_a_row(capsys):
     assert (state.skipped_steps, state.consecutive_nan_skips) == (2, 1)
     assert "step 4: non-finite loss nan; update skipped (1 in a row)" in capsys.readouterr().out
     state.step = 5
-    with pytest.raises(TrainingAborted, match=r"^step 5: 2 non-finite losses in a row "
-                                              r"\(train.max_consecutive_nan_skips=2\)$"):
+    with pytest.raises(
+        TrainingAborted,
+        match=r"^step 5: 2 non-finite losses in a row "
+        r"\(train.max_consecutive_nan_skips=2\)$",
+    ):
         policy.record(state, float("inf"), False)
     assert (state.skipped_steps, state.consecutive_nan_skips) == (3, 2)
 
@@ -748,9 +799,14 @@ def test_loss_log_writes_every_step_exactly_and_prints_at_the_interval(tmp_path,
     log = LossLog(tmp_path, log_interval=3, total_steps=6, active=True)
     printed = []
     for step in range(1, 7):
-        metrics = {"train/loss": 1.0 / step, "train/lr": 1e-3, "train/grad_norm": None,
-                   "train/tokens_per_s": 1234.5, "train/mfu": 0.25 if step == 6 else None,
-                   "train/memory_gib": 0.5}
+        metrics = {
+            "train/loss": 1.0 / step,
+            "train/lr": 1e-3,
+            "train/grad_norm": None,
+            "train/tokens_per_s": 1234.5,
+            "train/mfu": 0.25 if step == 6 else None,
+            "train/memory_gib": 0.5,
+        }
         printed.append(log.record(step, metrics))
     assert printed == [True, False, True, False, False, True]
     records = [json.loads(line) for line in (tmp_path / LOSS_LOG).read_text().splitlines()]
@@ -779,7 +835,11 @@ def test_checkpointing_saves_on_the_interval_and_once_more_on_exit(tmp_path, mon
 
     monkeypatch.setattr(checkpointing, "save_checkpoint", save)
     cfg = CheckpointConfig(dir=str(tmp_path), interval=4, keep_last=2)
-    ckpt, trainable, state = checkpointing.Checkpointing(cfg, "name: x\n"), Trainable([], None, None), TrainingState()
+    ckpt, trainable, state = (
+        checkpointing.Checkpointing(cfg, "name: x\n"),
+        Trainable([], None, None),
+        TrainingState(),
+    )
     assert ckpt.resume(ckpt.resume_path(), trainable) == TrainingState()  # nothing saved yet
     for step in range(1, 9):
         state.step = step
@@ -796,7 +856,9 @@ def test_validation_runs_on_the_interval_and_at_an_unvalidated_end(monkeypatch, 
     from hybrid_megatron.training import validation
 
     calls = []
-    monkeypatch.setattr(validation, "evaluate", lambda chunks, batches, seq: calls.append(seq) or 2.5 + len(calls))
+    monkeypatch.setattr(
+        validation, "evaluate", lambda chunks, batches, seq: calls.append(seq) or 2.5 + len(calls)
+    )
 
     class Tracker:
         logged = []

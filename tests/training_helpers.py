@@ -26,15 +26,26 @@ def start_job(recipe: str, overrides: list[str], world: int, log_dir: Path) -> l
     log_dir.mkdir(parents=True, exist_ok=True)
     for rank in range(world):
         env = dict(
-            os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-            WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
             PYTHONWARNINGS="ignore",
         )
         out = open(log_dir / f"rank{rank}.log", "ab")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "hybrid_megatron.training", recipe, *overrides],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "hybrid_megatron.training", recipe, *overrides],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     return procs
 
 

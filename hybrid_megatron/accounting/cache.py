@@ -49,8 +49,9 @@ class CacheReport:
         self.total_bytes = sum(b.total * b.count for b in self.blocks.values())
 
 
-def block_cache(cfg: ModelConfig, letter: str, seq_len: int, dtype_bytes: int = 2,
-                count: int = 1) -> BlockCache:
+def block_cache(
+    cfg: ModelConfig, letter: str, seq_len: int, dtype_bytes: int = 2, count: int = 1
+) -> BlockCache:
     """BlockCache of one block of ``letter`` at context ``seq_len`` (formulas: module docstring)."""
     a, m = attention_dims(cfg, letter), mamba_dims(cfg, letter)
     kv = conv = ssm = 0

@@ -49,8 +49,12 @@ def to_dict(report: AccountingReport) -> dict:
             "name": BLOCK_NAMES[letter],
             "count": bp.count,
             "params": {
-                "mixer": bp.mixer, "norms": bp.norms, "ffn": bp.ffn, "ffn_active": bp.ffn_active,
-                "total": bp.total, "active": bp.active,
+                "mixer": bp.mixer,
+                "norms": bp.norms,
+                "ffn": bp.ffn,
+                "ffn_active": bp.ffn_active,
+                "total": bp.total,
+                "active": bp.active,
             },
             "flops": {
                 "forward_terms_per_sample": bf.terms,
@@ -59,7 +63,10 @@ def to_dict(report: AccountingReport) -> dict:
                 "training_per_token": bf.training_per_token,
             },
             "cache_bytes": {
-                "kv": bc.kv_bytes, "conv": bc.conv_bytes, "ssm": bc.ssm_bytes, "total": bc.total,
+                "kv": bc.kv_bytes,
+                "conv": bc.conv_bytes,
+                "ssm": bc.ssm_bytes,
+                "total": bc.total,
             },
         }
     return {
@@ -69,7 +76,9 @@ def to_dict(report: AccountingReport) -> dict:
         "seq_len": f.seq_len,
         "blocks": blocks,
         "params": {
-            "embedding": p.embedding, "output_layer": p.output_layer, "final_norm": p.final_norm,
+            "embedding": p.embedding,
+            "output_layer": p.output_layer,
+            "final_norm": p.final_norm,
             **p.headline(),
         },
         "flops": {
@@ -78,7 +87,7 @@ def to_dict(report: AccountingReport) -> dict:
             "training_per_sample": f.training_per_sample,
             "training_per_token": f.training_per_token,
             "convention": "2 FLOPs per MAC, matmul/conv only, training = 3 x forward, "
-                          "causal attention counts sum_i min(i, window) key positions",
+            "causal attention counts sum_i min(i, window) key positions",
         },
         "cache": {"dtype_bytes": c.dtype_bytes, "total_bytes": c.total_bytes},
     }

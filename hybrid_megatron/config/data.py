@@ -66,14 +66,18 @@ def _coerce_blend(value: Any) -> Any:
 class DataConfig(StrictSection):
     """Datasets, splits and sample layout for training (the recipe's ``data:`` section)."""
 
-    blend: list[BlendEntry] = Field(description="training datasets (split by `split` unless per-split blends)")
+    blend: list[BlendEntry] = Field(
+        description="training datasets (split by `split` unless per-split blends)"
+    )
     split: str | None = Field(
         default=None, description=f"train,valid,test weights over documents, e.g. {DEFAULT_SPLIT!r}"
     )
     valid_blend: list[BlendEntry] | None = Field(default=None, description="separate validation datasets")
     test_blend: list[BlendEntry] | None = Field(default=None, description="separate test datasets")
     seq_length: int = Field(gt=0, description="tokens per training sample")
-    tokenizer: str = Field(min_length=1, description="tokenizer.json / HF dir / sentencepiece .model / tiktoken file")
+    tokenizer: str = Field(
+        min_length=1, description="tokenizer.json / HF dir / sentencepiece .model / tiktoken file"
+    )
     num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes")
     seed: int = Field(default=1234, description="seed of the document/sample shuffles")
     reset_position_ids: bool = Field(default=False, description="restart positions after each EOD")
@@ -102,7 +106,9 @@ class DataConfig(StrictSection):
             return None
         parts = [p.strip() for p in str(value).split(",")]
         if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", p) for p in parts):
-            raise ValueError(f"split must be up to three comma-separated numbers like {DEFAULT_SPLIT!r}, got {value!r}")
+            raise ValueError(
+                f"split must be up to three comma-separated numbers like {DEFAULT_SPLIT!r}, got {value!r}"
+            )
         if sum(float(p) for p in parts) <= 0:
             raise ValueError(f"split weights must not all be zero, got {value!r}")
         return ",".join(parts)

@@ -32,7 +32,9 @@ def data_parallel_size(par, world_size: int) -> int:
     etp = par.expert_tensor_parallel
     if (dp * par.tp) % par.expert_group_size:
         if etp == 1:
-            raise RecipeError(f"parallel.ep: {par.ep} does not divide dp*tp = {dp}*{par.tp} on {world_size} ranks")
+            raise RecipeError(
+                f"parallel.ep: {par.ep} does not divide dp*tp = {dp}*{par.tp} on {world_size} ranks"
+            )
         raise RecipeError(
             f"parallel.ep: ep {par.ep} x expert tp {etp} = {par.expert_group_size} ranks per expert group do not "
             f"divide dp*tp = {dp}*{par.tp} on {world_size} ranks (the experts' TP defaults to "
@@ -113,13 +115,22 @@ def format_derived(values: dict) -> str:
     else:
         params_text = human(params)
     rows = [
-        ("ranks", f"{values['world_size']} = tp {values['tp']} x pp {values['pp']} x dp {values['dp']}"
-                  f" (ep {values['ep']}, expert tp {values['expert_tp']})"),
-        ("batch", f"global {values['global_batch_size']} = micro {values['micro_batch_size']} x dp "
-                  f"{values['dp']} x grad accumulation {values['grad_accum_steps']}"),
+        (
+            "ranks",
+            f"{values['world_size']} = tp {values['tp']} x pp {values['pp']} x dp {values['dp']}"
+            f" (ep {values['ep']}, expert tp {values['expert_tp']})",
+        ),
+        (
+            "batch",
+            f"global {values['global_batch_size']} = micro {values['micro_batch_size']} x dp "
+            f"{values['dp']} x grad accumulation {values['grad_accum_steps']}",
+        ),
         ("sequence", f"{values['seq_length']} tokens; {values['tokens_per_step']:,} tokens/step"),
-        ("budget", f"{values['total_steps']:,} steps, {values['total_tokens']:,} tokens "
-                   f"({human(values['total_tokens'])}); warmup {values['warmup_steps']} steps"),
+        (
+            "budget",
+            f"{values['total_steps']:,} steps, {values['total_tokens']:,} tokens "
+            f"({human(values['total_tokens'])}); warmup {values['warmup_steps']} steps",
+        ),
         ("layers", values.get("layer_pattern") or "n/a"),
         ("params", params_text),
     ]

@@ -24,8 +24,12 @@ MOE_ONLY = "E"  # MoE FFN alone
 BLOCK_LETTERS = (ATTENTION, MAMBA, INTRA, ATTENTION_ONLY, MLP_ONLY, MOE_ONLY)
 LETTER_ORDER = "".join(BLOCK_LETTERS)  # the order reports list block types in
 BLOCK_NAMES = {
-    ATTENTION: "attention", MAMBA: "mamba2", INTRA: "intra hybrid", ATTENTION_ONLY: "attention only",
-    MLP_ONLY: "MLP only", MOE_ONLY: "MoE only",
+    ATTENTION: "attention",
+    MAMBA: "mamba2",
+    INTRA: "intra hybrid",
+    ATTENTION_ONLY: "attention only",
+    MLP_ONLY: "MLP only",
+    MOE_ONLY: "MoE only",
 }
 ATTENTION_LETTERS = (ATTENTION, ATTENTION_ONLY)  # letters whose mixer is (only) self-attention
 FFN_ONLY_LETTERS = (MLP_ONLY, MOE_ONLY)  # letters without a mixer
@@ -33,12 +37,18 @@ SINGLE_SUBLAYER_LETTERS = (ATTENTION_ONLY, MLP_ONLY, MOE_ONLY)  # flavour nemotr
 
 # Layout letters each kind accepts (flavour nemotron_h adds the single-sublayer ones).
 _KIND_LETTERS = {
-    "transformer": {ATTENTION}, "swa": {ATTENTION}, "mamba": {MAMBA}, "inter": {ATTENTION, MAMBA},
+    "transformer": {ATTENTION},
+    "swa": {ATTENTION},
+    "mamba": {MAMBA},
+    "inter": {ATTENTION, MAMBA},
     "intra": {INTRA, MAMBA},
 }
 _NEMOTRON_H_LETTERS = {
-    "transformer": set(SINGLE_SUBLAYER_LETTERS), "swa": set(SINGLE_SUBLAYER_LETTERS),
-    "mamba": set(FFN_ONLY_LETTERS), "inter": set(SINGLE_SUBLAYER_LETTERS), "intra": set(),
+    "transformer": set(SINGLE_SUBLAYER_LETTERS),
+    "swa": set(SINGLE_SUBLAYER_LETTERS),
+    "mamba": set(FFN_ONLY_LETTERS),
+    "inter": set(SINGLE_SUBLAYER_LETTERS),
+    "intra": set(),
 }
 
 
@@ -87,9 +97,7 @@ def build_layer_pattern(cfg: ModelConfig) -> str:
         a, m = parse_ratio(p.ratio or default_ratio, "model.pattern.ratio")
         count = round(n * a / (a + m))
         if a and count == 0:
-            raise PatternError(
-                f"model.pattern.ratio: {p.ratio} leaves no {special} block in {n} layers"
-            )
+            raise PatternError(f"model.pattern.ratio: {p.ratio} leaves no {special} block in {n} layers")
         place = _spread_even if p.placement == "even" else _centered
         chosen = set(place(n, count)) if count else set()
         pattern = "".join(special if i in chosen else MAMBA for i in range(n))
@@ -112,9 +120,7 @@ def _checked_layout(cfg: ModelConfig) -> str:
     layout = cfg.pattern.layout.replace(" ", "").upper()
     n = cfg.num_layers
     if len(layout) != n:
-        raise PatternError(
-            f"model.pattern.layout: has {len(layout)} letters but model.num_layers is {n}"
-        )
+        raise PatternError(f"model.pattern.layout: has {len(layout)} letters but model.num_layers is {n}")
     allowed = set(_KIND_LETTERS[cfg.kind])
     if cfg.flavour == "nemotron_h":
         allowed |= _NEMOTRON_H_LETTERS[cfg.kind]
@@ -154,9 +160,7 @@ def ffn_is_moe(cfg: ModelConfig, letter: str) -> bool:
     return letter == MOE_ONLY or cfg.moe is not None
 
 
-def split_pattern(
-    pattern: str, pp_size: int, stage_layers: Sequence[int] | None = None
-) -> list[str]:
+def split_pattern(pattern: str, pp_size: int, stage_layers: Sequence[int] | None = None) -> list[str]:
     """Split a pattern across pipeline stages.
 
     Takes the full pattern, the pipeline size and optional explicit per-stage layer counts;
@@ -174,8 +178,7 @@ def split_pattern(
     stage_layers = list(stage_layers)
     if len(stage_layers) != pp_size or sum(stage_layers) != n or min(stage_layers) < 1:
         raise PatternError(
-            f"parallel.pipeline_stage_layers: {stage_layers} must be {pp_size} positive counts "
-            f"summing to {n}"
+            f"parallel.pipeline_stage_layers: {stage_layers} must be {pp_size} positive counts summing to {n}"
         )
     out, start = [], 0
     for count in stage_layers:

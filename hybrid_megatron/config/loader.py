@@ -108,7 +108,9 @@ def read_yaml(path: Path) -> dict:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{display_path(path)}: a recipe is a mapping of sections, got {type(data).__name__}")
+        raise RecipeError(
+            f"{display_path(path)}: a recipe is a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
@@ -155,7 +157,7 @@ def load_chain(path: Path, provenance: dict, _stack: list[Path] | None = None) -
     path = path.resolve()
     stack = list(_stack or [])
     if path in stack:
-        cycle = " -> ".join(display_path(p) for p in stack[stack.index(path):] + [path])
+        cycle = " -> ".join(display_path(p) for p in stack[stack.index(path) :] + [path])
         raise RecipeError(f"{display_path(stack[0])}: extends cycle: {cycle}")
     stack.append(path)
     data = read_yaml(path)

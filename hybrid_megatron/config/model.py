@@ -97,8 +97,7 @@ class IntraConfig(StrictSection):
     fusion: Literal["add", "subtract", "concat"] = "concat"
     overlap_branches: bool = Field(
         default=False,
-        description="GPU: run the attention and Mamba branches on two CUDA streams "
-        "(no effect on CPU)",
+        description="GPU: run the attention and Mamba branches on two CUDA streams (no effect on CPU)",
     )
 
     @field_validator("dim_ratio")
@@ -153,8 +152,10 @@ class MoEConfig(StrictSection):
             data = dict(data)
             flag = data.pop("grouped_gemm")
             if not isinstance(flag, bool):
-                raise ValueError(f"grouped_gemm: expected true or false, got {flag!r} "
-                                 "(it is now moe.experts: grouped, sequential or te_grouped)")
+                raise ValueError(
+                    f"grouped_gemm: expected true or false, got {flag!r} "
+                    "(it is now moe.experts: grouped, sequential or te_grouped)"
+                )
             data.setdefault("experts", "te_grouped" if flag else "sequential")
         return data
 
@@ -241,16 +242,16 @@ class ModelConfig(StrictSection):
                 )
         if self.flavour == "nemotron_h" and self.kind == "intra":
             raise ValueError(
-                "model.flavour: nemotron_h has no intra-layer hybrid block; use kind inter "
-                "(or flavour llama)"
+                "model.flavour: nemotron_h has no intra-layer hybrid block; use kind inter (or flavour llama)"
             )
         if self.kind not in ("inter", "intra") and self.pattern.ratio is not None:
             raise ValueError("model.pattern.ratio: only kinds inter and intra take a ratio")
-        if (self.kind not in ("inter", "intra") and self.flavour == "llama"
-                and self.pattern.layout is not None):
-            raise ValueError(
-                "model.pattern: only kinds inter and intra take a pattern (with flavour llama)"
-            )
+        if (
+            self.kind not in ("inter", "intra")
+            and self.flavour == "llama"
+            and self.pattern.layout is not None
+        ):
+            raise ValueError("model.pattern: only kinds inter and intra take a pattern (with flavour llama)")
         if self.moe is not None and self.moe.expert_bias and self.moe_score_function != "sigmoid":
             raise ValueError(
                 "model.moe.expert_bias: needs the sigmoid score function (set "

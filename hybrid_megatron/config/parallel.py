@@ -14,7 +14,8 @@ class ParallelConfig(BaseModel):
     pp: int = Field(default=1, gt=0, description="pipeline-parallel size")
     ep: int = Field(default=1, gt=0, description="expert-parallel size (MoE)")
     expert_tp: int | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="tensor-parallel size of the experts (MoE): null = tp (megatron-core's default); "
         "1 with tp > 1 keeps experts whole and spreads them over the TP ranks as well (MoE "
         "parallel folding: tp 2 x ep 2 then fits 2 GPUs)",

@@ -81,8 +81,11 @@ def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, e
             raise ModelConfigError(str(err)) from None
         a_heads, m_heads = aw // cfg.head_dim, mw // cfg.mamba.head_dim
         groups = cfg.intra.num_query_groups or a_heads
-        for name, count in (("attention heads", a_heads), ("query groups", groups if aw else 0),
-                            ("mamba heads", m_heads)):
+        for name, count in (
+            ("attention heads", a_heads),
+            ("query groups", groups if aw else 0),
+            ("mamba heads", m_heads),
+        ):
             if count % tp:
                 raise ModelConfigError(
                     f"model.intra.dim_ratio: the intra block's {count} {name} do not split over "

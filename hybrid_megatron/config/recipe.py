@@ -54,8 +54,10 @@ def check_cuda_graphs(recipe: Recipe) -> None:
     why = None
     moe = recipe.model.moe
     if moe is not None and (moe.experts != "grouped" or recipe.parallel.ep > 1):
-        why = ("MoE layers need model.moe.experts grouped and parallel.ep 1 (other experts, and "
-               "expert parallelism, read each expert's token count on the host every layer)")
+        why = (
+            "MoE layers need model.moe.experts grouped and parallel.ep 1 (other experts, and "
+            "expert parallelism, read each expert's token count on the host every layer)"
+        )
     elif recipe.train.recompute != "none":
         why = f"not combined with train.recompute {recipe.train.recompute!r} (use none)"
     elif recipe.parallel.tp > 1 or recipe.parallel.pp > 1:
@@ -131,7 +133,9 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.name):
-            raise ValueError(f"name: {self.name!r} must be letters, digits and . _ + - (it names directories)")
+            raise ValueError(
+                f"name: {self.name!r} must be letters, digits and . _ + - (it names directories)"
+            )
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"data.seq_length: {self.data.seq_length} exceeds model.max_position_embeddings "

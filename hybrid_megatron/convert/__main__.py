@@ -18,10 +18,13 @@ def main(argv=None) -> int:
     to.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     fr = sub.add_parser("from-hf", help="NemotronH / Falcon-H1 directory -> our model config + weights")
     fr.add_argument("--hf", required=True, help="Hugging Face model directory")
-    fr.add_argument("--output", required=True,
-                    help="directory for a megatron-core checkpoint (model weights only; a recipe "
-                         "starts from it with checkpoint.init_from) and model.yaml (its 'model:' "
-                         "section)")
+    fr.add_argument(
+        "--output",
+        required=True,
+        help="directory for a megatron-core checkpoint (model weights only; a recipe "
+        "starts from it with checkpoint.init_from) and model.yaml (its 'model:' "
+        "section)",
+    )
     fr.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
 
@@ -41,8 +44,10 @@ def main(argv=None) -> int:
             from hybrid_megatron.convert.export import from_hf_to_checkpoint
 
             out, _ = from_hf_to_checkpoint(args.hf, args.output, args.overwrite)
-            print(f"wrote {out} (megatron-core checkpoint, model weights only) and {out}/model.yaml;"
-                  f" train from it with checkpoint.init_from: {out}")
+            print(
+                f"wrote {out} (megatron-core checkpoint, model weights only) and {out}/model.yaml;"
+                f" train from it with checkpoint.init_from: {out}"
+            )
     # Bad input: an unreadable checkpoint or tokenizer, a path that cannot be read or written,
     # a Hugging Face directory that is not one (ValueError, naming the file).
     except (InputError, ValueError, OSError) as err:

@@ -42,8 +42,10 @@ def falcon_h1_geometry(cfg: ModelConfig) -> dict:
     """
     pattern = build_layer_pattern(cfg)
     attn, d_inner = _geometry(cfg)
-    geo = {"attention": attn if ATTENTION in pattern else None,
-           "mamba_width": d_inner if MAMBA in pattern else None}
+    geo = {
+        "attention": attn if ATTENTION in pattern else None,
+        "mamba_width": d_inner if MAMBA in pattern else None,
+    }
     if INTRA in pattern:
         aw, mw = intra_branch_widths(cfg)
         heads = aw // cfg.head_dim
@@ -66,8 +68,7 @@ def falcon_h1_blockers(cfg: ModelConfig) -> list[str]:
         reasons.append("model.attention: a pure Mamba stack has no attention branch; use nemotron_h")
     if cfg.flavour != "llama":
         reasons.append(
-            f"model.flavour: Falcon-H1 layers are llama-flavoured (RoPE, SwiGLU); this model is "
-            f"{cfg.flavour}"
+            f"model.flavour: Falcon-H1 layers are llama-flavoured (RoPE, SwiGLU); this model is {cfg.flavour}"
         )
     if INTRA in pattern:
         if cfg.intra.branch_norm != "none":
@@ -113,8 +114,7 @@ def nemotron_h_blockers(cfg: ModelConfig) -> list[str]:
                 "NemotronH attention has none. Set model.flavour: nemotron_h"
             )
         if ffn:
-            where = ("model.mamba_block_ffn: the Mamba blocks' FFNs" if set(ffn) == {MAMBA}
-                     else "FFNs")
+            where = "model.mamba_block_ffn: the Mamba blocks' FFNs" if set(ffn) == {MAMBA} else "FFNs"
             reasons.append(
                 f"{where}: flavour llama FFNs are gated SwiGLU (and its MoE softmax-routed); "
                 f"NemotronH's are non-gated relu2. Set model.flavour: nemotron_h (or, for a "
@@ -178,10 +178,11 @@ def choose_target(cfg: ModelConfig, target: str = "auto") -> tuple[str, str]:
         reasons = remote_code_blockers(cfg)
         if reasons:
             native = nemotron_h_blockers(cfg) if cfg.flavour == "nemotron_h" else []
-            raise NotExactError(
-                "no export target is exact for this model: " + "; ".join(native + reasons)
-            )
-        return target, f"remote_code (trust_remote_code=True): no native target is exact ({why or 'mixed A/M/H blocks'})"
+            raise NotExactError("no export target is exact for this model: " + "; ".join(native + reasons))
+        return (
+            target,
+            f"remote_code (trust_remote_code=True): no native target is exact ({why or 'mixed A/M/H blocks'})",
+        )
     if target not in BLOCKERS:
         raise ValueError(f"--target: expected auto or one of {TARGETS}, got {target!r}")
     reasons = BLOCKERS[target](cfg)

@@ -62,15 +62,28 @@ def export_model(
         from hybrid_megatron.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer_path)
-        for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id),
-                           ("pad_token_id", tok.pad_id)):
+        for key, value in (
+            ("bos_token_id", tok.bos_id),
+            ("eos_token_id", tok.eos_id),
+            ("pad_token_id", tok.pad_id),
+        ):
             config[key] = value
             if value is not None:
                 generation[key] = value
         tok_writer = tok.save_hf
     kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-    path = write_export(output, tensors, config, dtype, generation, tok_writer, extra,
-                        overwrite=overwrite, progress=progress, **kwargs)
+    path = write_export(
+        output,
+        tensors,
+        config,
+        dtype,
+        generation,
+        tok_writer,
+        extra,
+        overwrite=overwrite,
+        progress=progress,
+        **kwargs,
+    )
     return path, target, why
 
 
@@ -121,8 +134,11 @@ def read_hf_weights(path: str | Path) -> dict:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     try:
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                 if index.exists() else ["model.safetensors"])
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.exists()
+            else ["model.safetensors"]
+        )
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{index}: not a safetensors index ({err!r})") from None
     tensors = {}
@@ -164,8 +180,9 @@ def from_hf(path: str | Path) -> tuple[dict, dict]:
     return model, from_nemotron_h(ModelConfig(**model), tensors)
 
 
-def from_hf_to_checkpoint(path: str | Path, output: str | Path, overwrite: bool = False,
-                          seed: int = 1) -> tuple[Path, dict]:
+def from_hf_to_checkpoint(
+    path: str | Path, output: str | Path, overwrite: bool = False, seed: int = 1
+) -> tuple[Path, dict]:
     """Convert a NemotronH / Falcon-H1 HF directory into a megatron-core checkpoint.
 
     Takes the HF directory, the output directory, whether an existing non-empty output may be

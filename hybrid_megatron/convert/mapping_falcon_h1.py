@@ -89,8 +89,10 @@ def to_falcon_h1(cfg: ModelConfig, sd: dict) -> dict:
         out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
         attn = mamba = None  # (q, k, v, o) / (in_proj, out_proj, params prefix)
         if letter == ATTENTION:
-            attn = (*split_qkv(sd[mix + "linear_qkv.weight"], heads, groups, head_dim),
-                    sd[mix + "linear_proj.weight"])
+            attn = (
+                *split_qkv(sd[mix + "linear_qkv.weight"], heads, groups, head_dim),
+                sd[mix + "linear_proj.weight"],
+            )
         elif letter == MAMBA:
             mamba = (sd[mix + "in_proj.weight"], sd[mix + "out_proj.weight"], mix)
         else:
@@ -101,7 +103,7 @@ def to_falcon_h1(cfg: ModelConfig, sd: dict) -> dict:
             m_scale = sd.get(mix + "mamba_scale")
             fusion = cfg.intra.fusion
             if fusion == "concat":
-                o, m_out = w_out[:, : heads * head_dim], w_out[:, heads * head_dim:]
+                o, m_out = w_out[:, : heads * head_dim], w_out[:, heads * head_dim :]
             else:
                 o, m_out = w_out, (-w_out if fusion == "subtract" else w_out)
             # (s * a) W^T == a (s W)^T: the learnable branch scalars fold into the projections
@@ -112,8 +114,12 @@ def to_falcon_h1(cfg: ModelConfig, sd: dict) -> dict:
             attn = (*split_qkv(fused[:qkv_rows], heads, groups, head_dim), o)
             mamba = (fused[qkv_rows:], m_out, mix + "mamba.")
         if attn is None:
-            attn = (zeros(heads * head_dim, hidden), zeros(groups * head_dim, hidden),
-                    zeros(groups * head_dim, hidden), zeros(hidden, heads * head_dim))
+            attn = (
+                zeros(heads * head_dim, hidden),
+                zeros(groups * head_dim, hidden),
+                zeros(groups * head_dim, hidden),
+                zeros(hidden, heads * head_dim),
+            )
         for name, t in zip(("q_proj", "k_proj", "v_proj", "o_proj"), attn):
             out[f"{dst}self_attn.{name}.weight"] = t.contiguous()
         if mamba is None:
@@ -158,9 +164,15 @@ def model_config_from_falcon_h1(hf: dict) -> dict:
     other than 1, biases, norm-after-gate, an ungated Mamba, parameters with another meaning.
     """
     problems = []
-    for key in ("embedding_multiplier", "lm_head_multiplier", "key_multiplier",
-                "attention_in_multiplier", "attention_out_multiplier", "ssm_in_multiplier",
-                "ssm_out_multiplier"):
+    for key in (
+        "embedding_multiplier",
+        "lm_head_multiplier",
+        "key_multiplier",
+        "attention_in_multiplier",
+        "attention_out_multiplier",
+        "ssm_in_multiplier",
+        "ssm_out_multiplier",
+    ):
         if float(hf.get(key, 1.0)) != 1.0:
             problems.append(f"{key}={hf[key]}")
     for key in ("mlp_multipliers", "ssm_multipliers"):
@@ -191,15 +203,29 @@ def model_config_from_falcon_h1(hf: dict) -> dict:
         "ffn_hidden_size": hf["intermediate_size"],
         "vocab_size": hf["vocab_size"],
         "max_position_embeddings": hf.get("max_position_embeddings", 4096),
-        "attention": {"num_heads": heads, "num_query_groups": groups, "head_dim": head_dim,
-                      "rotary_base": float(theta)},
-        "mamba": {"state_dim": hf["mamba_d_state"], "head_dim": d_ssm // hf["mamba_n_heads"],
-                  "num_groups": hf["mamba_n_groups"], "expand": hf.get("mamba_expand", 2),
-                  "conv_kernel": hf["mamba_d_conv"], "chunk_size": hf.get("mamba_chunk_size", 128)},
+        "attention": {
+            "num_heads": heads,
+            "num_query_groups": groups,
+            "head_dim": head_dim,
+            "rotary_base": float(theta),
+        },
+        "mamba": {
+            "state_dim": hf["mamba_d_state"],
+            "head_dim": d_ssm // hf["mamba_n_heads"],
+            "num_groups": hf["mamba_n_groups"],
+            "expand": hf.get("mamba_expand", 2),
+            "conv_kernel": hf["mamba_d_conv"],
+            "chunk_size": hf.get("mamba_chunk_size", 128),
+        },
         "pattern": {"layout": INTRA * hf["num_hidden_layers"]},
-        "intra": {"dim_ratio": f"{heads * head_dim}:{d_ssm}", "mixer_width": heads * head_dim + d_ssm,
-                  "num_query_groups": groups, "branch_norm": "none", "branch_scalars": False,
-                  "fusion": "concat"},
+        "intra": {
+            "dim_ratio": f"{heads * head_dim}:{d_ssm}",
+            "mixer_width": heads * head_dim + d_ssm,
+            "num_query_groups": groups,
+            "branch_norm": "none",
+            "branch_scalars": False,
+            "fusion": "concat",
+        },
         "norm_epsilon": float(hf.get("rms_norm_eps", 1e-5)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }

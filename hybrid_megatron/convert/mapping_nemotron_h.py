@@ -48,8 +48,16 @@ from hybrid_megatron.config.layer_pattern import (
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.convert.qkv import join_qkv, split_qkv
 
-_MAMBA_PARAMS = ("in_proj.weight", "out_proj.weight", "conv1d.weight", "conv1d.bias", "A_log",
-                 "D", "dt_bias", "norm.weight")
+_MAMBA_PARAMS = (
+    "in_proj.weight",
+    "out_proj.weight",
+    "conv1d.weight",
+    "conv1d.bias",
+    "A_log",
+    "D",
+    "dt_bias",
+    "norm.weight",
+)
 # NemotronH layer types (the names older and newer transformers both read) and their letters.
 _TYPE_LETTER = {"mamba": MAMBA, "attention": ATTENTION_ONLY, "mlp": MLP_ONLY, "moe": MOE_ONLY}
 _LEGACY_TYPES = {"linear_attention": "mamba", "full_attention": "attention"}
@@ -111,8 +119,11 @@ def nemotron_h_config(cfg: ModelConfig) -> dict:
         HINT_KEY: {"layout": build_layer_pattern(cfg), "mamba_block_ffn": cfg.mamba_block_ffn},
     }
     if cfg.attention is not None:
-        out.update(num_attention_heads=cfg.attention.num_heads,
-                   num_key_value_heads=cfg.query_groups, head_dim=cfg.head_dim)
+        out.update(
+            num_attention_heads=cfg.attention.num_heads,
+            num_key_value_heads=cfg.query_groups,
+            head_dim=cfg.head_dim,
+        )
     if "moe" in types:
         moe = cfg.moe
         shared = moe.shared_expert_ffn_hidden_size
@@ -133,15 +144,21 @@ def nemotron_h_config(cfg: ModelConfig) -> dict:
 
 
 def _attention_to_hf(cfg: ModelConfig, sd: dict, src: str) -> dict:
-    q, k, v = split_qkv(sd[src + "linear_qkv.weight"], cfg.attention.num_heads, cfg.query_groups,
-                        cfg.head_dim)
-    return {"q_proj.weight": q, "k_proj.weight": k, "v_proj.weight": v,
-            "o_proj.weight": sd[src + "linear_proj.weight"]}
+    q, k, v = split_qkv(
+        sd[src + "linear_qkv.weight"], cfg.attention.num_heads, cfg.query_groups, cfg.head_dim
+    )
+    return {
+        "q_proj.weight": q,
+        "k_proj.weight": k,
+        "v_proj.weight": v,
+        "o_proj.weight": sd[src + "linear_proj.weight"],
+    }
 
 
 def _attention_from_hf(cfg: ModelConfig, hf: dict, src: str) -> dict:
-    qkv = join_qkv(*(hf[f"{src}{n}_proj.weight"] for n in "qkv"), cfg.attention.num_heads,
-                   cfg.query_groups, cfg.head_dim)
+    qkv = join_qkv(
+        *(hf[f"{src}{n}_proj.weight"] for n in "qkv"), cfg.attention.num_heads, cfg.query_groups, cfg.head_dim
+    )
     return {"linear_qkv.weight": qkv, "linear_proj.weight": hf[src + "o_proj.weight"]}
 
 
@@ -152,7 +169,8 @@ def _moe_to_hf(cfg: ModelConfig, sd: dict, src: str) -> dict:
     out = {
         "gate.weight": sd[src + "router.weight"],
         "gate.e_score_correction_bias": sd.get(
-            src + "router.expert_bias", torch.zeros(moe.num_experts, dtype=torch.float32)),
+            src + "router.expert_bias", torch.zeros(moe.num_experts, dtype=torch.float32)
+        ),
         "experts.up_proj": torch.stack([fc(e, 1) for e in experts]),
         "experts.down_proj": torch.stack([fc(e, 2) for e in experts]),
     }
@@ -193,8 +211,10 @@ def _layer_to_hf(cfg: ModelConfig, sd: dict, i: int, part: str, kind: str) -> di
         out = {"norm.weight": sd[src + "pre_mlp_layernorm.weight"]}
         mlp = src + "mlp."
         if kind == "mlp":
-            mixer = {"up_proj.weight": sd[mlp + "linear_fc1.weight"],
-                     "down_proj.weight": sd[mlp + "linear_fc2.weight"]}
+            mixer = {
+                "up_proj.weight": sd[mlp + "linear_fc1.weight"],
+                "down_proj.weight": sd[mlp + "linear_fc2.weight"],
+            }
         else:
             mixer = _moe_to_hf(cfg, sd, mlp)
     out.update({"mixer." + k: v for k, v in mixer.items()})
@@ -215,8 +235,10 @@ def _layer_from_hf(cfg: ModelConfig, hf: dict, j: int, i: int, part: str, kind: 
     else:
         out = {dst + "pre_mlp_layernorm.weight": hf[src + "norm.weight"]}
         if kind == "mlp":
-            ours = {"linear_fc1.weight": hf[mix + "up_proj.weight"],
-                    "linear_fc2.weight": hf[mix + "down_proj.weight"]}
+            ours = {
+                "linear_fc1.weight": hf[mix + "up_proj.weight"],
+                "linear_fc2.weight": hf[mix + "down_proj.weight"],
+            }
         else:
             ours = _moe_from_hf(cfg, hf, mix)
         out.update({dst + "mlp." + k: v for k, v in ours.items()})
@@ -234,8 +256,9 @@ def to_nemotron_h(cfg: ModelConfig, sd: dict) -> dict:
         for name, t in _layer_to_hf(cfg, sd, i, part, kind).items():
             out[f"model.layers.{j}.{name}"] = t
     out["model.norm_f.weight"] = sd["decoder.final_layernorm.weight"]
-    out["lm_head.weight"] = sd["embedding.word_embeddings.weight" if cfg.tie_embeddings
-                               else "output_layer.weight"]
+    out["lm_head.weight"] = sd[
+        "embedding.word_embeddings.weight" if cfg.tie_embeddings else "output_layer.weight"
+    ]
     return checkpoint_names(out)
 
 
@@ -249,7 +272,7 @@ def checkpoint_names(tensors: dict) -> dict:
     out = {}
     for name, t in tensors.items():
         if name.startswith("model."):
-            name = "backbone." + name[len("model."):]
+            name = "backbone." + name[len("model.") :]
         m = _STACKED.match(name)
         if m:
             for e in range(t.shape[0]):
@@ -277,7 +300,9 @@ def _expand(layout: str, mamba_block_ffn: bool, moe: bool) -> str:
     ffn = MOE_ONLY if moe else MLP_ONLY
     out = []
     for c in layout:
-        out.append({ATTENTION: ATTENTION_ONLY + ffn, MAMBA: MAMBA + (ffn if mamba_block_ffn else "")}.get(c, c))
+        out.append(
+            {ATTENTION: ATTENTION_ONLY + ffn, MAMBA: MAMBA + (ffn if mamba_block_ffn else "")}.get(c, c)
+        )
     return "".join(out)
 
 
@@ -346,9 +371,14 @@ def model_config_from_nemotron_h(hf: dict, tensors: dict | None = None) -> dict:
         "ffn_hidden_size": hf.get("intermediate_size") or 4 * hidden,
         "vocab_size": hf["vocab_size"],
         "max_position_embeddings": hf.get("max_position_embeddings", 4096),
-        "mamba": {"state_dim": hf["ssm_state_size"], "head_dim": hf["mamba_head_dim"],
-                  "num_groups": hf["n_groups"], "expand": max(1, d_inner // hidden),
-                  "conv_kernel": hf.get("conv_kernel", 4), "chunk_size": hf.get("chunk_size", 128)},
+        "mamba": {
+            "state_dim": hf["ssm_state_size"],
+            "head_dim": hf["mamba_head_dim"],
+            "num_groups": hf["n_groups"],
+            "expand": max(1, d_inner // hidden),
+            "conv_kernel": hf.get("conv_kernel", 4),
+            "chunk_size": hf.get("chunk_size", 128),
+        },
         "mamba_block_ffn": block_ffn,
         "norm_epsilon": float(hf.get("layer_norm_epsilon", 1e-5)),
         "tie_embeddings": tie,
@@ -357,17 +387,20 @@ def model_config_from_nemotron_h(hf: dict, tensors: dict | None = None) -> dict:
     if layout != default:
         out["pattern"] = {"layout": layout, "allow_early_attention": True}
     if attention:
-        out["attention"] = {"num_heads": hf["num_attention_heads"],
-                            "num_query_groups": hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                            "head_dim": hf.get("head_dim") or hidden // hf["num_attention_heads"]}
+        out["attention"] = {
+            "num_heads": hf["num_attention_heads"],
+            "num_query_groups": hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            "head_dim": hf.get("head_dim") or hidden // hf["num_attention_heads"],
+        }
     if moe:
         scale = float(hf.get("routed_scaling_factor", 1.0))
         out["moe"] = {
             "num_experts": hf["n_routed_experts"],
             "top_k": hf.get("num_experts_per_tok", 2),
             "expert_ffn_hidden_size": hf["moe_intermediate_size"],
-            "shared_expert_ffn_hidden_size": (None if _no_shared_expert(hf, tensors)
-                                              else hf["moe_shared_expert_intermediate_size"]),
+            "shared_expert_ffn_hidden_size": (
+                None if _no_shared_expert(hf, tensors) else hf["moe_shared_expert_intermediate_size"]
+            ),
             "topk_scaling_factor": None if scale == 1.0 else scale,
         }
     return out
@@ -382,7 +415,7 @@ def normalise_names(hf_sd: dict) -> dict:
         if name.startswith("mtp."):
             continue
         if name.startswith("backbone."):
-            name = "model." + name[len("backbone."):]
+            name = "model." + name[len("backbone.") :]
         m = _PER_EXPERT.match(name)
         if m:
             experts.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = t
@@ -432,9 +465,11 @@ def from_nemotron_h(cfg: ModelConfig, hf_sd: dict) -> dict:
             sd["output_layer.weight"] = lm_head
     elif not cfg.tie_embeddings:
         sd["output_layer.weight"] = hf_sd["model.embeddings.weight"]
-    left = sorted(k for k in set(hf_sd) - hf_sd.read
-                  if not (".shared_experts." in k and cfg.moe is not None
-                          and not cfg.moe.shared_expert_ffn_hidden_size))
+    left = sorted(
+        k
+        for k in set(hf_sd) - hf_sd.read
+        if not (".shared_experts." in k and cfg.moe is not None and not cfg.moe.shared_expert_ffn_hidden_size)
+    )
     if left:
         raise ValueError(f"NemotronH tensors not taken by the converted model: {left[:5]}")
     return sd

@@ -25,6 +25,10 @@ def join_qkv(q, k, v, heads: int, groups: int, head_dim: int) -> torch.Tensor:
     per = heads // groups
     hidden = q.shape[-1]
     return torch.cat(
-        [q.reshape(groups, per, head_dim, hidden), k.reshape(groups, 1, head_dim, hidden),
-         v.reshape(groups, 1, head_dim, hidden)], dim=1,
+        [
+            q.reshape(groups, per, head_dim, hidden),
+            k.reshape(groups, 1, head_dim, hidden),
+            v.reshape(groups, 1, head_dim, hidden),
+        ],
+        dim=1,
     ).reshape(-1, hidden)

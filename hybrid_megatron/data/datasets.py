@@ -98,8 +98,9 @@ def split_document_ranges(split: str, documents: int) -> list[tuple[int, int] | 
     return ranges
 
 
-def check_split_coverage(config: DataConfig, summaries: dict[str, IndexSummary],
-                         num_samples: Sequence[int | None]) -> None:
+def check_split_coverage(
+    config: DataConfig, summaries: dict[str, IndexSummary], num_samples: Sequence[int | None]
+) -> None:
     """Raises DataToolsError if a split that must yield samples gets no document of a prefix.
 
     megatron-core does not check this: a split with zero tokens makes GPTDataset's epoch
@@ -171,7 +172,9 @@ def build_gpt_datasets(
     for name, count, is_weighted in zip(("train", "valid", "test"), num_samples, weighted):
         if count is None and is_weighted:
             raise DataToolsError(f"a weighted blend needs a sample count for the {name} split, got None")
-    cache = cache_dir or config.cache_dir or os.path.join(tempfile.gettempdir(), "hybrid_megatron_index_cache")
+    cache = (
+        cache_dir or config.cache_dir or os.path.join(tempfile.gettempdir(), "hybrid_megatron_index_cache")
+    )
     gpt_config = GPTDatasetConfig(
         random_seed=config.seed,
         sequence_length=config.seq_length,

@@ -89,8 +89,9 @@ def _recorded_tokenizer(prefix: str, recorded: str) -> str | None:
     return None
 
 
-def inspect_dataset(prefix: str, tokenizer_path: str | None = None, top: int = 20,
-                    max_tokens: int = 50_000_000) -> dict:
+def inspect_dataset(
+    prefix: str, tokenizer_path: str | None = None, top: int = 20, max_tokens: int = 50_000_000
+) -> dict:
     """Collects the report of a dataset prefix; returns it as a dict.
 
     Takes the prefix, an optional tokenizer (default: the one in PREFIX.stats.json, if it
@@ -140,18 +141,27 @@ def _print_report(report: dict, out) -> None:
     p(f"documents   {report['documents']:,}   tokens {report['tokens']:,}   dtype {report['dtype']}")
     stats = report["stats_file"]
     if stats:
-        p(f"made from   {stats['text_bytes'] / 1e6:.2f} MB text in {len(stats['inputs'])} input(s); "
-          f"append_eod={stats['append_eod']} skipped_lines={stats['skipped_lines']}")
+        p(
+            f"made from   {stats['text_bytes'] / 1e6:.2f} MB text in {len(stats['inputs'])} input(s); "
+            f"append_eod={stats['append_eod']} skipped_lines={stats['skipped_lines']}"
+        )
         tok = stats["tokenizer"]
-        p(f"tokenizer   {tok['path']} ({tok['kind']}, vocab {tok['vocab_size']}, sha256 {tok['sha256'][:16]}…)")
+        p(
+            f"tokenizer   {tok['path']} ({tok['kind']}, vocab {tok['vocab_size']}, sha256 {tok['sha256'][:16]}…)"
+        )
     lengths = report["document_lengths"]
     if lengths["count"]:
-        p("doc length  " + "  ".join(f"{k} {lengths[k]:,}" for k in ("min", "mean", "p50", "p90", "p99", "max")))
+        p(
+            "doc length  "
+            + "  ".join(f"{k} {lengths[k]:,}" for k in ("min", "mean", "p50", "p90", "p99", "max"))
+        )
         widest = max(lengths["histogram"].values())
         for label, count in lengths["histogram"].items():
             p(f"  {label:>18} {count:>8,} {'#' * max(1, round(40 * count / widest))}")
     hist = report["token_histogram"]
-    p(f"token ids   {hist['distinct_ids']:,} distinct, max id {hist['max_id']:,} (over {hist['tokens_counted']:,} tokens)")
+    p(
+        f"token ids   {hist['distinct_ids']:,} distinct, max id {hist['max_id']:,} (over {hist['tokens_counted']:,} tokens)"
+    )
     for row in hist["top"]:
         text = "" if row["text"] is None else f" {row['text']!r}"
         p(f"  id {row['id']:>7} {row['count']:>10,} {100 * row['share']:5.2f}%{text}")
@@ -161,12 +171,18 @@ def _print_report(report: dict, out) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser of data_tools/inspect_dataset.py."""
-    parser = argparse.ArgumentParser(prog="inspect_dataset.py", description="Inspect a megatron-core indexed dataset.")
+    parser = argparse.ArgumentParser(
+        prog="inspect_dataset.py", description="Inspect a megatron-core indexed dataset."
+    )
     parser.add_argument("prefix", help="dataset prefix (without .bin/.idx)")
-    parser.add_argument("--decode", type=int, action="append", metavar="I", help="print document I decoded (repeatable)")
+    parser.add_argument(
+        "--decode", type=int, action="append", metavar="I", help="print document I decoded (repeatable)"
+    )
     parser.add_argument("--samples", type=int, default=2, help="decoded previews of the first documents")
     parser.add_argument("--chars", type=int, default=300, help="characters per preview")
-    parser.add_argument("--tokenizer", help="tokenizer to decode with (default: the one in PREFIX.stats.json)")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer to decode with (default: the one in PREFIX.stats.json)"
+    )
     parser.add_argument("--top", type=int, default=15, help="most frequent token ids to list")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser

@@ -150,18 +150,33 @@ def preprocess(options: PreprocessOptions) -> dict:
         raise DataToolsError(f"unknown text mode {options.text_mode!r} (want one of {TEXT_MODES})")
     inputs = expand_inputs(options.inputs)
     tokenizer = load_tokenizer(
-        options.tokenizer, bos=options.bos, eos=options.eos, pad=options.pad,
+        options.tokenizer,
+        bos=options.bos,
+        eos=options.eos,
+        pad=options.pad,
         tiktoken_pattern=options.tiktoken_pattern,
     )
     if options.append_eod and tokenizer.eos_id is None:
-        raise DataToolsError(f"{tokenizer.path}: --append-eod needs an eos token, and this tokenizer has none")
+        raise DataToolsError(
+            f"{tokenizer.path}: --append-eod needs an eos token, and this tokenizer has none"
+        )
     if options.prepend_bos and tokenizer.bos_id is None:
-        raise DataToolsError(f"{tokenizer.path}: --prepend-bos needs a bos token, and this tokenizer has none")
+        raise DataToolsError(
+            f"{tokenizer.path}: --prepend-bos needs a bos token, and this tokenizer has none"
+        )
     dtype = token_dtype(tokenizer.vocab_size)
     settings = EncodeSettings(
-        tokenizer_path=str(tokenizer.path), tokenizer_sha256=tokenizer.content_hash, text_key=options.text_key, append_eod=options.append_eod,
-        prepend_bos=options.prepend_bos, skip_bad=options.skip_bad, dtype=dtype.name,
-        bos=options.bos, eos=options.eos, pad=options.pad, tiktoken_pattern=options.tiktoken_pattern,
+        tokenizer_path=str(tokenizer.path),
+        tokenizer_sha256=tokenizer.content_hash,
+        text_key=options.text_key,
+        append_eod=options.append_eod,
+        prepend_bos=options.prepend_bos,
+        skip_bad=options.skip_bad,
+        dtype=dtype.name,
+        bos=options.bos,
+        eos=options.eos,
+        pad=options.pad,
+        tiktoken_pattern=options.tiktoken_pattern,
     )
     tally = _Tally()
     progress = None
@@ -171,8 +186,12 @@ def preprocess(options: PreprocessOptions) -> dict:
             # fixed cost of seconds that says nothing about throughput.
             started = time.monotonic()
             progress = _Progress(sum(item.size for item in inputs), options.progress)
-            chunks = iter_chunks(inputs, text_key=options.text_key, chunk_bytes=options.chunk_bytes,
-                                 text_mode=options.text_mode)
+            chunks = iter_chunks(
+                inputs,
+                text_key=options.text_key,
+                chunk_bytes=options.chunk_bytes,
+                text_mode=options.text_mode,
+            )
             results = _results(chunks, settings, options.workers)
             try:
                 for consumed, result in results:
@@ -247,25 +266,41 @@ def build_parser() -> argparse.ArgumentParser:
         prog="preprocess.py",
         description="Tokenize jsonl(.gz/.zst) / parquet / text files into a megatron-core indexed dataset.",
     )
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
-                        help="input files, directories or globs (quote globs), read in the given order")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE_OR_GLOB",
+        help="input files, directories or globs (quote globs), read in the given order",
+    )
     parser.add_argument("--text-key", default="text", help="JSON field / parquet column holding the text")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer.json, HF dir, sentencepiece .model or tiktoken file")
-    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
+    parser.add_argument(
+        "--tokenizer", required=True, help="tokenizer.json, HF dir, sentencepiece .model or tiktoken file"
+    )
+    parser.add_argument(
+        "--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json"
+    )
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     parser.add_argument("--append-eod", action="store_true", help="append the eos token to every document")
     parser.add_argument("--prepend-bos", action="store_true", help="prepend the bos token to every document")
     parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip (count and report) malformed lines instead of failing")
-    parser.add_argument("--text-mode", choices=TEXT_MODES, default="file",
-                        help="plain-text inputs: one document per file, paragraph or line")
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="skip (count and report) malformed lines instead of failing"
+    )
+    parser.add_argument(
+        "--text-mode",
+        choices=TEXT_MODES,
+        default="file",
+        help="plain-text inputs: one document per file, paragraph or line",
+    )
     parser.add_argument("--chunk-mb", type=float, default=1.0, help="work unit size sent to a worker")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--bos", help="bos token string (overrides the tokenizer's config)")
     parser.add_argument("--eos", help="eos token string (overrides the tokenizer's config)")
     parser.add_argument("--pad", help="pad token string (overrides the tokenizer's config)")
-    parser.add_argument("--tiktoken-pattern", default="cl100k", help="pre-tokenizer regex name for tiktoken files")
+    parser.add_argument(
+        "--tiktoken-pattern", default="cl100k", help="pre-tokenizer regex name for tiktoken files"
+    )
     return parser
 
 
@@ -280,11 +315,21 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (e.g. a scheduler's time limit) cleans up like Ctrl-C does.
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     options = PreprocessOptions(
-        inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
-        text_key=args.text_key, workers=args.workers, append_eod=args.append_eod,
-        prepend_bos=args.prepend_bos, max_docs=args.max_docs, skip_bad=args.skip_bad,
-        text_mode=args.text_mode, chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
-        progress=not args.no_progress, bos=args.bos, eos=args.eos, pad=args.pad,
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer=args.tokenizer,
+        text_key=args.text_key,
+        workers=args.workers,
+        append_eod=args.append_eod,
+        prepend_bos=args.prepend_bos,
+        max_docs=args.max_docs,
+        skip_bad=args.skip_bad,
+        text_mode=args.text_mode,
+        chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
+        progress=not args.no_progress,
+        bos=args.bos,
+        eos=args.eos,
+        pad=args.pad,
         tiktoken_pattern=args.tiktoken_pattern,
     )
     try:

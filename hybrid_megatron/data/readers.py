@@ -64,8 +64,7 @@ def detect_format(path: Path) -> tuple[str, str | None]:
     if base == ".parquet" and compression is None:
         return "parquet", None
     raise DataToolsError(
-        f"{path}: unknown input format (want .jsonl/.json/.ndjson[.gz|.zst], .parquet or "
-        ".txt/.md[.gz|.zst])"
+        f"{path}: unknown input format (want .jsonl/.json/.ndjson[.gz|.zst], .parquet or .txt/.md[.gz|.zst])"
     )
 
 

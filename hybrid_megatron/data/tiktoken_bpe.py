@@ -90,9 +90,7 @@ def _split_by_ranks(ranks: dict[bytes, int], token: bytes, below: int) -> list[b
     return parts
 
 
-def build_hf_from_tiktoken(
-    path: Path, pattern: str = "cl100k", special_tokens: list[str] | None = None
-):
+def build_hf_from_tiktoken(path: Path, pattern: str = "cl100k", special_tokens: list[str] | None = None):
     """Builds a `tokenizers.Tokenizer` equivalent to the tiktoken file at `path`.
 
     Takes the file, a pattern name from PATTERNS (or a regex), and special tokens to append

@@ -157,7 +157,9 @@ class Tokenizer:
         """Returns (all ids concatenated as int64, per-text lengths); the preprocessing
         workers' form, which skips building a Python list per document where it can."""
         texts = list(texts)
-        parts: list = [self._fast.encode_array(t) for t in texts] if self._fast is not None else [None] * len(texts)
+        parts: list = (
+            [self._fast.encode_array(t) for t in texts] if self._fast is not None else [None] * len(texts)
+        )
         rest = [i for i, ids in enumerate(parts) if ids is None]
         if rest:
             for i, ids in zip(rest, self.encode_batch_reference([texts[i] for i in rest])):

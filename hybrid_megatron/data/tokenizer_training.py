@@ -51,7 +51,9 @@ def train_bpe_tokenizer(
     specials = list(DEFAULT_SPECIALS.values())
     floor = 256 + len(specials)
     if vocab_size < floor:
-        raise DataToolsError(f"--vocab-size must be at least {floor} (256 bytes + special tokens), got {vocab_size}")
+        raise DataToolsError(
+            f"--vocab-size must be at least {floor} (256 bytes + special tokens), got {vocab_size}"
+        )
     files = expand_inputs(inputs)
     backend = HFTokenizer(models.BPE())
     # add_prefix_space=False keeps decode(encode(x)) == x exactly (no injected leading space).
@@ -81,8 +83,7 @@ def train_bpe_tokenizer(
     return load_tokenizer(out)
 
 
-def _write_training_info(out: Path, vocab_size: int, backend, count: int, min_frequency: int,
-                         files) -> None:
+def _write_training_info(out: Path, vocab_size: int, backend, count: int, min_frequency: int, files) -> None:
     """training_info.json: what the tokenizer was trained on and with which settings."""
     (out / "training_info.json").write_text(
         json.dumps(
@@ -106,8 +107,9 @@ def _write_hf_files(backend, out: Path) -> None:
     write_hf_tokenizer_config(out, {f"{k}_token": v for k, v in DEFAULT_SPECIALS.items()})
 
 
-def import_tokenizer(source: str | Path, output_dir: str | Path, overwrite: bool = False,
-                     **load_kwargs) -> Tokenizer:
+def import_tokenizer(
+    source: str | Path, output_dir: str | Path, overwrite: bool = False, **load_kwargs
+) -> Tokenizer:
     """Converts an existing local tokenizer (tokenizer.json/dir/tiktoken) into OUTPUT_DIR.
 
     Takes the source path, the output directory, whether a non-empty output may be replaced
@@ -138,9 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a byte-level BPE tokenizer on local files, or import an existing local tokenizer.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", metavar="FILE_OR_GLOB", help="training text (jsonl/parquet/txt)")
-    source.add_argument("--from-existing", metavar="PATH",
-                        help="import a tokenizer.json / HF dir / tiktoken file instead of training")
+    source.add_argument(
+        "--input", nargs="+", metavar="FILE_OR_GLOB", help="training text (jsonl/parquet/txt)"
+    )
+    source.add_argument(
+        "--from-existing",
+        metavar="PATH",
+        help="import a tokenizer.json / HF dir / tiktoken file instead of training",
+    )
     parser.add_argument("--vocab-size", type=int, help="total vocabulary size (training)")
     parser.add_argument("--output", required=True, help="output directory (gets tokenizer.json)")
     parser.add_argument("--text-key", default="text")
@@ -148,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-frequency", type=int, default=2)
     parser.add_argument("--skip-bad", action="store_true", help="skip malformed jsonl lines")
     parser.add_argument("--tiktoken-pattern", default="cl100k", help="pre-tokenizer regex for tiktoken files")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty output directory (datasets hashed with the old "
-                             "tokenizer no longer match it)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output directory (datasets hashed with the old "
+        "tokenizer no longer match it)",
+    )
     return parser
 
 
@@ -161,15 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     runtime.setup()
     try:
         if args.from_existing:
-            tokenizer = import_tokenizer(args.from_existing, args.output, args.overwrite,
-                                         tiktoken_pattern=args.tiktoken_pattern)
+            tokenizer = import_tokenizer(
+                args.from_existing, args.output, args.overwrite, tiktoken_pattern=args.tiktoken_pattern
+            )
         else:
             if args.vocab_size is None:
                 parser.error("--vocab-size is required when training")
             tokenizer = train_bpe_tokenizer(
-                args.input, args.vocab_size, args.output, text_key=args.text_key,
-                text_mode=args.text_mode, min_frequency=args.min_frequency, skip_bad=args.skip_bad,
-                show_progress=sys.stderr.isatty(), overwrite=args.overwrite,
+                args.input,
+                args.vocab_size,
+                args.output,
+                text_key=args.text_key,
+                text_mode=args.text_mode,
+                min_frequency=args.min_frequency,
+                skip_bad=args.skip_bad,
+                show_progress=sys.stderr.isatty(),
+                overwrite=args.overwrite,
             )
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

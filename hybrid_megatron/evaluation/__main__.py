@@ -28,13 +28,18 @@ def _floats(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser (one subcommand per task)."""
-    p = argparse.ArgumentParser(prog="python -m hybrid_megatron.evaluation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m hybrid_megatron.evaluation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="task", required=True)
 
     def add(name, help_):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--checkpoint", action="append", required=True, help="checkpoint root or step dir (repeatable)")
+        s.add_argument(
+            "--checkpoint", action="append", required=True, help="checkpoint root or step dir (repeatable)"
+        )
         s.add_argument("--out", default="eval_out", help="output directory (default eval_out)")
         s.add_argument("--mlflow", action="store_true", help="log results to each checkpoint's MLflow run")
         return s
@@ -43,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tp", type=int, default=1)
     s.add_argument("--pp", type=int, default=1)
     s.add_argument("--eval-iters", type=int, default=None, help="global batches (default: the recipe's)")
-    s.add_argument("--data", default=None, help="held-out indexed dataset prefix (default: the trainer's validation set)")
+    s.add_argument(
+        "--data", default=None, help="held-out indexed dataset prefix (default: the trainer's validation set)"
+    )
     s.add_argument("--num-samples", type=int, default=64, help="windows of seq_length from --data")
     s = add("generate", "generate text from a prompt")
     s.add_argument("--prompt", default="It is a truth universally acknowledged")
@@ -64,15 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     s.add_argument("--trials", type=int, default=2)
     # Only listed here for --help: main() hands everything after "lm-eval" to lm_eval's CLI.
-    s = sub.add_parser("lm-eval", add_help=False,
-                       help="lm-evaluation-harness tasks (arguments go to lm_eval's CLI, e.g. "
-                            "--model_args checkpoint=DIR --tasks T --include_path DIR)")
+    s = sub.add_parser(
+        "lm-eval",
+        add_help=False,
+        help="lm-evaluation-harness tasks (arguments go to lm_eval's CLI, e.g. "
+        "--model_args checkpoint=DIR --tasks T --include_path DIR)",
+    )
     s.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     return p
 
 
 def _flat(prefix: str, d: dict) -> dict[str, float]:
-    return {f"{prefix}/{k}": v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        f"{prefix}/{k}": v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def run(args) -> dict:
@@ -100,21 +112,29 @@ def run(args) -> dict:
         elif args.task == "generate":
             from hybrid_megatron.evaluation.generation import run_generate
 
-            res = run_generate(ckpt, args.prompt, args.max_new_tokens, not args.no_cache, args.temperature, args.top_k)
+            res = run_generate(
+                ckpt, args.prompt, args.max_new_tokens, not args.no_cache, args.temperature, args.top_k
+            )
             metrics[label] = {}
         elif args.task == "inference":
             from hybrid_megatron.evaluation.inference import run_inference
 
             res = run_inference(ckpt, args.batch_sizes, args.contexts, args.new_tokens, args.repeats)
-            metrics[label] = {f"eval/inference/decode_tok_s_b{r['batch']}_c{r['context']}": r["decode_tokens_per_s"]
-                              for r in res["throughput"]}
-            metrics[label].update({f"eval/inference/cache_bytes_c{c}": v["measured"]["total"] for c, v in res["cache"].items()})
+            metrics[label] = {
+                f"eval/inference/decode_tok_s_b{r['batch']}_c{r['context']}": r["decode_tokens_per_s"]
+                for r in res["throughput"]
+            }
+            metrics[label].update(
+                {f"eval/inference/cache_bytes_c{c}": v["measured"]["total"] for c, v in res["cache"].items()}
+            )
         elif args.task == "extrapolation":
             from hybrid_megatron.evaluation.extrapolation import extrapolation_curves
 
             recipe, model = load_for_eval(ckpt)
             res = extrapolation_curves(model, recipe, args.multiples, args.num_sequences)
-            metrics[label] = {f"eval/extrapolation/loss_ctx{L}": v["mean_loss"] for L, v in res["contexts"].items()}
+            metrics[label] = {
+                f"eval/extrapolation/loss_ctx{L}": v["mean_loss"] for L, v in res["contexts"].items()
+            }
         elif args.task == "niah":
             from hybrid_megatron.data.tokenizer import load_tokenizer
             from hybrid_megatron.evaluation.niah import filler_tokens, niah_grid, plot_heatmap
@@ -123,7 +143,9 @@ def run(args) -> dict:
             tok = load_tokenizer(recipe.data.tokenizer)
             seq = recipe.data.seq_length
             contexts = args.contexts or [seq // 2, seq, 2 * seq, 4 * seq]
-            res = niah_grid(model, tok, filler_tokens(recipe, tok, max(contexts) * 2), contexts, args.depths, args.trials)
+            res = niah_grid(
+                model, tok, filler_tokens(recipe, tok, max(contexts) * 2), contexts, args.depths, args.trials
+            )
             png = plot_heatmap(res, out / f"niah_{label}.png", f"NIAH: {label}")
             artifacts.setdefault(label, []).append(png)
             acc = [a for row in res["accuracy"] for a in row]
@@ -148,7 +170,10 @@ def run(args) -> dict:
         for label, ckpt in recipes.items():
             recipe = read_saved_recipe(resolve_checkpoint(ckpt))
             run_id = log_results(ckpt, recipe, metrics[label], [js, *artifacts.get(label, [])])
-            print(f"{label}: " + (f"logged to MLflow run {run_id}" if run_id else "no mlflow_run_id: not logged"))
+            print(
+                f"{label}: "
+                + (f"logged to MLflow run {run_id}" if run_id else "no mlflow_run_id: not logged")
+            )
     return results
 
 
@@ -158,8 +183,13 @@ def _summary(task: str, res: dict) -> dict:
     if task == "generate":
         return {"completion": res["completion"]}
     if task == "inference":
-        return {"cache_matches_accounting": res["cache_matches_accounting"],
-                "decode_tokens_per_s": {f"b{r['batch']}xc{r['context']}": round(r["decode_tokens_per_s"], 1) for r in res["throughput"]}}
+        return {
+            "cache_matches_accounting": res["cache_matches_accounting"],
+            "decode_tokens_per_s": {
+                f"b{r['batch']}xc{r['context']}": round(r["decode_tokens_per_s"], 1)
+                for r in res["throughput"]
+            },
+        }
     if task == "extrapolation":
         return {L: round(v["mean_loss"], 4) for L, v in res["contexts"].items()}
     if task == "niah":

@@ -43,8 +43,12 @@ def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
     The logits are gathered over tensor-parallel ranks (the full vocabulary on every rank; the
     model's own output is vocab-sharded at TP > 1).
     """
-    out = model(tokens, positions(tokens.shape[0], 0, tokens.shape[1], tokens.device), None,
-                runtime_gather_output=True)
+    out = model(
+        tokens,
+        positions(tokens.shape[0], 0, tokens.shape[1], tokens.device),
+        None,
+        runtime_gather_output=True,
+    )
     return out.float()
 
 

@@ -23,7 +23,7 @@ def loss_by_position(model, stream: np.ndarray, context: int, num_sequences: int
     device = model_device(model)
     total = np.zeros(context, dtype=np.float64)
     for i in range(num_sequences):
-        chunk = torch.from_numpy(stream[i * context: i * context + context + 1]).long().to(device)
+        chunk = torch.from_numpy(stream[i * context : i * context + context + 1]).long().to(device)
         nll = per_token_nll(model, chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0))
         total += nll[0].double().cpu().numpy()
     return total / num_sequences
@@ -32,13 +32,18 @@ def loss_by_position(model, stream: np.ndarray, context: int, num_sequences: int
 def bucketize(values: np.ndarray, bucket: int) -> list[dict]:
     """Mean of ``values`` per bucket of ``bucket`` positions: [{"start", "end", "loss"}]."""
     return [
-        {"start": s, "end": min(s + bucket, len(values)), "loss": float(values[s:s + bucket].mean())}
+        {"start": s, "end": min(s + bucket, len(values)), "loss": float(values[s : s + bucket].mean())}
         for s in range(0, len(values), bucket)
     ]
 
 
-def extrapolation_curves(model, recipe, multiples: Sequence[int] = (1, 2, 4, 8), num_sequences: int = 2,
-                         buckets_per_train_len: int = 4) -> dict:
+def extrapolation_curves(
+    model,
+    recipe,
+    multiples: Sequence[int] = (1, 2, 4, 8),
+    num_sequences: int = 2,
+    buckets_per_train_len: int = 4,
+) -> dict:
     """Loss-by-position buckets for each context multiple; returns a JSON-able dict.
 
     ``{"train_seq_length", "bucket", "contexts": {str(L): {"mean_loss", "buckets": [...]}}}``;
@@ -49,7 +54,8 @@ def extrapolation_curves(model, recipe, multiples: Sequence[int] = (1, 2, 4, 8),
     bucket = max(1, seq // buckets_per_train_len)
     longest = max(multiples) * seq
     stream = __import__("hybrid_megatron.evaluation.common", fromlist=["token_stream"]).token_stream(
-        recipe, num_sequences * (longest + 1) + 1)
+        recipe, num_sequences * (longest + 1) + 1
+    )
     out = {"train_seq_length": seq, "bucket": bucket, "num_sequences": num_sequences, "contexts": {}}
     for m in multiples:
         L = m * seq
@@ -79,7 +85,9 @@ def plot_extrapolation(results: dict[str, dict], path: str | Path) -> Path:
     for label, res in results.items():
         longest = max(res["contexts"], key=int)
         b = res["contexts"][longest]["buckets"]
-        ax.plot([(x["start"] + x["end"]) / 2 for x in b], [x["loss"] for x in b], marker="o", ms=3, label=label)
+        ax.plot(
+            [(x["start"] + x["end"]) / 2 for x in b], [x["loss"] for x in b], marker="o", ms=3, label=label
+        )
         train_len = res["train_seq_length"]
     if train_len:
         ax.axvline(train_len, color="grey", ls="--", lw=1, label="training length")

@@ -63,8 +63,13 @@ def new_inference_context(batch: int, max_len: int):
 def prefill(model, prompt: torch.Tensor, context) -> torch.Tensor:
     """Run the prompt [b, s] through ``model`` filling ``context``; returns last logits [b, vocab]."""
     context.reset()
-    out = model(prompt, positions(prompt.shape[0], 0, prompt.shape[1], prompt.device), None,
-                inference_context=context, runtime_gather_output=True)
+    out = model(
+        prompt,
+        positions(prompt.shape[0], 0, prompt.shape[1], prompt.device),
+        None,
+        inference_context=context,
+        runtime_gather_output=True,
+    )
     context.increment_sequence_len_offset(prompt.shape[1])
     context.enable_decode_mode()
     return out[:, -1].float()
@@ -74,17 +79,29 @@ def prefill(model, prompt: torch.Tensor, context) -> torch.Tensor:
 def decode_step(model, tokens: torch.Tensor, context) -> torch.Tensor:
     """Feed one token per sequence (``tokens`` [b]) at the context's offset; returns logits [b, vocab]."""
     start = context.sequence_len_offset
-    out = model(tokens.unsqueeze(1), positions(tokens.shape[0], start, 1, tokens.device), None,
-                inference_context=context, runtime_gather_output=True)
+    out = model(
+        tokens.unsqueeze(1),
+        positions(tokens.shape[0], start, 1, tokens.device),
+        None,
+        inference_context=context,
+        runtime_gather_output=True,
+    )
     context.increment_sequence_len_offset(1)
     return out[:, -1].float()
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
-             temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             stop_token: int | None = None,
-             stop: Callable[[torch.Tensor], bool] | None = None) -> GenerationResult:
+def generate(
+    model,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    use_cache: bool = True,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_token: int | None = None,
+    stop: Callable[[torch.Tensor], bool] | None = None,
+) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens after ``prompt`` [b, s] (int64 ids).
 
     ``temperature`` 0 is greedy; otherwise softmax sampling (optionally top-k) from a generator
@@ -114,7 +131,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, use_cache: bool =
                 done |= nxt.cpu() == stop_token
                 if bool(done.all()):
                     break
-            if stop is not None and stop(tokens[:, prompt.shape[1]:].cpu()):
+            if stop is not None and stop(tokens[:, prompt.shape[1] :].cpu()):
                 break
             if step == max_new_tokens - 1:
                 break
@@ -127,8 +144,15 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, use_cache: bool =
     return GenerationResult(tokens, context)
 
 
-def run_generate(checkpoint: str, prompt: str, max_new_tokens: int = 64, use_cache: bool = True,
-                 temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> dict:
+def run_generate(
+    checkpoint: str,
+    prompt: str,
+    max_new_tokens: int = 64,
+    use_cache: bool = True,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> dict:
     """Generate text from a checkpoint; returns ``{"prompt", "completion", "tokens"}``."""
     from hybrid_megatron.data.tokenizer import load_tokenizer
     from hybrid_megatron.evaluation.common import load_for_eval, model_device
@@ -137,5 +161,5 @@ def run_generate(checkpoint: str, prompt: str, max_new_tokens: int = 64, use_cac
     tok = load_tokenizer(recipe.data.tokenizer)
     ids = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=model_device(model))
     out = generate(model, ids, max_new_tokens, use_cache, temperature, top_k, seed, stop_token=tok.eod)
-    new = out.tokens[0, ids.shape[1]:].tolist()
+    new = out.tokens[0, ids.shape[1] :].tolist()
     return {"checkpoint": str(checkpoint), "prompt": prompt, "completion": tok.decode(new), "tokens": new}

@@ -63,7 +63,10 @@ def measure_cache_bytes(model, context) -> dict:
             alloc = (first[:, 0].numel() + second[:, 0].numel()) * size
             out["kv"] += kv
             out["kv_allocated"] += alloc
-            out["layers"][str(key) + ("" if type(key) is int else "/mamba")] = {"kv": kv, "kv_allocated": alloc}
+            out["layers"][str(key) + ("" if type(key) is int else "/mamba")] = {
+                "kv": kv,
+                "kv_allocated": alloc,
+            }
         else:
             conv = first[0].numel() * first.element_size()
             ssm = second[0].numel() * second.element_size()
@@ -91,8 +94,9 @@ def accounted_cache_bytes(model_cfg, seq_len: int, dtype_bytes: int) -> dict:
 
 
 @torch.no_grad()
-def cache_check(model, model_cfg, prompt_len: int, new_tokens: int, vocab: int | None = None,
-                seed: int = 0) -> dict:
+def cache_check(
+    model, model_cfg, prompt_len: int, new_tokens: int, vocab: int | None = None, seed: int = 0
+) -> dict:
     """Generate ``new_tokens`` after a random prompt, then measure and account the cache.
 
     Returns ``{"measured": measure_cache_bytes(...), "accounted": accounted_cache_bytes(...),
@@ -112,8 +116,14 @@ def cache_check(model, model_cfg, prompt_len: int, new_tokens: int, vocab: int |
 
 
 @torch.no_grad()
-def throughput(model, prompt_tokens: torch.Tensor, batch_sizes: Sequence[int],
-               contexts: Sequence[int], new_tokens: int = 16, repeats: int = 1) -> list[dict]:
+def throughput(
+    model,
+    prompt_tokens: torch.Tensor,
+    batch_sizes: Sequence[int],
+    contexts: Sequence[int],
+    new_tokens: int = 16,
+    repeats: int = 1,
+) -> list[dict]:
     """Prefill and decode tokens/s for every (batch size, context length).
 
     ``prompt_tokens`` is a 1-D stream of at least ``max(batch) * max(context)`` ids; sequence i
@@ -143,18 +153,28 @@ def throughput(model, prompt_tokens: torch.Tensor, batch_sizes: Sequence[int],
                 t2 = time.perf_counter()
                 if best is None or (t2 - t1) < best[1]:
                     best = (t1 - t0, t2 - t1, measure_cache_bytes(model, ctx)["total"])
-            rows.append({
-                "batch": batch, "context": ctx_len, "new_tokens": new_tokens,
-                "prefill_s": best[0], "decode_s": best[1],
-                "prefill_tokens_per_s": batch * ctx_len / best[0],
-                "decode_tokens_per_s": batch * new_tokens / best[1],
-                "cache_bytes_per_seq": best[2],
-            })
+            rows.append(
+                {
+                    "batch": batch,
+                    "context": ctx_len,
+                    "new_tokens": new_tokens,
+                    "prefill_s": best[0],
+                    "decode_s": best[1],
+                    "prefill_tokens_per_s": batch * ctx_len / best[0],
+                    "decode_tokens_per_s": batch * new_tokens / best[1],
+                    "cache_bytes_per_seq": best[2],
+                }
+            )
     return rows
 
 
-def run_inference(checkpoint: str, batch_sizes: Sequence[int] = (1, 4), contexts: Sequence[int] = (128, 512),
-                  new_tokens: int = 16, repeats: int = 1) -> dict:
+def run_inference(
+    checkpoint: str,
+    batch_sizes: Sequence[int] = (1, 4),
+    contexts: Sequence[int] = (128, 512),
+    new_tokens: int = 16,
+    repeats: int = 1,
+) -> dict:
     """Inference task for one checkpoint: throughput table and cache-bytes check at each context."""
     from hybrid_megatron.evaluation.common import checkpoint_label, load_for_eval, token_stream
 
@@ -164,6 +184,11 @@ def run_inference(checkpoint: str, batch_sizes: Sequence[int] = (1, 4), contexts
     caches = {str(c): cache_check(model, recipe.model, c, new_tokens) for c in contexts}
     for c in caches.values():
         c["measured"].pop("layers")
-    return {"checkpoint": str(checkpoint), "label": checkpoint_label(checkpoint), "throughput": rows,
-            "cache": caches, "device": str(model_device(model)),
-            "cache_matches_accounting": all(c["equal"] for c in caches.values())}
+    return {
+        "checkpoint": str(checkpoint),
+        "label": checkpoint_label(checkpoint),
+        "throughput": rows,
+        "cache": caches,
+        "device": str(model_device(model)),
+        "cache_matches_accounting": all(c["equal"] for c in caches.values()),
+    }

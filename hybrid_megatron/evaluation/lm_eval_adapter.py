@@ -93,9 +93,22 @@ class HybridMegatronLM(TemplateLM):
     true), ``seed`` (sampling seed, default 0). ``batch_size`` comes from lm_eval's own option.
     """
 
-    def __init__(self, checkpoint: str | None = None, tp=1, pp=1, batch_size=1, max_batch_size=None,
-                 max_length=None, max_gen_toks=256, use_cache=True, seed=0, device=None,
-                 model=None, tokenizer=None, **unused):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        tp=1,
+        pp=1,
+        batch_size=1,
+        max_batch_size=None,
+        max_length=None,
+        max_gen_toks=256,
+        use_cache=True,
+        seed=0,
+        device=None,
+        model=None,
+        tokenizer=None,
+        **unused,
+    ):
         """Load ``checkpoint`` at TP=``tp`` (or wrap ``model`` + ``tokenizer``, a
         :class:`hybrid_megatron.data.tokenizer.Tokenizer`, both given); see the class docstring
         for the arguments. ``device`` is ignored (the model sits where the loader puts it).
@@ -122,7 +135,8 @@ class HybridMegatronLM(TemplateLM):
         if dist.is_initialized() and dist.get_world_size() != tp:
             raise ValueError(
                 f"lm-eval with hybrid_megatron runs model-parallel only: world size "
-                f"{dist.get_world_size()} != tp={tp} (launch exactly tp ranks)")
+                f"{dist.get_world_size()} != tp={tp} (launch exactly tp ranks)"
+            )
         self.model = model
         self.model.eval()
         self.tokenizer = tokenizer
@@ -181,11 +195,13 @@ class HybridMegatronLM(TemplateLM):
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         ctx = self.tok_encode(context) or [self.prefix_token_id]
-        cont = self.tok_encode(context + continuation)[len(ctx):] if context else []
+        cont = self.tok_encode(context + continuation)[len(ctx) :] if context else []
         return ctx, cont or self.tok_encode(continuation)
 
     @torch.no_grad()
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         """Score ``[(cache_key or None, context_ids, continuation_ids), ...]``.
 
         Returns ``(sum of the continuation's log-probs, whether greedy decoding reproduces
@@ -198,21 +214,23 @@ class HybridMegatronLM(TemplateLM):
             if not ctx or not cont:
                 raise ValueError("loglikelihood: empty context or continuation after tokenization")
             if len(cont) > self.max_length:
-                raise ValueError(f"loglikelihood: continuation of {len(cont)} tokens > max_length {self.max_length}")
-            whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
+                raise ValueError(
+                    f"loglikelihood: continuation of {len(cont)} tokens > max_length {self.max_length}"
+                )
+            whole = (list(ctx) + list(cont))[-(self.max_length + 1) :]
             items.append((i, whole[:-1], list(cont)))
         items.sort(key=lambda t: (-len(t[1]), t[1]))
         results: list = [None] * len(items)
         for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
+            chunk = items[start : start + self.batch_size]
             width = len(chunk[0][1])
             batch = torch.zeros(len(chunk), width, dtype=torch.long)
             for row, (_, inp, _) in enumerate(chunk):
-                batch[row, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+                batch[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
             logprobs = F.log_softmax(logits_of(self.model, batch.to(self._device)), dim=-1).cpu()
             for row, (i, inp, cont) in enumerate(chunk):
                 n = len(inp)
-                lp = logprobs[row, n - len(cont):n]  # the positions predicting the continuation
+                lp = logprobs[row, n - len(cont) : n]  # the positions predicting the continuation
                 target = torch.tensor(cont, dtype=torch.long)
                 score = float(lp.gather(-1, target.unsqueeze(-1)).double().sum())
                 greedy = bool((lp.argmax(-1) == target).all())
@@ -232,8 +250,11 @@ class HybridMegatronLM(TemplateLM):
         windows, owner = [], []
         for idx, (string,) in enumerate(req.args for req in requests):
             rolling = lm_utils.get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)
+                token_list=self.tok_encode(string),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
             for ctx, cont in map(lm_utils.make_disjoint_window, rolling):
                 windows.append((None, ctx, cont))
                 owner.append(idx)
@@ -274,12 +295,20 @@ class HybridMegatronLM(TemplateLM):
             if max_gen >= self.max_length:
                 raise ValueError(f"generate_until: max_gen_toks {max_gen} >= max_length {self.max_length}")
             temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
-            ids = self.tok_encode(context)[-(self.max_length - max_gen):] or [self.eot_token_id]
+            ids = self.tok_encode(context)[-(self.max_length - max_gen) :] or [self.eot_token_id]
             prompt = torch.tensor([ids], dtype=torch.long, device=self._device)
-            res = generate(self.model, prompt, max_gen, use_cache=self.use_cache, temperature=temperature,
-                           top_k=int(kwargs.get("top_k") or 0), seed=self.seed,
-                           stop_token=self.eot_token_id, stop=self._stop_check(until))
-            new = res.tokens[0, len(ids):].tolist()
+            res = generate(
+                self.model,
+                prompt,
+                max_gen,
+                use_cache=self.use_cache,
+                temperature=temperature,
+                top_k=int(kwargs.get("top_k") or 0),
+                seed=self.seed,
+                stop_token=self.eot_token_id,
+                stop=self._stop_check(until),
+            )
+            new = res.tokens[0, len(ids) :].tolist()
             text = postprocess_generated_text(self.tok_decode(new), until, None)
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)

@@ -12,8 +12,14 @@ from hybrid_megatron.checkpoint_layout import checkpoint_root
 from hybrid_megatron.tracking.mlflow_tracker import RUN_ID_FILE
 
 
-def log_results(checkpoint: str | Path, recipe, metrics: dict[str, float], artifacts: list[str | Path] = (),
-                tracking_uri: str | None = None, step: int | None = None) -> str | None:
+def log_results(
+    checkpoint: str | Path,
+    recipe,
+    metrics: dict[str, float],
+    artifacts: list[str | Path] = (),
+    tracking_uri: str | None = None,
+    step: int | None = None,
+) -> str | None:
     """Log ``metrics`` (name -> number) and ``artifacts`` (files) to the checkpoint's run.
 
     Returns the run id, or None (nothing logged) when the checkpoint has no ``mlflow_run_id``

@@ -34,7 +34,9 @@ def build_prompt(tokenizer, filler: list[int], context: int, depth: float, key: 
     question = tokenizer.encode(QUESTION)
     room = context - len(needle) - len(question)
     if room < 0:
-        raise ValueError(f"context {context} is shorter than needle + question ({len(needle) + len(question)} tokens)")
+        raise ValueError(
+            f"context {context} is shorter than needle + question ({len(needle) + len(question)} tokens)"
+        )
     hay = filler[:room]
     at = int(round(depth * room))
     return hay[:at] + needle + hay[at:] + question
@@ -46,8 +48,17 @@ def first_number(text: str) -> str | None:
     return m.group(0) if m else None
 
 
-def niah_grid(model, tokenizer, filler: Sequence[int], contexts: Sequence[int], depths: Sequence[float],
-              trials: int = 2, digits: int = 5, seed: int = 0, use_cache: bool = True) -> dict:
+def niah_grid(
+    model,
+    tokenizer,
+    filler: Sequence[int],
+    contexts: Sequence[int],
+    depths: Sequence[float],
+    trials: int = 2,
+    digits: int = 5,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> dict:
     """Accuracy per (context, depth) cell; returns a JSON-able dict.
 
     ``{"contexts", "depths", "accuracy": [[acc per depth] per context], "trials", "samples"}``
@@ -63,19 +74,27 @@ def niah_grid(model, tokenizer, filler: Sequence[int], contexts: Sequence[int], 
         for depth in depths:
             hits = 0
             for t in range(trials):
-                key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+                key = str(rng.randrange(10 ** (digits - 1), 10**digits))
                 offset = rng.randrange(0, max(1, len(filler) - ctx))  # a different haystack per trial
-                ids = build_prompt(tokenizer, filler[offset:offset + ctx], ctx, depth, key)
+                ids = build_prompt(tokenizer, filler[offset : offset + ctx], ctx, depth, key)
                 prompt = torch.tensor([ids], dtype=torch.long, device=device)
                 out = generate(model, prompt, max_new_tokens=digits + 2, use_cache=use_cache)
-                completion = tokenizer.decode(out.tokens[0, len(ids):].tolist())
+                completion = tokenizer.decode(out.tokens[0, len(ids) :].tolist())
                 ok = first_number(completion) == key
                 hits += ok
                 if t == 0 and len(samples) < 8:
-                    samples.append({"context": ctx, "depth": depth, "key": key, "completion": completion, "correct": ok})
+                    samples.append(
+                        {"context": ctx, "depth": depth, "key": key, "completion": completion, "correct": ok}
+                    )
             row.append(hits / trials)
         acc.append(row)
-    return {"contexts": list(contexts), "depths": list(depths), "accuracy": acc, "trials": trials, "samples": samples}
+    return {
+        "contexts": list(contexts),
+        "depths": list(depths),
+        "accuracy": acc,
+        "trials": trials,
+        "samples": samples,
+    }
 
 
 def plot_heatmap(result: dict, path: str | Path, title: str = "Needle in a haystack") -> Path:

@@ -87,8 +87,14 @@ def evaluate_nll(model, global_batches: list[list[dict]], seq_length: int) -> di
     }
 
 
-def run_nll(checkpoint: str, tp: int = 1, pp: int = 1, eval_iters: int | None = None,
-            data_prefix: str | None = None, num_samples: int = 64) -> dict:
+def run_nll(
+    checkpoint: str,
+    tp: int = 1,
+    pp: int = 1,
+    eval_iters: int | None = None,
+    data_prefix: str | None = None,
+    num_samples: int = 64,
+) -> dict:
     """NLL task for one checkpoint; returns a JSON-able dict (``evaluate_nll``'s plus context).
 
     Without ``data_prefix`` the data are the trainer's validation set (``eval_iters`` global
@@ -106,18 +112,29 @@ def run_nll(checkpoint: str, tp: int = 1, pp: int = 1, eval_iters: int | None = 
     else:
         stream = torch.from_numpy(token_stream(recipe, num_samples * seq + 1, prefix=data_prefix))
         micro = recipe.train.micro_batch_size
-        samples = [stream[i * seq: i * seq + seq + 1] for i in range(num_samples)]
+        samples = [stream[i * seq : i * seq + seq + 1] for i in range(num_samples)]
         batches = []
         for start in range(0, num_samples, micro):
-            chunk = torch.stack(samples[start:start + micro])
+            chunk = torch.stack(samples[start : start + micro])
             tokens, labels = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
-            batches.append([{
-                "tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float),
-                "position_ids": torch.arange(seq).unsqueeze(0).expand(tokens.shape[0], -1).contiguous(),
-            }])
+            batches.append(
+                [
+                    {
+                        "tokens": tokens,
+                        "labels": labels,
+                        "loss_mask": torch.ones_like(labels, dtype=torch.float),
+                        "position_ids": torch.arange(seq)
+                        .unsqueeze(0)
+                        .expand(tokens.shape[0], -1)
+                        .contiguous(),
+                    }
+                ]
+            )
         # Every rank built every window: data-parallel ranks take turns (else the all-reduced
         # token count would be dp times too large).
-        batches = batches[parallel_state.get_data_parallel_rank()::parallel_state.get_data_parallel_world_size()]
+        batches = batches[
+            parallel_state.get_data_parallel_rank() :: parallel_state.get_data_parallel_world_size()
+        ]
         source = f"{data_prefix} ({num_samples} windows of {seq})"
     result = evaluate_nll(model, batches, seq)
     result.update({"checkpoint": str(checkpoint), "data": source, "seq_length": seq, "tp": tp, "pp": pp})

@@ -44,17 +44,34 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Testing hook: {ENTRY_ENV}=module:function replaces the trainer entry.",
     )
     parser.add_argument("recipe", help="recipe YAML (a sweep recipe with --sweep)")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
-                        help="recipe overrides, value parsed as YAML (e.g. train.lr=3e-4 parallel.tp=2)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="recipe overrides, value parsed as YAML (e.g. train.lr=3e-4 parallel.tp=2)",
+    )
     parser.add_argument("--local", action="store_true", help="run on this machine (submitit LocalExecutor)")
-    parser.add_argument("--nproc", type=int, default=None,
-                        help="--local: processes (ranks); default tp*pp (x what ep needs), or one per GPU")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved recipe, derived numbers and sbatch script; submit nothing")
-    parser.add_argument("--wait", action="store_true",
-                        help="SLURM: follow the job (a sweep: each run) until it ends; exit 1 if a rank failed")
-    parser.add_argument("--sweep", action="store_true",
-                        help="RECIPE is a sweep file (recipes/sweeps/): one job array of runs, or sequential with --local")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="--local: processes (ranks); default tp*pp (x what ep needs), or one per GPU",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved recipe, derived numbers and sbatch script; submit nothing",
+    )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="SLURM: follow the job (a sweep: each run) until it ends; exit 1 if a rank failed",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="RECIPE is a sweep file (recipes/sweeps/): one job array of runs, or sequential with --local",
+    )
     return parser
 
 
@@ -69,11 +86,15 @@ def dry_run(recipe: Any, args: argparse.Namespace) -> int:
         print(f"# ---- derived ({nproc} ranks) ----")
         print(describe(recipe, nproc))
         print("# ---- local run ----")
-        print(f"# {nproc} processes on {socket.gethostname()} (submitit LocalExecutor), "
-              f"{f'{gpus} GPUs' if gpus else 'CPU, gloo'}; logs in {log_folder(recipe, 'local')}")
+        print(
+            f"# {nproc} processes on {socket.gethostname()} (submitit LocalExecutor), "
+            f"{f'{gpus} GPUs' if gpus else 'CPU, gloo'}; logs in {log_folder(recipe, 'local')}"
+        )
     else:
         world = recipe.slurm.world_size
-        print(f"# ---- derived ({world} ranks = {recipe.slurm.nodes} nodes x {recipe.slurm.ranks_per_node}) ----")
+        print(
+            f"# ---- derived ({world} ranks = {recipe.slurm.nodes} nodes x {recipe.slurm.ranks_per_node}) ----"
+        )
         print(describe(recipe, world))
         print("# ---- sbatch script (submitit) ----")
         print(render_sbatch(recipe).rstrip())

@@ -58,8 +58,15 @@ def read_outcome(task: Any) -> tuple | None:
     return None
 
 
-def follow(job: Any, nproc: int, is_active: Callable[[], bool], cancel: Callable[[], None],
-           failure_grace_s: float, poll_s: float = 0.5, settle_s: float = 30.0) -> list:
+def follow(
+    job: Any,
+    nproc: int,
+    is_active: Callable[[], bool],
+    cancel: Callable[[], None],
+    failure_grace_s: float,
+    poll_s: float = 0.5,
+    settle_s: float = 30.0,
+) -> list:
     """Wait for a job, streaming rank 0's stdout and stderr; returns each rank's outcome.
 
     Takes the submitit job, its number of tasks, a liveness probe, a cancel function and how
@@ -118,6 +125,7 @@ def report(job: Any, nproc: int, outcomes: list) -> int:
                 if key in summary:
                     print(f"[launch]   {key}: {summary[key]}")
         return 0
+
     def task(k: int) -> Any:
         return job.task(k) if nproc > 1 else job
 
@@ -133,16 +141,25 @@ def report(job: Any, nproc: int, outcomes: list) -> int:
     if errors:
         first = errors[0]
         brief = input_error_line(outcomes[first][1])
-        print(f"[launch] rank {first} failed: {brief}" if brief else
-              f"[launch] rank {first} failed:\n{outcomes[first][1]}", file=sys.stderr)
-        print(f"[launch] rank {first} logs: {task(first).paths.stdout} {task(first).paths.stderr}",
-              file=sys.stderr)
+        print(
+            f"[launch] rank {first} failed: {brief}"
+            if brief
+            else f"[launch] rank {first} failed:\n{outcomes[first][1]}",
+            file=sys.stderr,
+        )
+        print(
+            f"[launch] rank {first} logs: {task(first).paths.stdout} {task(first).paths.stderr}",
+            file=sys.stderr,
+        )
         for k in errors[1:]:
             last = outcomes[k][1].strip().splitlines()[-1] if outcomes[k][1].strip() else "?"
             print(f"[launch] rank {k} failed after rank {first}: {last}", file=sys.stderr)
     for k in failed:
         if outcomes[k] is None:
-            print(f"[launch] rank {k} ended without a result (killed, crashed or cancelled); last "
-                  f"lines of {task(k).paths.stderr}:\n{_tail(task(k).paths.stderr)}", file=sys.stderr)
+            print(
+                f"[launch] rank {k} ended without a result (killed, crashed or cancelled); last "
+                f"lines of {task(k).paths.stderr}:\n{_tail(task(k).paths.stderr)}",
+                file=sys.stderr,
+            )
     print(f"[launch] job {job.job_id}: FAILED ({len(failed)} of {nproc} ranks)", file=sys.stderr)
     return 1

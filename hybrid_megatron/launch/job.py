@@ -53,7 +53,9 @@ class RankInputError(Exception):
     """
 
     def __init__(self, error: InputError) -> None:
-        super().__init__(INPUT_ERROR_MARK + json.dumps({"error": type(error).__name__, "message": str(error)}))
+        super().__init__(
+            INPUT_ERROR_MARK + json.dumps({"error": type(error).__name__, "message": str(error)})
+        )
 
 
 def input_error_line(traceback_text: str) -> str | None:
@@ -84,8 +86,10 @@ def resolve_entry(spec: str) -> Callable[[Any], Any]:
     if not sep or not target or not func:
         raise ValueError(f"{ENTRY_ENV}: expected module:function, got {spec!r}")
     if target.endswith(".py") or os.sep in target:
-        raise ValueError(f"{ENTRY_ENV}: expected module:function with a module importable by name, "
-                         f"not a file path, got {spec!r}")
+        raise ValueError(
+            f"{ENTRY_ENV}: expected module:function with a module importable by name, "
+            f"not a file path, got {spec!r}"
+        )
     return getattr(importlib.import_module(target), func)
 
 
@@ -148,8 +152,11 @@ class PreemptionBridge:
         trainer = signal.getsignal(signal.SIGUSR1)
         if callable(trainer) and not self.deferred:
             self.deferred, self.frame = True, frame
-            print(f"[launch] {signal.Signals(signum).name}: asking the trainer to checkpoint and stop; "
-                  "the job is requeued after it returns", flush=True)
+            print(
+                f"[launch] {signal.Signals(signum).name}: asking the trainer to checkpoint and stop; "
+                "the job is requeued after it returns",
+                flush=True,
+            )
             trainer(signal.SIGUSR1, frame)
         elif callable(self.previous):
             self.previous(signum, frame)
@@ -175,8 +182,13 @@ class TrainJob(Checkpointable):
     preemption/timeout; see `checkpoint`.
     """
 
-    def __init__(self, recipe: Any, entry: str | None = None, master_port: int | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Any,
+        entry: str | None = None,
+        master_port: int | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.recipe = recipe
         self.entry = entry
         self.master_port = master_port
@@ -213,7 +225,9 @@ class TrainJob(Checkpointable):
             raise RankInputError(err) from err
         finally:
             bridge.uninstall()
-        finished = isinstance(result, dict) and "stopped_by_signal" in result and not result["stopped_by_signal"]
+        finished = (
+            isinstance(result, dict) and "stopped_by_signal" in result and not result["stopped_by_signal"]
+        )
         if bridge.deferred and not finished:
             # The trainer has saved and returned: now let submitit requeue (rank 0 calls
             # self.checkpoint(), runs scontrol requeue and exits; other ranks just return).

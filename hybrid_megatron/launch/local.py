@@ -34,7 +34,9 @@ def submit_local(recipe: Any, nproc: int, entry: str | None, gpus: int = 0) -> A
     ``slurm.env`` exported, ``slurm.time`` as the time limit (USR2 ``signal_delay_s`` before it,
     as on SLURM). ``slurm.setup`` lines are cluster-specific and not run here.
     """
-    executor = submitit.LocalExecutor(folder=log_folder(recipe, "local"), max_num_timeout=recipe.slurm.max_timeouts)
+    executor = submitit.LocalExecutor(
+        folder=log_folder(recipe, "local"), max_num_timeout=recipe.slurm.max_timeouts
+    )
     executor.update_parameters(
         tasks_per_node=nproc,
         gpus_per_node=gpus,
@@ -61,12 +63,19 @@ def run_local(recipe: Any, args: argparse.Namespace, entry: str | None) -> int:
     try:
         job = submit_local(recipe, nproc, entry, gpus)
     except OSError as err:  # the run's folders (logs next to the checkpoints) cannot be made
-        raise UsageError(f"cannot create {err.filename}: {err.strerror or err} (the run's folders "
-                         f"go next to checkpoint.dir {recipe.checkpoint.dir})") from None
+        raise UsageError(
+            f"cannot create {err.filename}: {err.strerror or err} (the run's folders "
+            f"go next to checkpoint.dir {recipe.checkpoint.dir})"
+        ) from None
     print(f"[launch] local job {job.job_id}; logs in {job.paths.folder}", flush=True)
     try:
-        outcomes = follow(job, nproc, is_active=lambda: not job.done(), cancel=lambda: job.cancel(check=False),
-                          failure_grace_s=5.0)
+        outcomes = follow(
+            job,
+            nproc,
+            is_active=lambda: not job.done(),
+            cancel=lambda: job.cancel(check=False),
+            failure_grace_s=5.0,
+        )
     except KeyboardInterrupt:
         job.cancel(check=False)
         print("[launch] interrupted: job cancelled", file=sys.stderr)

@@ -28,8 +28,20 @@ from hybrid_megatron.launch.job import TrainJob
 from hybrid_megatron.launch.plan import UsageError, describe, log_folder
 
 SLURM_ACTIVE_STATES = {
-    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-    "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT",
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "RESV_DEL_HOLD",
+    "SPECIAL_EXIT",
 }
 
 
@@ -55,8 +67,10 @@ def slurm_parameters(recipe: Any) -> dict:
         params["cpus_per_task"] = s.cpus_per_task
     if s.mem_gb is not None:
         # sbatch --mem=0 means "all of the node's memory"; submitit would write "0GB".
-        params["mem"] = "0" if s.mem_gb == 0 else (
-            f"{int(s.mem_gb)}GB" if s.mem_gb == int(s.mem_gb) else f"{int(s.mem_gb * 1024)}MB"
+        params["mem"] = (
+            "0"
+            if s.mem_gb == 0
+            else (f"{int(s.mem_gb)}GB" if s.mem_gb == int(s.mem_gb) else f"{int(s.mem_gb * 1024)}MB")
         )
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(s, key)
@@ -135,11 +149,13 @@ def prepare_tracking(recipes: Sequence[Any]) -> None:
         try:
             from mlflow.tracking import MlflowClient
 
-            database = Path(uri[len(SQLITE_PREFIX):])
+            database = Path(uri[len(SQLITE_PREFIX) :])
             database.parent.mkdir(parents=True, exist_ok=True)
             client = MlflowClient(tracking_uri=uri)
             if client.get_experiment_by_name(experiment) is None:
-                client.create_experiment(experiment, artifact_location=str(database.parent.resolve() / "mlartifacts"))
+                client.create_experiment(
+                    experiment, artifact_location=str(database.parent.resolve() / "mlartifacts")
+                )
         except Exception as err:  # MLflow raises many types; tracking must not block a launch
             print(f"[launch] warning: could not prepare the MLflow store {uri}: {err}", file=sys.stderr)
 
@@ -147,8 +163,9 @@ def prepare_tracking(recipes: Sequence[Any]) -> None:
 def slurm_job_active(job_id: str) -> bool:
     """Whether SLURM still lists the job as pending/running (squeue); False once it has ended."""
     try:
-        proc = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True,
-                              text=True, timeout=30)
+        proc = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return True  # cannot tell: keep waiting rather than declare a running job dead
     states = {line.strip() for line in proc.stdout.splitlines() if line.strip()}
@@ -164,7 +181,9 @@ def run_slurm(recipe: Any, args: argparse.Namespace, entry: str | None) -> int:
             "without submitting."
         )
     world = recipe.slurm.world_size
-    print(f"[launch] {recipe.name}: {recipe.slurm.nodes} nodes x {recipe.slurm.ranks_per_node} tasks = {world} ranks")
+    print(
+        f"[launch] {recipe.name}: {recipe.slurm.nodes} nodes x {recipe.slurm.ranks_per_node} tasks = {world} ranks"
+    )
     print(describe(recipe, world), flush=True)
     try:
         (job,) = submit_slurm([recipe], entry)
@@ -180,8 +199,12 @@ def run_slurm(recipe: Any, args: argparse.Namespace, entry: str | None) -> int:
     if not args.wait:
         return 0
     outcomes = follow(
-        job, world, is_active=lambda: slurm_job_active(job.job_id),
+        job,
+        world,
+        is_active=lambda: slurm_job_active(job.job_id),
         cancel=lambda: subprocess.run(["scancel", str(job.job_id)], check=False),
-        failure_grace_s=60.0, poll_s=1.0, settle_s=60.0,
+        failure_grace_s=60.0,
+        poll_s=1.0,
+        settle_s=60.0,
     )
     return report(job, world, outcomes)

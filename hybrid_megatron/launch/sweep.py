@@ -48,8 +48,11 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
         print(f"[sweep] sbatch failed: {err}", file=sys.stderr)
         return 1
-    print(f"[sweep] submitted job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} runs "
-          f"(compare group {spec.name})", flush=True)
+    print(
+        f"[sweep] submitted job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} runs "
+        f"(compare group {spec.name})",
+        flush=True,
+    )
     for run, job in zip(runs, jobs):
         print(f"[sweep]   {job.job_id}: {run.name}", flush=True)
     if not args.wait:
@@ -59,9 +62,13 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     for run, job in zip(runs, jobs):
         print(f"[sweep] following {run.name} (job {job.job_id})", flush=True)
         outcomes = follow(
-            job, world, is_active=lambda job=job: slurm_job_active(job.job_id),
+            job,
+            world,
+            is_active=lambda job=job: slurm_job_active(job.job_id),
             cancel=lambda job=job: subprocess.run(["scancel", str(job.job_id)], check=False),
-            failure_grace_s=60.0, poll_s=1.0, settle_s=60.0,
+            failure_grace_s=60.0,
+            poll_s=1.0,
+            settle_s=60.0,
         )
         failed += report(job, world, outcomes) != 0
     print(f"[sweep] {len(runs) - failed}/{len(runs)} runs succeeded (compare group {spec.name})")

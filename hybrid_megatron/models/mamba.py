@@ -108,7 +108,5 @@ class MambaBranch(_MambaMixer):
                 sharded, [self.d_inner_local_tp, groups, groups], ["x", "B", "C"], 0
             )
         if self.rmsnorm:
-            out.update(
-                sharded_state_dict_default(self.norm, f"{prefix}norm.", sharded_offsets, metadata)
-            )
+            out.update(sharded_state_dict_default(self.norm, f"{prefix}norm.", sharded_offsets, metadata))
         return out

@@ -80,8 +80,9 @@ class GroupedExperts(MegatronModule):
         tp_size = get_pg_size(self.tp_group)
         self.ffn_per_rank = config.moe_ffn_hidden_size // tp_size
         if self.ffn_per_rank * tp_size != config.moe_ffn_hidden_size:
-            raise ValueError(f"moe_ffn_hidden_size {config.moe_ffn_hidden_size} does not split over "
-                             f"expert TP {tp_size}")
+            raise ValueError(
+                f"moe_ffn_hidden_size {config.moe_ffn_hidden_size} does not split over expert TP {tp_size}"
+            )
         self.gated = config.gated_linear_unit
         fc1_rows = (2 if self.gated else 1) * self.ffn_per_rank
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
@@ -132,8 +133,9 @@ class GroupedExperts(MegatronModule):
             for e in range(self.num_local_experts):
                 destination[f"{prefix}local_experts.{e}.{fc}.weight"] = weight[e]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """Takes each weight stacked (``weight1``: a distributed checkpoint's merged tensor) or
         per expert (``local_experts.<e>.linear_fc1.weight``: a plain or SequentialMLP state
         dict); the experts' TE extra state of such a state dict is not needed here."""
@@ -148,8 +150,10 @@ class GroupedExperts(MegatronModule):
                     continue
                 stacked = torch.stack([state_dict[k] for k in keys])
             if stacked.shape != param.shape:
-                error_msgs.append(f"size mismatch for {prefix}{name}: checkpoint {tuple(stacked.shape)}, "
-                                  f"model {tuple(param.shape)}")
+                error_msgs.append(
+                    f"size mismatch for {prefix}{name}: checkpoint {tuple(stacked.shape)}, "
+                    f"model {tuple(param.shape)}"
+                )
                 continue
             with torch.no_grad():
                 param.copy_(stacked)
@@ -200,13 +204,27 @@ class GroupedExperts(MegatronModule):
                 gate, linear = weight.chunk(2, dim=0)
                 return [
                     ShardedTensor.from_rank_offsets(
-                        key, part, *sharded_offsets, expert, (prepend, half * tp_size + tp_rank, 2 * tp_size),
-                        replica_id=replica_id, prepend_axis_num=prepend)
+                        key,
+                        part,
+                        *sharded_offsets,
+                        expert,
+                        (prepend, half * tp_size + tp_rank, 2 * tp_size),
+                        replica_id=replica_id,
+                        prepend_axis_num=prepend,
+                    )
                     for half, part in enumerate((gate, linear))
                 ]
-            return [ShardedTensor.from_rank_offsets(
-                key, weight, *sharded_offsets, expert, (prepend + tp_axis, tp_rank, tp_size),
-                replica_id=replica_id, prepend_axis_num=prepend)]
+            return [
+                ShardedTensor.from_rank_offsets(
+                    key,
+                    weight,
+                    *sharded_offsets,
+                    expert,
+                    (prepend + tp_axis, tp_rank, tp_size),
+                    replica_id=replica_id,
+                    prepend_axis_num=prepend,
+                )
+            ]
 
         def factory(name: str, param: torch.Tensor, fc: str, tp_axis: int) -> ShardedTensorFactory:
             key = f"{prefix}experts.linear_{fc}.weight"
@@ -233,7 +251,9 @@ class DeviceCountsAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
     def _counts_stay_on_device(self) -> bool:
         cfg = self.config
         return (
-            self.ep_size == 1 and self.tp_size == 1 and not self.drop_and_pad
+            self.ep_size == 1
+            and self.tp_size == 1
+            and not self.drop_and_pad
             and cfg.moe_expert_capacity_factor is None
             and not cfg.moe_router_padding_for_quantization
             # the unfused chunk sort splits by host counts
@@ -255,10 +275,15 @@ def keep_token_counts_on_device(model: torch.nn.Module) -> int:
     TransformerLayer passes process groups only to MoELayer itself, not to a subclass."""
     changed = 0
     for layer in model.modules():
-        if (isinstance(layer, MoELayer) and isinstance(layer.experts, GroupedExperts)
-                and type(layer.token_dispatcher) is MoEAlltoAllTokenDispatcher):
+        if (
+            isinstance(layer, MoELayer)
+            and isinstance(layer.experts, GroupedExperts)
+            and type(layer.token_dispatcher) is MoEAlltoAllTokenDispatcher
+        ):
             layer.token_dispatcher = DeviceCountsAlltoAllDispatcher(
-                layer.num_local_experts, layer.local_expert_indices, config=layer.config,
+                layer.num_local_experts,
+                layer.local_expert_indices,
+                config=layer.config,
                 pg_collection=get_default_pg_collection(),
             )
             if layer.shared_experts is not None and layer.shared_expert_overlap:
@@ -269,7 +294,7 @@ def keep_token_counts_on_device(model: torch.nn.Module) -> int:
 
 __all__ = [
     "DeviceCountsAlltoAllDispatcher",
-        "GroupedExperts",
+    "GroupedExperts",
     "group_alignment",
     "keep_token_counts_on_device",
     "padded_group_layout",

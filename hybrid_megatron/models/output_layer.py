@@ -31,17 +31,28 @@ def _fp8_output_layer_class():
         ``(logits [s, b, v/tp] or gathered [s, b, v], None)``. ``gather_output`` is kept here
         because TE's layer refuses it."""
 
-        def __init__(self, input_size: int, output_size: int, *, config, init_method,
-                     gather_output: bool, tp_group):
-            super().__init__(input_size, output_size, config=config, init_method=init_method,
-                             gather_output=False, bias=False, skip_bias_add=False,
-                             is_expert=False, tp_group=tp_group)
+        def __init__(
+            self, input_size: int, output_size: int, *, config, init_method, gather_output: bool, tp_group
+        ):
+            super().__init__(
+                input_size,
+                output_size,
+                config=config,
+                init_method=init_method,
+                gather_output=False,
+                bias=False,
+                skip_bias_add=False,
+                is_expert=False,
+                tp_group=tp_group,
+            )
             self.gather_output = gather_output
 
         def forward(self, hidden, weight=None, runtime_gather_output=None):
             if weight is not None:  # only a tied head passes one; the config refuses that
-                raise ValueError("model.fp8_output_layer: the output layer cannot take the "
-                                 "embedding's weight (tied embeddings)")
+                raise ValueError(
+                    "model.fp8_output_layer: the output layer cannot take the "
+                    "embedding's weight (tied embeddings)"
+                )
             with get_fp8_context(self.config):
                 logits, _ = super().forward(hidden)
             gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -67,12 +78,15 @@ def use_fp8_output_layer(model) -> None:
     Takes the model; returns None. Raises ValueError for a tied or absent output layer."""
     old = getattr(model, "output_layer", None)
     if old is None or getattr(model, "share_embeddings_and_output_weights", False):
-        raise ValueError("model.fp8_output_layer: needs a last pipeline stage with an untied "
-                         "output layer")
+        raise ValueError("model.fp8_output_layer: needs a last pipeline stage with an untied output layer")
     config = model.config
     new = _fp8_output_layer_class()(
-        config.hidden_size, model.vocab_size, config=config, init_method=lambda w: None,
-        gather_output=old.gather_output, tp_group=model.pg_collection.tp,
+        config.hidden_size,
+        model.vocab_size,
+        config=config,
+        init_method=lambda w: None,
+        gather_output=old.gather_output,
+        tp_group=model.pg_collection.tp,
     )
     with torch.no_grad():
         new.weight.copy_(old.weight)

@@ -137,8 +137,9 @@ def block_spec(
     mixer_fields = {}
     if has_mixer(letter):
         input_norm, mixer, mixer_keys = _mixer(letter, cfg, tconfig, backend)
-        mixer_fields = dict(input_layernorm=input_norm, self_attention=mixer,
-                            self_attn_bda=get_bias_dropout_add)
+        mixer_fields = dict(
+            input_layernorm=input_norm, self_attention=mixer, self_attn_bda=get_bias_dropout_add
+        )
         keys = {**mixer_keys, **keys}
     return ModuleSpec(
         module=TransformerLayer,

@@ -64,7 +64,9 @@ def build_transformer_config(
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_size,
         # megatron-core requires heads divisible by TP even when no layer has attention (mamba).
-        num_attention_heads=attention.num_heads if attention else parallel_state.get_tensor_model_parallel_world_size(),
+        num_attention_heads=attention.num_heads
+        if attention
+        else parallel_state.get_tensor_model_parallel_world_size(),
         num_query_groups=cfg.query_groups if attention else None,
         kv_channels=cfg.head_dim if attention else None,
         window_size=_window(cfg),

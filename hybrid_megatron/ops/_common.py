@@ -52,9 +52,7 @@ def read_cache_rows(
     return cache[idx.clamp(min=0)], idx, valid
 
 
-def write_cache_rows(
-    cache: Tensor, new_rows: Tensor, idx: Tensor | None, valid: Tensor | None
-) -> None:
+def write_cache_rows(cache: Tensor, new_rows: Tensor, idx: Tensor | None, valid: Tensor | None) -> None:
     """Store ``new_rows`` into ``cache`` in place at the rows ``read_cache_rows`` read; padded
     samples leave the cache untouched. Returns nothing."""
     # Cached states are inference buffers: never let them join an autograd graph.

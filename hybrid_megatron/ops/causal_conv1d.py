@@ -22,9 +22,7 @@ from hybrid_megatron.ops._common import (
 __all__ = ["causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_varlen_states"]
 
 
-def _depthwise_causal_taps(
-    window: Tensor, weight: Tensor, bias: Tensor | None, out_len: int
-) -> Tensor:
+def _depthwise_causal_taps(window: Tensor, weight: Tensor, bias: Tensor | None, out_len: int) -> Tensor:
     """out[..., t] = bias + sum_k weight[:, k] * window[..., t + k]; w - 1 extra inputs on the left.
 
     window (b, d, out_len + w - 1), weight (d, w) -> (b, d, out_len). A loop over the (small)
@@ -181,9 +179,7 @@ def causal_conv1d_update(
         write_idx = torch.remainder(pos + torch.arange(seqlen, device=x.device), state_len)
         new_state = state.scatter(2, write_idx.unsqueeze(1).expand(-1, dim, -1), x.to(state.dtype))
     window = torch.cat([history.to(cdt), x.to(cdt)], dim=-1)
-    out = _depthwise_causal_taps(
-        window, weight.to(cdt), bias.to(cdt) if bias is not None else None, seqlen
-    )
+    out = _depthwise_causal_taps(window, weight.to(cdt), bias.to(cdt) if bias is not None else None, seqlen)
     out = activate(out, activation)
 
     write_cache_rows(conv_state, new_state, idx, valid)
@@ -212,4 +208,3 @@ def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -
     gathered = x[pos.clamp(min=0, max=max(total - 1, 0))]  # (nseq, state_len, dim)
     gathered = gathered * inside.unsqueeze(-1).to(x.dtype)
     return gathered.transpose(1, 2)
-

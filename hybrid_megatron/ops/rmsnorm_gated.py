@@ -104,4 +104,3 @@ class RMSNormGated(torch.nn.Module):
             group_size=self.group_size,
             norm_before_gate=self.norm_before_gate,
         )
-

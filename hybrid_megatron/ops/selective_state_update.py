@@ -89,9 +89,7 @@ def selective_state_update(
     if bias4 is not None and tuple(bias4.shape) != (nheads, dim):
         raise ValueError(f"dt_bias must be {(nheads, dim)}, got {tuple(bias4.shape)}")
 
-    cur, idx, valid = read_cache_rows(
-        state_v, state_batch_indices, batch, ("state", "state_batch_indices")
-    )
+    cur, idx, valid = read_cache_rows(state_v, state_batch_indices, batch, ("state", "state_batch_indices"))
 
     cdt = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     dtv = dt4.to(cdt)
@@ -115,4 +113,3 @@ def selective_state_update(
     write_cache_rows(state_v, new.to(state.dtype), idx, valid)
     out = zero_padded_rows(out, valid).to(x.dtype)
     return out if has_heads else out.squeeze(1)
-

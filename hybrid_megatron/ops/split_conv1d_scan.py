@@ -101,9 +101,7 @@ def mamba_split_conv1d_scan_combined(
     if outproj_weight is None and outproj_bias is not None:
         raise ValueError("outproj_bias needs outproj_weight")
 
-    zx0, z, xBC, dt = torch.split(
-        zxbcdt, [2 * d_nonssm, dim, dim + 2 * ngroups * dstate, nheads], dim=-1
-    )
+    zx0, z, xBC, dt = torch.split(zxbcdt, [2 * d_nonssm, dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
     cdt = compute_dtype(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, initial_states)
 
     # Conv in compute precision (the kernel would round its output to zxbcdt's dtype here).

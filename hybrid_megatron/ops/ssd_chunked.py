@@ -91,9 +91,7 @@ def ssd_chunked(
     # Under autocast the matmuls below would silently drop to bf16/fp16; the Triton kernels
     # accumulate in fp32 whatever autocast says, so it is switched off for the SSD core.
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _ssd_chunked_impl(
-            x, dt, A, B, C, chunk_size, D, z, initial_states, seq_idx, cu_seqlens, cdt
-        )
+        return _ssd_chunked_impl(x, dt, A, B, C, chunk_size, D, z, initial_states, seq_idx, cu_seqlens, cdt)
 
 
 def _ssd_chunked_impl(x, dt, A, B, C, chunk_size, D, z, initial_states, seq_idx, cu_seqlens, cdt):
@@ -191,9 +189,7 @@ def _ssd_chunked_impl(x, dt, A, B, C, chunk_size, D, z, initial_states, seq_idx,
 
     varlen_states = None
     if cu_seqlens is not None:
-        varlen_states = _varlen_states(
-            cu_seqlens, seg_pos, a_cs, dt_c, x_c, B_c, prev_states, Q, h, p, n
-        )
+        varlen_states = _varlen_states(cu_seqlens, seg_pos, a_cs, dt_c, x_c, B_c, prev_states, Q, h, p, n)
     return y, final_states, varlen_states
 
 
@@ -303,8 +299,7 @@ def mamba_chunk_scan_combined(
         dstate,
     ):
         raise ValueError(
-            f"initial_states must be {(batch, nheads, headdim, dstate)}, "
-            f"got {tuple(initial_states.shape)}"
+            f"initial_states must be {(batch, nheads, headdim, dstate)}, got {tuple(initial_states.shape)}"
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -328,4 +323,3 @@ def mamba_chunk_scan_combined(
     if return_final_states:
         return out, final_states, varlen_states
     return out, varlen_states
-

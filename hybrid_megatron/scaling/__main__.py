@@ -25,8 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     fit.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples (0: none)")
     fit.add_argument("--level", type=float, default=0.95, help="confidence level")
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--budget-tolerance", type=float, default=0.05,
-                     help="relative FLOPs difference within one isoFLOP budget")
+    fit.add_argument(
+        "--budget-tolerance",
+        type=float,
+        default=0.05,
+        help="relative FLOPs difference within one isoFLOP budget",
+    )
     args = parser.parse_args(argv)
 
     from hybrid_megatron import runtime
@@ -41,17 +45,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = analyze(runs, bootstrap=args.bootstrap, level=args.level, seed=args.seed,
-                     tolerance=args.budget_tolerance)
-    meta = {"tracking_uri": args.tracking_uri, "experiment": args.experiment,
-            "group": args.group}
+    result = analyze(
+        runs, bootstrap=args.bootstrap, level=args.level, seed=args.seed, tolerance=args.budget_tolerance
+    )
+    meta = {"tracking_uri": args.tracking_uri, "experiment": args.experiment, "group": args.group}
     paths = write_outputs(result, runs, args.out, meta)
     for kind, entry in result["kinds"].items():
         law, iso = entry["law"], entry["isoflop"]
         iso_text = f", isoFLOP a={iso['exponent']:.3f}" if iso["exponent"] is not None else ""
-        print(f"{kind}: {entry['n_runs']} runs, E={law['E']:.3f} A={law['A']:.4g} "
-              f"alpha={law['alpha']:.3f} B={law['B']:.4g} beta={law['beta']:.3f}; "
-              f"N* ~ C^{law['a']:.3f}, D* ~ C^{law['b']:.3f}{iso_text}")
+        print(
+            f"{kind}: {entry['n_runs']} runs, E={law['E']:.3f} A={law['A']:.4g} "
+            f"alpha={law['alpha']:.3f} B={law['B']:.4g} beta={law['beta']:.3f}; "
+            f"N* ~ C^{law['a']:.3f}, D* ~ C^{law['b']:.3f}{iso_text}"
+        )
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 

@@ -15,8 +15,10 @@ from hybrid_megatron.scaling.runs import RunSet
 FIT_JSON = "fit.json"
 LOSS_PNG = "loss_vs_compute.png"
 ISOFLOP_PNG = "isoflop.png"
-ALLOCATION = ("N*(C) = G (C/6)^a, D*(C) = G^-1 (C/6)^b, a = beta/(alpha+beta), "
-              "b = alpha/(alpha+beta), G = (alpha A / (beta B))^(1/(alpha+beta)), with C = 6ND")
+ALLOCATION = (
+    "N*(C) = G (C/6)^a, D*(C) = G^-1 (C/6)^b, a = beta/(alpha+beta), "
+    "b = alpha/(alpha+beta), G = (alpha A / (beta B))^(1/(alpha+beta)), with C = 6ND"
+)
 
 
 def analyze(
@@ -51,17 +53,21 @@ def analyze(
             "isoflop": iso.to_dict(),
         }
         if bootstrap > 0:
-            boot = bootstrap_law(rs.n, rs.d, rs.loss, fit, samples=bootstrap, level=level,
-                                 seed=seed)
-            entry["bootstrap"] = {"level": boot.level, "requested": boot.requested,
-                                  "samples": boot.samples, "intervals": boot.intervals}
+            boot = bootstrap_law(rs.n, rs.d, rs.loss, fit, samples=bootstrap, level=level, seed=seed)
+            entry["bootstrap"] = {
+                "level": boot.level,
+                "requested": boot.requested,
+                "samples": boot.samples,
+                "intervals": boot.intervals,
+            }
         out["kinds"][kind] = entry
     out["_fits"], out["_isofits"], out["_ratios"] = fits, isofits, ratios
     return out
 
 
-def write_outputs(result: dict, runs: dict[str, RunSet], out_dir: Path,
-                  meta: dict | None = None) -> dict[str, Path]:
+def write_outputs(
+    result: dict, runs: dict[str, RunSet], out_dir: Path, meta: dict | None = None
+) -> dict[str, Path]:
     """Write ``fit.json``, ``loss_vs_compute.png`` and ``isoflop.png`` into ``out_dir``.
 
     Takes ``analyze``'s result, the runs, the output directory (created) and metadata merged
@@ -70,8 +76,7 @@ def write_outputs(result: dict, runs: dict[str, RunSet], out_dir: Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
-        LOSS_PNG: plot_loss_vs_compute(runs, result["_fits"], result["_ratios"],
-                                       out_dir / LOSS_PNG),
+        LOSS_PNG: plot_loss_vs_compute(runs, result["_fits"], result["_ratios"], out_dir / LOSS_PNG),
         ISOFLOP_PNG: plot_isoflops(result["_isofits"], out_dir / ISOFLOP_PNG),
     }
     public = {k: v for k, v in result.items() if not k.startswith("_")}

@@ -153,13 +153,19 @@ def single_threaded_blas():
 
 def _lbfgs(theta0, log_n, log_d, log_l, delta):
     return minimize(
-        objective, theta0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
+        objective,
+        theta0,
+        args=(log_n, log_d, log_l, delta),
+        jac=True,
+        method="L-BFGS-B",
         options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-9},
     )
 
 
 def fit_law(
-    n, d, loss,
+    n,
+    d,
+    loss,
     delta: float = HUBER_DELTA,
     starts: int = 32,
     grid: np.ndarray | None = None,
@@ -197,9 +203,13 @@ def _fit(log_n, log_d, log_l, delta, starts, grid, extra_starts) -> LawFit:
             best = res
     a, b, e, alpha, beta = best.x
     return LawFit(
-        E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)),
-        alpha=float(alpha), beta=float(beta),
-        objective=float(best.fun * delta**2), n_runs=len(log_n),
+        E=float(np.exp(e)),
+        A=float(np.exp(a)),
+        B=float(np.exp(b)),
+        alpha=float(alpha),
+        beta=float(beta),
+        objective=float(best.fun * delta**2),
+        n_runs=len(log_n),
     )
 
 
@@ -223,7 +233,10 @@ class Bootstrap:
 
 
 def bootstrap_law(
-    n, d, loss, fit: LawFit,
+    n,
+    d,
+    loss,
+    fit: LawFit,
     samples: int = 200,
     level: float = 0.95,
     seed: int = 0,

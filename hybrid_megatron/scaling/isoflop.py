@@ -59,8 +59,14 @@ class IsoFlopFit:
             "exponent_stderr": self.exponent_stderr,
             "used_budgets": self.used_budgets,
             "budgets": [
-                {"flops": b.flops, "runs": len(b.run_ids), "n_opt": b.n_opt,
-                 "loss_opt": b.loss_opt, "coeffs": b.coeffs, "note": b.note}
+                {
+                    "flops": b.flops,
+                    "runs": len(b.run_ids),
+                    "n_opt": b.n_opt,
+                    "loss_opt": b.loss_opt,
+                    "coeffs": b.coeffs,
+                    "note": b.note,
+                }
                 for b in self.budgets
             ],
         }
@@ -115,9 +121,7 @@ def fit_budget(run_ids, n, loss, flops: float, min_points: int = 3) -> Budget:
     return budget
 
 
-def fit_isoflop(
-    run_ids, n, c, loss, tolerance: float = BUDGET_TOLERANCE, min_points: int = 3
-) -> IsoFlopFit:
+def fit_isoflop(run_ids, n, c, loss, tolerance: float = BUDGET_TOLERANCE, min_points: int = 3) -> IsoFlopFit:
     """IsoFLOP estimate of N_opt(C) = k C^a from one kind's runs.
 
     Takes run ids, parameters, training FLOPs and final losses (aligned arrays), the budget

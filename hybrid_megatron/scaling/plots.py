@@ -40,8 +40,12 @@ def plot_loss_vs_compute(
         fit = fits.get(kind)
         if fit is not None:
             c = np.logspace(np.log10(rs.c.min() / 2), np.log10(rs.c.max() * 2), 200)
-            ax.plot(c, fit.frontier(c / ratios[kind]), color=color,
-                    label=f"{kind} frontier (a={fit.a:.2f}, b={fit.b:.2f})")
+            ax.plot(
+                c,
+                fit.frontier(c / ratios[kind]),
+                color=color,
+                label=f"{kind} frontier (a={fit.a:.2f}, b={fit.b:.2f})",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (train.flops)")
     ax.set_ylabel("final val/loss")
@@ -62,8 +66,7 @@ def plot_isoflops(isofits: dict[str, IsoFlopFit], path: Path) -> Path:
     """
     plt = _pyplot()
     kinds = [k for k, f in isofits.items() if f.budgets]
-    fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(5.5 * max(1, len(kinds)), 4.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(5.5 * max(1, len(kinds)), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         fit = isofits[kind]
         cmap = plt.get_cmap("viridis", max(2, len(fit.budgets)))
@@ -74,8 +77,9 @@ def plot_isoflops(isofits: dict[str, IsoFlopFit], path: Path) -> Path:
                 x = np.linspace(np.log(min(b.n)), np.log(max(b.n)), 100)
                 ax.plot(np.exp(x), np.polyval(b.coeffs, x), color=color, lw=1)
             if b.used:
-                ax.scatter([b.n_opt], [b.loss_opt], marker="*", s=90, color=color,
-                           edgecolors="black", zorder=3)
+                ax.scatter(
+                    [b.n_opt], [b.loss_opt], marker="*", s=90, color=color, edgecolors="black", zorder=3
+                )
         title = kind if fit.exponent is None else f"{kind}: N_opt ~ C^{fit.exponent:.3f}"
         ax.set_title(title)
         ax.set_xscale("log")

@@ -110,8 +110,9 @@ def points_from_frame(frame) -> list[RunPoint]:
         if all(v is not None for v in values.values()):
             points.append(RunPoint(run_id=row["run_id"], **values))
     if problems:
-        lines = [f"  {field}: missing or invalid in run(s) {', '.join(ids)}"
-                 for field, ids in problems.items()]
+        lines = [
+            f"  {field}: missing or invalid in run(s) {', '.join(ids)}" for field, ids in problems.items()
+        ]
         raise RunsError("runs cannot be fitted:\n" + "\n".join(lines))
     return points
 
@@ -127,11 +128,11 @@ def group_by_kind(points: list[RunPoint], min_runs: int = MIN_RUNS) -> dict[str,
         by_kind.setdefault(p.kind, []).append(p)
     short = {k: v for k, v in by_kind.items() if len(v) < min_runs}
     if short:
-        lines = [f"  {k}: {len(v)} run(s) ({', '.join(p.run_id for p in v)})"
-                 for k, v in sorted(short.items())]
+        lines = [
+            f"  {k}: {len(v)} run(s) ({', '.join(p.run_id for p in v)})" for k, v in sorted(short.items())
+        ]
         raise RunsError(
-            f"too few runs to fit a scaling law (need at least {min_runs} per kind):\n"
-            + "\n".join(lines)
+            f"too few runs to fit a scaling law (need at least {min_runs} per kind):\n" + "\n".join(lines)
         )
     return {k: RunSet.from_points(k, by_kind[k]) for k in sorted(by_kind)}
 

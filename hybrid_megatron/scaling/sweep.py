@@ -111,10 +111,17 @@ def load_sweep(path: str | Path, extra_overrides: tuple[str, ...] = ()) -> tuple
                 f"tracking.compare_group={spec.name}",
                 f"tracking.match={spec.match}",
             )
-            runs.append(SweepRun(
-                name=name, recipe_path=str(recipe_path), overrides=overrides, kind=recipe.model.kind,
-                params=count_parameters(recipe.model).total, tokens=tokens, flops=per_token * tokens,
-            ))
+            runs.append(
+                SweepRun(
+                    name=name,
+                    recipe_path=str(recipe_path),
+                    overrides=overrides,
+                    kind=recipe.model.kind,
+                    params=count_parameters(recipe.model).total,
+                    tokens=tokens,
+                    flops=per_token * tokens,
+                )
+            )
     return spec, runs
 
 
@@ -127,8 +134,10 @@ def _short(n: float) -> str:
 
 def format_sweep_table(spec: SweepSpec, runs: list[SweepRun]) -> str:
     """A fixed-width table of the runs (name, kind, N, D, C) for ``--dry-run``."""
-    lines = [f"sweep {spec.name}: {len(runs)} runs, {spec.match}-matched",
-             f"{'run':<44} {'kind':<12} {'N (params)':>12} {'D (tokens)':>14} {'C (FLOPs)':>12}"]
+    lines = [
+        f"sweep {spec.name}: {len(runs)} runs, {spec.match}-matched",
+        f"{'run':<44} {'kind':<12} {'N (params)':>12} {'D (tokens)':>14} {'C (FLOPs)':>12}",
+    ]
     for r in runs:
         lines.append(f"{r.name:<44} {r.kind:<12} {r.params:>12,} {r.tokens:>14,} {r.flops:>12.3e}")
     return "\n".join(lines)

@@ -122,4 +122,3 @@ class RunTracker:
         ax.grid(alpha=0.3)
         self._mlflow.log_figure(fig, "loss_curve.png")
         plt.close(fig)
-

@@ -60,8 +60,10 @@ def _rng_entry(rank: int, world: int) -> ShardedObject:
 
     # The graph-safe tracker (train.cuda_graphs) holds generators, the plain one state tensors;
     # checkpoints always store tensors, so a run resumes with or without CUDA graphs.
-    tracker = {name: convert_cuda_rng_state(s, to_graphable=False)
-               for name, s in get_cuda_rng_tracker().get_states().items()}
+    tracker = {
+        name: convert_cuda_rng_state(s, to_graphable=False)
+        for name, s in get_cuda_rng_tracker().get_states().items()
+    }
     state = {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -126,8 +128,9 @@ def _sharded_state(model_chunks, optimizer, scheduler, state: TrainingState, loa
         "rng_state": _rng_entry(dist.get_rank(), dist.get_world_size()),
     }
     if optimizer is not None:
-        out["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading,
-                                                        metadata=dict(OPTIMIZER_FORMAT))
+        out["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=loading, metadata=dict(OPTIMIZER_FORMAT)
+        )
     return out
 
 
@@ -205,9 +208,11 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     if any(key.startswith("chained_") for key in saved):
         # Optimizer keys per EP size ("chained_<i>."): a retired layout that OPTIMIZER_FORMAT
         # does not read; refused with the two ways out.
-        raise CheckpointError(f"cannot load checkpoint {path}: its optimizer state uses the "
-                              f"retired per-EP 'chained_' keys; resume it with the version that "
-                              f"wrote it, or start from its weights with checkpoint.init_from")
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: its optimizer state uses the "
+            f"retired per-EP 'chained_' keys; resume it with the version that "
+            f"wrote it, or start from its weights with checkpoint.init_from"
+        )
     template = _sharded_state(model_chunks, optimizer, scheduler, TrainingState(), loading=True)
     if "rng_state" not in saved or saved["rng_state"].global_shape[0] != dist.get_world_size():
         # The RNG ShardedObject's global shape is the world size it was saved with.
@@ -226,8 +231,9 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     # sharded state dict never carries it (GPTModel leaves out the output layer's).
     missing = [k for k in missing if not k.endswith("._extra_state")]
     if unexpected or missing:
-        raise CheckpointError(f"cannot load checkpoint {path}: missing {sorted(missing)}, "
-                              f"unexpected {sorted(unexpected)}")
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
     if optimizer is not None:
         optimizer.load_state_dict(_fit_optimizer_state(loaded["optimizer"], optimizer, path))
     if scheduler is not None and loaded.get("scheduler") is not None:
@@ -267,9 +273,11 @@ def unsaved_extra_state(model_template: dict, saved: dict) -> list[str]:
     LM head into a TE layer. Takes the model's sharded state dict and the saved metadata
     (``_saved_metadata``). Those entries keep their fresh values: TE's delayed scaling rebuilds
     them from the next steps' amax values. Returns the state-dict keys to leave out of the load."""
-    return [name for name, entry in model_template.items()
-            if name.endswith("._extra_state") and isinstance(entry, ShardedObject)
-            and entry.key not in saved]
+    return [
+        name
+        for name, entry in model_template.items()
+        if name.endswith("._extra_state") and isinstance(entry, ShardedObject) and entry.key not in saved
+    ]
 
 
 # Sharded entries of a checkpoint that are not model weights.
@@ -293,11 +301,14 @@ def _check_same_model(path: Path, model_template: dict, saved: dict) -> None:
     wanted = set().union(*everyone)
     # Saved extra state of modules the model builds without one (a TE layer's FP8 history where
     # the model now has another implementation of the same weights) is not a weight: it is left.
-    saved_weights = {key for key in saved
-                     if not key.startswith(_NON_MODEL_PREFIXES) and not key.endswith("._extra_state")}
+    saved_weights = {
+        key for key in saved if not key.startswith(_NON_MODEL_PREFIXES) and not key.endswith("._extra_state")
+    }
     problems = []
-    for what, keys in (("weights the recipe's model lacks", saved_weights - wanted),
-                       ("weights the checkpoint lacks", wanted - set(saved))):
+    for what, keys in (
+        ("weights the recipe's model lacks", saved_weights - wanted),
+        ("weights the checkpoint lacks", wanted - set(saved)),
+    ):
         if keys:
             keys = sorted(keys)
             problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
@@ -348,13 +359,15 @@ def _fit_optimizer_state(loaded, optimizer, path: Path):
     saved_chained = bool(saved_parts) and "optimizer" in saved_parts[0]
     if saved_chained == (len(parts) > 1):
         return loaded
-    saved_groups = [g for part in (saved_parts if saved_chained else [loaded])
-                    for g in part["optimizer"]["param_groups"]]
+    saved_groups = [
+        g for part in (saved_parts if saved_chained else [loaded]) for g in part["optimizer"]["param_groups"]
+    ]
     steps = [g["step"] for g in saved_groups if "step" in g]
     distinct = sorted({float(s) for s in steps})
     if len(distinct) > 1:
-        raise CheckpointError(f"cannot load checkpoint {path}: its param groups are at different "
-                              f"optimizer steps {distinct}")
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: its param groups are at different optimizer steps {distinct}"
+        )
     fitted = []
     for i, part in enumerate(parts):
         state = part.state_dict()

@@ -79,7 +79,14 @@ class Checkpointing:
     def save(self, trainable, state: TrainingState) -> Path:
         """Save a checkpoint of step ``state.step``, keeping the last ``checkpoint.keep_last``;
         returns its directory."""
-        self.last_saved = save_checkpoint(self.cfg.dir, trainable.model_chunks, trainable.optimizer,
-                                          trainable.scheduler, state, self.cfg.keep_last, self.recipe_yaml)
+        self.last_saved = save_checkpoint(
+            self.cfg.dir,
+            trainable.model_chunks,
+            trainable.optimizer,
+            trainable.scheduler,
+            state,
+            self.cfg.keep_last,
+            self.recipe_yaml,
+        )
         log_rank0(log, f"saved checkpoint {self.last_saved}")
         return self.last_saved

@@ -33,12 +33,25 @@ class LossLog:
         loss, tokens_per_s, mfu = metrics["train/loss"], metrics["train/tokens_per_s"], metrics["train/mfu"]
         if self.active:
             with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, "loss": loss.hex() if isinstance(loss, float) else loss,
-                                    "tokens_per_s": tokens_per_s, "mfu": mfu}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": loss.hex() if isinstance(loss, float) else loss,
+                            "tokens_per_s": tokens_per_s,
+                            "mfu": mfu,
+                        }
+                    )
+                    + "\n"
+                )
         if step % self.log_interval and step != 1:
             return False
-        log_rank0(log, f"step {step}/{self.total_steps} loss {loss:.4f} lr {metrics['train/lr']:.2e} "
-                       f"grad_norm {metrics['train/grad_norm'] or float('nan'):.3f} "
-                       f"tokens/s {tokens_per_s:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "")
-                       + f" mem {metrics['train/memory_gib']:.2f}GiB")
+        log_rank0(
+            log,
+            f"step {step}/{self.total_steps} loss {loss:.4f} lr {metrics['train/lr']:.2e} "
+            f"grad_norm {metrics['train/grad_norm'] or float('nan'):.3f} "
+            f"tokens/s {tokens_per_s:,.0f}"
+            + (f" mfu {mfu:.1%}" if mfu else "")
+            + f" mem {metrics['train/memory_gib']:.2f}GiB",
+        )
         return True

@@ -76,7 +76,9 @@ class StepMetrics:
             "train/lr": lr,
             "train/grad_norm": None if grad_norm is None else float(grad_norm),
             "train/tokens_per_s": tokens_per_s,
-            "train/mfu": self.flops_per_token * tokens_per_s / (self.peak * self.world_size) if self.peak else None,
+            "train/mfu": self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
+            if self.peak
+            else None,
             "train/tokens_seen": state.consumed_samples * self.seq_length,
             "train/flops_seen": self.flops_per_token * state.consumed_samples * self.seq_length,
             "train/memory_gib": memory_gib(),

@@ -31,8 +31,11 @@ class NanPolicy:
             return
         state.skipped_steps += 1
         state.consecutive_nan_skips += 1
-        log_rank0(log, f"step {state.step}: non-finite loss {loss}; update skipped "
-                       f"({state.consecutive_nan_skips} in a row)")
+        log_rank0(
+            log,
+            f"step {state.step}: non-finite loss {loss}; update skipped "
+            f"({state.consecutive_nan_skips} in a row)",
+        )
         if state.consecutive_nan_skips >= self.max_consecutive:
             raise TrainingAborted(
                 f"step {state.step}: {state.consecutive_nan_skips} non-finite losses in a "

@@ -19,8 +19,9 @@ def build_optimizer(train: TrainConfig, model_chunks: list):
     if train.adam_moments == "bf16":
         if not torch.cuda.is_available():
             raise RuntimeError("train.adam_moments bf16 needs a GPU (Transformer Engine's fused Adam)")
-        moments = dict(use_precision_aware_optimizer=True, exp_avg_dtype=torch.bfloat16,
-                       exp_avg_sq_dtype=torch.bfloat16)
+        moments = dict(
+            use_precision_aware_optimizer=True, exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16
+        )
     config = OptimizerConfig(
         optimizer="adam",
         lr=train.lr,

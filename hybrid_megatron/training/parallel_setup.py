@@ -51,5 +51,9 @@ def _seed(seed: int, cuda_graphs: bool) -> None:
     torch.manual_seed(seed)
     # Under graph capture TE's attention accepts only TE's own (graph-safe) tracker; both it and
     # megatron-core's graph-safe tracker seed one generator per stream as the plain one does.
-    model_parallel_cuda_manual_seed(seed, force_reset_rng=True, use_cudagraphable_rng=cuda_graphs,
-                                    te_rng_tracker=cuda_graphs and have_transformer_engine())
+    model_parallel_cuda_manual_seed(
+        seed,
+        force_reset_rng=True,
+        use_cudagraphable_rng=cuda_graphs,
+        te_rng_tracker=cuda_graphs and have_transformer_engine(),
+    )

@@ -60,17 +60,24 @@ class Trainer:
         if resume is None and recipe.checkpoint.init_from is not None:
             # before the optimizer exists: it copies the weights into its (bf16: fp32) main params
             init_weights_from(recipe.checkpoint.init_from, model_chunks, recipe.model)
-            log_rank0(log, f"initialised weights from {recipe.checkpoint.init_from} (fresh optimizer, step 0)")
+            log_rank0(
+                log, f"initialised weights from {recipe.checkpoint.init_from} (fresh optimizer, step 0)"
+            )
         self.trainable = Trainable.build(model_chunks, train, self.total_steps)
         self.state = self.checkpointing.resume(resume, self.trainable)
 
         g, mbs = train.global_batch_size, train.micro_batch_size
         self.batches = ResumableBatches(train_ds, g, mbs, self.state.consumed_samples)
         self.metrics = StepMetrics(recipe, world)
-        self.tracker = RunTracker(recipe, self.metrics.planned(recipe.model, self.total_steps),
-                                  active=self.rank == 0)
-        self.validation = Validation(validation_batches(valid_ds, g, mbs, train.eval_iters),
-                                     train.eval_interval, self.seq_length, self.tracker)
+        self.tracker = RunTracker(
+            recipe, self.metrics.planned(recipe.model, self.total_steps), active=self.rank == 0
+        )
+        self.validation = Validation(
+            validation_batches(valid_ds, g, mbs, train.eval_iters),
+            train.eval_interval,
+            self.seq_length,
+            self.tracker,
+        )
         self.loss_log = LossLog(recipe.run_dir, train.log_interval, self.total_steps, active=self.rank == 0)
         self.nan_policy = NanPolicy(train.max_consecutive_nan_skips)
         self.graphs_to_report = train.cuda_graphs  # logged once, after this run's first step
@@ -112,8 +119,11 @@ class Trainer:
     def _report_cuda_graphs(self, step: int) -> None:
         # megatron-core records each layer in the first step and captures at its end.
         if self.graphs_to_report:
-            log_rank0(log, f"step {step}: CUDA graphs captured for "
-                           f"{captured_layer_graphs(self.trainable.model_chunks)} layers")
+            log_rank0(
+                log,
+                f"step {step}: CUDA graphs captured for "
+                f"{captured_layer_graphs(self.trainable.model_chunks)} layers",
+            )
             self.graphs_to_report = False
 
     def _summary(self, loss, stop: GracefulStop) -> dict:
@@ -130,8 +140,11 @@ class Trainer:
             "mlflow_run_id": tracker.run_id,
             "tracking_uri": recipe.tracking_uri() if tracker.active else None,
         }
-        log_rank0(log, f"done: {self.state.step} steps, final loss {loss}, checkpoint {summary['last_checkpoint']}"
-                       + (f", MLflow run {tracker.run_id} at {recipe.tracking_uri()}" if tracker.run_id else ""))
+        log_rank0(
+            log,
+            f"done: {self.state.step} steps, final loss {loss}, checkpoint {summary['last_checkpoint']}"
+            + (f", MLflow run {tracker.run_id} at {recipe.tracking_uri()}" if tracker.run_id else ""),
+        )
         return summary
 
 

@@ -190,7 +190,7 @@ class MambaCore(nn.Module):
             prev = xbc.new_zeros(b, xbc.shape[1], self.kernel - 1)
         padded = torch.cat([prev, xbc], dim=-1)
         if cache is not None:
-            cache.conv[layer_idx] = padded[..., -(self.kernel - 1):]
+            cache.conv[layer_idx] = padded[..., -(self.kernel - 1) :]
         xbc = F.silu(F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=padded.shape[1]))
         xbc = xbc.transpose(1, 2)
         x, B, C = torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
@@ -232,7 +232,9 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.heads, self.groups, self.head_dim = (
-            config.num_attention_heads, config.num_query_groups, config.head_dim
+            config.num_attention_heads,
+            config.num_query_groups,
+            config.head_dim,
         )
         qkv = (self.heads + 2 * self.groups) * self.head_dim
         self.linear_qkv = nn.Linear(config.hidden_size, qkv, bias=False)
@@ -265,7 +267,9 @@ class IntraHybridMixer(nn.Module):
         for name, width in (("attention", self.aw), ("mamba", self.mw)):
             if not width:
                 continue
-            norm = BranchRMSNorm(width, config.norm_epsilon) if config.intra_branch_norm == "rmsnorm" else None
+            norm = (
+                BranchRMSNorm(width, config.norm_epsilon) if config.intra_branch_norm == "rmsnorm" else None
+            )
             setattr(self, f"{name}_norm", norm)
             if config.intra_branch_scalars:
                 setattr(self, f"{name}_scale", nn.Parameter(torch.ones(())))
@@ -286,13 +290,18 @@ class IntraHybridMixer(nn.Module):
         branches = {}
         if self.aw:
             attn = attention_core(
-                fused[..., : self.qkv_width], self.heads, self.groups, self.head_dim,
-                self.config, cache, layer_idx,
+                fused[..., : self.qkv_width],
+                self.heads,
+                self.groups,
+                self.head_dim,
+                self.config,
+                cache,
+                layer_idx,
             )
             branches["attention"] = self._finish("attention", attn)
         if self.mw:
             branches["mamba"] = self._finish(
-                "mamba", self.mamba(fused[..., self.qkv_width:], cache, layer_idx)
+                "mamba", self.mamba(fused[..., self.qkv_width :], cache, layer_idx)
             )
         if len(branches) == 1:
             out = next(iter(branches.values()))
@@ -391,8 +400,7 @@ class Block(nn.Module):
         if self.has_ffn:
             self.pre_mlp_layernorm = RMSNorm(config.hidden_size, eps)
             self.mlp = (
-                MoE(config) if config.moe_num_experts
-                else SwiGLU(config.hidden_size, config.ffn_hidden_size)
+                MoE(config) if config.moe_num_experts else SwiGLU(config.hidden_size, config.ffn_hidden_size)
             )
 
     def forward(self, x, cache, layer_idx):
@@ -444,7 +452,8 @@ class HybridMegatronForCausalLM(HybridMegatronPreTrainedModel, GenerationMixin):
         # Tied models have no output_layer: the embedding matrix is used directly, so tying
         # never depends on transformers' tying machinery.
         self.output_layer = (
-            None if config.tie_word_embeddings
+            None
+            if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.post_init()
@@ -468,7 +477,7 @@ class HybridMegatronForCausalLM(HybridMegatronPreTrainedModel, GenerationMixin):
     ):
         """Feed only the tokens the cache has not seen yet."""
         if past_key_values is not None and past_key_values.seen:
-            input_ids = input_ids[:, past_key_values.seen:]
+            input_ids = input_ids[:, past_key_values.seen :]
         return {"input_ids": input_ids, "past_key_values": past_key_values, "use_cache": use_cache}
 
     def forward(
@@ -489,15 +498,12 @@ class HybridMegatronForCausalLM(HybridMegatronPreTrainedModel, GenerationMixin):
             x = layer(x, cache, i)
         x = self.decoder.final_layernorm(x)
         weight = (
-            self.embedding.word_embeddings.weight if self.output_layer is None
-            else self.output_layer.weight
+            self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
         )
         logits = F.linear(x, weight).float()
         if cache is not None:
             cache.seen += x.shape[1]
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-            )
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
