@@ -7,7 +7,8 @@ times in this process (megatron-core imported beforehand, so its import is not t
 best run counts, which filters out other processes on the machine. The 1- and 2-worker outputs
 are also checked to be byte-identical.
 
-    python bench/preprocess_throughput.py [--target-mb 50] [--repeat 2] [--output bench/results/preprocess_throughput.json]
+    python bench/preprocess_throughput.py [--target-mb 50] [--repeat 2]
+        [--output bench/results/preprocess_throughput.json]
 """
 
 from __future__ import annotations

@@ -226,8 +226,9 @@ def compare_losses(
     """Compare two runs' losses on exactly ``steps``.
 
     Takes step -> loss of the reference (its other steps are ignored) and of the other run (it
-    must have logged exactly ``steps``), the expected steps and the relative tolerance. Returns ``{"steps", "max_rel_diff", "worst_step", "passed", "problem"}``:
-    the largest ``|other - ref| / |ref|`` and its step; passed only if both runs logged exactly
+    must have logged exactly ``steps``), the expected steps and the relative tolerance. Returns
+    ``{"steps", "max_rel_diff", "worst_step", "passed", "problem"}``: the largest
+    ``|other - ref| / |ref|`` and its step; passed only if both runs logged exactly
     those steps, every loss is finite and the largest difference is within the tolerance.
     """
     steps = list(steps)

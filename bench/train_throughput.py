@@ -178,8 +178,9 @@ def _rescaled_heads(section: dict, old_head_dim: int, head_dim: int, keys: tuple
 
 
 def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunOptions = RunOptions()):
-    """The ModelConfig of one row: the shipped ``recipes/<kind>_<scale>.yaml`` model section, with an MoE FFN (8 experts, top-2, each
-    half the dense FFN so the active FFN equals it), FP8 when asked and the run's options
+    """The ModelConfig of one row: the shipped ``recipes/<kind>_<scale>.yaml`` model section, with
+    an MoE FFN (8 experts, top-2, each half the dense FFN so the active FFN equals it), FP8 when
+    asked and the run's options
     (attention head size, FP8 attention and LM head, intra branch overlap, dim ratio and share of
     hybrid blocks)."""
     from hybrid_megatron.config import load_recipe
@@ -852,7 +853,8 @@ def summarise(records: list[dict]) -> dict:
                                 "run": run,
                                 "value": ours / native,
                                 "met": ours / native >= bound,
-                                "goal": f"{scale} {ffn} {precision}: {kind} >= {bound:.2f}x native MambaModel",
+                                "goal": f"{scale} {ffn} {precision}: {kind} >= {bound:.2f}x "
+                                "native MambaModel",
                             }
                         )
                 if inter and intra:
@@ -903,7 +905,8 @@ def summarise(records: list[dict]) -> dict:
 def markdown(summary: dict) -> str:
     """The summary as markdown tables (rows, then goals)."""
     lines = [
-        "| run | scale | kind | ffn | precision | params (M) | tokens/s | MFU | GPU busy | peak GiB | vs baseline |",
+        "| run | scale | kind | ffn | precision | params (M) | tokens/s | MFU | GPU busy | peak GiB "
+        "| vs baseline |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:

@@ -143,7 +143,8 @@ class SlurmCluster:
                     "InactiveLimit=0",
                     "KillWait=5",
                     "MinJobAge=300",
-                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_memory_mb()} State=UNKNOWN",
+                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_memory_mb()} "
+                    "State=UNKNOWN",
                     f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
                     "",
                 ]

@@ -96,7 +96,8 @@ def test_fp8_attention_needs_fp8_and_reaches_the_config(single_rank, monkeypatch
         ModelConfig(**tiny_model("intra"), fp8_attention=True)
     with pytest.raises(
         ValueError,
-        match="model.fp8_attention: TE's cuDNN FP8 attention takes head size 128; this model's attention heads are 16 wide",
+        match="model.fp8_attention: TE's cuDNN FP8 attention takes head size 128; "
+        "this model's attention heads are 16 wide",
     ):
         ModelConfig(**{**tiny_model("intra"), "impl": "te"}, fp8="hybrid", fp8_attention=True)
     head_128 = {

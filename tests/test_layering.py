@@ -153,7 +153,8 @@ def test_checker_reports_upward_sideways_and_unlisted_imports(tmp_path):
     assert problems == sorted(
         [
             "hybrid_megatron/extra.py: unit 'extra' is in no row of LAYERS",
-            "hybrid_megatron/high/d.py:1: imports hybrid_megatron.extra, whose unit 'extra' is in no row of LAYERS",
+            "hybrid_megatron/high/d.py:1: imports hybrid_megatron.extra, "
+            "whose unit 'extra' is in no row of LAYERS",
             "hybrid_megatron/low/a.py:2: low imports hybrid_megatron.high (high, a higher layer)",
             "hybrid_megatron/low/b.py:2: low imports hybrid_megatron.mid.y (mid, a higher layer)",
             "hybrid_megatron/mid/c.py:1: mid imports hybrid_megatron.side (side, its own row)",
@@ -178,7 +179,9 @@ def test_config_and_accounting_run_without_torch():
         for path in recipes:
             recipe = load_recipe(path)
             count_parameters(recipe.model), training_flops(recipe.model, recipe.data.seq_length)
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "megatron", "transformer_engine"))
+        heavy = sorted(
+            m for m in sys.modules if m.split(".")[0] in ("torch", "megatron", "transformer_engine")
+        )
         print(len(recipes) > 10, heavy[:5])
     """)
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_DIR.parent)}

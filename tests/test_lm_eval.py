@@ -277,7 +277,8 @@ def _write_tasks(root, tok) -> str:
 
     def data(name):
         return (
-            f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / name}.jsonl\n  cache_dir: {cache}\n"
+            "dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {tasks / name}.jsonl\n  cache_dir: {cache}\n"
             "test_split: test\n"
         )
 

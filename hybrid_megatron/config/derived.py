@@ -36,8 +36,8 @@ def data_parallel_size(par, world_size: int) -> int:
                 f"parallel.ep: {par.ep} does not divide dp*tp = {dp}*{par.tp} on {world_size} ranks"
             )
         raise RecipeError(
-            f"parallel.ep: ep {par.ep} x expert tp {etp} = {par.expert_group_size} ranks per expert group do not "
-            f"divide dp*tp = {dp}*{par.tp} on {world_size} ranks (the experts' TP defaults to "
+            f"parallel.ep: ep {par.ep} x expert tp {etp} = {par.expert_group_size} ranks per expert "
+            f"group do not divide dp*tp = {dp}*{par.tp} on {world_size} ranks (the experts' TP defaults to "
             f"parallel.tp; parallel.expert_tp=1 spreads whole experts over the TP ranks instead)"
         )
     return dp

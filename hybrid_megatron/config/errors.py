@@ -1,4 +1,5 @@
-"""The recipe's errors (RecipeError, ModelConfigError) and the translation of pydantic's ValidationError into one line per problem.
+"""The recipe's errors (RecipeError, ModelConfigError) and the translation of pydantic's
+ValidationError into one line per problem.
 
 A recipe author should read ``recipes/x.yaml: unknown field model.hiden_size (did you mean
 hidden_size?)`` or ``model.intra.fusion: 'sum' is not one of add, subtract, concat``, never a

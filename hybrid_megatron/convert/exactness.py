@@ -181,7 +181,8 @@ def choose_target(cfg: ModelConfig, target: str = "auto") -> tuple[str, str]:
             raise NotExactError("no export target is exact for this model: " + "; ".join(native + reasons))
         return (
             target,
-            f"remote_code (trust_remote_code=True): no native target is exact ({why or 'mixed A/M/H blocks'})",
+            "remote_code (trust_remote_code=True): no native target is exact "
+            f"({why or 'mixed A/M/H blocks'})",
         )
     if target not in BLOCKERS:
         raise ValueError(f"--target: expected auto or one of {TARGETS}, got {target!r}")

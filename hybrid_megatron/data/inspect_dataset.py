@@ -147,7 +147,8 @@ def _print_report(report: dict, out) -> None:
         )
         tok = stats["tokenizer"]
         p(
-            f"tokenizer   {tok['path']} ({tok['kind']}, vocab {tok['vocab_size']}, sha256 {tok['sha256'][:16]}…)"
+            f"tokenizer   {tok['path']} ({tok['kind']}, vocab {tok['vocab_size']}, "
+            f"sha256 {tok['sha256'][:16]}…)"
         )
     lengths = report["document_lengths"]
     if lengths["count"]:
@@ -160,7 +161,8 @@ def _print_report(report: dict, out) -> None:
             p(f"  {label:>18} {count:>8,} {'#' * max(1, round(40 * count / widest))}")
     hist = report["token_histogram"]
     p(
-        f"token ids   {hist['distinct_ids']:,} distinct, max id {hist['max_id']:,} (over {hist['tokens_counted']:,} tokens)"
+        f"token ids   {hist['distinct_ids']:,} distinct, max id {hist['max_id']:,} "
+        f"(over {hist['tokens_counted']:,} tokens)"
     )
     for row in hist["top"]:
         text = "" if row["text"] is None else f" {row['text']!r}"

@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"wrote {Path(args.output) / 'tokenizer.json'}: vocab {tokenizer.vocab_size}, "
-        f"bos={tokenizer.bos_id} eos={tokenizer.eos_id} pad={tokenizer.pad_id}, sha256 {tokenizer.content_hash[:16]}…"
+        f"bos={tokenizer.bos_id} eos={tokenizer.eos_id} pad={tokenizer.pad_id}, "
+        f"sha256 {tokenizer.content_hash[:16]}…"
     )
     return 0
 

@@ -93,7 +93,8 @@ def dry_run(recipe: Any, args: argparse.Namespace) -> int:
     else:
         world = recipe.slurm.world_size
         print(
-            f"# ---- derived ({world} ranks = {recipe.slurm.nodes} nodes x {recipe.slurm.ranks_per_node}) ----"
+            f"# ---- derived ({world} ranks = {recipe.slurm.nodes} nodes x "
+            f"{recipe.slurm.ranks_per_node}) ----"
         )
         print(describe(recipe, world))
         print("# ---- sbatch script (submitit) ----")

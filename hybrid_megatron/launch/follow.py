@@ -115,7 +115,8 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def report(job: Any, nproc: int, outcomes: list) -> int:
-    """Print the end of a followed job: rank 0's summary, or each failed rank's error. Returns the exit code."""
+    """Print the end of a followed job: rank 0's summary, or each failed rank's error. Returns the
+    exit code."""
     failed = [k for k, o in enumerate(outcomes) if o is None or o[0] != "success"]
     if not failed:
         print(f"[launch] job {job.job_id}: all {nproc} ranks finished")

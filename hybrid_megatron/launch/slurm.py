@@ -182,7 +182,8 @@ def run_slurm(recipe: Any, args: argparse.Namespace, entry: str | None) -> int:
         )
     world = recipe.slurm.world_size
     print(
-        f"[launch] {recipe.name}: {recipe.slurm.nodes} nodes x {recipe.slurm.ranks_per_node} tasks = {world} ranks"
+        f"[launch] {recipe.name}: {recipe.slurm.nodes} nodes x {recipe.slurm.ranks_per_node} tasks "
+        f"= {world} ranks"
     )
     print(describe(recipe, world), flush=True)
     try:
