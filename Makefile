@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-long test-fast gpu-test clean
+.PHONY: install demo lint test test-long test-fast gpu-test clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,12 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) launch/slurm.py recipes/intra_tiny_moe.yaml --local --nproc 2
+
+# ruff's lint rules and formatting, and mypy over the package (settings in pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The suite, under 20 minutes on 2 cores; the few tests marked long run in `make test-long`.
 test: install
@@ -36,4 +42,4 @@ gpu-test:
 	python3 -m pytest -m gpu -v
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,10 +23,10 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
         self.stopping = False
-        self._previous = {}
+        self._previous: dict[int, Any] = {}  # signal -> the handler it had before install()
 
     def install(self) -> GracefulStop:
         """Install the handlers (main thread only); returns self."""
@@ -66,7 +67,7 @@ class GracefulStop:
 
     def hand_over(self) -> None:
         """Restore the previous handlers and call the one for the received signal, if callable."""
-        previous = self._previous.get(self.received)
+        previous = self._previous.get(self.received) if self.received is not None else None
         self.restore()
         if callable(previous):
             previous(self.received, getattr(self, "_frame", None))
