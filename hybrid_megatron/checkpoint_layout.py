@@ -107,8 +107,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     Raises CheckpointError naming the path when neither is found.
     """
     path = Path(path)
-    if is_checkpoint_root(path):
-        return latest_checkpoint(path)
+    latest = latest_checkpoint(path) if is_checkpoint_root(path) else None
+    if latest is not None:
+        return latest
     if is_complete(path):
         return path
     raise CheckpointError(f"{path}: neither a checkpoint directory nor a root with '{LATEST}'")

@@ -39,6 +39,7 @@ Forward FLOPs per sample of length L (h = hidden size):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hybrid_megatron.config.geometry import (
     AttentionDims,
@@ -107,10 +108,12 @@ def mixer_terms(cfg: ModelConfig, letter: str, seq_len: int) -> dict[str, int]:
     if letter in FFN_ONLY_LETTERS:
         return terms
     if letter in ATTENTION_LETTERS:
+        assert a is not None  # every attention letter has an attention mixer
         terms["qkv_proj"] = 2 * h * a.qkv_width * L
         terms.update(attention_core_terms(a, L))
         terms["out_proj"] = 2 * a.width * h * L
     elif letter == MAMBA:
+        assert m is not None
         terms["in_proj"] = 2 * h * m.in_proj_width * L
         terms.update(ssd_terms(m, L))
         terms["out_proj"] = 2 * m.d_inner * h * L
@@ -133,19 +136,27 @@ def ffn_terms(cfg: ModelConfig, seq_len: int, moe: bool = True) -> dict[str, int
     h, L, mats = cfg.hidden_size, seq_len, ffn_matrices(cfg)
     if cfg.moe is None or not moe:
         return {"ffn": 2 * mats * h * cfg.ffn_size * L}
-    moe = cfg.moe
+    moe_cfg = cfg.moe
     terms = {
-        "moe_router": 2 * h * moe.num_experts * L,
-        "moe_experts": 2 * mats * h * expert_ffn_size(cfg) * moe.top_k * L,
+        "moe_router": 2 * h * moe_cfg.num_experts * L,
+        "moe_experts": 2 * mats * h * expert_ffn_size(cfg) * moe_cfg.top_k * L,
     }
-    if moe.shared_expert_ffn_hidden_size:
-        terms["moe_shared"] = 2 * mats * h * moe.shared_expert_ffn_hidden_size * L
+    if moe_cfg.shared_expert_ffn_hidden_size:
+        terms["moe_shared"] = 2 * mats * h * moe_cfg.shared_expert_ffn_hidden_size * L
     return terms
 
 
 class _TrainingFromForward:
     """Training FLOPs derived from ``forward_per_sample`` and ``seq_len`` (backward = 2 x
     forward), shared by a block's and the whole model's report."""
+
+    if TYPE_CHECKING:  # provided by each report (a property or a dataclass field)
+
+        @property
+        def forward_per_sample(self) -> int: ...
+
+        @property
+        def seq_len(self) -> int: ...
 
     @property
     def training_per_sample(self) -> int:

@@ -155,9 +155,13 @@ def mixer_params(cfg: ModelConfig, letter: str) -> int:
     if letter in FFN_ONLY_LETTERS:
         return 0
     if letter in ATTENTION_LETTERS:
-        return attention_mixer_params(cfg.hidden_size, attention_dims(cfg, ATTENTION))
+        a = attention_dims(cfg, ATTENTION)
+        assert a is not None  # every attention letter has an attention mixer
+        return attention_mixer_params(cfg.hidden_size, a)
     if letter == MAMBA:
-        return mamba_mixer_params(cfg.hidden_size, mamba_dims(cfg, MAMBA))
+        m = mamba_dims(cfg, MAMBA)
+        assert m is not None
+        return mamba_mixer_params(cfg.hidden_size, m)
     if letter == INTRA:
         return intra_mixer_params(cfg)
     raise ValueError(f"unknown block letter {letter!r} (expected A, M, H, *, - or E)")
@@ -170,11 +174,11 @@ def ffn_params(cfg: ModelConfig, moe: bool = True) -> tuple[int, int]:
     if cfg.moe is None or not moe:
         dense = mats * h * cfg.ffn_size
         return dense, dense
-    moe = cfg.moe
+    moe_cfg = cfg.moe
     expert = mats * h * expert_ffn_size(cfg)
-    shared = mats * h * moe.shared_expert_ffn_hidden_size if moe.shared_expert_ffn_hidden_size else 0
-    router = moe.num_experts * h
-    return router + moe.num_experts * expert + shared, router + moe.top_k * expert + shared
+    shared = mats * h * moe_cfg.shared_expert_ffn_hidden_size if moe_cfg.shared_expert_ffn_hidden_size else 0
+    router = moe_cfg.num_experts * h
+    return router + moe_cfg.num_experts * expert + shared, router + moe_cfg.top_k * expert + shared
 
 
 def block_params(cfg: ModelConfig, letter: str, count: int = 1) -> BlockParams:

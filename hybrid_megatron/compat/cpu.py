@@ -216,7 +216,7 @@ def apply_cpu_shims() -> None:
     from megatron.core.transformer import utils as transformer_utils
     from megatron.core.transformer.moe import moe_utils, router
 
-    torch.cuda.current_device = _cpu_current_device
+    torch.cuda.current_device = _cpu_current_device  # type: ignore[assignment]  # a device, not an index
     # Host and "device" are the same memory: synchronising is a no-op.
     torch.cuda.synchronize = lambda device=None: None
     _CUDA_TO_CPU_MODE.__enter__()

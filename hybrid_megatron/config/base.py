@@ -22,6 +22,7 @@ class StrictSection(BaseModel):
         """Refuse true/false for a numeric field (pydantic would read them as 1 and 0, so
         ``num_layers: true`` built a one-layer model). Returns the value unchanged."""
         if isinstance(value, bool):
+            assert info.field_name is not None  # a field validator always has its field
             annotation = cls.model_fields[info.field_name].annotation
             types = set(typing.get_args(annotation)) or {annotation}
             if types & {int, float} and bool not in types:

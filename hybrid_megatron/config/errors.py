@@ -13,7 +13,7 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -104,7 +104,7 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def describe_error(model: type[BaseModel], error: dict) -> str:
+def describe_error(model: type[BaseModel], error: Mapping[str, Any]) -> str:
     """One line for one pydantic error dict (from ``ValidationError.errors()``)."""
     loc = tuple(error.get("loc", ()))
     path = dotted(loc)
@@ -146,7 +146,7 @@ def format_validation_error(
     """
     errors = err.errors(include_url=False)
     # A misspelt field also leaves the real one missing; "did you mean" already says so.
-    suggested = set()
+    suggested: set[tuple[Any, ...]] = set()
     for error in errors:
         loc = tuple(error.get("loc", ()))
         if error.get("type") == "extra_forbidden" and loc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ def export_model(
     """
     target, why = choose_target(cfg, target)
     config, tensors, extra = hf_config_and_tensors(cfg, state_dict, target)
-    generation = {"_from_model_config": True, "do_sample": False}
+    generation: dict[str, Any] = {"_from_model_config": True, "do_sample": False}
     tok_writer = None
     if tokenizer_path is not None:
         from hybrid_megatron.data.tokenizer import load_tokenizer

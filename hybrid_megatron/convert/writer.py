@@ -24,7 +24,9 @@ class ExportError(InputError, RuntimeError):
 
 def _shards(tensors: dict, max_bytes: int) -> list[dict]:
     """Split {name: tensor} into consecutive groups of at most ``max_bytes`` (one tensor min)."""
-    shards, current, size = [], {}, 0
+    shards: list[dict] = []
+    current: dict = {}
+    size = 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > max_bytes:

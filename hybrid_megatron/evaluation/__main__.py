@@ -16,6 +16,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 
 def _ints(text: str) -> list[int]:
@@ -99,7 +100,10 @@ def run(args) -> dict:
     from hybrid_megatron.evaluation.common import checkpoint_label, load_for_eval, write_json
 
     out = Path(args.out)
-    results, metrics, artifacts, recipes = {}, {}, {}, {}
+    results: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    artifacts: dict[str, Any] = {}
+    recipes: dict[str, Any] = {}
     for ckpt in args.checkpoint:
         label = checkpoint_label(ckpt)
         if label in results:

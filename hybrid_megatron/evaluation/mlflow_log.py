@@ -6,6 +6,7 @@ tracking URI defaults to the recipe's (``sqlite:///<parent of the run dir>/mlrun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from hybrid_megatron.checkpoint_layout import checkpoint_root
@@ -16,7 +17,7 @@ def log_results(
     checkpoint: str | Path,
     recipe,
     metrics: dict[str, float],
-    artifacts: list[str | Path] = (),
+    artifacts: Sequence[str | Path] = (),
     tracking_uri: str | None = None,
     step: int | None = None,
 ) -> str | None:

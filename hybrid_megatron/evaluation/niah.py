@@ -68,7 +68,8 @@ def niah_grid(
     rng = random.Random(seed)
     device = model_device(model)
     filler = list(filler)
-    acc, samples = [], []
+    acc: list[list[float]] = []
+    samples: list[dict] = []
     for ctx in contexts:
         row = []
         for depth in depths:

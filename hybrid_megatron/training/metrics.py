@@ -23,7 +23,7 @@ def peak_flops_per_gpu(precision: str) -> float | None:
     return None
 
 
-def flops_per_token(model_config, seq_length: int) -> float | None:
+def flops_per_token(model_config, seq_length: int) -> float:
     """Training FLOPs per token (forward + backward) from the accounting module."""
     from hybrid_megatron.accounting.flops import model_flops_per_token
 
