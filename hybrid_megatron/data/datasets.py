@@ -89,7 +89,7 @@ def split_document_ranges(split: str, documents: int) -> list[tuple[int, int] | 
     bookends = [0.0]
     for weight in weights:
         bookends.append(bookends[-1] + weight / total)
-    ranges = []
+    ranges: list[tuple[int, int] | None] = []
     for lo, hi in zip(bookends[:-1], bookends[1:]):
         if hi <= lo:
             ranges.append(None)
@@ -108,6 +108,7 @@ def check_split_coverage(
     """
     if not config.uses_split:
         return
+    assert config.split is not None  # what uses_split means
     for entry in config.blend:
         documents = summaries[entry.prefix].documents
         ranges = split_document_ranges(config.split, documents)
@@ -168,7 +169,7 @@ def build_gpt_datasets(
     else:
         per_split = [config.blend, config.valid_blend, config.test_blend]
         blend_kwargs = {"blend_per_split": [_megatron_blend(entries) for entries in per_split]}
-        weighted = [bool(entries) and len(entries) > 1 for entries in per_split]
+        weighted = [entries is not None and len(entries) > 1 for entries in per_split]
     for name, count, is_weighted in zip(("train", "valid", "test"), num_samples, weighted):
         if count is None and is_weighted:
             raise DataToolsError(f"a weighted blend needs a sample count for the {name} split, got None")

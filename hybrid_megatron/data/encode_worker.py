@@ -100,6 +100,7 @@ def _parse_json_lines(chunk: Chunk, settings: EncodeSettings, result: ChunkResul
         line = chunk.first_line + offset
         text, problem = parse_json_line(raw, key)
         if problem is None:
+            assert text is not None  # parse_json_line gives a text or a problem
             texts.append(text)
             continue
         if not settings.skip_bad:

@@ -16,6 +16,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +111,7 @@ class AtomicIndexedWriter:
             self.prefix + ".idx" + tag,
             self.prefix + ".stats.json" + tag,
         )
-        self._builder = None
+        self._builder: Any = None  # megatron-core's IndexedDatasetBuilder, made by __enter__
         self.committed = False
 
     def __enter__(self) -> AtomicIndexedWriter:

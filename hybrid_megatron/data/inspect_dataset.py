@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def length_summary(lengths: np.ndarray) -> dict:
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size == 0:
         return {"count": 0}
-    summary = {
+    summary: dict[str, Any] = {
         "count": int(lengths.size),
         "min": int(lengths.min()),
         "mean": round(float(lengths.mean()), 1),
@@ -50,7 +51,7 @@ def length_summary(lengths: np.ndarray) -> dict:
         "max": int(lengths.max()),
     }
     buckets = np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64)
-    histogram = {}
+    histogram: dict[str, int] = {}
     for bucket, count in zip(*np.unique(buckets, return_counts=True)):
         histogram[f"[{2 ** int(bucket)}, {2 ** (int(bucket) + 1)})"] = int(count)
     summary["histogram"] = histogram

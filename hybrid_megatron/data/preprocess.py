@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -63,7 +63,9 @@ class _Tally:
     per_file_docs: dict = field(default_factory=dict)
 
 
-def _results(chunks: Iterator, settings: EncodeSettings, workers: int) -> Iterator[tuple[int, ChunkResult]]:
+def _results(
+    chunks: Iterator, settings: EncodeSettings, workers: int
+) -> Generator[tuple[int, ChunkResult], None, None]:
     """Yields (consumed input bytes, ChunkResult) per chunk, in input order.
 
     One worker runs in this process (no pickling at all); more use a pool with a bounded

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hybrid_megatron.data.errors import DataToolsError
 
@@ -132,6 +133,7 @@ def _open_binary(item: InputFile):
     except OSError as exc:
         raise DataToolsError(f"{item.path}: cannot open: {exc}") from exc
     counter = _CountingReader(raw)
+    stream: Any
     if item.compression == "gzip":
         stream = gzip.GzipFile(fileobj=io.BufferedReader(counter, 1 << 20))
     elif item.compression == "zstd":
@@ -190,14 +192,14 @@ def _iter_text(index: int, item: InputFile, chunk_bytes: int, mode: str) -> Iter
     if mode == "line":
         pieces = [(n, line) for n, line in enumerate(data.splitlines(), start=1) if line.strip()]
     else:
-        start_line, buffer = None, []
+        start_line, buffer = 0, []  # 0: no piece started (lines count from 1)
         for n, line in enumerate(data.splitlines(), start=1):
             if line.strip():
                 start_line = start_line or n
                 buffer.append(line)
             elif buffer:
                 pieces.append((start_line, "\n".join(buffer)))
-                start_line, buffer = None, []
+                start_line, buffer = 0, []
         if buffer:
             pieces.append((start_line, "\n".join(buffer)))
     batch, size = [], 0

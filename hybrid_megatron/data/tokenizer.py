@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -151,7 +152,7 @@ class Tokenizer:
             slow = self._backend.encode_batch_fast([texts[i] for i in rest], add_special_tokens=False)
             for i, enc in zip(rest, slow):
                 out[i] = enc.ids
-        return out
+        return cast(list[list[int]], out)  # every None was filled above
 
     def encode_batch_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Returns (all ids concatenated as int64, per-text lengths); the preprocessing
