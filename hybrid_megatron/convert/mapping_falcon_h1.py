@@ -242,7 +242,8 @@ def from_falcon_h1(cfg: ModelConfig, hf_sd: dict) -> dict:
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
         mix = dst + "self_attention."
         sd[dst + "input_layernorm.weight"] = hf_sd[src + "input_layernorm.weight"]
-        qkv = join_qkv(*(hf_sd[f"{src}self_attn.{n}_proj.weight"] for n in "qkv"), heads, groups, head_dim)
+        q, k, v = (hf_sd[f"{src}self_attn.{n}_proj.weight"] for n in "qkv")
+        qkv = join_qkv(q, k, v, heads, groups, head_dim)
         sd[mix + "in_proj.weight"] = torch.cat([qkv, hf_sd[src + "mamba.in_proj.weight"]], dim=0)
         sd[mix + "out_proj.weight"] = torch.cat(
             [hf_sd[src + "self_attn.o_proj.weight"], hf_sd[src + "mamba.out_proj.weight"]], dim=1

@@ -156,9 +156,8 @@ def _attention_to_hf(cfg: ModelConfig, sd: dict, src: str) -> dict:
 
 
 def _attention_from_hf(cfg: ModelConfig, hf: dict, src: str) -> dict:
-    qkv = join_qkv(
-        *(hf[f"{src}{n}_proj.weight"] for n in "qkv"), cfg.attention.num_heads, cfg.query_groups, cfg.head_dim
-    )
+    q, k, v = (hf[f"{src}{n}_proj.weight"] for n in "qkv")
+    qkv = join_qkv(q, k, v, cfg.attention.num_heads, cfg.query_groups, cfg.head_dim)
     return {"linear_qkv.weight": qkv, "linear_proj.weight": hf[src + "o_proj.weight"]}
 
 
@@ -410,7 +409,8 @@ def normalise_names(hf_sd: dict) -> dict:
     """NemotronH tensors under transformers' module names, from either naming (checkpoint
     names: ``backbone.`` prefix, per-expert weights, as checkpoint_names writes; or module
     names); the multi-token-prediction tensors (``mtp.``, unused by the causal LM) left out."""
-    out, experts = {}, {}
+    out: dict = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}
     for name, t in hf_sd.items():
         if name.startswith("mtp."):
             continue

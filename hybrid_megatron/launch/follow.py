@@ -62,7 +62,7 @@ def follow(
     job: Any,
     nproc: int,
     is_active: Callable[[], bool],
-    cancel: Callable[[], None],
+    cancel: Callable[[], object],
     failure_grace_s: float,
     poll_s: float = 0.5,
     settle_s: float = 30.0,

@@ -4,6 +4,7 @@ exit 1 if any failed), or with ``--local`` one after another."""
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import subprocess
 import sys
@@ -64,8 +65,8 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
         outcomes = follow(
             job,
             world,
-            is_active=lambda job=job: slurm_job_active(job.job_id),
-            cancel=lambda job=job: subprocess.run(["scancel", str(job.job_id)], check=False),
+            is_active=functools.partial(slurm_job_active, job.job_id),
+            cancel=functools.partial(subprocess.run, ["scancel", str(job.job_id)], check=False),
             failure_grace_s=60.0,
             poll_s=1.0,
             settle_s=60.0,

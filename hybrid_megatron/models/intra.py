@@ -137,7 +137,8 @@ class IntraHybridMixer(MegatronModule):
         super().__init__(config)
         self.fusion = fusion
         self.overlap_branches = overlap_branches
-        self._side_stream = None  # created on the first overlapped forward (see forward)
+        # created on the first overlapped forward (see forward)
+        self._side_stream: torch.cuda.Stream | None = None
         self.tp_group = pg_collection.tp
         tp = self.tp_group.size()
         self.attention = None

@@ -58,7 +58,7 @@ def write_cache_rows(cache: Tensor, new_rows: Tensor, idx: Tensor | None, valid:
     # Cached states are inference buffers: never let them join an autograd graph.
     with torch.no_grad():
         new_rows = new_rows.detach()
-        if valid is None:
+        if idx is None or valid is None:  # both or neither (read_cache_rows)
             cache.copy_(new_rows)
         else:
             cache[idx[valid]] = new_rows[valid]

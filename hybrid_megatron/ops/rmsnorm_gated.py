@@ -69,6 +69,8 @@ class RMSNormGated(torch.nn.Module):
     Parameters: ``weight`` (hidden_size,) initialised to ones; ``bias`` is registered as None.
     """
 
+    bias: Tensor | None  # registered as None: the checker would read it as a submodule
+
     def __init__(
         self,
         hidden_size: int,

@@ -92,6 +92,7 @@ class RunTracker:
         """Send queued metrics in one request."""
         if not self.active or not self._pending:
             return
+        assert self.run_id is not None  # an active tracker has started its run
         self._mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=self._pending)
         self._pending = []
 

@@ -36,5 +36,6 @@ class Validation:
             self._run(model_chunks, step)
 
     def _run(self, model_chunks, step: int) -> None:
+        assert self.batches is not None  # callers run only with a validation set
         self.loss = evaluate(model_chunks, self.batches, self.seq_length)
         self.tracker.log_metrics({"val/loss": self.loss}, step)
