@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ def measure_cache_bytes(model, context) -> dict:
     """
     owners = _cache_owners(model)
     filled = context.sequence_len_offset
-    out = {"kv": 0, "conv": 0, "ssm": 0, "kv_allocated": 0, "layers": {}}
+    out: dict[str, Any] = {"kv": 0, "conv": 0, "ssm": 0, "kv_allocated": 0, "layers": {}}
     dtype_bytes = None
     for key, tensors in context.key_value_memory_dict.items():
         kind, window = owners[key]
@@ -140,7 +141,7 @@ def throughput(
             if len(prompt_tokens) < need:
                 raise ValueError(f"need {need} prompt tokens, got {len(prompt_tokens)}")
             prompt = prompt_tokens[:need].view(batch, ctx_len).to(device)
-            best = None
+            best: tuple[float, float, Any] | None = None  # (prefill s, decode s, cache bytes)
             for _ in range(repeats):
                 ctx = new_inference_context(batch, ctx_len + new_tokens)
                 t0 = time.perf_counter()
@@ -153,6 +154,7 @@ def throughput(
                 t2 = time.perf_counter()
                 if best is None or (t2 - t1) < best[1]:
                     best = (t1 - t0, t2 - t1, measure_cache_bytes(model, ctx)["total"])
+            assert best is not None, "repeats must be at least 1"
             rows.append(
                 {
                     "batch": batch,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -97,7 +98,7 @@ def points_from_frame(frame) -> list[RunPoint]:
     problems: dict[str, list[str]] = {}
     points = []
     for _, row in frame.iterrows():
-        values = {}
+        values: dict[str, Any] = {}
         for key, (prefix, name) in fields.items():
             column = f"{prefix}.{name}"
             raw = row[column] if column in frame.columns else None

@@ -16,6 +16,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -151,7 +152,7 @@ def save_checkpoint(
     alone). Returns the final directory.
     """
     rank = dist.get_rank()
-    box = [str(layout.start_save(root, state.step)) if rank == 0 else None]
+    box: list[Any] = [str(layout.start_save(root, state.step)) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     partial = Path(box[0])
 
@@ -296,7 +297,7 @@ def _check_same_model(path: Path, model_template: dict, saved: dict) -> None:
     a few of the differing weights. Returns nothing.
     """
     wanted = {key for entry in model_template.values() for key in _stored_keys(entry)}
-    everyone = [None] * dist.get_world_size()
+    everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sorted(wanted))
     wanted = set().union(*everyone)
     # Saved extra state of modules the model builds without one (a TE layer's FP8 history where
@@ -310,8 +311,10 @@ def _check_same_model(path: Path, model_template: dict, saved: dict) -> None:
         ("weights the checkpoint lacks", wanted - set(saved)),
     ):
         if keys:
-            keys = sorted(keys)
-            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+            names = sorted(keys)
+            problems.append(
+                f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            )
     if problems:
         raise CheckpointError(
             f"cannot load checkpoint {path}: it holds another model than the recipe's: "
