@@ -173,7 +173,7 @@ def test_next_steps_include_fit_with_enough_runs():
     assert set(commands) == {"compare", "fit", "ui"}
 
 
-@pytest.mark.slow  # six CPU training runs (~2 minutes on 2 cores)
+@pytest.mark.long  # six CPU training runs: 2 to 6 minutes on 2 cores (outside `make test`, in `make test-long`)
 def test_shipped_tiny_sweep_end_to_end(tmp_path, capsys, monkeypatch):
     """recipes/sweeps/tiny_F.yaml run locally, then the compare (and fit) commands it prints,
     exactly as printed: the table holds both budgets with all three kinds and one best each."""
