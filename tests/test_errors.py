@@ -11,6 +11,7 @@ from hybrid_megatron.convert.exactness import NotExactError
 from hybrid_megatron.convert.writer import ExportError
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.errors import InputError
+from hybrid_megatron.launch.plan import UsageError
 from hybrid_megatron.scaling.runs import RunsError
 from hybrid_megatron.training.checkpoint import CheckpointError
 
@@ -25,6 +26,7 @@ USER_ERRORS = {
     RunsError: ValueError,
     NotExactError: ValueError,
     ExportError: RuntimeError,
+    UsageError: Exception,
 }
 
 
