@@ -12,7 +12,7 @@ from hybrid_megatron.convert.writer import ExportError
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.errors import InputError
 from hybrid_megatron.launch.plan import UsageError
-from hybrid_megatron.scaling.runs import RunsError
+from hybrid_megatron.scaling.runs import RunsError, TooFewRunsError
 from hybrid_megatron.training.checkpoint import CheckpointError
 
 # class -> the builtin base existing callers catch (pydantic turns a ValueError raised in a
@@ -24,6 +24,7 @@ USER_ERRORS = {
     DataToolsError: Exception,
     CheckpointError: RuntimeError,
     RunsError: ValueError,
+    TooFewRunsError: ValueError,
     NotExactError: ValueError,
     ExportError: RuntimeError,
     UsageError: Exception,
