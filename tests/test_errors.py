@@ -11,7 +11,8 @@ from hybrid_megatron.convert.exactness import NotExactError
 from hybrid_megatron.convert.writer import ExportError
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.errors import InputError
-from hybrid_megatron.scaling.runs import RunsError
+from hybrid_megatron.launch.plan import UsageError
+from hybrid_megatron.scaling.runs import RunsError, TooFewRunsError
 from hybrid_megatron.training.checkpoint import CheckpointError
 
 # class -> the builtin base existing callers catch (pydantic turns a ValueError raised in a
@@ -23,8 +24,10 @@ USER_ERRORS = {
     DataToolsError: Exception,
     CheckpointError: RuntimeError,
     RunsError: ValueError,
+    TooFewRunsError: ValueError,
     NotExactError: ValueError,
     ExportError: RuntimeError,
+    UsageError: Exception,
 }
 
 

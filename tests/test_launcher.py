@@ -454,6 +454,17 @@ def test_local_two_ranks_rendezvous_and_report(tmp_path, monkeypatch, capsys):
     assert "all 2 ranks finished" in out and "final_loss: 1.25" in out
     assert f"checkpoint_dir: {tmp_path}/runs/demo/checkpoints" in out
     assert list((tmp_path / "runs" / "demo" / "local").iterdir())  # logs under the run dir
+    # ... and it ends with what to try next, the run's own paths filled in
+    ckpt, run = f"{tmp_path}/runs/demo/checkpoints", f"{tmp_path}/runs/demo"
+    assert [
+        line.strip() for line in out.split("next steps:")[1].splitlines() if line.strip()[:1] not in "#"
+    ] == [
+        f"python -m hybrid_megatron.evaluation nll --checkpoint {ckpt} --out {run}/eval",
+        f"python -m hybrid_megatron.evaluation generate --checkpoint {ckpt} --out {run}/eval",
+        f"python -m hybrid_megatron.convert to-hf --checkpoint {ckpt} --output {run}/hf",
+        "python launch/slurm.py recipes/sweeps/tiny_F.yaml --sweep --local",
+        f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/runs/mlruns.db",
+    ]
 
 
 def test_local_failure_propagates_with_the_failing_rank(tmp_path, monkeypatch, capsys):

@@ -29,6 +29,9 @@ def test_padded_group_layout_places_each_group_at_an_aligned_start():
 
 def _model_pair(cfg: dict, seed: int = 3):
     """The same model built with sequential and with grouped experts, on the same weights."""
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()  # sized by the first MoE model run
     models = {}
     for experts in ("sequential", "grouped"):
         models[experts] = build_single({**cfg, "moe": {**cfg["moe"], "experts": experts}}, seed=seed)

@@ -101,7 +101,8 @@ class TrainConfig(StrictSection):
         default=False,
         description="GPU: capture every layer's forward and backward in CUDA graphs after the "
         "first step (megatron-core's per-layer graphs); cuts the host's kernel-launch time. "
-        "Needs a GPU, dense FFNs, recompute none and tp = pp = 1",
+        "Needs a GPU, dense FFNs or model.moe.experts grouped on one EP rank, recompute none "
+        "and tp = pp = 1",
     )
 
     @field_validator("steps", "tokens", mode="before")

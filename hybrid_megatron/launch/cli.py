@@ -30,7 +30,7 @@ from typing import Any
 from hybrid_megatron import runtime
 from hybrid_megatron.errors import InputError
 from hybrid_megatron.launch.job import ENTRY_ENV
-from hybrid_megatron.launch.local import run_local
+from hybrid_megatron.launch.local import next_steps, run_local
 from hybrid_megatron.launch.plan import UsageError, describe, load, local_world, log_folder
 from hybrid_megatron.launch.slurm import render_sbatch, run_slurm
 from hybrid_megatron.launch.sweep import run_sweep
@@ -118,7 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(recipe, args)
         if args.local:
-            return run_local(recipe, args, entry)
+            code = run_local(recipe, args, entry)
+            if code == 0:
+                print(next_steps(recipe), flush=True)
+            return code
         return run_slurm(recipe, args, entry)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

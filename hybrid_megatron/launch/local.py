@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import sys
 from typing import Any
@@ -81,3 +82,26 @@ def run_local(recipe: Any, args: argparse.Namespace, entry: str | None) -> int:
         print("[launch] interrupted: job cancelled", file=sys.stderr)
         return 130
     return report(job, nproc, outcomes)
+
+
+def next_steps(recipe: Any) -> str:
+    """What to try after a local run, with the run's checkpoint and tracking store filled in:
+    evaluate, export to Hugging Face, a compute-matched sweep, ``mlflow ui``."""
+    ckpt, run_dir = shlex.quote(recipe.checkpoint.dir), recipe.run_dir
+    eval_dir, hf_dir = shlex.quote(run_dir + "/eval"), shlex.quote(run_dir + "/hf")
+    lines = [
+        "next steps:",
+        "  # evaluate: validation loss and perplexity, then text generated from a prompt",
+        f"  python -m hybrid_megatron.evaluation nll --checkpoint {ckpt} --out {eval_dir}",
+        f"  python -m hybrid_megatron.evaluation generate --checkpoint {ckpt} --out {eval_dir}",
+        "  # export to a Hugging Face model directory (extra 'convert')",
+        f"  python -m hybrid_megatron.convert to-hf --checkpoint {ckpt} --output {hf_dir}",
+        "  # compare the kinds at matched compute: 6 tiny CPU runs, a few minutes (recipes/sweeps/)",
+        "  python launch/slurm.py recipes/sweeps/tiny_F.yaml --sweep --local",
+    ]
+    if recipe.tracking.enabled:
+        lines += [
+            "  # browse the runs",
+            "  " + shlex.join(["mlflow", "ui", "--backend-store-uri", recipe.tracking_uri()]),
+        ]
+    return "\n".join(lines)

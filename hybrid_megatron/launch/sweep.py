@@ -8,6 +8,7 @@ import functools
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import submitit
 
@@ -22,7 +23,7 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     """Expand a sweep file into runs; print their table; then (unless --dry-run) submit one
     SLURM job array, or with --local run them one after another. Returns the exit code."""
     from hybrid_megatron.config import load_recipe
-    from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep
+    from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep, next_steps
 
     try:
         spec, runs = load_sweep(args.recipe, tuple(args.overrides))
@@ -30,9 +31,12 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     except InputError as err:
         raise UsageError(str(err)) from None
     print(format_sweep_table(spec, runs), flush=True)
+    stores = list(dict.fromkeys((r.tracking_uri(), r.tracking.experiment) for r in recipes))
+    out_dir = str(Path(recipes[0].run_dir).parent)  # <runs>/<sweep name>, beside the runs
     if args.dry_run:
         print("# ---- sbatch script of the job array (submitit) ----")
         print(render_sbatch(recipes[0], array_size=len(recipes)).rstrip())
+        print("# after the runs, " + next_steps(spec, runs, stores, out_dir).replace("\n", "\n# "))
         print("# dry run: nothing submitted")
         return 0
     if args.local:
@@ -41,6 +45,7 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
             print(f"[sweep] {run.name}", flush=True)
             failed += run_local(recipe, args, entry) != 0
         print(f"[sweep] {len(runs) - failed}/{len(runs)} runs succeeded (compare group {spec.name})")
+        print(next_steps(spec, runs, stores, out_dir), flush=True)
         return 1 if failed else 0
     if shutil.which("sbatch") is None:
         raise UsageError("SLURM was not found on this machine (no 'sbatch' on PATH); add --local")
@@ -57,6 +62,7 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     for run, job in zip(runs, jobs):
         print(f"[sweep]   {job.job_id}: {run.name}", flush=True)
     if not args.wait:
+        print("once they have finished, " + next_steps(spec, runs, stores, out_dir), flush=True)
         return 0
     world = recipes[0].slurm.world_size  # the array's tasks share the first recipe's allocation
     failed = 0
@@ -73,4 +79,5 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
         )
         failed += report(job, world, outcomes) != 0
     print(f"[sweep] {len(runs) - failed}/{len(runs)} runs succeeded (compare group {spec.name})")
+    print(next_steps(spec, runs, stores, out_dir), flush=True)
     return 1 if failed else 0

@@ -1,11 +1,14 @@
-"""``python -m hybrid_megatron.scaling fit --tracking-uri URI --experiment NAME [--group G]
---out DIR``: scaling-law fits of an MLflow experiment's finished runs."""
+"""``python -m hybrid_megatron.scaling fit|compare --tracking-uri URI --experiment NAME
+[--group G] --out DIR``: scaling-law fits of an MLflow experiment's finished runs (``fit``,
+at least 5 runs per kind), or the sweep's table of final losses per budget and kind with a plot
+of loss against FLOPs (``compare``, from 2 runs)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,17 +34,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.05,
         help="relative FLOPs difference within one isoFLOP budget",
     )
+    cmp = sub.add_parser("compare", help="final val/loss per budget and kind, best marked; PNG")
+    cmp.add_argument("--tracking-uri", required=True, help="sqlite:///..., file:... or http://...")
+    cmp.add_argument("--experiment", required=True, help="MLflow experiment name")
+    cmp.add_argument("--group", default=None, help="only runs with tag hm.compare_group = G")
+    cmp.add_argument(
+        "--out",
+        default="compare_out",
+        help="output directory for compare.json and loss_vs_flops.png (default compare_out)",
+    )
     args = parser.parse_args(argv)
 
     from hybrid_megatron import runtime
     from hybrid_megatron.errors import InputError
 
     runtime.setup()
+    if args.command == "compare":
+        return _compare(args)
     from hybrid_megatron.scaling.analysis import analyze, write_outputs
-    from hybrid_megatron.scaling.runs import load_runs
+    from hybrid_megatron.scaling.commands import scaling_command
+    from hybrid_megatron.scaling.runs import TooFewRunsError, load_runs
 
     try:
         runs = load_runs(args.tracking_uri, args.experiment, args.group, args.min_runs)
+    except TooFewRunsError as err:
+        out = str(Path(args.out).parent / "compare")
+        print(
+            f"error: {err}\nthese runs can still be compared (from 2 runs up):\n  "
+            f"{scaling_command('compare', args.tracking_uri, args.experiment, args.group, out)}",
+            file=sys.stderr,
+        )
+        return 2
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -58,6 +81,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"alpha={law['alpha']:.3f} B={law['B']:.4g} beta={law['beta']:.3f}; "
             f"N* ~ C^{law['a']:.3f}, D* ~ C^{law['b']:.3f}{iso_text}"
         )
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """The ``compare`` command: print the table, write compare.json and the PNG."""
+    from hybrid_megatron.errors import InputError
+    from hybrid_megatron.scaling.compare import comparison_of_frame, write_comparison
+    from hybrid_megatron.scaling.runs import points_from_frame, search_finished
+
+    try:
+        frame = search_finished(args.tracking_uri, args.experiment, args.group)
+        comparison = comparison_of_frame(frame)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta = {"tracking_uri": args.tracking_uri, "experiment": args.experiment, "group": args.group}
+    paths = write_comparison(points_from_frame(frame), comparison, args.out, meta)
+    print(comparison.format(args.group or args.experiment))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 

@@ -1,4 +1,5 @@
-"""PNG plots of the scaling fits: loss vs compute with the fitted frontier, and isoFLOP curves."""
+"""PNG plots of the scaling fits (loss vs compute with the fitted frontier, isoFLOP curves) and
+of a sweep's comparison (loss vs compute per kind)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,29 @@ def plot_isoflops(isofits: dict[str, IsoFlopFit], path: Path) -> Path:
     if not kinds:
         axes[0][0].text(0.5, 0.5, "no isoFLOP budgets", ha="center", va="center")
         axes[0][0].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_loss_per_kind(curves: dict[str, list[tuple[float, float]]], path: Path, title: str = "") -> Path:
+    """Loss against training FLOPs, one line per kind.
+
+    Takes kind -> (FLOPs, final loss) points in FLOPs order, the output path and a title prefix;
+    returns the path written.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for kind, points in curves.items():
+        c, loss = zip(*points)
+        ax.plot(c, loss, marker="o", label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (train.flops)")
+    ax.set_ylabel("final val/loss")
+    ax.set_title(f"{title}: loss vs compute" if title else "loss vs compute")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,7 +5,8 @@ Each run contributes one point (N, D, C, L):
 - N = param ``model.num_parameters``, D = param ``train.tokens``, C = param ``train.flops``
   (the run's own planned training FLOPs from the accounting module),
 - L = the final value of metric ``val/loss`` (MLflow keeps the value at the latest step),
-- the kind is tag ``hm.kind``; tag ``hm.compare_group`` selects a sweep.
+- the kind is tag ``hm.kind``; tag ``hm.compare_group`` selects a sweep; tag ``hm.match``
+  (P or F) says how the sweep matched its runs.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ PARAM_C = "train.flops"
 METRIC_LOSS = "val/loss"
 TAG_KIND = "hm.kind"
 TAG_GROUP = "hm.compare_group"
+TAG_MATCH = "hm.match"
 MIN_RUNS = 5  # a 5-parameter law needs at least as many points per kind
 
 
 class RunsError(InputError, ValueError):
     """Runs that cannot be fitted: missing fields (naming the run ids) or too few runs."""
+
+
+class TooFewRunsError(RunsError):
+    """Fewer runs of some kind than a fit needs (they can still be compared)."""
 
 
 @dataclass(frozen=True)
@@ -132,21 +138,19 @@ def group_by_kind(points: list[RunPoint], min_runs: int = MIN_RUNS) -> dict[str,
         lines = [
             f"  {k}: {len(v)} run(s) ({', '.join(p.run_id for p in v)})" for k, v in sorted(short.items())
         ]
-        raise RunsError(
+        raise TooFewRunsError(
             f"too few runs to fit a scaling law (need at least {min_runs} per kind):\n" + "\n".join(lines)
         )
     return {k: RunSet.from_points(k, by_kind[k]) for k in sorted(by_kind)}
 
 
-def load_runs(
-    tracking_uri: str, experiment: str, group: str | None = None, min_runs: int = MIN_RUNS
-) -> dict[str, RunSet]:
-    """Read the finished runs of an MLflow experiment, per kind.
+def search_finished(tracking_uri: str, experiment: str, group: str | None = None):
+    """The finished runs of an MLflow experiment (optionally one compare group).
 
     Takes the tracking URI (``sqlite:///...``, a file store or ``http://`` server), the
-    experiment name, an optional ``hm.compare_group`` to select, and the minimum number of runs
-    per kind. Returns kind -> RunSet. Raises RunsError for an unknown experiment, no
-    finished runs, missing params/metrics (naming the run ids) or too few runs.
+    experiment name and an optional ``hm.compare_group``. Returns ``mlflow.search_runs``'s
+    pandas DataFrame (at least one row). Raises RunsError for an unknown experiment or no
+    finished runs.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -166,4 +170,18 @@ def load_runs(
     if len(frame) == 0:
         where = f" in compare group {group!r}" if group is not None else ""
         raise RunsError(f"no finished runs in experiment {experiment!r}{where} at {tracking_uri}")
+    return frame
+
+
+def load_runs(
+    tracking_uri: str, experiment: str, group: str | None = None, min_runs: int = MIN_RUNS
+) -> dict[str, RunSet]:
+    """Read the finished runs of an MLflow experiment, per kind.
+
+    Takes the tracking URI, the experiment name, an optional ``hm.compare_group`` to select,
+    and the minimum number of runs per kind. Returns kind -> RunSet. Raises RunsError for an
+    unknown experiment, no finished runs or missing params/metrics (naming the run ids), and
+    TooFewRunsError for too few runs.
+    """
+    frame = search_finished(tracking_uri, experiment, group)
     return group_by_kind(points_from_frame(frame), min_runs)

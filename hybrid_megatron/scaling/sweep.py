@@ -141,3 +141,36 @@ def format_sweep_table(spec: SweepSpec, runs: list[SweepRun]) -> str:
     for r in runs:
         lines.append(f"{r.name:<44} {r.kind:<12} {r.params:>12,} {r.tokens:>14,} {r.flops:>12.3e}")
     return "\n".join(lines)
+
+
+def next_steps(spec: SweepSpec, runs: list[SweepRun], stores: list[tuple[str, str]], out_dir: str) -> str:
+    """What to run once the sweep's runs have finished, every value filled in.
+
+    Takes the spec, its runs, the distinct (tracking URI, experiment) pairs its runs log to and
+    the directory for the analyses (the sweep's run folder). Returns lines: ``compare``, ``fit``
+    when every kind has enough runs for a law (else why not), and ``mlflow ui``.
+    """
+    from hybrid_megatron.scaling.commands import mlflow_ui_command, scaling_command
+    from hybrid_megatron.scaling.runs import MIN_RUNS
+
+    per_kind: dict[str, int] = {}
+    for run in runs:
+        per_kind[run.kind] = per_kind.get(run.kind, 0) + 1
+    lines = ["next steps:"]
+    for uri, experiment in stores:
+        lines += [
+            "  # the table of final losses per budget and kind, and loss_vs_flops.png",
+            "  " + scaling_command("compare", uri, experiment, spec.name, f"{out_dir}/compare"),
+        ]
+        if min(per_kind.values()) >= MIN_RUNS:
+            lines += [
+                "  # scaling-law fits per kind (fit.json, loss_vs_compute.png, isoflop.png)",
+                "  " + scaling_command("fit", uri, experiment, spec.name, f"{out_dir}/fit"),
+            ]
+        else:
+            lines.append(
+                f"  # (no fit: a scaling law needs at least {MIN_RUNS} runs per kind, this "
+                f"sweep has {min(per_kind.values())}; add budgets or model sizes to fit one)"
+            )
+        lines += ["  # browse the runs", "  " + mlflow_ui_command(uri)]
+    return "\n".join(lines)
