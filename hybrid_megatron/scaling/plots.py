@@ -22,6 +22,20 @@ def _pyplot():
     return plt
 
 
+def _save_loss_vs_compute(plt, fig, ax, path: Path, title: str = "") -> Path:
+    """Axes, labels and legend of a loss-against-FLOPs plot, then the PNG at ``path``."""
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (train.flops)")
+    ax.set_ylabel("final val/loss")
+    ax.set_title(f"{title}: loss vs compute" if title else "loss vs compute")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_loss_vs_compute(
     runs: dict[str, RunSet], fits: dict[str, LawFit], ratios: dict[str, float], path: Path
 ) -> Path:
@@ -47,16 +61,7 @@ def plot_loss_vs_compute(
                 color=color,
                 label=f"{kind} frontier (a={fit.a:.2f}, b={fit.b:.2f})",
             )
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (train.flops)")
-    ax.set_ylabel("final val/loss")
-    ax.set_title("loss vs compute")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_loss_vs_compute(plt, fig, ax, path)
 
 
 def plot_isoflops(isofits: dict[str, IsoFlopFit], path: Path) -> Path:
@@ -108,13 +113,4 @@ def plot_loss_per_kind(curves: dict[str, list[tuple[float, float]]], path: Path,
     for kind, points in curves.items():
         c, loss = zip(*points)
         ax.plot(c, loss, marker="o", label=kind)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (train.flops)")
-    ax.set_ylabel("final val/loss")
-    ax.set_title(f"{title}: loss vs compute" if title else "loss vs compute")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_loss_vs_compute(plt, fig, ax, path, title)
