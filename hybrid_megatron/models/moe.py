@@ -97,7 +97,7 @@ class GroupedExperts(MegatronModule):
             # megatron-core's DDP reduces expert weights over the expert-data-parallel group
             # (``allreduce`` False) and counts TP-split weights once in the gradient norm.
             set_tensor_model_parallel_attributes(weight, True, tp_dim, 1)
-            weight.allreduce = not expert_parallel
+            weight.allreduce = not expert_parallel  # type: ignore[attr-defined]  # megatron-core reads it
 
     @torch.no_grad()
     def _initialise(self) -> None:
