@@ -1,12 +1,12 @@
-"""Mixture-of-experts parts that keep the step on the GPU: grouped experts and a sync-free layer.
+"""Mixture-of-experts parts that keep the step on the GPU: grouped experts and a dispatcher.
 
 megatron-core's grouped experts (TEGroupedMLP) need each expert's token count on the host, so
 every MoE layer waits for the GPU once per micro-batch and TE's grouped GEMM then spends
 milliseconds of host time per call. Here the counts stay on the device:
 
 - :class:`GroupedExperts` runs all local experts as two grouped GEMMs (``torch._grouped_mm``,
-  group offsets on the device). Each expert's rows are padded to ``GROUP_ALIGNMENT`` inside a
-  buffer of fixed size, so shapes do not depend on the routing and a CUDA graph can replay it.
+  group offsets on the device). Each expert's rows are padded to :func:`group_alignment` inside
+  a buffer of fixed size, so shapes do not depend on the routing and a CUDA graph can replay it.
   Its checkpoint keys and global shapes are those of megatron-core's SequentialMLP, so a
   checkpoint moves between the two (and between EP/TP layouts).
 - :class:`DeviceCountsAlltoAllDispatcher` is megatron-core's all-to-all dispatcher without the
@@ -226,7 +226,7 @@ class GroupedExperts(MegatronModule):
                 )
             ]
 
-        def factory(name: str, param: torch.Tensor, fc: str, tp_axis: int) -> ShardedTensorFactory:
+        def factory(param: torch.Tensor, fc: str, tp_axis: int) -> ShardedTensorFactory:
             key = f"{prefix}experts.linear_{fc}.weight"
 
             def build(key, data, replica_id, flattened_range):
@@ -238,8 +238,8 @@ class GroupedExperts(MegatronModule):
             return ShardedTensorFactory(key, param, build, merge, replica_id)
 
         return {
-            f"{prefix}weight1": factory("weight1", self.weight1, "fc1", 0),
-            f"{prefix}weight2": factory("weight2", self.weight2, "fc2", 1),
+            f"{prefix}weight1": factory(self.weight1, "fc1", 0),
+            f"{prefix}weight2": factory(self.weight2, "fc2", 1),
         }
 
 
