@@ -238,6 +238,8 @@ def build_row_model(kind: str, cfg, recompute: str = "none", bf16: bool = True, 
     pattern = build_layer_pattern(cfg)
     if not kind.startswith("native_"):
         return build_model(cfg, bf16=bf16, recompute=recompute, cuda_graphs=cuda_graphs), pattern
+    if cfg.moe is not None:  # megatron-core's own experts, with their FP8 router rules
+        cfg = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"experts": "te_grouped"})})
     tconfig = build_transformer_config(cfg, bf16=bf16, recompute=recompute, cuda_graphs=cuda_graphs)
     model, text = _native_model(kind, cfg, pattern, tconfig, bf16)
     if cfg.fp8_output_layer:
@@ -247,16 +249,8 @@ def build_row_model(kind: str, cfg, recompute: str = "none", bf16: bool = True, 
 
 def _native_model(kind: str, cfg, pattern: str, tconfig, bf16: bool):
     """megatron-core's GPTModel (``native_gpt``) or MambaModel with our block ``pattern``, built
-    from our TransformerConfig with megatron-core's own MoE experts (TE grouped GEMM, with the
-    router's FP8 padding and no fused router under FP8). Returns (model, pattern text)."""
-    if cfg.moe is not None:
-        fp8 = cfg.fp8 is not None
-        tconfig = dataclasses.replace(
-            tconfig,
-            moe_grouped_gemm=True,
-            moe_router_padding_for_quantization=fp8,
-            moe_router_fusion=tconfig.moe_router_fusion and not fp8,
-        )
+    from our TransformerConfig (for MoE, one built with ``moe.experts: te_grouped``, megatron-core's
+    TE grouped experts). Returns (model, pattern text)."""
     if kind == "native_gpt":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         from megatron.core.models.gpt.gpt_model import GPTModel
