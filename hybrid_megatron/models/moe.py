@@ -29,6 +29,8 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from hybrid_megatron.ops.fp8_grouped_mm import fp8_grouped_linear
+
 
 def group_alignment(device: torch.device) -> int:
     """Rows per expert group are padded to a multiple of this: 16 on CUDA (the 16-byte rule of
@@ -65,6 +67,8 @@ class GroupedExperts(MegatronModule):
     ``(output [rows, hidden], None)``. Weights: ``weight1 [experts, (2 x) ffn / tp, hidden]``
     (gate rows first, then the linear rows, for gated FFNs) and ``weight2 [experts, hidden,
     ffn / tp]``, split over the expert-TP group like megatron-core's column/row-parallel experts.
+    Under an FP8 config both GEMMs (and their gradients) run in E4M3 with row-wise scales
+    (:func:`~hybrid_megatron.ops.fp8_grouped_mm.fp8_grouped_linear`).
     """
 
     alignment: int | None = None  # rows per padded group; None: group_alignment(device)
@@ -84,6 +88,12 @@ class GroupedExperts(MegatronModule):
                 f"moe_ffn_hidden_size {config.moe_ffn_hidden_size} does not split over expert TP {tp_size}"
             )
         self.gated = config.gated_linear_unit
+        self.fp8 = config.fp8 is not None
+        if self.fp8 and (config.hidden_size % 16 or self.ffn_per_rank % 16):
+            raise ValueError(
+                f"FP8 grouped experts need hidden size ({config.hidden_size}) and expert FFN size per "
+                f"TP rank ({self.ffn_per_rank}) in multiples of 16"
+            )
         fc1_rows = (2 if self.gated else 1) * self.ffn_per_rank
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         shape1 = (num_local_experts, fc1_rows, config.hidden_size)
@@ -171,6 +181,11 @@ class GroupedExperts(MegatronModule):
             hidden = cfg.activation_func(fc1_out)
         return (hidden * probs.unsqueeze(-1)).to(fc1_out.dtype)
 
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return fp8_grouped_linear(x, weight, offsets)
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+
     def forward(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
         counts = tokens_per_expert.to(device=tokens.device, non_blocking=True)
         rows = tokens.shape[0]
@@ -179,9 +194,9 @@ class GroupedExperts(MegatronModule):
         if alignment > 1:
             tokens = tokens.new_zeros(buffer_rows, tokens.shape[1]).index_copy(0, destination, tokens)
             probs = probs.new_zeros(buffer_rows).index_copy(0, destination, probs)
-        fc1_out = torch._grouped_mm(tokens, self.weight1.transpose(1, 2), offs=offsets)
+        fc1_out = self._linear(tokens, self.weight1, offsets)
         hidden = self._activation(fc1_out, probs)
-        out = torch._grouped_mm(hidden, self.weight2.transpose(1, 2), offs=offsets)
+        out = self._linear(hidden, self.weight2, offsets)
         if alignment > 1:
             out = out.index_select(0, destination)
         return out, None

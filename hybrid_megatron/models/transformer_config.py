@@ -123,7 +123,7 @@ def build_transformer_config(
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed", fp8_dot_product_attention=cfg.fp8_attention)
         if moe is not None and moe.experts != "grouped":
             # TE's FP8 GEMMs need row counts in multiples of 16: the router pads each expert's
-            # tokens (GroupedExperts pads its groups itself and runs its GEMMs in bf16).
+            # tokens (GroupedExperts pads its groups itself).
             kwargs.update(moe_router_padding_for_quantization=True)
     kwargs.update(_recompute_fields(recompute))
     if cuda_graphs:
