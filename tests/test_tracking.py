@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -114,3 +115,146 @@ def test_training_run_is_logged_to_mlflow_server(single_rank, tmp_path, mlflow_s
     assert {"recipe.yaml", "loss_curve.png"} <= artifacts
     png = Path(client.download_artifacts(run.info.run_id, "loss_curve.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- a tracking server that is not there at the start ---------------------------------------
+
+
+def test_unreachable_server_is_one_line_within_seconds(capsys):
+    from hybrid_megatron.launch import cli
+
+    start = time.monotonic()
+    code = cli.main(
+        [
+            str(REPO / "recipes" / "inter_tiny.yaml"),
+            "--local",
+            "--dry-run",
+            "tracking.tracking_uri=http://127.0.0.1:9",
+        ]
+    )
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and elapsed < 10, elapsed
+    assert err[-1] == (
+        "error: tracking.tracking_uri http://127.0.0.1:9: no tracking server answers (connection refused); "
+        "start it, fix the URI, or set tracking.enabled=false"
+    )
+
+
+def test_silent_server_times_out_in_seconds():
+    """A port that accepts connections but never answers (a hung server) fails the probe after
+    its timeout, not MLflow's minutes of retries."""
+    import socket
+
+    from hybrid_megatron.tracking.store import TrackingServerUnreachable, check_reachable
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(TrackingServerUnreachable, match="no answer within 1 s") as info:
+            check_reachable(uri, timeout_s=1.0)
+        assert 0.9 < time.monotonic() - start < 5
+    assert str(info.value).startswith(f"tracking.tracking_uri {uri}: ")
+
+
+def test_live_server_passes_the_probe(mlflow_server):
+    from hybrid_megatron.tracking.store import check_reachable
+
+    check_reachable(mlflow_server)  # raises if not
+
+
+# ---- the spool: a store that never answered, then `sync` -------------------------------------
+
+
+def _tiny_recipe(tmp_path, uri, *extra):
+    from hybrid_megatron.config import load_recipe
+
+    return load_recipe(
+        REPO / "recipes" / "inter_tiny.yaml",
+        [
+            f"checkpoint.dir={tmp_path}/run/checkpoints",
+            f"tracking.tracking_uri={uri}",
+            "tracking.experiment=spool",
+            *extra,
+        ],
+    )
+
+
+def _sync(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "hybrid_megatron.tracking", "sync", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+
+
+def test_records_kept_while_down_then_synced_once(tmp_path):
+    """The store is down for the whole run: training-side calls return at once, everything is
+    spooled; `sync` sends it in order; a second `sync` and a replayed offset send nothing twice."""
+    from mlflow.tracking import MlflowClient
+
+    from hybrid_megatron.tracking import RunTracker
+    from hybrid_megatron.tracking.spool import Spool
+
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    recipe = _tiny_recipe(tmp_path, down, "tracking.tags={team: a}")
+    start = time.monotonic()
+    tracker = RunTracker(recipe, {"train.tokens": 1234}, active=True)
+    for step in range(1, 9):
+        tracker.log_metrics({"train/loss": 10.0 - step, "train/lr": step * 1e-4}, step)
+        tracker.flush()
+    tracker.finish()
+    assert time.monotonic() - start < 60  # one failed try, then no try within the retry interval
+    assert tracker.run_id is None  # the store never created the run
+    run_dir = Path(recipe.run_dir)
+    spool = Spool(run_dir)
+    ops = [r["op"] for _, r in spool.unsent()]
+    assert ops[0] == "create_run" and ops[-2:] == ["log_artifact", "set_status"]
+
+    store = f"sqlite:///{tmp_path}/later/mlruns.db"
+    first = _sync(run_dir, "--tracking-uri", store)
+    assert first.returncode == 0, first.stderr
+    run_id = (Path(recipe.checkpoint.dir) / "mlflow_run_id").read_text()
+    assert first.stdout.strip() == f"sent {len(ops)} records to MLflow run {run_id} at {store}"
+    client = MlflowClient(tracking_uri=store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == recipe.name
+    assert run.data.tags["team"] == "a" and run.data.params["train.tokens"] == "1234"
+    assert run.data.params["train.steps"] == str(recipe.train.steps)
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"recipe.yaml", "loss_curve.png"}
+
+    def history():
+        return [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
+
+    assert history() == [(s, 10.0 - s) for s in range(1, 9)]
+    again = _sync(run_dir, "--tracking-uri", store)
+    assert again.returncode == 0 and again.stdout.startswith(f"{run_dir}: nothing to send"), again
+    # A crash after sending but before the offset moved: the replay adds no second copy.
+    (spool.dir / "sent").write_text("0")
+    replay = _sync(run_dir, "--tracking-uri", store)
+    assert replay.returncode == 0, replay.stderr
+    assert history() == [(s, 10.0 - s) for s in range(1, 9)]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_sync_while_store_down_keeps_records(tmp_path):
+    from hybrid_megatron.tracking import RunTracker
+
+    down = f"http://127.0.0.1:{free_port()}"
+    recipe = _tiny_recipe(tmp_path, down)
+    tracker = RunTracker(recipe, {}, active=True)
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.finish()
+    result = _sync(recipe.run_dir)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {down} did not take the records (") and line.endswith(
+        f"of {len(tracker.spool.unsent())} still kept in {tracker.spool.dir}"
+    )
+    missing = _sync(tmp_path / "nowhere")
+    assert missing.returncode == 2 and "no tracking spool" in missing.stderr
