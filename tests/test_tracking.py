@@ -15,10 +15,9 @@ from tests.distributed import free_port
 from tests.training_helpers import REPO
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path):
-    """An `mlflow server` on 127.0.0.1 with a SQLite store; yields its http URI."""
-    port = free_port()
+def start_server(tmp_path, port: int) -> subprocess.Popen:
+    """An `mlflow server` on 127.0.0.1:``port`` with a SQLite store in ``tmp_path``, once it
+    answers ``/health``."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -37,27 +36,39 @@ def mlflow_server(tmp_path):
             "1",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "server.log", "wb"),
+        stderr=open(tmp_path / "server.log", "ab"),
     )
-    uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
             pytest.fail("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-2000:])
         time.sleep(0.5)
-    yield uri
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the server and wait until it has gone (its port refuses connections)."""
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """An `mlflow server` on 127.0.0.1 with a SQLite store; yields its http URI."""
+    port = free_port()
+    proc = start_server(tmp_path, port)
+    yield f"http://127.0.0.1:{port}"
+    stop_server(proc)
 
 
 def test_training_run_is_logged_to_mlflow_server(single_rank, tmp_path, mlflow_server):
@@ -258,3 +269,161 @@ def test_sync_while_store_down_keeps_records(tmp_path):
     )
     missing = _sync(tmp_path / "nowhere")
     assert missing.returncode == 2 and "no tracking spool" in missing.stderr
+
+
+# ---- a tracking server lost in the middle of a run -------------------------------------------
+
+
+@pytest.mark.slow
+def test_server_outage_mid_run_loses_nothing(single_rank, tmp_path, monkeypatch):
+    """The server stops after step 3 and comes back after step 8 (same port, same store):
+    training goes on; the steps logged meanwhile reach MLflow once it answers again (before
+    the run ends), every step's metrics once and in order."""
+    from mlflow.tracking import MlflowClient
+
+    from hybrid_megatron.tracking import mlflow_tracker
+    from hybrid_megatron.training import entry, trainable
+
+    monkeypatch.setattr(mlflow_tracker, "RETRY_INTERVAL_S", 0.0)  # retry at every flush
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = [start_server(tmp_path, port)]
+    steps, seen_after_restart = [0], []
+    real_step = trainable.train_step
+
+    def step_with_outage(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        steps[0] += 1
+        if steps[0] == 3:
+            stop_server(server[0])
+        elif steps[0] == 8:
+            server[0] = start_server(tmp_path, port)
+        elif steps[0] == 10:  # steps 1-9 were flushed by now: the backlog went out at step 9
+            run_id = (tmp_path / "run" / "checkpoints" / "mlflow_run_id").read_text()
+            history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")
+            seen_after_restart.extend(m.step for m in history)
+        return out
+
+    monkeypatch.setattr(trainable, "train_step", step_with_outage)
+    try:
+        summary = entry.train(
+            _tiny_recipe(
+                tmp_path,
+                uri,
+                "train.steps=12",
+                "train.warmup_steps=1",
+                "train.log_interval=1",
+                "train.eval_interval=6",
+                "checkpoint.interval=100",
+            )
+        )
+        assert summary["steps"] == 12
+        client = MlflowClient(tracking_uri=uri)
+        run = client.get_run(summary["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert sorted(seen_after_restart) == list(range(1, 10))
+        for key in ("train/loss", "train/lr", "train/tokens_seen"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert [m.step for m in history] == list(range(1, 13)), key
+            assert [m.timestamp for m in history] == sorted(m.timestamp for m in history), key
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [6, 12]
+        loss = client.get_metric_history(run.info.run_id, "train/loss")
+        assert loss[-1].value == pytest.approx(summary["final_loss"])
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"recipe.yaml", "loss_curve.png"}
+        spool = tmp_path / "run" / "mlflow_spool"
+        assert (spool / "sent").read_text() == str((spool / "records.jsonl").stat().st_size)
+    finally:
+        stop_server(server[0])
+
+
+# ---- concurrent first use of a SQLite store ---------------------------------------------------
+
+_OPENER = """
+import sys, time
+from pathlib import Path
+from hybrid_megatron.tracking.store import open_store
+uri, ready, go, index = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+client, experiment_id = open_store(uri, "race")
+run = client.create_run(experiment_id, run_name=f"opener-{index}")
+client.log_metric(run.info.run_id, "x", float(index), step=1)
+client.set_terminated(run.info.run_id)
+print(run.info.run_id)
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_first_open_of_sqlite_store(tmp_path):
+    """Four processes open one fresh SQLite store at the same moment (a start barrier); each
+    creates a run and logs a metric; all succeed (MLflow's schema migration runs once)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/store/mlruns.db"
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPENER, uri, str(tmp_path / f"ready{i}"), str(go), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        for i in range(4)
+    ]
+    deadline = time.time() + 240
+    while not all((tmp_path / f"ready{i}").exists() for i in range(4)):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    go.touch()
+    results = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in results]
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("race")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(out.strip() for out, _ in results)
+    assert sorted(r.data.metrics["x"] for r in runs) == [0.0, 1.0, 2.0, 3.0]
+    assert experiment.artifact_location == str((tmp_path / "store" / "mlartifacts").resolve())
+    assert (tmp_path / "store" / "mlruns.db.lock").exists()
+
+
+@pytest.mark.long
+def test_four_concurrent_local_launches_share_a_fresh_store(tmp_path):
+    """Four `launch/slurm.py RECIPE --local` runs started together into one fresh SQLite store
+    all succeed, each with its own finished MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/shared/mlruns.db"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "launch" / "slurm.py"),
+                str(REPO / "recipes" / "inter_tiny.yaml"),
+                "--local",
+                f"checkpoint.dir={tmp_path}/run{i}/checkpoints",
+                f"tracking.tracking_uri={uri}",
+                "tracking.experiment=together",
+                "train.steps=2",
+                "train.warmup_steps=1",
+                "train.eval_interval=2",
+                "checkpoint.interval=100",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        for i in range(4)
+    ]
+    outputs = [p.communicate(timeout=1500)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [out[-3000:] for out in outputs]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("together").experiment_id])
+    ids = {(tmp_path / f"run{i}" / "checkpoints" / "mlflow_run_id").read_text() for i in range(4)}
+    assert {r.info.run_id for r in runs} == ids and len(ids) == 4
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]

@@ -196,7 +196,7 @@ class _SystemSampler:
     """CPU, memory, disk, network (and NVIDIA GPU) use through MLflow's system-metrics monitors,
     sampled on the training thread so the samples go through the spool like every metric."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._last = -float("inf")
         try:
             from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
