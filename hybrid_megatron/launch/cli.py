@@ -31,7 +31,7 @@ from hybrid_megatron import runtime
 from hybrid_megatron.errors import InputError
 from hybrid_megatron.launch.job import ENTRY_ENV
 from hybrid_megatron.launch.local import next_steps, run_local
-from hybrid_megatron.launch.plan import UsageError, describe, load, local_world, log_folder
+from hybrid_megatron.launch.plan import UsageError, check_tracking, describe, load, local_world, log_folder
 from hybrid_megatron.launch.slurm import render_sbatch, run_slurm
 from hybrid_megatron.launch.sweep import run_sweep
 
@@ -115,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--nproc applies to --local runs only (on SLURM: slurm.nodes / gpus_per_node)")
         entry = os.environ.get(ENTRY_ENV) or None
         recipe = load(args)
+        check_tracking([recipe])
         if args.dry_run:
             return dry_run(recipe, args)
         if args.local:

@@ -28,6 +28,18 @@ def load(args: argparse.Namespace) -> Any:
         raise UsageError(str(err)) from None
 
 
+def check_tracking(recipes: Any) -> None:
+    """UsageError naming the URI when a recipe's tracking server does not answer (a few seconds
+    each, every server once); SQLite and file stores are not checked."""
+    from hybrid_megatron.tracking.store import check_reachable
+
+    for uri in dict.fromkeys(r.tracking_uri() for r in recipes if r.tracking.enabled):
+        try:
+            check_reachable(uri)
+        except InputError as err:
+            raise UsageError(str(err)) from None
+
+
 def describe(recipe: Any, world_size: int) -> str:
     """The derived-quantities block for ``world_size`` ranks; UsageError if they do not divide."""
     from hybrid_megatron.accounting import count_parameters

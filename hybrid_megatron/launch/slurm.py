@@ -5,8 +5,8 @@ One job through submitit's AutoExecutor (cluster ``slurm``) with one task per GP
 CPU-only clusters); the launcher prints the job id and log paths and returns (``--wait``:
 follows rank 0's log until the job ends and exits non-zero if a rank failed). Logs go to
 ``<run dir>/slurm/<job id>/``, the run dir being the parent of ``checkpoint.dir``. Before
-submitting, a SQLite MLflow store (the default) and its experiment are created, so that jobs
-starting together (a sweep's array tasks) do not race to create them; a new experiment keeps
+submitting, a SQLite MLflow store (the default) and its experiment are created under the
+store's lock, so that jobs starting together (a sweep's array tasks) find them ready; a new experiment keeps
 its artifacts beside the database (``mlartifacts/``), not in the jobs' working directory.
 """
 
@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import submitit
@@ -128,34 +127,25 @@ def submit_slurm(recipes: Sequence[Any], entry: str | None) -> list:
     return jobs
 
 
-SQLITE_PREFIX = "sqlite:///"
-
-
 def prepare_tracking(recipes: Sequence[Any]) -> None:
     """Create the SQLite MLflow store and the experiment of each recipe before its jobs start.
 
-    Jobs that open a fresh SQLite store at the same time (a sweep's array tasks) race in
-    MLflow's schema migration and fail ("duplicate column name"); created once here, the store
-    is ready when they start. A new experiment's artifacts go to ``mlartifacts/`` beside the
-    database. Recipes with tracking off or a non-SQLite tracking URI are left alone; a failure
-    is printed as a warning (the jobs may still manage), never raised.
+    The store is opened under its lock (`hybrid_megatron.tracking.store.open_store`), as every
+    job's tracker opens it; created once here, it is ready when a sweep's array tasks start. A
+    new experiment's artifacts go to ``mlartifacts/`` beside the database. Recipes with tracking
+    off or a non-SQLite tracking URI are left alone; a failure is printed as a warning (the jobs
+    spool their records and may still manage), never raised.
     """
+    from hybrid_megatron.tracking.store import open_store, sqlite_path
+
     done = set()
     for recipe in recipes:
         uri, experiment = recipe.tracking_uri(), recipe.tracking.experiment
-        if not recipe.tracking.enabled or not uri.startswith(SQLITE_PREFIX) or (uri, experiment) in done:
+        if not recipe.tracking.enabled or sqlite_path(uri) is None or (uri, experiment) in done:
             continue
         done.add((uri, experiment))
         try:
-            from mlflow.tracking import MlflowClient
-
-            database = Path(uri[len(SQLITE_PREFIX) :])
-            database.parent.mkdir(parents=True, exist_ok=True)
-            client = MlflowClient(tracking_uri=uri)
-            if client.get_experiment_by_name(experiment) is None:
-                client.create_experiment(
-                    experiment, artifact_location=str(database.parent.resolve() / "mlartifacts")
-                )
+            open_store(uri, experiment)
         except Exception as err:  # MLflow raises many types; tracking must not block a launch
             print(f"[launch] warning: could not prepare the MLflow store {uri}: {err}", file=sys.stderr)
 

@@ -15,7 +15,7 @@ import submitit
 from hybrid_megatron.errors import InputError
 from hybrid_megatron.launch.follow import follow, report
 from hybrid_megatron.launch.local import run_local
-from hybrid_megatron.launch.plan import UsageError
+from hybrid_megatron.launch.plan import UsageError, check_tracking
 from hybrid_megatron.launch.slurm import render_sbatch, slurm_job_active, submit_slurm
 
 
@@ -30,6 +30,7 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
         recipes = [load_recipe(run.recipe_path, run.overrides) for run in runs]
     except InputError as err:
         raise UsageError(str(err)) from None
+    check_tracking(recipes)
     print(format_sweep_table(spec, runs), flush=True)
     stores = list(dict.fromkeys((r.tracking_uri(), r.tracking.experiment) for r in recipes))
     out_dir = str(Path(recipes[0].run_dir).parent)  # <runs>/<sweep name>, beside the runs

@@ -1,4 +1,11 @@
-"""MLflow logging of a training run: params, tags, batched metrics, artifacts (rank 0 only)."""
+"""MLflow logging of a training run: params, tags, batched metrics, artifacts (rank 0 only).
+
+Tracking never costs a training run: every call goes through the run's spool
+(`hybrid_megatron.tracking.spool`) and is sent from there with short request limits. While the
+store does not answer, records stay in ``<run dir>/mlflow_spool/`` and sending is retried at
+most every ``RETRY_INTERVAL_S``; what is left at the end is sent by
+``python -m hybrid_megatron.tracking sync RUN_DIR``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hybrid_megatron.logs import get_logger
+from hybrid_megatron.tracking.spool import MAX_METRICS, MAX_PARAMS, Spool
+from hybrid_megatron.tracking.store import failure_reason, short_requests
+
 RUN_ID_FILE = "mlflow_run_id"
+RETRY_INTERVAL_S = 30.0  # between tries while the store does not answer
+SEND_BUDGET_S = 5.0  # of sending per flush when a backlog goes out (the rest at the next flush)
+SYSTEM_INTERVAL_S = 10.0  # between samples of CPU/GPU/memory
+
+log = get_logger(__name__)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -23,6 +39,10 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class RunTracker:
     """One MLflow run per training run; a resumed run continues the same MLflow run.
 
@@ -31,82 +51,129 @@ class RunTracker:
         planned: planned totals logged as params (``model.num_parameters``,
             ``model.active_parameters``, ``train.tokens``, ``train.flops``).
         active: False on every rank but 0 (then every method is a no-op).
+
+    ``run_id`` is the MLflow run id, None until the store has created the run (a store that
+    did not answer at the start).
     """
 
     def __init__(self, recipe, planned: dict, active: bool):
         self.active = active and recipe.tracking.enabled
-        self.run_id: str | None = None
-        self._pending: list = []
+        self._pending: list[list] = []
         self.history: dict[str, list[tuple[int, float]]] = {}
+        self._retry_at = 0.0
+        self._failing = False
         if not self.active:
             return
-        import mlflow
-
-        self._mlflow = mlflow
         cfg = recipe.tracking
-        # CPU/GPU/memory every 10 s, sent every sample: tiny runs get a few points too.
-        mlflow.set_system_metrics_sampling_interval(10)
-        mlflow.set_system_metrics_samples_before_logging(1)
-        mlflow.set_tracking_uri(recipe.tracking_uri())
-        mlflow.set_experiment(cfg.experiment)
-        id_file = Path(recipe.checkpoint.dir) / RUN_ID_FILE
-        resume_id = id_file.read_text().strip() if id_file.exists() else None
-        tags = {
-            "hm.kind": recipe.model.kind,
-            "hm.scale": cfg.scale or "",
-            "hm.compare_group": cfg.compare_group or "",
-            "hm.match": cfg.match or "",
-            **cfg.tags,
-        }
-        self._run = mlflow.start_run(
-            run_id=resume_id,
-            run_name=None if resume_id else (cfg.run_name or recipe.name),
-            tags=tags,
-            log_system_metrics=True,
+        self.run_dir = recipe.run_dir
+        self.spool = Spool(
+            recipe.run_dir, recipe.tracking_uri(), cfg.experiment, Path(recipe.checkpoint.dir) / RUN_ID_FILE
         )
-        self.run_id = self._run.info.run_id
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(self.run_id)
-        if resume_id is None:
+        self._system = _SystemSampler()
+        if self.spool.run_id is None and not self.spool.create_pending():
+            tags = {
+                "hm.kind": recipe.model.kind,
+                "hm.scale": cfg.scale or "",
+                "hm.compare_group": cfg.compare_group or "",
+                "hm.match": cfg.match or "",
+                **cfg.tags,
+            }
             params = flatten(recipe.to_dict())
             params.update({k: str(v) for k, v in planned.items() if v is not None})
             items = list(params.items())
-            for i in range(0, len(items), 100):  # MLflow's per-call parameter limit
-                mlflow.log_params(dict(items[i : i + 100]))
-            mlflow.log_text(recipe.to_yaml(), "recipe.yaml")
+            self.spool.append(
+                [
+                    {
+                        "op": "create_run",
+                        "run_name": cfg.run_name or recipe.name,
+                        "tags": tags,
+                        "start_time": _now_ms(),
+                    },
+                    *(
+                        {"op": "log_batch", "params": dict(items[i : i + MAX_PARAMS])}
+                        for i in range(0, len(items), MAX_PARAMS)
+                    ),
+                    {"op": "log_text", "path": "recipe.yaml", "text": recipe.to_yaml()},
+                ]
+            )
+        else:
+            self.spool.append([{"op": "set_status", "status": "RUNNING", "time": _now_ms()}])
+        self._send(force=True)
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id (None while inactive or before the store created the run)."""
+        return self.spool.run_id if self.active else None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue metrics for ``step``; they are sent in batches by :meth:`flush`."""
         if not self.active:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
+        now = _now_ms()
         for key, value in metrics.items():
             if value is None:
                 continue
-            self._pending.append(Metric(key, float(value), now, step))
+            self._pending.append([key, float(value), now, step])
             self.history.setdefault(key, []).append((step, float(value)))
 
     def flush(self) -> None:
-        """Send queued metrics in one request."""
-        if not self.active or not self._pending:
+        """Spool the queued metrics (and a system-metrics sample every ``SYSTEM_INTERVAL_S``),
+        then send what the store has not taken yet, unless it failed within the retry interval."""
+        if not self.active:
             return
-        assert self.run_id is not None  # an active tracker has started its run
-        self._mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=self._pending)
-        self._pending = []
+        if self._pending:
+            self._system.sample_into(self._pending, self._pending[-1][3])
+        pending, self._pending = self._pending, []
+        self.spool.append(
+            {"op": "log_batch", "metrics": pending[i : i + MAX_METRICS]}
+            for i in range(0, len(pending), MAX_METRICS)
+        )
+        self._send()
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Flush, attach the loss-curve PNG and end the run with ``status``."""
+        """Flush, attach the loss-curve PNG, end the run with ``status`` and send everything
+        (one try); what the store did not take stays in the spool for ``sync``."""
         if not self.active:
             return
         self.flush()
         try:
-            self._log_loss_curve()
+            self._save_loss_curve(self.spool.dir / "loss_curve.png")
+            self.spool.append([{"op": "log_artifact", "file": "loss_curve.png"}])
         finally:
-            self._mlflow.end_run(status=status)
+            self.spool.append([{"op": "set_status", "status": status, "time": _now_ms()}])
+            self._send(force=True)
+            left = len(self.spool.unsent())
+            if left:
+                log.warning(
+                    f"tracking: {left} records for {self.spool.uri} kept in {self.spool.dir}; send "
+                    f"them once it answers: python -m hybrid_megatron.tracking sync {self.run_dir}"
+                )
 
-    def _log_loss_curve(self) -> None:
+    def _send(self, force: bool = False) -> None:
+        """Send the spool's unsent records; never raises. After a failure, waits
+        ``RETRY_INTERVAL_S`` before the next try (``force``: try now, without a time budget)."""
+        now = time.monotonic()
+        if not force and now < self._retry_at:
+            return
+        try:
+            with short_requests():
+                sent = self.spool.send(deadline=None if force else now + SEND_BUDGET_S)
+        except Exception as err:  # whatever the store raises: training goes on
+            self._retry_at = now + RETRY_INTERVAL_S
+            if not self._failing:
+                log.warning(
+                    f"tracking: {self.spool.uri} did not take the run's records ({failure_reason(err)}); "
+                    f"training goes on, records kept in {self.spool.dir} and retried every "
+                    f"{RETRY_INTERVAL_S:g} s"
+                )
+            self._failing = True
+            return
+        self._retry_at = 0.0
+        if self._failing:
+            log.warning(f"tracking: {self.spool.uri} answers again; sent {sent} kept records")
+            self._failing = False
+
+    def _save_loss_curve(self, path: Path) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -121,5 +188,41 @@ class RunTracker:
         ax.set_ylabel("loss")
         ax.legend()
         ax.grid(alpha=0.3)
-        self._mlflow.log_figure(fig, "loss_curve.png")
+        fig.savefig(path)
         plt.close(fig)
+
+
+class _SystemSampler:
+    """CPU, memory, disk, network (and NVIDIA GPU) use through MLflow's system-metrics monitors,
+    sampled on the training thread so the samples go through the spool like every metric."""
+
+    def __init__(self) -> None:
+        self._last = -float("inf")
+        try:
+            from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+            from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+            from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+            self.monitors: list = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        except ImportError:  # psutil missing: no system metrics
+            self.monitors = []
+            return
+        try:
+            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+            self.monitors.append(GPUMonitor())
+        except Exception:  # no NVIDIA driver / pynvml: CPU-side metrics only
+            pass
+
+    def sample_into(self, out: list[list], step: int) -> None:
+        """Append ``[system/<name>, value, time, step]`` rows, at most every SYSTEM_INTERVAL_S."""
+        now = time.monotonic()
+        if not self.monitors or now - self._last < SYSTEM_INTERVAL_S:
+            return
+        self._last = now
+        stamp = _now_ms()
+        for monitor in self.monitors:
+            monitor.collect_metrics()
+            for name, value in monitor.aggregate_metrics().items():
+                out.append([f"system/{name}", float(value), stamp, step])
+            monitor.clear_metrics()
