@@ -82,11 +82,15 @@ def test_operands_follow_the_kernels_layout_rules(monkeypatch):
         return reference(a, b, scale_a, scale_b, offs, out_dtype)
 
     monkeypatch.setattr(f8, "_reference_grouped_mm", checked)
-    x, w, offsets = _problem([16, 32, 16], d_in=32, d_out=64)
-    x.requires_grad_(True)
-    w.requires_grad_(True)
+    from hybrid_megatron.models.moe import padded_group_layout
+
+    # the grouped experts' buffer for 26 routed rows in groups of 5, 0 and 21, padded to 16
+    _, offsets, rows = padded_group_layout(torch.tensor([5, 0, 21]), 26, alignment=16)
+    assert offsets.tolist() == [16, 16, 48] and rows == 80  # 26 + 3 x 15, rounded up to 16
+    x = torch.randn(rows, 32, requires_grad=True)
+    w = torch.randn(3, 64, 32, requires_grad=True)
     f8.fp8_grouped_linear(x, w, offsets).sum().backward()
-    assert calls == [(64, 64), (64, 32), (3, 64, 32)]
+    assert calls == [(80, 64), (80, 32), (3, 64, 32)]
 
 
 def test_sizes_that_are_not_multiples_of_16_are_refused():

@@ -44,8 +44,8 @@ def padded_group_layout(counts: torch.Tensor, num_rows: int, alignment: int):
     Takes the per-group row counts (int tensor on the rows' device, summing to ``num_rows``), the
     number of rows and the alignment. Returns ``(destination, offsets, buffer_rows)``: the padded
     row index of each input row, the int32 end offset of each padded group (``torch._grouped_mm``'s
-    ``offs``) and the fixed buffer size ``num_rows + groups * (alignment - 1)``, an upper bound
-    that does not depend on the counts. Nothing is read back to the host.
+    ``offs``) and the fixed buffer size ``num_rows + groups * (alignment - 1)`` rounded up to the
+    alignment, a bound that does not depend on the counts. Nothing is read back to the host.
     """
     groups = counts.numel()
     counts = counts.to(torch.int64)
@@ -56,7 +56,10 @@ def padded_group_layout(counts: torch.Tensor, num_rows: int, alignment: int):
         torch.arange(groups, device=counts.device), counts, output_size=num_rows
     )
     destination = torch.arange(num_rows, device=counts.device) + shift[group_of_row]
-    return destination, padded_ends.to(torch.int32), num_rows + groups * (alignment - 1)
+    bound = num_rows + groups * (alignment - 1)
+    # the buffer's row count a multiple of the alignment too: FP8's weight-gradient GEMM reads
+    # the transposed buffer, whose row stride must be a multiple of 16 bytes
+    return destination, padded_ends.to(torch.int32), -(-bound // alignment) * alignment
 
 
 class GroupedExperts(MegatronModule):
@@ -184,6 +187,14 @@ class GroupedExperts(MegatronModule):
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if self.fp8:
             return fp8_grouped_linear(x, weight, offsets)
+        if x.is_cuda and x.dtype != torch.bfloat16:
+            # the CUDA grouped GEMM takes bf16 only; fp32/fp16 runs (checks, debugging) loop over
+            # the groups, reading the offsets back to the host
+            out, start = x.new_zeros(x.shape[0], weight.shape[1]), 0
+            for g, end in enumerate(offsets.tolist()):
+                out[start:end] = x[start:end] @ weight[g].T
+                start = end
+            return out
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
 
     def forward(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):

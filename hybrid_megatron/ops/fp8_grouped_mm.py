@@ -140,8 +140,13 @@ class _FP8GroupedLinear(torch.autograd.Function):
 
 def fp8_grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     """``x @ weight[g].T`` for each group of rows of ``x`` [rows, in] (``offsets``: int32 end
-    row of each group, each a multiple of 16 on a GPU), ``weight`` [groups, out, in]; returns
+    row of each group; on a GPU each, and ``rows``, a multiple of 16), ``weight`` [groups, out, in]; returns
     ``[rows, out]`` in ``x``'s dtype. ``in`` and ``out`` must be multiples of 16."""
+    if x.is_cuda and x.shape[0] % 16:
+        # the weight gradient's operands are the transposed rows: 16-byte row strides
+        raise ValueError(
+            f"FP8 grouped GEMM on a GPU needs a row count that is a multiple of 16, got {x.shape[0]}"
+        )
     if x.shape[1] % 16 or weight.shape[1] % 16:
         raise ValueError(
             f"FP8 grouped GEMM needs in/out sizes that are multiples of 16, got {tuple(weight.shape[1:])}"
