@@ -48,6 +48,29 @@ def atomic_directory(output: Path):
             old.unlink()
 
 
+def umask_file_mode() -> int:
+    """The permission bits a plain ``open(path, "w")`` gives a new file: ``0o666`` less this
+    process's umask. Read from /proc on Linux, which leaves the umask untouched; elsewhere the
+    umask can only be read by setting it, briefly."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def give_umask_mode(path) -> None:
+    """Set ``path``'s permission bits to :func:`umask_file_mode`: for files that a library writes
+    private (safetensors writes 0600 through a temp file), which a serving process run by another
+    user must read like every other file of the output. Returns nothing."""
+    os.chmod(path, umask_file_mode())
+
+
 def write_json_atomically(path, record: dict) -> None:
     """Write ``record`` to ``path`` (str or Path) as indented JSON: a temp file beside it, then a
     rename, so a time limit or crash never leaves a half-written record. Creates the parent folder."""

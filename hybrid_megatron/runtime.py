@@ -8,7 +8,9 @@ training, conversion or evaluation process needs is applied here, once, explicit
 - torch.compile compiling in-process (:mod:`hybrid_megatron.torch_compile`);
 - expandable segments for the CUDA allocator and ``NCCL_GRAPH_REGISTER=0``
   (:mod:`hybrid_megatron.cuda_memory`), unless the environment configures them;
-- the package's log messages printed as plain lines on stdout (:mod:`hybrid_megatron.logs`).
+- the package's log messages printed as plain lines on stdout (:mod:`hybrid_megatron.logs`);
+- the known-harmless third-party warnings filtered out (:mod:`hybrid_megatron.known_warnings`),
+  first, since some fire while megatron-core is imported.
 
 Callers: the trainer's rank entry (``python -m hybrid_megatron.training`` and the launcher's
 ranks), the launcher, every CLI (convert, evaluation, scaling, accounting, the data tools), the
@@ -31,6 +33,9 @@ def setup() -> None:
     global _DONE
     if _DONE:
         return
+    from hybrid_megatron.known_warnings import ignore_known_warnings
+
+    ignore_known_warnings()
     from hybrid_megatron.compat import apply_compat_shims
     from hybrid_megatron.cuda_memory import expandable_segments_by_default
     from hybrid_megatron.logs import configure

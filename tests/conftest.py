@@ -4,24 +4,23 @@ SLURM cluster on 127.0.0.1."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
-
-# megatron-core announces its fallbacks (no Transformer Engine, no apex) at import; on CPU
-# that is the expected configuration, not news.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
 
 
 def pytest_configure(config):
     """Set the test process up like an entry point, before any test module is imported.
 
     Ranks that tests start get the same from their own entry: tests/distributed.py's rank
-    entry, the launcher's TrainJob, the CLIs' ``main``.
+    entry, the launcher's TrainJob, the CLIs' ``main``. pytest puts its own warning filters
+    back around each test, so the known-harmless warnings that setup() filters are also given
+    to pytest as ``filterwarnings`` lines.
     """
     from hybrid_megatron import runtime
+    from hybrid_megatron.known_warnings import pytest_filter_lines
 
     runtime.setup()
+    for line in pytest_filter_lines():
+        config.addinivalue_line("filterwarnings", line)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -157,3 +158,34 @@ def test_the_launcher_runs_as_a_module():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: launch/slurm.py") and "--sweep" in done.stdout
+
+
+# A warning as the `warnings` module prints it: "<file>:<line>: <Category>: <message>".
+WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ", re.MULTILINE)
+
+
+def _stderr_warnings(argv: list[str]) -> list[str]:
+    done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [line for line in done.stderr.splitlines() if WARNING_LINE.match(line)]
+
+
+def test_the_warning_finder_finds_a_printed_warning():
+    assert len(_stderr_warnings(["-c", "import warnings; warnings.warn('planted', FutureWarning)"])) == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["-m", SCRIPTS[name].partition(":")[0], "--help"] for name in sorted(SCRIPTS)]
+    + [[script, "--help"] for script in sorted(THIN_SCRIPTS)]
+    + [["-m", "hybrid_megatron.training", "--help"]],
+    ids=lambda argv: " ".join(argv),
+)
+def test_each_tool_prints_no_warnings_on_help(argv):
+    assert _stderr_warnings(argv) == []
+
+
+def test_an_ordinary_command_prints_no_library_warnings():
+    # The launcher's dry run builds the recipe's plan, importing megatron-core (whose import
+    # announces its missing Transformer Engine and apex on a CPU machine).
+    assert _stderr_warnings(["launch/slurm.py", "recipes/intra_tiny.yaml", "--dry-run"]) == []

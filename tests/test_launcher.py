@@ -657,6 +657,11 @@ def test_slurm_runs_the_real_trainer_to_a_checkpoint(slurm_cluster, tmp_path, mo
     assert (root / "latest").read_text().strip() == "step_00000004"
     assert (root / "step_00000004" / "metadata.json").exists()
     assert "all 2 ranks finished" in out and "final_loss" in out
+    # rank 0's progress lines, followed by the launcher, end in the share done and the time left
+    assert re.search(
+        r"^\[rank0\] step 1/4 loss .* \| 25% elapsed \d+:\d\d:\d\d left \d+:\d\d:\d\d$", out, re.M
+    )
+    assert re.search(r"^\[rank0\] step 4/4 loss .* \| 100% elapsed \d+:\d\d:\d\d left 0:00:00$", out, re.M)
 
 
 @pytest.mark.slow  # a reference run beside the SLURM job, then two job starts around a requeue

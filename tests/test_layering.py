@@ -25,8 +25,9 @@ RECIPES = PACKAGE_DIR.parent / "recipes"
 LAYERS: tuple[tuple[str, ...], ...] = (
     # the package's __init__: it runs before any of its modules, so it imports none of them
     (PACKAGE,),
-    # no imports from the package: the error base, logging, file and process helpers, kernels
-    ("errors", "logs", "atomic_output", "cuda_memory", "torch_compile", "ops"),
+    # no imports from the package: the error base, logging, file and process helpers (warning
+    # filters among them), kernels
+    ("errors", "logs", "atomic_output", "cuda_memory", "torch_compile", "known_warnings", "ops"),
     # the recipe and its pure facts (pattern, geometry, parallel layout); megatron-core's CPU shims
     ("config", "compat"),
     # the process set-up that entry points (any package's __main__) call first

@@ -18,9 +18,10 @@ ENV_KEYS = ("PYTORCH_CUDA_ALLOC_CONF", "NCCL_GRAPH_REGISTER", "TORCHINDUCTOR_COM
 
 # Imports every module of the package, prints the global state, runs setup() twice, prints it again.
 PROBE = f"""
-import importlib, json, logging, os, pkgutil, sys
+import importlib, json, logging, os, pkgutil, sys, warnings
 import torch
 import hybrid_megatron
+from hybrid_megatron.known_warnings import KNOWN_WARNINGS
 
 failed = []
 for module in pkgutil.walk_packages(hybrid_megatron.__path__, "hybrid_megatron."):
@@ -47,6 +48,11 @@ def state():
         "inductor_threads": getattr(sys.modules.get("torch._inductor.config"), "compile_threads", None),
         "log_handlers": len(logging.getLogger("hybrid_megatron").handlers),
         "cuda": torch.cuda.is_available(),
+        "known_warning_filters": sum(
+            f[0] == "ignore" and f[1] is not None and f[1].pattern in {{k.message for k in KNOWN_WARNINGS}}
+            for f in warnings.filters
+        ),
+        "known_warnings": len(KNOWN_WARNINGS),
     }}
 
 
@@ -86,6 +92,7 @@ def test_importing_every_module_changes_nothing_global(probed):
     assert before["causal_mask"] == "megatron.core.transformer.utils"
     assert not (before["causal_conv1d_fn"] or "").startswith("hybrid_megatron")
     assert before["log_handlers"] == 0
+    assert before["known_warning_filters"] == 0
 
 
 def test_setup_applies_the_process_defaults(probed):
@@ -97,6 +104,8 @@ def test_setup_applies_the_process_defaults(probed):
     }
     assert after["inductor_threads"] in (None, 1)  # set if inductor's config was imported
     assert after["log_handlers"] == 1  # twice set up, one handler
+    # each known-harmless warning filtered, once
+    assert after["known_warning_filters"] == after["known_warnings"] > 0
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU shims apply without CUDA")

@@ -796,7 +796,9 @@ def test_loss_log_writes_every_step_exactly_and_prints_at_the_interval(tmp_path,
 
     from hybrid_megatron.training.loss_log import LOSS_LOG, LossLog
 
-    log = LossLog(tmp_path, log_interval=3, total_steps=6, active=True)
+    # Created at t=0; the first step ends at t=10 (warm-up), each later one 2 s after.
+    times = iter([0.0] + [10.0 + 2 * k for k in range(6)])
+    log = LossLog(tmp_path, log_interval=3, total_steps=6, active=True, clock=lambda: next(times))
     printed = []
     for step in range(1, 7):
         metrics = {
@@ -813,12 +815,28 @@ def test_loss_log_writes_every_step_exactly_and_prints_at_the_interval(tmp_path,
     assert [float.fromhex(r["loss"]) for r in records] == [1.0 / s for s in range(1, 7)]
     assert records[-1] == {"step": 6, "loss": (1.0 / 6).hex(), "tokens_per_s": 1234.5, "mfu": 0.25}
     assert capsys.readouterr().out.splitlines() == [
-        "step 1/6 loss 1.0000 lr 1.00e-03 grad_norm nan tokens/s 1,234 mem 0.50GiB",
-        "step 3/6 loss 0.3333 lr 1.00e-03 grad_norm nan tokens/s 1,234 mem 0.50GiB",
-        "step 6/6 loss 0.1667 lr 1.00e-03 grad_norm nan tokens/s 1,234 mfu 25.0% mem 0.50GiB",
+        # the first step's pace (10 s) for the 5 left; then the later steps' (2 s) for the 3 left
+        "step 1/6 loss 1.0000 lr 1.00e-03 grad_norm nan tokens/s 1,234 mem 0.50GiB"
+        " | 17% elapsed 0:00:10 left 0:00:50",
+        "step 3/6 loss 0.3333 lr 1.00e-03 grad_norm nan tokens/s 1,234 mem 0.50GiB"
+        " | 50% elapsed 0:00:14 left 0:00:06",
+        "step 6/6 loss 0.1667 lr 1.00e-03 grad_norm nan tokens/s 1,234 mfu 25.0% mem 0.50GiB"
+        " | 100% elapsed 0:00:20 left 0:00:00",
     ]
+    # the last step prints off the interval too
+    last = LossLog(tmp_path / "last", log_interval=4, total_steps=6, active=False)
+    assert [last.record(step, metrics) for step in range(1, 7)] == [True, False, False, True, False, True]
     LossLog(tmp_path / "other", log_interval=1, total_steps=1, active=False).record(1, metrics)
     assert not (tmp_path / "other").exists()  # ranks other than 0 write nothing
+
+
+def test_progress_text_gives_the_share_done_the_time_spent_and_the_time_left():
+    from hybrid_megatron.training.loss_log import clock_text, progress_text
+
+    assert clock_text(3725.4) == "1:02:05" and clock_text(0.4) == "0:00:00"
+    assert clock_text(90 * 3600) == "90:00:00"  # hours unbounded
+    assert progress_text(250, 1000, 3600.0, 43.2) == "25% elapsed 1:00:00 left 9:00:00"
+    assert progress_text(1000, 1000, 5.0, 43.2) == "100% elapsed 0:00:05 left 0:00:00"
 
 
 def test_checkpointing_saves_on_the_interval_and_once_more_on_exit(tmp_path, monkeypatch, capsys):

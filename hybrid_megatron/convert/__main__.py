@@ -40,6 +40,11 @@ def main(argv=None) -> int:
             print(f"wrote {path} as {target}: {why}")
             if target == "remote_code":
                 print("load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+                # AutoTokenizer reads config.json first and would ask about the code it names
+                print(
+                    "tokenizer (a plain fast tokenizer, no code): "
+                    "AutoTokenizer.from_pretrained(path, trust_remote_code=False)"
+                )
         else:
             from hybrid_megatron.convert.export import from_hf_to_checkpoint
 

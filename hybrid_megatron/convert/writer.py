@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid_megatron.atomic_output import atomic_directory, refuse_to_replace
+from hybrid_megatron.atomic_output import atomic_directory, give_umask_mode, refuse_to_replace
 from hybrid_megatron.errors import InputError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # the usual HF shard size
@@ -77,12 +77,14 @@ def write_export(
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress)
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            give_umask_mode(tmp / "model.safetensors")
             bar.update(total)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                 save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                give_umask_mode(tmp / name)
                 weight_map.update({k: name for k in shard})
                 bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}

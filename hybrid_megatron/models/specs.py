@@ -88,9 +88,9 @@ def _attention_spec(backend: BackendSpecProvider, passthrough: bool = False) -> 
     )
 
 
-def _ffn(backend: BackendSpecProvider, moe, with_ffn: bool):
-    """(pre-FFN norm spec, FFN spec, keys map) for a dense MLP, an MoE (``moe``: the MoEConfig,
-    None for dense), or no FFN."""
+def _ffn(backend: BackendSpecProvider, moe, with_ffn: bool, ffn_size: int):
+    """(pre-FFN norm spec, FFN spec, keys map) for a dense MLP of width ``ffn_size``, an MoE
+    (``moe``: the MoEConfig, None for dense), or no FFN."""
     if not with_ffn:
         return IdentityOp, IdentityOp, {}
     mlp = get_mlp_module_spec_for_backend(
@@ -102,6 +102,9 @@ def _ffn(backend: BackendSpecProvider, moe, with_ffn: bool):
         mlp = dataclasses.replace(
             mlp, submodules=dataclasses.replace(mlp.submodules, experts=ModuleSpec(module=GroupedExperts))
         )
+    if moe is None:
+        # the width megatron-core's MLP would default to (from the config), given: the default warns
+        mlp = dataclasses.replace(mlp, params={**mlp.params, "ffn_hidden_size": ffn_size})
     if moe is None and backend.fuse_layernorm_and_linear():
         return IdentityOp, mlp, {}
     keys = {} if moe else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
@@ -131,7 +134,9 @@ def block_spec(
     """
     backend = backend_for(impl)
     with_ffn = has_ffn(cfg, letter)
-    pre_ffn_norm, ffn, keys = _ffn(backend, cfg.moe if ffn_is_moe(cfg, letter) else None, with_ffn)
+    pre_ffn_norm, ffn, keys = _ffn(
+        backend, cfg.moe if ffn_is_moe(cfg, letter) else None, with_ffn, tconfig.ffn_hidden_size
+    )
     # FFN-only layers (- and E) keep TransformerLayer's defaults for the mixer slots: no input
     # norm, no mixer, no mixer residual.
     mixer_fields = {}

@@ -101,6 +101,9 @@ def build_transformer_config(
         params_dtype=torch.bfloat16 if cfg.params_dtype == "bf16" else torch.float32,
         bf16=bf16,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # The whole layer when graphs are on (they are off unless cuda_graph_impl is set);
+        # megatron-core's default "full" means the same but is deprecated.
+        cuda_graph_scope=[],
     )
     if moe is not None:
         kwargs.update(
@@ -129,9 +132,9 @@ def build_transformer_config(
     if cuda_graphs:
         # megatron-core's own per-layer graphs ("local"): each TransformerLayer records its
         # forward and backward in the first step and replays them from then on; the schedule
-        # (forward_backward_no_pipelining) captures them at the end of that step. An empty scope:
-        # the whole layer, mixer and FFN.
-        kwargs.update(cuda_graph_impl="local", cuda_graph_scope=[])
+        # (forward_backward_no_pipelining) captures them at the end of that step, each the whole
+        # layer, mixer and FFN (the empty scope above).
+        kwargs.update(cuda_graph_impl="local")
     return TransformerConfig(**kwargs)
 
 
