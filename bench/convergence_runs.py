@@ -100,14 +100,13 @@ def _children(pid: int) -> list[int]:
 
 
 def stop_ranks(launcher: subprocess.Popen) -> None:
-    """SIGTERM to the ranks: the launcher's grandchildren (launcher -> submitit's local
-    controller -> one process per rank); data-loader workers below them are left alone."""
+    """SIGTERM to the ranks through submitit's local controller (the launcher's child), which
+    forwards it to every rank process; data-loader workers below the ranks are left alone."""
     for controller in _children(launcher.pid):
-        for rank in _children(controller):
-            try:
-                os.kill(rank, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        try:
+            os.kill(controller, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def launch(name: str, deadline: float, stop_at_step: int | None = None) -> str:
