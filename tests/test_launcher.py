@@ -616,12 +616,7 @@ def test_sweep_dry_run_prints_the_runs_and_the_array_script(capsys):
 
 
 def test_sweep_local_runs_each_recipe_in_turn(tmp_path, monkeypatch, capsys):
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(
-        "sweep: {name: mini, match: F, reference: transformer_tiny, tokens: [10K], "
-        "overrides: [train.warmup_steps=1], recipes: ["
-        f"{REPO}/recipes/transformer_tiny.yaml, {REPO}/recipes/mamba_tiny.yaml]}}\n"
-    )
+    sweep = _mini_sweep(tmp_path)
     _use_standin(monkeypatch, "standin_entry")
     code = cli.main([str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path)])
     out = capsys.readouterr().out
@@ -630,6 +625,104 @@ def test_sweep_local_runs_each_recipe_in_turn(tmp_path, monkeypatch, capsys):
     for name in ("mini-transformer_tiny-10K", "mini-mamba_tiny-10K"):
         record = json.loads((tmp_path / "runs" / "mini" / name / "standin" / "rank0.json").read_text())
         assert record["recipe"] == name
+
+
+def _mini_sweep(tmp_path, overrides: str = "train.warmup_steps=1") -> Path:
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "sweep: {name: mini, match: F, reference: transformer_tiny, tokens: [10K], "
+        f"overrides: [{overrides}], recipes: ["
+        f"{REPO}/recipes/transformer_tiny.yaml, {REPO}/recipes/mamba_tiny.yaml]}}\n"
+    )
+    return sweep
+
+
+def _fake_checkpoint(root: Path, step: int) -> None:
+    """A complete checkpoint directory of ``step`` (as the layout marks one) named by latest."""
+    from hybrid_megatron.checkpoint_layout import step_dir_name, write_latest
+
+    (root / step_dir_name(step)).mkdir(parents=True)
+    (root / step_dir_name(step) / "metadata.json").write_text("{}")
+    write_latest(root, step_dir_name(step))
+
+
+def test_sweep_rerun_skips_the_runs_that_finished(tmp_path, monkeypatch, capsys):
+    """A sweep run again after a stop skips runs whose latest checkpoint is at their last step
+    and runs the others (which resume from their own checkpoints)."""
+    from hybrid_megatron.accounting import count_parameters
+    from hybrid_megatron.config import derived, load_recipe
+    from hybrid_megatron.scaling.sweep import load_sweep
+
+    sweep = _mini_sweep(tmp_path)
+    _, runs = load_sweep(sweep, (_ckpt(tmp_path),))
+    recipes = [load_recipe(run.recipe_path, run.overrides) for run in runs]
+    totals = [derived(recipe, 1, count_parameters)["total_steps"] for recipe in recipes]
+    _fake_checkpoint(Path(recipes[0].checkpoint.dir), totals[0])  # finished
+    _fake_checkpoint(Path(recipes[1].checkpoint.dir), totals[1] - 1)  # stopped one step short
+    _use_standin(monkeypatch, "standin_entry")
+    code = cli.main([str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"[sweep] 1 runs finished earlier, skipped: {runs[0].name}" in out
+    assert "[sweep] 1/1 runs succeeded (compare group mini)" in out
+    assert not (Path(recipes[0].run_dir) / "standin").exists()
+    assert (
+        json.loads((Path(recipes[1].run_dir) / "standin" / "rank0.json").read_text())["recipe"]
+        == runs[1].name
+    )
+
+
+@pytest.mark.slow  # three short runs of the real trainer
+def test_interrupted_sweep_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """The real trainer: a sweep finishes; its second run is then set back to a middle
+    checkpoint (as if the call's time limit had stopped it there). Running the sweep again
+    skips the first run and resumes the second from that checkpoint: the later steps' losses
+    equal the uninterrupted ones bit for bit."""
+    import shutil
+
+    from hybrid_megatron.checkpoint_layout import step_dir_name, step_directories, write_latest
+    from tests.training_helpers import read_losses
+
+    monkeypatch.delenv("HM_TRAIN_ENTRY", raising=False)
+    sweep = _mini_sweep(
+        tmp_path,
+        "train.warmup_steps=1, model.num_layers=2, data.seq_length=64, train.global_batch_size=4, "
+        "train.log_interval=1, train.eval_interval=0, checkpoint.interval=3, checkpoint.keep_last=100, "
+        "train.deterministic=true, tracking.enabled=false",
+    )
+    args = [str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path), "data.num_workers=0"]
+    assert cli.main(args) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    first, second = (
+        tmp_path / "runs" / "mini" / name for name in ("mini-transformer_tiny-10K", "mini-mamba_tiny-10K")
+    )
+    reference = {1: read_losses(first), 2: read_losses(second)}
+    first_log = (first / "train_log.jsonl").read_text()
+    steps = max(reference[2])
+    assert sorted(reference[2]) == list(range(1, steps + 1))
+    # stop the second run at a middle checkpoint: later checkpoints and log lines are what the
+    # stop lost
+    root = second / "checkpoints"
+    saved = step_directories(root)
+    middle = saved[len(saved) // 2][0]
+    assert 0 < middle < steps
+    for step, path in saved:
+        if step > middle:
+            shutil.rmtree(path)
+    write_latest(root, step_dir_name(middle))
+    lines = (second / "train_log.jsonl").read_text().splitlines()
+    (second / "train_log.jsonl").write_text(
+        "".join(x + "\n" for x in lines if json.loads(x)["step"] <= middle)
+    )
+
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "[sweep] 1 runs finished earlier, skipped: mini-transformer_tiny-10K" in out
+    assert "[sweep] 1/1 runs succeeded" in out
+    assert (first / "train_log.jsonl").read_text() == first_log  # not run again
+    resumed = [json.loads(line)["step"] for line in (second / "train_log.jsonl").read_text().splitlines()]
+    assert resumed == list(range(1, steps + 1))  # the later steps appended once, by the resumed run
+    assert read_losses(second) == reference[2]
 
 
 @pytest.mark.slow  # the real trainer on two SLURM tasks (TP=2): two ranks import torch + megatron-core

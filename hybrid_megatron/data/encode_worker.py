@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hybrid_megatron.data.readers import Chunk, parse_json_line
+from hybrid_megatron.data.trees import read_text_file
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class ChunkResult:
 
     `bad` lists (line, reason) of skipped lines; `error` is (line, message) of the first fatal
     problem when skip_bad is off (the parent turns it into a DataToolsError naming file:line).
+    For a chunk of files (kind "files"): `doc_items` gives each document's item index in the
+    chunk and `doc_hashes` the sha256 of its bytes; `skipped` lists (item index, reason) of the
+    files that are not documents (binary, unreadable).
     """
 
     file_index: int
@@ -54,6 +58,9 @@ class ChunkResult:
     empty_docs: int = 0
     bad: list = field(default_factory=list)
     error: tuple | None = None
+    doc_items: list = field(default_factory=list)
+    doc_hashes: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
 
 
 _STATE: dict = {}
@@ -110,6 +117,20 @@ def _parse_json_lines(chunk: Chunk, settings: EncodeSettings, result: ChunkResul
     return texts
 
 
+def _read_files(chunk: Chunk, result: ChunkResult) -> list[str]:
+    """Reads a chunk of file paths: one document per text file; binary ones are skipped."""
+    texts = []
+    for index, path in enumerate(chunk.items):
+        text, problem, digest = read_text_file(path)
+        if problem is not None or not text:
+            result.skipped.append((index, problem or "empty"))
+            continue
+        texts.append(text)
+        result.doc_items.append(index)
+        result.doc_hashes.append(digest)
+    return texts
+
+
 def encode_chunk(chunk: Chunk) -> ChunkResult:
     """Tokenizes one chunk with the process's tokenizer; returns a ChunkResult.
 
@@ -121,6 +142,8 @@ def encode_chunk(chunk: Chunk) -> ChunkResult:
     result = ChunkResult(chunk.file_index, np.empty(0, settings.dtype), np.empty(0, np.int64))
     if chunk.kind == "json":
         texts = _parse_json_lines(chunk, settings, result)
+    elif chunk.kind == "files":
+        texts = _read_files(chunk, result)
     else:
         texts = []
         for offset, text in enumerate(chunk.items):

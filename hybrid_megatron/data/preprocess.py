@@ -9,21 +9,36 @@ in flight, which bounds memory and lets --max-docs stop reading early.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
+import os
+import shlex
 import signal
 import sys
 import time
 from collections import deque
 from collections.abc import Generator, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+
+import numpy as np
 
 from hybrid_megatron import runtime
 from hybrid_megatron.data.encode_worker import ChunkResult, EncodeSettings, encode_chunk, init_worker, setup
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.data.indexed_io import AtomicIndexedWriter, token_dtype
-from hybrid_megatron.data.readers import TEXT_MODES, InputFile, expand_inputs, iter_chunks
-from hybrid_megatron.data.tokenizer import file_sha256, load_tokenizer
+from hybrid_megatron.data.readers import TEXT_MODES, Chunk, InputFile, expand_inputs, iter_chunks
+from hybrid_megatron.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
+from hybrid_megatron.data.trees import (
+    SourceCounts,
+    TreeFile,
+    TreeSelection,
+    add_tree_arguments,
+    files_digest,
+    list_tree_files,
+    tree_selection,
+)
 from hybrid_megatron.errors import InputError
 
 # Reported skipped lines are listed up to this many; the rest are only counted.
@@ -32,7 +47,11 @@ MAX_LISTED_BAD = 20
 
 @dataclass
 class PreprocessOptions:
-    """Everything one preprocessing run needs (mirrors the CLI flags of data_tools/preprocess.py)."""
+    """Everything one preprocessing run needs (mirrors the CLI flags of data_tools/preprocess.py).
+
+    ``trees`` replaces ``inputs`` for a corpus of directory trees (see `preprocess_trees`);
+    ``command`` is recorded in a tree corpus' manifest.
+    """
 
     inputs: list[str]
     output_prefix: str
@@ -50,6 +69,8 @@ class PreprocessOptions:
     eos: str | None = None
     pad: str | None = None
     tiktoken_pattern: str = "cl100k"
+    trees: TreeSelection | None = None
+    command: str | None = None
 
 
 @dataclass
@@ -137,20 +158,18 @@ def _describe_inputs(inputs: list[InputFile], tally: _Tally) -> list[dict]:
     ]
 
 
-def preprocess(options: PreprocessOptions) -> dict:
-    """Runs one preprocessing job; returns the stats dict also written to PREFIX.stats.json.
-
-    Raises DataToolsError (naming file and line where there is one) for bad inputs, an
-    unusable tokenizer or empty output; in every failure case no file is left under
-    PREFIX.bin / PREFIX.idx / PREFIX.stats.json from this run.
-    """
+def _check_options(options: PreprocessOptions) -> None:
     if options.workers < 1:
         raise DataToolsError(f"--workers must be >= 1, got {options.workers}")
     if options.max_docs is not None and options.max_docs < 1:
         raise DataToolsError(f"--max-docs must be >= 1, got {options.max_docs}")
     if options.text_mode not in TEXT_MODES:
         raise DataToolsError(f"unknown text mode {options.text_mode!r} (want one of {TEXT_MODES})")
-    inputs = expand_inputs(options.inputs)
+
+
+def _encoding(options: PreprocessOptions) -> tuple[Tokenizer, EncodeSettings, np.dtype]:
+    """The tokenizer, the workers' settings and the token dtype; raises DataToolsError when
+    the tokenizer lacks a token the options ask for."""
     tokenizer = load_tokenizer(
         options.tokenizer,
         bos=options.bos,
@@ -180,6 +199,19 @@ def preprocess(options: PreprocessOptions) -> dict:
         pad=options.pad,
         tiktoken_pattern=options.tiktoken_pattern,
     )
+    return tokenizer, settings, dtype
+
+
+def preprocess(options: PreprocessOptions) -> dict:
+    """Runs one preprocessing job; returns the stats dict also written to PREFIX.stats.json.
+
+    Raises DataToolsError (naming file and line where there is one) for bad inputs, an
+    unusable tokenizer or empty output; in every failure case no file is left under
+    PREFIX.bin / PREFIX.idx / PREFIX.stats.json from this run.
+    """
+    _check_options(options)
+    inputs = expand_inputs(options.inputs)
+    tokenizer, settings, dtype = _encoding(options)
     tally = _Tally()
     progress = None
     try:
@@ -234,6 +266,218 @@ def preprocess(options: PreprocessOptions) -> dict:
     return stats
 
 
+def tree_outputs(prefix: str, valid_fraction: float) -> dict[str, str]:
+    """The dataset prefix of each split of a tree corpus: PREFIX_train and PREFIX_valid when a
+    share is held out, else PREFIX alone."""
+    if valid_fraction > 0:
+        return {"train": f"{prefix}_train", "valid": f"{prefix}_valid"}
+    return {"train": prefix}
+
+
+def _tree_chunks(files: list[TreeFile], selection: TreeSelection, chunk_bytes: int) -> Iterator[Chunk]:
+    """Consecutive files of one split, about `chunk_bytes` per chunk, as paths for the workers."""
+    batch: list[str] = []
+    size = first = 0
+    for index, item in enumerate(files):
+        if batch and (size >= chunk_bytes or item.split != files[first].split):
+            yield Chunk(first, "files", 0, batch, size)
+            batch, size, first = [], 0, index
+        batch.append(item.path(selection))
+        size += item.size
+    if batch:
+        yield Chunk(first, "files", 0, batch, size)
+
+
+def preprocess_trees(options: PreprocessOptions) -> dict:
+    """Tokenizes a corpus of directory trees (``options.trees``); returns its manifest.
+
+    One document per selected text file, exact duplicates dropped (the first in listing order
+    is kept: training files before validation ones), the held-out files in PREFIX_valid (see
+    `tree_outputs`). Writes the datasets, PREFIX.manifest.json (selection, tokenizer, per-source
+    files, bytes and tokens, the digest of the file list, the command) and PREFIX.files.jsonl
+    (one line per document: split, source, path, bytes, sha256, tokens). The output is the same
+    for any number of workers. Raises DataToolsError for a bad selection or an empty split;
+    then no output file of this run is left.
+    """
+    _check_options(options)
+    selection = options.trees
+    if selection is None:
+        raise DataToolsError("preprocess_trees needs a tree selection")
+    if options.max_docs is not None:
+        raise DataToolsError(
+            "--max-docs does not apply to --input-tree (narrow the selection with --include)"
+        )
+    files, sources = list_tree_files(selection)
+    roots = ", ".join(selection.roots)
+    if not files:
+        raise DataToolsError(
+            f"no file selected in {roots} (include {list(selection.include)}, exclude "
+            f"{list(selection.exclude)}, at most {selection.max_file_bytes} bytes)"
+        )
+    tokenizer, settings, dtype = _encoding(options)
+    prefixes = tree_outputs(options.output_prefix, selection.valid_fraction)
+    tallies = {split: _Tally() for split in prefixes}
+    lines: list[str] = []
+    identities: list[str] = []
+    seen: set[str] = set()
+    with ExitStack() as stack:
+        writers = {
+            split: stack.enter_context(AtomicIndexedWriter(path, dtype)) for split, path in prefixes.items()
+        }
+        started = time.monotonic()
+        progress = _Progress(sum(item.size for item in files), options.progress)
+        stack.callback(progress.close)
+        results = _results(_tree_chunks(files, selection, options.chunk_bytes), settings, options.workers)
+        try:
+            for consumed, result in results:
+                _absorb_files(result, files, sources, seen, writers, tallies, lines, identities, selection)
+                progress.update(consumed, tallies["train"])
+        finally:
+            results.close()
+        for split, tally in tallies.items():
+            if tally.documents == 0:
+                raise DataToolsError(
+                    f"the {split} split of {roots} holds no document "
+                    f"({len(files)} files listed; see --include/--exclude/--valid-fraction)"
+                )
+        manifest = {
+            "selection": selection.describe(),
+            "outputs": prefixes,
+            "documents": {split: t.documents for split, t in tallies.items()},
+            "tokens": {split: t.tokens for split, t in tallies.items()},
+            "text_bytes": {split: t.text_bytes for split, t in tallies.items()},
+            "files_digest": files_digest(identities),
+            "sources": [_describe_source(counts) for counts in sources],
+            "tokenizer": tokenizer.describe(),
+            "append_eod": options.append_eod,
+            "prepend_bos": options.prepend_bos,
+            "dtype": dtype.name,
+            "workers": options.workers,
+            "command": options.command,
+            "elapsed_s": round(time.monotonic() - started, 3),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        prefix = options.output_prefix
+        pending = [
+            _write_pending(prefix + ".files.jsonl", "".join(line + "\n" for line in lines)),
+            _write_pending(prefix + ".manifest.json", json.dumps(manifest, indent=2) + "\n"),
+        ]
+        stack.callback(_remove_pending, pending)
+        for split, writer in writers.items():
+            tally = tallies[split]
+            writer.commit(
+                {
+                    "output_prefix": prefixes[split],
+                    "split": split,
+                    "documents": tally.documents,
+                    "tokens": tally.tokens,
+                    "text_bytes": tally.text_bytes,
+                    "dtype": dtype.name,
+                    "append_eod": options.append_eod,
+                    "prepend_bos": options.prepend_bos,
+                    "tokenizer": tokenizer.describe(),
+                    "manifest": prefix + ".manifest.json",
+                    "files_digest": manifest["files_digest"],
+                    "created": manifest["created"],
+                }
+            )
+        for tmp, final in pending:
+            os.replace(tmp, final)
+    return manifest
+
+
+def _write_pending(path: str, text: str) -> tuple[str, str]:
+    """Writes text under a temporary name beside `path`; returns (temporary, final) names."""
+    tmp = f"{path}.partial-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return tmp, path
+
+
+def _remove_pending(pending: list[tuple[str, str]]) -> None:
+    for tmp, _ in pending:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _describe_source(counts: SourceCounts) -> dict:
+    return {
+        "root": counts.root,
+        "files_listed": counts.listed,
+        "bytes_listed": counts.listed_bytes,
+        "documents": counts.documents,
+        "bytes": counts.bytes,
+        "tokens": counts.tokens,
+        "skipped": {
+            "duplicate": counts.duplicates,
+            "binary": counts.binary,
+            "unreadable": counts.unreadable,
+            "empty": counts.empty,
+            "over_size_cap": counts.too_large,
+            "symlink": counts.links,
+        },
+    }
+
+
+def _absorb_files(
+    result: ChunkResult,
+    files: list[TreeFile],
+    sources: list[SourceCounts],
+    seen: set[str],
+    writers: dict,
+    tallies: dict[str, _Tally],
+    lines: list[str],
+    identities: list[str],
+    selection: TreeSelection,
+) -> None:
+    """Writes a chunk's files that are new content to their split; counts the rest per source."""
+    first = result.file_index
+    for index, reason in result.skipped:
+        counts = sources[files[first + index].source]
+        if reason == "binary":
+            counts.binary += 1
+        elif reason == "empty":
+            counts.empty += 1
+        else:
+            counts.unreadable += 1
+    ends = np.cumsum(result.lengths)
+    parts, lengths = [], []
+    split = files[first].split
+    tally = tallies[split]
+    for doc, (index, digest) in enumerate(zip(result.doc_items, result.doc_hashes)):
+        item = files[first + index]
+        counts = sources[item.source]
+        if digest in seen:
+            counts.duplicates += 1
+            continue
+        seen.add(digest)
+        length = int(result.lengths[doc])
+        parts.append(result.tokens[ends[doc] - length : ends[doc]])
+        lengths.append(length)
+        counts.documents[split] += 1
+        counts.bytes[split] += item.size
+        counts.tokens[split] += length
+        tally.documents += 1
+        tally.tokens += length
+        tally.text_bytes += item.size
+        root = selection.roots[item.source]
+        identities.append(json.dumps([split, root, item.relpath, digest]))
+        lines.append(
+            json.dumps(
+                {
+                    "split": split,
+                    "source": root,
+                    "path": item.relpath,
+                    "bytes": item.size,
+                    "sha256": digest,
+                    "tokens": length,
+                }
+            )
+        )
+    if lengths:
+        writers[split].add_documents(np.concatenate(parts), np.asarray(lengths, np.int64))
+
+
 def _absorb(result: ChunkResult, inputs: list[InputFile], tally: _Tally, writer, max_docs) -> bool:
     """Writes one chunk's documents and updates counts; returns True once max_docs is reached."""
     path = inputs[result.file_index].path
@@ -268,19 +512,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="preprocess.py",
         description="Tokenize jsonl(.gz/.zst) / parquet / text files into a megatron-core indexed dataset.",
     )
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--input",
         nargs="+",
-        required=True,
         metavar="FILE_OR_GLOB",
         help="input files, directories or globs (quote globs), read in the given order",
     )
+    add_tree_arguments(parser, source)
     parser.add_argument("--text-key", default="text", help="JSON field / parquet column holding the text")
     parser.add_argument(
         "--tokenizer", required=True, help="tokenizer.json, HF dir, sentencepiece .model or tiktoken file"
     )
     parser.add_argument(
-        "--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json"
+        "--output-prefix",
+        required=True,
+        help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json (--input-tree: also PREFIX.manifest.json "
+        "and PREFIX.files.jsonl; with --valid-fraction the datasets are PREFIX_train and PREFIX_valid)",
     )
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     parser.add_argument("--append-eod", action="store_true", help="append the eos token to every document")
@@ -314,10 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 data error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     runtime.setup()
+    trees = tree_selection(args)
     # SIGTERM (e.g. a scheduler's time limit) cleans up like Ctrl-C does.
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     options = PreprocessOptions(
-        inputs=args.input,
+        inputs=args.input or [],
         output_prefix=args.output_prefix,
         tokenizer=args.tokenizer,
         text_key=args.text_key,
@@ -333,8 +582,12 @@ def main(argv: list[str] | None = None) -> int:
         eos=args.eos,
         pad=args.pad,
         tiktoken_pattern=args.tiktoken_pattern,
+        trees=trees,
+        command=shlex.join(["data_tools/preprocess.py", *(sys.argv[1:] if argv is None else argv)]),
     )
     try:
+        if trees is not None:
+            return _report_trees(preprocess_trees(options))
         stats = preprocess(options)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -351,6 +604,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     for example in stats["skipped_examples"]:
         print(f"  skipped {example}")
+    return 0
+
+
+def _report_trees(manifest: dict) -> int:
+    """Prints what a tree corpus holds, per split and per source; returns 0."""
+    for split, prefix in manifest["outputs"].items():
+        print(
+            f"wrote {prefix}.bin/.idx: {manifest['documents'][split]:,} documents, "
+            f"{manifest['tokens'][split]:,} tokens from {manifest['text_bytes'][split] / 1e6:.1f} MB"
+        )
+    for source in manifest["sources"]:
+        skipped = ", ".join(f"{n:,} {why}" for why, n in source["skipped"].items() if n)
+        print(
+            f"  {source['root']}: {sum(source['documents'].values()):,} files, "
+            f"{sum(source['bytes'].values()) / 1e6:.1f} MB, {sum(source['tokens'].values()):,} tokens"
+            + (f" (skipped {skipped})" if skipped else "")
+        )
+    print(f"files digest {manifest['files_digest']} in {manifest['elapsed_s']:.1f}s")
     return 0
 
 

@@ -40,7 +40,9 @@ class Chunk:
     """A unit of work for an encode worker.
 
     kind "json": `items` are raw jsonl lines (bytes) starting at line `first_line`;
-    kind "text": `items` are document strings (parquet rows or text pieces).
+    kind "text": `items` are document strings (parquet rows or text pieces);
+    kind "files": `items` are paths of files read by the worker, one document each
+    (`file_index` is then the first file's index in the tree listing).
     `consumed` is how many on-disk bytes of the input this chunk advanced (for progress).
     `line_numbers` optionally gives each item's own line (text paragraphs skip blank lines).
     """

@@ -17,6 +17,7 @@ from hybrid_megatron.atomic_output import atomic_directory, refuse_to_replace
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.data.readers import TEXT_MODES, expand_inputs, iter_texts
 from hybrid_megatron.data.tokenizer import Tokenizer, load_tokenizer, write_hf_tokenizer_config
+from hybrid_megatron.data.trees import TreeSelection, add_tree_arguments, iter_tree_texts, tree_selection
 from hybrid_megatron.errors import InputError
 
 DEFAULT_SPECIALS = {"bos": "<|bos|>", "eos": "<|endoftext|>", "pad": "<|pad|>"}
@@ -33,6 +34,8 @@ def train_bpe_tokenizer(
     skip_bad: bool = False,
     show_progress: bool = False,
     overwrite: bool = False,
+    trees: TreeSelection | None = None,
+    max_bytes: int | None = None,
 ) -> Tokenizer:
     """Trains byte-level BPE on the inputs and writes OUTPUT_DIR/tokenizer.json (+ HF configs).
 
@@ -40,8 +43,11 @@ def train_bpe_tokenizer(
     (special tokens and the 256 byte symbols included), the output directory, the JSON text
     field, plain-text mode, the BPE minimum pair frequency, whether to skip bad lines and
     whether a non-empty output directory may be replaced (a tokenizer in use is hashed into
-    its datasets: replacing it by accident orphans them). The directory is written all at
-    once. Returns the saved tokenizer, loaded back through `load_tokenizer`.
+    its datasets: replacing it by accident orphans them). ``trees`` replaces the inputs by
+    directory trees (their training files only: the held-out ones stay unseen); ``max_bytes``
+    stops after that much text (trees: a deterministic sample spread over the whole
+    selection), which bounds the training time. The directory is written all at once.
+    Returns the saved tokenizer, loaded back through `load_tokenizer`.
     """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -54,7 +60,9 @@ def train_bpe_tokenizer(
         raise DataToolsError(
             f"--vocab-size must be at least {floor} (256 bytes + special tokens), got {vocab_size}"
         )
-    files = expand_inputs(inputs)
+    if max_bytes is not None and max_bytes < 1:
+        raise DataToolsError(f"--max-bytes must be >= 1, got {max_bytes}")
+    files = [] if trees is not None else expand_inputs(inputs)
     backend = HFTokenizer(models.BPE())
     # add_prefix_space=False keeps decode(encode(x)) == x exactly (no injected leading space).
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -66,24 +74,36 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    count = 0
+    count = taken = 0
+    if trees is not None:
+        source = iter_tree_texts(trees, max_bytes)
+        described: list = [trees.describe()]
+    else:
+        source = iter_texts(files, text_key=text_key, text_mode=text_mode, skip_bad=skip_bad)
+        described = [str(f.path) for f in files]
 
     def texts():
-        nonlocal count
-        for text in iter_texts(files, text_key=text_key, text_mode=text_mode, skip_bad=skip_bad):
+        nonlocal count, taken
+        for text in source:
+            if max_bytes is not None and taken >= max_bytes:
+                return
             count += 1
+            taken += len(text.encode("utf-8", "surrogatepass"))
             yield text
 
     backend.train_from_iterator(texts(), trainer=trainer)
     if count == 0:
-        raise DataToolsError(f"no documents found in {', '.join(str(f.path) for f in files)}")
+        where = ", ".join(trees.roots) if trees is not None else ", ".join(described)
+        raise DataToolsError(f"no documents found in {where}")
     with atomic_directory(out) as tmp:
         _write_hf_files(backend, tmp)
-        _write_training_info(tmp, vocab_size, backend, count, min_frequency, files)
+        _write_training_info(tmp, vocab_size, backend, count, taken, min_frequency, described)
     return load_tokenizer(out)
 
 
-def _write_training_info(out: Path, vocab_size: int, backend, count: int, min_frequency: int, files) -> None:
+def _write_training_info(
+    out: Path, vocab_size: int, backend, count: int, text_bytes: int, min_frequency: int, inputs: list
+) -> None:
     """training_info.json: what the tokenizer was trained on and with which settings."""
     (out / "training_info.json").write_text(
         json.dumps(
@@ -91,8 +111,9 @@ def _write_training_info(out: Path, vocab_size: int, backend, count: int, min_fr
                 "vocab_size_requested": vocab_size,
                 "vocab_size": backend.get_vocab_size(with_added_tokens=True),
                 "documents": count,
+                "text_bytes": text_bytes,
                 "min_frequency": min_frequency,
-                "inputs": [str(f.path) for f in files],
+                "inputs": inputs,
                 "special_tokens": DEFAULT_SPECIALS,
             },
             indent=2,
@@ -148,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="import a tokenizer.json / HF dir / tiktoken file instead of training",
     )
+    add_tree_arguments(parser, source)
+    parser.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        help="train on at most this much text (--input-tree: a sample spread over the selection)",
+    )
     parser.add_argument("--vocab-size", type=int, help="total vocabulary size (training)")
     parser.add_argument("--output", required=True, help="output directory (gets tokenizer.json)")
     parser.add_argument("--text-key", default="text")
@@ -178,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.vocab_size is None:
                 parser.error("--vocab-size is required when training")
             tokenizer = train_bpe_tokenizer(
-                args.input,
+                args.input or [],
                 args.vocab_size,
                 args.output,
                 text_key=args.text_key,
@@ -187,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 skip_bad=args.skip_bad,
                 show_progress=sys.stderr.isatty(),
                 overwrite=args.overwrite,
+                trees=tree_selection(args),
+                max_bytes=args.max_bytes,
             )
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,5 +1,10 @@
 """``--sweep``: a sweep file's runs as one SLURM job array (``--wait``: follows each run in turn,
-exit 1 if any failed), or with ``--local`` one after another."""
+exit 1 if any failed), or with ``--local`` one after another.
+
+A sweep stopped part-way (a time limit, a lost machine) continues when the same command runs
+again: runs whose latest checkpoint is at their last step are skipped, the others resume from
+their latest checkpoint (``checkpoint.resume: auto``) or start.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,39 @@ from pathlib import Path
 
 import submitit
 
+from hybrid_megatron.checkpoint_layout import CheckpointError, checkpoint_step, latest_checkpoint
 from hybrid_megatron.errors import InputError
 from hybrid_megatron.launch.follow import follow, report
 from hybrid_megatron.launch.local import run_local
-from hybrid_megatron.launch.plan import UsageError, check_tracking
+from hybrid_megatron.launch.plan import UsageError, check_tracking, local_world
 from hybrid_megatron.launch.slurm import render_sbatch, slurm_job_active, submit_slurm
+
+
+def is_finished(recipe, world_size: int) -> bool:
+    """Whether the run's latest checkpoint is at its last step (an earlier sweep finished it).
+
+    Takes the validated Recipe and the world size it runs at. A run whose checkpoints cannot be
+    read or whose steps cannot be derived counts as unfinished (it runs and reports the problem).
+    """
+    from hybrid_megatron.accounting import count_parameters
+    from hybrid_megatron.config import derived
+
+    try:
+        latest = latest_checkpoint(recipe.checkpoint.dir)
+        total_steps = derived(recipe, world_size, count_parameters)["total_steps"]
+    except (CheckpointError, InputError, OSError):
+        return False
+    return latest is not None and checkpoint_step(latest) == total_steps
+
+
+def _skip_finished(runs: list, recipes: list, world_size) -> tuple[list, list]:
+    """The runs (and recipes) still to do; prints the finished ones it skips."""
+    finished = [is_finished(recipe, world_size(recipe)) for recipe in recipes]
+    done = [run.name for run, skip in zip(runs, finished) if skip]
+    if done:
+        print(f"[sweep] {len(done)} runs finished earlier, skipped: {', '.join(done)}", flush=True)
+    todo = [i for i, skip in enumerate(finished) if not skip]
+    return [runs[i] for i in todo], [recipes[i] for i in todo]
 
 
 def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
@@ -40,16 +73,22 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
         print("# after the runs, " + next_steps(spec, runs, stores, out_dir).replace("\n", "\n# "))
         print("# dry run: nothing submitted")
         return 0
+    all_runs = runs
     if args.local:
+        runs, recipes = _skip_finished(runs, recipes, lambda recipe: local_world(recipe, args.nproc)[0])
         failed = 0
         for run, recipe in zip(runs, recipes):
             print(f"[sweep] {run.name}", flush=True)
             failed += run_local(recipe, args, entry) != 0
         print(f"[sweep] {len(runs) - failed}/{len(runs)} runs succeeded (compare group {spec.name})")
-        print(next_steps(spec, runs, stores, out_dir), flush=True)
+        print(next_steps(spec, all_runs, stores, out_dir), flush=True)
         return 1 if failed else 0
     if shutil.which("sbatch") is None:
         raise UsageError("SLURM was not found on this machine (no 'sbatch' on PATH); add --local")
+    runs, recipes = _skip_finished(runs, recipes, lambda recipe: recipe.slurm.world_size)
+    if not runs:
+        print(next_steps(spec, all_runs, stores, out_dir), flush=True)
+        return 0
     try:
         jobs = submit_slurm(recipes, entry)
     except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
@@ -63,7 +102,7 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     for run, job in zip(runs, jobs):
         print(f"[sweep]   {job.job_id}: {run.name}", flush=True)
     if not args.wait:
-        print("once they have finished, " + next_steps(spec, runs, stores, out_dir), flush=True)
+        print("once they have finished, " + next_steps(spec, all_runs, stores, out_dir), flush=True)
         return 0
     world = recipes[0].slurm.world_size  # the array's tasks share the first recipe's allocation
     failed = 0
@@ -80,5 +119,5 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
         )
         failed += report(job, world, outcomes) != 0
     print(f"[sweep] {len(runs) - failed}/{len(runs)} runs succeeded (compare group {spec.name})")
-    print(next_steps(spec, runs, stores, out_dir), flush=True)
+    print(next_steps(spec, all_runs, stores, out_dir), flush=True)
     return 1 if failed else 0

@@ -41,7 +41,8 @@ class LossLog:
 
     The record holds the loss as a float hex string, so resumed runs can be compared with an
     uninterrupted one bit for bit, plus ``tokens_per_s`` and ``mfu`` (the scale-out bench reads
-    them). A resumed run appends; a re-run step appears twice and the last line counts.
+    them) and, on the steps that have them, the ``moe/*`` expert-load figures. A resumed run
+    appends; a re-run step appears twice and the last line counts.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class LossLog:
                             "loss": loss.hex() if isinstance(loss, float) else loss,
                             "tokens_per_s": tokens_per_s,
                             "mfu": mfu,
+                            **{k: v for k, v in metrics.items() if k.startswith("moe/")},
                         }
                     )
                     + "\n"

@@ -1,8 +1,8 @@
 """The Trainer: a run set up from a validated Recipe, and its loop (:meth:`Trainer.fit`).
 
 The loop only orders the components, each of which owns one concern: the Trainable (model,
-optimizer, schedule, the step), the NaN policy, the step metrics and loss log, validation,
-checkpointing, tracking (MLflow) and the stop signal.
+optimizer, schedule, the step), the NaN policy, the step metrics (MoE expert load included) and
+loss log, validation, checkpointing, tracking (MLflow) and the stop signal.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from hybrid_megatron.tracking import RunTracker
 from hybrid_megatron.training.checkpointing import Checkpointing
 from hybrid_megatron.training.data import ResumableBatches, num_eval_samples, validation_batches
 from hybrid_megatron.training.distributed import init_distributed_from_env
+from hybrid_megatron.training.expert_load import ExpertLoad
 from hybrid_megatron.training.loss_log import LossLog
 from hybrid_megatron.training.metrics import StepMetrics
 from hybrid_megatron.training.model_setup import build_training_model, captured_layer_graphs
@@ -78,6 +79,9 @@ class Trainer:
             self.seq_length,
             self.tracker,
         )
+        self.expert_load = ExpertLoad(
+            self.trainable.model_chunks, train.log_interval, recipe.parallel.sequence_parallel
+        )
         self.loss_log = LossLog(recipe.run_dir, train.log_interval, self.total_steps, active=self.rank == 0)
         self.nan_policy = NanPolicy(train.max_consecutive_nan_skips)
         self.graphs_to_report = train.cuda_graphs  # logged once, after this run's first step
@@ -98,6 +102,7 @@ class Trainer:
                 state.consumed_samples = self.batches.consumed
                 self.nan_policy.record(state, loss, applied)
                 metrics = self.metrics.of_step(state, loss, lr, grad_norm, time.perf_counter() - t0)
+                metrics.update(self.expert_load.of_step(state.step))
                 tracker.log_metrics(metrics, state.step)
                 if self.loss_log.record(state.step, metrics):
                     tracker.flush()
