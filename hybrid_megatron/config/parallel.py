@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ParallelConfig(BaseModel):
@@ -24,6 +26,21 @@ class ParallelConfig(BaseModel):
     pipeline_stage_layers: list[int] | None = Field(
         default=None, description="explicit blocks per pipeline stage; default an even split"
     )
+    pp_split: Literal["even", "balanced"] = Field(
+        default="even",
+        description="stage boundaries without pipeline_stage_layers: even = the same number of "
+        "blocks per stage; balanced = the boundaries that minimise the slowest stage's predicted "
+        "time (embedding on the first, LM head on the last stage) within the GPU's memory",
+    )
+
+    @model_validator(mode="after")
+    def _one_split(self) -> ParallelConfig:
+        if self.pp_split == "balanced" and self.pipeline_stage_layers is not None:
+            raise ValueError(
+                "parallel.pp_split: balanced chooses the stage boundaries; drop "
+                "parallel.pipeline_stage_layers or set pp_split: even"
+            )
+        return self
 
     @property
     def expert_tensor_parallel(self) -> int:

@@ -27,7 +27,11 @@ def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, e
     and, before any job is submitted, by the recipe validation.
     """
     pattern = build_layer_pattern(cfg)
-    split_pattern(pattern, parallel.pp, parallel.pipeline_stage_layers)
+    if parallel.pp_split == "balanced":
+        if parallel.pp > len(pattern):
+            raise ModelConfigError(f"parallel.pp: {parallel.pp} stages for {len(pattern)} blocks")
+    else:
+        split_pattern(pattern, parallel.pp, parallel.pipeline_stage_layers)
     if cfg.moe is not None and tp > 1 and not parallel.sequence_parallel:
         # megatron-core refuses MoE with TP but without SP (the experts' token all-gather).
         raise ModelConfigError("parallel.sequence_parallel: MoE with tp > 1 needs it set to true")

@@ -1,7 +1,7 @@
 """The launcher's command line: train a recipe on SLURM, on this machine, or print the plan.
 
     python launch/slurm.py RECIPE [key.path=value ...] [--local [--nproc N]] [--dry-run]
-                                  [--wait] [--sweep]
+                                  [--wait] [--sweep] [--plan [--gpus N] [--gpu-memory GiB]]
 
 SLURM (default): submits one job (see `hybrid_megatron.launch.slurm`), prints the job id and
 log paths, and returns (``--wait``: follows rank 0's log until the job ends and exits non-zero
@@ -11,7 +11,12 @@ follows each run in turn, exit 1 if any failed), or with ``--local`` run one aft
 machine (default: the smallest world size the recipe's tp/pp/ep fit, or one per GPU of the
 recipe's ``gpus_per_node`` when CUDA is present); waits, streams rank 0's log, and exits 1
 with the failing rank's error if any rank fails. ``--dry-run``: prints the resolved recipe, the
-derived quantities and the sbatch script (or the local plan); submits nothing. Every rank runs
+derived quantities, the layout's predicted memory and step time (refused, exit 2, when the
+predicted peak exceeds the GPU's memory) and the sbatch script (or the local plan); submits
+nothing. ``--plan``: every valid TP x PP x EP layout of the recipe's model on ``--gpus`` GPUs
+(default the recipe's world size) with predicted per-GPU memory by part, step time, tokens/s,
+MFU and whether it fits ``--gpu-memory`` GiB (default: the recipe's GPU type, else 80), the
+best first (`hybrid_megatron.accounting.layout_plan`). Every rank runs
 `hybrid_megatron.launch.job.TrainJob`.
 
 Exit codes: 0 success (or submitted), 1 a rank or the job failed, 2 bad usage / recipe / no
@@ -72,7 +77,52 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="RECIPE is a sweep file (recipes/sweeps/): one job array of runs, or sequential with --local",
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print every valid parallel layout on --gpus GPUs with predicted memory, step time, "
+        "tokens/s, MFU and whether it fits, best first; submit nothing",
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="--plan: GPUs (default the recipe's world size)"
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GiB",
+        help="--plan / --dry-run: memory per GPU (default the recipe's GPU type's, else 80)",
+    )
     return parser
+
+
+def plan(recipe: Any, args: argparse.Namespace) -> int:
+    """Print every valid layout of the recipe with its predictions, the best first."""
+    from hybrid_megatron.accounting.layout_plan import plan_layouts, render_plan, target_for
+
+    if args.gpus is not None and args.gpus < 1:
+        raise UsageError(f"--gpus {args.gpus}: needs at least 1 GPU")
+    target = target_for(recipe, args.gpus, args.gpu_memory)
+    print(render_plan(plan_layouts(recipe, target), target, f"# plan for {recipe.source}"))
+    return 0
+
+
+def predicted(recipe: Any, world: int, args: argparse.Namespace) -> str:
+    """The recipe's layout's prediction on ``world`` GPUs; UsageError when it cannot fit."""
+    from hybrid_megatron.accounting.layout_plan import (
+        check_fits,
+        predict_layout,
+        render_prediction,
+        target_for,
+    )
+
+    target = target_for(recipe, world, args.gpu_memory)
+    try:
+        prediction = predict_layout(recipe, recipe.parallel, target)
+        check_fits(prediction)
+    except InputError as err:
+        raise UsageError(str(err)) from None
+    return render_prediction(prediction)
 
 
 def dry_run(recipe: Any, args: argparse.Namespace) -> int:
@@ -85,6 +135,9 @@ def dry_run(recipe: Any, args: argparse.Namespace) -> int:
         nproc, gpus = local_world(recipe, args.nproc)
         print(f"# ---- derived ({nproc} ranks) ----")
         print(describe(recipe, nproc))
+        if gpus:
+            print("# ---- predicted (accounting.layout_plan) ----")
+            print(predicted(recipe, nproc, args))
         print("# ---- local run ----")
         print(
             f"# {nproc} processes on {socket.gethostname()} (submitit LocalExecutor), "
@@ -97,6 +150,8 @@ def dry_run(recipe: Any, args: argparse.Namespace) -> int:
             f"{recipe.slurm.ranks_per_node}) ----"
         )
         print(describe(recipe, world))
+        print("# ---- predicted (accounting.layout_plan) ----")
+        print(predicted(recipe, world, args))
         print("# ---- sbatch script (submitit) ----")
         print(render_sbatch(recipe).rstrip())
     print("# dry run: nothing submitted")
@@ -114,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.nproc is not None and not args.local:
             raise UsageError("--nproc applies to --local runs only (on SLURM: slurm.nodes / gpus_per_node)")
         entry = os.environ.get(ENTRY_ENV) or None
+        if (args.gpus is not None) and not args.plan:
+            raise UsageError("--gpus applies to --plan only (a run's GPUs: slurm.nodes / gpus_per_node)")
         recipe = load(args)
+        if args.plan:
+            return plan(recipe, args)
         check_tracking([recipe])
         if args.dry_run:
             return dry_run(recipe, args)

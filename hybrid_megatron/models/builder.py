@@ -62,6 +62,11 @@ def build_model(
         raise ModelConfigError("train.cuda_graphs: needs a GPU (this process sees no CUDA device)")
 
     pattern = build_layer_pattern(model_config)
+    if parallel.pp_split == "balanced" and parallel.pipeline_stage_layers is None:
+        raise ModelConfigError(
+            "parallel.pp_split: balanced stages must be resolved to pipeline_stage_layers before "
+            "building (training.model_setup.resolved_parallel)"
+        )
     stages = split_pattern(pattern, pp, parallel.pipeline_stage_layers)
     stage_pattern = stages[parallel_state.get_pipeline_model_parallel_rank()]
 

@@ -20,16 +20,28 @@ def build_training_model(recipe) -> list:
     (see :func:`wrap_for_training`).
     """
     bf16 = recipe.train.precision == "bf16"
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     model = build_model(
         recipe.model,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        parallel=recipe.parallel,
+        parallel=resolved_parallel(recipe, world),
         bf16=bf16,
         recompute=recipe.train.recompute,
         cuda_graphs=recipe.train.cuda_graphs,
     )
     return wrap_for_training(model, bf16)
+
+
+def resolved_parallel(recipe, world_size: int):
+    """The recipe's ParallelConfig with ``pp_split: balanced`` turned into explicit
+    ``pipeline_stage_layers`` (the planner's split for this world size); else unchanged."""
+    parallel = recipe.parallel
+    if parallel.pp_split != "balanced" or parallel.pipeline_stage_layers is not None:
+        return parallel
+    from hybrid_megatron.accounting.layout_plan import predict_layout, target_for
+
+    return predict_layout(recipe, parallel, target_for(recipe, world_size)).parallel
 
 
 def wrap_for_training(model, bf16: bool, fuse_wgrad: bool = True) -> list:
