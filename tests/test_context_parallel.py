@@ -117,8 +117,12 @@ def _rel_err(a, b) -> float:
     return float((a - b).abs().max()) / (scale if scale > 0 else 1.0)
 
 
-def cp_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, layouts: dict) -> dict:
-    """Reference at CP=1, then the same weights (through a checkpoint) at each layout."""
+def cp_worker(
+    rank: int, world: int, cfg_dict: dict, ckpt_dir: str, layouts: dict, refused: dict | None = None
+) -> dict:
+    """Reference at CP=1, then the same weights (through a checkpoint) at each layout; then, with
+    ``refused`` (a model config dict), the error building it at the last layout with mamba_cp
+    sequence."""
     import torch
     from megatron.core import dist_checkpointing, parallel_state
 
@@ -166,6 +170,13 @@ def cp_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, layouts: dic
             out[f"{name}_grad_rel_err"] = _rel_err(
                 torch.cat(shards)[:vocab], ref_grads["embedding.word_embeddings.weight"][:vocab]
             )
+    if refused is not None:
+        from hybrid_megatron.config.errors import ModelConfigError
+
+        try:
+            _build(refused, {**layout, "mamba_cp": "sequence"})
+        except ModelConfigError as err:
+            out["refused"] = str(err)
     return out
 
 
@@ -187,9 +198,53 @@ ATTENTION_KINDS = ["transformer", "swa"]
 def test_cp2_matches_cp1_attention_kinds(kind, moe, tmp_path):
     cfg = tiny_model(kind, moe=moe)
     layouts = {"cp2": {"cp": 2, "cp_comm": "all_gather"}}
-    ranks = run_distributed(cp_worker, 2, tmp_path, cfg, str(tmp_path / "ckpt"), layouts)
+    refused = tiny_model("inter") if (kind, moe) == ("transformer", False) else None
+    ranks = run_distributed(cp_worker, 2, tmp_path, cfg, str(tmp_path / "ckpt"), layouts, refused)
     _check(ranks, layouts)
     assert ranks[0]["cp2_num_grads"] > 10, ranks[0]
+    if refused is not None:  # until the sequence-sharded scan is part of the build
+        assert ranks[0]["refused"].startswith("parallel.mamba_cp: sequence"), ranks[0]
+
+
+def _tconfig(cp: int):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        context_parallel_size=cp,
+        mamba_head_dim=16,
+        mamba_num_groups=2,
+        mamba_state_dim=8,
+    )
+
+
+def test_specs_switch_to_cp_parts_only_under_cp():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from hybrid_megatron.config.model import ModelConfig
+    from hybrid_megatron.config.parallel import ParallelConfig
+    from hybrid_megatron.models.context_parallel_attention import AllGatherKVAttention
+    from hybrid_megatron.models.specs import block_spec
+
+    cfg, intra_cfg = ModelConfig(**tiny_model("inter")), ModelConfig(**tiny_model("intra"))
+    parallel = ParallelConfig(cp=2, cp_comm="all_gather", mamba_cp="heads")
+    for cp, core, comm, mode in (
+        (1, DotProductAttention, None, None),
+        (2, AllGatherKVAttention, "all_gather", "heads"),
+    ):
+        attention = block_spec("A", cfg, _tconfig(cp), "local", parallel).submodules.self_attention
+        assert attention.submodules.core_attention is core
+        assert attention.params.get("cp_comm_type") == comm
+        mamba = block_spec("M", cfg, _tconfig(cp), "local", parallel).submodules.self_attention
+        assert mamba.params.get("context_parallel_mode") == mode
+        assert ("context_parallel_mode" in mamba.params) == (cp > 1)
+        intra = block_spec("H", intra_cfg, _tconfig(cp), "local", parallel).submodules.self_attention
+        assert intra.submodules.attention.submodules.core_attention is core
+        assert intra.submodules.attention.params.get("cp_comm_type") == comm
+        assert intra.submodules.mamba.params.get("context_parallel_mode") == mode
 
 
 @needs_cp_mode
