@@ -35,6 +35,14 @@ def test_cuda_device_requests_land_on_cpu():
 
 
 @cpu_only
+def test_pinned_memory_requests_get_ordinary_memory():
+    # megatron-core's context-parallel RoPE slice stages its chunk indices in pinned memory.
+    t = torch.tensor([1, 2], device="cpu", pin_memory=True).cuda(non_blocking=True)
+    assert t.tolist() == [1, 2] and not t.is_pinned()
+    assert torch.empty(3, pin_memory=True).shape == (3,)
+
+
+@cpu_only
 def test_global_memory_buffer_allocates_on_cpu():
     from megatron.core.utils import GlobalMemoryBuffer
 

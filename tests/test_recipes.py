@@ -55,7 +55,7 @@ def test_shipped_recipe_validates(path):
     assert recipe.name == path.stem
     world = recipe.slurm.world_size if _scale(path) != "tiny" else recipe.parallel.tp * recipe.parallel.pp
     values = derived(recipe, world, param_counter=lambda model: None)
-    assert values["dp"] * recipe.parallel.tp * recipe.parallel.pp == world
+    assert values["dp"] * recipe.parallel.tp * recipe.parallel.cp * recipe.parallel.pp == world
     assert values["total_steps"] > recipe.train.warmup_steps
     # Runs of different recipes never share a checkpoint directory.
     assert Path(recipe.checkpoint.dir) == REPO / "runs" / recipe.name / "checkpoints"
@@ -416,18 +416,19 @@ def test_derived_token_budget_rounds_up_to_whole_steps():
 @pytest.mark.parametrize(
     "world, overrides, expected",
     [
-        (3, [], "parallel: world size 3 is not divisible by tp*pp = 2*1 = 2"),
+        (3, [], "parallel: world size 3 is not divisible by tp*cp*pp = 2*1*1 = 2"),
         (6, [], "train.global_batch_size: 8 is not divisible by train.micro_batch_size * dp = 4 * 3 = 12"),
         # megatron-core splits experts over tp ranks by default: tp 2 x ep 2 needs 4 ranks ...
         (
             2,
             ["parallel.ep=2"],
-            "parallel.ep: ep 2 x expert tp 2 = 4 ranks per expert group do not divide dp*tp = 1*2 on 2 ranks",
+            "parallel.ep: ep 2 x expert tp 2 = 4 ranks per expert group do not divide "
+            "dp*cp*tp = 1*1*2 on 2 ranks",
         ),
         (
             2,
             ["parallel.ep=4", "parallel.expert_tp=1"],
-            "parallel.ep: 4 does not divide dp*tp = 1*2 on 2 ranks",
+            "parallel.ep: 4 does not divide dp*cp*tp = 1*1*2 on 2 ranks",
         ),
     ],
 )

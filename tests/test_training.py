@@ -896,3 +896,30 @@ def test_validation_runs_on_the_interval_and_at_an_unvalidated_end(monkeypatch, 
     none.after_step([], 3)
     none.at_end([], 3)
     assert none.loss is None and calls == [64, 64, 64]
+
+
+@pytest.mark.slow
+def test_cp2_run_matches_cp1_and_resumes_at_cp1(tmp_path):
+    """30 steps with every sequence split over 2 ranks (context parallel) log CP=1's losses
+    (fp32, another reduction order); the CP=2 checkpoint of step 8 resumes at CP=1 (weights
+    and optimizer states resharded from the dp x cp group of 2 to 1) and continues CP=1's run."""
+    recipe = str(REPO / "recipes" / "transformer_tiny.yaml")
+    ref_dir, cp_dir, back_dir = tmp_path / "cp1", tmp_path / "cp2", tmp_path / "back"
+    steps = ["train.steps=30", "checkpoint.interval=8", "checkpoint.keep_last=10"]
+    assert wait_job(start_job(recipe, _overrides(ref_dir, *steps), 1, ref_dir / "logs")) == [0]
+    cp2 = [*steps, "parallel.cp=2"]
+    assert wait_job(start_job(recipe, _overrides(cp_dir, *cp2), 2, cp_dir / "logs")) == [0, 0]
+    reference, split = read_losses(ref_dir), read_losses(cp_dir)
+    assert sorted(reference) == sorted(split) == list(range(1, 31))
+    for step in reference:
+        a, b = float.fromhex(split[step]), float.fromhex(reference[step])
+        assert abs(a - b) < 2e-4, (step, a, b)
+    assert float.fromhex(reference[30]) < float.fromhex(reference[1]) - 0.5  # it learns
+    shutil.copytree(cp_dir / "checkpoints" / "step_00000008", back_dir / "ckpt" / "step_00000008")
+    resume = [*steps, f"checkpoint.resume={back_dir}/ckpt/step_00000008"]
+    assert wait_job(start_job(recipe, _overrides(back_dir, *resume), 1, back_dir / "logs")) == [0]
+    resumed = read_losses(back_dir)
+    assert sorted(resumed) == list(range(9, 31))
+    for step in resumed:
+        a, b = float.fromhex(resumed[step]), float.fromhex(reference[step])
+        assert abs(a - b) < 2e-4, (step, a, b)

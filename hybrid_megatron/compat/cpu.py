@@ -142,13 +142,17 @@ class CudaRequestsToCpu(TorchFunctionMode):
     ``Tensor.cuda()`` / ``Tensor.to("cuda")`` return CPU tensors. It is the same mechanism as
     ``torch.set_default_device`` (a global TorchFunctionMode), entered only when CUDA is absent.
     ``tensor.type()`` (the query form) answers with the CUDA type name, because the optimizers
-    accept only parameters that call themselves ``torch.cuda.*Tensor``.
+    accept only parameters that call themselves ``torch.cuda.*Tensor``. Requests for pinned
+    host memory (staging for a host-to-GPU copy, as in the context-parallel RoPE slice) get
+    ordinary memory: without an accelerator torch has no pinned allocator.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.cuda:
             kwargs.pop("device", None)
             kwargs.pop("non_blocking", None)

@@ -19,26 +19,30 @@ from hybrid_megatron.config.layer_pattern import build_layer_pattern
 def data_parallel_size(par, world_size: int) -> int:
     """The data-parallel size of ``world_size`` ranks under ParallelConfig ``par``.
 
-    Raises RecipeError naming ``parallel`` when tp*pp does not divide the world or an expert
-    group (ep x expert tp ranks) does not divide dp*tp (megatron-core carves the expert groups
-    out of each pipeline stage's dp*tp ranks).
+    Raises RecipeError naming ``parallel`` when tp*cp*pp does not divide the world or an expert
+    group (ep x expert tp ranks) does not divide dp*cp*tp (megatron-core carves the expert groups
+    out of each pipeline stage's dp*cp*tp ranks).
     """
-    model_ranks = par.tp * par.pp
+    model_ranks = par.tp * par.cp * par.pp
     if world_size % model_ranks:
         raise RecipeError(
-            f"parallel: world size {world_size} is not divisible by tp*pp = {par.tp}*{par.pp} = {model_ranks}"
+            f"parallel: world size {world_size} is not divisible by tp*cp*pp = "
+            f"{par.tp}*{par.cp}*{par.pp} = {model_ranks}"
         )
     dp = world_size // model_ranks
     etp = par.expert_tensor_parallel
-    if (dp * par.tp) % par.expert_group_size:
+    dense = dp * par.cp * par.tp
+    if dense % par.expert_group_size:
         if etp == 1:
             raise RecipeError(
-                f"parallel.ep: {par.ep} does not divide dp*tp = {dp}*{par.tp} on {world_size} ranks"
+                f"parallel.ep: {par.ep} does not divide dp*cp*tp = {dp}*{par.cp}*{par.tp} on "
+                f"{world_size} ranks"
             )
         raise RecipeError(
             f"parallel.ep: ep {par.ep} x expert tp {etp} = {par.expert_group_size} ranks per expert "
-            f"group do not divide dp*tp = {dp}*{par.tp} on {world_size} ranks (the experts' TP defaults to "
-            f"parallel.tp; parallel.expert_tp=1 spreads whole experts over the TP ranks instead)"
+            f"group do not divide dp*cp*tp = {dp}*{par.cp}*{par.tp} on {world_size} ranks (the "
+            f"experts' TP defaults to parallel.tp; parallel.expert_tp=1 spreads whole experts over "
+            f"the TP ranks instead)"
         )
     return dp
 
@@ -49,7 +53,7 @@ def derived(recipe, world_size: int, param_counter: Callable[[Any], Any] | None 
     Takes a Recipe, the number of ranks, and optionally a parameter counter
     (``f(model_config)`` returning a report whose ``headline()`` is the dict of counts, such as
     ``accounting.count_parameters``, or None). Returns a
-    dict with world_size, tp, pp, ep, dp, micro_batch_size, global_batch_size,
+    dict with world_size, tp, cp, pp, ep, dp, micro_batch_size, global_batch_size,
     grad_accum_steps, seq_length, tokens_per_step, total_steps, total_tokens, warmup_steps,
     layer_pattern and params (None without a counter). Raises RecipeError naming
     ``parallel`` or ``train.global_batch_size`` when the numbers do not divide.
@@ -80,6 +84,7 @@ def derived(recipe, world_size: int, param_counter: Callable[[Any], Any] | None 
     return {
         "world_size": world_size,
         "tp": par.tp,
+        "cp": par.cp,
         "pp": par.pp,
         "ep": par.ep,
         "expert_tp": par.expert_tensor_parallel,
@@ -107,6 +112,12 @@ def human(n: float | None) -> str:
     return str(n)
 
 
+def _sequence_row(values: dict) -> str:
+    cp = values.get("cp", 1)
+    split = f" ({values['seq_length'] // cp} per rank over cp {cp})" if cp > 1 else ""
+    return f"{values['seq_length']} tokens{split}; {values['tokens_per_step']:,} tokens/step"
+
+
 def format_derived(values: dict) -> str:
     """The derived quantities as an aligned text block for logs (takes `derived`'s dict)."""
     params = values.get("params")
@@ -117,15 +128,17 @@ def format_derived(values: dict) -> str:
     rows = [
         (
             "ranks",
-            f"{values['world_size']} = tp {values['tp']} x pp {values['pp']} x dp {values['dp']}"
-            f" (ep {values['ep']}, expert tp {values['expert_tp']})",
+            f"{values['world_size']} = tp {values['tp']}"
+            + (f" x cp {values['cp']}" if values.get("cp", 1) > 1 else "")
+            + f" x pp {values['pp']} x dp {values['dp']}"
+            + f" (ep {values['ep']}, expert tp {values['expert_tp']})",
         ),
         (
             "batch",
             f"global {values['global_batch_size']} = micro {values['micro_batch_size']} x dp "
             f"{values['dp']} x grad accumulation {values['grad_accum_steps']}",
         ),
-        ("sequence", f"{values['seq_length']} tokens; {values['tokens_per_step']:,} tokens/step"),
+        ("sequence", _sequence_row(values)),
         (
             "budget",
             f"{values['total_steps']:,} steps, {values['total_tokens']:,} tokens "

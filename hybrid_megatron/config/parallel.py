@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ParallelConfig(BaseModel):
-    """Tensor, pipeline and expert parallel sizes; data parallel is what remains of the world."""
+    """Tensor, pipeline, context and expert parallel sizes; data parallel is what remains of the
+    world."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -21,6 +22,23 @@ class ParallelConfig(BaseModel):
         description="tensor-parallel size of the experts (MoE): null = tp (megatron-core's default); "
         "1 with tp > 1 keeps experts whole and spreads them over the TP ranks as well (MoE "
         "parallel folding: tp 2 x ep 2 then fits 2 GPUs)",
+    )
+    cp: int = Field(
+        default=1,
+        gt=0,
+        description="context-parallel size: each sequence is split over this many ranks (2 x cp "
+        "chunks, rank r holds chunks r and 2cp-1-r, so causal work is balanced)",
+    )
+    cp_comm: Literal["p2p", "all_gather", "a2a"] = Field(
+        default="p2p",
+        description="how attention exchanges keys and values under cp > 1 on GPU (Transformer "
+        "Engine): p2p ring, all_gather or a2a; the CPU (local) build always all-gathers",
+    )
+    mamba_cp: Literal["heads", "sequence"] = Field(
+        default="sequence",
+        description="how Mamba2 layers split under cp > 1: heads (megatron-core's all-to-all, "
+        "needs Mamba heads divisible by tp*cp) or sequence (each rank scans its slices and passes "
+        "the SSM state on; no cap on cp)",
     )
     sequence_parallel: bool = Field(default=False, description="needs tp > 1")
     pipeline_stage_layers: list[int] | None = Field(

@@ -1,4 +1,4 @@
-"""Whether a model can be laid out on a parallel layout: the sizes TP, PP and EP must shard.
+"""Whether a model can be laid out on a parallel layout: the sizes TP, PP, CP and EP must shard.
 
 Pure arithmetic on the recipe (no megatron-core, no process group): the recipe's validation runs
 it before any job is submitted, and ``build_model`` runs it again with the sizes of the
@@ -20,12 +20,16 @@ from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
 
 
-def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, ep: int) -> None:
+def check_parallel_layout(
+    cfg: ModelConfig, parallel: ParallelConfig, tp: int, ep: int, cp: int | None = None
+) -> None:
     """Raise ModelConfigError (naming the field) for sizes the parallel layout cannot shard.
 
-    Takes the model config, the parallel config and the TP and EP sizes. Used by the builder
-    and, before any job is submitted, by the recipe validation.
+    Takes the model config, the parallel config and the TP, EP and CP sizes (CP default
+    ``parallel.cp``). Used by the builder and, before any job is submitted, by the recipe
+    validation.
     """
+    cp = parallel.cp if cp is None else cp
     pattern = build_layer_pattern(cfg)
     if parallel.pp_split == "balanced":
         if parallel.pp > len(pattern):
@@ -65,6 +69,8 @@ def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, e
                 f"model.attention.num_query_groups: {cfg.query_groups} groups do not split over "
                 f"parallel.tp={tp}"
             )
+    if cp > 1 and (any(c in pattern for c in ATTENTION_LETTERS) or INTRA in pattern):
+        _check_attention_cp(cfg, parallel, tp, cp)
     if MAMBA in pattern:
         heads = cfg.mamba.expand * cfg.hidden_size // cfg.mamba.head_dim
         if (cfg.mamba.expand * cfg.hidden_size) % cfg.mamba.head_dim or heads % tp:
@@ -73,6 +79,8 @@ def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, e
                 f"whole number divisible by parallel.tp={tp}"
             )
         _check_mamba_groups(heads, cfg.mamba.num_groups, "Mamba blocks'")
+        if cp > 1 and parallel.mamba_cp == "heads":
+            _check_mamba_heads_cp(heads, cfg.mamba.num_groups, tp, cp, "Mamba blocks'")
     if MAMBA in pattern or INTRA in pattern:
         if cfg.mamba.num_groups % tp:
             raise ModelConfigError(
@@ -97,6 +105,15 @@ def check_parallel_layout(cfg: ModelConfig, parallel: ParallelConfig, tp: int, e
                 )
         if m_heads:
             _check_mamba_groups(m_heads, cfg.mamba.num_groups, "intra block's Mamba branch's")
+            if cp > 1 and parallel.mamba_cp == "heads":
+                _check_mamba_heads_cp(m_heads, cfg.mamba.num_groups, tp, cp, "intra block's Mamba branch's")
+        if cp > 1 and parallel.cp_comm == "a2a" and aw:
+            for name, count in (("attention heads", a_heads), ("query groups", groups)):
+                if count % (tp * cp):
+                    raise ModelConfigError(
+                        f"parallel.cp_comm: a2a splits the intra block's {count} {name} over "
+                        f"tp*cp = {tp}*{cp} ranks; they do not divide (use p2p or all_gather)"
+                    )
     if cfg.moe is not None and cfg.moe.num_experts % ep:
         raise ModelConfigError(
             f"model.moe.num_experts: {cfg.moe.num_experts} experts do not split over parallel.ep={ep}"
@@ -109,4 +126,57 @@ def _check_mamba_groups(heads: int, groups: int, where: str) -> None:
     if heads % groups:
         raise ModelConfigError(
             f"model.mamba.num_groups: the {where} {heads} SSM heads do not split into {groups} groups"
+        )
+
+
+def _check_attention_cp(cfg: ModelConfig, parallel: ParallelConfig, tp: int, cp: int) -> None:
+    """Context-parallel rules of the attention layers: a2a splits heads over tp*cp ranks, and
+    Transformer Engine's p2p ring has no sliding window."""
+    if cfg.attention is None:
+        return
+    if parallel.cp_comm == "a2a" and any(c in build_layer_pattern(cfg) for c in ATTENTION_LETTERS):
+        for name, count in (("num_heads", cfg.attention.num_heads), ("num_query_groups", cfg.query_groups)):
+            if count % (tp * cp):
+                raise ModelConfigError(
+                    f"parallel.cp_comm: a2a splits model.attention.{name} ({count}) over tp*cp = "
+                    f"{tp}*{cp} ranks; it does not divide (use p2p or all_gather)"
+                )
+    if cfg.attention.sliding_window and parallel.cp_comm == "p2p":
+        raise ModelConfigError(
+            "parallel.cp_comm: p2p (Transformer Engine's ring) does not take "
+            "model.attention.sliding_window; use all_gather or a2a"
+        )
+
+
+def _check_mamba_heads_cp(heads: int, groups: int, tp: int, cp: int, where: str) -> None:
+    """Raise ModelConfigError unless megatron-core's head-sharded Mamba context parallelism can
+    split ``heads`` SSM heads and ``groups`` B/C groups over ``cp`` ranks of each of ``tp``."""
+    if heads % (tp * cp):
+        raise ModelConfigError(
+            f"parallel.mamba_cp: heads mode splits the {where} {heads} SSM heads over tp*cp = "
+            f"{tp}*{cp} ranks; they do not divide (cp must divide {heads // tp}; mamba_cp "
+            f"sequence has no such cap)"
+        )
+    local_groups = groups // tp
+    if local_groups % cp and cp % local_groups:
+        raise ModelConfigError(
+            f"parallel.mamba_cp: heads mode needs the {where} {local_groups} B/C groups per TP "
+            f"rank (model.mamba.num_groups {groups} / tp {tp}) to divide or be divided by cp {cp}"
+        )
+
+
+def check_sequence_split(seq_length: int, parallel: ParallelConfig) -> None:
+    """Raise ModelConfigError naming ``data.seq_length`` unless every sequence splits into the
+    2 x cp chunks of context parallelism and, with sequence parallelism, each rank's part splits
+    over tp."""
+    cp, tp = parallel.cp, parallel.tp
+    if cp > 1 and seq_length % (2 * cp):
+        raise ModelConfigError(
+            f"data.seq_length: {seq_length} does not split into 2*cp = {2 * cp} equal chunks "
+            f"(parallel.cp={cp})"
+        )
+    if parallel.sequence_parallel and (seq_length // cp) % tp:
+        raise ModelConfigError(
+            f"data.seq_length: each of parallel.cp={cp} ranks holds {seq_length // cp} positions, "
+            f"which do not split over parallel.tp={tp} (parallel.sequence_parallel)"
         )

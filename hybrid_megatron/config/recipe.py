@@ -37,7 +37,7 @@ from hybrid_megatron.config.loader import (
 )
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
-from hybrid_megatron.config.parallel_layout import check_parallel_layout
+from hybrid_megatron.config.parallel_layout import check_parallel_layout, check_sequence_split
 from hybrid_megatron.config.slurm import SlurmConfig
 from hybrid_megatron.config.tracking import TrackingConfig, default_tracking_uri
 from hybrid_megatron.config.train import TrainConfig
@@ -146,6 +146,7 @@ class Recipe(BaseModel):
         if self.train.cuda_graphs:
             check_cuda_graphs(self)
         check_layout(self.model, self.parallel)
+        check_sequence_split(self.data.seq_length, self.parallel)
         return self
 
     @property

@@ -57,10 +57,11 @@ def log_folder(recipe: Any, kind: str) -> Path:
 
 
 def min_world_size(recipe: Any) -> int:
-    """The smallest world size the recipe's layout fits: tp*pp*k with (k*tp) % (ep * expert tp) == 0."""
+    """The smallest world size the recipe's layout fits: tp*cp*pp*k with (k*tp*cp) % (ep * expert
+    tp) == 0."""
     par = recipe.parallel
-    k = par.expert_group_size // math.gcd(par.expert_group_size, par.tp)
-    return par.tp * par.pp * k
+    k = par.expert_group_size // math.gcd(par.expert_group_size, par.tp * par.cp)
+    return par.tp * par.cp * par.pp * k
 
 
 def local_world(recipe: Any, nproc: int | None) -> tuple[int, int]:
@@ -78,7 +79,8 @@ def local_world(recipe: Any, nproc: int | None) -> tuple[int, int]:
     if nproc < 1 or nproc % smallest:
         raise UsageError(
             f"--nproc {nproc}: the world size must be a multiple of {smallest} "
-            f"(parallel.tp={recipe.parallel.tp} x pp={recipe.parallel.pp}, ep={recipe.parallel.ep}"
+            f"(parallel.tp={recipe.parallel.tp} x cp={recipe.parallel.cp} x pp={recipe.parallel.pp}, "
+            f"ep={recipe.parallel.ep}"
             f" x expert tp={recipe.parallel.expert_tensor_parallel})"
         )
     if gpus and nproc > gpus:

@@ -9,7 +9,14 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from hybrid_megatron.config.errors import ModelConfigError
-from hybrid_megatron.config.layer_pattern import ATTENTION_LETTERS, INTRA, build_layer_pattern, split_pattern
+from hybrid_megatron.config.geometry import intra_branch_widths
+from hybrid_megatron.config.layer_pattern import (
+    ATTENTION_LETTERS,
+    INTRA,
+    MAMBA,
+    build_layer_pattern,
+    split_pattern,
+)
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
 from hybrid_megatron.config.parallel_layout import check_parallel_layout
@@ -27,6 +34,12 @@ def _pipeline_layout(stages: list[str]) -> list[list[str]] | None:
     layout[0].insert(0, "embedding")
     layout[-1].append("loss")
     return layout
+
+
+def _has_mamba(cfg: ModelConfig) -> bool:
+    """Whether any block runs a Mamba2 mixer (an M block, or an H block's Mamba branch)."""
+    pattern = build_layer_pattern(cfg)
+    return MAMBA in pattern or (INTRA in pattern and intra_branch_widths(cfg)[1] > 0)
 
 
 def build_model(
@@ -57,7 +70,13 @@ def build_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
-    check_parallel_layout(model_config, parallel, tp, ep)
+    cp = parallel_state.get_context_parallel_world_size()
+    check_parallel_layout(model_config, parallel, tp, ep, cp)
+    if cp > 1 and parallel.mamba_cp == "sequence" and _has_mamba(model_config):
+        raise ModelConfigError(
+            "parallel.mamba_cp: sequence (the sequence-sharded Mamba2 scan) is not available in "
+            "this build; use heads"
+        )
     if cuda_graphs and not torch.cuda.is_available():
         raise ModelConfigError("train.cuda_graphs: needs a GPU (this process sees no CUDA device)")
 
@@ -80,7 +99,7 @@ def build_model(
     )
     impl = resolve_impl(model_config)
     block = TransformerBlockSubmodules(
-        layer_specs=[block_spec(letter, model_config, tconfig, impl) for letter in stage_pattern],
+        layer_specs=[block_spec(letter, model_config, tconfig, impl, parallel) for letter in stage_pattern],
         layer_norm=rms_norm_spec(backend_for(impl)),
     )
     # NemotronH attention has no position embedding at all; llama attention uses RoPE.

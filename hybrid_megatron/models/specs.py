@@ -12,6 +12,10 @@ the sublayers:
 - ``*``: attention only; ``-``: dense MLP only; ``E``: MoE only (empty slots are megatron-core
   identity ops, as in its own hybrid MLP layers)
 
+Under context parallelism (``context_parallel_size > 1``) TE's attention splits the sequence
+itself; the local build's attention core is AllGatherKVAttention (megatron-core's local
+attention has none), and the Mamba mixers are told the ``parallel.mamba_cp`` mode.
+
 ``impl`` picks the building blocks through megatron-core's backend spec providers: ``te``
 (Transformer Engine: fused norm+linear, TE attention, FP8) or ``local`` (megatron-core's own
 layers, CPU). Checkpoint keys are the same for both (``sharded_state_dict_keys_map`` maps the
@@ -42,6 +46,8 @@ from hybrid_megatron.config.layer_pattern import (
     has_mixer,
 )
 from hybrid_megatron.config.model import ModelConfig
+from hybrid_megatron.config.parallel import ParallelConfig
+from hybrid_megatron.models.context_parallel_attention import AllGatherKVAttention
 from hybrid_megatron.models.intra import IntraHybridMixer, IntraHybridSubmodules
 from hybrid_megatron.models.mamba import MambaBranch, MambaSublayer, PassThroughProjection
 from hybrid_megatron.models.moe import GroupedExperts
@@ -72,15 +78,21 @@ def _input_projection(backend: BackendSpecProvider):
     return LocalRMSNorm, backend.column_parallel_linear()
 
 
-def _attention_spec(backend: BackendSpecProvider, passthrough: bool = False) -> ModuleSpec:
-    """megatron-core SelfAttention; ``passthrough`` drops its projections (intra branch)."""
+def _attention_spec(
+    backend: BackendSpecProvider, core_attention, cp_comm: str | None, passthrough: bool = False
+) -> ModuleSpec:
+    """megatron-core SelfAttention around ``core_attention``; ``cp_comm`` is TE's context-parallel
+    exchange (None without CP); ``passthrough`` drops its projections (intra branch)."""
     _, qkv = _input_projection(backend)
+    params: dict = {"attn_mask_type": AttnMaskType.causal}
+    if cp_comm is not None:
+        params["cp_comm_type"] = cp_comm
     return ModuleSpec(
         module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
+        params=params,
         submodules=SelfAttentionSubmodules(
             linear_qkv=PassThroughProjection if passthrough else qkv,
-            core_attention=backend.core_attention(),
+            core_attention=core_attention,
             linear_proj=PassThroughProjection if passthrough else backend.row_parallel_linear(),
             q_layernorm=IdentityOp,
             k_layernorm=IdentityOp,
@@ -111,13 +123,25 @@ def _ffn(backend: BackendSpecProvider, moe, with_ffn: bool, ffn_size: int):
     return rms_norm_spec(backend), mlp, keys
 
 
-def mamba_mixer_params(cfg: ModelConfig) -> dict:
-    """MambaMixer constructor arguments from ``model.mamba`` (the rest comes from the config)."""
-    return {
+def _core_attention(backend: BackendSpecProvider, impl: str, tconfig: TransformerConfig):
+    """The attention core: the backend's, except on the local build under context parallelism."""
+    if impl != "te" and tconfig.context_parallel_size > 1:
+        return AllGatherKVAttention
+    return backend.core_attention()
+
+
+def mamba_mixer_params(cfg: ModelConfig, context_parallel_mode: str | None = None) -> dict:
+    """MambaMixer constructor arguments from ``model.mamba`` (the rest comes from the config)
+    and, under context parallelism only, ``context_parallel_mode`` (``parallel.mamba_cp``:
+    heads | sequence); None (CP 1) leaves the mixer's arguments as they are."""
+    params: dict[str, int | str] = {
         "expand": cfg.mamba.expand,
         "d_conv": cfg.mamba.conv_kernel,
         "chunk_size": cfg.mamba.chunk_size,
     }
+    if context_parallel_mode is not None:
+        params["context_parallel_mode"] = context_parallel_mode
+    return params
 
 
 def block_spec(
@@ -125,13 +149,16 @@ def block_spec(
     cfg: ModelConfig,
     tconfig: TransformerConfig,
     impl: str,
+    parallel: ParallelConfig | None = None,
 ) -> ModuleSpec:
     """The TransformerLayer spec of one block.
 
     Takes the block letter (A, M, H, ``*``, ``-`` or E), the ModelConfig, the model's
-    TransformerConfig and the impl (``te`` | ``local``); returns a ModuleSpec that megatron-core's
-    TransformerBlock builds.
+    TransformerConfig, the impl (``te`` | ``local``) and the ParallelConfig (its ``cp_comm`` and
+    ``mamba_cp`` apply when the config's ``context_parallel_size`` > 1); returns a ModuleSpec
+    that megatron-core's TransformerBlock builds.
     """
+    parallel = parallel or ParallelConfig()
     backend = backend_for(impl)
     with_ffn = has_ffn(cfg, letter)
     pre_ffn_norm, ffn, keys = _ffn(
@@ -141,7 +168,7 @@ def block_spec(
     # norm, no mixer, no mixer residual.
     mixer_fields = {}
     if has_mixer(letter):
-        input_norm, mixer, mixer_keys = _mixer(letter, cfg, tconfig, backend)
+        input_norm, mixer, mixer_keys = _mixer(letter, cfg, tconfig, backend, impl, parallel)
         mixer_fields = dict(
             input_layernorm=input_norm, self_attention=mixer, self_attn_bda=get_bias_dropout_add
         )
@@ -158,16 +185,27 @@ def block_spec(
     )
 
 
-def _mixer(letter: str, cfg: ModelConfig, tconfig: TransformerConfig, backend: BackendSpecProvider):
+def _mixer(
+    letter: str,
+    cfg: ModelConfig,
+    tconfig: TransformerConfig,
+    backend: BackendSpecProvider,
+    impl: str,
+    parallel: ParallelConfig,
+):
     """(input norm spec, mixer spec, checkpoint keys map) of a block with a mixer (A, ``*``, M, H)."""
     input_norm, in_proj = _input_projection(backend)
+    core_attention = _core_attention(backend, impl, tconfig)
+    with_cp = tconfig.context_parallel_size > 1
+    cp_comm = parallel.cp_comm if with_cp else None
+    cp_mode = parallel.mamba_cp if with_cp else None
     if letter in ATTENTION_LETTERS:
-        mixer = _attention_spec(backend)
+        mixer = _attention_spec(backend, core_attention, cp_comm)
         mixer_keys = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     elif letter == MAMBA:
         mixer = ModuleSpec(
             module=MambaSublayer,
-            params={"d_model": cfg.hidden_size, **mamba_mixer_params(cfg)},
+            params={"d_model": cfg.hidden_size, **mamba_mixer_params(cfg, cp_mode)},
             submodules=MambaMixerSubmodules(in_proj=in_proj, out_proj=backend.row_parallel_linear()),
         )
         mixer_keys = {"input_layernorm.": "self_attention.in_proj.layer_norm_"}
@@ -185,10 +223,10 @@ def _mixer(letter: str, cfg: ModelConfig, tconfig: TransformerConfig, backend: B
             },
             submodules=IntraHybridSubmodules(
                 in_proj=in_proj,
-                attention=_attention_spec(backend, passthrough=True),
+                attention=_attention_spec(backend, core_attention, cp_comm, passthrough=True),
                 mamba=ModuleSpec(
                     module=MambaBranch,
-                    params=mamba_mixer_params(cfg),
+                    params=mamba_mixer_params(cfg, cp_mode),
                     submodules=MambaMixerSubmodules(
                         in_proj=PassThroughProjection, out_proj=PassThroughProjection
                     ),

@@ -54,7 +54,9 @@ def build_transformer_config(
     pipeline layout (explicit per-stage layer counts), whether training runs in bf16, the
     activation recomputation (``train.recompute``: none | selective | full) and whether every
     layer runs in CUDA graphs (``train.cuda_graphs``); reads
-    TP/PP/EP sizes from megatron-core's initialised parallel state. Returns the config shared by
+    TP/CP/PP/EP sizes from megatron-core's initialised parallel state (the attention's CP
+    exchange, ``parallel.cp_comm``, is a parameter of the attention specs, so that it reaches
+    attention modules only). Returns the config shared by
     every layer (per-branch configs of the intra block derive from it).
     """
     attention = cfg.attention
@@ -88,6 +90,7 @@ def build_transformer_config(
         mamba_num_groups=cfg.mamba.num_groups,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
         sequence_parallel=sequence_parallel,

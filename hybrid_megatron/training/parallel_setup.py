@@ -13,12 +13,12 @@ from hybrid_megatron.models.transformer_config import have_transformer_engine
 
 
 def setup_model_parallel(parallel: ParallelConfig, seed: int, cuda_graphs: bool = False) -> None:
-    """Create TP/PP/EP (+ expert TP)/DP groups for the running process group and seed every RNG stream.
+    """Create TP/CP/PP/EP (+ expert TP)/DP groups for the running process group and seed every RNG stream.
 
     Takes the ParallelConfig, the run's seed and whether layers will run in CUDA graphs
     (``train.cuda_graphs``: megatron-core then needs a graph-safe RNG tracker, TE's where TE is
     installed, which draws the same streams from the same seeds); the default process group must exist
-    (``torch.distributed.init_process_group``). An earlier state of the same TP/PP/EP/expert-TP sizes is
+    (``torch.distributed.init_process_group``). An earlier state of the same TP/CP/PP/EP/expert-TP sizes is
     kept (only re-seeded); another layout is destroyed first, so a process can switch layouts
     (the resharding tests do). Returns nothing. Raises
     ValueError naming ``parallel`` when the world size does not factor into the layout.
@@ -27,11 +27,12 @@ def setup_model_parallel(parallel: ParallelConfig, seed: int, cuda_graphs: bool 
     if parallel_state.model_parallel_is_initialized():
         current = (
             parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
             parallel_state.get_pipeline_model_parallel_world_size(),
             parallel_state.get_expert_model_parallel_world_size(),
             parallel_state.get_expert_tensor_parallel_world_size(),
         )
-        if current == (parallel.tp, parallel.pp, parallel.ep, parallel.expert_tensor_parallel):
+        if current == (parallel.tp, parallel.cp, parallel.pp, parallel.ep, parallel.expert_tensor_parallel):
             # Same layout: keep the groups (megatron-core's destroy drops its references but
             # leaves every gloo group's threads alive), only re-seed below.
             _seed(seed, cuda_graphs)
@@ -40,6 +41,7 @@ def setup_model_parallel(parallel: ParallelConfig, seed: int, cuda_graphs: bool 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel,
     )

@@ -9,21 +9,36 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from hybrid_megatron.training.data import iterate
 
 
 def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Mean loss over unmasked tokens of one micro-batch (what the schedules average)."""
+    """Mean loss over the unmasked tokens of one micro-batch (what the schedules average).
+
+    Under context parallelism each rank holds part of every sequence: it returns its share of
+    the micro-batch's mean (its masked sum over the count of the whole CP group), and the
+    schedule's x CP then cancels DDP's average over the dp x cp gradient group, so the gradient
+    is CP=1's. The logged value is the whole micro-batch's mean, the same on every CP rank.
+    """
     mask = loss_mask.float()
-    loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1)
-    # clone: megatron-core's schedule divides the returned loss in place by the number of
-    # micro-batches, and a detached view would share that storage.
-    return loss, {"lm loss": loss.detach().clone()}
+    local = torch.stack([(per_token_loss.float() * mask).sum(), mask.sum()])
+    cp_group = parallel_state.get_context_parallel_group()
+    if cp_group.size() == 1:
+        loss = local[0] / local[1].clamp(min=1)
+        # clone: megatron-core's schedule divides the returned loss in place by the number of
+        # micro-batches, and a detached view would share that storage.
+        return loss, {"lm loss": loss.detach().clone()}
+    total = local.detach().clone()
+    dist.all_reduce(total, group=cp_group)
+    count = total[1].clamp(min=1)
+    return local[0] / count, {"lm loss": total[0] / count}
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    # Under context parallelism this rank keeps its two of the 2 x CP chunks of every sequence.
+    batch = get_batch_on_this_cp_rank(dict(next(data_iterator)))
     output = model(
         batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
     )
