@@ -11,7 +11,8 @@ follows each run in turn, exit 1 if any failed), or with ``--local`` run one aft
 machine (default: the smallest world size the recipe's tp/pp/ep fit, or one per GPU of the
 recipe's ``gpus_per_node`` when CUDA is present); waits, streams rank 0's log, and exits 1
 with the failing rank's error if any rank fails. ``--dry-run``: prints the resolved recipe, the
-derived quantities and the sbatch script (or the local plan); submits nothing. Every rank runs
+derived quantities and the sbatch script (or the local plan); submits nothing. Before any of
+these, the recipe's data prefixes, tokenizer and checkpoint paths are checked to exist. Every rank runs
 `hybrid_megatron.launch.job.TrainJob`.
 
 Exit codes: 0 success (or submitted), 1 a rank or the job failed, 2 bad usage / recipe / no
@@ -31,7 +32,7 @@ from hybrid_megatron import runtime
 from hybrid_megatron.errors import InputError
 from hybrid_megatron.launch.job import ENTRY_ENV
 from hybrid_megatron.launch.local import next_steps, run_local
-from hybrid_megatron.launch.plan import UsageError, describe, load, local_world, log_folder
+from hybrid_megatron.launch.plan import UsageError, check_inputs, describe, load, local_world, log_folder
 from hybrid_megatron.launch.slurm import render_sbatch, run_slurm
 from hybrid_megatron.launch.sweep import run_sweep
 
@@ -115,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--nproc applies to --local runs only (on SLURM: slurm.nodes / gpus_per_node)")
         entry = os.environ.get(ENTRY_ENV) or None
         recipe = load(args)
+        check_inputs(recipe)
         if args.dry_run:
             return dry_run(recipe, args)
         if args.local:
