@@ -352,16 +352,34 @@ def test_sharded_export_and_refusal_to_overwrite(single_rank, tmp_path):
 
 
 def test_bf16_export_loads(single_rank, tmp_path):
+    """A bf16 export holds bf16 tensors, loads with transformers as a bf16 model of the chosen
+    target's class, and (loaded in fp32) gives our model's logits once our weights are rounded
+    to bf16 as the export rounded them."""
     cfg = _falcon_intra("concat")
     model = build_single(cfg)
-    path, _, _ = export_model(
+    perturb(model, 0)
+    model.eval()
+    path, chosen, _ = export_model(
         ModelConfig(**cfg), full_state(model), tmp_path / "bf16", "auto", "bf16", progress=False
     )
     from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
-    assert json.loads((path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = json.loads((path / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+
+    from transformers import AutoModelForCausalLM
+
+    as_saved = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto")
+    assert type(as_saved).__name__ == config["architectures"][0]
+    assert {p.dtype for p in as_saved.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(torch.bfloat16).float())
+    tokens = _tokens()
+    diff = (our_logits(model, tokens) - hf_logits(load_hf(path), tokens)).abs().max().item()
+    assert diff < TOL, f"{chosen}: max |logits diff| {diff}"
 
 
 # ---------------------------------------------------------------- trained checkpoint at TP=2

@@ -344,6 +344,98 @@ def test_interrupted_run_keeps_previous_dataset(tmp_path, small_records, monkeyp
     assert {n: (tmp_path / n).read_bytes() for n in before} == before
 
 
+class _Crash(BaseException):
+    """A process dying at this point (not an error the writer could handle)."""
+
+
+def test_replacing_a_dataset_keeps_a_complete_pair_whatever_rename_it_dies_at(tmp_path, monkeypatch):
+    """The writer's commit renames and removes files one by one; a crash before each of those
+    steps in turn leaves PREFIX.bin/.idx as the old or the new complete pair, or no .idx and the
+    old pair as ``.previous`` files, which the next writer puts back before it writes."""
+    from hybrid_megatron.data import indexed_io
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", corpus_records(4))
+    prefix = tmp_path / "ds"
+    run([corpus], prefix, max_docs=1)
+    old = {n: (tmp_path / n).read_bytes() for n in ("ds.bin", "ds.idx", "ds.stats.json")}
+    run([corpus], tmp_path / "new")
+    new = {f"ds{s}": (tmp_path / f"new{s}").read_bytes() for s in (".bin", ".idx")}
+    real_replace, real_remove = os.replace, os.remove
+    outcomes = []
+    for crash_at in range(20):
+        steps = []
+
+        def step(real, *paths, steps=steps, crash_at=crash_at):
+            if any(str(p).startswith(str(prefix)) for p in paths):
+                if len(steps) == crash_at:
+                    raise _Crash
+                steps.append(paths)
+            return real(*paths)
+
+        monkeypatch.setattr(indexed_io.os, "replace", lambda a, b: step(real_replace, a, b))
+        monkeypatch.setattr(indexed_io.os, "remove", lambda a: step(real_remove, a))
+        try:
+            run([corpus], prefix)
+            crashed = False
+        except _Crash:
+            crashed = True
+        finally:
+            monkeypatch.setattr(indexed_io.os, "replace", real_replace)
+            monkeypatch.setattr(indexed_io.os, "remove", real_remove)
+        pair = {n: (tmp_path / n).read_bytes() for n in ("ds.bin", "ds.idx") if (tmp_path / n).exists()}
+        if "ds.idx" in pair:
+            assert pair in ({n: old[n] for n in pair}, new), crash_at
+            outcomes.append("new" if pair == new else "old")
+            check_indexed_prefix(str(prefix))
+        else:
+            moved = tmp_path / "ds.bin.previous"
+            old_bin = moved if moved.exists() else tmp_path / "ds.bin"
+            assert (tmp_path / "ds.idx.previous").read_bytes() == old["ds.idx"], crash_at
+            assert old_bin.read_bytes() == old["ds.bin"], crash_at
+            with pytest.raises(DataToolsError, match=r"ds.idx does not exist \(.*ds.idx.previous is the"):
+                check_indexed_prefix(str(prefix))
+            assert indexed_io.restore_previous(prefix)
+            assert {n: (tmp_path / n).read_bytes() for n in old} == old
+            outcomes.append("restored")
+        if not crashed:
+            break
+        # back to the old dataset for the next crash point
+        for name, data in old.items():
+            (tmp_path / name).write_bytes(data)
+    assert outcomes[-1] == "new" and "restored" in outcomes and outcomes[0] == "old"
+    assert not [n for n in names_in(tmp_path) if ".previous" in n or ".partial-" in n]
+
+
+def test_unwritable_output_prefix_is_one_error(tmp_path):
+    """An output folder that cannot be made or written: one DataToolsError naming the file and
+    the cause (the CLI prints it and exits 1), no OSError traceback."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", corpus_records(1))
+    (tmp_path / "file").write_text("a file where a folder should be")
+    with pytest.raises(DataToolsError, match=rf"output prefix {tmp_path}/file/ds: cannot write .*file"):
+        run([corpus], tmp_path / "file" / "ds")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        result = run_tool(
+            "preprocess.py",
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(TOKENIZER_DIR),
+            "--output-prefix",
+            str(locked / "ds"),
+            "--no-progress",
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"output prefix {locked}/ds: cannot write {locked}/ds.bin.partial-" in result.stderr
+        assert "Permission denied" in result.stderr
+    finally:
+        locked.chmod(0o700)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_cli_leaves_no_dataset(tmp_path, sig):
     # ~16 MB of text: seconds of work, so the signal lands mid-run.

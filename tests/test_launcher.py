@@ -169,6 +169,31 @@ def _rank_records(tmp_path) -> dict:
 # ---------------------------------------------------------------------------- dry run
 
 
+def test_dry_run_checks_that_data_tokenizer_and_checkpoints_exist(tmp_path, capsys):
+    """A dry run (and a launch) stops with one line, exit 2, at the first input a run would fail
+    on: a data prefix, the tokenizer, a resume or init_from path, a ``latest`` naming nothing."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "latest").write_text("step_00000009")
+    cases = [
+        (
+            f"data.blend={tmp_path}/nope",
+            rf"dataset prefix {tmp_path}/nope: {tmp_path}/nope.idx does not exist",
+        ),
+        (f"data.tokenizer={tmp_path}/tok", rf"data.tokenizer: {tmp_path}/tok does not exist"),
+        (f"checkpoint.resume={tmp_path}/gone", rf"checkpoint.resume: {tmp_path}/gone does not exist"),
+        (f"checkpoint.resume={tmp_path}", rf"checkpoint.resume: {tmp_path}: neither a checkpoint directory"),
+        (f"checkpoint.init_from={tmp_path}/gone", rf"checkpoint.init_from: {tmp_path}/gone does not exist"),
+        (f"checkpoint.dir={tmp_path}/ckpt", rf"{tmp_path}/ckpt/latest names .*step_00000009, which is not a"),
+    ]
+    for override, expected in cases:
+        args = [str(DEMO), "--dry-run", _ckpt(tmp_path), override]
+        assert cli.main(args) == 2, override
+        captured = capsys.readouterr()
+        assert re.fullmatch(f"error: {expected}.*\n", captured.err), captured.err
+        assert "# dry run" not in captured.out
+    assert cli.main([str(DEMO), "--dry-run", _ckpt(tmp_path)]) == 0
+
+
 def test_dry_run_prints_recipe_derived_and_sbatch(tmp_path, capsys):
     code = cli.main(
         [

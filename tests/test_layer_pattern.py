@@ -67,6 +67,14 @@ def test_ratio_errors():
         build_layer_pattern(cfg("inter", 4, ratio="1:20"))
 
 
+@pytest.mark.parametrize("kind, block", [("inter", "attention"), ("intra", "hybrid")])
+def test_a_ratio_without_the_kinds_own_block_is_refused(kind, block):
+    """``ratio: 0:1`` asks for Mamba blocks only, which is kind mamba, not a hybrid."""
+    with pytest.raises(ValueError, match=f"model.pattern.ratio: 0:1 leaves no {block} block.*kind mamba"):
+        cfg(kind, 8, ratio="0:1")
+    assert build_layer_pattern(cfg(kind, 8, ratio="1:1")).count("M") == 4
+
+
 def test_pipeline_split():
     assert split_pattern("MMAMMA", 2) == ["MMA", "MMA"]
     assert split_pattern("MMAMMA", 3, [1, 3, 2]) == ["M", "MAM", "MA"]

@@ -246,6 +246,13 @@ class ModelConfig(StrictSection):
             )
         if self.kind not in ("inter", "intra") and self.pattern.ratio is not None:
             raise ValueError("model.pattern.ratio: only kinds inter and intra take a ratio")
+        if self.kind in ("inter", "intra") and self.pattern.ratio is not None:
+            special = "attention" if self.kind == "inter" else "hybrid"
+            if parse_ratio(self.pattern.ratio, "model.pattern.ratio")[0] == 0:
+                raise ValueError(
+                    f"model.pattern.ratio: {self.pattern.ratio} leaves no {special} block, and kind "
+                    f"{self.kind} needs at least one; a model of Mamba blocks only is kind mamba"
+                )
         if (
             self.kind not in ("inter", "intra")
             and self.flavour == "llama"

@@ -2,7 +2,8 @@
 
 `build_gpt_datasets` checks everything that can be checked before megatron-core starts
 (each prefix's files, the tokenizer against the model's vocabulary and against the tokenizer
-each dataset was made with), then builds the splits with `BlendedMegatronDatasetBuilder`.
+each dataset was made with, each dataset's largest token id against the model's vocabulary),
+then builds the splits with `BlendedMegatronDatasetBuilder`.
 Every failure is one DataToolsError naming the bad prefix or file.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from hybrid_megatron.config.data import BlendEntry, DataConfig
 from hybrid_megatron.data.errors import DataToolsError
-from hybrid_megatron.data.indexed_io import IndexSummary, check_indexed_prefix
+from hybrid_megatron.data.indexed_io import IndexSummary, check_indexed_prefix, max_token_id
 from hybrid_megatron.data.tokenizer import Tokenizer, load_tokenizer
 
 # A model vocabulary may exceed the tokenizer's by padding (for tensor-parallel divisibility);
@@ -43,18 +44,36 @@ def check_vocab_size(
         )
 
 
-def check_dataset_tokenizer(prefix: str, tokenizer: Tokenizer) -> None:
-    """Raises DataToolsError if PREFIX.stats.json records a different tokenizer hash.
+def read_dataset_stats(prefix: str) -> dict | None:
+    """PREFIX.stats.json (written by the preprocessing) as a dict, or None when there is none.
 
-    Datasets without a stats file (made by other tools) are accepted as they are.
+    Raises DataToolsError naming the file when it exists but cannot be read.
     """
     stats_path = Path(prefix + ".stats.json")
     if not stats_path.is_file():
+        return None
+    try:
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+        if not isinstance(stats, dict):
+            raise ValueError("not a JSON object")
+        return stats
+    except (OSError, ValueError) as exc:
+        raise DataToolsError(f"dataset prefix {prefix}: unreadable {stats_path}: {exc}") from exc
+
+
+def check_dataset_tokenizer(prefix: str, tokenizer: Tokenizer, stats: dict | None = None) -> None:
+    """Raises DataToolsError if PREFIX.stats.json records a different tokenizer hash.
+
+    Takes the prefix, the tokenizer and the stats already read (else they are read here).
+    Datasets without a stats file (made by other tools) are accepted as they are.
+    """
+    stats = stats if stats is not None else read_dataset_stats(prefix)
+    if stats is None:
         return
     try:
-        recorded = json.loads(stats_path.read_text(encoding="utf-8"))["tokenizer"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataToolsError(f"dataset prefix {prefix}: unreadable {stats_path}: {exc}") from exc
+        recorded = stats["tokenizer"]["sha256"]
+    except (KeyError, TypeError) as exc:
+        raise DataToolsError(f"dataset prefix {prefix}: unreadable {prefix}.stats.json: {exc}") from exc
     if recorded != tokenizer.content_hash:
         raise DataToolsError(
             f"dataset prefix {prefix} was tokenized with tokenizer sha256 {recorded[:16]}… but the "
@@ -62,8 +81,35 @@ def check_dataset_tokenizer(prefix: str, tokenizer: Tokenizer) -> None:
         )
 
 
-def check_prefixes(config: DataConfig, tokenizer: Tokenizer | None = None) -> dict[str, IndexSummary]:
-    """Checks every prefix of the config (files, index, optional tokenizer hash).
+def check_token_ids(summary: IndexSummary, stats: dict | None, vocab_size: int) -> None:
+    """Raises DataToolsError naming the dataset and its largest token id when that id is not
+    below ``vocab_size`` (the model's embedding rows): such a token would index past the
+    embedding, on GPU as a device-side assert far from its cause.
+
+    The largest id is the one the preprocessing recorded in the stats (``max_token_id``); a
+    dataset without it (another tool's, or an older stats file) is scanned once
+    (`max_token_id`). A stats file that records the tokenizer but no largest id is trusted:
+    its tokenizer was checked against the model's vocabulary.
+    """
+    if stats is not None and "max_token_id" in stats:
+        largest, source = int(stats["max_token_id"]), f"{summary.prefix}.stats.json"
+    elif stats is not None and "tokenizer" in stats:
+        return
+    else:
+        largest, source = max_token_id(summary), f"{summary.prefix}.bin"
+    if largest >= vocab_size:
+        raise DataToolsError(
+            f"dataset prefix {summary.prefix}: its largest token id is {largest} (per {source}) "
+            f"but model.vocab_size is {vocab_size}, so ids must be below {vocab_size}: the data was "
+            "tokenized with another tokenizer, or the file is corrupt"
+        )
+
+
+def check_prefixes(
+    config: DataConfig, tokenizer: Tokenizer | None = None, vocab_size: int | None = None
+) -> dict[str, IndexSummary]:
+    """Checks every prefix of the config (files, index, optional tokenizer hash, and token ids
+    against the model's ``vocab_size`` when given).
 
     Returns {prefix: IndexSummary}. Raises DataToolsError naming the first bad prefix.
     """
@@ -72,8 +118,11 @@ def check_prefixes(config: DataConfig, tokenizer: Tokenizer | None = None) -> di
         summaries[prefix] = check_indexed_prefix(prefix)
         if summaries[prefix].documents == 0:
             raise DataToolsError(f"dataset prefix {prefix}: holds no documents")
+        stats = read_dataset_stats(prefix)
         if tokenizer is not None:
-            check_dataset_tokenizer(prefix, tokenizer)
+            check_dataset_tokenizer(prefix, tokenizer, stats)
+        if vocab_size is not None:
+            check_token_ids(summaries[prefix], stats, vocab_size)
     return summaries
 
 
@@ -158,7 +207,7 @@ def build_gpt_datasets(
         check_vocab_size(tokenizer, model_vocab_size, max_vocab_padding)
     if tokenizer.eod is None:
         raise DataToolsError(f"tokenizer {tokenizer.path}: has no eos token, which GPTDataset uses as EOD")
-    check_split_coverage(config, check_prefixes(config, tokenizer), num_samples)
+    check_split_coverage(config, check_prefixes(config, tokenizer, model_vocab_size), num_samples)
 
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig

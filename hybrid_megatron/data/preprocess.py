@@ -77,6 +77,7 @@ class PreprocessOptions:
 class _Tally:
     documents: int = 0
     tokens: int = 0
+    max_token_id: int = -1
     text_bytes: int = 0
     empty_docs: int = 0
     bad_count: int = 0
@@ -244,6 +245,7 @@ def preprocess(options: PreprocessOptions) -> dict:
                 "output_prefix": options.output_prefix,
                 "documents": tally.documents,
                 "tokens": tally.tokens,
+                "max_token_id": tally.max_token_id,
                 "text_bytes": tally.text_bytes,
                 "empty_documents_dropped": tally.empty_docs,
                 "skipped_lines": tally.bad_count,
@@ -498,6 +500,8 @@ def _absorb(result: ChunkResult, inputs: list[InputFile], tally: _Tally, writer,
         result.text_bytes = int(result.text_bytes * keep / max(len(result.lengths), 1))
         done = True
     writer.add_documents(tokens, lengths)
+    if len(tokens):
+        tally.max_token_id = max(tally.max_token_id, int(tokens.max()))
     tally.documents += len(lengths)
     tally.tokens += int(lengths.sum())
     tally.text_bytes += result.text_bytes

@@ -13,10 +13,11 @@ recipe's ``gpus_per_node`` when CUDA is present); waits, streams rank 0's log, a
 with the failing rank's error if any rank fails. ``--dry-run``: prints the resolved recipe, the
 derived quantities, the layout's predicted memory and step time (refused, exit 2, when the
 predicted peak exceeds the GPU's memory) and the sbatch script (or the local plan); submits
-nothing. ``--plan``: every valid TP x PP x EP layout of the recipe's model on ``--gpus`` GPUs
-(default the recipe's world size) with predicted per-GPU memory by part, step time, tokens/s,
-MFU and whether it fits ``--gpu-memory`` GiB (default: the recipe's GPU type, else 80), the
-best first (`hybrid_megatron.accounting.layout_plan`). Every rank runs
+nothing. Before a run or dry run, the recipe's data prefixes, tokenizer and checkpoint paths are
+checked to exist and a tracking server to answer. ``--plan``: every valid TP x PP x EP layout of
+the recipe's model on ``--gpus`` GPUs (default the recipe's world size) with predicted per-GPU
+memory by part, step time, tokens/s, MFU and whether it fits ``--gpu-memory`` GiB (default: the
+recipe's GPU type, else 80), the best first (`hybrid_megatron.accounting.layout_plan`). Every rank runs
 `hybrid_megatron.launch.job.TrainJob`.
 
 Exit codes: 0 success (or submitted), 1 a rank or the job failed, 2 bad usage / recipe / no
@@ -36,7 +37,15 @@ from hybrid_megatron import runtime
 from hybrid_megatron.errors import InputError
 from hybrid_megatron.launch.job import ENTRY_ENV
 from hybrid_megatron.launch.local import next_steps, run_local
-from hybrid_megatron.launch.plan import UsageError, check_tracking, describe, load, local_world, log_folder
+from hybrid_megatron.launch.plan import (
+    UsageError,
+    check_inputs,
+    check_tracking,
+    describe,
+    load,
+    local_world,
+    log_folder,
+)
 from hybrid_megatron.launch.slurm import render_sbatch, run_slurm
 from hybrid_megatron.launch.sweep import run_sweep
 
@@ -174,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load(args)
         if args.plan:
             return plan(recipe, args)
+        check_inputs(recipe)
         check_tracking([recipe])
         if args.dry_run:
             return dry_run(recipe, args)

@@ -40,6 +40,42 @@ def check_tracking(recipes: Any) -> None:
             raise UsageError(str(err)) from None
 
 
+def check_inputs(recipe: Any) -> None:
+    """Raise UsageError naming the first input of the recipe that a run would fail on, before
+    anything is queued: a data prefix whose .bin/.idx are missing or disagree, a missing
+    tokenizer, a ``checkpoint.resume`` or ``checkpoint.init_from`` that holds no checkpoint, a
+    ``latest`` in ``checkpoint.dir`` naming no complete one. Reads the indexes and stats
+    files only (no tokenizer load, no model)."""
+    from hybrid_megatron import checkpoint_layout as layout
+    from hybrid_megatron.data.indexed_io import check_indexed_prefix
+
+    data, ckpt = recipe.data, recipe.checkpoint
+    try:
+        if not Path(data.tokenizer).exists():
+            raise UsageError(f"data.tokenizer: {data.tokenizer} does not exist")
+        for prefix in data.prefixes():
+            check_indexed_prefix(prefix)
+        if ckpt.resume == "auto" and layout.is_checkpoint_root(ckpt.dir):
+            layout.latest_checkpoint(ckpt.dir)
+        elif ckpt.resume not in ("auto", "none"):
+            _existing_checkpoint("checkpoint.resume", ckpt.resume)
+        if ckpt.init_from is not None:
+            _existing_checkpoint("checkpoint.init_from", ckpt.init_from)
+    except InputError as err:
+        raise UsageError(str(err)) from None
+
+
+def _existing_checkpoint(field: str, path: str) -> None:
+    from hybrid_megatron.checkpoint_layout import resolve_checkpoint
+
+    if not Path(path).exists():
+        raise UsageError(f"{field}: {path} does not exist")
+    try:
+        resolve_checkpoint(path)
+    except InputError as err:
+        raise UsageError(f"{field}: {err}") from None
+
+
 def describe(recipe: Any, world_size: int) -> str:
     """The derived-quantities block for ``world_size`` ranks; UsageError if they do not divide."""
     from hybrid_megatron.accounting import count_parameters

@@ -10,7 +10,9 @@ TP/PP/EP layout loads at another.
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import signal
 import uuid
 from contextlib import contextmanager
@@ -156,18 +158,48 @@ def save_checkpoint(
     dist.broadcast_object_list(box, src=0)
     partial = Path(box[0])
 
-    with _stop_signals_held():
-        dist_checkpointing.save(
-            _sharded_state(model_chunks, optimizer, scheduler, state, loading=False), str(partial)
-        )
+    try:
+        with _stop_signals_held():
+            dist_checkpointing.save(
+                _sharded_state(model_chunks, optimizer, scheduler, state, loading=False), str(partial)
+            )
+    except (OSError, CheckpointException) as err:  # a write failed (a full disk, a quota);
+        raise _save_failure(root, partial, err) from err  # megatron-core gathers it on every rank
     dist.barrier()
     if rank == 0:
-        if recipe_yaml is not None:
-            (partial / layout.RECIPE_FILE).write_text(recipe_yaml)
-        layout.finish_save(partial)
+        try:
+            if recipe_yaml is not None:
+                (partial / layout.RECIPE_FILE).write_text(recipe_yaml)
+            layout.finish_save(partial)
+        except OSError as err:
+            raise _save_failure(root, partial, err) from err
         layout.prune(root, keep_last)
     dist.barrier()
     return Path(root) / layout.step_dir_name(state.step)
+
+
+def _save_failure(root: str, partial: Path, err: BaseException) -> CheckpointError:
+    """The one-line error for a save that could not be written: the checkpoint directory, the
+    cause (megatron-core's writer processes lose the errno, so the free space is given too)
+    and the checkpoint ``latest`` still names. Rank 0 removes the unfinished directory unless
+    ``latest`` names it (a re-save of the latest step that failed while deleting the old copy)."""
+    if dist.get_rank() == 0 and layout.read_latest(root) != partial.name:
+        shutil.rmtree(partial, ignore_errors=True)
+    if isinstance(err, OSError) and err.strerror:
+        cause = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    else:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        cause = lines[-1] if lines else type(err).__name__
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    latest = layout.read_latest(root)
+    kept = f"latest still names {latest}" if latest else "there is no earlier checkpoint"
+    return CheckpointError(
+        f"cannot save checkpoint {partial.name.split('.partial-')[0]} in checkpoint.dir {root}: "
+        f"a write failed ({cause}; {free}: is the disk full or over quota?); {kept}"
+    )
 
 
 # The signals SLURM sends before a time limit or on preemption (SIGUSR2 is submitit's).
@@ -203,6 +235,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     """
     if not layout.is_complete(path):
         raise CheckpointError(f"checkpoint.resume: {path} is not a megatron-core checkpoint")
+    check_checkpoint_files(path)
     if optimizer is not None:
         _materialise_optimizer_state(optimizer)
     saved = _saved_metadata(path)
@@ -225,7 +258,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     try:
         loaded = dist_checkpointing.load(template, str(path))
     except LOAD_ERRORS as err:  # the user needs the path and the cause
-        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+        raise CheckpointError(f"cannot load checkpoint {path}: {_load_failure(path, err)}") from err
     model = _language_model(model_chunks)
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
     # Extra state keeps its fresh value when the checkpoint has none for it (``fresh``) or the
@@ -243,6 +276,76 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return TrainingState(**loaded["training_state"])
+
+
+# Files of a megatron-core (torch_dist) checkpoint besides its shards: megatron-core's common
+# state and its metadata, and torch's index of every shard's records.
+_COMMON_FILE, _SHARD_INDEX = "common.pt", ".metadata"
+
+
+def _shard_extents(path: Path) -> dict[str, list[tuple[int, int]]]:
+    """Shard file name -> (offset, length) of each record that torch's ``.metadata`` places in
+    it. Raises CheckpointError naming ``.metadata`` when it cannot be read."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    index = path / _SHARD_INDEX
+    if not index.is_file():
+        raise CheckpointError(f"checkpoint {path}: {index} is missing (the index of its shards)")
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+        extents: dict[str, list[tuple[int, int]]] = {}
+        for info in storage.values():
+            extents.setdefault(info.relative_path, []).append((info.offset, info.length))
+    except Exception as err:  # a truncated or foreign pickle raises anything
+        raise CheckpointError(f"checkpoint {path}: unreadable {index}: {err or type(err).__name__}") from None
+    return extents
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """Raise CheckpointError naming the file when a checkpoint directory lacks one of its files
+    or holds a shard shorter than its records: ``common.pt`` and torch's ``.metadata`` present
+    and readable, every ``.distcp`` shard present and long enough. Cheap (reads the index and
+    stats the shards), so a resume finds a truncated copy before it builds anything from it;
+    bytes changed in place are found by `_load_failure` when the load fails.
+    """
+    common = path / _COMMON_FILE
+    if not common.is_file():
+        raise CheckpointError(f"checkpoint {path}: {common} is missing (megatron-core's common state)")
+    for name, records in sorted(_shard_extents(path).items()):
+        shard = path / name
+        if not shard.is_file():
+            raise CheckpointError(f"checkpoint {path}: shard {shard} is missing")
+        end, size = max(offset + length for offset, length in records), shard.stat().st_size
+        if size < end:
+            raise CheckpointError(
+                f"checkpoint {path}: shard {shard} is truncated ({size} bytes; its records end at byte {end})"
+            )
+
+
+def _load_failure(path: Path, err: BaseException) -> str:
+    """What went wrong in a failed load of the checkpoint at ``path``, in one line: the shard
+    whose record does not read back (each record is a zip archive whose CRCs are checked, so
+    only a failed load pays for reading the shards again), else the error's last line."""
+    import zipfile
+
+    try:
+        extents = _shard_extents(path)
+    except CheckpointError as bad_index:
+        return str(bad_index)
+    for name, records in sorted(extents.items()):
+        with open(path / name, "rb") as shard:
+            for offset, length in sorted(records):
+                shard.seek(offset)
+                record = io.BytesIO(shard.read(length))
+                try:
+                    with zipfile.ZipFile(record) as archive:
+                        broken = archive.testzip()
+                except (zipfile.BadZipFile, OSError, EOFError) as bad:
+                    broken = str(bad)
+                if broken is not None:
+                    return f"shard {path / name} is corrupt (its record at byte {offset}: {broken})"
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(err).__name__
 
 
 def _materialise_optimizer_state(optimizer) -> None:
