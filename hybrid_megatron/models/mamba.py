@@ -111,7 +111,8 @@ class _MambaMixer(MambaMixer):
         """MambaMixer's unfused SSM, or in sequence mode the sequence-sharded one (no cache)."""
         if self.sequence_cp_group is None:
             return super()._ssm_prefill(zxBCdt, conv_state, ssm_state, **kwargs)
-        if conv_state is not None or ssm_state is not None or any(v for v in kwargs.values()):
+        cached = conv_state is not None or ssm_state is not None
+        if cached or any(v is not None and v is not False for v in kwargs.values()):
             raise NotImplementedError("cached inference is not supported with sequence-mode Mamba CP")
         return self._ssm_sequence_sharded(zxBCdt)
 
@@ -155,8 +156,8 @@ class _MambaMixer(MambaMixer):
             gather,
             scan=mamba_mixer.mamba_chunk_scan_combined,
         )
-        y = rearrange(y, "b l h p -> l b (h p)")
-        z = rearrange(z, "b l d -> l b d")
+        y = rearrange(y, "b l h p -> l b (h p)").contiguous()
+        z = rearrange(z, "b l d -> l b d").contiguous()
         if self.rmsnorm:
             return self.norm(y, z)
         return y * F.silu(z)

@@ -173,6 +173,8 @@ def add_incoming_state(y: Tensor, C: Tensor, log_decay: Tensor, state: Tensor) -
 
 def _split_segments(t: Tensor, segments: int) -> Tensor:
     """(b, S*L, ...) -> (S*b, L, ...): the rank's segments stacked along the batch dim."""
+    if t.shape[1] % segments:
+        raise ValueError(f"{t.shape[1]} local tokens do not split into {segments} equal segments")
     return t.unflatten(1, (segments, t.shape[1] // segments)).transpose(0, 1).flatten(0, 1)
 
 
