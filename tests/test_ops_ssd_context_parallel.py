@@ -115,8 +115,10 @@ class ThreadRanks:
 
     def _wait(self):
         self.turn.release()
-        self.barrier.wait()
-        self.turn.acquire()
+        try:
+            self.barrier.wait()
+        finally:
+            self.turn.acquire()
 
     def gather_for(self, rank: int):
         def gather(t):
@@ -327,15 +329,19 @@ def test_all_gather_autograd_on_gloo_ranks(world, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("world", [2, 4])
-def test_state_passing_with_mamba_ssm_kernels_matches_unsharded_kernel(world):
+@pytest.mark.parametrize("world,seq", [(2, 1000), (4, 2048)])  # slices of 250 and 256 tokens
+def test_state_passing_with_mamba_ssm_kernels_matches_unsharded_kernel(world, seq):
     """mamba-ssm's chunked scan and causal-conv1d per simulated rank, with the state passing and
-    halos in between, equal the same kernels on the whole sequence, forward and backward."""
+    halos in between, equal the same kernels on the whole sequence, forward and backward.
+
+    The kernels' fp32 matmuls run in TF32 and sum in another order per slice, hence the
+    tolerances; a missing halo or state is an O(1) error.
+    """
     from causal_conv1d import causal_conv1d_fn
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     torch.manual_seed(0)
-    b, seq, h, p, g, n, width, chunk = 2, 512 * world, 8, 64, 2, 64, 4, 128
+    b, h, p, g, n, width, chunk = 2, 8, 64, 2, 64, 4, 128
     dim = h * p + 2 * g * n
     dev = torch.device("cuda")
     leaves = {
@@ -382,8 +388,8 @@ def test_state_passing_with_mamba_ssm_kernels_matches_unsharded_kernel(world):
         )
 
     out = unshard(ThreadRanks(world).run(run), world)
-    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 5e-3
     (out * grad_out).sum().backward()
     for k, t in leaves.items():
         err = ((t.grad - ref_grads[k]).abs().max() / ref_grads[k].abs().max()).item()
-        assert err < 1e-3, (k, err)
+        assert err < 2e-2, (k, err)
