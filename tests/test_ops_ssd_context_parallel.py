@@ -316,7 +316,7 @@ def _gloo_worker(rank, world):
     return errs
 
 
-@pytest.mark.slow  # ~1 min per world size on 2 shared cores
+@pytest.mark.slow  # 10-20 s per world size (process start), a minute on busy cores
 @pytest.mark.parametrize("world", [2, 4])
 def test_all_gather_autograd_on_gloo_ranks(world, tmp_path):
     for r in run_distributed(_gloo_worker, world, tmp_path):
