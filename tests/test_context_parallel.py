@@ -8,7 +8,6 @@ tests/test_parallel_equivalence.py, so the checkpoint's independence of CP is ch
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import pytest
@@ -18,22 +17,6 @@ from tests.distributed import run_distributed
 from tests.model_configs import tiny_model
 
 BATCH, SEQ = 2, 24
-
-
-def _mixer_takes_cp_mode() -> bool:
-    """Whether the Mamba mixer accepts ``context_parallel_mode`` (the spec passes it at CP > 1)."""
-    from hybrid_megatron.models.mamba import MambaSublayer
-
-    return "context_parallel_mode" in inspect.signature(MambaSublayer.__init__).parameters or any(
-        "context_parallel_mode" in inspect.signature(c.__init__).parameters
-        for c in MambaSublayer.__mro__[1:]
-        if "__init__" in vars(c)
-    )
-
-
-needs_cp_mode = pytest.mark.skipif(
-    not _mixer_takes_cp_mode(), reason="the Mamba mixer does not take context_parallel_mode yet"
-)
 
 
 def _batch(vocab: int, masked: bool = True):
@@ -117,12 +100,8 @@ def _rel_err(a, b) -> float:
     return float((a - b).abs().max()) / (scale if scale > 0 else 1.0)
 
 
-def cp_worker(
-    rank: int, world: int, cfg_dict: dict, ckpt_dir: str, layouts: dict, refused: dict | None = None
-) -> dict:
-    """Reference at CP=1, then the same weights (through a checkpoint) at each layout; then, with
-    ``refused`` (a model config dict), the error building it at the last layout with mamba_cp
-    sequence."""
+def cp_worker(rank: int, world: int, cfg_dict: dict, ckpt_dir: str, layouts: dict) -> dict:
+    """Reference at CP=1, then the same weights (through a checkpoint) at each layout."""
     import torch
     from megatron.core import dist_checkpointing, parallel_state
 
@@ -170,13 +149,6 @@ def cp_worker(
             out[f"{name}_grad_rel_err"] = _rel_err(
                 torch.cat(shards)[:vocab], ref_grads["embedding.word_embeddings.weight"][:vocab]
             )
-    if refused is not None:
-        from hybrid_megatron.config.errors import ModelConfigError
-
-        try:
-            _build(refused, {**layout, "mamba_cp": "sequence"})
-        except ModelConfigError as err:
-            out["refused"] = str(err)
     return out
 
 
@@ -198,12 +170,9 @@ ATTENTION_KINDS = ["transformer", "swa"]
 def test_cp2_matches_cp1_attention_kinds(kind, moe, tmp_path):
     cfg = tiny_model(kind, moe=moe)
     layouts = {"cp2": {"cp": 2, "cp_comm": "all_gather"}}
-    refused = tiny_model("inter") if (kind, moe) == ("transformer", False) else None
-    ranks = run_distributed(cp_worker, 2, tmp_path, cfg, str(tmp_path / "ckpt"), layouts, refused)
+    ranks = run_distributed(cp_worker, 2, tmp_path, cfg, str(tmp_path / "ckpt"), layouts)
     _check(ranks, layouts)
     assert ranks[0]["cp2_num_grads"] > 10, ranks[0]
-    if refused is not None:  # until the sequence-sharded scan is part of the build
-        assert ranks[0]["refused"].startswith("parallel.mamba_cp: sequence"), ranks[0]
 
 
 def _tconfig(cp: int):
@@ -247,12 +216,16 @@ def test_specs_switch_to_cp_parts_only_under_cp():
         assert intra.submodules.mamba.params.get("context_parallel_mode") == mode
 
 
-@needs_cp_mode
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("kind", ["mamba", "inter", "intra"])
-def test_cp2_heads_matches_cp1_mamba_kinds(kind, moe, tmp_path):
+def test_cp2_matches_cp1_mamba_kinds_in_both_modes(kind, moe, tmp_path):
+    """Whole models with Mamba layers at CP=2, the scan sharded by sequence and by heads: both
+    reproduce CP=1 (and so agree with each other)."""
     cfg = tiny_model(kind, moe=moe)
-    layouts = {"cp2": {"cp": 2, "mamba_cp": "heads", "cp_comm": "all_gather"}}
+    layouts = {
+        "sequence": {"cp": 2, "mamba_cp": "sequence", "cp_comm": "all_gather"},
+        "heads": {"cp": 2, "mamba_cp": "heads", "cp_comm": "all_gather"},
+    }
     ranks = run_distributed(cp_worker, 2, tmp_path, cfg, str(tmp_path / "ckpt"), layouts)
     _check(ranks, layouts)
 

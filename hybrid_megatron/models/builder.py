@@ -9,11 +9,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from hybrid_megatron.config.errors import ModelConfigError
-from hybrid_megatron.config.geometry import intra_branch_widths
 from hybrid_megatron.config.layer_pattern import (
     ATTENTION_LETTERS,
     INTRA,
-    MAMBA,
     build_layer_pattern,
     split_pattern,
 )
@@ -34,12 +32,6 @@ def _pipeline_layout(stages: list[str]) -> list[list[str]] | None:
     layout[0].insert(0, "embedding")
     layout[-1].append("loss")
     return layout
-
-
-def _has_mamba(cfg: ModelConfig) -> bool:
-    """Whether any block runs a Mamba2 mixer (an M block, or an H block's Mamba branch)."""
-    pattern = build_layer_pattern(cfg)
-    return MAMBA in pattern or (INTRA in pattern and intra_branch_widths(cfg)[1] > 0)
 
 
 def build_model(
@@ -72,11 +64,6 @@ def build_model(
     ep = parallel_state.get_expert_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
     check_parallel_layout(model_config, parallel, tp, ep, cp)
-    if cp > 1 and parallel.mamba_cp == "sequence" and _has_mamba(model_config):
-        raise ModelConfigError(
-            "parallel.mamba_cp: sequence (the sequence-sharded Mamba2 scan) is not available in "
-            "this build; use heads"
-        )
     if cuda_graphs and not torch.cuda.is_available():
         raise ModelConfigError("train.cuda_graphs: needs a GPU (this process sees no CUDA device)")
 
