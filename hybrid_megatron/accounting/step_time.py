@@ -3,12 +3,20 @@
 The model (deliberately simple; every number it uses is in ``gpu_costs/<gpu>.yaml``):
 
 - compute: each FLOP term of ``accounting.flops`` belongs to an op class (``OP_CLASS``); a
-  block's time is its training FLOPs (3 x forward; + 1 x forward of the recomputed part under
+  block's GPU time is its training FLOPs (3 x forward; + 1 x forward of the recomputed part under
   ``full`` recompute, + the attention core's forward under ``selective``) per class divided by
-  the class's achieved TFLOP/s, plus a fixed time per MoE layer (router, permutation and the
-  host's work per expert GEMM, which do not shrink with the tokens). TP divides a block's
-  FLOPs by tp (experts: their tokens spread over the stage's TP ranks); the LM head's FLOPs are
-  split over TP too.
+  the class's achieved TFLOP/s. TP divides a block's FLOPs by tp (experts: their tokens spread
+  over the stage's TP ranks); the LM head's FLOPs are split over TP too. The rates do not depend
+  on the model's width: the H100 rows run on CUDA graphs (no host time) show 350M-wide GEMMs near
+  the rates fitted to 1B-wide ones.
+- host: eager PyTorch launches every kernel from Python, a fixed time per sublayer that neither
+  the tokens, the width nor TP shrink: ``host_s_per_mixer`` per mixer branch (Mamba2 or
+  attention; an intra block has both), ``host_s_per_ffn`` per FFN, + ``host_s_per_moe`` per MoE
+  FFN (router, permutation, the grouped GEMMs' setup); x 4/3 under ``full`` recompute (the
+  forward again). The GPU runs behind the host, so a block takes the longer of its GPU and host
+  time: small models (350M, width 1024) are host-bound (the profiles show the GPU busy 41-45% of
+  a step), 1B ones GPU-bound (busy ~90%). Experts other than ``grouped`` synchronise the host
+  with the GPU once per MoE layer (token counts read back), which adds ``moe_host_sync_s``.
 - TP: per sublayer and micro-batch, forward and backward each move the [tokens, h] bf16
   activations once through an all-reduce (or all-gather + reduce-scatter with sequence
   parallelism; the same bytes): 2 x 2 x (tp-1)/tp x tokens x h x 2 bytes at the link's bus
@@ -36,7 +44,14 @@ import yaml
 
 from hybrid_megatron.accounting.flops import block_flops, model_flops_per_token
 from hybrid_megatron.accounting.memory import RankLayout, TrainingShape, block_parameters
-from hybrid_megatron.config.layer_pattern import ffn_is_moe, has_ffn, has_mixer
+from hybrid_megatron.config.layer_pattern import (
+    ATTENTION_LETTERS,
+    INTRA,
+    MAMBA,
+    ffn_is_moe,
+    has_ffn,
+    has_mixer,
+)
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.errors import InputError
 
@@ -73,7 +88,10 @@ class GpuCosts:
     memory_gib: float
     peak_tflops: float
     tflops: dict[str, float]
-    moe_layer_s: float
+    host_s_per_mixer: float
+    host_s_per_ffn: float
+    host_s_per_moe: float
+    moe_host_sync_s: float
     optimizer_s_per_param: float
     step_overhead_s: float
     node_bus_gbps: float
@@ -103,10 +121,10 @@ def _group_bandwidth(costs: GpuCosts, span: int) -> float:
     return gbps * 1e9
 
 
-def block_compute_seconds(
+def block_gpu_seconds(
     cfg: ModelConfig, letter: str, shape: TrainingShape, layout: RankLayout, costs: GpuCosts
 ) -> float:
-    """Forward + backward compute time of one block for one micro-batch on one rank."""
+    """Forward + backward GPU time of one block's FLOPs for one micro-batch on one rank."""
     terms = block_flops(cfg, letter, shape.seq_len).terms
     seconds = 0.0
     for name, fwd in terms.items():
@@ -115,8 +133,32 @@ def block_compute_seconds(
             passes += 1.0
         flops = fwd * shape.micro_batch * passes / layout.tp
         seconds += flops / (costs.tflops[OP_CLASS[name]] * 1e12)
+    return seconds
+
+
+def block_host_seconds(cfg: ModelConfig, letter: str, shape: TrainingShape, costs: GpuCosts) -> float:
+    """Forward + backward host (kernel launch) time of one block for one micro-batch."""
+    branches = int(letter in (MAMBA, INTRA)) + int(letter in (*ATTENTION_LETTERS, INTRA))
+    seconds = branches * costs.host_s_per_mixer
+    if has_ffn(cfg, letter):
+        seconds += costs.host_s_per_ffn
+        if ffn_is_moe(cfg, letter):
+            seconds += costs.host_s_per_moe
+    return seconds * (4 / 3 if shape.recompute == "full" else 1.0)
+
+
+def block_compute_seconds(
+    cfg: ModelConfig, letter: str, shape: TrainingShape, layout: RankLayout, costs: GpuCosts
+) -> float:
+    """Forward + backward time of one block for one micro-batch on one rank: the longer of its
+    GPU and host time, + the host sync of experts that read their token counts back."""
+    seconds = max(
+        block_gpu_seconds(cfg, letter, shape, layout, costs), block_host_seconds(cfg, letter, shape, costs)
+    )
     if has_ffn(cfg, letter) and ffn_is_moe(cfg, letter):
-        seconds += costs.moe_layer_s * (2.0 if shape.recompute == "full" else 1.0)
+        assert cfg.moe is not None
+        if cfg.moe.experts != "grouped":
+            seconds += costs.moe_host_sync_s * (2.0 if shape.recompute == "full" else 1.0)
     return seconds
 
 
