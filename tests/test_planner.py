@@ -156,9 +156,11 @@ def test_plan_lists_every_valid_layout_best_first(capsys):
 
 def test_dry_run_refuses_a_layout_predicted_not_to_fit(capsys):
     recipe_path = str(REPO / "recipes" / "intra_1b_moe.yaml")
-    assert main([recipe_path, "--dry-run"]) == 0
+    # the cluster recipe's data paths are placeholders: the dry run checks inputs first
+    inputs = [f"data.tokenizer={REPO}/data/tokenizer", f"data.blend={REPO}/data/austen_4k_text_document"]
+    assert main([recipe_path, "--dry-run", *inputs]) == 0
     assert "stage 0:" in capsys.readouterr().out
-    code = main([recipe_path, "--dry-run", "--gpu-memory", "16"])
+    code = main([recipe_path, "--dry-run", "--gpu-memory", "16", *inputs])
     err = capsys.readouterr().err
     assert code == 2
     recipe = load_recipe(recipe_path)
