@@ -190,8 +190,11 @@ def test_dry_run_checks_that_data_tokenizer_and_checkpoints_exist(tmp_path, caps
         assert cli.main(args) == 2, override
         captured = capsys.readouterr()
         assert re.fullmatch(f"error: {expected}.*\n", captured.err), captured.err
-        assert "# dry run" not in captured.out
+        # the plan is printed, then the input check fails instead of the all-clear line
+        assert "# ---- resolved recipe ----" in captured.out, override
+        assert "# dry run: nothing submitted" not in captured.out
     assert cli.main([str(DEMO), "--dry-run", _ckpt(tmp_path)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("# dry run: nothing submitted")
 
 
 def test_dry_run_prints_recipe_derived_and_sbatch(tmp_path, capsys):

@@ -13,8 +13,9 @@ recipe's ``gpus_per_node`` when CUDA is present); waits, streams rank 0's log, a
 with the failing rank's error if any rank fails. ``--dry-run``: prints the resolved recipe, the
 derived quantities, the layout's predicted memory and step time (refused, exit 2, when the
 predicted peak exceeds the GPU's memory) and the sbatch script (or the local plan); submits
-nothing. Before a run or dry run, the recipe's data prefixes, tokenizer and checkpoint paths are
-checked to exist and a tracking server to answer. ``--plan``: every valid TP x PP x EP layout of
+nothing, then checks the inputs as a run would. Before a run (and at the end of a dry run,
+exit 2 on failure), the recipe's data prefixes, tokenizer and checkpoint paths are checked to
+exist and a tracking server to answer. ``--plan``: every valid TP x PP x EP layout of
 the recipe's model on ``--gpus`` GPUs (default the recipe's world size) with predicted per-GPU
 memory by part, step time, tokens/s, MFU and whether it fits ``--gpu-memory`` GiB (default: the
 recipe's GPU type, else 80), the best first (`hybrid_megatron.accounting.layout_plan`). Every rank runs
@@ -163,7 +164,6 @@ def dry_run(recipe: Any, args: argparse.Namespace) -> int:
         print(predicted(recipe, world, args))
         print("# ---- sbatch script (submitit) ----")
         print(render_sbatch(recipe).rstrip())
-    print("# dry run: nothing submitted")
     return 0
 
 
@@ -183,10 +183,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load(args)
         if args.plan:
             return plan(recipe, args)
+        if args.dry_run:
+            code = dry_run(recipe, args)
+            if code == 0:  # after the printout, so a recipe with placeholder paths still shows its plan
+                check_inputs(recipe)
+                check_tracking([recipe])
+                print("# dry run: nothing submitted")
+            return code
         check_inputs(recipe)
         check_tracking([recipe])
-        if args.dry_run:
-            return dry_run(recipe, args)
         if args.local:
             code = run_local(recipe, args, entry)
             if code == 0:
