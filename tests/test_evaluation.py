@@ -216,6 +216,46 @@ def test_mlflow_log_writes_to_the_checkpoints_run(tmp_path):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")] == ["evaluation/nll.json"]
 
 
+def test_mlflow_log_opens_the_store_under_its_lock(tmp_path):
+    """Logging waits for the store's lock (held here as another process creating the store would
+    hold it) and then logs; a run id the store does not hold is one error naming the id file."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from hybrid_megatron.evaluation.mlflow_log import RunNotInStore, log_results
+    from hybrid_megatron.tracking.store import store_lock
+
+    root = tmp_path / "checkpoints"
+    (root / "step_00000004").mkdir(parents=True)
+    (root / "mlflow_run_id").write_text("0123456789abcdef0123456789abcdef")
+    fresh = f"sqlite:///{tmp_path}/fresh/mlruns.db"
+    with pytest.raises(
+        RunNotInStore,
+        match=f"{root}/mlflow_run_id: names MLflow run 0123456789abcdef0123456789abcdef, which the "
+        f"tracking store {fresh} does not hold",
+    ):
+        log_results(root, None, {"eval/nll/nll": 1.0}, tracking_uri=fresh)
+    assert (tmp_path / "fresh" / "mlruns.db.lock").exists()
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("eval-lock", artifact_location=str(tmp_path / "art")))
+    (root / "mlflow_run_id").write_text(run.info.run_id)
+    done = []
+    logger = threading.Thread(
+        target=lambda: done.append(log_results(root, None, {"eval/nll/nll": 3.0}, tracking_uri=uri))
+    )
+    with store_lock(uri):
+        logger.start()
+        logger.join(timeout=1.0)
+        assert logger.is_alive() and done == []  # waits for the lock
+        assert "eval/nll/nll" not in client.get_run(run.info.run_id).data.metrics
+    logger.join(timeout=60)
+    assert done == [run.info.run_id]
+    assert client.get_run(run.info.run_id).data.metrics["eval/nll/nll"] == 3.0
+
+
 def test_validation_set_does_not_depend_on_the_training_layout(single_rank):
     """A checkpoint trained at TP=2 evaluates on one rank: same samples as the TP=1 recipe."""
     from hybrid_megatron.config import load_recipe

@@ -148,6 +148,10 @@ def _use_standin(monkeypatch, name: str) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
 
+# The demo's data and tokenizer, for recipes whose own paths are a cluster's (the bases' EDITs).
+DEMO_DATA = (f"data.tokenizer={REPO}/data/tokenizer", f"data.blend={REPO}/data/austen_4k_text_document")
+
+
 def _ckpt(tmp_path) -> str:
     return f"checkpoint.dir={tmp_path}/runs/demo/checkpoints"
 
@@ -635,12 +639,45 @@ def test_slurm_time_limit_signal_saves_then_requeues_and_resumes(
 
 
 def test_sweep_dry_run_prints_the_runs_and_the_array_script(capsys):
-    code = cli.main([str(REPO / "recipes" / "sweeps" / "paper_1b_F.yaml"), "--sweep", "--dry-run"])
+    code = cli.main(
+        [str(REPO / "recipes" / "sweeps" / "paper_1b_F.yaml"), "--sweep", "--dry-run", *DEMO_DATA]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "sweep paper-1b-F: 5 runs, F-matched" in out
     assert "paper-1b-F-transformer_1b-102B" in out and "102,000,000,000" in out
     assert "#SBATCH --array=0-4%5" in out and "dry run: nothing submitted" in out
+
+
+def test_sweep_checks_every_runs_inputs_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """A sweep (dry run or not) stops with one line naming the sweep run and the input, exit 2,
+    before printing its table or starting any run, as a single run's launch does."""
+    sweep = _mini_sweep(tmp_path)
+    _use_standin(monkeypatch, "standin_entry")
+    args = [str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path)]
+    cases = [
+        (
+            [f"data.tokenizer={tmp_path}/tok", "--dry-run"],
+            rf"sweep run mini-transformer_tiny-10K: data.tokenizer: {tmp_path}/tok does not exist",
+        ),
+        (
+            [f"data.blend={tmp_path}/nope"],
+            rf"sweep run mini-transformer_tiny-10K: dataset prefix {tmp_path}/nope: .*\.idx does not exist",
+        ),
+    ]
+    # Only the second run's checkpoint folder names a step that is not there.
+    broken = tmp_path / "runs" / "mini" / "mini-mamba_tiny-10K" / "checkpoints"
+    broken.mkdir(parents=True)
+    (broken / "latest").write_text("step_00000009")
+    cases.append(
+        ([], rf"sweep run mini-mamba_tiny-10K: {broken}/latest names .*step_00000009, which is not a")
+    )
+    for extra, expected in cases:
+        assert cli.main(args + extra) == 2, extra
+        captured = capsys.readouterr()
+        assert re.fullmatch(f"error: {expected}.*\n", captured.err), captured.err
+        assert "sweep mini" not in captured.out and "dry run" not in captured.out  # no table printed
+    assert not list((tmp_path / "runs" / "mini").glob("*/standin"))  # no run started
 
 
 def test_sweep_local_runs_each_recipe_in_turn(tmp_path, monkeypatch, capsys):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from hybrid_megatron.config import RecipeError, load_recipe
 from hybrid_megatron.config.layer_pattern import PatternError, build_layer_pattern, split_pattern
 from hybrid_megatron.config.model import ModelConfig
 from tests.model_configs import tiny_model
@@ -73,6 +76,47 @@ def test_a_ratio_without_the_kinds_own_block_is_refused(kind, block):
     with pytest.raises(ValueError, match=f"model.pattern.ratio: 0:1 leaves no {block} block.*kind mamba"):
         cfg(kind, 8, ratio="0:1")
     assert build_layer_pattern(cfg(kind, 8, ratio="1:1")).count("M") == 4
+
+
+@pytest.mark.parametrize(
+    "kind, layout, block, flavour",
+    [
+        ("inter", "MMMM", "attention", "llama"),
+        ("intra", "mmmm", "hybrid", "llama"),
+        ("inter", "M-ME", "attention", "nemotron_h"),
+    ],
+)
+def test_a_layout_without_the_kinds_own_block_is_refused(kind, layout, block, flavour):
+    """An explicit layout of Mamba (and FFN-only) blocks is refused like ``ratio: 0:1``."""
+    raw = tiny_model(kind, num_layers=4, flavour=flavour, moe=flavour == "nemotron_h")
+    raw["pattern"] = {"layout": layout}
+    with pytest.raises(
+        PatternError,
+        match=f"model.pattern.layout: {layout.upper()} has no {block} block, and kind {kind} needs at "
+        "least one; a model of Mamba blocks only is kind mamba",
+    ):
+        build_layer_pattern(ModelConfig(**raw))
+    # One block of the kind's own makes it a hybrid again.
+    own = "*" if flavour == "nemotron_h" else ("A" if kind == "inter" else "H")
+    raw["pattern"] = {"layout": layout[:3] + own}
+    assert build_layer_pattern(ModelConfig(**raw)) == (layout[:3] + own).upper()
+
+
+def test_recipe_validation_refuses_both_mamba_only_spellings():
+    """The recipe check before submitting refuses the layout as it does the ratio, in one message."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "inter_tiny.yaml"
+    for overrides, field in (
+        (["model.pattern.ratio=0:1"], "model.pattern.ratio: 0:1 leaves no attention block"),
+        (
+            ["model.pattern.ratio=null", "model.pattern.layout=MMMM"],
+            "model.pattern.layout: MMMM has no attention block",
+        ),
+    ):
+        with pytest.raises(RecipeError, match=f"{field}, and kind inter needs at least one") as err:
+            load_recipe(recipe, overrides)
+        assert str(err.value).count("needs at least one") == 1
+    layout = ["model.pattern.ratio=null", "model.pattern.layout=MMAM"]
+    assert load_recipe(recipe, layout).model.pattern.layout == "MMAM"
 
 
 def test_pipeline_split():

@@ -922,3 +922,74 @@ def test_cp2_run_matches_cp1_and_resumes_at_cp1(tmp_path):
     for step in resumed:
         a, b = float.fromhex(resumed[step]), float.fromhex(reference[step])
         assert abs(a - b) < 2e-4, (step, a, b)
+
+
+# ---- damaged checkpoints met by init_from and by the convert / evaluation loader ----------
+
+
+def _damage(step_dir: Path, kind: str) -> Path:
+    """Damage ``step_dir`` as named; returns the damaged file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if kind in ("common.pt", ".metadata"):
+        (step_dir / kind).unlink()
+        return step_dir / kind
+    storage = FileSystemReader(str(step_dir)).read_metadata().storage_data
+    # a weight's record (every loader reads it)
+    weights = sorted(
+        (i.relative_path, i.offset)
+        for key, i in storage.items()
+        if key.fqn.startswith("decoder.") and "_extra_state" not in key.fqn
+    )
+    name, offset = weights[len(weights) // 2]
+    data = bytearray((step_dir / name).read_bytes())
+    if kind == "truncated-shard":
+        data = data[: len(data) // 2]
+    else:  # its zip header zeroed, the size unchanged
+        data[offset : offset + 64] = bytes(64)
+    (step_dir / name).write_bytes(bytes(data))
+    return step_dir / name
+
+
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("truncated-shard", r"shard {file} is truncated \(\d+ bytes; its records end at byte \d+\)"),
+        ("corrupt-shard", r"shard {file} is corrupt \(its record at byte \d+: "),
+        ("common.pt", r"{file} is missing \(megatron-core's common state\)"),
+        (".metadata", r"{file} is missing \(the index of its shards\)"),
+    ],
+)
+def test_init_from_and_the_model_loader_name_the_damaged_file(single_rank, tmp_path, kind, expected):
+    """checkpoint.init_from and load_trained_model (convert's and evaluation's loader) meet a
+    damaged checkpoint (a model-only save of a tiny model) with one CheckpointError naming the
+    file, as a resume does; the intact copy loads in both."""
+    from hybrid_megatron.checkpoint_layout import CheckpointError
+    from hybrid_megatron.config import load_recipe
+    from hybrid_megatron.config.parallel import ParallelConfig
+    from hybrid_megatron.models import build_model
+    from hybrid_megatron.training.checkpoint import TrainingState, save_checkpoint
+    from hybrid_megatron.training.parallel_setup import setup_model_parallel
+    from hybrid_megatron.training.restore import init_weights_from, load_trained_model
+
+    recipe = load_recipe(RECIPE, ["tracking.enabled=false", f"checkpoint.dir={tmp_path}/ckpt"])
+    setup_model_parallel(ParallelConfig(), seed=1)
+    model = build_model(recipe.model)
+    root = str(tmp_path / "ckpt")
+    step_dir = save_checkpoint(root, [model], None, None, TrainingState(step=2), 1, recipe.to_yaml())
+    intact = tmp_path / "intact"
+    shutil.copytree(root, intact)
+    assert init_weights_from(intact, [model], recipe.model) == intact / step_dir.name
+    assert load_trained_model(intact)[0].model == recipe.model
+
+    damaged = _damage(step_dir, kind)
+    pattern = expected.format(file=re.escape(str(damaged)))
+    for load, prefix in (
+        (lambda: init_weights_from(root, [model], recipe.model), "checkpoint.init_from: "),
+        (lambda: load_trained_model(root), ""),
+    ):
+        with pytest.raises(CheckpointError) as caught:
+            load()
+        message = str(caught.value)
+        assert message.startswith(prefix) and re.search(pattern, message), message
+        assert "\n" not in message and "Traceback" not in message

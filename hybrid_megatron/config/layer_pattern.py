@@ -51,6 +51,9 @@ _NEMOTRON_H_LETTERS = {
     "intra": set(),
 }
 
+# The block a hybrid kind is named for, and its letters: a layout without any is not that kind.
+_KIND_OWN_LETTERS = {"inter": ("attention", ATTENTION_LETTERS), "intra": ("hybrid", (INTRA,))}
+
 
 class PatternError(InputError, ValueError):
     """A layer pattern that cannot be built; the message names the recipe field."""
@@ -80,8 +83,8 @@ def build_layer_pattern(cfg: ModelConfig) -> str:
 
     Takes a validated ModelConfig; returns a string of ``num_layers`` block letters.
     Raises PatternError naming the field for a wrong length, unknown letters, a ratio that does
-    not fit, or attention in the first layers of an inter-layer hybrid (the paper's rule; lifted
-    by ``pattern.allow_early_attention``).
+    not fit, a hybrid layout without its kind's own block, or attention in the first layers of
+    an inter-layer hybrid (the paper's rule; lifted by ``pattern.allow_early_attention``).
     """
     n = cfg.num_layers
     p = cfg.pattern
@@ -135,6 +138,13 @@ def _checked_layout(cfg: ModelConfig) -> str:
         )
     if MOE_ONLY in layout and cfg.moe is None:
         raise PatternError("model.pattern.layout: letter E (an MoE layer) needs model.moe")
+    if cfg.kind in _KIND_OWN_LETTERS:
+        special, letters = _KIND_OWN_LETTERS[cfg.kind]
+        if not set(layout) & set(letters):
+            raise PatternError(
+                f"model.pattern.layout: {layout} has no {special} block, and kind {cfg.kind} "
+                f"needs at least one; a model of Mamba blocks only is kind mamba"
+            )
     return layout
 
 

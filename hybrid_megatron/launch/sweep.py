@@ -21,7 +21,7 @@ from hybrid_megatron.checkpoint_layout import CheckpointError, checkpoint_step, 
 from hybrid_megatron.errors import InputError
 from hybrid_megatron.launch.follow import follow, report
 from hybrid_megatron.launch.local import run_local
-from hybrid_megatron.launch.plan import UsageError, check_tracking, local_world
+from hybrid_megatron.launch.plan import UsageError, check_inputs, check_tracking, local_world
 from hybrid_megatron.launch.slurm import render_sbatch, slurm_job_active, submit_slurm
 
 
@@ -42,6 +42,22 @@ def is_finished(recipe, world_size: int) -> bool:
     return latest is not None and checkpoint_step(latest) == total_steps
 
 
+def _check_inputs(runs: list, recipes: list) -> None:
+    """check_inputs for every run before anything is submitted, each distinct set of inputs once;
+    the UsageError names the sweep run as well as the input."""
+    checked = set()
+    for run, recipe in zip(runs, recipes):
+        data, ckpt = recipe.data, recipe.checkpoint
+        inputs = (data.tokenizer, tuple(data.prefixes()), ckpt.resume, ckpt.dir, ckpt.init_from)
+        if inputs in checked:
+            continue
+        checked.add(inputs)
+        try:
+            check_inputs(recipe)
+        except UsageError as err:
+            raise UsageError(f"sweep run {run.name}: {err}") from None
+
+
 def _skip_finished(runs: list, recipes: list, world_size) -> tuple[list, list]:
     """The runs (and recipes) still to do; prints the finished ones it skips."""
     finished = [is_finished(recipe, world_size(recipe)) for recipe in recipes]
@@ -53,8 +69,9 @@ def _skip_finished(runs: list, recipes: list, world_size) -> tuple[list, list]:
 
 
 def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
-    """Expand a sweep file into runs; print their table; then (unless --dry-run) submit one
-    SLURM job array, or with --local run them one after another. Returns the exit code."""
+    """Expand a sweep file into runs; check every run's inputs and tracking server; print their
+    table; then (unless --dry-run) submit one SLURM job array, or with --local run them one
+    after another. Returns the exit code."""
     from hybrid_megatron.config import load_recipe
     from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep, next_steps
 
@@ -63,6 +80,7 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
         recipes = [load_recipe(run.recipe_path, run.overrides) for run in runs]
     except InputError as err:
         raise UsageError(str(err)) from None
+    _check_inputs(runs, recipes)
     check_tracking(recipes)
     print(format_sweep_table(spec, runs), flush=True)
     stores = list(dict.fromkeys((r.tracking_uri(), r.tracking.experiment) for r in recipes))

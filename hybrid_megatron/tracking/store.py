@@ -116,6 +116,15 @@ def failure_reason(err: BaseException) -> str:
     return lines[0][:200] if lines else type(err).__name__
 
 
+def open_client(uri: str) -> Any:
+    """A client of the store at ``uri``, the store created and migrated on first use under
+    `store_lock` (MLflow opens the store when the client is made). Raises MLflow's errors."""
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        return MlflowClient(tracking_uri=uri)
+
+
 def open_store(uri: str, experiment: str) -> tuple[Any, str]:
     """A client of the store at ``uri`` and the id of ``experiment`` (created if missing).
 

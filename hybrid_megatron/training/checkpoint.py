@@ -258,7 +258,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> TrainingS
     try:
         loaded = dist_checkpointing.load(template, str(path))
     except LOAD_ERRORS as err:  # the user needs the path and the cause
-        raise CheckpointError(f"cannot load checkpoint {path}: {_load_failure(path, err)}") from err
+        raise CheckpointError(f"cannot load checkpoint {path}: {describe_load_failure(path, err)}") from err
     model = _language_model(model_chunks)
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
     # Extra state keeps its fresh value when the checkpoint has none for it (``fresh``) or the
@@ -306,7 +306,7 @@ def check_checkpoint_files(path: Path) -> None:
     or holds a shard shorter than its records: ``common.pt`` and torch's ``.metadata`` present
     and readable, every ``.distcp`` shard present and long enough. Cheap (reads the index and
     stats the shards), so a resume finds a truncated copy before it builds anything from it;
-    bytes changed in place are found by `_load_failure` when the load fails.
+    bytes changed in place are found by `describe_load_failure` when the load fails.
     """
     common = path / _COMMON_FILE
     if not common.is_file():
@@ -322,7 +322,7 @@ def check_checkpoint_files(path: Path) -> None:
             )
 
 
-def _load_failure(path: Path, err: BaseException) -> str:
+def describe_load_failure(path: Path, err: BaseException) -> str:
     """What went wrong in a failed load of the checkpoint at ``path``, in one line: the shard
     whose record does not read back (each record is a zip archive whose CRCs are checked, so
     only a failed load pays for reading the shards again), else the error's last line."""

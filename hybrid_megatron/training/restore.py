@@ -13,7 +13,12 @@ from hybrid_megatron.checkpoint_layout import (
     resolve_checkpoint,
 )
 from hybrid_megatron.config.parallel import ParallelConfig
-from hybrid_megatron.training.checkpoint import load_checkpoint
+from hybrid_megatron.training.checkpoint import (
+    LOAD_ERRORS,
+    check_checkpoint_files,
+    describe_load_failure,
+    load_checkpoint,
+)
 
 
 def load_trained_model(checkpoint: str | Path, parallel: ParallelConfig | None = None, seed: int = 1):
@@ -22,7 +27,8 @@ def load_trained_model(checkpoint: str | Path, parallel: ParallelConfig | None =
     Takes a checkpoint root or step directory and the layout to load at; joins (or creates, as
     a single rank) the process group, sets up megatron-core's parallel state, rebuilds the
     model from the ``recipe.yaml`` saved with the checkpoint and loads its weights. Returns
-    ``(recipe, model)`` with the model in eval mode (on GPU when CUDA is available).
+    ``(recipe, model)`` with the model in eval mode (on GPU when CUDA is available). Raises
+    CheckpointError naming the file for a missing or truncated one, before building anything.
     """
     import torch
 
@@ -31,6 +37,7 @@ def load_trained_model(checkpoint: str | Path, parallel: ParallelConfig | None =
     from hybrid_megatron.training.parallel_setup import setup_model_parallel
 
     step_dir = resolve_checkpoint(checkpoint)
+    check_checkpoint_files(step_dir)
     recipe = read_saved_recipe(step_dir)
     parallel = parallel or ParallelConfig()
     init_distributed_from_env()
@@ -55,8 +62,9 @@ def init_weights_from(path: str | Path, model_chunks, model_cfg) -> Path:
     rank's (wrapped) model chunks and the recipe's ModelConfig; all ranks call it, at any
     parallel layout (megatron-core reshards). Optimizer, schedule and step are not touched.
     Returns the step directory read. Raises CheckpointError naming ``checkpoint.init_from``
-    when the path holds no checkpoint, holds a different model (flavour, layer pattern, Mamba
-    FFNs, tied embeddings, norm epsilon) or its weights do not fit.
+    when the path holds no checkpoint, lacks one of its files or holds a truncated or corrupt
+    shard (naming the file), holds a different model (flavour, layer pattern, Mamba FFNs, tied
+    embeddings, norm epsilon) or its weights do not fit.
     """
     from megatron.core import dist_checkpointing
 
@@ -65,6 +73,7 @@ def init_weights_from(path: str | Path, model_chunks, model_cfg) -> Path:
 
     try:
         step_dir = resolve_checkpoint(path)
+        check_checkpoint_files(step_dir)
     except CheckpointError as err:
         raise CheckpointError(f"checkpoint.init_from: {err}") from None
     saved = read_saved_model(step_dir)
@@ -86,8 +95,9 @@ def init_weights_from(path: str | Path, model_chunks, model_cfg) -> Path:
     try:
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step_dir))
         model.load_state_dict(loaded["model"])
-    except Exception as err:  # megatron raises many types; the user needs the path and cause
+    except LOAD_ERRORS as err:  # megatron raises many types; the user needs the path and cause
         raise CheckpointError(
-            f"checkpoint.init_from: cannot load model weights from {step_dir}: {err}"
+            f"checkpoint.init_from: cannot load model weights from {step_dir}: "
+            f"{describe_load_failure(step_dir, err)}"
         ) from err
     return step_dir
