@@ -650,8 +650,9 @@ def test_sweep_dry_run_prints_the_runs_and_the_array_script(capsys):
 
 
 def test_sweep_checks_every_runs_inputs_before_anything_runs(tmp_path, monkeypatch, capsys):
-    """A sweep (dry run or not) stops with one line naming the sweep run and the input, exit 2,
-    before printing its table or starting any run, as a single run's launch does."""
+    """A sweep stops with one line naming the sweep run and the input, exit 2, before printing
+    its table or starting any run; a dry run prints its table first, then fails the same way
+    (as a single run's launch and dry run do)."""
     sweep = _mini_sweep(tmp_path)
     _use_standin(monkeypatch, "standin_entry")
     args = [str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path)]
@@ -676,7 +677,10 @@ def test_sweep_checks_every_runs_inputs_before_anything_runs(tmp_path, monkeypat
         assert cli.main(args + extra) == 2, extra
         captured = capsys.readouterr()
         assert re.fullmatch(f"error: {expected}.*\n", captured.err), captured.err
-        assert "sweep mini" not in captured.out and "dry run" not in captured.out  # no table printed
+        if "--dry-run" in extra:  # the plan, then the error instead of the all-clear line
+            assert "sweep mini" in captured.out and "nothing submitted" not in captured.out
+        else:
+            assert "sweep mini" not in captured.out and "dry run" not in captured.out  # no table printed
     assert not list((tmp_path / "runs" / "mini").glob("*/standin"))  # no run started
 
 

@@ -80,8 +80,9 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
         recipes = [load_recipe(run.recipe_path, run.overrides) for run in runs]
     except InputError as err:
         raise UsageError(str(err)) from None
-    _check_inputs(runs, recipes)
-    check_tracking(recipes)
+    if not args.dry_run:
+        _check_inputs(runs, recipes)
+        check_tracking(recipes)
     print(format_sweep_table(spec, runs), flush=True)
     stores = list(dict.fromkeys((r.tracking_uri(), r.tracking.experiment) for r in recipes))
     out_dir = str(Path(recipes[0].run_dir).parent)  # <runs>/<sweep name>, beside the runs
@@ -89,6 +90,9 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
         print("# ---- sbatch script of the job array (submitit) ----")
         print(render_sbatch(recipes[0], array_size=len(recipes)).rstrip())
         print("# after the runs, " + next_steps(spec, runs, stores, out_dir).replace("\n", "\n# "))
+        # after the printout, as for one run: a sweep with placeholder paths still shows its plan
+        _check_inputs(runs, recipes)
+        check_tracking(recipes)
         print("# dry run: nothing submitted")
         return 0
     all_runs = runs
