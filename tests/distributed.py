@@ -79,3 +79,23 @@ def run_distributed(fn: Callable, world: int, tmp_path: Path, *args) -> list:
             raise AssertionError(f"rank {rank} failed:\n{data['error']}")
         results.append(data["value"])
     return results
+
+
+def build_parallel_model(cfg_dict: dict, parallel: dict):
+    """Inside a rank: megatron-core's parallel state for ``parallel`` (a ParallelConfig dict) and
+    this rank's part of the model of ``cfg_dict`` (seed 7)."""
+    from megatron.core import parallel_state
+
+    from hybrid_megatron.config.model import ModelConfig
+    from hybrid_megatron.config.parallel import ParallelConfig
+    from hybrid_megatron.models import build_model
+    from hybrid_megatron.training.parallel_setup import setup_model_parallel
+
+    pcfg = ParallelConfig(**parallel)
+    setup_model_parallel(pcfg, seed=7)
+    return build_model(
+        ModelConfig(**cfg_dict),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel=pcfg,
+    )

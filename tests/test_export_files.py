@@ -36,10 +36,10 @@ def test_umask_file_mode_is_what_open_gives(tmp_path, umask_027):
     assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o640
 
 
-@pytest.mark.parametrize("max_shard_bytes", [None, 64 * 1024], ids=["one_file", "sharded"])
-def test_every_exported_file_has_the_umask_mode(single_rank, tmp_path, umask_027, max_shard_bytes):
+def _export_tiny(tmp_path, max_shard_bytes=None):
+    """A tiny inter model exported as remote code in fp32, with the demo tokenizer."""
     cfg = tiny_model("inter")
-    path, _, _ = export_model(
+    path, target, _ = export_model(
         ModelConfig(**cfg),
         full_state(build_single(cfg)),
         tmp_path / "hf",
@@ -49,6 +49,12 @@ def test_every_exported_file_has_the_umask_mode(single_rank, tmp_path, umask_027
         progress=False,
         max_shard_bytes=max_shard_bytes,
     )
+    return path, target
+
+
+@pytest.mark.parametrize("max_shard_bytes", [None, 64 * 1024], ids=["one_file", "sharded"])
+def test_every_exported_file_has_the_umask_mode(single_rank, tmp_path, umask_027, max_shard_bytes):
+    path, _ = _export_tiny(tmp_path, max_shard_bytes=max_shard_bytes)
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in path.iterdir()}
     assert any(name.endswith(".safetensors") for name in modes)  # the weights are among them
     assert "tokenizer.json" in modes
@@ -72,16 +78,7 @@ def test_the_tokenizer_of_a_remote_code_export_loads_without_its_code(single_ran
     pytest.importorskip("transformers")
     from tokenizers import Tokenizer
 
-    cfg = tiny_model("inter")
-    path, target, _ = export_model(
-        ModelConfig(**cfg),
-        full_state(build_single(cfg)),
-        tmp_path / "hf",
-        "remote_code",
-        "fp32",
-        tokenizer_path=str(TOKENIZER),
-        progress=False,
-    )
+    path, target = _export_tiny(tmp_path)
     assert target == "remote_code" and json.loads((path / "config.json").read_text())["auto_map"]
     tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
     assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"

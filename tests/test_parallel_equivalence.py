@@ -14,6 +14,7 @@ from functools import partial
 import pytest
 
 from tests.convert_helpers import perturb
+from tests.distributed import build_parallel_model as _build
 from tests.distributed import run_distributed
 from tests.model_configs import KINDS, tiny_model
 
@@ -31,24 +32,6 @@ def _batch(vocab: int):
         "position_ids": torch.arange(SEQ).expand(BATCH, SEQ).contiguous(),
         "loss_mask": torch.ones(BATCH, SEQ),
     }
-
-
-def _build(cfg_dict: dict, parallel: dict):
-    from megatron.core import parallel_state
-
-    from hybrid_megatron.config.model import ModelConfig
-    from hybrid_megatron.config.parallel import ParallelConfig
-    from hybrid_megatron.models import build_model
-    from hybrid_megatron.training.parallel_setup import setup_model_parallel
-
-    pcfg = ParallelConfig(**parallel)
-    setup_model_parallel(pcfg, seed=7)
-    return build_model(
-        ModelConfig(**cfg_dict),
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        parallel=pcfg,
-    )
 
 
 def _loss_through_schedule(model, batch) -> float | None:
