@@ -1,7 +1,7 @@
 """The layout planner's predictions against the committed measurements.
 
-    python bench/planner_calibration.py table --out bench/results/2026-12-07_planner_calibration
-    python bench/planner_calibration.py fit      # the H100 cost table's rates from the bench rows
+    python -m bench.planner_calibration table --out bench/results/2026-12-07_planner_calibration
+    python -m bench.planner_calibration fit      # the H100 cost table's rates from the bench rows
 
 ``table`` predicts peak memory and tokens/s for every committed single-GPU bench row of our
 kinds in bf16 (``bench/results/train_throughput_h100_*/run*.json``; megatron-core's native
@@ -30,7 +30,6 @@ SHOWN_OPTIONS = ("intra_pattern", "intra_dim_ratio", "attention_head_dim", "unfu
 
 
 def _row_config(row: dict, options: dict):
-    sys.path.insert(0, str(ROOT))
     from bench.train_throughput import RunOptions, model_config
 
     known = {f.name for f in dataclasses.fields(RunOptions)}
@@ -209,7 +208,7 @@ def render_readme(table: dict) -> str:
         "# Layout planner calibration: predicted against measured peak memory and tokens/s",
         "",
         f"Computed on 2026-12-07 from committed measurements of {', '.join(dirs)} "
-        "(`python bench/planner_calibration.py table`; no new GPU runs). Predictions: "
+        "(`python -m bench.planner_calibration table`; no new GPU runs). Predictions: "
         "`hybrid_megatron/accounting/memory.py` and `step_time.py` with `gpu_costs/h100.yaml`.",
         "",
         f"- Memory within {MEMORY_TARGET:.0%}: **{mem_ok} of {len(rows)}** rows (nothing of the "

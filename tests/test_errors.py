@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import pytest
 
+from hybrid_megatron.accounting.layout_plan import LayoutError
+from hybrid_megatron.accounting.step_time import UnknownGpuError
 from hybrid_megatron.config.errors import ModelConfigError, RecipeError
 from hybrid_megatron.config.layer_pattern import PatternError
 from hybrid_megatron.convert.exactness import NotExactError
 from hybrid_megatron.convert.writer import ExportError
 from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.errors import InputError
+from hybrid_megatron.evaluation.mlflow_log import RunNotInStoreError
 from hybrid_megatron.launch.plan import UsageError
 from hybrid_megatron.scaling.runs import RunsError, TooFewRunsError
+from hybrid_megatron.tracking.spool import NoSpoolError
+from hybrid_megatron.tracking.store import TrackingServerError
 from hybrid_megatron.training.checkpoint import CheckpointError
 
 # class -> the builtin base existing callers catch (pydantic turns a ValueError raised in a
@@ -28,6 +33,11 @@ USER_ERRORS = {
     NotExactError: ValueError,
     ExportError: RuntimeError,
     UsageError: Exception,
+    LayoutError: ValueError,
+    UnknownGpuError: ValueError,
+    NoSpoolError: Exception,
+    TrackingServerError: Exception,
+    RunNotInStoreError: Exception,
 }
 
 

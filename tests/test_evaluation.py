@@ -223,7 +223,7 @@ def test_mlflow_log_opens_the_store_under_its_lock(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from hybrid_megatron.evaluation.mlflow_log import RunNotInStore, log_results
+    from hybrid_megatron.evaluation.mlflow_log import RunNotInStoreError, log_results
     from hybrid_megatron.tracking.store import store_lock
 
     root = tmp_path / "checkpoints"
@@ -231,7 +231,7 @@ def test_mlflow_log_opens_the_store_under_its_lock(tmp_path):
     (root / "mlflow_run_id").write_text("0123456789abcdef0123456789abcdef")
     fresh = f"sqlite:///{tmp_path}/fresh/mlruns.db"
     with pytest.raises(
-        RunNotInStore,
+        RunNotInStoreError,
         match=f"{root}/mlflow_run_id: names MLflow run 0123456789abcdef0123456789abcdef, which the "
         f"tracking store {fresh} does not hold",
     ):

@@ -17,7 +17,7 @@ from hybrid_megatron.tracking.mlflow_tracker import RUN_ID_FILE
 from hybrid_megatron.tracking.store import open_client
 
 
-class RunNotInStore(InputError):
+class RunNotInStoreError(InputError):
     """The checkpoint's ``mlflow_run_id`` names a run the tracking store does not hold."""
 
 
@@ -32,7 +32,7 @@ def log_results(
     """Log ``metrics`` (name -> number) and ``artifacts`` (files) to the checkpoint's run.
 
     Returns the run id, or None (nothing logged) when the checkpoint has no ``mlflow_run_id``
-    (training ran with tracking disabled). Raises RunNotInStore naming the id file and the store
+    (training ran with tracking disabled). Raises RunNotInStoreError naming the id file and the store
     when the store has no such run (nothing logged).
     """
     id_file = checkpoint_root(checkpoint) / RUN_ID_FILE
@@ -48,7 +48,7 @@ def log_results(
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise RunNotInStore(
+        raise RunNotInStoreError(
             f"{id_file}: names MLflow run {run_id}, which the tracking store {uri} does not hold"
         ) from None
     for name, value in metrics.items():

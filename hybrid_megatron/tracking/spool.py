@@ -33,7 +33,7 @@ MAX_METRICS, MAX_PARAMS = 1000, 100
 REFUSED_FOR_GOOD = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
 
 
-class NoSpool(InputError):
+class NoSpoolError(InputError):
     """A run directory without a tracking spool."""
 
 
@@ -63,7 +63,7 @@ class Spool:
         self.dir = Path(run_dir) / SPOOL_DIR
         if uri is None:
             if not (self.dir / STORE).is_file():
-                raise NoSpool(f"{run_dir}: no tracking spool ({self.dir / STORE} does not exist)")
+                raise NoSpoolError(f"{run_dir}: no tracking spool ({self.dir / STORE} does not exist)")
             saved = json.loads((self.dir / STORE).read_text())
             uri, experiment, run_id_file = saved["uri"], saved["experiment"], saved["run_id_file"]
         else:

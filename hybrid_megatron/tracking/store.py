@@ -25,7 +25,7 @@ PROBE_TIMEOUT_S = 3.0
 SHORT_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
-class TrackingServerUnreachable(InputError):
+class TrackingServerError(InputError):
     """The recipe's tracking server does not answer."""
 
 
@@ -40,7 +40,7 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def check_reachable(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """Raise TrackingServerUnreachable unless the server at ``uri`` answers within ``timeout_s``.
+    """Raise TrackingServerError unless the server at ``uri`` answers within ``timeout_s``.
 
     Probes ``<uri>/health`` once: any HTTP answer below 500 counts (a 401 or 404 still means a
     server is there); refused or timed-out connections and gateway errors do not. Stores that
@@ -62,7 +62,7 @@ def check_reachable(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
             reason = f"no answer within {timeout_s:g} s"
         else:
             reason = (getattr(cause, "strerror", None) or str(cause)).lower()
-    raise TrackingServerUnreachable(
+    raise TrackingServerError(
         f"tracking.tracking_uri {uri}: no tracking server answers ({reason}); "
         "start it, fix the URI, or set tracking.enabled=false"
     )
