@@ -76,6 +76,7 @@ def init_worker(settings: EncodeSettings) -> None:
     # A forked worker inherits the parent's SIGTERM-as-Ctrl-C handler; the pool's terminate()
     # uses SIGTERM, which must simply end the worker.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by the parent while forking
     setup(settings)
 
 

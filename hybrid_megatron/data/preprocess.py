@@ -101,7 +101,14 @@ def _results(
     # fork: workers inherit the imported modules instead of re-importing them (seconds each
     # with torch and megatron loaded); spawn where fork does not exist.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool = mp.get_context(method).Pool(workers, initializer=init_worker, initargs=(settings,))
+    # SIGTERM stays blocked while the workers fork, until each has reset the handler it inherits
+    # (init_worker): a terminate() that reaches a worker still starting up then ends it quietly
+    # instead of raising the parent's KeyboardInterrupt in it
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pool = mp.get_context(method).Pool(workers, initializer=init_worker, initargs=(settings,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         pending: deque = deque()
         window = 3 * workers
