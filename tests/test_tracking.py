@@ -274,7 +274,7 @@ def test_sync_while_store_down_keeps_records(tmp_path):
 # ---- a tracking server lost in the middle of a run -------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_server_outage_mid_run_loses_nothing(single_rank, tmp_path, monkeypatch):
     """The server stops after step 3 and comes back after step 8 (same port, same store):
     training goes on; the steps logged meanwhile reach MLflow once it answers again (before
@@ -354,7 +354,7 @@ print(run.info.run_id)
 """
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_concurrent_first_open_of_sqlite_store(tmp_path):
     """Four processes open one fresh SQLite store at the same moment (a start barrier); each
     creates a run and logs a metric; all succeed (MLflow's schema migration runs once)."""

@@ -897,7 +897,7 @@ def test_validation_runs_on_the_interval_and_at_an_unvalidated_end(monkeypatch, 
     assert none.loss is None and calls == [64, 64, 64]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_cp2_run_matches_cp1_and_resumes_at_cp1(tmp_path):
     """30 steps with every sequence split over 2 ranks (context parallel) log CP=1's losses
     (fp32, another reduction order); the CP=2 checkpoint of step 8 resumes at CP=1 (weights
