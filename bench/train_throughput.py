@@ -10,6 +10,7 @@ there).
 Subcommands (each writes JSON; ``report`` turns JSON files into the markdown table):
 
     python bench/train_throughput.py run --scales 350m --out OUT.json [--precisions bf16 fp8]
+        [--recompute full] [--seq-length 16384]
     python bench/train_throughput.py max-mbs --scale 1b --out OUT.json
     python bench/train_throughput.py profile --scale 350m --kind intra --out OUT.txt
     python bench/train_throughput.py report A.json B.json --json ALL.json --markdown ALL.md
@@ -49,9 +50,10 @@ PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100/H200 SXM dense peaks (NVIDI
 
 
 # ----------------------------------------------------------------------------- model configs
-def _option(default, flag: str, help: str):
-    """A RunOptions field with its command-line flag and help (the one place each is declared)."""
-    return dataclasses.field(default=default, metadata={"flag": flag, "help": help})
+def _option(default, flag: str, help: str, choices: tuple | None = None):
+    """A RunOptions field with its command-line flag, help and allowed values (the one place each
+    is declared)."""
+    return dataclasses.field(default=default, metadata={"flag": flag, "help": help, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +128,24 @@ class RunOptions:
         "after the timed steps, profile 2 more steps (kernels "
         "only) and record the share of the step the GPU is busy",
     )
+    recompute: str = _option(
+        "none",
+        "--recompute",
+        "train.recompute on every row: none, selective (the attention core) or full (each whole layer)",
+        choices=("none", "selective", "full"),
+    )
+    seq_length: int | None = _option(
+        None,
+        "--seq-length",
+        "data.seq_length on every row (default: the scale's); model.max_position_embeddings is "
+        "raised to it where the recipe's is shorter",
+    )
+    max_memory_gib: float | None = _option(
+        None,
+        "--max-memory-gib",
+        "the memory a row may take: on GPU the caching allocator's cap (a smaller card on a "
+        "larger one), on CPU the process's address space; beyond it the row runs out of memory",
+    )
 
     def as_args(self) -> list[str]:
         """The command-line flags that reproduce these options."""
@@ -146,7 +166,7 @@ class RunOptions:
 
 def add_option_flags(parser) -> None:
     """Add every RunOptions flag to an argparse parser (run and profile share them)."""
-    types = {"int | None": int, "int": int, "str | None": str, "str": str}
+    types = {"int | None": int, "int": int, "str | None": str, "str": str, "float | None": float}
     for f in dataclasses.fields(RunOptions):
         if f.type in (bool, "bool"):
             parser.add_argument(f.metadata["flag"], dest=f.name, action="store_true", help=f.metadata["help"])
@@ -156,6 +176,7 @@ def add_option_flags(parser) -> None:
                 dest=f.name,
                 type=types[str(f.type)],
                 default=f.default,
+                choices=f.metadata["choices"],
                 help=f.metadata["help"],
             )
 
@@ -177,16 +198,33 @@ def _rescaled_heads(section: dict, old_head_dim: int, head_dim: int, keys: tuple
     return out
 
 
+def row_recipe(scale: str, kind: str, options: RunOptions = RunOptions()):
+    """The shipped ``recipes/<kind>_<scale>.yaml`` under the run's ``train.recompute``,
+    ``train.cuda_graphs`` and ``data.seq_length`` (``model.max_position_embeddings`` raised to a
+    longer sequence: RoPE has no length limit of its own, the recipe's check does), validated as
+    a recipe is. Raises RecipeError naming the field a setting breaks."""
+    from hybrid_megatron.config import load_recipe
+
+    path = ROOT / "recipes" / f"{kind}_{scale}.yaml"
+    overrides = [f"train.recompute={options.recompute}"]
+    if options.cuda_graphs:
+        overrides.append("train.cuda_graphs=true")
+    if options.seq_length is not None:
+        overrides.append(f"data.seq_length={options.seq_length}")
+        if options.seq_length > load_recipe(path).model.max_position_embeddings:
+            overrides.append(f"model.max_position_embeddings={options.seq_length}")
+    return load_recipe(path, overrides)
+
+
 def model_config(scale: str, kind: str, moe: bool, precision: str, options: RunOptions = RunOptions()):
-    """The ModelConfig of one row: the shipped ``recipes/<kind>_<scale>.yaml`` model section, with
+    """The ModelConfig of one row: the model section of :func:`row_recipe`, with
     an MoE FFN (8 experts, top-2, each half the dense FFN so the active FFN equals it), FP8 when
     asked and the run's options
     (attention head size, FP8 attention and LM head, intra branch overlap, dim ratio and share of
     hybrid blocks)."""
-    from hybrid_megatron.config import load_recipe
     from hybrid_megatron.config.model import ModelConfig
 
-    fields = load_recipe(ROOT / "recipes" / f"{kind}_{scale}.yaml").model.model_dump()
+    fields = row_recipe(scale, kind, options).model.model_dump()
     if moe:
         ffn = fields.get("ffn_hidden_size") or ModelConfig(**fields).ffn_size
         fields["moe"] = {
@@ -390,10 +428,11 @@ class Trainee:
 
     @classmethod
     def for_options(cls, kind: str, cfg, options: RunOptions) -> Trainee:
-        """A row's Trainee under a run's options (CUDA graphs, the fusions switched off)."""
+        """A row's Trainee under a run's options (recompute, CUDA graphs, the fusions switched off)."""
         return cls(
             kind,
             cfg,
+            recompute=options.recompute,
             cuda_graphs=options.cuda_graphs,
             fused=not options.unfused,
             fused_moe=not options.unfused_moe,
@@ -406,6 +445,39 @@ class Trainee:
         return loss
 
 
+# What an allocation that does not fit raises: torch.OutOfMemoryError (the CUDA caching
+# allocator), a CUDA runtime call's "out of memory", or the CPU allocator's RuntimeError.
+OUT_OF_MEMORY_TEXTS = ("OutOfMemoryError", "out of memory", "can't allocate memory")
+
+
+def is_out_of_memory(error: str) -> bool:
+    """Whether a row's error text (``"Type: message"``, or a process's stderr) says that it ran
+    out of memory."""
+    return any(text in error for text in OUT_OF_MEMORY_TEXTS)
+
+
+def limit_memory(gib: float | None) -> None:
+    """Cap what this process may allocate at ``gib`` GiB (None: no cap): on GPU the caching
+    allocator's share of the card, on CPU the address space (RLIMIT_AS, which also counts
+    mapped libraries). Beyond it an allocation fails as on a card with that much memory."""
+    if gib is None:
+        return
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+        return
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = int(gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+
+
+def row_seq_length(scale: str, options: RunOptions) -> int:
+    """Tokens per sample of a row: ``--seq-length``, else the scale's."""
+    return options.seq_length or SCALES[scale]["seq"]
+
+
 def measure_row(
     scale: str,
     kind: str,
@@ -416,24 +488,28 @@ def measure_row(
     options: RunOptions = RunOptions(),
 ) -> dict:
     """Train one row for ``warmup`` + ``steps`` steps; returns its record (tokens/s over the
-    timed steps, peak memory, parameters, losses) or the error it hit."""
+    timed steps, peak memory, parameters, losses) or the error it hit (``oom`` true when it ran
+    out of memory)."""
     shape = SCALES[scale]
     mbs = options.micro_batch or shape["mbs"]
+    seq = row_seq_length(scale, options)
     row = {
         "scale": scale,
         "kind": kind,
         "ffn": "moe" if moe else "dense",
         "precision": precision,
-        "seq_length": shape["seq"],
+        "seq_length": seq,
+        "recompute": options.recompute,
         "micro_batch": mbs,
         "microbatches": options.microbatches,
     }
     _reset_run_state()
     try:
+        limit_memory(options.max_memory_gib)
         cfg = model_config(scale, NATIVES.get(kind, kind), moe, precision, options)
         from hybrid_megatron.accounting.flops import model_flops_per_token
 
-        row["flops_per_token"] = float(model_flops_per_token(cfg, shape["seq"]))
+        row["flops_per_token"] = float(model_flops_per_token(cfg, seq))
         t_build = time.perf_counter()
         trainee = Trainee.for_options(kind, cfg, options)
         row.update(
@@ -441,17 +517,17 @@ def measure_row(
             num_parameters=trainee.num_parameters,
             build_s=round(time.perf_counter() - t_build, 2),
         )
-        batch = _synthetic_batch(cfg.vocab_size, mbs, shape["seq"], seed=0, microbatches=options.microbatches)
-        losses = [trainee.step(batch, shape["seq"]) for _ in range(warmup)]
+        batch = _synthetic_batch(cfg.vocab_size, mbs, seq, seed=0, microbatches=options.microbatches)
+        losses = [trainee.step(batch, seq) for _ in range(warmup)]
         _sync()
         t0 = time.perf_counter()
         with GcPauses() as pauses:
             for _ in range(steps):
-                losses.append(trainee.step(batch, shape["seq"]))
+                losses.append(trainee.step(batch, seq))
             _sync()
         elapsed = time.perf_counter() - t0
         row.update(gc_s_per_step=pauses.seconds / steps, gc_collections_per_step=pauses.count / steps)
-        tokens_per_s = steps * options.microbatches * mbs * shape["seq"] / elapsed
+        tokens_per_s = steps * options.microbatches * mbs * seq / elapsed
         row.update(
             step_s=elapsed / steps,
             tokens_per_s=tokens_per_s,
@@ -462,11 +538,13 @@ def measure_row(
         )
         if options.gpu_busy and torch.cuda.is_available():
             step = trainee.step
-            row["gpu_busy_share"] = gpu_busy_share(lambda: step(batch, shape["seq"]), steps=2)
+            row["gpu_busy_share"] = gpu_busy_share(lambda: step(batch, seq), steps=2)
         del trainee
     except Exception as err:  # one row's failure (e.g. OOM) must not lose the others
         row["error"] = f"{type(err).__name__}: {err}"[:500]
         row["traceback"] = traceback.format_exc()[-2000:]
+        if is_out_of_memory(row["error"]):
+            row["oom"] = True
     _reset_run_state()
     return row
 
@@ -497,14 +575,32 @@ def _header() -> dict:
     return header
 
 
-def _measure_in_subprocess(
-    scale: str, kind: str, moe: bool, precision: str, args, options: RunOptions
+def measure_in_subprocess(
+    scale: str,
+    kind: str,
+    moe: bool,
+    precision: str,
+    warmup: int,
+    steps: int,
+    options: RunOptions,
+    timeout: float | None = None,
 ) -> dict:
-    """measure_row in a fresh process. MoE rows leave ~14 GB behind in one process (seen on an
-    H100: 350M MoE rows in a row ran out of memory), so each gets a clean process."""
+    """measure_row in a fresh process, killed after ``timeout`` seconds (None: never). MoE rows
+    leave ~14 GB behind in one process (seen on an H100: 350M MoE rows in a row ran out of
+    memory), so each gets a clean process. The row says which device ran it; a process that
+    fails outside the row gets a row with its error (``oom`` when it ran out of memory,
+    ``timed_out`` when it was killed)."""
     import subprocess
     import tempfile
 
+    failed = {
+        "scale": scale,
+        "kind": kind,
+        "ffn": "moe" if moe else "dense",
+        "precision": precision,
+        "seq_length": row_seq_length(scale, options),
+        "recompute": options.recompute,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [
@@ -520,25 +616,26 @@ def _measure_in_subprocess(
             "--precisions",
             precision,
             "--warmup",
-            str(args.warmup),
+            str(warmup),
             "--steps",
-            str(args.steps),
+            str(steps),
             "--out",
             str(out),
             *options.as_args(),
         ]
         env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the parent's is taken
         env[ROW_PROCESS_ENV] = "1"  # the child measures its row itself instead of isolating again
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**failed, "error": f"killed after {timeout:.0f} s", "timed_out": True}
         if done.returncode == 0 and out.exists():
-            return json.loads(out.read_text())["rows"][0]
-    return {
-        "scale": scale,
-        "kind": kind,
-        "ffn": "moe" if moe else "dense",
-        "precision": precision,
-        "error": f"subprocess exit {done.returncode}: {done.stderr[-400:]}",
-    }
+            record = json.loads(out.read_text())
+            return {**record["rows"][0], "device": record["device"]}
+    failed["error"] = f"subprocess exit {done.returncode}: {done.stderr[-400:]}"
+    if is_out_of_memory(done.stderr):
+        failed["oom"] = True
+    return failed
 
 
 def spawns_row_processes(args) -> bool:
@@ -548,10 +645,24 @@ def spawns_row_processes(args) -> bool:
     return (args.isolate or args.cuda_graphs) and not os.environ.get(ROW_PROCESS_ENV)
 
 
+def _run_kinds(args) -> list[str]:
+    """The kinds a ``run`` measures: ``--kinds``, else ours and (on GPU) the native baselines."""
+    return args.kinds or (KINDS + (list(NATIVES) if torch.cuda.is_available() else []))
+
+
+def check_run(args) -> None:
+    """Validate the recipe of every row of a ``run`` under its options before any is measured.
+    Raises RecipeError naming the field a setting (e.g. ``--seq-length``) breaks."""
+    options = RunOptions.from_args(args)
+    for scale in args.scales:
+        for kind in dict.fromkeys(NATIVES.get(k, k) for k in _run_kinds(args)):
+            row_recipe(scale, kind, options)
+
+
 def cmd_run(args) -> None:
     """Measure every (scale, ffn, precision, kind) row; rewrites ``--out`` after each row so a
     time limit loses at most the row in flight."""
-    kinds = args.kinds or (KINDS + (list(NATIVES) if torch.cuda.is_available() else []))
+    kinds = _run_kinds(args)
     options = RunOptions.from_args(args)
     record = {
         **_header(),
@@ -568,7 +679,7 @@ def cmd_run(args) -> None:
         # Captured CUDA graphs keep their memory pool for the life of the process (measured: the
         # 1b row after a graphed one ran out of memory), so graphed rows always get their own.
         if spawns_row_processes(args):
-            row = _measure_in_subprocess(scale, kind, moe, precision, args, options)
+            row = measure_in_subprocess(scale, kind, moe, precision, args.warmup, args.steps, options)
         else:
             row = measure_row(scale, kind, moe, precision, args.warmup, args.steps, options)
         record["rows"].append(row)
@@ -664,24 +775,26 @@ def cmd_profile(args) -> None:
 
     shape = SCALES[args.scale]
     options = RunOptions.from_args(args)
+    seq = row_seq_length(args.scale, options)
     _reset_run_state()
+    limit_memory(options.max_memory_gib)
     cfg = model_config(args.scale, NATIVES.get(args.kind, args.kind), args.moe, args.precision, options)
     trainee = Trainee.for_options(args.kind, cfg, options)
     batch = _synthetic_batch(
         cfg.vocab_size,
         options.micro_batch or shape["mbs"],
-        shape["seq"],
+        seq,
         seed=0,
         microbatches=options.microbatches,
     )
     for _ in range(3):
-        trainee.step(batch, shape["seq"])
+        trainee.step(batch, seq)
     _sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof, GcPauses() as pauses:
         start = time.perf_counter()
         for _ in range(args.steps):
-            trainee.step(batch, shape["seq"])
+            trainee.step(batch, seq)
         _sync()
         wall_s = time.perf_counter() - start
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
@@ -1012,6 +1125,13 @@ def main(argv=None) -> None:
     if args.cmd == "report":
         cmd_report(args)
         return
+    if args.cmd == "run":
+        from hybrid_megatron.errors import InputError
+
+        try:
+            check_run(args)
+        except InputError as err:
+            parser.exit(2, f"{parser.prog} run: error: {err}\n")
     from hybrid_megatron import runtime
 
     runtime.setup()  # the CPU shims when there is no GPU, the allocator and compile defaults

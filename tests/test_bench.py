@@ -178,6 +178,9 @@ def test_run_options_round_trip_through_their_flags():
         attention_head_dim=128,
         unfused=True,
         unfused_moe=True,
+        recompute="full",
+        seq_length=16384,
+        max_memory_gib=40.5,
     )
     parser = argparse.ArgumentParser()
     bench.add_option_flags(parser)
