@@ -263,3 +263,18 @@ def test_recompute_reaches_the_model():
         "selective selective None None",
         "full full uniform 1",
     ]
+
+
+@pytest.mark.gpu
+def test_memory_cap_makes_a_larger_gpu_allocation_run_out():
+    script = (
+        "import torch\n"
+        "from bench import train_throughput as t\n"
+        "t.limit_memory(1.0)\n"
+        "a = torch.empty(512 << 20, dtype=torch.uint8, device='cuda')\n"
+        "print('fits')\n"
+        "b = torch.empty(1 << 30, dtype=torch.uint8, device='cuda')\n"
+    )
+    done = _python("-c", script)
+    assert done.stdout.splitlines() == ["fits"]
+    assert done.returncode != 0 and bench.is_out_of_memory(done.stderr)
