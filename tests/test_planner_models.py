@@ -3,10 +3,13 @@ step-time terms and the layouts ``--plan`` lists, each against numbers worked ou
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hybrid_megatron.accounting.layout_plan import plan_layouts, target_for
 from hybrid_megatron.accounting.memory import (
+    GIB,
     RankLayout,
     TrainingShape,
     block_activation_bytes,
@@ -330,3 +333,66 @@ def test_plan_marks_the_recipes_own_configuration(capsys):
     assert fields[:4] == [f"tp{recipe.parallel.tp}", "cp1", f"pp{recipe.parallel.pp}", "ep1"]
     assert fields[5:7] == [str(recipe.train.micro_batch_size), recipe.train.recompute]
     assert "mbs" in out and "recomp" in out
+
+
+# ---- calibration of new bench rows ----------------------------------------------------------
+
+
+def test_calibration_reads_recompute_and_sequence_length_rows(tmp_path):
+    """A bench record with a selective-recompute row at 16K and a row without the key (none, 8K)
+    in a results folder: ``table --results`` predicts each under its own recompute and length,
+    reports the errors against the measured numbers and keeps the first out of the fit."""
+    from bench.planner_calibration import main as calibrate
+    from bench.train_throughput import RunOptions, model_config
+
+    run = tmp_path / "results" / "train_throughput_h100_2099-01-01"
+    run.mkdir(parents=True)
+    common = {"scale": "1b", "kind": "inter", "arch": "inter", "ffn": "dense", "precision": "bf16"}
+    rows = [
+        {
+            **common,
+            "micro_batch": 1,
+            "seq_length": 16384,
+            "recompute": "selective",
+            "tokens_per_s": 40000.0,
+            "peak_memory_gib": 50.0,
+            "step_s": 0.8192,
+        },
+        {
+            **common,
+            "micro_batch": 2,
+            "seq_length": 8192,
+            "tokens_per_s": 60000.0,
+            "peak_memory_gib": 48.0,
+            "step_s": 0.5461,
+        },
+    ]
+    record = {"device": "NVIDIA H100 80GB HBM3", "options": {"microbatches": 2}, "rows": rows}
+    (run / "run1_synthetic.json").write_text(json.dumps(record))
+    out = tmp_path / "out"
+    assert calibrate(["table", "--results", str(tmp_path / "results"), "--out", str(out)]) == 0
+    table = json.loads((out / "calibration.json").read_text())
+    assert [r["source"] for r in table["rows"]] == [
+        "train_throughput_h100_2099-01-01/run1_synthetic.json"
+    ] * 2
+    cfg = model_config("1b", "inter", False, "bf16", RunOptions())
+    pattern = build_layer_pattern(cfg)
+    costs = load_costs("h100")
+    for row, reported, recompute in zip(rows, table["rows"], ("selective", "none"), strict=True):
+        shape = TrainingShape(row["seq_length"], row["micro_batch"], 2, recompute=recompute)
+        memory = stage_memory(cfg, pattern, 0, RankLayout(), shape).total / GIB
+        speed = predict_step(cfg, [pattern], RankLayout(), shape, costs).tokens_per_s
+        assert reported["predicted_memory_gib"] == pytest.approx(memory, rel=1e-12)
+        assert reported["predicted_tokens_per_s"] == pytest.approx(speed, rel=1e-12)
+        assert reported["memory_error"] == pytest.approx(memory / row["peak_memory_gib"] - 1)
+        assert reported["time_error"] == pytest.approx(speed / row["tokens_per_s"] - 1)
+        assert reported["memory_meets"] == (abs(memory / row["peak_memory_gib"] - 1) <= 0.10)
+    first, second = table["rows"]
+    assert "recompute=selective" in first["config"] and "seq=16384" in first["config"]
+    assert "recompute" not in second["config"] and "seq=" not in second["config"]
+    assert not first["fitted"] and second["fitted"]
+    # selective recompute drops the attention core's Q, K, V: less than none needs at 16K
+    none_16k = stage_memory(cfg, pattern, 0, RankLayout(), TrainingShape(16384, 1, 2)).total / GIB
+    assert first["predicted_memory_gib"] < none_16k
+    readme = (out / "README.md").read_text()
+    assert "of 2** rows" in readme and "recompute=selective" in readme
