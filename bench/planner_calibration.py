@@ -3,11 +3,13 @@
     python -m bench.planner_calibration table --out bench/results/2026-12-07_planner_calibration
     python -m bench.planner_calibration fit      # the H100 cost table's rates from the bench rows
 
-``table`` predicts peak memory and tokens/s for every committed single-GPU bench row of our
-kinds in bf16 (``bench/results/train_throughput_h100_*/run*.json``; megatron-core's native
-baselines, FP8 and CUDA-graph rows are not modelled) and for the 2-GPU layouts of
-``bench/results/scale_out_h200x2_2026-11-24/`` (their README's table), and writes
+``table`` predicts peak memory and tokens/s for every single-GPU bench row of our kinds in bf16
+and FP8 (``<results>/train_throughput_h100_*/run*.json``, default the committed
+``bench/results``; megatron-core's native baselines and CUDA-graph rows are not modelled),
+under each row's ``recompute`` (absent: none) and ``seq_length``, and for the 2-GPU layouts of
+``<results>/scale_out_h200x2_2026-11-24/`` (their README's table), and writes
 ``calibration.json`` and ``README.md``. Targets: memory within 10%, tokens/s within 15%.
+New bench rows in ``--results`` are picked up by re-running ``table`` (and ``fit``).
 """
 
 from __future__ import annotations
@@ -41,10 +43,24 @@ def _row_config(row: dict, options: dict):
     )
 
 
-def bench_rows() -> list[dict]:
-    """Every modelled single-GPU bench row: its source, configuration and measurements."""
+def row_recompute(row: dict, options: dict) -> str:
+    """A bench row's ``train.recompute``: the row's, else its run's, else none (rows recorded
+    before the option existed ran without recompute)."""
+    return row.get("recompute") or options.get("recompute") or "none"
+
+
+def default_seq_length(scale: str) -> int:
+    """The bench's sequence length of a scale (rows may run another: ``--seq-length``)."""
+    from bench.train_throughput import SCALES
+
+    return SCALES[scale]["seq"]
+
+
+def bench_rows(results: Path = RESULTS) -> list[dict]:
+    """Every modelled single-GPU bench row under ``results``: its source, configuration and
+    measurements."""
     out = []
-    for path in sorted(RESULTS.glob("train_throughput_h100_*/run*.json")):
+    for path in sorted(results.glob("train_throughput_h100_*/run*.json")):
         record = json.loads(path.read_text())
         options = record.get("options", {})
         if options.get("cuda_graphs"):
@@ -52,7 +68,7 @@ def bench_rows() -> list[dict]:
         for row in record["rows"]:
             if (row.get("arch") or row["kind"]).startswith("native") or row.get("peak_memory_gib") is None:
                 continue
-            if row["precision"] != "bf16":
+            if row["precision"] not in ("bf16", "fp8"):
                 continue
             out.append(
                 {
@@ -78,6 +94,7 @@ def predict_bench_row(item: dict, costs) -> dict:
         row["seq_length"],
         row["micro_batch"],
         options.get("microbatches", 1),
+        recompute=row_recompute(row, options),
         fused=item["fused"],
         adam_moments=options.get("adam_moments", "fp32"),
     )
@@ -87,11 +104,15 @@ def predict_bench_row(item: dict, costs) -> dict:
     return {"memory_gib": memory.total_gib, "tokens_per_s": time.tokens_per_s}
 
 
-def scale_out_rows() -> list[dict]:
-    """The 2-GPU (and 1-GPU reference) layouts of the scale-out record with their measured peak
-    memory per GPU and tokens/s per GPU (the README's throughput table)."""
-    record = json.loads((SCALE_OUT / "record.json").read_text())
-    readme = (SCALE_OUT / "README.md").read_text()
+def scale_out_rows(results: Path = RESULTS) -> list[dict]:
+    """The 2-GPU (and 1-GPU reference) layouts of the scale-out record under ``results`` with
+    their measured peak memory per GPU and tokens/s per GPU (the README's throughput table);
+    none when ``results`` holds no such record."""
+    scale_out = results / SCALE_OUT.name
+    if not (scale_out / "record.json").is_file():
+        return []
+    record = json.loads((scale_out / "record.json").read_text())
+    readme = (scale_out / "README.md").read_text()
     out = []
     for key, layout in record["layouts"].items():
         match = re.search(
@@ -132,13 +153,33 @@ def _err(predicted: float, measured: float) -> float:
     return predicted / measured - 1
 
 
-def calibration_table() -> dict:
-    """Every row with its prediction, relative errors and whether each meets its target."""
+def row_label(item: dict) -> str:
+    """A bench row's configuration in words: model, micro-batches, experts, precision,
+    recompute and sequence length where not the default, and the run's shown options."""
+    r, options = item["row"], item["options"]
+    text = f"{r.get('arch') or r['kind']} {r['scale']} {r['ffn']} mbs {r['micro_batch']}"
+    text += f" x {options.get('microbatches', 1)}"
+    if r["ffn"] == "moe":
+        text += f" experts={options.get('moe_experts', 'te_grouped')}"
+    if r["precision"] != "bf16":
+        text += f" {r['precision']}"
+        text += "".join(f" {k}" for k in ("fp8_attention", "fp8_output_layer") if options.get(k))
+    recompute = row_recompute(r, options)
+    if recompute != "none":
+        text += f" recompute={recompute}"
+    if r["seq_length"] != default_seq_length(r["scale"]):
+        text += f" seq={r['seq_length']}"
+    return text + "".join(f" {k}={v}" for k, v in sorted(options.items()) if k in SHOWN_OPTIONS and v)
+
+
+def calibration_table(results: Path = RESULTS) -> dict:
+    """Every row under ``results`` with its prediction, relative errors and whether each meets
+    its target."""
     from hybrid_megatron.accounting.step_time import load_costs
 
     costs = load_costs("h100")
     rows = []
-    for item in bench_rows():
+    for item in bench_rows(results):
         r = item["row"]
         pred = predict_bench_row(item, costs)
         rows.append(
@@ -146,20 +187,8 @@ def calibration_table() -> dict:
                 "source": item["source"],
                 "fitted": in_fit(item),
                 "device": item["device"],
-                "config": f"{r.get('arch') or r['kind']} {r['scale']} {r['ffn']} mbs {r['micro_batch']} x "
-                f"{item['options'].get('microbatches', 1)}"
-                + (
-                    f" experts={item['options'].get('moe_experts', 'te_grouped')}"
-                    if r["ffn"] == "moe"
-                    else ""
-                )
-                + "".join(
-                    f" {k}={v}"
-                    for k, v in sorted(item["options"].items())
-                    if k
-                    in ("intra_pattern", "intra_dim_ratio", "attention_head_dim", "unfused", "unfused_moe")
-                    and v
-                ),
+                "config": row_label(item),
+                "precision": r["precision"],
                 "code": "fused" if item["fused"] else "unfused",
                 "gpus": 1,
                 "measured_memory_gib": r["peak_memory_gib"],
@@ -168,7 +197,7 @@ def calibration_table() -> dict:
                 "predicted_tokens_per_s": pred["tokens_per_s"],
             }
         )
-    for item in scale_out_rows():
+    for item in scale_out_rows(results):
         pred = predict_scale_out_row(item, costs)
         rows.append(
             {
@@ -176,6 +205,7 @@ def calibration_table() -> dict:
                 "fitted": False,
                 "device": "NVIDIA H200",
                 "config": f"intra 350m moe, layout {item['layout']}: {' '.join(item['overrides'][-4:])}",
+                "precision": "bf16",
                 "code": "fused",
                 "gpus": item["gpus"],
                 "measured_memory_gib": item["peak_memory_gib"],
@@ -200,9 +230,14 @@ def render_readme(table: dict) -> str:
     fitted = [r for r in rows if r["fitted"]]
     held = [r for r in rows if not r["fitted"]]
     current = [r for r in held if r["code"] == "fused" and r["gpus"] == 1 and "te_grouped" not in r["config"]]
+    bf16 = [r for r in rows if r["precision"] == "bf16"]
+    fp8 = [r for r in rows if r["precision"] == "fp8"]
 
     def count(subset: list[dict]) -> str:
         return f"{sum(r['time_meets'] for r in subset)} of {len(subset)}"
+
+    def memory(subset: list[dict]) -> str:
+        return f"{sum(r['memory_meets'] for r in subset)} of {len(subset)}"
 
     lines = [
         "# Layout planner calibration: predicted against measured peak memory and tokens/s",
@@ -211,12 +246,15 @@ def render_readme(table: dict) -> str:
         "(`python -m bench.planner_calibration table`; no new GPU runs). Predictions: "
         "`hybrid_megatron/accounting/memory.py` and `step_time.py` with `gpu_costs/h100.yaml`.",
         "",
-        f"- Memory within {MEMORY_TARGET:.0%}: **{mem_ok} of {len(rows)}** rows (nothing of the "
-        "memory model is fitted).",
+        f"- Memory within {MEMORY_TARGET:.0%}: **{mem_ok} of {len(rows)}** rows (bf16 {memory(bf16)}, "
+        f"FP8 {memory(fp8)}; nothing of the memory model is fitted).",
         f"- Tokens/s within {TIME_TARGET:.0%}: **{sum(r['time_meets'] for r in rows)} of {len(rows)}** "
         f"rows: **{count(fitted)}** rows the time model was fitted to (column *fit* = in; "
-        f"{len(FITTED)} parameters on {len(fitted)} rows), **{count(held)}** out-of-sample rows, of "
-        f"which {count(current)} single-GPU rows of the current code (fused, grouped experts).",
+        f"{len(FITTED)} parameters on the {sum(r['precision'] == 'bf16' for r in fitted)} bf16 rows, "
+        f"then {len(FITTED_FP8)} FP8 parameters on the {sum(r['precision'] == 'fp8' for r in fitted)} "
+        f"FP8 rows), **{count(held)}** out-of-sample rows, of which {count(current)} single-GPU rows "
+        f"of the current code (fused, grouped experts; FP8 among them: "
+        f"{count([r for r in current if r['precision'] == 'fp8'])}).",
         "",
         "The time model (`step_time.py`'s docstring): per block the longer of its GPU time "
         "(FLOPs / achieved TFLOP/s per op class, the same at every width) and its host time (a "
@@ -225,6 +263,14 @@ def render_readme(table: dict) -> str:
         "GEMM-size curve: the profiled 350M MoE rows keep the GPU busy only 41-45% of the step "
         "(1B: 89-92%), and with CUDA graphs (no host time; those rows are not modelled) the same "
         "350M model runs 2.0x faster with the GPU 95% busy.",
+        "",
+        "FP8 (`model.fp8`, rows marked fp8): the GEMMs Transformer Engine runs in FP8 at their own "
+        "rate (`gemm_fp8`, casts included) and a fixed extra host time per sublayer (`host_s_fp8`, "
+        "TE's per-Linear FP8 bookkeeping), fitted on the FP8 rows after the bf16 fit, with the "
+        "bf16 values held; memory adds TE's FP8 weight copies (2 bytes per GEMM parameter) and "
+        "saves GEMM-only inputs in FP8 (`memory.py`'s docstring). Rows with `recompute=` or "
+        "`seq=` (a recompute mode or sequence length other than the bench's default) are "
+        "out-of-sample: the recompute and sequence-length terms have no parameters of their own.",
         "",
         "Read with care:",
         "- Fitted rows (*in*): the current code's H100 rows except the held-out repeats and runs "
@@ -284,8 +330,16 @@ FITTED = (
 )
 
 
+FITTED_FP8 = (("gemm_fp8", "tflops"), ("host_s_fp8", "s"))
+
+
 def in_fit(item: dict) -> bool:
-    """Whether the cost table's fit uses this bench row (see FITTED_OLD_RUNS)."""
+    """Whether the cost table's fit uses this bench row (see FITTED_OLD_RUNS; FP8 rows by the
+    same rule, for the FP8 parameters only). Rows under a recompute mode or a sequence length
+    other than the bench's default are out-of-sample."""
+    row = item["row"]
+    if row_recompute(row, item["options"]) != "none" or row["seq_length"] != default_seq_length(row["scale"]):
+        return False
     if "H100" not in item["device"]:
         return False
     name = item["source"].split("/")[1]
@@ -298,10 +352,10 @@ def in_fit(item: dict) -> bool:
     return item["row"]["ffn"] == "dense" or item["options"].get("moe_experts") == "grouped"
 
 
-def _with_parameters(costs, values):
+def _with_parameters(costs, values, fitted=FITTED):
     tflops = dict(costs.tflops)
     fields = {}
-    for (name, unit), value in zip(FITTED, values, strict=True):
+    for (name, unit), value in zip(fitted, values, strict=True):
         if unit == "tflops":
             tflops[name] = 1 / max(value, 1e-12)  # fitted as seconds per TFLOP
         else:
@@ -310,22 +364,16 @@ def _with_parameters(costs, values):
     return dataclasses.replace(costs, tflops=tflops, **fields)
 
 
-def fit_rates() -> dict:
-    """Bounded least squares (relative error of the step time, every value >= 0) of the fitted
-    rows' step times: the cost table's rates and fixed times (FITTED), experts at the GEMM rate."""
+def _fit(items: list[dict], base, fitted) -> tuple:
+    """Bounded least squares of the items' relative step-time errors over the ``fitted``
+    values of ``base``; (costs, rms error)."""
     import numpy as np
     from scipy.optimize import least_squares
 
-    from hybrid_megatron.accounting.step_time import load_costs
-
-    base = load_costs("h100")
-    items = [item for item in bench_rows() if in_fit(item)]
-    for item in items:
-        item["config"] = _row_config(item["row"], item["options"])
     steps = np.array([item["row"]["step_s"] for item in items])
 
     def residuals(values):
-        costs = _with_parameters(base, values)
+        costs = _with_parameters(base, values, fitted)
         predicted = [
             item["row"]["micro_batch"]
             * item["row"]["seq_length"]
@@ -335,16 +383,41 @@ def fit_rates() -> dict:
         ]
         return np.array(predicted) / steps - 1
 
-    start = [1 / base.tflops[n] if u == "tflops" else getattr(base, n) for n, u in FITTED]
+    start = [1 / base.tflops[n] if u == "tflops" else getattr(base, n) for n, u in fitted]
     result = least_squares(residuals, np.array(start), bounds=(0, np.inf), x_scale="jac")
-    costs = _with_parameters(base, result.x)
-    return {
+    return _with_parameters(base, result.x, fitted), float(np.sqrt(np.mean(result.fun**2)))
+
+
+def fit_rates(results: Path = RESULTS) -> dict:
+    """Bounded least squares (relative error of the step time, every value >= 0) of the fitted
+    rows' step times: the cost table's rates and fixed times (FITTED) on the bf16 rows, experts
+    at the GEMM rate; then, with those held, the FP8 values (FITTED_FP8) on the FP8 rows."""
+    from hybrid_megatron.accounting.step_time import load_costs
+
+    items = [item for item in bench_rows(results) if in_fit(item)]
+    for item in items:
+        item["config"] = _row_config(item["row"], item["options"])
+    bf16 = [item for item in items if item["row"]["precision"] == "bf16"]
+    fp8 = [item for item in items if item["row"]["precision"] == "fp8"]
+    costs, rms = _fit(bf16, load_costs("h100"), FITTED)
+    out = {
         "tflops": {c: round(costs.tflops[c], 1) for c in OP_CLASSES},
         **{n: float(f"{getattr(costs, n):.3g}") for n, u in FITTED if u == "s"},
         "parameters": len(FITTED),
-        "rows": len(items),
-        "rms_step_error": float(np.sqrt(np.mean(result.fun**2))),
+        "rows": len(bf16),
+        "rms_step_error": rms,
     }
+    if fp8:
+        costs, rms = _fit(fp8, costs, FITTED_FP8)
+        out["fp8"] = {
+            "gemm_fp8": round(costs.tflops["gemm_fp8"], 1),
+            "gemm_fp8_over_gemm": round(costs.tflops["gemm_fp8"] / costs.tflops["gemm"], 3),
+            "host_s_fp8": float(f"{costs.host_s_fp8:.3g}"),
+            "parameters": len(FITTED_FP8),
+            "rows": len(fp8),
+            "rms_step_error": rms,
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,12 +425,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", help="write calibration.json and README.md")
     table.add_argument("--out", type=Path, default=RESULTS / "2026-12-07_planner_calibration")
-    sub.add_parser("fit", help="print the cost table's fitted rates")
+    fit = sub.add_parser("fit", help="print the cost table's fitted rates")
+    for command in (table, fit):
+        command.add_argument(
+            "--results",
+            type=Path,
+            default=RESULTS,
+            help="folder holding the train_throughput_h100_*/run*.json records (default the committed)",
+        )
     args = parser.parse_args(argv)
     if args.command == "fit":
-        print(json.dumps(fit_rates(), indent=1))
+        print(json.dumps(fit_rates(args.results), indent=1))
         return 0
-    result = calibration_table()
+    result = calibration_table(args.results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "README.md").write_text(render_readme(result))

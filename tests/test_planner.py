@@ -139,18 +139,21 @@ def test_plan_lists_every_valid_layout_best_first(capsys):
     assert main([recipe_path, "--plan", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
     recipe = load_recipe(recipe_path)
-    expected = list(candidate_layouts(recipe.model, 8, recipe.parallel))
+    expected = list(candidate_layouts(recipe.model, 8, recipe.parallel, recipe.data.seq_length))
     rows = [line for line in out.splitlines() if line.startswith("tp")]
-    assert len(rows) == len(expected) > 10
-    assert "8 GPUs of 80 GiB" in out and "weights" in out and "MFU" in out
     predictions = plan_layouts(recipe, target_for(recipe, 8))
+    # one row per layout, + the recipe's own configuration unless a searched row is the same
+    assert len(rows) == len(predictions) in (len(expected), len(expected) + 1) and len(expected) > 10
+    assert {p.parallel.cp for p in predictions} == {1, 2, 4, 8}  # 8192 positions split 16 ways
+    assert "8 GPUs of 80 GiB" in out and "weights" in out and "MFU" in out
+    assert sum(line.endswith("<- recipe") for line in rows) == 1
     speeds = [p.time.tokens_per_s for p in predictions if p.fits]
     assert speeds == sorted(speeds, reverse=True)
-    assert rows[0].split()[:3] == predictions[0].name().split()[:3]
+    assert rows[0].split()[:4] == predictions[0].name().split()[:4]
     # a small GPU: the layouts that do not fit come last, marked NO
     assert main([recipe_path, "--plan", "--gpus", "8", "--gpu-memory", "24"]) == 0
     small = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tp")]
-    fits = [line.endswith("yes") for line in small]
+    fits = [line.removesuffix("<- recipe").split()[-1] == "yes" for line in small]
     assert True in fits and False in fits and fits == sorted(fits, reverse=True)
 
 

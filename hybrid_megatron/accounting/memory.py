@@ -20,19 +20,48 @@ the last stage. Parts (bytes per rank):
   only, plus one block's full activations while it is recomputed.
 - moe_dispatch: the permuted token copies an MoE layer keeps (top_k x h in and out per token).
 - logits: the last stage's LM-head output and the loss's buffers, LOGIT_BYTES bytes per
-  vocabulary entry per token (split over TP), for one micro-batch.
+  vocabulary entry per token (split over TP), for one micro-batch (+ FP8_HEAD_GRAD_BYTES with
+  an FP8 LM head).
 - overhead: CUDA context-free allocator overhead, kernels' workspaces (a constant).
+- fp8_weights (``model.fp8``): Transformer Engine 2.x keeps, per Linear that runs in FP8 on
+  Hopper, an FP8 copy of its weight and of the weight's transpose (row- and column-wise usage),
+  cached across the step's micro-batches: 2 bytes per parameter of every TE GEMM (projections,
+  dense FFNs, shared experts, experts of ``te_grouped``/``sequential``; the LM head only with
+  ``fp8_output_layer``; not the router). The project's own FP8 grouped experts (``grouped``)
+  quantise their weights per call and keep nothing. The 2 bytes are TE's documented Hopper
+  behaviour (an assumption: TE's source is not in this project's CPU environment); the
+  committed FP8 rows' peaks agree within 10% (bench/results/2026-12-07_planner_calibration/).
+  FP8 also saves a Linear's input for its weight gradient as FP8 (1 byte instead of 2): the
+  activations lose 1 byte per element of each tensor saved only as a GEMM input (the norms'
+  outputs, the Mamba gated norm's and the intra fusion's outputs, the FFN's fc2 input) and gain
+  1 byte per element of the attention output (flash attention keeps its bf16 copy and the
+  out-projection adds an FP8 one).
+- context parallelism (``parallel.cp``): every rank holds seq_len / cp positions of each
+  sequence, so activations, MoE dispatch copies and logits divide by cp; the optimizer state
+  shards over dp x cp ranks (megatron-core's gradient and distributed-optimizer group includes
+  the CP ranks), experts over the expert data-parallel ranks carved from tp x cp x dp.
+  ``cp_buffers`` is what one layer's CP exchange holds while it runs (one layer at a time, so
+  the largest layer's, not a sum): attention with ``cp_comm: all_gather`` the full-sequence K/V
+  and their gradients; ``p2p`` two K/V blocks (the one in use and the next in the ring) and, in
+  backward, two dK/dV blocks; ``a2a`` one head-split copy of Q, K, V and the output. Mamba
+  ``mamba_cp: heads``: one all-to-all copy of the in-projection output and the scan output;
+  ``sequence``: the all-gathered segment states and decays (fp32, small), and its unfused
+  conv + scan path saves the conv1d output (conv_dim per position) that the fused kernel
+  recomputes.
 
-What the model leaves out: FP8 weight copies and scaling state (small next to bf16 weights),
-allocator fragmentation (it varies by run: the committed bench measured the same row at 34.5 and
-47.5 GiB in a fresh and a reused process), CUDA graphs' private pools, the optimizer step's
-temporaries (below the backward peak for these models).
+What the model leaves out: allocator fragmentation (it varies by run: the committed bench
+measured the same row at 34.5 and 47.5 GiB in a fresh and a reused process), CUDA graphs'
+private pools, the optimizer step's temporaries (below the backward peak for these models),
+FP8 scaling state (a few KiB per Linear).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 
+from hybrid_megatron.accounting.flops import block_flops
 from hybrid_megatron.accounting.params import block_params
 from hybrid_megatron.config.geometry import (
     attention_dims,
@@ -55,17 +84,23 @@ ACT_BYTES = 2  # saved activations are bf16 (fp32 training: see activation_bytes
 # bytes per entry); the unfused loss keeps fp32 copies as well. Fitted on the committed 1B and
 # 350M bench rows (bench/results/2026-12-07_planner_calibration/): 2.0 and 5.6.
 LOGIT_BYTES = {True: 2.0, False: 5.6}
+# With model.fp8_output_layer the LM head is a TE Linear whose backward does not take the logits'
+# gradient in place: one more bf16 tensor of the logits' size. Set from the committed FP8-head
+# rows (bench/results/train_throughput_h100_2026-11-24_fp8_head, run28 against run27: +4.3 GiB
+# at 2 x 8K tokens and 128K vocabulary, of which the head's FP8 weight copies are 0.5).
+FP8_HEAD_GRAD_BYTES = 2.0
 OVERHEAD_BYTES = int(0.6 * GIB)  # cuBLAS/TE workspaces, RNG state, the batch, small buffers
 RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
 class RankLayout:
-    """Where one rank sits: the parallel sizes and, for pipelines, which blocks its stage holds.
+    """Where one rank sits: the parallel sizes and how context parallelism exchanges.
 
-    ``dp`` is the data-parallel size of the dense weights; experts are data-parallel over
-    ``dp * tp / (ep * expert_tp)`` ranks (megatron-core carves the expert groups out of the
-    stage's dp x tp ranks).
+    ``dp`` is the data-parallel size (ranks that see different samples); experts are
+    data-parallel over ``dp * cp * tp / (ep * expert_tp)`` ranks (megatron-core carves the expert
+    groups out of the stage's dp x cp x tp ranks). ``cp_comm`` and ``mamba_cp`` are the recipe's
+    ``parallel.cp_comm`` and ``parallel.mamba_cp``.
     """
 
     tp: int = 1
@@ -74,11 +109,25 @@ class RankLayout:
     expert_tp: int = 1
     dp: int = 1
     sequence_parallel: bool = False
+    cp: int = 1
+    cp_comm: str = "p2p"
+    mamba_cp: str = "sequence"
 
     @property
     def expert_dp(self) -> int:
         """Data-parallel ranks that share one shard of the experts."""
-        return max(1, self.dp * self.tp // (self.ep * self.expert_tp))
+        return max(1, self.dp * self.cp * self.tp // (self.ep * self.expert_tp))
+
+    @property
+    def grad_ranks(self) -> int:
+        """Ranks that reduce the dense weights' gradients and shard their optimizer state:
+        data parallel x context parallel."""
+        return self.dp * self.cp
+
+    @property
+    def gpus(self) -> int:
+        """Ranks of the whole job: tp x cp x pp x dp."""
+        return self.tp * self.cp * self.pp * self.dp
 
 
 @dataclass(frozen=True)
@@ -138,14 +187,22 @@ def block_parameters(cfg: ModelConfig, letter: str) -> tuple[int, int]:
     return bp.total - expert, expert
 
 
+def te_experts(cfg: ModelConfig) -> bool:
+    """Whether the routed experts are Transformer Engine layers (``te_grouped``, ``sequential``),
+    which keep FP8 weight copies; the project's ``grouped`` experts do not."""
+    return cfg.moe is not None and cfg.moe.experts != "grouped"
+
+
 def sublayer_saved(cfg: ModelConfig, letter: str, fused: bool = True) -> dict[str, dict[str, float]]:
     """bf16 elements per token one block saves for backward, by sublayer and by what splits.
 
-    Returns ``{sublayer: {"split": n, "replicated": n, "attention_core": n}}``: ``split`` are
-    tensors sharded over TP (projection outputs, head-split mixer state), ``replicated`` the
-    hidden-size tensors around norms (sharded only with sequence parallelism),
-    ``attention_core`` the Q, K, V the attention kernel keeps (dropped by selective recompute;
-    TP-split).
+    Returns ``{sublayer: {"split": n, "replicated": n, "attention_core": n, "fp8_split": d,
+    "fp8_replicated": d}}``: ``split`` are tensors sharded over TP (projection outputs,
+    head-split mixer state), ``replicated`` the hidden-size tensors around norms (sharded only
+    with sequence parallelism), ``attention_core`` the Q, K, V the attention kernel keeps
+    (dropped by selective recompute; TP-split). ``fp8_*`` are the bytes per token FP8 GEMMs
+    change (split over TP, or replicated): -1 per element saved only as a GEMM input (kept in
+    FP8), +1 per element of the attention output (an FP8 copy next to flash attention's).
     """
     h = cfg.hidden_size
     out: dict[str, dict[str, float]] = {}
@@ -153,23 +210,28 @@ def sublayer_saved(cfg: ModelConfig, letter: str, fused: bool = True) -> dict[st
         a, m = attention_dims(cfg, letter), mamba_dims(cfg, letter)
         # input norm: its input and output (the projection's input)
         mixer = {"split": 0.0, "replicated": 2.0 * h, "attention_core": 0.0}
+        mixer.update(fp8_split=0.0, fp8_replicated=-1.0 * h)
         if a is not None:
             # Q, K, V (post-RoPE) for flash attention's backward; its output = out-proj input
             mixer["attention_core"] += a.qkv_width
             mixer["split"] += a.width
+            mixer["fp8_split"] += a.width if letter != INTRA else 0.0
         if m is not None:
             # z, xBC, dt from the in-projection, the scan output y and the gated norm's output
             # (out-projection input); the fused conv+scan kernel recomputes the conv output
             # and the chunk states in backward
             mixer["split"] += m.in_proj_width + 2 * m.d_inner
+            mixer["fp8_split"] -= m.d_inner if letter != INTRA else 0.0
         if letter == INTRA:
             # per-branch norms' outputs and the fused (concatenated) out-projection input
             aw = a.width if a is not None else 0
             mw = m.d_inner if m is not None else 0
             mixer["split"] += aw + mw + fused_width(cfg)
+            mixer["fp8_split"] -= fused_width(cfg)
         out["mixer"] = mixer
     if has_ffn(cfg, letter):
         ffn = {"split": 0.0, "replicated": 2.0 * h, "attention_core": 0.0}
+        ffn.update(fp8_split=0.0, fp8_replicated=-1.0 * h)
         gated = ffn_matrices(cfg) == 3
         if ffn_is_moe(cfg, letter):
             assert cfg.moe is not None
@@ -177,12 +239,16 @@ def sublayer_saved(cfg: ModelConfig, letter: str, fused: bool = True) -> dict[st
             # fc1 output (2 f for SwiGLU) and the activation's output, per routed copy;
             # router logits and probabilities in fp32
             ffn["split"] += k * fe * (3 if gated else 2) + 4 * cfg.moe.num_experts
+            if te_experts(cfg):
+                ffn["fp8_split"] -= k * fe
             if cfg.moe.shared_expert_ffn_hidden_size:
                 fs = cfg.moe.shared_expert_ffn_hidden_size
                 ffn["split"] += fs * (3 if gated else 2)
+                ffn["fp8_split"] -= fs
         else:
             f = cfg.ffn_size
             ffn["split"] += f * (3 if gated else 2) + (0 if fused else 2 * f)
+            ffn["fp8_split"] -= f
         out["ffn"] = ffn
     return out
 
@@ -196,6 +262,21 @@ def moe_dispatch_elements(cfg: ModelConfig, letter: str) -> float:
     return 2.0 * cfg.moe.top_k * cfg.hidden_size
 
 
+def rank_tokens(shape: TrainingShape, layout: RankLayout) -> float:
+    """Positions of one micro-batch this rank holds: its tokens split over the CP ranks."""
+    return shape.tokens / layout.cp
+
+
+def fp8_gemms(cfg: ModelConfig, shape: TrainingShape) -> bool:
+    """Whether the model's GEMMs run in FP8 (``model.fp8`` in bf16 training)."""
+    return cfg.fp8 is not None and shape.precision == "bf16"
+
+
+def mamba_sequence_cp(layout: RankLayout) -> bool:
+    """Whether Mamba mixers run the sequence-sharded scan (cp > 1, ``mamba_cp: sequence``)."""
+    return layout.cp > 1 and layout.mamba_cp == "sequence"
+
+
 def block_activation_bytes(
     cfg: ModelConfig, letter: str, shape: TrainingShape, layout: RankLayout
 ) -> tuple[float, float, float]:
@@ -207,19 +288,60 @@ def block_activation_bytes(
     tp = layout.tp
     rep_div = tp if layout.sequence_parallel else 1
     width = activation_bytes(shape)
+    fp8 = fp8_gemms(cfg, shape)
     full_block = 0.0
     core = 0.0
+    fp8_bytes = 0.0
     for part in sublayer_saved(cfg, letter, shape.fused).values():
         full_block += part["split"] / tp + part["replicated"] / rep_div + part["attention_core"] / tp
         core += part["attention_core"] / tp
-    dispatch = moe_dispatch_elements(cfg, letter) / max(1, tp if layout.expert_tp == 1 else tp)
-    tokens = shape.tokens
+        if fp8:
+            fp8_bytes += part["fp8_split"] / tp + part["fp8_replicated"] / rep_div
+    m = mamba_dims(cfg, letter)
+    if m is not None and mamba_sequence_cp(layout):
+        full_block += m.conv_dim / tp  # the unfused conv's output, saved for the scan's backward
+    dispatch = moe_dispatch_elements(cfg, letter) / tp
+    tokens = rank_tokens(shape, layout)
     if shape.recompute == "full":
         kept = cfg.hidden_size / rep_div
-        return kept * tokens * width, (full_block + dispatch) * tokens * width, 0.0
+        return kept * tokens * width, (full_block * width + fp8_bytes + dispatch * width) * tokens, 0.0
     if shape.recompute == "selective":
         full_block -= core
-    return full_block * tokens * width, 0.0, dispatch * tokens * width
+    return (full_block * width + fp8_bytes) * tokens, 0.0, dispatch * tokens * width
+
+
+def cp_buffer_bytes(cfg: ModelConfig, letter: str, shape: TrainingShape, layout: RankLayout) -> float:
+    """Bytes one block's context-parallel exchange holds while it runs (see the module docstring)."""
+    if layout.cp == 1:
+        return 0.0
+    cp, tp, width = layout.cp, layout.tp, activation_bytes(shape)
+    full = float(shape.tokens)  # positions of one micro-batch over the whole sequence
+    out = 0.0
+    a, m = attention_dims(cfg, letter), mamba_dims(cfg, letter)
+    if a is not None:
+        kv = 2 * a.groups * a.head_dim / tp  # K and V channels on this TP rank
+        if layout.cp_comm == "all_gather":
+            out += 2 * kv * full * width  # gathered K/V, and their gradients in backward
+        elif layout.cp_comm == "p2p":
+            out += 4 * kv * full / cp * width  # two K/V blocks, two dK/dV blocks
+        else:
+            out += (a.qkv_width + a.width) / tp * full / cp * width
+    if m is not None:
+        if layout.mamba_cp == "heads":
+            out += (m.in_proj_width + m.d_inner) / tp * full / cp * width
+        else:
+            states = m.heads / tp * (m.head_dim * m.state + 1)  # final states and total decays
+            out += 2 * cp * states * shape.micro_batch * 4  # two segments per rank, fp32
+    return out
+
+
+def fp8_weight_parameters(cfg: ModelConfig, letter: str) -> tuple[float, float]:
+    """(dense, expert) parameters of one block that Transformer Engine keeps FP8 copies of
+    (the GEMM weights; experts only when they are TE layers)."""
+    terms = block_flops(cfg, letter, 1).terms
+    dense = sum(terms.get(n, 0) for n in ("qkv_proj", "out_proj", "in_proj", "ffn", "moe_shared")) / 2
+    expert = float(block_parameters(cfg, letter)[1]) if te_experts(cfg) else 0.0
+    return dense, expert
 
 
 def activation_bytes(shape: TrainingShape) -> int:
@@ -230,6 +352,33 @@ def activation_bytes(shape: TrainingShape) -> int:
 def in_flight_microbatches(stage: int, layout: RankLayout, shape: TrainingShape) -> int:
     """Micro-batches whose activations stage ``stage`` (0-based) holds at its peak under 1F1B."""
     return max(1, min(layout.pp - stage, shape.microbatches))
+
+
+@dataclass(frozen=True)
+class BlockMemory:
+    """One block's share of a stage's memory: its (dense, expert) parameters, those with FP8
+    copies, and its activation bytes for one micro-batch (``block_activation_bytes``) and CP
+    buffers (``cp_buffer_bytes``)."""
+
+    dense: float
+    expert: float
+    fp8_dense: float
+    fp8_expert: float
+    kept: float
+    recompute_peak: float
+    dispatch: float
+    cp_buffers: float
+
+
+@lru_cache(maxsize=4096)
+def block_memory(cfg: ModelConfig, letter: str, shape: TrainingShape, layout: RankLayout) -> BlockMemory:
+    """The BlockMemory of a block of ``letter`` (cached: the balanced split prices every
+    contiguous run of blocks, so each block type is priced many times per layout)."""
+    dense, expert = block_parameters(cfg, letter)
+    fp8_dense, fp8_expert = fp8_weight_parameters(cfg, letter)
+    kept, recompute_peak, dispatch = block_activation_bytes(cfg, letter, shape, layout)
+    buffers = cp_buffer_bytes(cfg, letter, shape, layout)
+    return BlockMemory(dense, expert, fp8_dense, fp8_expert, kept, recompute_peak, dispatch, buffers)
 
 
 def stage_memory(
@@ -245,11 +394,10 @@ def stage_memory(
     on one stage) and the loss.
     """
     first, last = stage == 0, stage == layout.pp - 1
-    dense, expert = 0.0, 0.0
-    for letter in stage_pattern:
-        d, e = block_parameters(cfg, letter)
-        dense += d
-        expert += e
+    per_letter = {c: block_memory(cfg, c, shape, layout) for c in set(stage_pattern)}
+    counts = Counter(stage_pattern)
+    dense = sum(per_letter[c].dense * n for c, n in counts.items())
+    expert = sum(per_letter[c].expert * n for c, n in counts.items())
     embed = float(cfg.vocab_size * cfg.hidden_size)
     if first:
         dense += embed
@@ -267,24 +415,33 @@ def stage_memory(
     parts: dict[str, float] = {
         "weights": (dense_local + expert_local) * weight_bytes,
         "gradients": (dense_local + expert_local) * 4,
-        "optimizer": dense_local * state_bytes / layout.dp + expert_local * state_bytes / layout.expert_dp,
+        "optimizer": dense_local * state_bytes / layout.grad_ranks
+        + expert_local * state_bytes / layout.expert_dp,
     }
-    kept = recompute_peak = dispatch = 0.0
-    for letter in stage_pattern:
-        saved, recomputed, dispatched = block_activation_bytes(cfg, letter, shape, layout)
-        kept += saved
-        recompute_peak = max(recompute_peak, recomputed)
-        dispatch += dispatched
+    fp8 = fp8_gemms(cfg, shape)
+    if fp8:
+        fp8_dense = sum(per_letter[c].fp8_dense * n for c, n in counts.items())
+        fp8_expert = sum(per_letter[c].fp8_expert * n for c, n in counts.items())
+        if last and cfg.fp8_output_layer:
+            fp8_dense += embed
+        parts["fp8_weights"] = 2 * (fp8_dense / layout.tp + fp8_expert / (layout.ep * layout.expert_tp))
+    kept = sum(per_letter[c].kept * n for c, n in counts.items())
+    dispatch = sum(per_letter[c].dispatch * n for c, n in counts.items())
+    recompute_peak = max((m.recompute_peak for m in per_letter.values()), default=0.0)
+    buffers = max((m.cp_buffers for m in per_letter.values()), default=0.0)
     flight = in_flight_microbatches(stage, layout, shape)
     width = activation_bytes(shape)
     rep_div = layout.tp if layout.sequence_parallel else 1
+    tokens = rank_tokens(shape, layout)
     edge = 0.0
     if last:
         # final norm input/output and the LM head's input
-        edge += 3 * cfg.hidden_size / rep_div * shape.tokens * width
+        edge += 3 * cfg.hidden_size / rep_div * tokens * width
     parts["activations"] = (kept + edge) * flight + recompute_peak
     parts["moe_dispatch"] = dispatch * flight
-    parts["logits"] = LOGIT_BYTES[shape.fused] * cfg.vocab_size / layout.tp * shape.tokens if last else 0.0
+    parts["cp_buffers"] = buffers
+    logit_bytes = LOGIT_BYTES[shape.fused] + (FP8_HEAD_GRAD_BYTES if cfg.fp8_output_layer and fp8 else 0.0)
+    parts["logits"] = logit_bytes * cfg.vocab_size / layout.tp * tokens if last else 0.0
     parts["overhead"] = float(OVERHEAD_BYTES)
     return MemoryEstimate(parts)
 

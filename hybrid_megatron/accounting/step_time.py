@@ -30,7 +30,25 @@ The model (deliberately simple; every number it uses is in ``gpu_costs/<gpu>.yam
 - optimizer: a fixed time per locally updated parameter (the Adam step streams its state
   through HBM), plus a fixed time per step (launches, the loss's host sync).
 
-A group of ranks is inside one node when the layout's ranks fit ``gpus_per_node`` (TP, EP
+- FP8 (``model.fp8``): the GEMMs Transformer Engine runs in FP8 (projections, dense FFNs,
+  shared and routed experts; the LM head with ``fp8_output_layer``; not the router) run at
+  ``tflops.gemm_fp8``, which absorbs the casts to FP8; every sublayer adds ``host_s_fp8`` of
+  host time (TE's FP8 bookkeeping per Linear). Both are fitted on the FP8 bench rows after, and
+  apart from, the bf16 fit (the bf16 rates stay those of the bf16 rows). The attention core
+  stays at the bf16 rate with ``fp8_attention`` too (two measured rows; not modelled).
+- CP (``parallel.cp``): each rank computes seq_len / cp positions; the causal attention core's
+  FLOPs divide by cp too, because the 2 x cp chunk order gives every rank the same share of
+  (query, key) pairs. Attention exchanges K/V each micro-batch, forward and backward:
+  ``all_gather`` 3 collectives (gather, gather again in backward, reduce-scatter of dK/dV) of
+  the full-sequence K/V, not overlapped; ``p2p`` the same bytes around the ring, overlapped
+  with the attention core (only what exceeds the core's time counts); ``a2a`` Q, K, V in and
+  the output back, forward and backward. Mamba ``heads`` all-to-alls the in-projection output
+  in and the scan output back; ``sequence`` all-gathers the segments' states and the conv
+  halos (small: the latency counts). The CP group spans tp x cp ranks; data-parallel reduction
+  and the optimizer shard run over dp x cp ranks. Host time does not grow with cp (not
+  measured; CP is for long sequences, where blocks are GPU-bound).
+
+A group of ranks is inside one node when the layout's ranks fit ``gpus_per_node`` (TP, CP, EP
 innermost), and uses the node's link; else the network's.
 """
 
@@ -43,7 +61,14 @@ from pathlib import Path
 import yaml
 
 from hybrid_megatron.accounting.flops import block_flops, model_flops_per_token
-from hybrid_megatron.accounting.memory import RankLayout, TrainingShape, block_parameters
+from hybrid_megatron.accounting.memory import (
+    RankLayout,
+    TrainingShape,
+    block_parameters,
+    fp8_gemms,
+    rank_tokens,
+)
+from hybrid_megatron.config.geometry import attention_dims, mamba_dims
 from hybrid_megatron.config.layer_pattern import (
     ATTENTION_LETTERS,
     INTRA,
@@ -74,6 +99,8 @@ OP_CLASS = {
     "lm_head": "gemm",
 }
 ATTENTION_CORE = ("attn_scores", "attn_values")
+# The terms Transformer Engine runs in FP8 under model.fp8 (the router stays in higher precision).
+FP8_TERMS = ("qkv_proj", "out_proj", "in_proj", "ffn", "moe_shared", "moe_experts")
 
 
 class UnknownGpuError(InputError, ValueError):
@@ -98,6 +125,7 @@ class GpuCosts:
     network_bus_gbps: float
     collective_latency_s: float
     gpus_per_node: int
+    host_s_fp8: float = 0.0
 
 
 def available_gpus() -> list[str]:
@@ -121,19 +149,34 @@ def _group_bandwidth(costs: GpuCosts, span: int) -> float:
     return gbps * 1e9
 
 
+def term_rate(name: str, cfg: ModelConfig, shape: TrainingShape, costs: GpuCosts) -> float:
+    """Achieved TFLOP/s of FLOP term ``name`` of ``accounting.flops`` (FP8 GEMMs: gemm_fp8)."""
+    if name in FP8_TERMS and fp8_gemms(cfg, shape):
+        return costs.tflops["gemm_fp8"]
+    return costs.tflops[OP_CLASS[name]]
+
+
 def block_gpu_seconds(
     cfg: ModelConfig, letter: str, shape: TrainingShape, layout: RankLayout, costs: GpuCosts
 ) -> float:
     """Forward + backward GPU time of one block's FLOPs for one micro-batch on one rank."""
+    return sum(block_term_seconds(cfg, letter, shape, layout, costs).values())
+
+
+def block_term_seconds(
+    cfg: ModelConfig, letter: str, shape: TrainingShape, layout: RankLayout, costs: GpuCosts
+) -> dict[str, float]:
+    """Forward + backward GPU seconds of each FLOP term of one block for one micro-batch on one
+    rank (split over TP and, by the balanced chunk order, over CP)."""
     terms = block_flops(cfg, letter, shape.seq_len).terms
-    seconds = 0.0
+    out = {}
     for name, fwd in terms.items():
         passes = 3.0
         if shape.recompute == "full" or (shape.recompute == "selective" and name in ATTENTION_CORE):
             passes += 1.0
-        flops = fwd * shape.micro_batch * passes / layout.tp
-        seconds += flops / (costs.tflops[OP_CLASS[name]] * 1e12)
-    return seconds
+        flops = fwd * shape.micro_batch * passes / (layout.tp * layout.cp)
+        out[name] = flops / (term_rate(name, cfg, shape, costs) * 1e12)
+    return out
 
 
 def block_host_seconds(cfg: ModelConfig, letter: str, shape: TrainingShape, costs: GpuCosts) -> float:
@@ -144,6 +187,8 @@ def block_host_seconds(cfg: ModelConfig, letter: str, shape: TrainingShape, cost
         seconds += costs.host_s_per_ffn
         if ffn_is_moe(cfg, letter):
             seconds += costs.host_s_per_moe
+    if fp8_gemms(cfg, shape):
+        seconds += costs.host_s_fp8 * (int(has_mixer(letter)) + int(has_ffn(cfg, letter)))
     return seconds * (4 / 3 if shape.recompute == "full" else 1.0)
 
 
@@ -162,11 +207,47 @@ def block_compute_seconds(
     return seconds
 
 
+def cp_comm_seconds(
+    cfg: ModelConfig, letter: str, shape: TrainingShape, layout: RankLayout, costs: GpuCosts
+) -> float:
+    """Context-parallel communication time of one block for one micro-batch on one rank (the
+    exposed part: p2p overlaps with the attention core)."""
+    cp, tp = layout.cp, layout.tp
+    if cp == 1:
+        return 0.0
+    bw = _group_bandwidth(costs, tp * cp)
+    lat = costs.collective_latency_s
+    full = shape.tokens  # positions of one micro-batch over the whole sequence
+    share = (cp - 1) / cp
+    seconds = 0.0
+    a, m = attention_dims(cfg, letter), mamba_dims(cfg, letter)
+    if a is not None:
+        kv_bytes = 2 * a.groups * a.head_dim / tp * full * 2  # full-sequence K and V, bf16
+        if layout.cp_comm == "all_gather":
+            seconds += 3 * (share * kv_bytes / bw + lat)
+        elif layout.cp_comm == "p2p":
+            ring = 3 * share * kv_bytes / bw
+            terms = block_term_seconds(cfg, letter, shape, layout, costs)
+            core = sum(terms.get(n, 0.0) for n in ATTENTION_CORE)
+            seconds += max(0.0, ring - core) + 3 * lat
+        else:
+            volume = 2 * (a.qkv_width + a.width) / tp * full / cp * 2 * share
+            seconds += volume / bw + 4 * lat
+    if m is not None:
+        if layout.mamba_cp == "heads":
+            volume = 2 * (m.in_proj_width + m.d_inner) / tp * full / cp * 2 * share
+            seconds += volume / bw + 4 * lat
+        else:
+            states = m.heads / tp * (m.head_dim * m.state + 1) * shape.micro_batch * 4 * 2 * cp
+            seconds += 2 * states / bw + 4 * lat
+    return seconds
+
+
 def block_comm_seconds(
     cfg: ModelConfig, letter: str, shape: TrainingShape, layout: RankLayout, costs: GpuCosts
 ) -> float:
-    """TP and EP communication time of one block for one micro-batch on one rank."""
-    h, tokens = cfg.hidden_size, shape.tokens
+    """TP, CP and EP communication time of one block for one micro-batch on one rank."""
+    h, tokens = cfg.hidden_size, rank_tokens(shape, layout)
     seconds = 0.0
     sublayers = int(has_mixer(letter)) + int(has_ffn(cfg, letter))
     if layout.tp > 1:
@@ -178,7 +259,14 @@ def block_comm_seconds(
         volume = 4 * cfg.moe.top_k * tokens / layout.tp * h * 2 * (layout.ep - 1) / layout.ep
         bw = _group_bandwidth(costs, layout.ep * layout.tp)
         seconds += volume / bw + 4 * costs.collective_latency_s
-    return seconds
+    return seconds + cp_comm_seconds(cfg, letter, shape, layout, costs)
+
+
+def head_seconds(cfg: ModelConfig, layout: RankLayout, shape: TrainingShape, costs: GpuCosts) -> float:
+    """Forward + backward GPU seconds of the LM head for one micro-batch on one rank."""
+    flops = 2 * cfg.hidden_size * cfg.vocab_size * rank_tokens(shape, layout) * 3 / layout.tp
+    rate = costs.tflops["gemm_fp8" if cfg.fp8_output_layer and fp8_gemms(cfg, shape) else "gemm"]
+    return flops / (rate * 1e12)
 
 
 def stage_seconds(
@@ -195,8 +283,7 @@ def stage_seconds(
         for c in stage_pattern
     )
     if stage == layout.pp - 1:
-        head = 2 * cfg.hidden_size * cfg.vocab_size * shape.seq_len * shape.micro_batch * 3 / layout.tp
-        seconds += head / (costs.tflops["gemm"] * 1e12)
+        seconds += head_seconds(cfg, layout, shape, costs)
     return seconds
 
 
@@ -228,7 +315,12 @@ def predict_step(
     per_stage = tuple(stage_seconds(cfg, s, i, layout, shape, costs) for i, s in enumerate(stages))
     pipeline = (shape.microbatches + layout.pp - 1) * max(per_stage)
     if layout.pp > 1:
-        p2p = shape.tokens * cfg.hidden_size * 2 / _group_bandwidth(costs, layout.tp * layout.pp)
+        p2p = (
+            rank_tokens(shape, layout)
+            * cfg.hidden_size
+            * 2
+            / _group_bandwidth(costs, layout.tp * layout.cp * layout.pp)
+        )
         pipeline += 2 * (shape.microbatches + layout.pp - 1) * (p2p + costs.collective_latency_s)
     # the largest stage's parameters set the data-parallel and optimizer time
     local = 0.0
@@ -239,15 +331,13 @@ def predict_step(
         dense += embed * ((i == 0) + (i == len(stages) - 1 and not (cfg.tie_embeddings and i == 0)))
         local = max(local, dense / layout.tp + expert / (layout.ep * layout.expert_tp))
     dp_s = 0.0
-    if layout.dp > 1:
-        volume = (4 + 2) * local * (layout.dp - 1) / layout.dp
-        dp_s = (
-            volume / _group_bandwidth(costs, layout.tp * layout.pp * layout.dp)
-            + 2 * costs.collective_latency_s
-        )
-    optimizer_s = costs.optimizer_s_per_param * local / layout.dp + costs.step_overhead_s
+    ranks = layout.grad_ranks
+    if ranks > 1:
+        volume = (4 + 2) * local * (ranks - 1) / ranks
+        dp_s = volume / _group_bandwidth(costs, layout.gpus) + 2 * costs.collective_latency_s
+    optimizer_s = costs.optimizer_s_per_param * local / ranks + costs.step_overhead_s
     step = pipeline + dp_s + optimizer_s
-    gpus = layout.tp * layout.pp * layout.dp
+    gpus = layout.gpus
     tokens = shape.tokens * shape.microbatches * layout.dp
     tps = tokens / step
     mfu = model_flops_per_token(cfg, shape.seq_len) * tps / (gpus * costs.peak_tflops * 1e12)

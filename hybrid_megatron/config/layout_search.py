@@ -1,6 +1,6 @@
 """The parallel layouts a model can take on N GPUs, and cost-balanced pipeline stage boundaries.
 
-Pure arithmetic (no megatron-core, no torch): the planner (``accounting.plan``) prices the
+Pure arithmetic (no megatron-core, no torch): the planner (``accounting.layout_plan``) prices the
 layouts listed here, and ``parallel.pp_split: balanced`` cuts the stack with
 :func:`balanced_stage_layers` from per-block costs the accounting computes.
 """
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from hybrid_megatron.config.errors import ModelConfigError
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
-from hybrid_megatron.config.parallel_layout import check_parallel_layout
+from hybrid_megatron.config.parallel_layout import check_parallel_layout, check_sequence_split
 from hybrid_megatron.errors import InputError
 
 # fits(stage, first_block, end_block) -> whether blocks [first_block, end_block) fit on stage
@@ -89,38 +89,46 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(
-    cfg: ModelConfig, gpus: int, base: ParallelConfig | None = None
+    cfg: ModelConfig, gpus: int, base: ParallelConfig | None = None, seq_length: int | None = None
 ) -> Iterator[ParallelConfig]:
-    """Every TP x PP x EP (x expert TP) layout of ``cfg`` on ``gpus`` ranks that the model can
-    shard (``check_parallel_layout``), data parallel over the rest.
+    """Every TP x CP x PP x EP (x expert TP) layout of ``cfg`` on ``gpus`` ranks that the model
+    can shard (``check_parallel_layout``), data parallel over the rest.
 
-    Sequence parallelism is on whenever tp > 1 (MoE needs it; it only saves memory otherwise);
-    pipelines split their stages with ``pp_split: balanced``; experts are split like the dense
-    layers (expert_tp = tp) or whole (expert_tp = 1). Other fields come from ``base``.
+    Context parallel sizes above 1 are listed only with a ``seq_length`` that splits into their
+    2 x cp chunks (``check_sequence_split``), with ``base``'s ``cp_comm`` and ``mamba_cp`` and
+    the caps those impose (a2a and heads mode split heads over tp x cp). Sequence parallelism
+    is on whenever tp > 1 (MoE needs it; it only saves memory otherwise); pipelines split their
+    stages with ``pp_split: balanced``; experts are split like the dense layers (expert_tp =
+    tp) or whole (expert_tp = 1), in groups carved from each stage's tp x cp x dp ranks. Other
+    fields come from ``base``.
     """
     base = base or ParallelConfig()
     moe = cfg.moe is not None
     for tp in _divisors(gpus):
-        for pp in _divisors(gpus // tp):
-            dp = gpus // (tp * pp)
-            for expert_tp in sorted({tp, 1}) if moe else [None]:
-                etp = expert_tp or tp
-                for ep in _divisors(dp * tp) if moe else [1]:
-                    if (dp * tp) % (ep * etp):
-                        continue
-                    try:
-                        parallel = base.model_copy(
-                            update=dict(
-                                tp=tp,
-                                pp=pp,
-                                ep=ep,
-                                expert_tp=expert_tp if moe and expert_tp != tp else None,
-                                sequence_parallel=tp > 1,
-                                pipeline_stage_layers=None,
-                                pp_split="balanced" if pp > 1 else "even",
+        for cp in _divisors(gpus // tp) if seq_length is not None else [1]:
+            for pp in _divisors(gpus // (tp * cp)):
+                dp = gpus // (tp * cp * pp)
+                for expert_tp in sorted({tp, 1}) if moe else [None]:
+                    etp = expert_tp or tp
+                    for ep in _divisors(dp * cp * tp) if moe else [1]:
+                        if (dp * cp * tp) % (ep * etp):
+                            continue
+                        try:
+                            parallel = base.model_copy(
+                                update=dict(
+                                    tp=tp,
+                                    cp=cp,
+                                    pp=pp,
+                                    ep=ep,
+                                    expert_tp=expert_tp if moe and expert_tp != tp else None,
+                                    sequence_parallel=tp > 1,
+                                    pipeline_stage_layers=None,
+                                    pp_split="balanced" if pp > 1 else "even",
+                                )
                             )
-                        )
-                        check_parallel_layout(cfg, parallel, tp, ep)
-                    except (ModelConfigError, InputError):
-                        continue
-                    yield parallel
+                            check_parallel_layout(cfg, parallel, tp, ep, cp)
+                            if seq_length is not None:
+                                check_sequence_split(seq_length, parallel)
+                        except (ModelConfigError, InputError):
+                            continue
+                        yield parallel

@@ -15,10 +15,12 @@ derived quantities, the layout's predicted memory and step time (refused, exit 2
 predicted peak exceeds the GPU's memory) and the sbatch script (or the local plan); submits
 nothing, then checks the inputs as a run would. Before a run (and at the end of a dry run,
 exit 2 on failure), the recipe's data prefixes, tokenizer and checkpoint paths are checked to
-exist and a tracking server to answer. ``--plan``: every valid TP x PP x EP layout of
-the recipe's model on ``--gpus`` GPUs (default the recipe's world size) with predicted per-GPU
-memory by part, step time, tokens/s, MFU and whether it fits ``--gpu-memory`` GiB (default: the
-recipe's GPU type, else 80), the best first (`hybrid_megatron.accounting.layout_plan`). Every rank runs
+exist and a tracking server to answer. ``--plan``: every valid TP x CP x PP x EP layout of
+the recipe's model on ``--gpus`` GPUs (default the recipe's world size), each at its fastest
+fitting micro-batch size and recompute mode, with predicted per-GPU memory by part, step time,
+tokens/s, MFU and whether it fits ``--gpu-memory`` GiB (default: the recipe's GPU type, else
+80), the best first, and the recipe's own layout, micro-batch and recompute marked
+(`hybrid_megatron.accounting.layout_plan`). Every rank runs
 `hybrid_megatron.launch.job.TrainJob`.
 
 Exit codes: 0 success (or submitted), 1 a rank or the job failed, 2 bad usage / recipe / no
@@ -90,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--plan",
         action="store_true",
-        help="print every valid parallel layout on --gpus GPUs with predicted memory, step time, "
-        "tokens/s, MFU and whether it fits, best first; submit nothing",
+        help="print every valid parallel layout on --gpus GPUs (TP x CP x PP x EP), each at its "
+        "fastest fitting micro-batch and recompute mode, with predicted memory, step time, tokens/s, "
+        "MFU and whether it fits, best first, the recipe's own configuration marked; submit nothing",
     )
     parser.add_argument(
         "--gpus", type=int, default=None, help="--plan: GPUs (default the recipe's world size)"
