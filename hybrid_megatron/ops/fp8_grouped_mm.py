@@ -4,9 +4,10 @@
 (``offsets`` are the groups' int32 end rows, as ``torch._grouped_mm`` takes them),
 ``x[rows of g] @ weight[g].T``, with all three GEMMs of training (forward, input gradient and
 weight gradient) in E4M3. Scales are per row of each operand along the contraction dimension
-(per group for the weight gradient, whose contraction runs over the group's rows) and powers
-of two, so scaling is exact and only the rounding to E4M3 loses precision. Every scale is
-computed on the device: nothing waits for the host, as in the BF16 grouped experts.
+(for the weight gradient, whose contraction runs over each group's rows, per column over all
+rows: one dense reduction, where a per-group reduction needs contended atomics on a GPU) and
+powers of two, so scaling is exact and only the rounding to E4M3 loses precision. Every scale
+is computed on the device: nothing waits for the host, as in the BF16 grouped experts.
 
 On a GPU the GEMMs are ``torch._scaled_grouped_mm`` (Hopper); elsewhere a reference with the
 same quantisation and the same operand layouts (checked against the kernel's shape rules), so
@@ -37,20 +38,6 @@ def to_e4m3(x: Tensor, scale: Tensor) -> Tensor:
 def to_e4m3_transposed(x: Tensor, scale: Tensor) -> Tensor:
     """``(x * scale).T`` rounded to E4M3 and row-major (the transpose is done in float32)."""
     return (x.float() * scale).t().contiguous().clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
-
-
-def group_of_rows(offsets: Tensor, rows: int) -> Tensor:
-    """The group of each of ``rows`` rows given the groups' end offsets; rows past the last
-    offset (padding of a fixed-size buffer) count to the last group."""
-    row = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
-    return torch.bucketize(row, offsets, right=True).clamp(max=offsets.numel() - 1)
-
-
-def per_group_amax(x: Tensor, group: Tensor, groups: int) -> Tensor:
-    """``[groups, columns]``: the largest magnitude of each column of ``x`` within each group of rows."""
-    out = torch.zeros(groups, x.shape[1], device=x.device, dtype=torch.float32)
-    index = group.unsqueeze(1).expand(-1, x.shape[1])
-    return out.scatter_reduce(0, index, x.detach().abs().float(), reduce="amax", include_self=True)
 
 
 def _reference_grouped_mm(a, b, scale_a, scale_b, offs, out_dtype):
@@ -104,7 +91,7 @@ class _FP8GroupedLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight, offsets = ctx.saved_tensors
         grad = grad.contiguous()
-        rows, groups = x.shape[0], weight.shape[0]
+        groups = weight.shape[0]
 
         # input gradient: grad [rows, out] @ weight[g] [out, in], scaled along ``out``
         g_scale = power_of_two_scale(grad.abs().amax(dim=1))  # [rows]
@@ -116,18 +103,18 @@ class _FP8GroupedLinear(torch.autograd.Function):
             g8, wt8.transpose(1, 2), g_scale.reciprocal(), wt_scale.reciprocal(), offsets, x.dtype, False
         )
 
-        # weight gradient: grad[rows of g].T @ x[rows of g], contracting over the group's rows,
-        # so each operand is scaled per column within each group
-        group = group_of_rows(offsets, rows)
-        gc_scale = power_of_two_scale(per_group_amax(grad, group, groups))  # [experts, out]
-        xc_scale = power_of_two_scale(per_group_amax(x, group, groups))  # [experts, in]
-        gt8 = to_e4m3_transposed(grad, gc_scale[group])  # [out, rows]
-        xt8 = to_e4m3_transposed(x.detach(), xc_scale[group])  # [in, rows]
+        # weight gradient: grad[rows of g].T @ x[rows of g], contracting over the group's rows.
+        # Each operand is scaled per column, over all rows: finer than a per-tensor scale, and a
+        # dense reduction (the kernel takes one scale per group and column, so it is repeated).
+        gc_scale = power_of_two_scale(grad.abs().amax(dim=0))  # [out]
+        xc_scale = power_of_two_scale(x.detach().abs().amax(dim=0))  # [in]
+        gt8 = to_e4m3_transposed(grad, gc_scale)  # [out, rows]
+        xt8 = to_e4m3_transposed(x.detach(), xc_scale)  # [in, rows]
         grad_w = scaled_grouped_mm(
             gt8,
             xt8.t(),
-            gc_scale.reciprocal().reshape(-1),
-            xc_scale.reciprocal().reshape(-1),
+            gc_scale.reciprocal().repeat(groups),
+            xc_scale.reciprocal().repeat(groups),
             offsets,
             weight.dtype,
             False,
