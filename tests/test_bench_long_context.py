@@ -210,7 +210,7 @@ def test_report_table_has_a_cell_per_kind_and_length():
     assert lines[5] == "| mamba | 50,000 (1.25x), 31.2 GiB | 48,000, 50.0 GiB |"
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_tiny_sweep_continues_and_stops_at_out_of_memory(tmp_path):
     """Two short lengths, then a re-run that adds two long ones: the short ones are not run
     again, the transformer runs out of memory at 32K (its attention scores alone are 16 GiB on

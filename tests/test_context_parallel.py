@@ -213,7 +213,7 @@ def test_cp2_matches_cp1_mamba_kinds_in_both_modes(kind, moe, tmp_path):
     _check(ranks, layouts)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 4 ranks
 def test_cp4_matches_cp1_swa(tmp_path):
     # 4 ranks hold 8 chunks of 3 positions: a window of 6 spans three chunks on three ranks.
     cfg = tiny_model("swa")

@@ -741,7 +741,7 @@ def test_sweep_rerun_skips_the_runs_that_finished(tmp_path, monkeypatch, capsys)
     )
 
 
-@pytest.mark.slow  # three short runs of the real trainer
+@pytest.mark.long  # three short runs of the real trainer
 def test_interrupted_sweep_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
     """The real trainer: a sweep finishes; its second run is then set back to a middle
     checkpoint (as if the call's time limit had stopped it there). Running the sweep again

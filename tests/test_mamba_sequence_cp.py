@@ -164,10 +164,11 @@ CASES = [
     # kind, world, tp, seq, heads, modes: CP = world / tp; slices of seq / (2 CP) tokens, chunk 8
     pytest.param("mamba", 2, 1, 40, 8, [*BOTH, "sequence_unfused"], id="mamba_cp2"),  # slices of 10
     pytest.param("intra", 2, 1, 40, 8, BOTH, id="intra_cp2"),
-    pytest.param("intra", 4, 1, 24, 8, BOTH, id="intra_cp4"),  # slices of 3 < halo
+    # the CP=4 cases run with `make test-long` (4 ranks each: 15-25 s on 2 idle cores)
+    pytest.param("intra", 4, 1, 24, 8, BOTH, id="intra_cp4", marks=pytest.mark.long),  # slices of 3 < halo
     pytest.param("mamba", 4, 2, 24, 8, BOTH, id="mamba_tp2_cp2"),
     # 6 heads: CP=4 is beyond heads mode (megatron-core refuses it), sequence mode runs it
-    pytest.param("mamba", 4, 1, 24, 6, ["sequence"], id="mamba_cp4_6heads"),
+    pytest.param("mamba", 4, 1, 24, 6, ["sequence"], id="mamba_cp4_6heads", marks=pytest.mark.long),
 ]
 
 

@@ -317,7 +317,7 @@ def _gloo_worker(rank, world):
 
 
 @pytest.mark.slow  # 10-20 s per world size (process start), a minute on busy cores
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.long)])
 def test_all_gather_autograd_on_gloo_ranks(world, tmp_path):
     for r in run_distributed(_gloo_worker, world, tmp_path):
         assert max(r.values()) < TOL, r
