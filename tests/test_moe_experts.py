@@ -195,3 +195,46 @@ def test_fp8_grouped_experts_train_like_bf16_within_e4m3_rounding(single_rank):
     ]
     # a product of two E4M3-rounded operands: about 6% per expert, none far off
     assert len(rels) == 32 and sum(rels) / len(rels) < 0.08 and max(rels) < 0.15, rels
+
+
+def test_fp8_weight_copies_are_made_once_per_step_and_reused_by_its_micro_batches(single_rank, monkeypatch):
+    """Under FP8 the experts quantise their weights on a step's first micro-batch (megatron-core's
+    schedules flag it through ``set_is_first_microbatch``) and reuse them for the others, with the
+    same numbers as quantising afresh; a weight written in place is quantised again."""
+    from hybrid_megatron.models import moe
+
+    cfg = tiny_model("inter", moe=True)
+    model = build_single({**cfg, "moe": {**cfg["moe"], "experts": "grouped"}}, seed=3)
+    _randomise(model, seed=5)
+    experts = [m for m in model.modules() if isinstance(m, moe.GroupedExperts)]
+    for m in experts:
+        m.fp8 = True
+    made, quantise_weight = [], moe.quantise_weight
+    monkeypatch.setattr(moe, "quantise_weight", lambda w: made.append(w) or quantise_weight(w))
+    ids = torch.randint(0, cfg["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def first_microbatch():
+        # megatron-core's own hook, which acts only under an FP8 config
+        model.config.fp8, fp8 = "hybrid", model.config.fp8
+        try:
+            model.set_is_first_microbatch()
+        finally:
+            model.config.fp8 = fp8
+
+    first_microbatch()
+    loss_first, grads_first = _loss_and_grads(model, ids)
+    assert len(made) == 2 * len(experts)  # weight1 and weight2 of every MoE layer
+    loss_second, grads_second = _loss_and_grads(model, ids)  # the step's second micro-batch
+    assert len(made) == 2 * len(experts)  # nothing quantised again
+    assert loss_second == loss_first
+    assert all(torch.equal(grads_second[n], g) for n, g in grads_first.items())
+
+    with torch.no_grad():  # an optimizer writing the weights in place
+        for m in experts:
+            m.weight1.mul_(0.5)
+    loss_written, _ = _loss_and_grads(model, ids)
+    assert len(made) == 3 * len(experts)  # weight1 quantised again, weight2 reused
+    first_microbatch()
+    loss_fresh, _ = _loss_and_grads(model, ids)
+    assert len(made) == 5 * len(experts)
+    assert loss_written == loss_fresh != loss_first

@@ -245,9 +245,9 @@ def test_fp8_gemms_run_at_the_fitted_fp8_rate():
 
 
 def test_fp8_memory_weight_copies_and_fp8_saved_inputs():
-    """TE keeps 2 bytes per GEMM weight (not the router, norms, conv or embeddings; the
-    project's grouped experts keep none, te_grouped ones do), and saves GEMM-only inputs in
-    one byte: an M block (with FFN) keeps 2h + d_inner + ffn fewer bytes per token."""
+    """TE keeps 2 bytes per GEMM weight (not the router, norms, conv or embeddings; experts
+    too, grouped or te_grouped), and saves GEMM-only inputs in one byte: an M block (with FFN)
+    keeps 2h + d_inner + ffn fewer bytes per token."""
     h, f = 2048, 8192
     bf16, fp8 = _model(layout="MAMMAM"), _model(layout="MAMMAM", fp8="hybrid")
     a, m = attention_dims(fp8, "A"), mamba_dims(fp8, "M")
@@ -272,13 +272,11 @@ def test_fp8_memory_weight_copies_and_fp8_saved_inputs():
     )
     moe = {"num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 4096}
     experts = 6 * 8 * 3 * h * 4096  # every block's MoE FFN: 8 SwiGLU experts of 4096
-    grouped = _model(layout="MAMMAM", fp8="hybrid", moe={**moe, "experts": "grouped"})
-    te = _model(layout="MAMMAM", fp8="hybrid", moe={**moe, "experts": "te_grouped"})
-    difference = (
-        stage_memory(te, pattern, 0, RankLayout(), shape).parts["fp8_weights"]
-        - stage_memory(grouped, pattern, 0, RankLayout(), shape).parts["fp8_weights"]
-    )
-    assert difference == pytest.approx(2 * experts)
+    dense_moe = 2 * (2 * (h * a.qkv_width + a.width * h) + 4 * (h * m.in_proj_width + m.d_inner * h))
+    for kind in ("grouped", "te_grouped"):
+        with_experts = _model(layout="MAMMAM", fp8="hybrid", moe={**moe, "experts": kind})
+        parts = stage_memory(with_experts, pattern, 0, RankLayout(), shape).parts
+        assert parts["fp8_weights"] == pytest.approx(dense_moe + 2 * experts), kind
 
 
 # ---- micro-batch and recompute search -------------------------------------------------------

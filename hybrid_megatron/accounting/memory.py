@@ -28,7 +28,7 @@ the last stage. Parts (bytes per rank):
   cached across the step's micro-batches: 2 bytes per parameter of every TE GEMM (projections,
   dense FFNs, shared experts, experts of ``te_grouped``/``sequential``; the LM head only with
   ``fp8_output_layer``; not the router). The project's own FP8 grouped experts (``grouped``)
-  quantise their weights per call and keep nothing. The 2 bytes are TE's documented Hopper
+  keep the same two copies, made on each step's first micro-batch. The 2 bytes are TE's documented Hopper
   behaviour (an assumption: TE's source is not in this project's CPU environment); the
   committed FP8 rows' peaks agree within 10% (bench/results/2026-12-07_planner_calibration/).
   FP8 also saves a Linear's input for its weight gradient as FP8 (1 byte instead of 2): the
@@ -189,7 +189,8 @@ def block_parameters(cfg: ModelConfig, letter: str) -> tuple[int, int]:
 
 def te_experts(cfg: ModelConfig) -> bool:
     """Whether the routed experts are Transformer Engine layers (``te_grouped``, ``sequential``),
-    which keep FP8 weight copies; the project's ``grouped`` experts do not."""
+    which save their inputs for the weight gradient in FP8; the project's ``grouped`` experts
+    save them in bf16."""
     return cfg.moe is not None and cfg.moe.experts != "grouped"
 
 
@@ -336,11 +337,11 @@ def cp_buffer_bytes(cfg: ModelConfig, letter: str, shape: TrainingShape, layout:
 
 
 def fp8_weight_parameters(cfg: ModelConfig, letter: str) -> tuple[float, float]:
-    """(dense, expert) parameters of one block that Transformer Engine keeps FP8 copies of
-    (the GEMM weights; experts only when they are TE layers)."""
+    """(dense, expert) parameters of one block whose GEMM weights are kept in FP8 copies too
+    (by Transformer Engine, and by the project's grouped experts alike)."""
     terms = block_flops(cfg, letter, 1).terms
     dense = sum(terms.get(n, 0) for n in ("qkv_proj", "out_proj", "in_proj", "ffn", "moe_shared")) / 2
-    expert = float(block_parameters(cfg, letter)[1]) if te_experts(cfg) else 0.0
+    expert = float(block_parameters(cfg, letter)[1])
     return dense, expert
 
 

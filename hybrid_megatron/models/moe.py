@@ -29,7 +29,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from hybrid_megatron.ops.fp8_grouped_mm import fp8_grouped_linear
+from hybrid_megatron.ops.fp8_grouped_mm import QuantisedWeight, fp8_grouped_linear, quantise_weight
 
 
 def group_alignment(device: torch.device) -> int:
@@ -97,6 +97,11 @@ class GroupedExperts(MegatronModule):
                 f"FP8 grouped experts need hidden size ({config.hidden_size}) and expert FFN size per "
                 f"TP rank ({self.ffn_per_rank}) in multiples of 16"
             )
+        # FP8 copies of the weights, made on the first micro-batch of each step and reused by the
+        # others: megatron-core's schedules set ``is_first_microbatch`` on every module that has
+        # it under FP8 (``MegatronModule.set_is_first_microbatch``), as for TE's weight cache
+        self.is_first_microbatch = True
+        self._fp8_weights: dict[str, tuple[tuple[int, int], QuantisedWeight]] = {}
         fc1_rows = (2 if self.gated else 1) * self.ffn_per_rank
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         shape1 = (num_local_experts, fc1_rows, config.hidden_size)
@@ -184,9 +189,21 @@ class GroupedExperts(MegatronModule):
             hidden = cfg.activation_func(fc1_out)
         return (hidden * probs.unsqueeze(-1)).to(fc1_out.dtype)
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def _fp8_weight(self, name: str) -> QuantisedWeight:
+        """The weight's FP8 copies: cached, remade on a step's first micro-batch or when the
+        weight was written in place since (its version counter moved)."""
+        weight = getattr(self, name)
+        key = (weight._version, weight.data_ptr())
+        cached = self._fp8_weights.get(name)
+        if cached is None or self.is_first_microbatch or cached[0] != key:
+            cached = (key, quantise_weight(weight))
+            self._fp8_weights[name] = cached
+        return cached[1]
+
+    def _linear(self, x: torch.Tensor, name: str, offsets: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self, name)
         if self.fp8:
-            return fp8_grouped_linear(x, weight, offsets)
+            return fp8_grouped_linear(x, weight, offsets, self._fp8_weight(name))
         if x.is_cuda and x.dtype != torch.bfloat16:
             # the CUDA grouped GEMM takes bf16 only; fp32/fp16 runs (checks, debugging) loop over
             # the groups, reading the offsets back to the host
@@ -205,9 +222,10 @@ class GroupedExperts(MegatronModule):
         if alignment > 1:
             tokens = tokens.new_zeros(buffer_rows, tokens.shape[1]).index_copy(0, destination, tokens)
             probs = probs.new_zeros(buffer_rows).index_copy(0, destination, probs)
-        fc1_out = self._linear(tokens, self.weight1, offsets)
+        fc1_out = self._linear(tokens, "weight1", offsets)
         hidden = self._activation(fc1_out, probs)
-        out = self._linear(hidden, self.weight2, offsets)
+        out = self._linear(hidden, "weight2", offsets)
+        self.is_first_microbatch = False
         if alignment > 1:
             out = out.index_select(0, destination)
         return out, None
