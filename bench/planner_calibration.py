@@ -330,6 +330,8 @@ def row_code(item: dict) -> str:
     if (item["source"].split("/")[0], item["row"]["precision"]) in SUPERSEDED:
         return "superseded"
     return "fused" if item["fused"] else "unfused"
+
+
 FITTED_OLD_RUNS = (
     "train_throughput_h100_2026-11-23/run0_",
     "train_throughput_h100_2026-11-24_moe_memory/run16_",

@@ -14,6 +14,6 @@ def test_tiny_layers_are_timed_in_both_precisions(tmp_path):
     assert shapes["rows"] == 64 * 2 * 2 and shapes["experts"] == 8
     assert shapes["buffer_rows"] % 16 == 0
     assert shapes["rows"] <= shapes["buffer_rows"] <= shapes["rows"] + 15 * shapes["experts"]
-    assert result["bf16_ms"] > 0 and result["fp8_ms"] > 0
+    assert result["bf16_ms"] > 0 and result["fp8_ms"] > 0 and result["fp8_cached_weights_ms"] > 0
     assert result["fp8_speedup"] == result["bf16_ms"] / result["fp8_ms"]
     assert "_FP8GroupedLinearBackward" in result["fp8_kernels"]
