@@ -36,3 +36,22 @@ def tiny_model(kind: str, moe: bool = False, **overrides) -> dict:
         else:
             cfg[key] = value
     return copy.deepcopy(cfg)
+
+
+def wide_model(kind: str = "inter", layout: str = "MAMMAM", **overrides):
+    """A 1B-wide hybrid (32 heads, 8 KV groups, 64 Mamba heads of 64, 8 B/C groups) with the
+    given blocks, as a ModelConfig (for the planner's models: nothing is built)."""
+    from hybrid_megatron.config.model import ModelConfig
+
+    fields = dict(
+        kind=kind,
+        num_layers=len(layout),
+        hidden_size=2048,
+        ffn_hidden_size=8192,
+        vocab_size=128256,
+        attention={"num_heads": 32, "num_query_groups": 8},
+        pattern={"layout": layout, "allow_early_attention": True},
+        mamba={"num_groups": 8},
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)

@@ -23,9 +23,9 @@ from hybrid_megatron.accounting.step_time import load_costs
 from hybrid_megatron.config import load_recipe
 from hybrid_megatron.config.layer_pattern import build_layer_pattern
 from hybrid_megatron.config.layout_search import balanced_stage_layers, candidate_layouts, stage_costs
-from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
 from hybrid_megatron.launch.cli import main
+from tests.model_configs import wide_model
 from tests.training_helpers import REPO, read_losses, start_job, wait_job
 
 
@@ -83,18 +83,8 @@ def test_balanced_split_minimises_the_slowest_stage_like_brute_force():
 def test_balanced_split_of_mixed_hybrids_on_predicted_block_times(kind, layout, moe):
     """Predicted A / M / H / MoE block times of a 1B-wide model at 2 x 8K with the LM head on the
     last stage: the balanced split is the brute-force optimum and beats or ties the even split."""
-    fields = dict(
-        kind=kind,
-        num_layers=len(layout),
-        hidden_size=2048,
-        ffn_hidden_size=8192,
-        vocab_size=128256,
-        attention={"num_heads": 32, "num_query_groups": 8},
-        pattern={"layout": layout, "allow_early_attention": True},
-    )
-    if moe:
-        fields["moe"] = {"num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 4096}
-    cfg = ModelConfig(**fields)
+    experts = {"num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 4096}
+    cfg = wide_model(kind, layout, moe=experts if moe else None)
     layout_ = RankLayout(pp=2)
     # 16K tokens per micro-batch: GPU-bound blocks (at 8K the MoE stack is host-bound, every
     # block the same launch time)

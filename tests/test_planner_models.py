@@ -30,25 +30,8 @@ from hybrid_megatron.config.layer_pattern import build_layer_pattern
 from hybrid_megatron.config.layout_search import candidate_layouts
 from hybrid_megatron.config.model import ModelConfig
 from hybrid_megatron.config.parallel import ParallelConfig
+from tests.model_configs import wide_model
 from tests.training_helpers import REPO
-
-
-def _model(kind: str = "inter", layout: str = "MAMMAM", **extra) -> ModelConfig:
-    """A 1B-wide hybrid (32 heads, 8 KV groups, 64 Mamba heads of 64, 8 B/C groups) with the
-    given blocks; ``extra`` replaces fields."""
-    fields = dict(
-        kind=kind,
-        num_layers=len(layout),
-        hidden_size=2048,
-        ffn_hidden_size=8192,
-        vocab_size=128256,
-        attention={"num_heads": 32, "num_query_groups": 8},
-        pattern={"layout": layout, "allow_early_attention": True},
-        mamba={"num_groups": 8},
-    )
-    fields.update(extra)
-    return ModelConfig(**fields)
-
 
 # ---- context parallelism: memory ------------------------------------------------------------
 
@@ -56,7 +39,7 @@ def _model(kind: str = "inter", layout: str = "MAMMAM", **extra) -> ModelConfig:
 def test_cp_divides_activations_logits_and_optimizer_state():
     """At cp 2 every sequence-sharded part is half of cp 1's (heads-mode Mamba: no extra
     tensors), the optimizer state shards over dp x cp, weights and gradients stay."""
-    cfg = _model()
+    cfg = wide_model()
     pattern = build_layer_pattern(cfg)
     shape = TrainingShape(seq_len=32768, micro_batch=1, microbatches=4)
     one = stage_memory(cfg, pattern, 0, RankLayout(), shape).parts
@@ -71,7 +54,7 @@ def test_cp_divides_activations_logits_and_optimizer_state():
 def test_cp_sequence_mode_keeps_the_conv_output_and_gathers_small_states():
     """The sequence-sharded scan saves the conv1d output (conv_dim bf16 per position) on top of
     the fused path's tensors; its state exchange holds 2 x cp segments' fp32 states."""
-    cfg = _model()
+    cfg = wide_model()
     m = mamba_dims(cfg, "M")
     assert m is not None
     shape = TrainingShape(seq_len=32768, micro_batch=1)
@@ -86,7 +69,7 @@ def test_cp_sequence_mode_keeps_the_conv_output_and_gathers_small_states():
 def test_cp_attention_buffers_by_exchange():
     """One attention layer in flight: all_gather holds the full-sequence K/V and their
     gradients, p2p two K/V and two dK/dV blocks of seq/cp, a2a one head-split Q, K, V, O."""
-    cfg = _model()
+    cfg = wide_model()
     a = attention_dims(cfg, "A")
     assert a is not None
     seq, cp, tp = 65536, 4, 2
@@ -111,7 +94,7 @@ def test_cp_attention_buffers_by_exchange():
 def test_cp_splits_every_flop_term_over_the_ranks():
     """Every FLOP term per rank (the causal attention core included: the 2 x cp chunk order
     balances it) at cp 4 is a quarter of cp 1's."""
-    cfg = _model()
+    cfg = wide_model()
     costs = load_costs("h100")
     shape = TrainingShape(seq_len=65536, micro_batch=1)
     one = block_term_seconds(cfg, "A", shape, RankLayout(), costs)
@@ -125,7 +108,7 @@ def test_cp_communication_terms():
     """all_gather: 3 collectives of the full-sequence K/V at the node's bus bandwidth; p2p: the
     same bytes, hidden behind the attention core when it is longer (only latency left); a2a
     and heads-mode Mamba: Q, K, V, O (in-proj output and scan output) there and back."""
-    cfg = _model()
+    cfg = wide_model()
     costs = load_costs("h100")
     a, m = attention_dims(cfg, "A"), mamba_dims(cfg, "M")
     assert a is not None and m is not None
@@ -152,7 +135,7 @@ def test_cp_communication_terms():
 def test_cp_step_counts_tokens_of_the_data_parallel_ranks_only():
     """cp 2 x dp 1 and cp 1 x dp 2 on 2 GPUs train the same tokens per step; the CP step's
     throughput is the tokens over its step time, per GPU over both GPUs."""
-    cfg = _model()
+    cfg = wide_model()
     costs = load_costs("h100")
     pattern = build_layer_pattern(cfg)
     shape = TrainingShape(seq_len=65536, micro_batch=1, microbatches=4)
@@ -174,14 +157,14 @@ def _cps(cfg: ModelConfig, gpus: int, base: ParallelConfig, seq: int | None) -> 
 def test_cp_layouts_are_listed_only_where_the_checks_allow():
     """seq_length must split into 2 x cp chunks; heads-mode Mamba needs its heads to divide
     by tp x cp; a2a needs the attention heads and groups to; p2p takes no sliding window."""
-    cfg = _model()  # 64 Mamba heads, 32 attention heads, 8 KV groups
+    cfg = wide_model()  # 64 Mamba heads, 32 attention heads, 8 KV groups
     base = ParallelConfig()
     assert _cps(cfg, 8, base, None) == {1}
     assert _cps(cfg, 8, base, 8192) == {1, 2, 4, 8}
     assert _cps(cfg, 8, base, 8200) == {1, 2, 4}  # 8200 = 8 x 1025: no 16 chunks
     assert _cps(cfg, 8, base, 8196) == {1, 2}
     # heads mode: 16 Mamba heads (head_dim 256) must divide by tp x cp; sequence mode: no cap
-    narrow = _model(mamba={"head_dim": 256, "num_groups": 8})
+    narrow = wide_model(mamba={"head_dim": 256, "num_groups": 8})
     heads = list(candidate_layouts(narrow, 32, ParallelConfig(mamba_cp="heads"), 65536))
     assert heads and all(16 % (p.tp * p.cp) == 0 for p in heads)
     assert (1, 16) in {(p.tp, p.cp) for p in heads}
@@ -192,7 +175,8 @@ def test_cp_layouts_are_listed_only_where_the_checks_allow():
     assert a2a and all(8 % (p.tp * p.cp) == 0 for p in a2a)
     assert any(p.tp * p.cp == 8 for p in a2a) and not any(p.tp * p.cp == 16 for p in a2a)
     # a sliding window with the p2p ring: no cp; with all_gather: cp
-    swa = _model(layout="MAMA", attention={"num_heads": 32, "num_query_groups": 8, "sliding_window": 1024})
+    window = {"num_heads": 32, "num_query_groups": 8, "sliding_window": 1024}
+    swa = wide_model(layout="MAMA", attention=window)
     assert _cps(swa, 4, ParallelConfig(), 8192) == {1}
     assert _cps(swa, 4, ParallelConfig(cp_comm="all_gather"), 8192) == {1, 2, 4}
 
@@ -229,8 +213,8 @@ def test_fp8_gemms_run_at_the_fitted_fp8_rate():
     ratio = costs.tflops["gemm"] / costs.tflops["gemm_fp8"]
     assert 0.5 < ratio < 1.0  # FP8 is faster
     moe = {"num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 4096}
-    bf16 = _model(layout="MAMMAM", moe=moe)
-    fp8 = _model(layout="MAMMAM", moe=moe, fp8="hybrid")
+    bf16 = wide_model(layout="MAMMAM", moe=moe)
+    fp8 = wide_model(layout="MAMMAM", moe=moe, fp8="hybrid")
     shape = TrainingShape(seq_len=8192, micro_batch=2)
     for letter in "AM":
         a = block_term_seconds(bf16, letter, shape, RankLayout(), costs)
@@ -240,7 +224,7 @@ def test_fp8_gemms_run_at_the_fitted_fp8_rate():
             assert b[name] == pytest.approx(a[name] * (ratio if gemm else 1.0), rel=1e-12), name
     head = head_seconds(fp8, RankLayout(), shape, costs)
     assert head == pytest.approx(head_seconds(bf16, RankLayout(), shape, costs))
-    fp8_head = _model(layout="MAMMAM", moe=moe, fp8="hybrid", fp8_output_layer=True)
+    fp8_head = wide_model(layout="MAMMAM", moe=moe, fp8="hybrid", fp8_output_layer=True)
     assert head_seconds(fp8_head, RankLayout(), shape, costs) == pytest.approx(head * ratio)
 
 
@@ -249,7 +233,7 @@ def test_fp8_memory_weight_copies_and_fp8_saved_inputs():
     too, grouped or te_grouped), and saves GEMM-only inputs in one byte: an M block (with FFN)
     keeps 2h + d_inner + ffn fewer bytes per token."""
     h, f = 2048, 8192
-    bf16, fp8 = _model(layout="MAMMAM"), _model(layout="MAMMAM", fp8="hybrid")
+    bf16, fp8 = wide_model(layout="MAMMAM"), wide_model(layout="MAMMAM", fp8="hybrid")
     a, m = attention_dims(fp8, "A"), mamba_dims(fp8, "M")
     assert a is not None and m is not None
     gemm_params = (
@@ -274,7 +258,7 @@ def test_fp8_memory_weight_copies_and_fp8_saved_inputs():
     experts = 6 * 8 * 3 * h * 4096  # every block's MoE FFN: 8 SwiGLU experts of 4096
     dense_moe = 2 * (2 * (h * a.qkv_width + a.width * h) + 4 * (h * m.in_proj_width + m.d_inner * h))
     for kind in ("grouped", "te_grouped"):
-        with_experts = _model(layout="MAMMAM", fp8="hybrid", moe={**moe, "experts": kind})
+        with_experts = wide_model(layout="MAMMAM", fp8="hybrid", moe={**moe, "experts": kind})
         parts = stage_memory(with_experts, pattern, 0, RankLayout(), shape).parts
         assert parts["fp8_weights"] == pytest.approx(dense_moe + 2 * experts), kind
 
