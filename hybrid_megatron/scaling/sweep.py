@@ -1,4 +1,4 @@
-"""Compute-matched sweeps: kinds x token budgets, P- or F-matched, as a list of runs.
+"""Compute-matched sweeps: kinds x model sizes x budgets, P- or F-matched, as a list of runs.
 
 A sweep file (``recipes/sweeps/*.yaml``)::
 
@@ -13,16 +13,35 @@ A sweep file (``recipes/sweeps/*.yaml``)::
 Under ``F`` a kind's token budget is ``tokens * F_ref / F_kind`` with F the training
 FLOPs per token from :mod:`hybrid_megatron.accounting` at the recipe's sequence length, so
 every run spends the same compute (the paper's "F-matched" comparison).
+
+An isoFLOP study varies model size within each kind and gives its budgets as compute::
+
+      sizes:                      # label -> overrides; every recipe runs at every size
+        s: [model.hidden_size=256, model.ffn_hidden_size=1024]
+        m: [model.hidden_size=384, model.ffn_hidden_size=1536]
+      flops: [1e16, 3e16]         # (F, instead of tokens) each run's tokens = C / F_run
+
+With ``sizes`` a ``reference`` names ``stem@label``. Runs are budgets x recipes x sizes, named
+``{name}-{stem}[-{label}]-{budget}``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hybrid_megatron.accounting import count_parameters, model_flops_per_token
 from hybrid_megatron.config import load_recipe
@@ -38,19 +57,57 @@ class SweepSpec(BaseModel):
     name: str = Field(min_length=1)
     match: Literal["P", "F"]
     recipes: list[str] = Field(min_length=1, description="recipe files, relative to this file")
-    tokens: list[int] = Field(min_length=1, description="token budgets")
-    reference: str | None = Field(default=None, description="F: recipe stem setting the budget")
+    tokens: list[int] | None = Field(default=None, min_length=1, description="token budgets")
+    flops: list[PositiveFloat] | None = Field(
+        default=None, min_length=1, description="F: training-FLOP budgets (instead of tokens)"
+    )
+    reference: str | None = Field(
+        default=None, description="F with tokens: recipe stem (stem@label with sizes) setting the budget"
+    )
+    sizes: dict[str, list[str]] | None = Field(
+        default=None, min_length=1, description="model sizes: label -> overrides, for every recipe"
+    )
     overrides: list[str] = Field(default_factory=list)
 
     @field_validator("tokens", mode="before")
     @classmethod
     def _parse_tokens(cls, values):
-        return [parse_count(v) for v in values]
+        return values if values is None else [parse_count(v) for v in values]
+
+    @field_validator("sizes")
+    @classmethod
+    def _check_sizes(cls, sizes):
+        for label, overrides in (sizes or {}).items():
+            if not re.fullmatch(r"[A-Za-z0-9_.]+", label):
+                raise ValueError(f"size label {label!r}: use letters, digits, '_' or '.' (run names hold it)")
+            if not overrides:
+                raise ValueError(f"size {label!r} has no overrides (e.g. model.hidden_size=256)")
+        return sizes
+
+    @model_validator(mode="after")
+    def _check_budgets(self) -> SweepSpec:
+        if (self.tokens is None) == (self.flops is None):
+            raise ValueError("give exactly one of tokens (token budgets) and flops (FLOP budgets)")
+        if self.flops is not None and self.match != "F":
+            raise ValueError("flops budgets need match: F (P-matched runs share a token budget)")
+        if self.flops is not None and self.reference is not None:
+            raise ValueError("reference is not used with flops budgets (every run gets the budget itself)")
+        return self
+
+    @property
+    def budgets(self) -> list[float]:
+        """The budgets as given: tokens, or FLOPs."""
+        return list(self.tokens if self.tokens is not None else self.flops or [])
 
 
 @dataclass(frozen=True)
 class SweepRun:
-    """One run of a sweep: its name, recipe, overrides and planned N, D, C."""
+    """One run of a sweep: its name, recipe, overrides and planned N, D, C.
+
+    ``params`` is the total parameter count (what a run logs as ``model.num_parameters``),
+    ``non_embedding`` the same without the embedding and output-layer matrices; ``size`` is the
+    sweep's size label (None without ``sizes``).
+    """
 
     name: str
     recipe_path: str
@@ -59,19 +116,23 @@ class SweepRun:
     params: int
     tokens: int
     flops: float
+    non_embedding: int = 0
+    size: str | None = None
 
 
 def load_sweep(path: str | Path, extra_overrides: tuple[str, ...] = ()) -> tuple[SweepSpec, list[SweepRun]]:
     """Read a sweep file and expand it into runs.
 
-    Takes the sweep YAML path and overrides applied to every run (after the sweep's own).
-    Returns the spec and the runs, each with overrides that set its token budget, run name,
-    checkpoint directory and the ``hm.compare_group`` / ``hm.match`` tags. Raises RecipeError
-    naming the file and field for a bad sweep or recipe.
+    Takes the sweep YAML path and overrides applied to every run (after the sweep's own and a
+    size's). Returns the spec and the runs (budgets x recipes x sizes), each with overrides that
+    set its size, token budget, run name, checkpoint directory and the ``hm.compare_group`` /
+    ``hm.match`` tags. Raises RecipeError naming the file and field for a bad sweep or recipe.
     """
     path = Path(path).resolve()
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        _check_duplicate_keys(path, yaml.compose(text, Loader=yaml.SafeLoader))
+        raw = yaml.safe_load(text)
         if not isinstance(raw, dict) or "sweep" not in raw:
             raise RecipeError(f"{path}: not a sweep file: it has no 'sweep:' section")
         spec = SweepSpec(**raw["sweep"])
@@ -79,30 +140,48 @@ def load_sweep(path: str | Path, extra_overrides: tuple[str, ...] = ()) -> tuple
         raise RecipeError(f"{path}: cannot read sweep file ({err})") from None
     except ValidationError as err:
         first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise RecipeError(f"{path}: sweep.{loc}: {first['msg']}") from None
+        loc = "".join(f".{p}" for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        raise RecipeError(f"{path}: sweep{loc}: {msg}") from None
 
-    bases = []
+    sizes: dict[str | None, list[str]] = {None: []}
+    if spec.sizes:
+        sizes = {label: overrides for label, overrides in spec.sizes.items()}
+    bases = []  # (recipe path, size label, size overrides, recipe, FLOPs per token)
     for rel in spec.recipes:
         recipe_path = (path.parent / rel).resolve()
-        recipe = load_recipe(recipe_path, [*spec.overrides, *extra_overrides])
-        per_token = model_flops_per_token(recipe.model, recipe.data.seq_length)
-        bases.append((recipe_path, recipe, per_token))
-    stems = [p.stem for p, _, _ in bases]
-    if spec.match == "F":
-        if spec.reference not in stems:
-            raise RecipeError(f"{path}: sweep.reference: {spec.reference!r} is not one of {stems}")
-        ref_per_token = bases[stems.index(spec.reference)][2]
+        for label, size_overrides in sizes.items():
+            try:
+                recipe = load_recipe(recipe_path, [*spec.overrides, *size_overrides, *extra_overrides])
+            except RecipeError as err:
+                if label is None:
+                    raise
+                raise RecipeError(f"{path}: sweep.sizes.{label} ({recipe_path.name}): {err}") from None
+            per_token = model_flops_per_token(recipe.model, recipe.data.seq_length)
+            bases.append((recipe_path, label, size_overrides, recipe, per_token))
+    refs = [p.stem if label is None else f"{p.stem}@{label}" for p, label, _, _, _ in bases]
+    if spec.match == "F" and spec.tokens is not None:
+        if spec.reference not in refs:
+            raise RecipeError(f"{path}: sweep.reference: {spec.reference!r} is not one of {refs}")
+        ref_per_token = bases[refs.index(spec.reference)][4]
 
     runs = []
-    for budget in spec.tokens:
-        for recipe_path, recipe, per_token in bases:
-            tokens = budget if spec.match == "P" else round(budget * ref_per_token / per_token)
-            name = f"{spec.name}-{recipe_path.stem}-{_short(budget)}"
+    for budget in spec.budgets:
+        for recipe_path, label, size_overrides, recipe, per_token in bases:
+            if spec.flops is not None:
+                tokens = round(budget / per_token)
+            elif spec.match == "P":
+                tokens = int(budget)
+            else:
+                tokens = round(budget * ref_per_token / per_token)
+            stem = recipe_path.stem if label is None else f"{recipe_path.stem}-{label}"
+            tag = _short(budget) if spec.flops is None else _short_flops(budget)
+            name = f"{spec.name}-{stem}-{tag}"
             # beside the base recipe's own runs: <runs>/<sweep name>/<run name>/checkpoints
             run_dir = Path(recipe.run_dir).parent / spec.name / name
             overrides = (
                 *spec.overrides,
+                *size_overrides,
                 *extra_overrides,
                 "train.steps=null",
                 f"train.tokens={tokens}",
@@ -111,18 +190,45 @@ def load_sweep(path: str | Path, extra_overrides: tuple[str, ...] = ()) -> tuple
                 f"tracking.compare_group={spec.name}",
                 f"tracking.match={spec.match}",
             )
+            params = count_parameters(recipe.model)
             runs.append(
                 SweepRun(
                     name=name,
                     recipe_path=str(recipe_path),
                     overrides=overrides,
                     kind=recipe.model.kind,
-                    params=count_parameters(recipe.model).total,
+                    params=params.total,
                     tokens=tokens,
                     flops=per_token * tokens,
+                    non_embedding=params.non_embedding,
+                    size=label,
                 )
             )
     return spec, runs
+
+
+def _check_duplicate_keys(path: Path, node, where: str = "") -> None:
+    """Raise RecipeError for a key given twice in one mapping of the composed YAML ``node``
+    (YAML loaders keep the last silently; a size label given twice would drop a size)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            name = str(key.value)
+            if name in seen:
+                field = f"{where[1:]}: " if where else ""
+                line = key.start_mark.line + 1
+                raise RecipeError(f"{path}: {field}{name!r} given twice (line {line})")
+            seen.add(name)
+            _check_duplicate_keys(path, value, f"{where}.{name}")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(path, item, f"{where}.{i}")
+
+
+def _short_flops(c: float) -> str:
+    """A FLOP budget as a run-name part: 1e16, 3e16, 1.5e17."""
+    mantissa, exponent = f"{c:.3e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def _short(n: float) -> str:
@@ -133,13 +239,20 @@ def _short(n: float) -> str:
 
 
 def format_sweep_table(spec: SweepSpec, runs: list[SweepRun]) -> str:
-    """A fixed-width table of the runs (name, kind, N, D, C) for ``--dry-run``."""
+    """A fixed-width table of the runs (name, kind, N total and non-embedding, D, C) and their
+    total compute, for ``--dry-run``."""
+    width = max([44] + [len(r.name) for r in runs])
     lines = [
         f"sweep {spec.name}: {len(runs)} runs, {spec.match}-matched",
-        f"{'run':<44} {'kind':<12} {'N (params)':>12} {'D (tokens)':>14} {'C (FLOPs)':>12}",
+        f"{'run':<{width}} {'kind':<12} {'N (params)':>12} {'N non-emb':>12} "
+        f"{'D (tokens)':>14} {'C (FLOPs)':>12}",
     ]
     for r in runs:
-        lines.append(f"{r.name:<44} {r.kind:<12} {r.params:>12,} {r.tokens:>14,} {r.flops:>12.3e}")
+        lines.append(
+            f"{r.name:<{width}} {r.kind:<12} {r.params:>12,} {r.non_embedding:>12,} "
+            f"{r.tokens:>14,} {r.flops:>12.3e}"
+        )
+    lines.append(f"total compute of the {len(runs)} runs: {sum(r.flops for r in runs):.3e} FLOPs")
     return "\n".join(lines)
 
 
