@@ -172,6 +172,35 @@ def test_too_few_runs_and_missing_fields_name_the_runs():
     assert "run(s) a" not in text
 
 
+def test_n_is_the_non_embedding_count_when_every_run_logged_it():
+    """N of the fit: ``model.non_embedding_parameters`` where every run has it (small models'
+    embeddings would dominate the total), else every run's total, never a mix."""
+    import pandas as pd
+
+    from hybrid_megatron.scaling.runs import n_parameter, points_from_frame
+
+    frame = pd.DataFrame(
+        {
+            "run_id": ["a", "b"],
+            "params.model.num_parameters": ["3e7", "5e7"],
+            "params.model.non_embedding_parameters": ["1e7", "3e7"],
+            "params.train.tokens": ["1e9", "1e9"],
+            "params.train.flops": ["6e16", "1.8e17"],
+            "metrics.val/loss": [3.0, 2.9],
+            "tags.hm.kind": ["mamba", "mamba"],
+        }
+    )
+    assert n_parameter(frame) == "model.non_embedding_parameters"
+    assert [p.n for p in points_from_frame(frame)] == [1e7, 3e7]
+    older = frame.assign(**{"params.model.non_embedding_parameters": ["1e7", None]})
+    assert n_parameter(older) == "model.num_parameters"
+    assert [p.n for p in points_from_frame(older)] == [3e7, 5e7]
+    assert [p.n for p in points_from_frame(frame.drop(columns="params.model.non_embedding_parameters"))] == [
+        3e7,
+        5e7,
+    ]
+
+
 # --- CLI against a local MLflow store -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def mlflow_store(tmp_path_factory):

@@ -173,7 +173,8 @@ def test_study_dry_run_prints_the_plan_then_one_input_error(tmp_path, capsys):
 
 def _mlflow_frame(runs) -> pd.DataFrame:
     """``mlflow.search_runs``-shaped rows for ``runs`` as the trainer logs them: params
-    ``model.num_parameters``, ``train.tokens`` and ``train.flops`` from StepMetrics.planned
+    ``model.num_parameters``, ``model.non_embedding_parameters``, ``train.tokens`` and
+    ``train.flops`` from StepMetrics.planned
     (whole steps), tag ``hm.kind``, and a final ``val/loss`` from a Chinchilla-like law."""
     from hybrid_megatron.training.metrics import StepMetrics
 
@@ -181,11 +182,12 @@ def _mlflow_frame(runs) -> pd.DataFrame:
     for i, run in enumerate(runs):
         recipe = load_recipe(run.recipe_path, run.overrides)
         planned = StepMetrics(recipe, 1).planned(recipe.model, derived(recipe, 1)["total_steps"])
-        n, d = planned["model.num_parameters"], planned["train.tokens"]
+        n, d = planned["model.non_embedding_parameters"], planned["train.tokens"]
         rows.append(
             {
                 "run_id": f"r{i:02d}",
-                "params.model.num_parameters": str(n),
+                "params.model.num_parameters": str(planned["model.num_parameters"]),
+                "params.model.non_embedding_parameters": str(n),
                 "params.train.tokens": str(d),
                 "params.train.flops": repr(float(planned["train.flops"])),
                 "metrics.val/loss": 1.7 + 400 / n**0.34 + 410 / d**0.28,
@@ -217,8 +219,8 @@ def test_fit_and_compare_group_the_study_runs_by_budget_with_their_sizes():
             assert budget.flops == pytest.approx(c, rel=0.01)  # whole steps add < 1%
             assert sorted(r.size or "" for r in members) == ["l", "m", "s"]
             assert {r.name.rsplit("-", 1)[1] for r in members} == {members[0].name.rsplit("-", 1)[1]}
-            # the fit's N of each run is that run's own size (the total the trainer logs)
-            assert sorted(budget.n) == sorted(float(r.params) for r in members)
+            # the fit's N of each run is that run's own size, without the embeddings
+            assert sorted(budget.n) == sorted(float(r.non_embedding) for r in members)
             assert len(set(budget.n)) == 3
     table = comparison_of_frame(frame)
     assert table.match == "F" and len(table.rows) == 3

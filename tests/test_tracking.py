@@ -105,6 +105,7 @@ def test_training_run_is_logged_to_mlflow_server(single_rank, tmp_path, mlflow_s
     report = count_parameters(recipe.model)
     assert int(params["model.num_parameters"]) == report.total
     assert int(params["model.active_parameters"]) == report.active < report.total  # MoE
+    assert int(params["model.non_embedding_parameters"]) == report.non_embedding < report.total
     tokens = 6 * recipe.train.global_batch_size * recipe.data.seq_length
     assert int(params["train.tokens"]) == tokens
     assert float(params["train.flops"]) == pytest.approx(

@@ -53,10 +53,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _compare(args)
     from hybrid_megatron.scaling.analysis import analyze, write_outputs
     from hybrid_megatron.scaling.commands import scaling_command
-    from hybrid_megatron.scaling.runs import TooFewRunsError, load_runs
+    from hybrid_megatron.scaling.runs import (
+        TooFewRunsError,
+        group_by_kind,
+        n_parameter,
+        points_from_frame,
+        search_finished,
+    )
 
     try:
-        runs = load_runs(args.tracking_uri, args.experiment, args.group, args.min_runs)
+        frame = search_finished(args.tracking_uri, args.experiment, args.group)
+        runs = group_by_kind(points_from_frame(frame), args.min_runs)
     except TooFewRunsError as err:
         out = str(Path(args.out).parent / "compare")
         print(
@@ -71,8 +78,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = analyze(
         runs, bootstrap=args.bootstrap, level=args.level, seed=args.seed, tolerance=args.budget_tolerance
     )
-    meta = {"tracking_uri": args.tracking_uri, "experiment": args.experiment, "group": args.group}
+    meta = {
+        "tracking_uri": args.tracking_uri,
+        "experiment": args.experiment,
+        "group": args.group,
+        "n": n_parameter(frame),  # the logged param the fit took as N
+    }
     paths = write_outputs(result, runs, args.out, meta)
+    print(f"N: {meta['n']}")
     for kind, entry in result["kinds"].items():
         law, iso = entry["law"], entry["isoflop"]
         iso_text = f", isoFLOP a={iso['exponent']:.3f}" if iso["exponent"] is not None else ""

@@ -2,8 +2,10 @@
 
 Each run contributes one point (N, D, C, L):
 
-- N = param ``model.num_parameters``, D = param ``train.tokens``, C = param ``train.flops``
-  (the run's own planned training FLOPs from the accounting module),
+- N = param ``model.non_embedding_parameters`` (the usual N of scaling laws: at small sizes a
+  large vocabulary's embedding would dominate the total), or ``model.num_parameters`` for all
+  runs when any run lacks it (logged before it existed), D = param ``train.tokens``,
+  C = param ``train.flops`` (the run's own planned training FLOPs from the accounting module),
 - L = the final value of metric ``val/loss`` (MLflow keeps the value at the latest step),
 - the kind is tag ``hm.kind``; tag ``hm.compare_group`` selects a sweep; tag ``hm.match``
   (P or F) says how the sweep matched its runs.
@@ -20,6 +22,7 @@ import numpy as np
 from hybrid_megatron.errors import InputError
 
 PARAM_N = "model.num_parameters"
+PARAM_N_NON_EMBEDDING = "model.non_embedding_parameters"
 PARAM_D = "train.tokens"
 PARAM_C = "train.flops"
 METRIC_LOSS = "val/loss"
@@ -87,6 +90,15 @@ def _number(value) -> float | None:
     return x if math.isfinite(x) and x > 0 else None
 
 
+def n_parameter(frame) -> str:
+    """Which logged param is N for these runs: the non-embedding count when every run has it,
+    else the total (one definition of N across the runs either way)."""
+    column = f"params.{PARAM_N_NON_EMBEDDING}"
+    if column in frame.columns and all(_number(v) is not None for v in frame[column]):
+        return PARAM_N_NON_EMBEDDING
+    return PARAM_N
+
+
 def points_from_frame(frame) -> list[RunPoint]:
     """Convert ``mlflow.search_runs`` output (a pandas DataFrame) into RunPoints.
 
@@ -95,7 +107,7 @@ def points_from_frame(frame) -> list[RunPoint]:
     logged, or a non-positive / non-numeric value).
     """
     fields = {  # RunPoint field -> (search_runs column prefix, MLflow name)
-        "n": ("params", PARAM_N),
+        "n": ("params", n_parameter(frame)),
         "d": ("params", PARAM_D),
         "c": ("params", PARAM_C),
         "loss": ("metrics", METRIC_LOSS),

@@ -55,13 +55,15 @@ class StepMetrics:
         self.world_size = world_size
 
     def planned(self, model_config, total_steps: int) -> dict:
-        """Parameters (total, active), tokens and training FLOPs of a ``total_steps`` run."""
+        """Parameters (total, active, non-embedding), tokens and training FLOPs of a
+        ``total_steps`` run."""
         from hybrid_megatron.accounting import count_parameters
 
         params = count_parameters(model_config)
         return {
             "model.num_parameters": params.total,
             "model.active_parameters": params.active,
+            "model.non_embedding_parameters": params.non_embedding,
             "train.tokens": total_steps * self.tokens_per_step,
             "train.flops": self.flops_per_token * total_steps * self.tokens_per_step,
         }
