@@ -147,6 +147,24 @@ def test_repeated_runs_of_a_kind_are_averaged():
     ]  # geometric mean FLOPs
 
 
+def test_several_sizes_of_a_kind_at_one_budget_give_its_best_size():
+    """An isoFLOP budget: a kind's loss is that of its best size (repeats of a size averaged
+    first), not a mean over sizes that would mix in the sizes far from the optimum."""
+    from hybrid_megatron.scaling.compare import compare
+    from hybrid_megatron.scaling.runs import RunPoint
+
+    points = [
+        RunPoint("s", "mamba", 7e6, 2e8, 1e16, 3.30),
+        RunPoint("m1", "mamba", 12e6, 1.2e8, 1e16, 3.10),
+        RunPoint("m2", "mamba", 12.05e6, 1.2e8, 1e16, 3.20),  # a repeat of m (within 1%)
+        RunPoint("l", "mamba", 26e6, 6e7, 1e16, 3.40),
+        RunPoint("i", "inter", 12e6, 1.2e8, 1e16, 3.12),
+    ]
+    row = compare(points).rows[0]
+    assert row.losses == {"mamba": pytest.approx(3.15), "inter": 3.12}
+    assert row.best == "inter" and len(row.run_ids["mamba"]) == 4
+
+
 def test_fit_refusing_too_few_runs_prints_the_compare_command(store, tmp_path, capsys):
     from hybrid_megatron.scaling.__main__ import main
 

@@ -32,8 +32,9 @@ BEST_MARK = "*"
 @dataclass(frozen=True)
 class Row:
     """One matched budget: ``value`` is its FLOPs (F) or parameter count (P), ``tokens`` its
-    token budget (P only); per kind the mean final loss of its runs there, and the best kind
-    (lowest loss; None when the row holds a single kind)."""
+    token budget (P only); per kind its final loss there (the mean over repeats of one model
+    size, and of several sizes the lowest: the best the kind reached at that budget, as an
+    isoFLOP study reads it), and the best kind (lowest loss; None when the row holds a single kind)."""
 
     label: str
     value: float
@@ -86,11 +87,20 @@ def _short(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _best_size_loss(points: list[RunPoint]) -> float:
+    """The lowest of the per-size mean losses (sizes by parameter count, equal within 1%)."""
+    by_size: dict[float, list[float]] = {}
+    for p in sorted(points, key=lambda p: p.n):
+        size = next((n for n in by_size if abs(p.n - n) <= 0.01 * n), p.n)
+        by_size.setdefault(size, []).append(p.loss)
+    return float(min(np.mean(losses) for losses in by_size.values()))
+
+
 def _row(points: list[RunPoint], value: float, label: str, tokens: float | None) -> Row:
     by_kind: dict[str, list[RunPoint]] = {}
     for p in points:
         by_kind.setdefault(p.kind, []).append(p)
-    losses = {k: float(np.mean([p.loss for p in v])) for k, v in by_kind.items()}
+    losses = {k: _best_size_loss(v) for k, v in by_kind.items()}
     best = min(losses, key=losses.__getitem__) if len(losses) > 1 else None
     return Row(
         label=label,
