@@ -478,6 +478,18 @@ def row_seq_length(scale: str, options: RunOptions) -> int:
     return options.seq_length or SCALES[scale]["seq"]
 
 
+def row_identity(scale: str, kind: str, moe: bool, precision: str, options: RunOptions) -> dict:
+    """The fields that name a row (what a measured row and a failed process's row share)."""
+    return {
+        "scale": scale,
+        "kind": kind,
+        "ffn": "moe" if moe else "dense",
+        "precision": precision,
+        "seq_length": row_seq_length(scale, options),
+        "recompute": options.recompute,
+    }
+
+
 def measure_row(
     scale: str,
     kind: str,
@@ -494,12 +506,7 @@ def measure_row(
     mbs = options.micro_batch or shape["mbs"]
     seq = row_seq_length(scale, options)
     row = {
-        "scale": scale,
-        "kind": kind,
-        "ffn": "moe" if moe else "dense",
-        "precision": precision,
-        "seq_length": seq,
-        "recompute": options.recompute,
+        **row_identity(scale, kind, moe, precision, options),
         "micro_batch": mbs,
         "microbatches": options.microbatches,
     }
@@ -593,14 +600,7 @@ def measure_in_subprocess(
     import subprocess
     import tempfile
 
-    failed = {
-        "scale": scale,
-        "kind": kind,
-        "ffn": "moe" if moe else "dense",
-        "precision": precision,
-        "seq_length": row_seq_length(scale, options),
-        "recompute": options.recompute,
-    }
+    failed = row_identity(scale, kind, moe, precision, options)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [

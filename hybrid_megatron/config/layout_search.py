@@ -104,31 +104,45 @@ def candidate_layouts(
     """
     base = base or ParallelConfig()
     moe = cfg.moe is not None
+    for tp, cp, pp, dp in _rank_grids(gpus, with_cp=seq_length is not None):
+        for expert_tp, ep in _expert_splits(tp, dp * cp * tp, moe):
+            try:
+                parallel = base.model_copy(
+                    update=dict(
+                        tp=tp,
+                        cp=cp,
+                        pp=pp,
+                        ep=ep,
+                        expert_tp=expert_tp if moe and expert_tp != tp else None,
+                        sequence_parallel=tp > 1,
+                        pipeline_stage_layers=None,
+                        pp_split="balanced" if pp > 1 else "even",
+                    )
+                )
+                check_parallel_layout(cfg, parallel, tp, ep, cp)
+                if seq_length is not None:
+                    check_sequence_split(seq_length, parallel)
+            except (ModelConfigError, InputError):
+                continue
+            yield parallel
+
+
+def _rank_grids(gpus: int, with_cp: bool) -> Iterator[tuple[int, int, int, int]]:
+    """(tp, cp, pp, dp) with tp x cp x pp x dp = ``gpus``; cp 1 only unless ``with_cp``."""
     for tp in _divisors(gpus):
-        for cp in _divisors(gpus // tp) if seq_length is not None else [1]:
+        for cp in _divisors(gpus // tp) if with_cp else [1]:
             for pp in _divisors(gpus // (tp * cp)):
-                dp = gpus // (tp * cp * pp)
-                for expert_tp in sorted({tp, 1}) if moe else [None]:
-                    etp = expert_tp or tp
-                    for ep in _divisors(dp * cp * tp) if moe else [1]:
-                        if (dp * cp * tp) % (ep * etp):
-                            continue
-                        try:
-                            parallel = base.model_copy(
-                                update=dict(
-                                    tp=tp,
-                                    cp=cp,
-                                    pp=pp,
-                                    ep=ep,
-                                    expert_tp=expert_tp if moe and expert_tp != tp else None,
-                                    sequence_parallel=tp > 1,
-                                    pipeline_stage_layers=None,
-                                    pp_split="balanced" if pp > 1 else "even",
-                                )
-                            )
-                            check_parallel_layout(cfg, parallel, tp, ep, cp)
-                            if seq_length is not None:
-                                check_sequence_split(seq_length, parallel)
-                        except (ModelConfigError, InputError):
-                            continue
-                        yield parallel
+                yield tp, cp, pp, gpus // (tp * cp * pp)
+
+
+def _expert_splits(tp: int, ranks: int, moe: bool) -> Iterator[tuple[int | None, int]]:
+    """(expert_tp, ep) of the experts over a stage's ``ranks`` (tp x cp x dp): experts split
+    like the dense layers (expert_tp = tp) or whole (1), in EP groups that divide the ranks;
+    (None, 1) for a dense model."""
+    if not moe:
+        yield None, 1
+        return
+    for expert_tp in sorted({tp, 1}):
+        for ep in _divisors(ranks):
+            if ranks % (ep * expert_tp) == 0:
+                yield expert_tp, ep
