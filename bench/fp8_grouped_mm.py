@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 import torch
 
+from hybrid_megatron.models.moe import grouped_linear
 from hybrid_megatron.ops.fp8_grouped_mm import fp8_grouped_linear, quantise_weight
 
 ALIGNMENT = 16
@@ -53,16 +54,6 @@ def padded_offsets(rows: int, experts: int, generator: torch.Generator) -> tuple
     padded = (counts + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
     ends = torch.cumsum(padded, 0).to(torch.int32)
     return int(ends[-1]), ends
-
-
-def bf16_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    if x.is_cuda:
-        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
-    out, start = x.new_zeros(x.shape[0], weight.shape[1]), 0
-    for g, end in enumerate(offsets.tolist()):
-        out[start:end] = x[start:end] @ weight[g].T
-        start = end
-    return out
 
 
 def time_forward_backward(fn, x, weights, offsets, repeat: int) -> float:
@@ -132,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "command": "python3 -m bench.fp8_grouped_mm " + " ".join(sys.argv[1:] if argv is None else argv),
         "shapes": {**shapes, "buffer_rows": buffer_rows},
-        "bf16_ms": time_forward_backward(bf16_grouped_linear, x, weights, offsets, args.repeat),
+        "bf16_ms": time_forward_backward(grouped_linear, x, weights, offsets, args.repeat),
         "fp8_ms": time_forward_backward(fp8_grouped_linear, x, weights, offsets, args.repeat),
     }
     # the weights' FP8 copies made beforehand, as the experts reuse them across a step's micro-batches

@@ -32,6 +32,20 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from hybrid_megatron.ops.fp8_grouped_mm import QuantisedWeight, fp8_grouped_linear, quantise_weight
 
 
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x[rows of g] @ weight[g].T`` for each group ``g`` of rows (``offsets``: int32 end rows),
+    ``weight`` [groups, out, in]: one ``torch._grouped_mm``."""
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        # the CUDA grouped GEMM takes bf16 only; fp32/fp16 runs (checks, debugging) loop over
+        # the groups, reading the offsets back to the host
+        out, start = x.new_zeros(x.shape[0], weight.shape[1]), 0
+        for g, end in enumerate(offsets.tolist()):
+            out[start:end] = x[start:end] @ weight[g].T
+            start = end
+        return out
+    return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+
+
 def group_alignment(device: torch.device) -> int:
     """Rows per expert group are padded to a multiple of this: 16 on CUDA (the 16-byte rule of
     the grouped GEMM's tensor-memory loads, also for FP8's one-byte rows), 1 elsewhere."""
@@ -204,15 +218,7 @@ class GroupedExperts(MegatronModule):
         weight = getattr(self, name)
         if self.fp8:
             return fp8_grouped_linear(x, weight, offsets, self._fp8_weight(name))
-        if x.is_cuda and x.dtype != torch.bfloat16:
-            # the CUDA grouped GEMM takes bf16 only; fp32/fp16 runs (checks, debugging) loop over
-            # the groups, reading the offsets back to the host
-            out, start = x.new_zeros(x.shape[0], weight.shape[1]), 0
-            for g, end in enumerate(offsets.tolist()):
-                out[start:end] = x[start:end] @ weight[g].T
-                start = end
-            return out
-        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+        return grouped_linear(x, weight, offsets)
 
     def forward(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
         counts = tokens_per_expert.to(device=tokens.device, non_blocking=True)
