@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Convergence checks of two training runs (or one), from their run folders; a JSON verdict and
-one PNG of the curves together.
+"""Convergence checks of two training runs (or one), from their run folders or their records;
+a JSON verdict and one PNG of the curves together.
 
     python bench/convergence.py final-val RUN_A RUN_B --out DIR [--name N] [--tolerance 0.01]
     python bench/convergence.py every-step RUN_A RUN_B --out DIR [--tolerance 0.001]
     python bench/convergence.py resume RUN_UNINTERRUPTED RUN_RESUMED --out DIR [--tolerance 0.001]
     python bench/convergence.py spikes RUN --out DIR [--spike-factor 1.25] [--spike-window 50]
+    python bench/convergence.py record RUN_FOLDER --out DIR [--name N]   # DIR/N.record.json
 
 ``final-val``: the last validation losses (MLflow ``val/loss``) differ by at most the relative
 tolerance (default 1%, e.g. FP8 against bf16). ``every-step``: every training step logged by
@@ -18,8 +19,14 @@ run), with the expert-load figures (``moe/max_over_mean``) summarised when logge
 
 A run folder is the recipe's run directory: ``train_log.jsonl`` (every step's exact loss; a
 resumed run appends) and ``checkpoints/`` (the saved recipe names the MLflow store, and
-``mlflow_run_id`` the run). Each check also exports the runs' MLflow metrics to
-``DIR/<name>_<run>_metrics.json``. Exit status: 0 the check passed, 1 it failed, 2 bad input.
+``mlflow_run_id`` the run). A run record (``NAME.record.json``, written by ``record``) stands in
+for a finished run folder once the folder is gone (a GPU machine that starts bare), and gives
+the same verdicts: one JSON file holding the loss log's lines as logged (a resumed run's
+repeats too) with the step it resumed after, the run's MLflow metrics (``system/*`` left out),
+the resolved recipe saved with its latest checkpoint and its identity (the corpus files digest
+and tokenizer sha256 of the recipe's training data, the git commit, the CUDA device).
+Each check also exports the runs' MLflow metrics to ``DIR/<name>_<run>_metrics.json``.
+Exit status: 0 the check passed (or the record was written), 1 it failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -28,10 +35,18 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from hybrid_megatron.errors import InputError
+from hybrid_megatron.training.loss_log import LOSS_LOG
+
+REPO = Path(__file__).resolve().parents[1]
+RECORD_SUFFIX = ".record.json"
+RECORD_KEYS = ("name", "identity", "metrics", "train_log")
 
 DEFAULT_TOLERANCE = {"final-val": 0.01, "every-step": 0.001, "resume": 0.001, "spikes": 0.0}
 
@@ -40,26 +55,59 @@ class ConvergenceInputError(InputError):
     """A run folder without what a check needs; the message names the folder."""
 
 
-def read_loss_log(run_dir: str | Path) -> tuple[dict[int, float], dict[int, str], int | None, dict]:
-    """A run's training losses: (step -> loss, step -> exact hex text, the step the run resumed
-    after (None if it never restarted), step -> ``moe/*`` figures). A step logged twice (a
-    restart repeated it) keeps its last record."""
-    path = Path(run_dir) / "train_log.jsonl"
+def is_record(run: str | Path) -> bool:
+    """Whether ``run`` names a run record (``*.record.json``) rather than a run folder."""
+    return str(run).endswith(RECORD_SUFFIX)
+
+
+def read_record(path: str | Path) -> dict:
+    """A run record (see `write_record`) as written; raises ConvergenceInputError naming the
+    file when it cannot be read or lacks one of the parts the checks use."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConvergenceInputError(f"{path}: not a readable run record ({err})") from None
+    missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise ConvergenceInputError(f"{path}: a run record needs {', '.join(missing)}")
+    return record
+
+
+def _log_entries(run: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, decoded line) for each step a run logged, in order: the lines of a run folder's
+    ``train_log.jsonl`` or a record's ``train_log``."""
+    if is_record(run):
+        for index, entry in enumerate(read_record(run)["train_log"]):
+            yield f"{run}: train_log[{index}]", entry
+        return
+    path = Path(run) / LOSS_LOG
     if not path.is_file():
-        raise ConvergenceInputError(f"{run_dir}: no train_log.jsonl (not a run folder?)")
-    losses: dict[int, float] = {}
-    exact: dict[int, str] = {}
-    moe: dict[int, dict] = {}
-    resumed_after, previous = None, 0
+        raise ConvergenceInputError(f"{run}: no {LOSS_LOG} (not a run folder?)")
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            entry = json.loads(line)
+        except ValueError as err:
+            raise ConvergenceInputError(f"{path}:{number}: not a loss record ({err})") from None
+        yield f"{path}:{number}", entry
+
+
+def read_loss_log(run: str | Path) -> tuple[dict[int, float], dict[int, str], int | None, dict]:
+    """A run's training losses, from its folder or its record: (step -> loss, step -> exact hex
+    text, the step the run resumed after (None if it never restarted), step -> ``moe/*``
+    figures). A step logged twice (a restart repeated it) keeps its last record."""
+    losses: dict[int, float] = {}
+    exact: dict[int, str] = {}
+    moe: dict[int, dict] = {}
+    resumed_after, previous = None, 0
+    for where, record in _log_entries(run):
+        try:
             step, loss = int(record["step"]), record["loss"]
             value = float.fromhex(loss) if isinstance(loss, str) else float(loss)
         except (ValueError, KeyError, TypeError) as err:
-            raise ConvergenceInputError(f"{path}:{number}: not a loss record ({err})") from None
+            raise ConvergenceInputError(f"{where}: not a loss record ({err!r})") from None
         if step <= previous or (resumed_after is None and previous and step != previous + 1):
             resumed_after = step - 1 if resumed_after is None else resumed_after
         previous = step
@@ -68,17 +116,20 @@ def read_loss_log(run_dir: str | Path) -> tuple[dict[int, float], dict[int, str]
         if figures:
             moe[step] = figures
     if not losses:
-        raise ConvergenceInputError(f"{path}: no step logged")
+        raise ConvergenceInputError(f"{run}: no step logged")
     return losses, exact, resumed_after, moe
 
 
-def mlflow_metrics(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every metric's history of a run from its MLflow store (found through the recipe saved
-    with the run's latest checkpoint and its ``mlflow_run_id``); {} when the run was not
-    tracked."""
+def mlflow_metrics(run: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every metric's history of a run: a record's exported metrics, or from a run folder's
+    MLflow store (found through the recipe saved with the run's latest checkpoint and its
+    ``mlflow_run_id``); {} when the run was not tracked."""
+    if is_record(run):
+        exported = read_record(run)["metrics"].items()
+        return {key: [(int(s), float(v)) for s, v in history] for key, history in exported}
     from hybrid_megatron.checkpoint_layout import latest_checkpoint, read_saved_recipe
 
-    ckpt = Path(run_dir) / "checkpoints"
+    ckpt = Path(run) / "checkpoints"
     id_file = ckpt / "mlflow_run_id"
     latest = latest_checkpoint(ckpt) if ckpt.is_dir() else None
     if latest is None or not id_file.is_file():
@@ -94,6 +145,84 @@ def mlflow_metrics(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
         for key in sorted(keys)
         if not key.startswith("system/")
     }
+
+
+def corpus_identity(path: str | Path) -> dict:
+    """Which corpus and tokenizer a run trained on, from the corpus manifest
+    (``PREFIX.manifest.json``) or a dataset's ``PREFIX.stats.json`` (both hold them):
+    ``{"files_digest", "tokenizer_sha256", "source"}``; the two are None when the file is
+    missing or does not say (a dataset not built from trees)."""
+    try:
+        facts = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        facts = {}
+    tokenizer = facts.get("tokenizer") if isinstance(facts, dict) else None
+    return {
+        "files_digest": facts.get("files_digest") if isinstance(facts, dict) else None,
+        "tokenizer_sha256": tokenizer.get("sha256") if isinstance(tokenizer, dict) else None,
+        "source": str(path),
+    }
+
+
+def git_commit() -> str | None:
+    """The repository's checked-out commit, or None outside a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        )
+    except OSError:
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
+
+
+def device_name() -> str | None:
+    """The name of this machine's first CUDA device, or None without one."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def write_record(run_dir: str | Path, path: str | Path) -> dict:
+    """Writes the record of the run in ``run_dir`` to ``path`` (``NAME.record.json``, one JSON
+    file, atomically) and returns it: everything the checks read, so they run on it in place of
+    the folder once the folder is gone (see the module docstring); under a few MB for 2,000
+    steps."""
+    from hybrid_megatron.atomic_output import write_json_atomically
+    from hybrid_megatron.checkpoint_layout import latest_checkpoint, read_latest, read_saved_recipe
+
+    if not is_record(path):
+        raise ConvergenceInputError(f"{path}: a run record's name ends in {RECORD_SUFFIX}")
+    losses, _, resumed_after, _ = read_loss_log(run_dir)
+    ckpt = Path(run_dir) / "checkpoints"
+    latest = latest_checkpoint(ckpt) if ckpt.is_dir() else None
+    recipe = read_saved_recipe(latest) if latest is not None else None
+    corpus = (
+        corpus_identity(recipe.data.blend[0].prefix + ".stats.json")
+        if recipe is not None
+        else {"files_digest": None, "tokenizer_sha256": None, "source": None}
+    )
+    record = {
+        "name": Path(path).name.removesuffix(RECORD_SUFFIX),
+        "run_dir": str(run_dir),
+        "last_step": max(losses),
+        "checkpoint": read_latest(ckpt) if ckpt.is_dir() else None,
+        "resumed_after": resumed_after,
+        "identity": {
+            "corpus_files_digest": corpus["files_digest"],
+            "tokenizer_sha256": corpus["tokenizer_sha256"],
+            "corpus_source": corpus["source"],
+            "git_commit": git_commit(),
+            "device": device_name(),
+        },
+        "recipe": recipe.to_dict() if recipe is not None else None,
+        "metrics": mlflow_metrics(run_dir),
+        "train_log": [entry for _, entry in _log_entries(run_dir)],
+    }
+    write_json_atomically(path, record)
+    return record
 
 
 def relative(a: float, b: float) -> float:
@@ -252,13 +381,18 @@ def run_check(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="convergence.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("check", choices=sorted(DEFAULT_TOLERANCE))
-    parser.add_argument("run_a", help="run folder (the reference's for resume: the uninterrupted run)")
-    parser.add_argument("run_b", nargs="?", help="second run folder (resume: the resumed run)")
+    parser.add_argument("check", choices=[*sorted(DEFAULT_TOLERANCE), "record"])
     parser.add_argument(
-        "--out", required=True, help="folder for NAME.json, NAME.png and the exported metrics"
+        "run_a",
+        help="run folder or NAME.record.json (resume: the uninterrupted run; record: a run folder)",
     )
-    parser.add_argument("--name", help="file name stem (default: the check)")
+    parser.add_argument("run_b", nargs="?", help="second run folder or record (resume: the resumed run)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="folder for NAME.json, NAME.png and the exported metrics (record: NAME.record.json)",
+    )
+    parser.add_argument("--name", help="file name stem (default: the check; record: the run folder's name)")
     parser.add_argument(
         "--tolerance", type=float, help="relative tolerance (defaults: final-val 1%%, else 0.1%%)"
     )
@@ -277,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns 0 (passed), 1 (failed) or 2 (bad input)."""
     args = build_parser().parse_args(argv)
     try:
+        if args.check == "record":
+            path = Path(args.out) / f"{args.name or Path(args.run_a).resolve().name}{RECORD_SUFFIX}"
+            record = write_record(args.run_a, path)
+            print(f"{path}: {record['last_step']} steps, {len(record['metrics'])} metrics")
+            return 0
         verdict = run_check(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -3,7 +3,8 @@
 runs (or continues) each run through ``launch/slurm.py --local`` until the call's budget is
 spent, then runs the checks of the finished pairs (bench/convergence.py).
 
-    python3 bench/convergence_runs.py [--budget-s 540] [--out DIR] [--only NAME ...]
+    python3 -m bench.convergence_runs [--budget-s 540] [--records DIR] [--out DIR] [--only NAME ...]
+    python3 bench/convergence_runs.py ...          # the same, with the repository on PYTHONPATH
 
 Run it again in the next call: finished runs (latest checkpoint at step 2,000) are skipped,
 an unfinished one continues from its latest checkpoint. At the budget, the running ranks get
@@ -11,8 +12,25 @@ SIGTERM, which makes the trainer save at the step boundary and stop. The run ``i
 is ``inter_bf16`` stopped by SIGTERM once it has logged step 1,000 and resumed: the resume
 check compares it with ``inter_bf16`` at every later step. Runs live under
 ``runs/convergence/<name>/`` (ignored by git, so kept between calls on a warm machine), with
-one MLflow store ``runs/convergence/mlruns.db``; ``--out`` receives the loss logs, the verdicts,
-the PNGs and the exported MLflow metrics. Every launch command is printed before it runs.
+one MLflow store ``runs/convergence/mlruns.db``. Every launch command is printed before it runs.
+
+Across machines that start bare, the runs' records carry them (bench/convergence.py
+``write_record``: one ``NAME.record.json`` per run, under a few MB, with everything the checks
+read, the resumed run's restart included): a run whose record is in ``--records DIR`` (records
+of earlier calls, committed) counts as finished and is not run again, provided the record's
+corpus files digest and tokenizer sha256 equal this machine's corpus manifest ($CORPUS_DIR,
+default /tmp/hm_corpus, ``code.manifest.json``; else an error naming both, since losses on
+different corpora do not compare). The checks run on every pair whose runs are finished, here or
+as records.
+
+``--out`` (default $OUT) receives at most 8 files a call, few enough for machines that hand back
+only a few: ``NAME.record.json`` for each run finished on this machine that ``--records`` does
+not hold (at most 6: no run starts while 6 wait for their record to be committed; at the default
+budget a call finishes one or two runs, 4-6 minutes each), ``convergence_checks.json`` (the
+state of every run and every check's verdict, or the runs it waits for) and
+``convergence_checks.png`` (the checks' plots one below the other). The per-check files
+bench/convergence.py writes stay in ``runs/convergence/checks/``. An unfinished run is lost with
+its machine and starts over.
 """
 
 from __future__ import annotations
@@ -21,12 +39,17 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
+
+from bench import convergence
+from bench.convergence import RECORD_SUFFIX, ConvergenceInputError
+from hybrid_megatron.atomic_output import write_json_atomically
+from hybrid_megatron.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "convergence"
@@ -35,6 +58,9 @@ RESUME_STOP_STEP = 1000
 INTER = "recipes/convergence/inter_100m_code.yaml"
 INTRA = "recipes/convergence/intra_100m_code.yaml"
 INTRA_MOE = "recipes/convergence/intra_100m_moe_code.yaml"
+MAX_NEW_RECORDS = 6  # with the two check files: at most 8 files a call
+CHECKS_JSON = "convergence_checks.json"
+CHECKS_PNG = "convergence_checks.png"
 
 # name: (recipe, overrides); in priority order.
 RUN_TABLE: dict[str, tuple[str, list[str]]] = {
@@ -129,12 +155,25 @@ def launch(name: str, deadline: float, stop_at_step: int | None = None) -> str:
     return "stopped" if signalled else "failed"
 
 
-def run_all(names: list[str], deadline: float) -> None:
-    """Runs the named runs in order until the deadline (see the module docstring)."""
+def pending_records(recorded: Collection[str]) -> list[str]:
+    """The runs finished on this machine whose record is not among ``recorded``."""
+    return [name for name in RUN_TABLE if name not in recorded and latest_step(name) >= STEPS]
+
+
+def run_all(names: list[str], deadline: float, recorded: Collection[str] = ()) -> None:
+    """Runs the named runs in order until the deadline, skipping those finished here or
+    ``recorded`` (see the module docstring)."""
     for name in names:
+        if name in recorded:
+            print(f"[convergence] {name}: recorded earlier, skipped", flush=True)
+            continue
         if latest_step(name) >= STEPS:
             print(f"[convergence] {name}: finished earlier, skipped", flush=True)
             continue
+        waiting = pending_records(recorded)
+        if len(waiting) >= MAX_NEW_RECORDS:
+            print(f"[convergence] {', '.join(waiting)} wait for their records to be committed first")
+            return
         left = deadline - time.time()
         if left < 90:
             print(f"[convergence] {left:.0f}s left: {name} and later runs wait for the next call")
@@ -151,36 +190,112 @@ def run_all(names: list[str], deadline: float) -> None:
             print(f"[convergence] {name} failed: see runs/convergence/{name}/local/", flush=True)
 
 
-def collect(out: Path) -> None:
-    """Copies the loss logs to OUT and runs every check whose runs have finished."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_TABLE:
-        log = RUNS / name / "train_log.jsonl"
-        if log.is_file():
-            shutil.copy(log, out / f"{name}_train_log.jsonl")
+def read_records(records: Path, manifest: Path) -> dict[str, Path]:
+    """The runs with a record in ``records`` (name -> record file), each checked to have
+    trained on the corpus of ``manifest``; raises ConvergenceInputError naming both digests when
+    one did not, or naming the manifest when this machine has no corpus."""
+    found = {name: records / f"{name}{RECORD_SUFFIX}" for name in RUN_TABLE}
+    found = {name: path for name, path in found.items() if path.is_file()}
+    print(f"[convergence] records in {records}: {', '.join(found) or 'none'}", flush=True)
+    if not found:
+        return found
+    here = convergence.corpus_identity(manifest)
+    if here["files_digest"] is None:
+        raise ConvergenceInputError(
+            f"{manifest}: no corpus manifest to compare the records in {records} with "
+            "(build the corpus: bash bench/build_code_corpus.sh)"
+        )
+    for path in found.values():
+        identity = convergence.read_record(path)["identity"]
+        recorded = (identity.get("corpus_files_digest"), identity.get("tokenizer_sha256"))
+        if recorded != (here["files_digest"], here["tokenizer_sha256"]):
+            raise ConvergenceInputError(
+                f"{path}: trained on corpus files digest {recorded[0]} (tokenizer sha256 "
+                f"{recorded[1]}), but this machine's corpus {manifest} has files digest "
+                f"{here['files_digest']} (tokenizer sha256 {here['tokenizer_sha256']}); losses on "
+                "different corpora do not compare: rebuild the recorded corpus, or leave out --records"
+            )
+    return found
+
+
+def write_records(out: Path, recorded: Collection[str]) -> list[Path]:
+    """Writes OUT/NAME.record.json for every run finished here and not ``recorded``; returns
+    the files."""
+    written = []
+    for name in pending_records(recorded):
+        path = out / f"{name}{RECORD_SUFFIX}"
+        convergence.write_record(RUNS / name, path)
+        print(f"[convergence] {name}: record {path}", flush=True)
+        written.append(path)
+    return written
+
+
+def stack_pngs(pngs: list[Path], out_png: Path) -> None:
+    """One PNG of ``pngs`` one below the other, pixel for pixel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    images = [matplotlib.image.imread(png) for png in pngs]
+    width, height = max(i.shape[1] for i in images), sum(i.shape[0] for i in images)
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    top = height
+    for image in images:
+        top -= image.shape[0]
+        fig.figimage(image, xo=0, yo=top, origin="upper")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=dpi)
+    plt.close(fig)
+
+
+def collect(out: Path, records: dict[str, Path]) -> dict:
+    """Runs every check whose runs are finished here or ``records`` (a record stands in for its
+    run); writes OUT/convergence_checks.json and OUT/convergence_checks.png; returns the
+    summary written."""
+    sources = {name: RUNS / name for name in pending_records(())} | records
+    scratch = RUNS / "checks"
+    checks: dict[str, dict] = {}
+    pngs: list[Path] = []
     for check, label, *names in CHECKS:
-        if all(latest_step(n) >= STEPS for n in names):
-            cmd = [
-                sys.executable,
-                "bench/convergence.py",
-                check,
-                *(str(RUNS / n) for n in names),
-                "--out",
-                str(out),
-                "--name",
-                label,
-            ]
-            print("[convergence] $ " + shlex.join(cmd), flush=True)
-            subprocess.run(cmd, cwd=REPO, check=False)
-        else:
-            print(f"[convergence] {label}: waits for {', '.join(n for n in names if latest_step(n) < STEPS)}")
+        waiting = [n for n in names if n not in sources]
+        if waiting:
+            print(f"[convergence] {label}: waits for {', '.join(waiting)}")
+            checks[label] = {"check": check, "waits_for": waiting}
+            continue
+        argv = [check, *(str(sources[n]) for n in names), "--out", str(scratch), "--name", label]
+        print("[convergence] $ bench/convergence.py " + shlex.join(argv), flush=True)
+        try:
+            verdict = convergence.run_check(convergence.build_parser().parse_args(argv))
+        except InputError as err:
+            print(f"[convergence] {label}: error: {err}", flush=True)
+            checks[label] = {"check": check, "error": str(err)}
+            continue
+        print(f"[convergence] {label}: {'pass' if verdict['passed'] else 'FAIL'}", flush=True)
+        pngs.append(Path(verdict["plot"]))
+        verdict["plot"] = f"{CHECKS_PNG}, panel {len(pngs)}"
+        checks[label] = verdict
+    runs = {
+        name: "record" if name in records else f"checkpoint step {latest_step(name)} of {STEPS}"
+        for name in RUN_TABLE
+    }
+    summary = {"runs": runs, "checks": checks}
+    write_json_atomically(out / CHECKS_JSON, summary)
+    if pngs:
+        stack_pngs(pngs, out / CHECKS_PNG)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry; returns 0."""
+    """CLI entry; returns 0, or 2 for bad input (a record of another corpus)."""
     parser = argparse.ArgumentParser(prog="convergence_runs.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop the runs after this long")
     parser.add_argument("--out", default=os.environ.get("OUT", str(RUNS / "results")), help="results folder")
+    parser.add_argument(
+        "--records", type=Path, help="folder of NAME.record.json from earlier calls: those runs are finished"
+    )
     parser.add_argument("--only", nargs="+", choices=sorted(RUN_TABLE), help="run only these")
     parser.add_argument("--skip-corpus", action="store_true", help="the corpus is built already")
     args = parser.parse_args(argv)
@@ -192,8 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(env)
     if not args.skip_corpus:
         subprocess.run(["bash", "bench/build_code_corpus.sh"], cwd=REPO, check=True, env=env)
-    run_all(args.only or list(RUN_TABLE), deadline)
-    collect(Path(args.out))
+    manifest = Path(os.environ.get("CORPUS_DIR", "/tmp/hm_corpus")) / "code.manifest.json"
+    out = Path(args.out)
+    try:
+        records = read_records(args.records, manifest) if args.records else {}
+        run_all(args.only or list(RUN_TABLE), deadline, records)
+        write_records(out, records)
+        collect(out, records)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

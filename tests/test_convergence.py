@@ -94,3 +94,230 @@ def test_final_val_needs_tracked_runs(tmp_path, capsys):
     assert not convergence.check_final_val({"val/loss": [(200, 2.0)]}, {"val/loss": [(200, 2.03)]}, 0.01)[
         "passed"
     ]
+
+
+# Run records: a finished run's folder, kept as one JSON file across machines that start bare.
+
+DIGEST, TOKENIZER_SHA = "d1" * 32, "7e" * 32
+CHECK_VERDICT_KEYS_OF_PLACE = ("runs", "plot")  # where the inputs were: differs by design
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """Makes tracked run folders as the trainer leaves them: train_log.jsonl, a checkpoint with
+    the saved recipe (the convergence recipe on a fake corpus whose stats name DIGEST), the
+    MLflow store with val/loss, train/loss, moe/* and system/* metrics, and mlflow_run_id."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from hybrid_megatron.config import load_recipe
+
+    root = tmp_path_factory.mktemp("tracked")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    facts = {"files_digest": DIGEST, "tokenizer": {"sha256": TOKENIZER_SHA, "vocab_size": 32768}}
+    (corpus / "code_train.stats.json").write_text(json.dumps(facts))
+    (corpus / "code.manifest.json").write_text(json.dumps(facts))
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("convergence", artifact_location=(root / "art").as_uri())
+
+    def make(run_dir, losses, val, restart_at=None, moe=None):
+        _write_run(run_dir, losses, moe=moe, restart_at=restart_at)
+        run_id = client.create_run(experiment).info.run_id
+        metrics = [Metric("val/loss", v, 0, s) for s, v in val]
+        metrics += [Metric("train/loss", losses[s], 0, s) for s in range(10, max(losses) + 1, 10)]
+        metrics += [Metric("moe/max_over_mean", 1.0 + 10 / s, 0, s) for s in range(10, max(losses) + 1, 10)]
+        metrics += [Metric("system/gpu_utilization_percentage", 90.0, 0, 1)]
+        client.log_batch(run_id, metrics=metrics)
+        recipe = load_recipe(
+            "recipes/convergence/inter_100m_code.yaml",
+            [f"data.blend={corpus / 'code_train'}", f"tracking.tracking_uri={uri}"],
+        )
+        step_dir = run_dir / "checkpoints" / f"step_{max(losses):08d}"
+        step_dir.mkdir(parents=True)
+        (step_dir / "metadata.json").write_text("{}")
+        (step_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        (run_dir / "checkpoints" / "latest").write_text(step_dir.name)
+        (run_dir / "checkpoints" / "mlflow_run_id").write_text(run_id)
+        return run_dir
+
+    return {"make": make, "root": root, "manifest": corpus / "code.manifest.json"}
+
+
+def _verdict_facts(verdict):
+    return {k: v for k, v in verdict.items() if k not in CHECK_VERDICT_KEYS_OF_PLACE}
+
+
+def test_a_record_gives_the_run_folders_verdicts(tracked, tmp_path, capsys):
+    make = tracked["make"]
+    losses = _curve()
+    spiky = dict(losses)
+    spiky[200] *= 1.5
+    a = make(tmp_path / "a", losses, [(100, 3.0), (300, 2.5)])
+    b = make(tmp_path / "b", {s: v * (1 + 2e-4) for s, v in losses.items()}, [(100, 3.1), (300, 2.52)])
+    resumed = make(tmp_path / "resumed", losses, [(100, 3.0), (300, 2.5)], restart_at=120)
+    moe = {s: {"moe/max_over_mean": 1.0 + 1.0 / s} for s in range(10, 301, 10)}
+    spikes = make(tmp_path / "spikes", spiky, [(300, 2.6)], moe=moe)
+    records = tmp_path / "records"
+    for run in (a, b, resumed, spikes):
+        assert convergence.main(["record", str(run), "--out", str(records)]) == 0
+    assert f"{records / 'resumed.record.json'}: 300 steps, 3 metrics" in capsys.readouterr().out
+
+    record = json.loads((records / "resumed.record.json").read_text())
+    assert record["name"] == "resumed" and record["last_step"] == 300 and record["resumed_after"] == 120
+    assert record["checkpoint"] == "step_00000300"
+    assert record["identity"]["corpus_files_digest"] == DIGEST
+    assert record["identity"]["tokenizer_sha256"] == TOKENIZER_SHA
+    assert record["recipe"]["train"]["steps"] == 2000 and record["recipe"]["model"]["vocab_size"] == 32768
+    assert sorted(record["metrics"]) == ["moe/max_over_mean", "train/loss", "val/loss"]  # no system/*
+    assert record["metrics"]["val/loss"] == [[100, 3.0], [300, 2.5]]
+    assert len(record["train_log"]) == 303  # steps 121-123 logged twice, as the folder holds them
+    assert (records / "resumed.record.json").stat().st_size < 200_000
+    for run in (a, resumed, spikes):
+        path = records / f"{run.name}.record.json"
+        assert convergence.read_loss_log(path) == convergence.read_loss_log(run)
+        assert convergence.mlflow_metrics(path) == convergence.mlflow_metrics(run)
+
+    cases = [
+        ("final-val", "a", "b"),
+        ("every-step", "a", "b"),
+        ("resume", "a", "resumed"),
+        ("spikes", "spikes"),
+    ]
+    for check, *runs in cases:
+        folders, recs = tmp_path / f"out_{check}_f", tmp_path / f"out_{check}_r"
+        as_folders = [str(tmp_path / r) for r in runs]
+        as_records = [str(records / f"{r}.record.json") for r in runs]
+        codes = [
+            convergence.main([check, *as_folders, "--out", str(folders), "--name", "x"]),
+            convergence.main([check, *as_records, "--out", str(recs), "--name", "x"]),
+        ]
+        from_folders = json.loads((folders / "x.json").read_text())
+        from_records = json.loads((recs / "x.json").read_text())
+        assert codes[0] == codes[1], check
+        assert _verdict_facts(from_records) == _verdict_facts(from_folders), check
+        assert (folders / "x_a_metrics.json").read_text() == (recs / "x_a_metrics.json").read_text()
+    final = json.loads((tmp_path / "out_final-val_r" / "x.json").read_text())
+    assert final["passed"] and final["relative_difference"] == pytest.approx(0.02 / 2.52)
+    resume = json.loads((tmp_path / "out_resume_r" / "x.json").read_text())
+    assert resume["verdict"] == "bitwise" and resume["resumed_after_step"] == 120
+    spike = json.loads((tmp_path / "out_spikes_r" / "x.json").read_text())
+    assert [s["step"] for s in spike["spikes"]] == [200] and spike["expert_load"]["logged_steps"] == 30
+
+
+def test_a_broken_record_is_named(tmp_path, capsys):
+    bad = tmp_path / "x.record.json"
+    bad.write_text(json.dumps({"name": "x", "identity": {}, "metrics": {}}))
+    code = convergence.main(["spikes", str(bad), "--out", str(tmp_path / "out")])
+    assert code == 2 and f"{bad}: a run record needs train_log" in capsys.readouterr().err
+
+
+# bench/convergence_runs.py with records: skipping, the corpus check, the files a call returns.
+
+
+def _records_of(tracked, tmp_path, names):
+    """NAME.record.json for each of ``names``, from tracked folders (inter_fp8 0.4% above the rest)."""
+    records = tmp_path / "records"
+    for name in names:
+        scale = 1.004 if name == "inter_fp8" else 1.0
+        run = tracked["make"](
+            tmp_path / "folders" / name, {s: v * scale for s, v in _curve().items()}, [(300, 2.5 * scale)]
+        )
+        convergence.write_record(run, records / f"{name}.record.json")
+    return records
+
+
+def _fake_launches(monkeypatch, runs_dir):
+    """convergence_runs with runs under ``runs_dir`` and a launch that finishes a run at once;
+    returns the names launched, in order."""
+    from bench import convergence_runs
+
+    monkeypatch.setattr(convergence_runs, "RUNS", runs_dir)
+    launched = []
+
+    def launch(name, deadline, stop_at_step=None):
+        launched.append(name)
+        ckpt = runs_dir / name / "checkpoints"
+        ckpt.mkdir(parents=True)
+        (ckpt / "latest").write_text(f"step_{convergence_runs.STEPS:08d}")
+        return "finished"
+
+    monkeypatch.setattr(convergence_runs, "launch", launch)
+    return launched
+
+
+def test_run_all_skips_recorded_runs_and_stops_at_six_unrecorded(monkeypatch, tmp_path, capsys):
+    import time
+
+    from bench import convergence_runs
+
+    launched = _fake_launches(monkeypatch, tmp_path / "runs")
+    names = list(convergence_runs.RUN_TABLE)
+    convergence_runs.run_all(names, time.time() + 3600, recorded={"inter_bf16", "intra_fp8"})
+    assert launched == [n for n in names if n not in ("inter_bf16", "intra_fp8")]
+    assert convergence_runs.pending_records({"inter_bf16", "intra_fp8"}) == launched
+
+    launched.clear()
+    convergence_runs.run_all(names, time.time() + 3600)  # the same machine, nothing recorded
+    assert launched == ["inter_bf16"]  # then 6 wait for their records: a 7th would not fit a call
+    assert convergence_runs.pending_records(()) == [n for n in names if n != "intra_fp8"]
+    assert "wait for their records to be committed first" in capsys.readouterr().out
+
+    fresh = _fake_launches(monkeypatch, tmp_path / "fresh")
+    convergence_runs.run_all(names, time.time() + 3600)
+    assert fresh == names[:6]
+
+
+def test_records_of_another_corpus_are_refused(tracked, monkeypatch, tmp_path, capsys):
+    from bench import convergence_runs
+
+    records = _records_of(tracked, tmp_path, ["inter_bf16"])
+    found = convergence_runs.read_records(records, tracked["manifest"])
+    assert found == {"inter_bf16": records / "inter_bf16.record.json"}
+    other = tmp_path / "other" / "code.manifest.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps({"files_digest": "ab" * 32, "tokenizer": {"sha256": TOKENIZER_SHA}}))
+    with pytest.raises(convergence.ConvergenceInputError) as err:
+        convergence_runs.read_records(records, other)
+    assert DIGEST in str(err.value) and "ab" * 32 in str(err.value) and str(other) in str(err.value)
+    with pytest.raises(convergence.ConvergenceInputError, match="no corpus manifest"):
+        convergence_runs.read_records(records, tmp_path / "none" / "code.manifest.json")
+    assert convergence_runs.read_records(tmp_path / "no_records", other) == {}
+
+    launched = _fake_launches(monkeypatch, tmp_path / "runs")
+    monkeypatch.setenv("CORPUS_DIR", str(other.parent))
+    monkeypatch.setenv("PYTHONPATH", "")
+    argv = ["--skip-corpus", "--records", str(records), "--out", str(tmp_path / "out")]
+    assert convergence_runs.main(argv) == 2
+    assert "ab" * 32 in capsys.readouterr().err and launched == []
+
+
+def test_collect_checks_records_and_returns_two_files(tracked, monkeypatch, tmp_path):
+    import matplotlib.image
+
+    from bench import convergence_runs
+
+    records = _records_of(tracked, tmp_path, ["inter_bf16", "inter_fp8", "inter_resume", "intra_moe"])
+    monkeypatch.setattr(convergence_runs, "RUNS", tmp_path / "runs")
+    found = convergence_runs.read_records(records, tracked["manifest"])
+    out = tmp_path / "out"
+    summary = convergence_runs.collect(out, found)
+    assert sorted(p.name for p in out.iterdir()) == ["convergence_checks.json", "convergence_checks.png"]
+    assert json.loads((out / "convergence_checks.json").read_text()) == summary
+    checks = summary["checks"]
+    fp8 = checks["inter_fp8_vs_bf16"]
+    assert fp8["passed"] and fp8["relative_difference"] == pytest.approx(0.004 / 1.0, rel=1e-9)
+    assert fp8["plot"] == "convergence_checks.png, panel 1"
+    assert checks["inter_resume_vs_uninterrupted"]["verdict"] == "bitwise"
+    assert checks["intra_moe_spikes"]["passed"] and checks["intra_moe_spikes"]["plot"].endswith("panel 3")
+    assert checks["intra_fp8_vs_bf16"] == {"check": "final-val", "waits_for": ["intra_fp8", "intra_bf16"]}
+    assert checks["inter_graphs_vs_eager"]["waits_for"] == ["inter_graphs"]
+    assert summary["runs"]["inter_fp8"] == "record"
+    assert summary["runs"]["inter_graphs"] == "checkpoint step 0 of 2000"
+    panels = [
+        matplotlib.image.imread(tmp_path / "runs" / "checks" / f"{label}.png").shape
+        for label in ("inter_fp8_vs_bf16", "inter_resume_vs_uninterrupted", "intra_moe_spikes")
+    ]
+    stacked = matplotlib.image.imread(out / "convergence_checks.png").shape
+    assert stacked[:2] == (sum(p[0] for p in panels), max(p[1] for p in panels))
