@@ -1,12 +1,17 @@
 """The launcher's command line: train a recipe on SLURM, on this machine, or print the plan.
 
     python launch/slurm.py RECIPE [key.path=value ...] [--local [--nproc N]] [--dry-run]
-                                  [--wait] [--sweep] [--plan [--gpus N] [--gpu-memory GiB]]
+                                  [--wait] [--sweep [--local --stop-after SECONDS]]
+                                  [--plan [--gpus N] [--gpu-memory GiB]]
 
 SLURM (default): submits one job (see `hybrid_megatron.launch.slurm`), prints the job id and
 log paths, and returns (``--wait``: follows rank 0's log until the job ends and exits non-zero
 if a rank failed). ``--sweep``: RECIPE is a sweep file; its runs are one job array (``--wait``:
-follows each run in turn, exit 1 if any failed), or with ``--local`` run one after another.
+follows each run in turn, exit 1 if any failed), or with ``--local`` run one after another;
+finished runs are skipped, so the same command continues a stopped sweep. ``--stop-after
+SECONDS`` (local sweeps): no run starts with less than ``--start-margin`` seconds (default 60)
+left, and the run going at the limit gets SIGTERM (it saves a checkpoint at its step and stops;
+cancelled a minute later if still running); the launcher prints the runs left to do and exits 3.
 ``--local``: the same job through submitit's LocalExecutor, ``--nproc`` processes on this
 machine (default: the smallest world size the recipe's tp/pp/ep fit, or one per GPU of the
 recipe's ``gpus_per_node`` when CUDA is present); waits, streams rank 0's log, and exits 1
@@ -24,7 +29,7 @@ tokens/s, MFU and whether it fits ``--gpu-memory`` GiB (default: the recipe's GP
 `hybrid_megatron.launch.job.TrainJob`.
 
 Exit codes: 0 success (or submitted), 1 a rank or the job failed, 2 bad usage / recipe / no
-SLURM.
+SLURM, 3 a local sweep stopped at ``--stop-after`` with runs left to do (run it again).
 """
 
 from __future__ import annotations
@@ -90,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="RECIPE is a sweep file (recipes/sweeps/): one job array of runs, or sequential with --local",
     )
     parser.add_argument(
+        "--stop-after",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="--sweep --local: stop within this many seconds: no run starts with less than "
+        "--start-margin left, the running one is sent SIGTERM (saves, stops); exit 3 if runs are left",
+    )
+    parser.add_argument(
+        "--start-margin",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="--stop-after: the least time left for a run to start (default 60)",
+    )
+    parser.add_argument(
         "--plan",
         action="store_true",
         help="print every valid parallel layout on --gpus GPUs (TP x CP x PP x EP), each at its "
@@ -107,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="--plan / --dry-run: memory per GPU (default the recipe's GPU type's, else 80)",
     )
     return parser
+
+
+def _seconds(text: str) -> float:
+    """A non-negative number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (>= 0)")
+    return value
 
 
 def plan(recipe: Any, args: argparse.Namespace) -> int:
@@ -178,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.sweep:
             return run_sweep(args, os.environ.get(ENTRY_ENV) or None)
+        if args.stop_after is not None:
+            raise UsageError("--stop-after applies to --sweep --local runs only")
         if args.nproc is not None and not args.local:
             raise UsageError("--nproc applies to --local runs only (on SLURM: slurm.nodes / gpus_per_node)")
         entry = os.environ.get(ENTRY_ENV) or None

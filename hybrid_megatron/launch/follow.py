@@ -66,13 +66,15 @@ def follow(
     failure_grace_s: float,
     poll_s: float = 0.5,
     settle_s: float = 30.0,
+    tick: Callable[[], object] | None = None,
 ) -> list:
     """Wait for a job, streaming rank 0's stdout and stderr; returns each rank's outcome.
 
     Takes the submitit job, its number of tasks, a liveness probe, a cancel function and how
     long the other ranks may keep running after one failed before the job is cancelled (they
     would otherwise hang in a collective), and how long to wait for the job to end once every
-    rank has returned. Returns a list with one ``read_outcome`` per rank
+    rank has returned, and ``tick``, called at every poll (e.g. to stop the job at a deadline).
+    Returns a list with one ``read_outcome`` per rank
     (None for a rank that ended without a result: killed, or cancelled after a peer failed).
     """
     tasks = [job.task(k) if nproc > 1 else job for k in range(nproc)]
@@ -82,6 +84,8 @@ def follow(
     outcomes: list = [None] * nproc
     while True:
         follower.poll()
+        if tick is not None:
+            tick()
         outcomes = [outcomes[k] or read_outcome(tasks[k]) for k in range(nproc)]
         if all(o is not None for o in outcomes):
             # Every rank has returned; let the job itself end too (SLURM marks it COMPLETED

@@ -2,7 +2,8 @@
 
 The default process count is the smallest world size the recipe's tp/pp/ep fit, or one per GPU
 of the recipe's ``gpus_per_node`` when CUDA is present. The launcher waits, streams rank 0's
-log, and exits 1 with the failing rank's error if any rank fails.
+log, and exits 1 with the failing rank's error if any rank fails. Given a deadline (a local
+sweep's ``--stop-after``), it stops the job there the way a scheduler would (`DeadlineStop`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import submitit
@@ -19,6 +22,55 @@ import submitit
 from hybrid_megatron.launch.follow import follow, report
 from hybrid_megatron.launch.job import TrainJob
 from hybrid_megatron.launch.plan import UsageError, describe, local_world, log_folder
+
+STOPPED = 3  # run_local's code for a job stopped at its deadline (its ranks saved, or were ended)
+STOP_RESEND_S = 5.0  # between SIGTERMs to a job that has not stopped yet
+STOP_GRACE_S = 60.0  # after the first SIGTERM, before the job is cancelled
+
+
+class DeadlineStop:
+    """Stops a local job at a deadline so that it can resume: called at every poll of `follow`.
+
+    At ``deadline`` (``time.monotonic()``) it sends SIGTERM to the job's controller (a local
+    job's id is its pid), which passes it to every rank: the trainer finishes the step it is
+    in, saves a checkpoint, ends its MLflow run KILLED and returns. The signal is sent again
+    every ``STOP_RESEND_S`` (a rank still starting up ignores it until the trainer has set its
+    handler), and the job is cancelled ``STOP_GRACE_S`` after the first one (what it did not
+    save is lost, as at a hard limit). ``sent`` tells whether the deadline was reached.
+    """
+
+    def __init__(self, job: Any, deadline: float) -> None:
+        self.job, self.deadline = job, deadline
+        self.first: float | None = None
+        self.last = -float("inf")
+        self.cancelled = False
+
+    @property
+    def sent(self) -> bool:
+        """Whether the job was asked to stop."""
+        return self.first is not None
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self.deadline or self.cancelled:
+            return
+        if self.first is None:
+            self.first = now
+            print(
+                f"[launch] time budget reached: asking job {self.job.job_id} to checkpoint and stop "
+                f"(SIGTERM; cancelled if still running in {STOP_GRACE_S:g} s)",
+                flush=True,
+            )
+        if now - self.first >= STOP_GRACE_S:
+            print(f"[launch] job {self.job.job_id} still running: cancelled", file=sys.stderr, flush=True)
+            self.job.cancel(check=False)
+            self.cancelled = True
+        elif now - self.last >= STOP_RESEND_S:
+            self.last = now
+            try:
+                os.kill(int(self.job.job_id), signal.SIGTERM)
+            except ProcessLookupError:  # it has just ended
+                pass
 
 
 def free_port() -> int:
@@ -56,8 +108,10 @@ def submit_local(recipe: Any, nproc: int, entry: str | None, gpus: int = 0) -> A
         os.environ.update(saved)
 
 
-def run_local(recipe: Any, args: argparse.Namespace, entry: str | None) -> int:
-    """Run the job on this machine and wait; returns the exit code (see `report`)."""
+def run_local(recipe: Any, args: argparse.Namespace, entry: str | None, deadline: float | None = None) -> int:
+    """Run the job on this machine and wait; returns the exit code (see `report`), or
+    ``STOPPED`` when the job was stopped at ``deadline`` (``time.monotonic()``; see
+    `DeadlineStop`), whether or not it reached its last step meanwhile."""
     nproc, gpus = local_world(recipe, args.nproc)
     print(f"[launch] {recipe.name}: {nproc} local ranks ({f'{gpus} GPUs' if gpus else 'CPU'})")
     print(describe(recipe, nproc), flush=True)
@@ -69,6 +123,7 @@ def run_local(recipe: Any, args: argparse.Namespace, entry: str | None) -> int:
             f"go next to checkpoint.dir {recipe.checkpoint.dir})"
         ) from None
     print(f"[launch] local job {job.job_id}; logs in {job.paths.folder}", flush=True)
+    stop = DeadlineStop(job, deadline) if deadline is not None else None
     try:
         outcomes = follow(
             job,
@@ -76,12 +131,17 @@ def run_local(recipe: Any, args: argparse.Namespace, entry: str | None) -> int:
             is_active=lambda: not job.done(),
             cancel=lambda: job.cancel(check=False),
             failure_grace_s=5.0,
+            tick=stop,
         )
     except KeyboardInterrupt:
         job.cancel(check=False)
         print("[launch] interrupted: job cancelled", file=sys.stderr)
         return 130
-    return report(job, nproc, outcomes)
+    code = report(job, nproc, outcomes)
+    if stop is not None and stop.sent:
+        print(f"[launch] job {job.job_id}: stopped at the time budget", flush=True)
+        return STOPPED
+    return code
 
 
 def next_steps(recipe: Any) -> str:

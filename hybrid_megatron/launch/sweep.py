@@ -1,9 +1,11 @@
 """``--sweep``: a sweep file's runs as one SLURM job array (``--wait``: follows each run in turn,
-exit 1 if any failed), or with ``--local`` one after another.
+exit 1 if any failed), or with ``--local`` one after another (``--stop-after``: within a time
+budget).
 
 A sweep stopped part-way (a time limit, a lost machine) continues when the same command runs
-again: runs whose latest checkpoint is at their last step are skipped, the others resume from
-their latest checkpoint (``checkpoint.resume: auto``) or start.
+again: finished runs are skipped (see `finished_evidence`: the latest checkpoint at the last
+step, or a FINISHED run in the tracking store), the others resume from their latest checkpoint
+(``checkpoint.resume: auto``) or start.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import submitit
@@ -20,26 +23,75 @@ import submitit
 from hybrid_megatron.checkpoint_layout import CheckpointError, checkpoint_step, latest_checkpoint
 from hybrid_megatron.errors import InputError
 from hybrid_megatron.launch.follow import follow, report
-from hybrid_megatron.launch.local import run_local
+from hybrid_megatron.launch.local import STOPPED, run_local
 from hybrid_megatron.launch.plan import UsageError, check_inputs, check_tracking, local_world
 from hybrid_megatron.launch.slurm import render_sbatch, slurm_job_active, submit_slurm
 
+# A sweep under --stop-after that ended with runs left to do (run the same command again).
+EXIT_STOPPED = 3
 
-def is_finished(recipe, world_size: int) -> bool:
-    """Whether the run's latest checkpoint is at its last step (an earlier sweep finished it).
 
-    Takes the validated Recipe and the world size it runs at. A run whose checkpoints cannot be
-    read or whose steps cannot be derived counts as unfinished (it runs and reports the problem).
+def finished_evidence(recipe, world_size: int, stores: dict | None = None) -> str | None:
+    """What shows the run finished, or None when it has not (it runs, or resumes).
+
+    Takes the validated Recipe, the world size it runs at and a cache of the tracking stores
+    read so far (``(uri, experiment) -> FinishedRuns``, or the error reading it; filled here).
+    Returns ``"checkpoint at step S"`` when the run's latest checkpoint is at its last step S,
+    else ``"MLflow run ID at step S"`` when its tracking store (the recipe's URI and experiment)
+    holds a FINISHED run of its run name and compare group that logged its last step S (see
+    `hybrid_megatron.tracking.finished`); of several such runs the latest. A run stopped
+    part-way (MLflow status RUNNING, KILLED or FAILED, or fewer steps) has not finished.
+
+    Always on: checkpoint folders get cleaned (scratch space, a machine lent per session) while
+    the store stays, and a FINISHED run of that name, group and length is exactly what
+    ``scaling compare`` and ``fit`` read, so running it again would only repeat it (to redo
+    one, delete its MLflow run). Checkpoints or a store that cannot be read, or steps that
+    cannot be derived, count as no evidence (the run runs and reports the problem).
     """
     from hybrid_megatron.accounting import count_parameters
     from hybrid_megatron.config import derived
 
     try:
-        latest = latest_checkpoint(recipe.checkpoint.dir)
         total_steps = derived(recipe, world_size, count_parameters)["total_steps"]
-    except (CheckpointError, InputError, OSError):
-        return False
-    return latest is not None and checkpoint_step(latest) == total_steps
+    except InputError:
+        return None
+    try:
+        latest = latest_checkpoint(recipe.checkpoint.dir)
+    except (CheckpointError, OSError):
+        latest = None
+    if latest is not None and checkpoint_step(latest) == total_steps:
+        return f"checkpoint at step {total_steps}"
+    if not recipe.tracking.enabled:
+        return None
+    runs = _finished_runs(recipe.tracking_uri(), recipe.tracking.experiment, {} if stores is None else stores)
+    if runs is None:
+        return None
+    tracking = recipe.tracking
+    try:
+        run_id = runs.reached(tracking.run_name or recipe.name, tracking.compare_group, total_steps)
+    except Exception as err:  # MLflow's errors are many types; the run then simply runs
+        print(f"[sweep] {runs.uri}: cannot read {recipe.name}'s steps ({err}); it runs", flush=True)
+        return None
+    return None if run_id is None else f"MLflow run {run_id} at step {total_steps}"
+
+
+def _finished_runs(uri: str, experiment: str, stores: dict):
+    """The store's FinishedRuns, read once per sweep; None (reported once) when unreadable."""
+    from hybrid_megatron.tracking.finished import FinishedRuns
+    from hybrid_megatron.tracking.store import failure_reason
+
+    key = (uri, experiment)
+    if key not in stores:
+        try:
+            stores[key] = FinishedRuns(uri, experiment)
+        except Exception as err:  # MLflow's errors are many types; checkpoints still count
+            stores[key] = None
+            print(
+                f"[sweep] tracking store {uri} not read ({failure_reason(err)}): finished runs "
+                "are known by their checkpoints only",
+                flush=True,
+            )
+    return stores[key]
 
 
 def _check_inputs(runs: list, recipes: list) -> None:
@@ -59,22 +111,65 @@ def _check_inputs(runs: list, recipes: list) -> None:
 
 
 def _skip_finished(runs: list, recipes: list, world_size) -> tuple[list, list]:
-    """The runs (and recipes) still to do; prints the finished ones it skips."""
-    finished = [is_finished(recipe, world_size(recipe)) for recipe in recipes]
-    done = [run.name for run, skip in zip(runs, finished) if skip]
+    """The runs (and recipes) still to do; prints the finished ones it skips, each with what
+    showed it finished (see `finished_evidence`)."""
+    stores: dict = {}
+    evidence = [finished_evidence(recipe, world_size(recipe), stores) for recipe in recipes]
+    done = [f"{run.name} ({why})" for run, why in zip(runs, evidence) if why]
     if done:
         print(f"[sweep] {len(done)} runs finished earlier, skipped: {', '.join(done)}", flush=True)
-    todo = [i for i, skip in enumerate(finished) if not skip]
+    todo = [i for i, why in enumerate(evidence) if why is None]
     return [runs[i] for i in todo], [recipes[i] for i in todo]
+
+
+def _resume_point(recipe) -> str:
+    """Where a run left to do starts next time: its latest checkpoint's step, or step 0."""
+    try:
+        latest = latest_checkpoint(recipe.checkpoint.dir)
+    except (CheckpointError, OSError):
+        latest = None
+    return "from step 0" if latest is None else f"resumes at step {checkpoint_step(latest)}"
+
+
+def _run_local(
+    runs: list, recipes: list, args: argparse.Namespace, entry: str | None, deadline: float | None
+) -> tuple[int, list]:
+    """Run the sweep's runs on this machine one after another, until ``deadline``
+    (``time.monotonic()``) if given: no run starts with less than ``--start-margin`` seconds
+    left, and the run going at the deadline is stopped there
+    (`hybrid_megatron.launch.local.DeadlineStop`). Returns the number of failed runs and the
+    (run, recipe) pairs left to do, the stopped one first."""
+    failed = 0
+    for i, (run, recipe) in enumerate(zip(runs, recipes)):
+        if deadline is not None and deadline - time.monotonic() < args.start_margin:
+            print(
+                f"[sweep] {max(0.0, deadline - time.monotonic()):.0f} s left of --stop-after "
+                f"{args.stop_after:g}, less than --start-margin {args.start_margin:g}: no run starts",
+                flush=True,
+            )
+            return failed, list(zip(runs[i:], recipes[i:]))
+        print(f"[sweep] {run.name}", flush=True)
+        code = run_local(recipe, args, entry, deadline)
+        if code == STOPPED:
+            world = local_world(recipe, args.nproc)[0]
+            if finished_evidence(recipe, world) is None:  # it may have reached its last step
+                return failed, list(zip(runs[i:], recipes[i:]))
+            code = 0
+        failed += code != 0
+    return failed, []
 
 
 def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     """Expand a sweep file into runs; check every run's inputs and tracking server; print their
     table; then (unless --dry-run) submit one SLURM job array, or with --local run them one
-    after another. Returns the exit code."""
+    after another (``--stop-after``: within that many seconds from now). Returns the exit code
+    (``EXIT_STOPPED`` when ``--stop-after`` left runs to do)."""
     from hybrid_megatron.config import load_recipe
     from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep, next_steps
 
+    started = time.monotonic()
+    if args.stop_after is not None and not args.local:
+        raise UsageError("--stop-after applies to --sweep --local runs only (on SLURM: slurm.time)")
     try:
         spec, runs = load_sweep(args.recipe, tuple(args.overrides))
         recipes = [load_recipe(run.recipe_path, run.overrides) for run in runs]
@@ -98,11 +193,19 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     all_runs = runs
     if args.local:
         runs, recipes = _skip_finished(runs, recipes, lambda recipe: local_world(recipe, args.nproc)[0])
-        failed = 0
-        for run, recipe in zip(runs, recipes):
-            print(f"[sweep] {run.name}", flush=True)
-            failed += run_local(recipe, args, entry) != 0
-        print(f"[sweep] {len(runs) - failed}/{len(runs)} runs succeeded (compare group {spec.name})")
+        deadline = None if args.stop_after is None else started + args.stop_after
+        failed, left = _run_local(runs, recipes, args, entry, deadline)
+        ran = len(runs) - len(left)
+        print(f"[sweep] {ran - failed}/{ran} runs succeeded (compare group {spec.name})")
+        if left:
+            print(
+                f"[sweep] stopped by --stop-after {args.stop_after:g}: {len(left)} of {len(all_runs)} "
+                "runs left to do: "
+                + ", ".join(f"{run.name} ({_resume_point(recipe)})" for run, recipe in left)
+                + "; run the same command again to continue",
+                flush=True,
+            )
+            return 1 if failed else EXIT_STOPPED
         print(next_steps(spec, all_runs, stores, out_dir), flush=True)
         return 1 if failed else 0
     if shutil.which("sbatch") is None:

@@ -9,6 +9,11 @@ Each run contributes one point (N, D, C, L):
 - L = the final value of metric ``val/loss`` (MLflow keeps the value at the latest step),
 - the kind is tag ``hm.kind``; tag ``hm.compare_group`` selects a sweep; tag ``hm.match``
   (P or F) says how the sweep matched its runs.
+
+Only FINISHED runs count (a run stopped part-way is KILLED, FAILED or still RUNNING), and a run
+name finished more than once in one compare group counts once, by its latest finished run: a
+sweep run whose checkpoints were lost is run again under the same name, and one training run
+must not weigh twice in a fit or a mean.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ METRIC_LOSS = "val/loss"
 TAG_KIND = "hm.kind"
 TAG_GROUP = "hm.compare_group"
 TAG_MATCH = "hm.match"
+TAG_RUN_NAME = "mlflow.runName"
 MIN_RUNS = 5  # a 5-parameter law needs at least as many points per kind
 
 
@@ -156,8 +162,23 @@ def group_by_kind(points: list[RunPoint], min_runs: int = MIN_RUNS) -> dict[str,
     return {k: RunSet.from_points(k, by_kind[k]) for k in sorted(by_kind)}
 
 
+def latest_per_name(frame):
+    """The rows of ``mlflow.search_runs`` output with one run per (run name, compare group):
+    of runs sharing both, the one that ended last. Rows without a run name are all kept; the
+    order of the rows is kept."""
+    name, group = f"tags.{TAG_RUN_NAME}", f"tags.{TAG_GROUP}"
+    if len(frame) == 0 or name not in frame.columns:
+        return frame
+    keys = frame.assign(**{group: frame[group].fillna("") if group in frame.columns else ""})
+    latest_first = keys.sort_values("end_time", ascending=False, kind="stable")
+    named = latest_first[name].notna()
+    kept = latest_first[named].drop_duplicates(subset=[name, group]).index.union(latest_first[~named].index)
+    return frame.loc[frame.index.isin(kept)]
+
+
 def search_finished(tracking_uri: str, experiment: str, group: str | None = None):
-    """The finished runs of an MLflow experiment (optionally one compare group).
+    """The finished runs of an MLflow experiment (optionally one compare group), one per run
+    name and group (see `latest_per_name`).
 
     Takes the tracking URI (``sqlite:///...``, a file store or ``http://`` server), the
     experiment name and an optional ``hm.compare_group``. Returns ``mlflow.search_runs``'s
@@ -182,7 +203,7 @@ def search_finished(tracking_uri: str, experiment: str, group: str | None = None
     if len(frame) == 0:
         where = f" in compare group {group!r}" if group is not None else ""
         raise RunsError(f"no finished runs in experiment {experiment!r}{where} at {tracking_uri}")
-    return frame
+    return latest_per_name(frame)
 
 
 def load_runs(
