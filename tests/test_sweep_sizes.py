@@ -116,7 +116,7 @@ def test_without_sizes_runs_are_named_as_before(tmp_path):
         ),
         (
             "match: F, flops: [1e12], sizes: {s: [model.hidden_size=64], s: [model.hidden_size=96]}",
-            r"sweep.sizes: 's' given twice \(line 1\)",
+            r"line 1: invalid YAML: duplicate key 's'",
         ),
     ],
 )

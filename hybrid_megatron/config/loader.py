@@ -56,10 +56,7 @@ def _construct_mapping(loader: RecipeYamlLoader, node: yaml.MappingNode, deep: b
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            line = key_node.start_mark.line + 1
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen[key] = True
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -88,16 +85,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def read_yaml(path: Path) -> dict:
-    """Read one recipe file into a mapping; RecipeError naming the file if it is not one."""
+def read_yaml(path: Path, what: str = "recipe") -> dict:
+    """Read one recipe (or sweep) file into a mapping; RecipeError naming the file if it is not
+    one. ``what`` names the kind of file in the messages."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise RecipeError(f"{display_path(path)}: not a UTF-8 text file (byte {err.start})") from None
     except FileNotFoundError:
-        raise RecipeError(f"{display_path(path)}: recipe file not found") from None
+        raise RecipeError(f"{display_path(path)}: {what} file not found") from None
     except OSError as err:
-        raise RecipeError(f"{display_path(path)}: cannot read recipe ({err.strerror})") from None
+        raise RecipeError(f"{display_path(path)}: cannot read {what} file ({err.strerror})") from None
     try:
         data = yaml.load(text, Loader=RecipeYamlLoader)
     except yaml.YAMLError as err:
@@ -109,7 +107,7 @@ def read_yaml(path: Path) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(
-            f"{display_path(path)}: a recipe is a mapping of sections, got {type(data).__name__}"
+            f"{display_path(path)}: a {what} is a mapping of sections, got {type(data).__name__}"
         )
     return data
 

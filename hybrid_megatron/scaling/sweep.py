@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -46,6 +45,7 @@ from pydantic import (
 from hybrid_megatron.accounting import count_parameters, model_flops_per_token
 from hybrid_megatron.config import load_recipe
 from hybrid_megatron.config.errors import RecipeError
+from hybrid_megatron.config.loader import read_yaml
 from hybrid_megatron.config.train import parse_count
 
 
@@ -129,15 +129,11 @@ def load_sweep(path: str | Path, extra_overrides: tuple[str, ...] = ()) -> tuple
     ``hm.match`` tags. Raises RecipeError naming the file and field for a bad sweep or recipe.
     """
     path = Path(path).resolve()
+    raw = read_yaml(path, what="sweep")
+    if "sweep" not in raw:
+        raise RecipeError(f"{path}: not a sweep file: it has no 'sweep:' section")
     try:
-        text = path.read_text()
-        _check_duplicate_keys(path, yaml.compose(text, Loader=yaml.SafeLoader))
-        raw = yaml.safe_load(text)
-        if not isinstance(raw, dict) or "sweep" not in raw:
-            raise RecipeError(f"{path}: not a sweep file: it has no 'sweep:' section")
         spec = SweepSpec(**raw["sweep"])
-    except (OSError, yaml.YAMLError) as err:
-        raise RecipeError(f"{path}: cannot read sweep file ({err})") from None
     except ValidationError as err:
         first = err.errors()[0]
         loc = "".join(f".{p}" for p in first["loc"])
@@ -205,24 +201,6 @@ def load_sweep(path: str | Path, extra_overrides: tuple[str, ...] = ()) -> tuple
                 )
             )
     return spec, runs
-
-
-def _check_duplicate_keys(path: Path, node, where: str = "") -> None:
-    """Raise RecipeError for a key given twice in one mapping of the composed YAML ``node``
-    (YAML loaders keep the last silently; a size label given twice would drop a size)."""
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key, value in node.value:
-            name = str(key.value)
-            if name in seen:
-                field = f"{where[1:]}: " if where else ""
-                line = key.start_mark.line + 1
-                raise RecipeError(f"{path}: {field}{name!r} given twice (line {line})")
-            seen.add(name)
-            _check_duplicate_keys(path, value, f"{where}.{name}")
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_duplicate_keys(path, item, f"{where}.{i}")
 
 
 def _short_flops(c: float) -> str:
