@@ -19,9 +19,9 @@ def test_padded_group_layout_places_each_group_at_an_aligned_start():
 
     counts = torch.tensor([3, 0, 5, 1])
     destination, offsets, rows = padded_group_layout(counts, 9, alignment=4)
-    # groups padded to 4, 0, 8, 4 rows: starts 0, 4, 4, 12
+    # groups padded to 4, 0, 8, 4 rows: starts 0, 4, 4, 12; the last one takes the spare rows
     assert destination.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 12]
-    assert offsets.tolist() == [4, 4, 12, 16] and offsets.dtype == torch.int32
+    assert offsets.tolist() == [4, 4, 12, 24] and offsets.dtype == torch.int32
     assert rows == 24  # 9 + 4 x 3 rounded up to 4: a bound that does not depend on the counts
     destination, offsets, rows = padded_group_layout(counts, 9, alignment=1)
     assert destination.tolist() == list(range(9)) and offsets.tolist() == [3, 3, 8, 9] and rows == 9
@@ -195,6 +195,41 @@ def test_fp8_grouped_experts_train_like_bf16_within_e4m3_rounding(single_rank):
     ]
     # a product of two E4M3-rounded operands: about 6% per expert, none far off
     assert len(rels) == 32 and sum(rels) / len(rels) < 0.08 and max(rels) < 0.15, rels
+
+
+def test_fp8_experts_never_read_rows_a_grouped_gemm_leaves_unwritten(single_rank, monkeypatch):
+    """On a GPU the grouped GEMM leaves output rows past the last group's end unwritten (whatever
+    the allocator held, NaN included), and FP8's weight-gradient scales reduce over every row of
+    the buffer: with the groups padded to 16 rows, the reference GEMM here fills such rows with
+    NaN, and the loss and every gradient stay those of the unpadded experts."""
+    from hybrid_megatron.models import moe
+    from hybrid_megatron.ops import fp8_grouped_mm as f8
+
+    cfg = tiny_model("inter", moe=True)
+    model = build_single({**cfg, "moe": {**cfg["moe"], "experts": "grouped"}}, seed=3)
+    _randomise(model, seed=5)
+    experts = [m for m in model.modules() if isinstance(m, moe.GroupedExperts)]
+    for m in experts:
+        m.fp8 = True
+    ids = torch.randint(0, cfg["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+
+    reference = f8._reference_grouped_mm
+
+    def leaves_rows_unwritten(a, b, scale_a, scale_b, offs, out_dtype):
+        out = reference(a, b, scale_a, scale_b, offs, out_dtype)
+        if b.dim() == 3:  # rows of ``a`` in groups: rows past the last offset are not computed
+            out[int(offs[-1]) :] = float("nan")
+        return out
+
+    monkeypatch.setattr(f8, "_reference_grouped_mm", leaves_rows_unwritten)
+    for m in experts:
+        m.alignment = 16
+    loss, grads = _loss_and_grads(model, ids)
+    assert loss == pytest.approx(loss_ref, rel=1e-6)
+    for name, g in grads_ref.items():
+        assert torch.isfinite(grads[name]).all(), name
+        assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6), name
 
 
 def test_fp8_weight_copies_are_made_once_per_step_and_reused_by_its_micro_batches(single_rank, monkeypatch):

@@ -60,6 +60,10 @@ def padded_group_layout(counts: torch.Tensor, num_rows: int, alignment: int):
     row index of each input row, the int32 end offset of each padded group (``torch._grouped_mm``'s
     ``offs``) and the fixed buffer size ``num_rows + groups * (alignment - 1)`` rounded up to the
     alignment, a bound that does not depend on the counts. Nothing is read back to the host.
+
+    The last group ends at the buffer's end: the buffer's spare rows (zeros) become its padding.
+    A grouped GEMM leaves output rows past the last offset unwritten, and FP8's column scales
+    read every row, so no row may be left undefined.
     """
     groups = counts.numel()
     counts = counts.to(torch.int64)
@@ -73,7 +77,10 @@ def padded_group_layout(counts: torch.Tensor, num_rows: int, alignment: int):
     bound = num_rows + groups * (alignment - 1)
     # the buffer's row count a multiple of the alignment too: FP8's weight-gradient GEMM reads
     # the transposed buffer, whose row stride must be a multiple of 16 bytes
-    return destination, padded_ends.to(torch.int32), -(-bound // alignment) * alignment
+    buffer_rows = -(-bound // alignment) * alignment
+    offsets = padded_ends.to(torch.int32)
+    offsets[-1] = buffer_rows
+    return destination, offsets, buffer_rows
 
 
 class GroupedExperts(MegatronModule):
