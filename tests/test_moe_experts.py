@@ -197,20 +197,28 @@ def test_fp8_grouped_experts_train_like_bf16_within_e4m3_rounding(single_rank):
     assert len(rels) == 32 and sum(rels) / len(rels) < 0.08 and max(rels) < 0.15, rels
 
 
+def _fp8_grouped_model():
+    """The tiny inter MoE model with grouped experts, randomised, its experts switched to FP8:
+    (recipe dict, model, the GroupedExperts modules)."""
+    from hybrid_megatron.models.moe import GroupedExperts
+
+    cfg = tiny_model("inter", moe=True)
+    model = build_single({**cfg, "moe": {**cfg["moe"], "experts": "grouped"}}, seed=3)
+    _randomise(model, seed=5)
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    for m in experts:
+        m.fp8 = True
+    return cfg, model, experts
+
+
 def test_fp8_experts_never_read_rows_a_grouped_gemm_leaves_unwritten(single_rank, monkeypatch):
     """On a GPU the grouped GEMM leaves output rows past the last group's end unwritten (whatever
     the allocator held, NaN included), and FP8's weight-gradient scales reduce over every row of
     the buffer: with the groups padded to 16 rows, the reference GEMM here fills such rows with
     NaN, and the loss and every gradient stay those of the unpadded experts."""
-    from hybrid_megatron.models import moe
     from hybrid_megatron.ops import fp8_grouped_mm as f8
 
-    cfg = tiny_model("inter", moe=True)
-    model = build_single({**cfg, "moe": {**cfg["moe"], "experts": "grouped"}}, seed=3)
-    _randomise(model, seed=5)
-    experts = [m for m in model.modules() if isinstance(m, moe.GroupedExperts)]
-    for m in experts:
-        m.fp8 = True
+    cfg, model, experts = _fp8_grouped_model()
     ids = torch.randint(0, cfg["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
     loss_ref, grads_ref = _loss_and_grads(model, ids)
 
@@ -238,12 +246,7 @@ def test_fp8_weight_copies_are_made_once_per_step_and_reused_by_its_micro_batche
     same numbers as quantising afresh; a weight written in place is quantised again."""
     from hybrid_megatron.models import moe
 
-    cfg = tiny_model("inter", moe=True)
-    model = build_single({**cfg, "moe": {**cfg["moe"], "experts": "grouped"}}, seed=3)
-    _randomise(model, seed=5)
-    experts = [m for m in model.modules() if isinstance(m, moe.GroupedExperts)]
-    for m in experts:
-        m.fp8 = True
+    cfg, model, experts = _fp8_grouped_model()
     made, quantise_weight = [], moe.quantise_weight
     monkeypatch.setattr(moe, "quantise_weight", lambda w: made.append(w) or quantise_weight(w))
     ids = torch.randint(0, cfg["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
