@@ -728,17 +728,22 @@ def test_sweep_rerun_skips_the_runs_that_finished(tmp_path, monkeypatch, capsys)
     totals = [derived(recipe, 1, count_parameters)["total_steps"] for recipe in recipes]
     _fake_checkpoint(Path(recipes[0].checkpoint.dir), totals[0])  # finished
     _fake_checkpoint(Path(recipes[1].checkpoint.dir), totals[1] - 1)  # stopped one step short
+    out = run_sweep_skipping_the_first(sweep, tmp_path, monkeypatch, capsys, recipes, runs[1].name)
+    assert f"[sweep] 1 runs finished earlier, skipped: {runs[0].name}" in out
+
+
+def run_sweep_skipping_the_first(sweep, tmp_path, monkeypatch, capsys, recipes, second: str) -> str:
+    """Runs the two-run mini sweep locally with the stand-in trainer and checks that its first
+    run was skipped (no stand-in output) and its second ran (named ``second``); returns stdout."""
     _use_standin(monkeypatch, "standin_entry")
     code = cli.main([str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert f"[sweep] 1 runs finished earlier, skipped: {runs[0].name}" in out
     assert "[sweep] 1/1 runs succeeded (compare group mini)" in out
     assert not (Path(recipes[0].run_dir) / "standin").exists()
-    assert (
-        json.loads((Path(recipes[1].run_dir) / "standin" / "rank0.json").read_text())["recipe"]
-        == runs[1].name
-    )
+    record = json.loads((Path(recipes[1].run_dir) / "standin" / "rank0.json").read_text())
+    assert record["recipe"] == second
+    return out
 
 
 @pytest.mark.long  # three short runs of the real trainer

@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from hybrid_megatron.launch import cli
-from tests.test_launcher import _ckpt, _fake_checkpoint, _mini_sweep, _use_standin
+from tests.test_launcher import (
+    _ckpt,
+    _fake_checkpoint,
+    _mini_sweep,
+    _use_standin,
+    run_sweep_skipping_the_first,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,15 +163,8 @@ def test_sweep_skips_the_run_the_store_holds_finished_and_runs_the_killed_one(tm
     _log_run(uri, exp, b, "mini", totals[1], "KILLED")
     _log_run(uri, exp, b, "mini", totals[1] - 1, "FINISHED")
     _log_run(uri, exp, b, "other", totals[1], "FINISHED")
-    _use_standin(monkeypatch, "standin_entry")
-    code = cli.main([str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(tmp_path)])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    out = run_sweep_skipping_the_first(sweep, tmp_path, monkeypatch, capsys, recipes, b)
     assert f"[sweep] 1 runs finished earlier, skipped: {a} (MLflow run {latest} at step {totals[0]})\n" in out
-    assert "[sweep] 1/1 runs succeeded (compare group mini)" in out
-    assert not (Path(recipes[0].run_dir) / "standin").exists()
-    record = json.loads((Path(recipes[1].run_dir) / "standin" / "rank0.json").read_text())
-    assert record["recipe"] == b
 
 
 def test_an_unreadable_store_leaves_the_checkpoints_as_evidence(tmp_path, monkeypatch, capsys):
