@@ -4,10 +4,12 @@ against the FP8 grouped linear (``hybrid_megatron.ops.fp8_grouped_mm``), and whe
 Shapes come from the benchmark's MoE model at ``--scale`` (hidden size, experts, expert FFN,
 top-k, one micro-batch of tokens); tokens are routed uniformly at random, and each group is
 padded to 16 rows as the grouped experts pad it. Times are medians of ``--repeat`` runs
-(CUDA events on a GPU); FP8 is timed with its weights quantised in the call and with them
-quantised beforehand (as the experts reuse them across a step's micro-batches). ``--profile``
-adds the FP8 side's kernels by device time, which is how a slow quantisation step (rather than
-the GEMMs) shows up.
+(CUDA events on a GPU). FP8 is timed with the torch quantiser for activations and gradients
+(``fp8_*`` keys), its weights quantised in the call and quantised beforehand (as the experts
+reuse them across a step's micro-batches), and, where Transformer Engine runs (a GPU with TE
+installed), with TE's fused quantiser and weights quantised beforehand (``fp8_te_*`` keys; null
+elsewhere). ``--profile`` adds each FP8 side's kernels by device time, which is how a slow
+quantisation step (rather than the GEMMs) shows up.
 
     python3 -m bench.fp8_grouped_mm --scale 1b --out OUT.json [--profile]
 """
@@ -24,7 +26,13 @@ from datetime import UTC, datetime
 import torch
 
 from hybrid_megatron.models.moe import grouped_linear
-from hybrid_megatron.ops.fp8_grouped_mm import fp8_grouped_linear, quantise_weight
+from hybrid_megatron.ops.fp8_grouped_mm import (
+    TEQuantiser,
+    TorchQuantiser,
+    fp8_grouped_linear,
+    have_transformer_engine,
+    quantise_weight,
+)
 
 ALIGNMENT = 16
 
@@ -98,6 +106,17 @@ def kernel_table(fn, x, weights, offsets, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def _te_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformer_engine")
+    except PackageNotFoundError:
+        import transformer_engine
+
+        return str(getattr(transformer_engine, "__version__", "unknown"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", default="1b", choices=["350m", "1b", "tiny"])
@@ -117,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     x.requires_grad_(True)
     weights = [w.to(device, torch.bfloat16).requires_grad_(True) for w in (w1, w2)]
 
+    torch_quantiser = TorchQuantiser()
+
+    def fp8(a, w, o):
+        return fp8_grouped_linear(a, w, o, quantiser=torch_quantiser)
+
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": datetime.now(UTC).date().isoformat(),
@@ -124,21 +148,37 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python3 -m bench.fp8_grouped_mm " + " ".join(sys.argv[1:] if argv is None else argv),
         "shapes": {**shapes, "buffer_rows": buffer_rows},
         "bf16_ms": time_forward_backward(grouped_linear, x, weights, offsets, args.repeat),
-        "fp8_ms": time_forward_backward(fp8_grouped_linear, x, weights, offsets, args.repeat),
+        "fp8_ms": time_forward_backward(fp8, x, weights, offsets, args.repeat),
     }
     # the weights' FP8 copies made beforehand, as the experts reuse them across a step's micro-batches
     cached = {id(w): quantise_weight(w) for w in weights}
 
     def fp8_cached(a, w, o):
-        return fp8_grouped_linear(a, w, o, cached[id(w)])
+        return fp8_grouped_linear(a, w, o, cached[id(w)], quantiser=torch_quantiser)
 
+    te_quantiser = TEQuantiser()
+
+    def fp8_te_cached(a, w, o):
+        return fp8_grouped_linear(a, w, o, cached[id(w)], quantiser=te_quantiser)
+
+    te = device.type == "cuda" and have_transformer_engine()
     result["fp8_cached_weights_ms"] = time_forward_backward(fp8_cached, x, weights, offsets, args.repeat)
+    result["fp8_te_cached_weights_ms"] = (
+        time_forward_backward(fp8_te_cached, x, weights, offsets, args.repeat) if te else None
+    )
+    result["transformer_engine"] = _te_version() if te else None
     result["fp8_speedup"] = result["bf16_ms"] / result["fp8_ms"]
     result["fp8_cached_weights_speedup"] = result["bf16_ms"] / result["fp8_cached_weights_ms"]
+    result["fp8_te_cached_weights_speedup"] = (
+        result["bf16_ms"] / result["fp8_te_cached_weights_ms"] if te else None
+    )
     print(json.dumps(result, indent=1))
     if args.profile:
-        result["fp8_kernels"] = kernel_table(fp8_grouped_linear, x, weights, offsets)
+        result["fp8_kernels"] = kernel_table(fp8, x, weights, offsets)
         print(result["fp8_kernels"])
+        if te:
+            result["fp8_te_cached_weights_kernels"] = kernel_table(fp8_te_cached, x, weights, offsets)
+            print(result["fp8_te_cached_weights_kernels"])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0

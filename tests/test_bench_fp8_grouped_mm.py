@@ -17,3 +17,7 @@ def test_tiny_layers_are_timed_in_both_precisions(tmp_path):
     assert result["bf16_ms"] > 0 and result["fp8_ms"] > 0 and result["fp8_cached_weights_ms"] > 0
     assert result["fp8_speedup"] == result["bf16_ms"] / result["fp8_ms"]
     assert "_FP8GroupedLinearBackward" in result["fp8_kernels"]
+    # TE's quantiser runs on a GPU only: its keys are there, empty
+    assert result["fp8_te_cached_weights_ms"] is None and result["transformer_engine"] is None
+    assert result["fp8_te_cached_weights_speedup"] is None
+    assert "fp8_te_cached_weights_kernels" not in result

@@ -4,6 +4,7 @@ other, and TE against local layers on the same checkpoint."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -420,7 +421,8 @@ def test_trainer_on_gpu_learns_and_checkpoints(tmp_path, fp8):
 
 def test_fp8_grouped_gemm_kernel_matches_its_reference():
     """torch._scaled_grouped_mm on the GPU against the float32 reference of the same E4M3
-    operands (forward, input and weight gradients), groups padded to 16, one group empty."""
+    operands (forward, input and weight gradients; the torch quantiser on both devices),
+    groups padded to 16, one group empty."""
     from hybrid_megatron.ops import fp8_grouped_mm as f8
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -431,7 +433,7 @@ def test_fp8_grouped_gemm_kernel_matches_its_reference():
     results = {}
     for device in ("cuda", "cpu"):
         xs, ws = x.detach().to(device).requires_grad_(), w.detach().to(device).requires_grad_()
-        y = f8.fp8_grouped_linear(xs, ws, offsets.to(device))
+        y = f8.fp8_grouped_linear(xs, ws, offsets.to(device), quantiser=f8.TorchQuantiser())
         y.backward(grad.to(device))
         results[device] = [
             t.float().cpu()[:160] if t.dim() == 2 else t.float().cpu() for t in (y, xs.grad, ws.grad)
@@ -472,3 +474,122 @@ def test_fp8_grouped_experts_on_gpu_track_bf16(single_rank):
     for bf16, fp8 in zip(*results, strict=True):
         err = (fp8 - bf16).norm() / bf16.norm()
         assert 1e-4 < err < 0.1, err.item()
+
+
+def _skip_without_te_fp8():
+    from hybrid_megatron.ops.fp8_grouped_mm import have_transformer_engine
+
+    if not have_transformer_engine():
+        pytest.skip("needs Transformer Engine")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("FP8 needs Hopper or newer")
+
+
+def test_te_quantiser_writes_the_per_tensor_reference_bytes():
+    """TE's fused quantiser (current scaling, power-of-two scale) writes the bytes of the torch
+    per-tensor reference, its transposed copy is their transpose, and the scales are that one
+    scale repeated per row; an all-zero tensor gets zeros and scale 1."""
+    from hybrid_megatron.ops import fp8_grouped_mm as f8
+    from tests.test_ops_fp8_grouped_mm import TensorwiseQuantiser
+
+    _skip_without_te_fp8()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(176, 256, device="cuda", generator=g, dtype=torch.bfloat16)
+    x[:16] *= 1e-3  # rows far below the tensor's largest: some in E4M3's subnormal range
+    for t in (x, torch.zeros_like(x)):
+        te = f8.TEQuantiser()(t, rowwise=True, columnwise=True)
+        ref = TensorwiseQuantiser()(t, rowwise=True, columnwise=True)
+        assert te.rowwise.dtype == te.columnwise.dtype == f8.E4M3
+        assert te.rowwise.shape == (176, 256) and te.columnwise.shape == (256, 176)
+        assert te.rowwise.is_contiguous() and te.columnwise.is_contiguous()
+        assert torch.equal(te.rowwise.view(torch.uint8), ref.rowwise.view(torch.uint8))
+        assert torch.equal(te.columnwise.view(torch.uint8), te.rowwise.view(torch.uint8).t())
+        for scale_inv, n in ((te.rowwise_scale_inv, 176), (te.columnwise_scale_inv, 256)):
+            assert scale_inv.dtype == torch.float32 and scale_inv.shape == (n,)
+            assert scale_inv.is_contiguous()
+            want = ref.rowwise_scale_inv[0] if t.any() else 1.0
+            assert torch.all(scale_inv == want), (scale_inv[0].item(), want)
+    only_rows = f8.TEQuantiser()(x, rowwise=True, columnwise=False)
+    assert only_rows.columnwise is None and only_rows.columnwise_scale_inv is None
+
+
+def test_te_quantiser_tracks_the_torch_quantiser():
+    """The grouped linear's output and its input and weight gradients with TE's quantiser
+    within 1% of the torch quantiser's (power-of-two scales: per tensor and per row round the
+    same except in E4M3's subnormal range), one group empty (zero weight gradient), also for
+    an all-zero input and an all-zero output gradient."""
+    from hybrid_megatron.ops import fp8_grouped_mm as f8
+
+    _skip_without_te_fp8()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    offsets = torch.tensor([48, 48, 96, 160], device="cuda", dtype=torch.int32)
+    x = torch.randn(176, 256, device="cuda", generator=g, dtype=torch.bfloat16)  # 16 padding rows
+    w = torch.randn(4, 512, 256, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    grad = torch.randn(176, 512, device="cuda", generator=g, dtype=torch.bfloat16)
+    cases = {"random": (x, grad), "zero input": (x * 0, grad), "zero gradient": (x, grad * 0)}
+    for case, (x_in, grad_in) in cases.items():
+        results = []
+        for quantiser in (f8.TorchQuantiser(), f8.TEQuantiser()):
+            xs, ws = x_in.clone().requires_grad_(), w.clone().requires_grad_()
+            y = f8.fp8_grouped_linear(xs, ws, offsets, quantiser=quantiser)
+            y.backward(grad_in)
+            # rows past the last group are not written by the kernel
+            results.append([y.float()[:160], xs.grad.float()[:160], ws.grad.float()])
+        for name, want, got in zip(("output", "input grad", "weight grad"), *results, strict=True):
+            assert torch.isfinite(got).all(), (case, name)
+            if want.any():
+                err = (got - want).norm() / want.norm()
+                assert err < 1e-2, (case, name, err.item())
+            else:
+                assert not got.any(), (case, name)
+        assert not results[1][2][1].any(), case  # the empty group's weight gradient
+
+
+def test_fp8_grouped_experts_train_with_te_quantiser(single_rank, monkeypatch):
+    """GroupedExperts under FP8 on the GPU quantise through TE by default and fit a target
+    like the same experts in bf16: losses finite, falling, within 5% of bf16's every step."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from hybrid_megatron.config.model import ModelConfig
+    from hybrid_megatron.models.moe import GroupedExperts
+    from hybrid_megatron.models.transformer_config import build_transformer_config
+    from hybrid_megatron.ops import fp8_grouped_mm as f8
+
+    _skip_without_te_fp8()
+    calls = []
+    te_call = f8.TEQuantiser.__call__
+    monkeypatch.setattr(
+        f8.TEQuantiser, "__call__", lambda self, x, **kw: calls.append(x.shape) or te_call(self, x, **kw)
+    )
+    cfg = gpu_model("intra", moe=True, params_dtype="bf16")
+    tconfig = build_transformer_config(ModelConfig(**cfg), bf16=True)
+    initial = GroupedExperts(4, tconfig, get_default_pg_collection()).cuda().state_dict()
+    counts = torch.tensor([37, 0, 5, 86], device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randn(128, 256, device="cuda", generator=g, dtype=torch.bfloat16)
+    probs = torch.rand(128, device="cuda", generator=g)
+    target = torch.randn(128, 256, device="cuda", generator=g)
+    losses: dict[bool, list[float]] = {}
+    scale = None  # the target at the bf16 outputs' initial size
+    for fp8 in (False, True):
+        experts = GroupedExperts(4, tconfig, get_default_pg_collection()).cuda()
+        experts.load_state_dict(initial)
+        experts.fp8 = fp8
+        optimizer = torch.optim.Adam(experts.parameters(), lr=1e-3)
+        losses[fp8] = []
+        for _ in range(8):
+            optimizer.zero_grad()
+            out, _ = experts(tokens, counts, probs)
+            if scale is None:
+                scale = out.float().std().item()
+            loss = (out.float() - target * scale).pow(2).mean() / scale**2
+            loss.backward()
+            optimizer.step()
+            losses[fp8].append(loss.item())
+    fp8_losses = losses[True]
+    assert len(calls) == 8 * 2 * 2, len(calls)  # x and the gradient of both layers, every step
+    assert all(math.isfinite(v) for v in fp8_losses), fp8_losses
+    assert all(b < a for a, b in zip(fp8_losses, fp8_losses[1:])), fp8_losses
+    assert fp8_losses[-1] < 0.5 * fp8_losses[0], fp8_losses
+    for a, b in zip(fp8_losses, losses[False], strict=True):
+        assert a == pytest.approx(b, rel=0.05), (fp8_losses, losses[False])

@@ -91,8 +91,9 @@ class GroupedExperts(MegatronModule):
     ``(output [rows, hidden], None)``. Weights: ``weight1 [experts, (2 x) ffn / tp, hidden]``
     (gate rows first, then the linear rows, for gated FFNs) and ``weight2 [experts, hidden,
     ffn / tp]``, split over the expert-TP group like megatron-core's column/row-parallel experts.
-    Under an FP8 config both GEMMs (and their gradients) run in E4M3 with row-wise scales
-    (:func:`~hybrid_megatron.ops.fp8_grouped_mm.fp8_grouped_linear`).
+    Under an FP8 config both GEMMs (and their gradients) run in E4M3
+    (:func:`~hybrid_megatron.ops.fp8_grouped_mm.fp8_grouped_linear`): weights with row-wise
+    scales, activations and gradients with TE's per-tensor current scaling on a GPU.
     """
 
     alignment: int | None = None  # rows per padded group; None: group_alignment(device)

@@ -1,22 +1,33 @@
-"""Grouped linear layers in FP8 with row-wise scales: ``torch._scaled_grouped_mm`` with autograd.
+"""Grouped linear layers in FP8: ``torch._scaled_grouped_mm`` with autograd.
 
 ``fp8_grouped_linear(x, weight, offsets)`` computes, for each group ``g`` of rows of ``x``
 (``offsets`` are the groups' int32 end rows, as ``torch._grouped_mm`` takes them),
 ``x[rows of g] @ weight[g].T``, with all three GEMMs of training (forward, input gradient and
-weight gradient) in E4M3. Scales are per row of each operand along the contraction dimension
-(for the weight gradient, whose contraction runs over each group's rows, per column over all
-rows: one dense reduction, where a per-group reduction needs contended atomics on a GPU) and
-powers of two, so scaling is exact and only the rounding to E4M3 loses precision. Every scale
-is computed on the device: nothing waits for the host, as in the BF16 grouped experts.
+weight gradient) in E4M3. Every scale is a power of two, so scaling is exact and only the
+rounding to E4M3 loses precision, and every scale is computed on the device: nothing waits for
+the host, as in the BF16 grouped experts.
 
-On a GPU the GEMMs are ``torch._scaled_grouped_mm`` (Hopper); elsewhere a reference with the
-same quantisation and the same operand layouts (checked against the kernel's shape rules), so
-the autograd wiring is testable on a CPU.
+The weights are scaled per row along the contraction dimension (:func:`quantise_weight`, made
+once per optimizer step by the caller). The activations and gradients go through a
+:class:`Quantiser`, which makes a tensor's row-wise copy and its transposed copy (the weight
+gradient's operands: Hopper's FP8 GEMMs read both operands K-major) together:
+
+- :class:`TEQuantiser`, on a GPU where Transformer Engine is installed: TE's per-tensor current
+  scaling, one amax pass and one fused cast-transpose (about 6 bytes moved per bf16 element for
+  both copies);
+- :class:`TorchQuantiser`, everywhere else and the reference: torch ops with one scale per row
+  (row-wise copy) and per column (transposed copy), finer than per tensor but several passes
+  and a strided transpose (about 20 bytes per element).
+
+The forward keeps only ``x``'s transposed FP8 copy for the backward (1 byte per element, where
+``x`` itself would be 2). On a GPU the GEMMs are ``torch._scaled_grouped_mm`` (Hopper);
+elsewhere a reference with the same operand layouts (checked against the kernel's shape
+rules), so the autograd wiring is testable on a CPU.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -96,64 +107,183 @@ def scaled_grouped_mm(a, b, scale_a, scale_b, offs, out_dtype, fast_accum: bool)
     return _reference_grouped_mm(a, b, scale_a, scale_b, offs, out_dtype)
 
 
+class QuantisedOperand(NamedTuple):
+    """A ``[rows, cols]`` tensor in E4M3 for the GEMMs it feeds: ``rowwise`` ``[rows, cols]``
+    with ``rowwise_scale_inv`` ``[rows]``, and ``columnwise``, its transpose ``[cols, rows]``
+    row-major, with ``columnwise_scale_inv`` ``[cols]`` (one reciprocal scale per row of each,
+    float32, contiguous, as ``torch._scaled_grouped_mm`` takes them). A copy not asked for is
+    None, as is its scale."""
+
+    rowwise: Tensor | None
+    rowwise_scale_inv: Tensor | None
+    columnwise: Tensor | None
+    columnwise_scale_inv: Tensor | None
+
+
+class Quantiser(Protocol):
+    """Quantises an activation or gradient ``[rows, cols]`` into the copies asked for."""
+
+    def __call__(self, x: Tensor, *, rowwise: bool, columnwise: bool) -> QuantisedOperand: ...
+
+
+class TorchQuantiser:
+    """Power-of-two scales in torch ops, one per row of each copy (per row of ``x`` for the
+    row-wise copy, per column for the transposed one): the reference, on any device."""
+
+    def __call__(self, x: Tensor, *, rowwise: bool, columnwise: bool) -> QuantisedOperand:
+        data, scale_inv = quantise(x, dim=1) if rowwise else (None, None)
+        data_t, scale_inv_t = None, None
+        if columnwise:
+            by_column, scale_inv_t = quantise(x, dim=0)
+            data_t = by_column.t().contiguous()
+        return QuantisedOperand(data, scale_inv, data_t, scale_inv_t)
+
+
+class TEQuantiser:
+    """Transformer Engine's per-tensor current scaling (CUDA tensors only): one amax pass, then
+    one fused kernel that casts and writes the row-wise copy and its transpose together.
+
+    One scale for the whole tensor (TE's default FP8 practice for activations and gradients),
+    repeated to the per-row scale vectors the grouped GEMM takes. ``force_pow_2_scales``: the
+    scale TE computes (E4M3's largest value over the amax) rounded down to a power of two, the
+    same scale :func:`power_of_two_scale` gives, so scaling stays exact here as on the
+    reference path; an all-zero tensor gets scale 1. Transformer Engine is imported on the
+    first call."""
+
+    def __call__(self, x: Tensor, *, rowwise: bool, columnwise: bool) -> QuantisedOperand:
+        import transformer_engine_torch as tex
+        from transformer_engine.pytorch.tensor.float8_tensor import Float8CurrentScalingQuantizer
+
+        quantizer = Float8CurrentScalingQuantizer(
+            tex.DType.kFloat8E4M3,
+            x.device,
+            rowwise=rowwise,
+            columnwise=columnwise,
+            force_pow_2_scales=True,
+        )
+        quantizer.internal = True  # a plain storage object, outside autograd
+        q = quantizer(x.detach().contiguous())  # uint8 ``_data`` [rows, cols], ``_scale_inv`` [1]
+        rows, cols = x.shape
+        transpose = None
+        if columnwise:
+            # Hopper's FP8 GEMMs are TN only, so there TE writes the transpose [cols, rows] in
+            # the same kernel; where its GEMMs take either layout (Blackwell) it writes none
+            transpose = q._transpose if q._transpose is not None else q._data.t().contiguous()
+        scale_inv = q._scale_inv
+        return QuantisedOperand(
+            q._data.view(E4M3) if rowwise else None,
+            scale_inv.expand(rows).contiguous() if rowwise else None,
+            transpose.view(E4M3) if transpose is not None else None,
+            scale_inv.expand(cols).contiguous() if columnwise else None,
+        )
+
+
+def have_transformer_engine() -> bool:
+    """Whether Transformer Engine's PyTorch package imports here."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_quantiser(device: torch.device) -> Quantiser:
+    """TE's fused quantiser for a CUDA ``device`` where Transformer Engine is installed, the
+    torch reference elsewhere."""
+    if device.type == "cuda" and have_transformer_engine():
+        return TEQuantiser()
+    return TorchQuantiser()
+
+
 class _FP8GroupedLinear(torch.autograd.Function):
-    """y = x @ weight[g].T per group, the three GEMMs in E4M3 with row-wise power-of-two scales.
+    """y = x @ weight[g].T per group, the three GEMMs in E4M3.
 
     Operand layouts follow the kernel's rule (left operand row-major, right column-major): a
-    ``[groups, out, in]`` row-major tensor viewed as ``transpose(1, 2)`` is column-major.
+    ``[groups, out, in]`` row-major tensor viewed as ``transpose(1, 2)`` is column-major, and
+    so is a ``[cols, rows]`` transposed copy viewed as ``.t()``.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, offsets: Tensor, *quantised: Tensor) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        offsets: Tensor,
+        quantiser: Quantiser,
+        weight_grad: bool,
+        *quantised: Tensor,
+    ) -> Tensor:
         w = QuantisedWeight(*quantised)
-        x8, x_scale_inv = quantise(x, dim=1)  # per row, along ``in``
-        ctx.save_for_backward(x, offsets, w.backward, w.backward_scale_inv)
+        # both copies in one go: the row-wise one for this GEMM, the transposed one (the weight
+        # gradient's operand, if one is wanted) kept for the backward instead of ``x``
+        xq = quantiser(x, rowwise=True, columnwise=weight_grad)
+        ctx.save_for_backward(
+            xq.columnwise, xq.columnwise_scale_inv, offsets, w.backward, w.backward_scale_inv
+        )
+        ctx.quantiser = quantiser
+        ctx.weight_grad = weight_grad
+        ctx.x_dtype = x.dtype
         ctx.weight_dtype = weight.dtype
         # the forward GEMM accumulates fast, as TE's default FP8 recipe does; gradients do not
         return scaled_grouped_mm(
-            x8, w.forward.transpose(1, 2), x_scale_inv, w.forward_scale_inv, offsets, x.dtype, True
+            xq.rowwise,
+            w.forward.transpose(1, 2),
+            xq.rowwise_scale_inv,
+            w.forward_scale_inv,
+            offsets,
+            x.dtype,
+            True,
         )
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, offsets, w_backward, w_backward_scale_inv = ctx.saved_tensors
-        grad = grad.contiguous()
+        x_t, x_t_scale_inv, offsets, w_backward, w_backward_scale_inv = ctx.saved_tensors
         groups = w_backward.shape[0]
+        gq = ctx.quantiser(grad.contiguous(), rowwise=True, columnwise=ctx.weight_grad)
 
-        # input gradient: grad [rows, out] @ weight[g] [out, in], scaled along ``out``
-        g8, g_scale_inv = quantise(grad, dim=1)
+        # input gradient: grad [rows, out] @ weight[g] [out, in], contracting over ``out``
         grad_x = scaled_grouped_mm(
-            g8, w_backward.transpose(1, 2), g_scale_inv, w_backward_scale_inv, offsets, x.dtype, False
+            gq.rowwise,
+            w_backward.transpose(1, 2),
+            gq.rowwise_scale_inv,
+            w_backward_scale_inv,
+            offsets,
+            ctx.x_dtype,
+            False,
         )
+        if not ctx.weight_grad:
+            return grad_x, None, None, None, None, None, None, None, None
 
-        # weight gradient: grad[rows of g].T @ x[rows of g], contracting over the group's rows.
-        # Each operand is scaled per column, over all rows: finer than a per-tensor scale, and a
-        # dense reduction (the kernel takes one scale per group and column, so it is repeated).
-        gt8, gc_scale_inv = quantise(grad, dim=0)
-        xt8, xc_scale_inv = quantise(x, dim=0)
+        # weight gradient: grad[rows of g].T @ x[rows of g], contracting over the group's rows:
+        # the transposed copies, one scale per row of each and group (so the scales repeat)
         grad_w = scaled_grouped_mm(
-            gt8.t().contiguous(),  # [out, rows]
-            xt8.t().contiguous().t(),  # [rows, in], column-major
-            gc_scale_inv.repeat(groups),
-            xc_scale_inv.repeat(groups),
+            gq.columnwise,  # [out, rows]
+            x_t.t(),  # [rows, in], column-major
+            gq.columnwise_scale_inv.repeat(groups),
+            x_t_scale_inv.repeat(groups),
             offsets,
             ctx.weight_dtype,
             False,
         )
         # a group without rows contracts over nothing: its gradient is zero, whatever the kernel writes
         sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
-        grad_w = torch.where((sizes > 0)[:, None, None], grad_w, torch.zeros_like(grad_w))
-        return grad_x, grad_w, None, None, None, None, None
+        grad_w = torch.where((sizes > 0)[:, None, None], grad_w, 0.0)  # one pass, no zeros tensor
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
 
 def fp8_grouped_linear(
-    x: Tensor, weight: Tensor, offsets: Tensor, quantised: QuantisedWeight | None = None
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    quantised: QuantisedWeight | None = None,
+    quantiser: Quantiser | None = None,
 ) -> Tensor:
     """``x @ weight[g].T`` for each group of rows of ``x`` [rows, in] (``offsets``: int32 end
     row of each group; on a GPU each, and ``rows``, a multiple of 16), ``weight`` [groups, out, in]; returns
     ``[rows, out]`` in ``x``'s dtype. ``in`` and ``out`` must be multiples of 16. ``quantised``:
     ``quantise_weight(weight)`` computed earlier (reused across micro-batches), else computed here;
-    the weight's gradient flows to ``weight`` either way."""
+    the weight's gradient flows to ``weight`` either way. ``quantiser`` quantises ``x`` and the
+    output's gradient: :func:`default_quantiser` for ``x``'s device unless given."""
     if x.is_cuda and x.shape[0] % 16:
         # the weight gradient's operands are the transposed rows: 16-byte row strides
         raise ValueError(
@@ -165,4 +295,8 @@ def fp8_grouped_linear(
         )
     if quantised is None:
         quantised = quantise_weight(weight)
-    return _FP8GroupedLinear.apply(x, weight, offsets, *quantised)
+    if quantiser is None:
+        quantiser = default_quantiser(x.device)
+    # the transposed copies only where a weight gradient will be asked for (not in evaluation)
+    weight_grad = torch.is_grad_enabled() and weight.requires_grad
+    return _FP8GroupedLinear.apply(x, weight, offsets, quantiser, weight_grad, *quantised)
