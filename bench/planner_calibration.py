@@ -320,7 +320,10 @@ def render_readme(table: dict) -> str:
 # out-of-sample. The later 2026-12-07 MoE runs are held out whole: their bf16 rows repeat the
 # first run's, and their FP8 rows measured expert quantisation that has since changed.
 HELD_OUT_RUNS = ("run12_", "run17_", "run22_", "run33_", "run36_", "run37_")
-HELD_OUT_DIRS = ("train_throughput_h100_2026-12-07_moe_fp8", "train_throughput_h100_2026-12-07_moe_fp8_cached")
+HELD_OUT_DIRS = (
+    "train_throughput_h100_2026-12-07_moe_fp8",
+    "train_throughput_h100_2026-12-07_moe_fp8_cached",
+)
 # Rows of code that has changed since in a way the model does not describe: (folder, precision).
 SUPERSEDED = (
     ("train_throughput_h100_2026-12-07_moe_fp8", "fp8"),
