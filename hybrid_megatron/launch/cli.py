@@ -1,17 +1,20 @@
 """The launcher's command line: train a recipe on SLURM, on this machine, or print the plan.
 
     python launch/slurm.py RECIPE [key.path=value ...] [--local [--nproc N]] [--dry-run]
-                                  [--wait] [--sweep [--local --stop-after SECONDS]]
+                                  [--wait] [--sweep [--local --concurrent N --stop-after SECONDS]]
                                   [--plan [--gpus N] [--gpu-memory GiB]]
 
 SLURM (default): submits one job (see `hybrid_megatron.launch.slurm`), prints the job id and
 log paths, and returns (``--wait``: follows rank 0's log until the job ends and exits non-zero
 if a rank failed). ``--sweep``: RECIPE is a sweep file; its runs are one job array (``--wait``:
 follows each run in turn, exit 1 if any failed), or with ``--local`` run one after another;
-finished runs are skipped, so the same command continues a stopped sweep. ``--stop-after
-SECONDS`` (local sweeps): no run starts with less than ``--start-margin`` seconds (default 60)
-left, and the run going at the limit gets SIGTERM (it saves a checkpoint at its step and stops;
-cancelled a minute later if still running); the launcher prints the runs left to do and exits 3.
+finished runs are skipped, so the same command continues a stopped sweep. ``--concurrent N``
+(local sweeps): up to N runs at a time, in the sweep's order as slots free up, each on its own
+rendezvous port and logs, all sharing this machine's GPUs, the CPUs divided among them.
+``--stop-after SECONDS`` (local sweeps): no run starts with less than ``--start-margin`` seconds
+(default 60) left, and every run going at the limit gets SIGTERM (it saves a checkpoint at its
+step and stops; cancelled a minute later if still running); the launcher prints the runs left
+to do and exits 3.
 ``--local``: the same job through submitit's LocalExecutor, ``--nproc`` processes on this
 machine (default: the smallest world size the recipe's tp/pp/ep fit, or one per GPU of the
 recipe's ``gpus_per_node`` when CUDA is present); waits, streams rank 0's log, and exits 1
@@ -110,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="--stop-after: the least time left for a run to start (default 60)",
     )
     parser.add_argument(
+        "--concurrent",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="--sweep --local: up to N runs at a time, each on its own rendezvous port, all sharing "
+        "this machine's GPUs (a run's tokens/s then measures a shared GPU) and CPUs (default 1)",
+    )
+    parser.add_argument(
         "--plan",
         action="store_true",
         help="print every valid parallel layout on --gpus GPUs (TP x CP x PP x EP), each at its "
@@ -137,6 +148,17 @@ def _seconds(text: str) -> float:
         value = -1.0
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (>= 0)")
+    return value
+
+
+def _positive(text: str) -> int:
+    """A whole number >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return value
 
 
@@ -207,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     runtime.setup()
     try:
+        if args.concurrent is not None and not (args.sweep and args.local):
+            raise UsageError("--concurrent applies to --sweep --local runs only")
         if args.sweep:
             return run_sweep(args, os.environ.get(ENTRY_ENV) or None)
         if args.stop_after is not None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from submitit.core.utils import pickle_load
 
 from hybrid_megatron.launch.job import input_error_line
+
+T = TypeVar("T")
 
 SUMMARY_KEYS = ("checkpoint_dir", "last_checkpoint", "final_loss", "mlflow_run_id")
 
@@ -77,8 +79,38 @@ def follow(
     Returns a list with one ``read_outcome`` per rank
     (None for a rank that ended without a result: killed, or cancelled after a peer failed).
     """
+    return wait_through(following(job, nproc, is_active, cancel, failure_grace_s, poll_s, settle_s, tick))
+
+
+def wait_through(steps: Generator[float, None, T]) -> T:
+    """Drive a stepwise wait (see `following`) to its end, sleeping the seconds each step asks
+    for; returns its value."""
+    try:
+        while True:
+            time.sleep(next(steps))
+    except StopIteration as end:
+        return end.value
+
+
+def following(
+    job: Any,
+    nproc: int,
+    is_active: Callable[[], bool],
+    cancel: Callable[[], object],
+    failure_grace_s: float,
+    poll_s: float = 0.5,
+    settle_s: float = 30.0,
+    tick: Callable[[], object] | None = None,
+    prefix: str = "[rank0] ",
+) -> Generator[float, None, list]:
+    """`follow` one poll at a time, so that one process can follow several jobs at once.
+
+    A generator: each step polls once and yields the seconds to wait before the next; it
+    returns (``StopIteration.value``) what `follow` returns. Rank 0's lines are printed after
+    ``prefix``.
+    """
     tasks = [job.task(k) if nproc > 1 else job for k in range(nproc)]
-    follower = LogFollower([tasks[0].paths.stdout, tasks[0].paths.stderr], "[rank0] ")
+    follower = LogFollower([tasks[0].paths.stdout, tasks[0].paths.stderr], prefix)
     failed_at: float | None = None
     cancelled = False
     outcomes: list = [None] * nproc
@@ -92,7 +124,7 @@ def follow(
             # once the batch script exits), so callers see a finished job.
             deadline = time.time() + settle_s
             while time.time() < deadline and is_active():
-                time.sleep(poll_s)
+                yield poll_s
             break
         if failed_at is None and any(o is not None and o[0] == "error" for o in outcomes):
             failed_at = time.time()
@@ -103,10 +135,10 @@ def follow(
             # The job has ended; give the file system a moment to show the last results.
             deadline = time.time() + 3
             while time.time() < deadline and not all(o is not None for o in outcomes):
-                time.sleep(0.2)
+                yield 0.2
                 outcomes = [outcomes[k] or read_outcome(tasks[k]) for k in range(nproc)]
             break
-        time.sleep(poll_s)
+        yield poll_s
     follower.poll(final=True)
     return outcomes
 

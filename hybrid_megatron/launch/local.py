@@ -4,6 +4,8 @@ The default process count is the smallest world size the recipe's tp/pp/ep fit, 
 of the recipe's ``gpus_per_node`` when CUDA is present. The launcher waits, streams rank 0's
 log, and exits 1 with the failing rank's error if any rank fails. Given a deadline (a local
 sweep's ``--stop-after``), it stops the job there the way a scheduler would (`DeadlineStop`).
+A local sweep follows several jobs at once through `LocalRun` (``--concurrent``): each on its
+own rendezvous port, with the same GPUs and its share of the CPUs.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Collection, Generator
 from typing import Any
 
 import submitit
 
-from hybrid_megatron.launch.follow import follow, report
+from hybrid_megatron.launch.follow import following, report, wait_through
 from hybrid_megatron.launch.job import TrainJob
 from hybrid_megatron.launch.plan import UsageError, describe, local_world, log_folder
 
@@ -73,19 +76,33 @@ class DeadlineStop:
                 pass
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(taken: Collection[int] = ()) -> int:
+    """A TCP port on 127.0.0.1 that is free right now and not in ``taken`` (the ports of jobs
+    started but maybe not yet listening: a released port can be handed out again at once)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            return port
+    raise OSError(f"no free TCP port outside the {len(taken)} taken ones")
 
 
-def submit_local(recipe: Any, nproc: int, entry: str | None, gpus: int = 0) -> Any:
+def submit_local(
+    recipe: Any,
+    nproc: int,
+    entry: str | None,
+    gpus: int = 0,
+    master_port: int | None = None,
+    sharing: int = 1,
+) -> Any:
     """Start the job on this machine through submitit's LocalExecutor; returns the submitit job.
 
-    ``nproc`` processes (one per rank), ``gpus`` of them visible (0 on CPU), the recipe's
-    ``slurm.env`` exported, ``slurm.time`` as the time limit (USR2 ``signal_delay_s`` before it,
-    as on SLURM). ``slurm.setup`` lines are cluster-specific and not run here.
+    ``nproc`` processes (one per rank), ``gpus`` of them visible (0 on CPU), rendezvous on
+    ``master_port`` (default: a free one), the recipe's ``slurm.env`` exported, ``slurm.time``
+    as the time limit (USR2 ``signal_delay_s`` before it, as on SLURM). Each rank gets the
+    CPUs over ``nproc`` x ``sharing`` (the jobs running at once) as its torch and OpenMP
+    threads. ``slurm.setup`` lines are cluster-specific and not run here.
     """
     executor = submitit.LocalExecutor(
         folder=log_folder(recipe, "local"), max_num_timeout=recipe.slurm.max_timeouts
@@ -96,52 +113,102 @@ def submit_local(recipe: Any, nproc: int, entry: str | None, gpus: int = 0) -> A
         timeout_min=recipe.slurm.time,
         signal_delay_s=min(recipe.slurm.signal_delay_s, max(1, recipe.slurm.time * 60 // 2)),
     )
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+    threads = max(1, (os.cpu_count() or 1) // (nproc * sharing))
+    port = free_port() if master_port is None else master_port
     # The controller copies this process's environment into every task.
     saved = dict(os.environ)
     os.environ.update(recipe.slurm.env)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:
-        return executor.submit(TrainJob(recipe, entry, master_port=free_port(), threads=threads))
+        return executor.submit(TrainJob(recipe, entry, master_port=port, threads=threads))
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+class LocalRun:
+    """A job started on this machine (`start`), followed one poll at a time (`steps`), so that a
+    sweep can follow several at once; `run_local` follows one to its end.
+
+    Holds the recipe, the submitit job, its number of ranks, its rendezvous port and ``steps``:
+    a generator (see `hybrid_megatron.launch.follow.following`) that yields the seconds to wait
+    before its next poll and returns the exit code (see `report`), or ``STOPPED`` when the job
+    was stopped at the deadline (see `DeadlineStop`), whether or not it reached its last step
+    meanwhile.
+    """
+
+    def __init__(self, recipe: Any, job: Any, nproc: int, port: int, deadline: float | None, prefix: str):
+        self.recipe, self.job, self.nproc, self.port = recipe, job, nproc, port
+        self.steps = self._steps(deadline, prefix)
+
+    @classmethod
+    def start(
+        cls,
+        recipe: Any,
+        args: argparse.Namespace,
+        entry: str | None,
+        deadline: float | None = None,
+        taken_ports: Collection[int] = (),
+        sharing: int = 1,
+        prefix: str = "[rank0] ",
+    ) -> LocalRun:
+        """Print the plan and submit the job: ``--nproc`` ranks (see `local_world`), on a free
+        port outside ``taken_ports``, the CPUs shared by ``sharing`` jobs (see `submit_local`);
+        rank 0's lines are printed after ``prefix``; stopped at ``deadline``
+        (``time.monotonic()``) if given."""
+        nproc, gpus = local_world(recipe, args.nproc)
+        print(f"[launch] {recipe.name}: {nproc} local ranks ({f'{gpus} GPUs' if gpus else 'CPU'})")
+        print(describe(recipe, nproc), flush=True)
+        port = free_port(taken_ports)
+        try:
+            job = submit_local(recipe, nproc, entry, gpus, master_port=port, sharing=sharing)
+        except OSError as err:  # the run's folders (logs next to the checkpoints) cannot be made
+            raise UsageError(
+                f"cannot create {err.filename}: {err.strerror or err} (the run's folders "
+                f"go next to checkpoint.dir {recipe.checkpoint.dir})"
+            ) from None
+        print(f"[launch] local job {job.job_id}; logs in {job.paths.folder}", flush=True)
+        return cls(recipe, job, nproc, port, deadline, prefix)
+
+    def _steps(self, deadline: float | None, prefix: str) -> Generator[float, None, int]:
+        job = self.job
+        stop = DeadlineStop(job, deadline) if deadline is not None else None
+        outcomes = yield from following(
+            job,
+            self.nproc,
+            is_active=lambda: not job.done(),
+            cancel=self.cancel,
+            failure_grace_s=5.0,
+            tick=stop,
+            prefix=prefix,
+        )
+        code = report(job, self.nproc, outcomes)
+        if stop is not None and stop.sent:
+            print(f"[launch] job {job.job_id}: stopped at the time budget", flush=True)
+            return STOPPED
+        return code
+
+    def cancel(self) -> None:
+        """Cancel the job (its ranks are killed)."""
+        self.job.cancel(check=False)
+
+    def interrupted(self) -> int:
+        """Cancel the job after Ctrl-C; returns its exit code, 130."""
+        self.steps.close()
+        self.cancel()
+        print(f"[launch] interrupted: job {self.job.job_id} cancelled", file=sys.stderr)
+        return 130
 
 
 def run_local(recipe: Any, args: argparse.Namespace, entry: str | None, deadline: float | None = None) -> int:
     """Run the job on this machine and wait; returns the exit code (see `report`), or
     ``STOPPED`` when the job was stopped at ``deadline`` (``time.monotonic()``; see
     `DeadlineStop`), whether or not it reached its last step meanwhile."""
-    nproc, gpus = local_world(recipe, args.nproc)
-    print(f"[launch] {recipe.name}: {nproc} local ranks ({f'{gpus} GPUs' if gpus else 'CPU'})")
-    print(describe(recipe, nproc), flush=True)
+    run = LocalRun.start(recipe, args, entry, deadline)
     try:
-        job = submit_local(recipe, nproc, entry, gpus)
-    except OSError as err:  # the run's folders (logs next to the checkpoints) cannot be made
-        raise UsageError(
-            f"cannot create {err.filename}: {err.strerror or err} (the run's folders "
-            f"go next to checkpoint.dir {recipe.checkpoint.dir})"
-        ) from None
-    print(f"[launch] local job {job.job_id}; logs in {job.paths.folder}", flush=True)
-    stop = DeadlineStop(job, deadline) if deadline is not None else None
-    try:
-        outcomes = follow(
-            job,
-            nproc,
-            is_active=lambda: not job.done(),
-            cancel=lambda: job.cancel(check=False),
-            failure_grace_s=5.0,
-            tick=stop,
-        )
+        return wait_through(run.steps)
     except KeyboardInterrupt:
-        job.cancel(check=False)
-        print("[launch] interrupted: job cancelled", file=sys.stderr)
-        return 130
-    code = report(job, nproc, outcomes)
-    if stop is not None and stop.sent:
-        print(f"[launch] job {job.job_id}: stopped at the time budget", flush=True)
-        return STOPPED
-    return code
+        return run.interrupted()
 
 
 def next_steps(recipe: Any) -> str:

@@ -1,6 +1,6 @@
 """``--sweep``: a sweep file's runs as one SLURM job array (``--wait``: follows each run in turn,
-exit 1 if any failed), or with ``--local`` one after another (``--stop-after``: within a time
-budget).
+exit 1 if any failed), or with ``--local`` one after another (``--concurrent N``: up to N at a
+time, sharing the machine; ``--stop-after``: within a time budget).
 
 A sweep stopped part-way (a time limit, a lost machine) continues when the same command runs
 again: finished runs are skipped (see `finished_evidence`: the latest checkpoint at the last
@@ -23,7 +23,7 @@ import submitit
 from hybrid_megatron.checkpoint_layout import CheckpointError, checkpoint_step, latest_checkpoint
 from hybrid_megatron.errors import InputError
 from hybrid_megatron.launch.follow import follow, report
-from hybrid_megatron.launch.local import STOPPED, run_local
+from hybrid_megatron.launch.local import STOPPED, LocalRun
 from hybrid_megatron.launch.plan import UsageError, check_inputs, check_tracking, local_world
 from hybrid_megatron.launch.slurm import render_sbatch, slurm_job_active, submit_slurm
 
@@ -134,35 +134,90 @@ def _resume_point(recipe) -> str:
 def _run_local(
     runs: list, recipes: list, args: argparse.Namespace, entry: str | None, deadline: float | None
 ) -> tuple[int, list]:
-    """Run the sweep's runs on this machine one after another, until ``deadline``
+    """Run the sweep's runs on this machine, up to ``--concurrent`` at a time (default one after
+    another), starting them in the sweep's order as slots free up, each on its own rendezvous
+    port with the same GPUs; a failed run does not stop the others. Until ``deadline``
     (``time.monotonic()``) if given: no run starts with less than ``--start-margin`` seconds
-    left, and the run going at the deadline is stopped there
-    (`hybrid_megatron.launch.local.DeadlineStop`). Returns the number of failed runs and the
-    (run, recipe) pairs left to do, the stopped one first."""
+    left, and every run going at the deadline is stopped there
+    (`hybrid_megatron.launch.local.DeadlineStop`). Prints a line as each run starts and ends.
+    Returns the number of failed runs and the (run, recipe) pairs left to do (stopped part-way
+    or never started), in the sweep's order."""
+    slots = args.concurrent or 1
+    waiting = list(range(len(runs)))
+    running: dict[int, LocalRun] = {}
+    due: dict[int, float] = {}  # when each running run's next poll is due
+    began: dict[int, float] = {}
+    left: list[int] = []
     failed = 0
-    for i, (run, recipe) in enumerate(zip(runs, recipes)):
-        if deadline is not None and deadline - time.monotonic() < args.start_margin:
-            print(
-                f"[sweep] {max(0.0, deadline - time.monotonic()):.0f} s left of --stop-after "
-                f"{args.stop_after:g}, less than --start-margin {args.start_margin:g}: no run starts",
-                flush=True,
-            )
-            return failed, list(zip(runs[i:], recipes[i:]))
-        print(f"[sweep] {run.name}", flush=True)
-        code = run_local(recipe, args, entry, deadline)
-        if code == STOPPED:
-            world = local_world(recipe, args.nproc)[0]
-            if finished_evidence(recipe, world) is None:  # it may have reached its last step
-                return failed, list(zip(runs[i:], recipes[i:]))
-            code = 0
-        failed += code != 0
-    return failed, []
+    starting = True
+    try:
+        while running or (starting and waiting):
+            while starting and waiting and len(running) < slots:
+                if deadline is not None and deadline - time.monotonic() < args.start_margin:
+                    print(
+                        f"[sweep] {max(0.0, deadline - time.monotonic()):.0f} s left of --stop-after "
+                        f"{args.stop_after:g}, less than --start-margin {args.start_margin:g}: no run starts",
+                        flush=True,
+                    )
+                    starting = False
+                    break
+                i = waiting.pop(0)
+                print(
+                    f"[sweep] start {runs[i].name} (run {i + 1} of {len(runs)}, {len(running) + 1} running)",
+                    flush=True,
+                )
+                running[i] = LocalRun.start(
+                    recipes[i],
+                    args,
+                    entry,
+                    deadline,
+                    taken_ports={run.port for run in running.values()},
+                    sharing=slots,
+                    prefix="[rank0] " if slots == 1 else f"[{runs[i].name}] ",
+                )
+                due[i], began[i] = 0.0, time.monotonic()
+            try:
+                for i in sorted(running):
+                    if due[i] > time.monotonic():
+                        continue
+                    try:
+                        due[i] = time.monotonic() + next(running[i].steps)
+                    except StopIteration as end:
+                        outcome = _outcome(recipes[i], end.value, running.pop(i).nproc)
+                        failed += outcome.startswith("FAILED")
+                        if outcome.startswith("stopped"):
+                            left.append(i)
+                        _print_end(runs[i], outcome, began[i])
+                if running:
+                    time.sleep(min(max(0.0, min(due[i] for i in running) - time.monotonic()), 0.5))
+            except KeyboardInterrupt:
+                for i in sorted(running):
+                    running.pop(i).interrupted()
+                    failed += 1
+                    _print_end(runs[i], "interrupted (cancelled)", began[i])
+    finally:  # a run that could not start (or the launcher's own error) ends the others too
+        for run in running.values():
+            run.cancel()
+    return failed, [(runs[i], recipes[i]) for i in sorted(left + waiting)]
+
+
+def _outcome(recipe, code: int, world: int) -> str:
+    """How a run ended, from its `LocalRun` exit code: ``succeeded``, ``FAILED (exit C)`` or
+    ``stopped at the time budget, <resume point>`` (a run stopped at its last step succeeded)."""
+    if code == STOPPED and finished_evidence(recipe, world) is None:
+        return f"stopped at the time budget, {_resume_point(recipe)}"
+    return "succeeded" if code in (0, STOPPED) else f"FAILED (exit {code})"
+
+
+def _print_end(run, outcome: str, began: float) -> None:
+    print(f"[sweep] end {run.name}: {outcome} after {time.monotonic() - began:.0f} s", flush=True)
 
 
 def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     """Expand a sweep file into runs; check every run's inputs and tracking server; print their
     table; then (unless --dry-run) submit one SLURM job array, or with --local run them one
-    after another (``--stop-after``: within that many seconds from now). Returns the exit code
+    after another (``--concurrent N``: up to N at a time; ``--stop-after``: within that many
+    seconds from now). Returns the exit code
     (``EXIT_STOPPED`` when ``--stop-after`` left runs to do)."""
     from hybrid_megatron.config import load_recipe
     from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep, next_steps
@@ -194,6 +249,12 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     if args.local:
         runs, recipes = _skip_finished(runs, recipes, lambda recipe: local_world(recipe, args.nproc)[0])
         deadline = None if args.stop_after is None else started + args.stop_after
+        if (args.concurrent or 1) > 1:
+            print(
+                f"[sweep] up to {args.concurrent} runs at a time, sharing this machine's GPUs and "
+                "CPUs: a run's tokens/s and MFU measure a shared GPU (its losses do not depend on it)",
+                flush=True,
+            )
         failed, left = _run_local(runs, recipes, args, entry, deadline)
         ran = len(runs) - len(left)
         print(f"[sweep] {ran - failed}/{ran} runs succeeded (compare group {spec.name})")
