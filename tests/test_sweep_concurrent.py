@@ -309,3 +309,36 @@ def test_real_runs_at_once_lose_exactly_what_they_lose_one_after_another(tmp_pat
     assert sorted((run.info.run_name, run.info.status) for run in found) == sorted(
         (name, "FINISHED") for name in NAMES[:2]
     )
+
+
+@pytest.mark.gpu
+def test_two_real_runs_share_one_gpu(tmp_path, monkeypatch, capsys):
+    """The real trainer on CUDA: a two-run sweep at --concurrent 2 runs both at once on the same
+    GPU (one rank each, nccl), both finish every step, and their losses follow the same runs
+    made one after another (to 1e-3: GPU kernels need not be bitwise repeatable)."""
+    from tests.training_helpers import read_losses
+
+    monkeypatch.delenv("HM_TRAIN_ENTRY", raising=False)
+    sweep = _mini_sweep(
+        tmp_path,
+        "train.warmup_steps=1, model.num_layers=2, data.seq_length=64, train.global_batch_size=4, "
+        "train.log_interval=1, train.eval_interval=0, checkpoint.interval=1000, tracking.enabled=false",
+    )
+    losses = {}
+    for mode, extra in (("one", []), ("two", ["--concurrent", "2"])):
+        root = tmp_path / mode
+        args = [str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(root), *extra]
+        assert cli.main(args) == 0, capsys.readouterr().out[-3000:]
+        out = capsys.readouterr().out
+        assert "[sweep] 2/2 runs succeeded" in out and out.count("1 local ranks (1 GPUs)") == 2
+        losses[mode] = {name: read_losses(root / "runs" / "mini" / name) for name in NAMES[:2]}
+    assert _event_lines(out)[:2] == [
+        f"[sweep] start {NAMES[0]} (run 1 of 2, 1 running)",
+        f"[sweep] start {NAMES[1]} (run 2 of 2, 2 running)",
+    ]
+    for name in NAMES[:2]:
+        one, two = losses["one"][name], losses["two"][name]
+        assert len(one) >= 10 and sorted(two) == sorted(one), name
+        for step in one:
+            a, b = float.fromhex(one[step]), float.fromhex(two[step])
+            assert abs(a - b) <= 1e-3 * abs(a), (name, step, a, b)
