@@ -270,6 +270,34 @@ def test_concurrent_needs_a_local_sweep(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def _two_runs_alone_then_at_once(tmp_path, capsys, setting: str, extra: list) -> tuple[dict, str]:
+    """A two-run mini sweep of the real trainer made one after another (``one``) and again at
+    --concurrent 2 (``two``), each into its own root; checks both runs succeeded each time and
+    started together the second time. Returns ({mode: {run: losses}}, the concurrent sweep's
+    stdout)."""
+    from tests.training_helpers import read_losses
+
+    sweep = _mini_sweep(
+        tmp_path,
+        "train.warmup_steps=1, model.num_layers=2, data.seq_length=64, train.global_batch_size=4, "
+        f"train.log_interval=1, train.eval_interval=0, checkpoint.interval=1000, {setting}",
+    )
+    losses, out = {}, ""
+    for mode, concurrent in (("one", []), ("two", ["--concurrent", "2"])):
+        root = tmp_path / mode
+        args = [str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(root), *extra, *concurrent]
+        assert cli.main(args) == 0, capsys.readouterr().out[-3000:]
+        out = capsys.readouterr().out
+        assert "[sweep] 2/2 runs succeeded" in out
+        losses[mode] = {name: read_losses(root / "runs" / "mini" / name) for name in NAMES[:2]}
+    events = _event_lines(out)
+    assert events[:2] == [
+        f"[sweep] start {NAMES[0]} (run 1 of 2, 1 running)",
+        f"[sweep] start {NAMES[1]} (run 2 of 2, 2 running)",
+    ], events  # both at once
+    return losses, out
+
+
 @pytest.mark.long  # four short runs of the real trainer (two of them at once)
 def test_real_runs_at_once_lose_exactly_what_they_lose_one_after_another(tmp_path, monkeypatch, capsys):
     """The real trainer, gloo on CPU: a two-run sweep made one after another, and again at
@@ -277,29 +305,11 @@ def test_real_runs_at_once_lose_exactly_what_they_lose_one_after_another(tmp_pat
     step's loss is the same bit for bit, and the store holds both runs FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    from tests.training_helpers import read_losses
-
     monkeypatch.delenv("HM_TRAIN_ENTRY", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same CPU threads in both: same reductions
-    sweep = _mini_sweep(
-        tmp_path,
-        "train.warmup_steps=1, model.num_layers=2, data.seq_length=64, train.global_batch_size=4, "
-        "train.log_interval=1, train.eval_interval=0, checkpoint.interval=1000, train.deterministic=true",
+    losses, _ = _two_runs_alone_then_at_once(
+        tmp_path, capsys, "train.deterministic=true", ["data.num_workers=0"]
     )
-    losses = {}
-    for mode, extra in (("one", []), ("two", ["--concurrent", "2"])):
-        root = tmp_path / mode
-        args = [str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(root), "data.num_workers=0", *extra]
-        assert cli.main(args) == 0, capsys.readouterr().out
-        out = capsys.readouterr().out
-        assert "[sweep] 2/2 runs succeeded" in out
-        runs = root / "runs" / "mini"
-        losses[mode] = {name: read_losses(runs / name) for name in NAMES[:2]}
-    events = _event_lines(out)
-    assert events[:2] == [
-        f"[sweep] start {NAMES[0]} (run 1 of 2, 1 running)",
-        f"[sweep] start {NAMES[1]} (run 2 of 2, 2 running)",
-    ], events  # both at once
     for name in NAMES[:2]:
         steps = len(losses["one"][name])
         assert steps >= 10 and sorted(losses["one"][name]) == list(range(1, steps + 1)), name
@@ -316,26 +326,10 @@ def test_two_real_runs_share_one_gpu(tmp_path, monkeypatch, capsys):
     """The real trainer on CUDA: a two-run sweep at --concurrent 2 runs both at once on the same
     GPU (one rank each, nccl), both finish every step, and their losses follow the same runs
     made one after another (to 1e-3: GPU kernels need not be bitwise repeatable)."""
-    from tests.training_helpers import read_losses
 
     monkeypatch.delenv("HM_TRAIN_ENTRY", raising=False)
-    sweep = _mini_sweep(
-        tmp_path,
-        "train.warmup_steps=1, model.num_layers=2, data.seq_length=64, train.global_batch_size=4, "
-        "train.log_interval=1, train.eval_interval=0, checkpoint.interval=1000, tracking.enabled=false",
-    )
-    losses = {}
-    for mode, extra in (("one", []), ("two", ["--concurrent", "2"])):
-        root = tmp_path / mode
-        args = [str(sweep), "--sweep", "--local", "--nproc", "1", _ckpt(root), *extra]
-        assert cli.main(args) == 0, capsys.readouterr().out[-3000:]
-        out = capsys.readouterr().out
-        assert "[sweep] 2/2 runs succeeded" in out and out.count("1 local ranks (1 GPUs)") == 2
-        losses[mode] = {name: read_losses(root / "runs" / "mini" / name) for name in NAMES[:2]}
-    assert _event_lines(out)[:2] == [
-        f"[sweep] start {NAMES[0]} (run 1 of 2, 1 running)",
-        f"[sweep] start {NAMES[1]} (run 2 of 2, 2 running)",
-    ]
+    losses, out = _two_runs_alone_then_at_once(tmp_path, capsys, "tracking.enabled=false", [])
+    assert out.count("1 local ranks (1 GPUs)") == 2
     for name in NAMES[:2]:
         one, two = losses["one"][name], losses["two"][name]
         assert len(one) >= 10 and sorted(two) == sorted(one), name

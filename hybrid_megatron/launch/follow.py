@@ -60,26 +60,11 @@ def read_outcome(task: Any) -> tuple | None:
     return None
 
 
-def follow(
-    job: Any,
-    nproc: int,
-    is_active: Callable[[], bool],
-    cancel: Callable[[], object],
-    failure_grace_s: float,
-    poll_s: float = 0.5,
-    settle_s: float = 30.0,
-    tick: Callable[[], object] | None = None,
-) -> list:
-    """Wait for a job, streaming rank 0's stdout and stderr; returns each rank's outcome.
-
-    Takes the submitit job, its number of tasks, a liveness probe, a cancel function and how
-    long the other ranks may keep running after one failed before the job is cancelled (they
-    would otherwise hang in a collective), and how long to wait for the job to end once every
-    rank has returned, and ``tick``, called at every poll (e.g. to stop the job at a deadline).
-    Returns a list with one ``read_outcome`` per rank
-    (None for a rank that ended without a result: killed, or cancelled after a peer failed).
-    """
-    return wait_through(following(job, nproc, is_active, cancel, failure_grace_s, poll_s, settle_s, tick))
+def follow(job: Any, nproc: int, *args: Any, **kwargs: Any) -> list:
+    """Wait for a job, streaming rank 0's stdout and stderr; returns each rank's outcome: a list
+    with one ``read_outcome`` per rank (None for a rank that ended without a result: killed, or
+    cancelled after a peer failed). Takes what `following` takes."""
+    return wait_through(following(job, nproc, *args, **kwargs))
 
 
 def wait_through(steps: Generator[float, None, T]) -> T:
@@ -105,6 +90,10 @@ def following(
 ) -> Generator[float, None, list]:
     """`follow` one poll at a time, so that one process can follow several jobs at once.
 
+    Takes the submitit job, its number of tasks, a liveness probe, a cancel function and how
+    long the other ranks may keep running after one failed before the job is cancelled (they
+    would otherwise hang in a collective), how long to wait for the job to end once every rank
+    has returned, and ``tick``, called at every poll (e.g. to stop the job at a deadline).
     A generator: each step polls once and yields the seconds to wait before the next; it
     returns (``StopIteration.value``) what `follow` returns. Rank 0's lines are printed after
     ``prefix``.
