@@ -183,7 +183,7 @@ def test_three_runs_two_at_a_time_overlap_on_their_own_ports(tmp_path, monkeypat
     assert f"[{NAMES[0]}] " in out  # rank 0's lines name their run
 
 
-@pytest.mark.slow  # three stand-in runs, two at a time
+@pytest.mark.long  # three stand-in runs, two at a time (make test keeps the overlap test)
 def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
     sweep = _three_run_sweep(tmp_path)
     _use_standin(monkeypatch, "standin_entry")
@@ -202,7 +202,7 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
     assert sorted(_records(tmp_path)) == sorted([NAMES[0], NAMES[2]])
 
 
-@pytest.mark.slow  # two stand-in runs at once until the budget
+@pytest.mark.long  # two stand-in runs at once until the budget
 def test_stop_after_stops_every_running_run(tmp_path, monkeypatch, capsys):
     """At the budget both running runs get SIGTERM and save at the step they reached; the third
     never starts; all three are listed, the stopped ones with their steps, exit 3."""
