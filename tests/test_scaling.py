@@ -172,6 +172,32 @@ def test_too_few_runs_and_missing_fields_name_the_runs():
     assert "run(s) a" not in text
 
 
+def test_a_variant_is_compared_as_a_kind_of_its_own():
+    """Runs tagged ``hm.variant`` (an ablation of one kind, e.g. MoE against dense) form their own
+    column ``<kind>-<variant>`` in the comparison; untagged runs keep their kind."""
+    import pandas as pd
+
+    from hybrid_megatron.scaling.compare import comparison_of_frame
+    from hybrid_megatron.scaling.runs import points_from_frame
+
+    frame = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "params.model.num_parameters": ["3e7", "3e7", "3e7"],
+            "params.train.tokens": ["1e9", "1e9", "1e9"],
+            "params.train.flops": ["1.8e17", "1.8e17", "1.8e17"],
+            "metrics.val/loss": [3.0, 2.9, 3.1],
+            "tags.hm.kind": ["inter", "inter", "mamba"],
+            "tags.hm.variant": ["", "moe", None],
+        }
+    )
+    assert [p.kind for p in points_from_frame(frame)] == ["inter", "inter-moe", "mamba"]
+    table = comparison_of_frame(frame)
+    assert table.kinds == ["mamba", "inter", "inter-moe"]  # the paper's order, variants after their kind
+    (row,) = table.rows
+    assert row.losses == {"inter": 3.0, "inter-moe": 2.9, "mamba": 3.1} and row.best == "inter-moe"
+
+
 def test_n_is_the_non_embedding_count_when_every_run_logged_it():
     """N of the fit: ``model.non_embedding_parameters`` where every run has it (small models'
     embeddings would dominate the total), else every run's total, never a mix."""

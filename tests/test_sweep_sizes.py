@@ -238,3 +238,46 @@ def test_planned_tokens_round_to_whole_steps_within_the_budget_tolerance():
     tokens_per_step = recipe.train.global_batch_size * recipe.data.seq_length
     steps = math.ceil(shortest.tokens / tokens_per_step)
     assert steps * tokens_per_step / shortest.tokens - 1 < 0.01
+
+
+def test_ablation_sweeps_vary_one_thing_each_at_one_budget():
+    """The study's ablation sweeps: every run at the one budget, each labelled with its own
+    variant; inter's ratios give 5, 3, 2 and 1 attention blocks in the middle of the stack and
+    one even spread; intra's vary the branch norm and the fusion; every kind runs dense and MoE
+    at about the same tokens (the same active FFN width)."""
+    from hybrid_megatron.config.layer_pattern import build_layer_pattern
+
+    sweeps = REPO / "recipes" / "sweeps"
+    recipes = {}
+    for name in ("inter", "intra", "moe"):
+        spec, runs = load_sweep(sweeps / f"study_small_code_{name}_F.yaml")
+        assert spec.flops == [7.5e15]
+        recipes[name] = [load_recipe(run.recipe_path, run.overrides) for run in runs]
+        variants = [(r.model.kind, r.tracking.variant) for r in recipes[name]]
+        assert len(set(variants)) == len(variants) and all(v for _, v in variants), variants
+        assert {r.tracking.compare_group for r in recipes[name]} == {spec.name}
+    patterns = {r.tracking.variant: build_layer_pattern(r.model) for r in recipes["inter"]}
+    assert {v: p.count("A") for v, p in patterns.items()} == {
+        "1:5-middle": 2,
+        "1:1-middle": 5,
+        "3:7-middle": 3,
+        "1:9-middle": 1,
+        "1:5-even": 2,
+    }
+    assert patterns["1:5-middle"] != patterns["1:5-even"]
+    intra = {r.tracking.variant: (r.model.intra.branch_norm, r.model.intra.fusion) for r in recipes["intra"]}
+    assert intra == {
+        "rmsnorm-concat": ("rmsnorm", "concat"),
+        "none-concat": ("none", "concat"),
+        "rmsnorm-add": ("rmsnorm", "add"),
+        "rmsnorm-subtract": ("rmsnorm", "subtract"),
+    }
+    by_kind: dict[str, dict] = {}
+    for r in recipes["moe"]:
+        by_kind.setdefault(r.model.kind, {})[r.tracking.variant] = r
+    assert sorted(by_kind) == sorted(KINDS)
+    for kind, pair in by_kind.items():
+        dense, moe = pair["dense"], pair["moe"]
+        assert dense.model.moe is None and moe.model.moe.num_experts == 8, kind
+        tokens = [derived(r, 1)["total_steps"] for r in (dense, moe)]
+        assert abs(tokens[0] / tokens[1] - 1) < 0.02, (kind, tokens)

@@ -90,6 +90,7 @@ def test_training_run_is_logged_to_mlflow_server(single_rank, tmp_path, mlflow_s
             "tracking.experiment=hm-test",
             "tracking.compare_group=g1",
             "tracking.match=P",
+            "tracking.variant=moe",
         ],
     )
     summary = train(recipe)
@@ -101,7 +102,7 @@ def test_training_run_is_logged_to_mlflow_server(single_rank, tmp_path, mlflow_s
     assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
     tags, params = run.data.tags, run.data.params
     assert tags["hm.kind"] == "inter" and tags["hm.compare_group"] == "g1" and tags["hm.match"] == "P"
-    assert tags["hm.scale"] == "tiny"
+    assert tags["hm.scale"] == "tiny" and tags["hm.variant"] == "moe"
     report = count_parameters(recipe.model)
     assert int(params["model.num_parameters"]) == report.total
     assert int(params["model.active_parameters"]) == report.active < report.total  # MoE

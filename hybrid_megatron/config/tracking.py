@@ -8,6 +8,7 @@ Example (YAML)::
       compare_group: paper-1b-P      # runs compared with each other (e.g. one sweep's)
       match: P                       # P: parameter-matched, F: FLOP-matched
       scale: 1b
+      variant: moe                   # an ablation: compared as its own column, "inter-moe"
 
 ``tracking_uri`` left out means ``sqlite:///<parent of the run directory>/mlruns.db``; the
 trainer resolves it (see `default_tracking_uri`). ``run_name`` left out is the recipe's name.
@@ -48,13 +49,20 @@ class TrackingConfig(StrictSection):
         default=None, description="tag hm.match: P parameter-matched, F FLOP-matched"
     )
     scale: str | None = Field(default=None, description="tag hm.scale, e.g. 1b")
+    variant: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="tag hm.variant: what sets the run apart from others of its kind in a "
+        "comparison (an ablation: moe, ratio-1:1); compare and fit then treat <kind>-<variant> "
+        "as a kind of its own",
+    )
 
     @field_validator("tags", mode="before")
     @classmethod
     def _stringify_tags(cls, value: Any) -> Any:
         return string_map(value)  # MLflow tags are strings
 
-    @field_validator("scale", "compare_group", "run_name", mode="before")
+    @field_validator("scale", "compare_group", "run_name", "variant", mode="before")
     @classmethod
     def _stringify(cls, value: Any) -> Any:
         return value if value is None or isinstance(value, str) else str(value)

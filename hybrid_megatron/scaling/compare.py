@@ -116,18 +116,26 @@ def _geomean(x) -> float:
     return float(np.exp(np.mean(np.log(np.asarray(x, dtype=float)))))
 
 
+def _column_order(kind: str) -> tuple:
+    """Sort key of a comparison column: the paper's kind order, a kind's variants
+    (``<kind>-<variant>``) right after it, unknown kinds last."""
+    base, _, variant = kind.partition("-")
+    rank = KIND_ORDER.index(base) if base in KIND_ORDER else len(KIND_ORDER)
+    return rank, base, variant
+
+
 def compare(points: list[RunPoint], match: str = "F", tolerance: float = BUDGET_TOLERANCE) -> Comparison:
     """Build the comparison table of ``points``.
 
     Takes the runs, the sweep's match (F: rows are FLOP budgets within ``tolerance``; P: rows
     are parameter counts within ``PARAMS_TOLERANCE``, per token budget within ``tolerance``).
-    Returns a Comparison with the kinds in the paper's order (unknown kinds last, sorted).
+    Returns a Comparison with the kinds in the paper's order, each kind's variants after it
+    (unknown kinds last, sorted).
     Raises RunsError for fewer than two runs.
     """
     if len(points) < MIN_RUNS:
         raise RunsError(f"a comparison needs at least {MIN_RUNS} runs, got {len(points)}")
-    present = {p.kind for p in points}
-    kinds = [k for k in KIND_ORDER if k in present] + sorted(present - set(KIND_ORDER))
+    kinds = sorted({p.kind for p in points}, key=_column_order)
     rows = []
     if match == "P":
         token_groups = group_budgets([p.d for p in points], tolerance)

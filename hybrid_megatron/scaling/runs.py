@@ -7,8 +7,9 @@ Each run contributes one point (N, D, C, L):
   runs when any run lacks it (logged before it existed), D = param ``train.tokens``,
   C = param ``train.flops`` (the run's own planned training FLOPs from the accounting module),
 - L = the final value of metric ``val/loss`` (MLflow keeps the value at the latest step),
-- the kind is tag ``hm.kind``; tag ``hm.compare_group`` selects a sweep; tag ``hm.match``
-  (P or F) says how the sweep matched its runs.
+- the kind is tag ``hm.kind``, or ``<kind>-<variant>`` for a run tagged ``hm.variant`` (an
+  ablation, compared as a kind of its own); tag ``hm.compare_group`` selects a sweep; tag
+  ``hm.match`` (P or F) says how the sweep matched its runs.
 
 Only FINISHED runs count (a run stopped part-way is KILLED, FAILED or still RUNNING), and a run
 name finished more than once in one compare group counts once, by its latest finished run: a
@@ -32,6 +33,7 @@ PARAM_D = "train.tokens"
 PARAM_C = "train.flops"
 METRIC_LOSS = "val/loss"
 TAG_KIND = "hm.kind"
+TAG_VARIANT = "hm.variant"
 TAG_GROUP = "hm.compare_group"
 TAG_MATCH = "hm.match"
 TAG_RUN_NAME = "mlflow.runName"
@@ -133,6 +135,9 @@ def points_from_frame(frame) -> list[RunPoint]:
             if values[key] is None:
                 problems.setdefault(name, []).append(row["run_id"])
         if all(v is not None for v in values.values()):
+            variant = row.get(f"tags.{TAG_VARIANT}")
+            if isinstance(variant, str) and variant:
+                values["kind"] = f"{values['kind']}-{variant}"
             points.append(RunPoint(run_id=row["run_id"], **values))
     if problems:
         lines = [

@@ -76,6 +76,7 @@ class RunTracker:
                 "hm.scale": cfg.scale or "",
                 "hm.compare_group": cfg.compare_group or "",
                 "hm.match": cfg.match or "",
+                "hm.variant": cfg.variant or "",
                 **cfg.tags,
             }
             params = flatten(recipe.to_dict())
