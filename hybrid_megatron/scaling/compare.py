@@ -19,7 +19,8 @@ import numpy as np
 from hybrid_megatron.config.model import Kind
 from hybrid_megatron.scaling.isoflop import BUDGET_TOLERANCE, group_budgets
 from hybrid_megatron.scaling.plots import plot_loss_per_kind
-from hybrid_megatron.scaling.runs import TAG_MATCH, RunPoint, RunsError, points_from_frame
+from hybrid_megatron.scaling.runs import RunPoint, RunsError, points_from_frame
+from hybrid_megatron.tracking.tags import TAG_MATCH
 
 MIN_RUNS = 2
 PARAMS_TOLERANCE = 0.25  # P-matched kinds of one scale differ by ~10% in parameters

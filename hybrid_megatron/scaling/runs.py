@@ -26,17 +26,13 @@ from typing import Any
 import numpy as np
 
 from hybrid_megatron.errors import InputError
+from hybrid_megatron.tracking.tags import TAG_GROUP, TAG_KIND, TAG_RUN_NAME, TAG_VARIANT
 
 PARAM_N = "model.num_parameters"
 PARAM_N_NON_EMBEDDING = "model.non_embedding_parameters"
 PARAM_D = "train.tokens"
 PARAM_C = "train.flops"
 METRIC_LOSS = "val/loss"
-TAG_KIND = "hm.kind"
-TAG_VARIANT = "hm.variant"
-TAG_GROUP = "hm.compare_group"
-TAG_MATCH = "hm.match"
-TAG_RUN_NAME = "mlflow.runName"
 MIN_RUNS = 5  # a 5-parameter law needs at least as many points per kind
 
 

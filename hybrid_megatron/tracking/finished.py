@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybrid_megatron.tracking.store import open_client, short_requests, sqlite_path
+from hybrid_megatron.tracking.tags import TAG_GROUP
 
 STEP_METRIC = "train/loss"  # logged by the trainer at every step
-TAG_GROUP = "hm.compare_group"
 PAGE = 10_000  # runs per search request
 
 

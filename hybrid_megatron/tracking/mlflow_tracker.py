@@ -16,6 +16,7 @@ from typing import Any
 from hybrid_megatron.logs import get_logger
 from hybrid_megatron.tracking.spool import MAX_METRICS, MAX_PARAMS, Spool
 from hybrid_megatron.tracking.store import failure_reason, short_requests
+from hybrid_megatron.tracking.tags import TAG_GROUP, TAG_KIND, TAG_MATCH, TAG_SCALE, TAG_VARIANT
 
 RUN_ID_FILE = "mlflow_run_id"
 RETRY_INTERVAL_S = 30.0  # between tries while the store does not answer
@@ -72,11 +73,11 @@ class RunTracker:
         self._system = _SystemSampler()
         if self.spool.run_id is None and not self.spool.create_pending():
             tags = {
-                "hm.kind": recipe.model.kind,
-                "hm.scale": cfg.scale or "",
-                "hm.compare_group": cfg.compare_group or "",
-                "hm.match": cfg.match or "",
-                "hm.variant": cfg.variant or "",
+                TAG_KIND: recipe.model.kind,
+                TAG_SCALE: cfg.scale or "",
+                TAG_GROUP: cfg.compare_group or "",
+                TAG_MATCH: cfg.match or "",
+                TAG_VARIANT: cfg.variant or "",
                 **cfg.tags,
             }
             params = flatten(recipe.to_dict())
