@@ -231,10 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.concurrent is not None and not (args.sweep and args.local):
             raise UsageError("--concurrent applies to --sweep --local runs only")
+        if args.stop_after is not None and not (args.sweep and args.local):
+            raise UsageError("--stop-after applies to --sweep --local runs only (on SLURM: slurm.time)")
         if args.sweep:
             return run_sweep(args, os.environ.get(ENTRY_ENV) or None)
-        if args.stop_after is not None:
-            raise UsageError("--stop-after applies to --sweep --local runs only")
         if args.nproc is not None and not args.local:
             raise UsageError("--nproc applies to --local runs only (on SLURM: slurm.nodes / gpus_per_node)")
         entry = os.environ.get(ENTRY_ENV) or None

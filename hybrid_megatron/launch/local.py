@@ -200,11 +200,9 @@ class LocalRun:
         return 130
 
 
-def run_local(recipe: Any, args: argparse.Namespace, entry: str | None, deadline: float | None = None) -> int:
-    """Run the job on this machine and wait; returns the exit code (see `report`), or
-    ``STOPPED`` when the job was stopped at ``deadline`` (``time.monotonic()``; see
-    `DeadlineStop`), whether or not it reached its last step meanwhile."""
-    run = LocalRun.start(recipe, args, entry, deadline)
+def run_local(recipe: Any, args: argparse.Namespace, entry: str | None) -> int:
+    """Run the job on this machine and wait; returns the exit code (see `report`)."""
+    run = LocalRun.start(recipe, args, entry)
     try:
         return wait_through(run.steps)
     except KeyboardInterrupt:

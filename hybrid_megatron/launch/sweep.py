@@ -55,11 +55,7 @@ def finished_evidence(recipe, world_size: int, stores: dict | None = None) -> st
         total_steps = derived(recipe, world_size, count_parameters)["total_steps"]
     except InputError:
         return None
-    try:
-        latest = latest_checkpoint(recipe.checkpoint.dir)
-    except (CheckpointError, OSError):
-        latest = None
-    if latest is not None and checkpoint_step(latest) == total_steps:
+    if _checkpointed_step(recipe) == total_steps:
         return f"checkpoint at step {total_steps}"
     if not recipe.tracking.enabled:
         return None
@@ -122,13 +118,20 @@ def _skip_finished(runs: list, recipes: list, world_size) -> tuple[list, list]:
     return [runs[i] for i in todo], [recipes[i] for i in todo]
 
 
-def _resume_point(recipe) -> str:
-    """Where a run left to do starts next time: its latest checkpoint's step, or step 0."""
+def _checkpointed_step(recipe) -> int | None:
+    """The step of the run's latest checkpoint; None without one, or when its checkpoints
+    cannot be read."""
     try:
         latest = latest_checkpoint(recipe.checkpoint.dir)
     except (CheckpointError, OSError):
-        latest = None
-    return "from step 0" if latest is None else f"resumes at step {checkpoint_step(latest)}"
+        return None
+    return None if latest is None else checkpoint_step(latest)
+
+
+def _resume_point(recipe) -> str:
+    """Where a run left to do starts next time: its latest checkpoint's step, or step 0."""
+    step = _checkpointed_step(recipe)
+    return "from step 0" if step is None else f"resumes at step {step}"
 
 
 def _run_local(
@@ -223,8 +226,6 @@ def run_sweep(args: argparse.Namespace, entry: str | None) -> int:
     from hybrid_megatron.scaling.sweep import format_sweep_table, load_sweep, next_steps
 
     started = time.monotonic()
-    if args.stop_after is not None and not args.local:
-        raise UsageError("--stop-after applies to --sweep --local runs only (on SLURM: slurm.time)")
     try:
         spec, runs = load_sweep(args.recipe, tuple(args.overrides))
         recipes = [load_recipe(run.recipe_path, run.overrides) for run in runs]

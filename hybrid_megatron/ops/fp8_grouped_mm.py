@@ -27,6 +27,7 @@ rules), so the autograd wiring is testable on a CPU.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Protocol
 
 import torch
@@ -178,8 +179,10 @@ class TEQuantiser:
         )
 
 
+@functools.cache
 def have_transformer_engine() -> bool:
-    """Whether Transformer Engine's PyTorch package imports here."""
+    """Whether Transformer Engine's PyTorch package imports here (asked once: every FP8 expert
+    GEMM picks its quantiser, and a failed import searches the file system each time)."""
     try:
         import transformer_engine.pytorch  # noqa: F401
     except ImportError:
