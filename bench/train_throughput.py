@@ -791,7 +791,7 @@ def cmd_profile(args) -> None:
         trainee.step(batch, seq)
     _sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof, GcPauses() as pauses:
+    with profile(activities=activities, with_stack=args.stacks > 0) as prof, GcPauses() as pauses:
         start = time.perf_counter()
         for _ in range(args.steps):
             trainee.step(batch, seq)
@@ -804,6 +804,8 @@ def cmd_profile(args) -> None:
     table += "\nBy host time:\n" + averages.table(
         sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=90
     )
+    if args.stacks:
+        table += stack_tables(prof.events(), torch.cuda.is_available(), args.stacks, args.rows, args.steps)
     kernels = [
         (e.time_range.start, e.time_range.end)
         for e in prof.events()
@@ -824,6 +826,51 @@ def cmd_profile(args) -> None:
     )
     print(timing)
     print(table)
+
+
+def python_frames(event, frames: int) -> str:
+    """The innermost ``frames`` Python frames above a profiled op, innermost first, read from the
+    profiler's event tree (``with_stack`` records each Python call as an ancestor event)."""
+    chain = []
+    parent = event.cpu_parent
+    while parent is not None and len(chain) < frames:
+        if parent.name.endswith(")") or "): " in parent.name:
+            chain.append(parent.name)
+        parent = parent.cpu_parent
+    return " < ".join(chain) or "(no Python frame)"
+
+
+def stack_tables(events, on_gpu: bool, frames: int, rows: int, steps: int) -> str:
+    """Ops grouped by (name, innermost ``frames`` Python frames): the largest by device time (host
+    time off GPU), then the host's waits on the GPU. Names the code behind an op whose total
+    matters, such as copies or synchronisations, which the op table cannot."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    waits: dict[str, list[float]] = {}
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if event.name in HOST_SYNC_CALLS:
+            entry = waits.setdefault(f"{event.name} {python_frames(event, frames)}", [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.self_cpu_time_total
+            continue
+        if event.name.endswith(")") or "): " in event.name:
+            continue  # a Python frame, not an op
+        time_us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        if time_us > 0:
+            entry = groups.setdefault((event.name, python_frames(event, frames)), [0, 0.0])
+            entry[0] += 1
+            entry[1] += time_us
+    clock = "device" if on_gpu else "host"
+    lines = [f"\nBy call stack ({frames} Python frames, innermost first), {clock} time per step:"]
+    for (name, stack), (calls, time_us) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:rows]:
+        lines.append(f"{time_us / 1e3 / steps:9.2f} ms {calls / steps:7g} calls  {name[:60]}  {stack}")
+    lines.append("\nHost waits on the GPU by call stack, per step:")
+    for where, (calls, time_us) in sorted(waits.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"{calls / steps:7g} calls {time_us / 1e3 / steps:9.2f} ms  {where}")
+    if not waits:
+        lines.append("none")
+    return "\n".join(lines) + "\n"
 
 
 class GcPauses:
@@ -1115,6 +1162,13 @@ def main(argv=None) -> None:
     prof.add_argument("--precision", default="bf16", choices=["bf16", "fp8"])
     prof.add_argument("--steps", type=int, default=2)
     prof.add_argument("--rows", type=int, default=40)
+    prof.add_argument(
+        "--stacks",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="also group ops by their innermost FRAMES Python frames",
+    )
     prof.add_argument("--out", required=True)
     add_option_flags(prof)
     rep = sub.add_parser("report", help="merge JSON records into a table")

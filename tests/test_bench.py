@@ -279,3 +279,25 @@ def test_gc_pauses_counts_collections_inside_only():
     assert pauses.count == 2 and pauses.seconds > 0
     gc.collect()
     assert pauses.count == 2  # the callback is gone after the block
+
+
+def test_profile_groups_ops_by_their_call_stacks_on_cpu(tmp_path):
+    out = tmp_path / "profile.txt"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.train_throughput", "profile", "--scale", "tiny", "--kind", "inter"]
+        + ["--moe", "--steps", "1", "--rows", "200", "--stacks", "3", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    section = out.read_text().split(
+        "By call stack (3 Python frames, innermost first), host time per step:\n"
+    )[1]
+    rows = section.split("\n\nHost waits on the GPU")[0].splitlines()
+    times = [float(row.split()[0]) for row in rows]
+    assert len(rows) > 10 and times == sorted(times, reverse=True)
+    # the expert GEMMs are traced to the grouped experts' code, three frames at most
+    expert_rows = [row for row in rows if "hybrid_megatron/models/moe.py" in row and "aten::mm" in row]
+    assert expert_rows and all(row.count(" < ") <= 2 for row in rows)
