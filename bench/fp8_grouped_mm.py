@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 
 import torch
 
-from hybrid_megatron.models.moe import grouped_linear
+from hybrid_megatron.models.moe import grouped_linear, padded_group_layout
 from hybrid_megatron.ops.fp8_grouped_mm import (
     TEQuantiser,
     TorchQuantiser,
@@ -56,12 +56,12 @@ def layer_shapes(scale: str) -> dict[str, int]:
 
 
 def padded_offsets(rows: int, experts: int, generator: torch.Generator) -> tuple[int, torch.Tensor]:
-    """Random group sizes summing to ``rows``, each padded to ``ALIGNMENT``: (buffer rows, int32 ends)."""
+    """Random group sizes summing to ``rows`` in the grouped experts' padded layout: (buffer rows,
+    int32 ends)."""
     group = torch.randint(0, experts, (rows,), generator=generator)
     counts = torch.bincount(group, minlength=experts)
-    padded = (counts + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-    ends = torch.cumsum(padded, 0).to(torch.int32)
-    return int(ends[-1]), ends
+    _, ends, buffer_rows = padded_group_layout(counts, rows, ALIGNMENT)
+    return buffer_rows, ends
 
 
 def time_forward_backward(fn, x, weights, offsets, repeat: int) -> float:

@@ -19,12 +19,35 @@ def test_padded_group_layout_places_each_group_at_an_aligned_start():
 
     counts = torch.tensor([3, 0, 5, 1])
     destination, offsets, rows = padded_group_layout(counts, 9, alignment=4)
-    # groups padded to 4, 0, 8, 4 rows: starts 0, 4, 4, 12; the last one takes the spare rows
-    assert destination.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 12]
-    assert offsets.tolist() == [4, 4, 12, 24] and offsets.dtype == torch.int32
-    assert rows == 24  # 9 + 4 x 3 rounded up to 4: a bound that does not depend on the counts
+    # groups padded to 4, 4 (empty: one block of zeros), 8, 4 rows: starts 0, 4, 8, 16; the
+    # last one takes the spare rows
+    assert destination.tolist() == [0, 1, 2, 8, 9, 10, 11, 12, 16]
+    assert offsets.tolist() == [4, 8, 16, 28] and offsets.dtype == torch.int32
+    assert rows == 28  # 9 + 4 x 4 rounded up to 4: a bound that does not depend on the counts
     destination, offsets, rows = padded_group_layout(counts, 9, alignment=1)
     assert destination.tolist() == list(range(9)) and offsets.tolist() == [3, 3, 8, 9] and rows == 9
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_padded_groups_are_aligned_never_empty_and_fit_the_fixed_buffer(seed):
+    from hybrid_megatron.models.moe import padded_group_layout
+
+    gen = torch.Generator().manual_seed(seed)
+    groups, rows = 8, int(torch.randint(1, 200, (1,), generator=gen))
+    # routings from balanced to everything in one group, so most groups are often empty
+    share = torch.rand(groups, generator=gen) ** float(torch.randint(1, 12, (1,), generator=gen))
+    counts = torch.bincount(torch.multinomial(share, rows, replacement=True, generator=gen), minlength=groups)
+    destination, offsets, buffer_rows = padded_group_layout(counts, rows, alignment=16)
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    assert buffer_rows == -(-(rows + groups * 16) // 16) * 16 and ends[-1] == buffer_rows
+    for g in range(groups):
+        assert starts[g] % 16 == 0 and ends[g] - starts[g] >= max(16, int(counts[g]))
+    placed = destination.tolist()
+    assert len(set(placed)) == rows  # no two rows share a slot
+    group_of_row = torch.repeat_interleave(torch.arange(groups), counts).tolist()
+    for row, g in zip(placed, group_of_row, strict=True):
+        assert starts[g] <= row < starts[g] + int(counts[g])  # a group's rows first, in order
 
 
 def _model_pair(cfg: dict, seed: int = 3):
@@ -276,3 +299,47 @@ def test_fp8_weight_copies_are_made_once_per_step_and_reused_by_its_micro_batche
     loss_fresh, _ = _loss_and_grads(model, ids)
     assert len(made) == 5 * len(experts)
     assert loss_written == loss_fresh != loss_first
+
+
+def test_fp8_experts_never_read_the_gradient_of_an_empty_group(single_rank, monkeypatch):
+    """A grouped GEMM leaves a group's output undefined when the group contracts over no rows,
+    and the padded layout spares the FP8 weight gradient its masking pass by never leaving a group
+    empty: with the reference kernel writing NaN for empty groups, experts routed everything to
+    one expert give the gradients of the unpadded experts (whose empty groups are masked)."""
+    from hybrid_megatron.ops import fp8_grouped_mm as f8
+
+    _, _, experts = _fp8_grouped_model()
+    layer = experts[0]
+    gen = torch.Generator().manual_seed(1)
+    rows = 40
+    tokens = torch.randn(rows, layer.config.hidden_size, generator=gen)
+    probs = torch.rand(rows, generator=gen)
+    counts = torch.zeros(layer.num_local_experts, dtype=torch.int64)
+    counts[1] = rows  # every other expert empty
+
+    def gradients():
+        layer.zero_grad()
+        x = tokens.clone().requires_grad_(True)
+        out, _ = layer(x, counts, probs)
+        (out.float() ** 2).sum().backward()
+        return [x.grad, layer.weight1.grad.clone(), layer.weight2.grad.clone()]
+
+    layer.alignment = 1
+    reference = gradients()
+    assert not reference[1][0].any() and reference[1][1].any()  # expert 0 saw no rows
+
+    kernel = f8._reference_grouped_mm
+
+    def undefined_for_empty_groups(a, b, scale_a, scale_b, offs, out_dtype):
+        out = kernel(a, b, scale_a, scale_b, offs, out_dtype)
+        if b.dim() == 2:  # groups along the contraction: an empty group's block is not written
+            sizes = torch.diff(offs, prepend=offs.new_zeros(1))
+            out[sizes == 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(f8, "_reference_grouped_mm", undefined_for_empty_groups)
+    layer.alignment = 16
+    padded = gradients()
+    for got, want in zip(padded, reference, strict=True):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)

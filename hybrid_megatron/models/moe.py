@@ -58,23 +58,29 @@ def padded_group_layout(counts: torch.Tensor, num_rows: int, alignment: int):
     Takes the per-group row counts (int tensor on the rows' device, summing to ``num_rows``), the
     number of rows and the alignment. Returns ``(destination, offsets, buffer_rows)``: the padded
     row index of each input row, the int32 end offset of each padded group (``torch._grouped_mm``'s
-    ``offs``) and the fixed buffer size ``num_rows + groups * (alignment - 1)`` rounded up to the
+    ``offs``) and the fixed buffer size ``num_rows + groups * alignment`` rounded up to the
     alignment, a bound that does not depend on the counts. Nothing is read back to the host.
 
-    The last group ends at the buffer's end: the buffer's spare rows (zeros) become its padding.
-    A grouped GEMM leaves output rows past the last offset unwritten, and FP8's column scales
-    read every row, so no row may be left undefined.
+    With ``alignment`` > 1, a group without rows still gets one block of padding rows (zeros), so
+    every group's weight gradient is a sum over real rows, zero for that group, and no kernel
+    meets an empty group, whose output a grouped GEMM leaves undefined. The last group ends at
+    the buffer's end: the buffer's spare rows become its padding, because a grouped GEMM leaves
+    output rows past the last offset unwritten and FP8's scales read every row.
+    With ``alignment`` 1 the layout is the identity (the rows are used in place).
     """
     groups = counts.numel()
     counts = counts.to(torch.int64)
-    padded = (counts + alignment - 1) // alignment * alignment
+    blocks = (counts + alignment - 1) // alignment
+    if alignment > 1:
+        blocks = blocks.clamp(min=1)
+    padded = blocks * alignment
     padded_ends = torch.cumsum(padded, 0)
     shift = (padded_ends - padded) - (torch.cumsum(counts, 0) - counts)  # padded start - start
     group_of_row = torch.repeat_interleave(
         torch.arange(groups, device=counts.device), counts, output_size=num_rows
     )
     destination = torch.arange(num_rows, device=counts.device) + shift[group_of_row]
-    bound = num_rows + groups * (alignment - 1)
+    bound = num_rows + groups * alignment if alignment > 1 else num_rows
     # the buffer's row count a multiple of the alignment too: FP8's weight-gradient GEMM reads
     # the transposed buffer, whose row stride must be a multiple of 16 bytes
     buffer_rows = -(-bound // alignment) * alignment
@@ -222,10 +228,11 @@ class GroupedExperts(MegatronModule):
             self._fp8_weights[name] = cached
         return cached[1]
 
-    def _linear(self, x: torch.Tensor, name: str, offsets: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, name: str, offsets: torch.Tensor, padded: bool) -> torch.Tensor:
         weight = getattr(self, name)
         if self.fp8:
-            return fp8_grouped_linear(x, weight, offsets, self._fp8_weight(name))
+            # padded layouts give every group rows (padded_group_layout)
+            return fp8_grouped_linear(x, weight, offsets, self._fp8_weight(name), every_group_has_rows=padded)
         return grouped_linear(x, weight, offsets)
 
     def forward(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
@@ -233,14 +240,15 @@ class GroupedExperts(MegatronModule):
         rows = tokens.shape[0]
         alignment = self.alignment or group_alignment(tokens.device)
         destination, offsets, buffer_rows = padded_group_layout(counts, rows, alignment)
-        if alignment > 1:
+        padded = alignment > 1
+        if padded:
             tokens = tokens.new_zeros(buffer_rows, tokens.shape[1]).index_copy(0, destination, tokens)
             probs = probs.new_zeros(buffer_rows).index_copy(0, destination, probs)
-        fc1_out = self._linear(tokens, "weight1", offsets)
+        fc1_out = self._linear(tokens, "weight1", offsets, padded)
         hidden = self._activation(fc1_out, probs)
-        out = self._linear(hidden, "weight2", offsets)
+        out = self._linear(hidden, "weight2", offsets, padded)
         self.is_first_microbatch = False
-        if alignment > 1:
+        if padded:
             out = out.index_select(0, destination)
         return out, None
 

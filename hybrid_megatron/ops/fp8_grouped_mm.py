@@ -214,6 +214,7 @@ class _FP8GroupedLinear(torch.autograd.Function):
         offsets: Tensor,
         quantiser: Quantiser,
         weight_grad: bool,
+        every_group_has_rows: bool,
         *quantised: Tensor,
     ) -> Tensor:
         w = QuantisedWeight(*quantised)
@@ -225,6 +226,7 @@ class _FP8GroupedLinear(torch.autograd.Function):
         )
         ctx.quantiser = quantiser
         ctx.weight_grad = weight_grad
+        ctx.every_group_has_rows = every_group_has_rows
         ctx.x_dtype = x.dtype
         ctx.weight_dtype = weight.dtype
         # the forward GEMM accumulates fast, as TE's default FP8 recipe does; gradients do not
@@ -255,7 +257,7 @@ class _FP8GroupedLinear(torch.autograd.Function):
             False,
         )
         if not ctx.weight_grad:
-            return grad_x, None, None, None, None, None, None, None, None
+            return grad_x, None, None, None, None, None, None, None, None, None
 
         # weight gradient: grad[rows of g].T @ x[rows of g], contracting over the group's rows:
         # the transposed copies, one scale per row of each and group (so the scales repeat)
@@ -268,10 +270,11 @@ class _FP8GroupedLinear(torch.autograd.Function):
             ctx.weight_dtype,
             False,
         )
-        # a group without rows contracts over nothing: its gradient is zero, whatever the kernel writes
-        sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
-        grad_w = torch.where((sizes > 0)[:, None, None], grad_w, 0.0)  # one pass, no zeros tensor
-        return grad_x, grad_w, None, None, None, None, None, None, None
+        if not ctx.every_group_has_rows:
+            # a group without rows contracts over nothing: its gradient is zero, whatever the kernel writes
+            sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
+            grad_w = torch.where((sizes > 0)[:, None, None], grad_w, 0.0)  # one pass, no zeros tensor
+        return grad_x, grad_w, None, None, None, None, None, None, None, None
 
 
 def fp8_grouped_linear(
@@ -280,13 +283,16 @@ def fp8_grouped_linear(
     offsets: Tensor,
     quantised: QuantisedWeight | None = None,
     quantiser: Quantiser | None = None,
+    every_group_has_rows: bool = False,
 ) -> Tensor:
     """``x @ weight[g].T`` for each group of rows of ``x`` [rows, in] (``offsets``: int32 end
     row of each group; on a GPU each, and ``rows``, a multiple of 16), ``weight`` [groups, out, in]; returns
     ``[rows, out]`` in ``x``'s dtype. ``in`` and ``out`` must be multiples of 16. ``quantised``:
     ``quantise_weight(weight)`` computed earlier (reused across micro-batches), else computed here;
     the weight's gradient flows to ``weight`` either way. ``quantiser`` quantises ``x`` and the
-    output's gradient: :func:`default_quantiser` for ``x``'s device unless given."""
+    output's gradient: :func:`default_quantiser` for ``x``'s device unless given.
+    ``every_group_has_rows``: the caller promises no group is empty, which spares the weight
+    gradient a pass that zeroes empty groups' blocks (the kernel leaves them undefined)."""
     if x.is_cuda and x.shape[0] % 16:
         # the weight gradient's operands are the transposed rows: 16-byte row strides
         raise ValueError(
@@ -302,4 +308,6 @@ def fp8_grouped_linear(
         quantiser = default_quantiser(x.device)
     # the transposed copies only where a weight gradient will be asked for (not in evaluation)
     weight_grad = torch.is_grad_enabled() and weight.requires_grad
-    return _FP8GroupedLinear.apply(x, weight, offsets, quantiser, weight_grad, *quantised)
+    return _FP8GroupedLinear.apply(
+        x, weight, offsets, quantiser, weight_grad, every_group_has_rows, *quantised
+    )
