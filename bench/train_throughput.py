@@ -828,16 +828,26 @@ def cmd_profile(args) -> None:
     print(table)
 
 
+AUTOGRAD_NODE = "autograd::engine::evaluate_function: "
+
+
 def python_frames(event, frames: int) -> str:
     """The innermost ``frames`` Python frames above a profiled op, innermost first, read from the
-    profiler's event tree (``with_stack`` records each Python call as an ancestor event)."""
+    profiler's event tree (``with_stack`` records each Python call as an ancestor event). An op
+    of the backward pass also names its autograd node: its Python frames are only the engine's."""
     chain = []
     parent = event.cpu_parent
     while parent is not None and len(chain) < frames:
-        if parent.name.endswith(")") or "): " in parent.name:
+        if parent.name.startswith(AUTOGRAD_NODE):
+            chain.append(parent.name[len(AUTOGRAD_NODE) :])
+        elif _is_python_frame(parent.name):
             chain.append(parent.name)
         parent = parent.cpu_parent
     return " < ".join(chain) or "(no Python frame)"
+
+
+def _is_python_frame(name: str) -> bool:
+    return name.endswith(")") or "): " in name
 
 
 def stack_tables(events, on_gpu: bool, frames: int, rows: int, steps: int) -> str:
@@ -854,8 +864,8 @@ def stack_tables(events, on_gpu: bool, frames: int, rows: int, steps: int) -> st
             entry[0] += 1
             entry[1] += event.self_cpu_time_total
             continue
-        if event.name.endswith(")") or "): " in event.name:
-            continue  # a Python frame, not an op
+        if _is_python_frame(event.name) or event.name.startswith(AUTOGRAD_NODE):
+            continue  # a frame, not an op
         time_us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
         if time_us > 0:
             entry = groups.setdefault((event.name, python_frames(event, frames)), [0, 0.0])
