@@ -12,10 +12,13 @@
 #   bash bench/build_code_corpus.sh                 # -> /tmp/hm_corpus/{tokenizer,code_*}
 #   CORPUS_DIR=/data/c WORKERS=16 bash bench/build_code_corpus.sh
 #   ROOTS="/usr/include /usr/share/doc" bash bench/build_code_corpus.sh   # chosen roots only
+#   TOKENIZER_FROM=saved/tokenizer bash bench/build_code_corpus.sh  # reuse a trained tokenizer
 #
 # Writes $CORPUS_DIR/tokenizer/, $CORPUS_DIR/code_train.{bin,idx}, code_valid.{bin,idx},
 # code.manifest.json (per-source files, bytes, tokens; the file list's digest) and
 # build_times.json. A finished build (manifest present, same roots) is kept: FORCE=1 rebuilds.
+# TOKENIZER_FROM names a tokenizer folder trained by an earlier build, copied instead of trained
+# again (training is deterministic, and the manifest records the tokenizer's sha256 either way).
 # Run from the repository root; prints the datasets' prefixes for the recipes.
 set -euo pipefail
 
@@ -98,8 +101,17 @@ else
     --valid-fraction "$VALID_FRACTION"
   )
   t0=$(date +%s.%N)
-  "$PYTHON" data_tools/train_tokenizer.py "${selection[@]}" --vocab-size "$VOCAB" \
-    --max-bytes "$TOKENIZER_SAMPLE_BYTES" --output "$CORPUS_DIR/tokenizer" --overwrite
+  if [[ -n "${TOKENIZER_FROM:-}" ]]; then
+    if [[ ! -f "$TOKENIZER_FROM/tokenizer.json" ]]; then
+      echo "build_code_corpus: TOKENIZER_FROM=$TOKENIZER_FROM holds no tokenizer.json" >&2
+      exit 1
+    fi
+    rm -rf "$CORPUS_DIR/tokenizer"
+    cp -r "$TOKENIZER_FROM" "$CORPUS_DIR/tokenizer"
+  else
+    "$PYTHON" data_tools/train_tokenizer.py "${selection[@]}" --vocab-size "$VOCAB" \
+      --max-bytes "$TOKENIZER_SAMPLE_BYTES" --output "$CORPUS_DIR/tokenizer" --overwrite
+  fi
   t1=$(date +%s.%N)
   "$PYTHON" data_tools/preprocess.py "${selection[@]}" --tokenizer "$CORPUS_DIR/tokenizer" \
     --output-prefix "$CORPUS_DIR/code" --workers "$WORKERS" --append-eod --no-progress
