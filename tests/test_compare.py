@@ -311,3 +311,26 @@ def test_shipped_tiny_sweep_end_to_end(tmp_path, capsys, monkeypatch):
     fit[0], fit[-1] = "fit", f"{tmp_path}/runs/tiny-F/fit"
     assert scaling(fit) == 2
     assert capsys.readouterr().err.splitlines()[-1].strip() == shlex.join(commands["compare"])
+
+
+def test_claims_read_the_compare_table_of_a_real_store(store, tmp_path, capsys):
+    """``scaling claims`` on the table ``compare`` wrote: at 1.2e11 both hybrids beat the
+    Transformer, at 2.4e11 inter does not; the claims whose columns no row holds are not run."""
+    from hybrid_megatron.scaling.__main__ import main
+
+    code, _, err = _compare(store, "f", tmp_path, capsys)
+    assert code == 0, err
+    out_md = tmp_path / "claims.md"
+    assert main(["claims", str(tmp_path / "compare.json"), "--out", str(out_md)]) == 0
+    printed = capsys.readouterr().out
+    assert out_md.read_text() == printed
+    rows = [line for line in printed.splitlines() if line.startswith("| hybrids beat the Transformer")]
+    assert len(rows) == 2
+    assert rows[0].endswith("| f | 1.200e+11 | inter 5.0000, intra 5.0500, transformer 5.1000 | agrees |")
+    assert rows[1].endswith(
+        "| f | 2.400e+11 | intra 4.6000, transformer 4.7000, inter 4.7500 | does not hold at this scale |"
+    )
+    assert "| hybrids beat Mamba and SWA | " in printed and "| - | - | - | not run |" in printed
+    # and intra ahead of inter at 2.4e11 only: 2 of 4 pairs; 11 of the 13 claims need other tables
+    last = printed.splitlines()[-1]
+    assert last == "2 of 4 tested (claim, budget) pairs agree with the paper; 11 claims not run."

@@ -1,7 +1,8 @@
 """``python -m hybrid_megatron.scaling fit|compare --tracking-uri URI --experiment NAME
 [--group G] --out DIR``: scaling-law fits of an MLflow experiment's finished runs (``fit``,
 at least 5 runs per kind), or the sweep's table of final losses per budget and kind with a plot
-of loss against FLOPs (``compare``, from 2 runs)."""
+of loss against FLOPs (``compare``, from 2 runs). ``claims COMPARE_JSON... [--out FILE]``: the
+paper's design claims checked against those tables."""
 
 from __future__ import annotations
 
@@ -43,8 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="compare_out",
         help="output directory for compare.json and loss_vs_flops.png (default compare_out)",
     )
+    claims = sub.add_parser("claims", help="the paper's design claims against compare tables")
+    claims.add_argument("tables", nargs="+", help="compare.json files written by compare")
+    claims.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
 
+    if args.command == "claims":
+        return _claims(args)
     from hybrid_megatron import runtime
     from hybrid_megatron.errors import InputError
 
@@ -114,6 +120,26 @@ def _compare(args: argparse.Namespace) -> int:
     paths = write_comparison(points_from_frame(frame), comparison, args.out, meta)
     print(comparison.format(args.group or args.experiment))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _claims(args: argparse.Namespace) -> int:
+    """The ``claims`` command: print (and write) the claims table; 2 on an unreadable table."""
+    from hybrid_megatron.scaling.claims import ClaimsError, check_claims, format_findings, read_comparison
+
+    tables = {}
+    try:
+        for path in map(Path, args.tables):
+            table = read_comparison(path)
+            tables[table.get("group") or table.get("experiment") or path.parent.name] = table
+    except ClaimsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = format_findings(check_claims(tables))
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
     return 0
 
 
