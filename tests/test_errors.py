@@ -15,6 +15,7 @@ from hybrid_megatron.data.errors import DataToolsError
 from hybrid_megatron.errors import InputError
 from hybrid_megatron.evaluation.mlflow_log import RunNotInStoreError
 from hybrid_megatron.launch.plan import UsageError
+from hybrid_megatron.scaling.claims import ClaimsError
 from hybrid_megatron.scaling.runs import RunsError, TooFewRunsError
 from hybrid_megatron.tracking.spool import NoSpoolError
 from hybrid_megatron.tracking.store import TrackingServerError
@@ -30,6 +31,7 @@ USER_ERRORS = {
     CheckpointError: RuntimeError,
     RunsError: ValueError,
     TooFewRunsError: ValueError,
+    ClaimsError: ValueError,
     NotExactError: ValueError,
     ExportError: RuntimeError,
     UsageError: Exception,
