@@ -322,13 +322,12 @@ def render_readme(table: dict) -> str:
 # the fresh-process 350M dense rows (older unfused code: the only dense rows of width 1024) and
 # the fresh-process 350M MoE rows of TE's grouped experts (their host sync). Every other row is
 # out-of-sample. The later 2026-12-07 MoE runs are held out whole: their bf16 rows repeat the
-# first run's, and their FP8 rows measured expert quantisation that has since changed; the
-# te_quantiser run's bf16 row ran on a slower host (GPU busy 61%, where the same code kept it 95%).
+# first run's, and their FP8 rows measured expert quantisation that has since changed. Runs on a
+# slower host (SLOW_HOST) are out-of-sample too.
 HELD_OUT_RUNS = ("run12_", "run17_", "run22_", "run33_", "run36_", "run37_")
 HELD_OUT_DIRS = (
     "train_throughput_h100_2026-12-07_moe_fp8",
     "train_throughput_h100_2026-12-07_moe_fp8_cached",
-    "train_throughput_h100_2026-12-07_moe_te_quantiser",
 )
 # Rows of code that has changed since in a way the model does not describe: (folder, precision).
 SUPERSEDED = (
@@ -383,7 +382,7 @@ def in_fit(item: dict) -> bool:
     if "H100" not in item["device"]:
         return False
     folder, name = item["source"].split("/")[:2]
-    if folder in HELD_OUT_DIRS:
+    if folder in HELD_OUT_DIRS or folder in SLOW_HOST:
         return False
     if item["source"].startswith(FITTED_OLD_RUNS[0]):
         return item["row"]["ffn"] == "dense"  # its MoE rows carry the dense rows' fragmentation

@@ -111,3 +111,25 @@ def test_the_command_exits_2_naming_an_unreadable_table(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "compare.json"
     assert main(["claims", str(missing)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {missing}: not a readable comparison table")
+
+
+def test_two_tables_of_one_group_are_both_judged(tmp_path, capsys):
+    from hybrid_megatron.scaling.__main__ import main
+
+    paths = []
+    for name, losses in (
+        ("a", {"transformer": 3.0, "inter": 2.9, "intra": 2.8}),
+        ("b", {"transformer": 2.0, "inter": 2.1, "intra": 2.2}),
+    ):
+        path = tmp_path / name / "compare.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"group": "study", **_table(("1e15", losses))}))
+        paths.append(str(path))
+    assert main(["claims", *paths]) == 0
+    rows = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| hybrids beat the Transformer")
+    ]
+    assert [row.split(" | ")[2] for row in rows] == ["study", f"study ({paths[1]})"]
+    assert rows[0].endswith("| agrees |") and rows[1].endswith("| does not hold at this scale |")

@@ -131,7 +131,8 @@ def _claims(args: argparse.Namespace) -> int:
     try:
         for path in map(Path, args.tables):
             table = read_comparison(path)
-            tables[table.get("group") or table.get("experiment") or path.parent.name] = table
+            name = table.get("group") or table.get("experiment") or path.parent.name
+            tables[name if name not in tables else f"{name} ({path})"] = table  # none dropped
     except ClaimsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -11,13 +11,14 @@ shows as missing rather than as agreement.
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hybrid_megatron.config.model import Kind
 from hybrid_megatron.errors import InputError
 
-KINDS = ("transformer", "swa", "mamba", "inter", "intra")
 AGREES, DISAGREES, NOT_RUN = "agrees", "does not hold at this scale", "not run"
 
 
@@ -51,7 +52,7 @@ class Claim:
 def _moe_claims() -> list[Claim]:
     return [
         Claim(f"MoE helps {kind}", "MoE improves every architecture", (f"{kind}-moe",), (f"{kind}-dense",))
-        for kind in KINDS
+        for kind in typing.get_args(Kind)
     ]
 
 
