@@ -17,7 +17,10 @@ the last stage. Parts (bytes per rank):
   on this stage (1F1B: stage s of P holds min(P - s, micro-batches)); divided by TP for the
   TP-split tensors, and by TP for the rest too with sequence parallelism. ``selective``
   recompute drops the attention core's saved inputs (Q, K, V); ``full`` keeps each block's input
-  only, plus one block's full activations while it is recomputed.
+  only, plus one block's full activations while it is recomputed. That block is recomputed
+  after the LM head's backward has freed the logits, so on the last stage the peak holds the
+  larger of the two, not both (the committed 1B full-recompute peaks at micro-batch 2-16 follow
+  the logits' phase to 1%).
 - moe_dispatch: the permuted token copies an MoE layer keeps (top_k x h in and out per token).
 - logits: the last stage's LM-head output and the loss's buffers, LOGIT_BYTES bytes per
   vocabulary entry per token (split over TP), for one micro-batch (+ FP8_HEAD_GRAD_BYTES with
@@ -438,11 +441,13 @@ def stage_memory(
     if last:
         # final norm input/output and the LM head's input
         edge += 3 * cfg.hidden_size / rep_div * tokens * width
-    parts["activations"] = (kept + edge) * flight + recompute_peak
+    logit_bytes = LOGIT_BYTES[shape.fused] + (FP8_HEAD_GRAD_BYTES if cfg.fp8_output_layer and fp8 else 0.0)
+    logits = logit_bytes * cfg.vocab_size / layout.tp * tokens if last else 0.0
+    # the recomputed block and the head's logits and inputs are never alive together
+    parts["activations"] = kept * flight + edge + max(recompute_peak - edge - logits, 0.0)
     parts["moe_dispatch"] = dispatch * flight
     parts["cp_buffers"] = buffers
-    logit_bytes = LOGIT_BYTES[shape.fused] + (FP8_HEAD_GRAD_BYTES if cfg.fp8_output_layer and fp8 else 0.0)
-    parts["logits"] = logit_bytes * cfg.vocab_size / layout.tp * tokens if last else 0.0
+    parts["logits"] = logits
     parts["overhead"] = float(OVERHEAD_BYTES)
     return MemoryEstimate(parts)
 
