@@ -240,7 +240,9 @@ def calibration_table(results: Path = RESULTS) -> dict:
                 "source": item["source"],
                 "fitted": False,
                 "device": "NVIDIA H200",
-                "config": f"intra 350m moe, layout {item['layout']}: {' '.join(item['overrides'][-4:])}",
+                # the record's grouped_gemm flag named TE's grouped experts (predict_scale_out_row)
+                "config": f"intra 350m moe experts=te_grouped, layout {item['layout']}: "
+                + " ".join(item["overrides"][-4:]),
                 "precision": "bf16",
                 "code": "fused",
                 "gpus": item["gpus"],
