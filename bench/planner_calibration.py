@@ -244,7 +244,7 @@ def calibration_table(results: Path = RESULTS) -> dict:
                 "config": f"intra 350m moe experts=te_grouped, layout {item['layout']}: "
                 + " ".join(item["overrides"][-4:]),
                 "precision": "bf16",
-                "code": "fused",
+                "code": "superseded" if "parallel.tp=2" in item["overrides"] else "fused",
                 "gpus": item["gpus"],
                 "measured_memory_gib": item["peak_memory_gib"],
                 "predicted_memory_gib": pred["memory_gib"],
@@ -355,7 +355,13 @@ def render_readme(table: dict) -> str:
         "where it was 95% there. The eager 1B MoE step sits near the host bound, and the table "
         "models one host speed.",
         "- The 2-GPU rows use the bundled 4096-token vocabulary (the scale-out record's "
-        "overrides) and the H200's NVLink; their measured numbers come from the record's README.",
+        "overrides) and the H200's NVLink; their measured numbers come from the record's README. "
+        "Its TP=2 layouts (A1, A3; code *superseded*) ran the intra branch norm's TP path before "
+        "it kept only its input and reciprocal RMS: that path kept two fp32 copies of both "
+        "branches' outputs and a bf16 product, 10 bytes x 16,384 tokens x 1,024 local channels "
+        "x 20 layers = 3.1 GiB per GPU, which the prediction for the current code leaves out "
+        "(predicted + 3.1 GiB: 23.1 against 22.3 and 22.7 measured). The current code's TP "
+        "layouts need a 2-GPU run.",
         "",
         "| source | device | configuration | code | GPUs | fit | memory measured / predicted GiB | "
         "error | tokens/s (per GPU) measured / predicted | error |",
@@ -400,6 +406,10 @@ SUPERSEDED = (
 # Runs of the current code on a host slower than the table's (see the README's bullet): shown, not
 # counted with the current code's rows.
 SLOW_HOST = ("train_throughput_h100_2026-12-07_moe_te_quantiser",)
+
+
+# The scale-out record's TP=2 layouts ran the intra branch norm's TP path before it saved only its
+# input and reciprocal RMS (10 bytes per element of both branches' outputs; the README's bullet).
 
 
 def row_code(item: dict) -> str:
