@@ -360,7 +360,7 @@ def render_readme(table: dict) -> str:
         "it kept only its input and reciprocal RMS: that path kept two fp32 copies of both "
         "branches' outputs and a bf16 product, 10 bytes x 16,384 tokens x 1,024 local channels "
         "x 20 layers = 3.1 GiB per GPU, which the prediction for the current code leaves out "
-        "(predicted + 3.1 GiB: 23.1 against 22.3 and 22.7 measured). The current code's TP "
+        "(predicted + 3.1 GiB: 23.7 and 23.1 against 22.3 and 22.7 measured). The current code's TP "
         "layouts need a 2-GPU run.",
         "",
         "| source | device | configuration | code | GPUs | fit | memory measured / predicted GiB | "

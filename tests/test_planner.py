@@ -214,6 +214,10 @@ def test_memory_parts_follow_the_layout():
     assert ep2["weights"] < one["weights"] and ep2["optimizer"] < one["optimizer"] / 1.9
     tp2 = stage_memory(cfg, pattern, 0, RankLayout(tp=2, sequence_parallel=True), shape).parts
     assert tp2["activations"] == pytest.approx(one["activations"] / 2, rel=0.01)
+    # the dispatcher gathers the experts' input copies over expert TP, not their output copies
+    tp2_etp2 = stage_memory(cfg, pattern, 0, RankLayout(tp=2, expert_tp=2, sequence_parallel=True), shape)
+    assert tp2["moe_dispatch"] == pytest.approx(one["moe_dispatch"] / 2)
+    assert tp2_etp2.parts["moe_dispatch"] == pytest.approx(one["moe_dispatch"] * 3 / 4)
     first = stage_memory(cfg, pattern[:7], 0, RankLayout(pp=2), shape).parts
     last = stage_memory(cfg, pattern[7:], 1, RankLayout(pp=2), shape).parts
     assert first["logits"] == 0 and last["logits"] > 0

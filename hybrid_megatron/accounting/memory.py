@@ -22,6 +22,11 @@ the last stage. Parts (bytes per rank):
   larger of the two, not both (the committed 1B full-recompute peaks at micro-batch 2-16 follow
   the logits' phase to 1%).
 - moe_dispatch: the permuted token copies an MoE layer keeps (top_k x h in and out per token).
+  With TP, megatron-core's dispatcher all-gathers the copies going into the experts over the
+  expert-TP ranks after its all-to-all (the experts' first GEMM saves them), and reduce-scatters
+  their outputs back: a rank keeps expert_tp / tp of its micro-batch's input copies and 1 / tp
+  of the output copies (read from megatron-core 0.16's alltoall dispatcher; not yet measured:
+  the 2-GPU record's TP layouts ran an older branch norm).
 - logits: the last stage's LM-head output and the loss's buffers, LOGIT_BYTES bytes per
   vocabulary entry per token (split over TP), for one micro-batch (+ FP8_HEAD_GRAD_BYTES with
   an FP8 LM head).
@@ -304,7 +309,8 @@ def block_activation_bytes(
     m = mamba_dims(cfg, letter)
     if m is not None and mamba_sequence_cp(layout):
         full_block += m.conv_dim / tp  # the unfused conv's output, saved for the scan's backward
-    dispatch = moe_dispatch_elements(cfg, letter) / tp
+    # the copies going in are gathered over the expert-TP ranks, those coming out are not
+    dispatch = moe_dispatch_elements(cfg, letter) * (layout.expert_tp + 1) / (2 * tp)
     tokens = rank_tokens(shape, layout)
     if shape.recompute == "full":
         kept = cfg.hidden_size / rep_div
