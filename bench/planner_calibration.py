@@ -86,15 +86,16 @@ def bench_rows(results: Path = RESULTS) -> list[dict]:
 def max_microbatch_rows(results: Path = RESULTS) -> list[dict]:
     """The peak memory of every fitting micro-batch of the bench's ``max-mbs`` records
     (``<results>/train_throughput_h100_*/max_m*.json``: dense bf16, one micro-batch per step,
-    every kind and recompute mode), as memory-only bench rows. Each record row's first size is
-    left out: it is the model's first step, whose peak comes before Adam's moments exist."""
+    every kind and recompute mode), as memory-only bench rows. In records without ``warm_step``
+    each row's first size is left out: it was the model's first step, whose peak comes before
+    Adam's moments exist."""
     out = []
     for path in sorted(results.glob("train_throughput_h100_*/max_m*.json")):
         record = json.loads(path.read_text())
         for entry in record["rows"]:
             # the first records list only the sizes that fit, under "fits"
             attempts = entry.get("attempts") or [{**a, "fits": True} for a in entry.get("fits", [])]
-            for attempt in [a for a in attempts[1:] if a["fits"]]:
+            for attempt in [a for a in attempts[0 if record.get("warm_step") else 1 :] if a["fits"]]:
                 row = {
                     "scale": record["scale"],
                     "kind": entry["kind"],
@@ -302,8 +303,9 @@ def render_readme(table: dict) -> str:
         + f"; the current code's rows: {memory([r for r in rows if r['code'] == 'fused'])}; "
         "nothing of the memory model is fitted). "
         f"{len(memory_only)} rows are memory-only (tokens/s —): every fitting micro-batch of the "
-        "bench's `max-mbs` records but each record row's first, which is the model's first step "
-        "and peaks before Adam's moments exist.",
+        "bench's `max-mbs` records; in the records made before `max-mbs` took a warm step, not "
+        "each row's first size: that was the model's first step, which peaks before Adam's "
+        "moments exist.",
         f"- Tokens/s within {TIME_TARGET:.0%}: **{sum(r['time_meets'] for r in timed)} of {len(timed)}** "
         f"rows: **{count(fitted)}** rows the time model was fitted to (column *fit* = in; "
         f"{len(FITTED)} parameters on the {sum(r['precision'] == 'bf16' for r in fitted)} bf16 rows, "

@@ -740,7 +740,9 @@ def cmd_max_mbs(args) -> None:
     """Largest micro-batch (doubling from 1, then bisection) that trains one step, per kind and
     recompute mode; writes the attempts and the largest size of each to the JSON record."""
     shape = SCALES[args.scale]
-    record = {**_header(), "scale": args.scale, "seq_length": shape["seq"], "rows": []}
+    # warm_step: each search starts after one untimed step at micro-batch 1, so every size's peak
+    # includes Adam's moments (a model's first step peaks before the optimizer creates them)
+    record = {**_header(), "scale": args.scale, "seq_length": shape["seq"], "warm_step": True, "rows": []}
     deadline = time.monotonic() + args.time_budget
     for kind in args.kinds:
         for recompute in args.recompute:
@@ -752,6 +754,7 @@ def cmd_max_mbs(args) -> None:
                 cfg = model_config(args.scale, kind, False, "bf16")
                 trainee = Trainee(kind, cfg, recompute)
                 try_size = functools.partial(_step_peak_memory, trainee, cfg.vocab_size, shape["seq"])
+                try_size(1)
                 row["attempts"] = largest_fitting(try_size, args.max, deadline)
                 del try_size  # holds the model
                 del trainee

@@ -301,3 +301,33 @@ def test_profile_groups_ops_by_their_call_stacks_on_cpu(tmp_path):
     # the expert GEMMs are traced to the grouped experts' code, three frames at most
     expert_rows = [row for row in rows if "hybrid_megatron/models/moe.py" in row and "aten::mm" in row]
     assert expert_rows and all(row.count(" < ") <= 2 for row in rows)
+
+
+def test_max_mbs_searches_after_a_warm_step(tmp_path, monkeypatch):
+    """Each kind's search starts after one step at micro-batch 1, so every recorded size's peak
+    has Adam's moments; the record says so (``warm_step``), and the calibration then keeps every
+    fitting size, where it drops the first size of records without it."""
+    from bench import planner_calibration
+
+    steps: list[int] = []
+
+    def fake_step(trainee, vocab, seq, mbs):
+        steps.append(mbs)
+        if mbs > 2:
+            raise bench.torch.OutOfMemoryError("fake")
+        return 10.0 + mbs
+
+    monkeypatch.setattr(bench, "_step_peak_memory", fake_step)
+    out = tmp_path / "train_throughput_h100_2099-01-01" / "max_mbs_tiny.json"
+    out.parent.mkdir()
+    args = ["--scale", "tiny", "--kinds", "inter", "--recompute", "full", "--max", "8", "--out", str(out)]
+    bench.main(["max-mbs", *args])
+    assert steps == [1, 1, 2, 4, 3]  # the warm step, then doubling and bisection
+    record = json.loads(out.read_text())
+    assert record["warm_step"] is True
+    assert [a["micro_batch"] for a in record["rows"][0]["attempts"] if a["fits"]] == [1, 2]
+    rows = planner_calibration.max_microbatch_rows(tmp_path)
+    assert [r["row"]["micro_batch"] for r in rows] == [1, 2]
+    del record["warm_step"]
+    out.write_text(json.dumps(record))
+    assert [r["row"]["micro_batch"] for r in planner_calibration.max_microbatch_rows(tmp_path)] == [2]
