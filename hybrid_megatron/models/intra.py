@@ -33,10 +33,10 @@ class _ShardedRMSNorm(torch.autograd.Function):
     """RMSNorm of a channel-sharded ``x`` whose mean square spans every rank of ``group``.
 
     Saves what torch's fused RMSNorm saves (``x`` in its own dtype and the reciprocal RMS per
-    position, in fp32 or wider) instead of the fp32 copies autograd would keep through the elementwise
-    formula: 1 of 5 bytes per element in bf16. Backward, with r the reciprocal RMS, g = dy * w
-    and N the full width: dx = r g - x r^3 sum_N(g x) / N (the sum all-reduced like the mean
-    square), dw = sum over positions of dy * (x r).
+    position, in fp32 or wider), where autograd through the elementwise formula kept two fp32
+    copies of ``x`` and a product: in bf16, 2 bytes per element instead of 10. Backward, with r
+    the reciprocal RMS, g = dy * w and N the full width: dx = r g - x r^3 sum_N(g x) / N (the sum
+    all-reduced like the mean square), dw = sum over positions of dy * (x r).
     """
 
     @staticmethod
