@@ -4,7 +4,7 @@
     python -m bench.planner_calibration fit      # the H100 cost table's rates from the bench rows
 
 ``table`` predicts peak memory and tokens/s for every single-GPU bench row of our kinds in bf16
-and FP8 (``<results>/train_throughput_h100_*/run*.json``, default the committed
+and FP8 (``<results>/train_throughput_h[12]00_*/run*.json``, default the committed
 ``bench/results``; megatron-core's native baselines and CUDA-graph rows are not modelled),
 under each row's ``recompute`` (absent: none) and ``seq_length``, peak memory alone for the
 micro-batches of the ``max-mbs`` records (``max_m*.json``), and for the 2-GPU layouts of
@@ -61,7 +61,7 @@ def bench_rows(results: Path = RESULTS) -> list[dict]:
     """Every modelled single-GPU bench row under ``results``: its source, configuration and
     measurements."""
     out = []
-    for path in sorted(results.glob("train_throughput_h100_*/run*.json")):
+    for path in sorted(results.glob("train_throughput_h[12]00_*/run*.json")):
         record = json.loads(path.read_text())
         options = record.get("options", {})
         if options.get("cuda_graphs"):
@@ -85,12 +85,12 @@ def bench_rows(results: Path = RESULTS) -> list[dict]:
 
 def max_microbatch_rows(results: Path = RESULTS) -> list[dict]:
     """The peak memory of every fitting micro-batch of the bench's ``max-mbs`` records
-    (``<results>/train_throughput_h100_*/max_m*.json``: dense bf16, one micro-batch per step,
+    (``<results>/train_throughput_h[12]00_*/max_m*.json``: dense bf16, one micro-batch per step,
     every kind and recompute mode), as memory-only bench rows. In records without ``warm_step``
     each row's first size is left out: it was the model's first step, whose peak comes before
     Adam's moments exist."""
     out = []
-    for path in sorted(results.glob("train_throughput_h100_*/max_m*.json")):
+    for path in sorted(results.glob("train_throughput_h[12]00_*/max_m*.json")):
         record = json.loads(path.read_text())
         for entry in record["rows"]:
             # the first records list only the sizes that fit, under "fits"
@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             "--results",
             type=Path,
             default=RESULTS,
-            help="folder holding the train_throughput_h100_*/run*.json records (default the committed)",
+            help="folder holding the train_throughput_h[12]00_*/run*.json records (default the committed)",
         )
     args = parser.parse_args(argv)
     if args.command == "fit":
