@@ -318,6 +318,9 @@ def test_max_mbs_searches_after_a_warm_step(tmp_path, monkeypatch):
         return 10.0 + mbs
 
     monkeypatch.setattr(bench, "_step_peak_memory", fake_step)
+    # no model and no process-group reset: this process's parallel state belongs to other tests
+    monkeypatch.setattr(bench, "Trainee", lambda kind, cfg, recompute: None)
+    monkeypatch.setattr(bench, "_reset_run_state", lambda: None)
     out = tmp_path / "train_throughput_h100_2099-01-01" / "max_mbs_tiny.json"
     out.parent.mkdir()
     args = ["--scale", "tiny", "--kinds", "inter", "--recompute", "full", "--max", "8", "--out", str(out)]
