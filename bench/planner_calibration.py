@@ -245,6 +245,7 @@ def calibration_table(results: Path = RESULTS) -> dict:
                 "config": f"intra 350m moe experts=te_grouped, layout {item['layout']}: "
                 + " ".join(item["overrides"][-4:]),
                 "precision": "bf16",
+                # its TP=2 layouts ran the branch norm's old TP path (the README's bullet)
                 "code": "superseded" if "parallel.tp=2" in item["overrides"] else "fused",
                 "gpus": item["gpus"],
                 "measured_memory_gib": item["peak_memory_gib"],
@@ -408,10 +409,6 @@ SUPERSEDED = (
 # Runs of the current code on a host slower than the table's (see the README's bullet): shown, not
 # counted with the current code's rows.
 SLOW_HOST = ("train_throughput_h100_2026-12-07_moe_te_quantiser",)
-
-
-# The scale-out record's TP=2 layouts ran the intra branch norm's TP path before it saved only its
-# input and reciprocal RMS (10 bytes per element of both branches' outputs; the README's bullet).
 
 
 def row_code(item: dict) -> str:
