@@ -183,7 +183,11 @@ def predict_scale_out_row(item: dict, costs) -> dict:
     ]
     recipe = load_recipe(ROOT / "recipes" / "intra_350m_moe.yaml", overrides)
     p = predict_layout(recipe, recipe.parallel, Target(item["gpus"], 139.8, costs))
-    return {"memory_gib": p.peak.total_gib, "tokens_per_s": p.time.tokens_per_s_per_gpu}
+    return {
+        "memory_gib": p.peak.total_gib,
+        "tokens_per_s": p.time.tokens_per_s_per_gpu,
+        "recompute": p.shape.recompute,
+    }
 
 
 def _err(predicted: float, measured: float) -> float:
@@ -227,6 +231,7 @@ def calibration_table(results: Path = RESULTS) -> dict:
                 "config": row_label(item),
                 "precision": r["precision"],
                 "code": row_code(item),
+                "recompute": row_recompute(r, item["options"]),
                 "gpus": 1,
                 "measured_memory_gib": r["peak_memory_gib"],
                 "predicted_memory_gib": pred["memory_gib"],
@@ -247,6 +252,7 @@ def calibration_table(results: Path = RESULTS) -> dict:
                 "precision": "bf16",
                 # its TP=2 layouts ran the branch norm's old TP path (the README's bullet)
                 "code": "superseded" if "parallel.tp=2" in item["overrides"] else "fused",
+                "recompute": pred["recompute"],
                 "gpus": item["gpus"],
                 "measured_memory_gib": item["peak_memory_gib"],
                 "predicted_memory_gib": pred["memory_gib"],
@@ -278,10 +284,6 @@ def render_readme(table: dict) -> str:
     fp8 = [r for r in rows if r["precision"] == "fp8"]
     memory_only = [r for r in rows if r["time_meets"] is None]
 
-    def recompute_mode(r: dict) -> str:
-        found = re.search(r"recompute=(\w+)", r["config"])
-        return found.group(1) if found else "none"
-
     def count(subset: list[dict]) -> str:
         return f"{sum(r['time_meets'] for r in subset)} of {len(subset)}"
 
@@ -298,7 +300,7 @@ def render_readme(table: dict) -> str:
         f"- Memory within {MEMORY_TARGET:.0%}: **{mem_ok} of {len(rows)}** rows (bf16 {memory(bf16)}, "
         f"FP8 {memory(fp8)}; by recompute mode: "
         + ", ".join(
-            f"{mode} {memory([r for r in rows if recompute_mode(r) == mode])}"
+            f"{mode} {memory([r for r in rows if r['recompute'] == mode])}"
             for mode in ("none", "selective", "full")
         )
         + f"; the current code's rows: {memory([r for r in rows if r['code'] == 'fused'])}; "
