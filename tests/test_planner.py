@@ -119,18 +119,30 @@ def test_calibration_table_recomputes_and_keeps_its_targets():
             assert abs(new["memory_error"]) <= 0.10, new
         if old["time_meets"]:
             assert abs(new["time_error"]) <= 0.15, new
-    # the current code's single-GPU 1B rows all meet both targets (memory-only rows: memory)
+    # the current code's single-GPU 1B rows all meet the memory target, the MoE rows with bf16
+    # moments through their optimizer-step phase
     current_1b = [r for r in now["rows"] if r["code"] == "fused" and " 1b " in f" {r['config']} "]
-    timed = [r for r in current_1b if r["time_meets"] is not None]
-    assert len(timed) >= 20 and all(r["time_meets"] for r in timed)
     assert all(r["memory_meets"] for r in current_1b)
+    assert sum("moe" in r["config"] for r in current_1b) >= 8
+    # and the time target without recompute, but for the one row the README names: the MoE step
+    # at 8 micro-batches, host-bound on its machine (GPU busy 74%)
+    timed = [r for r in current_1b if r["time_meets"] is not None and r["recompute"] == "none"]
+    misses = {(r["source"], r["config"]) for r in timed if not r["time_meets"]}
+    assert len(timed) >= 20
+    assert misses == {
+        (
+            "train_throughput_h100_2026-12-07_recompute/run5_1b_inter_moe_8mb.json",
+            "inter 1b moe mbs 1 x 8 experts=grouped",
+        )
+    }
     # every recompute mode is calibrated, and full recompute closely: its peak is the logits'
-    # phase or the recomputed block's, not both
+    # phase or the recomputed block's, not both (rows measured in a process an earlier MoE row
+    # had used carry that row's memory: out)
     for mode in ("selective", "full"):
-        rows = [r for r in now["rows"] if r["recompute"] == mode]
+        rows = [r for r in now["rows"] if r["recompute"] == mode and r["code"] != "reused process"]
         assert len(rows) >= 5 and all(r["memory_meets"] for r in rows), mode
-    full = [r for r in now["rows"] if r["recompute"] == "full"]
-    assert max(abs(r["memory_error"]) for r in full) < 0.03
+    full = [r for r in now["rows"] if r["recompute"] == "full" and r["code"] != "reused process"]
+    assert len(full) >= 30 and max(abs(r["memory_error"]) for r in full) < 0.03
 
 
 def test_full_recompute_peaks_in_the_logits_phase_or_the_recompute_phase():
@@ -163,6 +175,38 @@ def test_full_recompute_peaks_in_the_logits_phase_or_the_recompute_phase():
     kept, block = inputs_and_block(cfg, pattern[:6])
     first = stage_memory(cfg, pattern[:6], 0, RankLayout(pp=2), full).parts
     assert first["logits"] == 0 and first["activations"] == pytest.approx(kept + block)
+
+
+def test_bf16_moments_peak_in_the_optimizer_step_when_it_outweighs_the_activations(capsys):
+    """With bf16 Adam moments, main weights take 2 bytes (the weight plus a 16-bit remainder),
+    and TE's fused Adam's fp32 copies of both moments (8 bytes per optimizer parameter) come on
+    top of what stays resident once the activations are freed: the peak is the larger phase."""
+    recipe = load_recipe(REPO / "recipes" / "intra_1b_moe.yaml")
+    cfg, pattern = recipe.model, build_layer_pattern(recipe.model)
+    fp32 = TrainingShape(8192, 1, 2, recompute="full")
+    bf16 = TrainingShape(8192, 1, 2, recompute="full", adam_moments="bf16")
+    with_fp32 = stage_memory(cfg, pattern, 0, RankLayout(), fp32).parts
+    step = stage_memory(cfg, pattern, 0, RankLayout(), bf16)
+    params = with_fp32["gradients"] / 4
+    # fp32: 4 (main) + 8 (moments) bytes per parameter; bf16: 2 + 4, plus the step's 8
+    assert with_fp32["optimizer"] == pytest.approx(12 * params)
+    assert step.parts["optimizer"] == pytest.approx(6 * params)
+    assert step.parts["optimizer_step"] == pytest.approx(8 * params)
+    assert "activations" not in step.parts and step.largest[0] == "optimizer_step"
+    resident = ("weights", "gradients", "optimizer", "overhead")
+    assert step.total == pytest.approx(sum(step.parts[k] for k in resident) + 8 * params)
+    # 2 data-parallel ranks shard the state, and the step's copies with it
+    halved = stage_memory(cfg, pattern, 0, RankLayout(dp=2), bf16).parts
+    assert halved["optimizer_step"] == pytest.approx(4 * params)
+    # no recompute at 4 x 8K tokens: the activations' phase outweighs the step's again
+    wide = stage_memory(cfg, pattern, 0, RankLayout(), TrainingShape(8192, 4, 2, adam_moments="bf16"))
+    assert "optimizer_step" not in wide.parts and wide.parts["activations"] > 8 * params
+    # on a 66 GiB GPU the plan's one-GPU row is the step's phase: its copies under "optim"
+    args = [str(REPO / "recipes" / "intra_1b_moe.yaml"), "--plan", "--gpus", "1", "--gpu-memory", "66"]
+    assert main([*args, "train.adam_moments=bf16"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tp1 cp1 pp1")][0].split()
+    mem, weights, grads, optim, activ = (float(x) for x in row[8:13])
+    assert activ == 0 and optim == pytest.approx(mem - weights - grads - 0.6, abs=0.11)
 
 
 def test_plan_lists_every_valid_layout_best_first(capsys):

@@ -291,6 +291,7 @@ PART_ORDER = (
     "fp8_weights",
     "gradients",
     "optimizer",
+    "optimizer_step",
     "activations",
     "moe_dispatch",
     "cp_buffers",
@@ -324,8 +325,9 @@ def render_plan(predictions: list[LayoutPrediction], target: Target, title: str 
         lines.append(
             f"{p.name():<20} {dp:>3} {p.shape.micro_batch:>3} {p.shape.recompute:<9} {stages:<15} "
             f"{p.peak.total_gib:>8.1f} {g['weights'] + g.get('fp8_weights', 0.0):>7.1f} "
-            f"{g['gradients']:>6.1f} {g['optimizer']:>6.1f} {g['activations'] + g['cp_buffers']:>6.1f} "
-            f"{g['moe_dispatch']:>5.1f} {g['logits']:>6.1f} {p.time.step_s:>7.3f} "
+            f"{g['gradients']:>6.1f} {g['optimizer'] + g.get('optimizer_step', 0.0):>6.1f} "
+            f"{g.get('activations', 0.0) + g.get('cp_buffers', 0.0):>6.1f} "
+            f"{g.get('moe_dispatch', 0.0):>5.1f} {g.get('logits', 0.0):>6.1f} {p.time.step_s:>7.3f} "
             f"{p.time.tokens_per_s:>9,.0f} {p.time.tokens_per_s_per_gpu:>9,.0f} {p.time.mfu:>5.1%}  "
             f"{'yes' if p.fits else 'NO'}{mark}"
         )

@@ -3,7 +3,7 @@
 The peak comes at the start of the first backward pass of the last in-flight micro-batch:
 everything resident (weights, gradient buffers, optimizer state) plus the activations every
 in-flight micro-batch saved for backward, plus the LM head's logits and the loss's buffers on
-the last stage. Parts (bytes per rank):
+the last stage; or, with bf16 Adam moments, in the optimizer step. Parts (bytes per rank):
 
 - weights: the stage's parameters in the training dtype (bf16: 2 bytes; fp32: 4), dense ones
   split over TP, experts over EP x expert TP.
@@ -11,7 +11,14 @@ the last stage. Parts (bytes per rank):
   parameter; the distributed optimizer reduce-scatters into it, so it is not sharded.
 - optimizer: the distributed optimizer's fp32 main weights (bf16 training only) and Adam's two
   moments (fp32, or bf16 with ``train.adam_moments: bf16``), sharded over the data-parallel
-  ranks (experts over the expert data-parallel ranks).
+  ranks (experts over the expert data-parallel ranks). With bf16 moments (megatron-core's
+  precision-aware optimizer, Transformer Engine's fused Adam) a main weight is the bf16 weight
+  plus a 16-bit remainder: 2 bytes, not 4.
+- optimizer_step (bf16 moments only): TE's fused Adam unscales both moments of every parameter
+  it steps into fp32 copies before its kernel runs, 8 bytes per optimizer parameter, while the
+  weights, gradients and state stay resident and the activations are freed. When that phase
+  is the larger, it is the peak and the estimate holds its parts instead (the committed 1B MoE
+  peaks, 64.9-65.7 GiB whatever the recompute mode and micro-batch count, are this phase's).
 - activations: per block, the tensors its sublayers save for backward (bf16 elements per token,
   listed in ``sublayer_saved``), times tokens per micro-batch, times the micro-batches in flight
   on this stage (1F1B: stage s of P holds min(P - s, micro-batches)); divided by TP for the
@@ -59,7 +66,7 @@ the last stage. Parts (bytes per rank):
 
 What the model leaves out: allocator fragmentation (it varies by run: the committed bench
 measured the same row at 34.5 and 47.5 GiB in a fresh and a reused process), CUDA graphs'
-private pools, the optimizer step's temporaries (below the backward peak for these models),
+private pools, the optimizer step's temporaries with fp32 moments (norm buffers, small),
 FP8 scaling state (a few KiB per Linear).
 """
 
@@ -97,6 +104,8 @@ LOGIT_BYTES = {True: 2.0, False: 5.6}
 # rows (bench/results/train_throughput_h100_2026-11-24_fp8_head, run28 against run27: +4.3 GiB
 # at 2 x 8K tokens and 128K vocabulary, of which the head's FP8 weight copies are 0.5).
 FP8_HEAD_GRAD_BYTES = 2.0
+# What stays allocated through the optimizer step (activations, dispatch copies and logits are freed)
+STEP_RESIDENT = ("weights", "fp8_weights", "gradients", "optimizer", "overhead")
 OVERHEAD_BYTES = int(0.6 * GIB)  # cuBLAS/TE workspaces, RNG state, the batch, small buffers
 RECOMPUTE_MODES = ("none", "selective", "full")
 
@@ -419,14 +428,18 @@ def stage_memory(
     expert_local = expert / (layout.ep * layout.expert_tp)
     bf16 = shape.precision == "bf16"
     weight_bytes = 2 if bf16 else 4
-    moment_bytes = 2 if shape.adam_moments == "bf16" else 4
-    # fp32 main weights exist only next to bf16 weights; fp32 training steps the weights themselves
-    state_bytes = (4 if bf16 else 0) + 2 * moment_bytes
+    bf16_moments = shape.adam_moments == "bf16"
+    moment_bytes = 2 if bf16_moments else 4
+    # fp32 main weights exist only next to bf16 weights (fp32 training steps the weights
+    # themselves); with bf16 moments TE's fused Adam keeps each as the bf16 weight plus a 16-bit
+    # remainder (megatron-core's store_param_remainders)
+    main_bytes = (2 if bf16_moments else 4) if bf16 else 0
+    state_bytes = main_bytes + 2 * moment_bytes
+    optimizer_params = dense_local / layout.grad_ranks + expert_local / layout.expert_dp
     parts: dict[str, float] = {
         "weights": (dense_local + expert_local) * weight_bytes,
         "gradients": (dense_local + expert_local) * 4,
-        "optimizer": dense_local * state_bytes / layout.grad_ranks
-        + expert_local * state_bytes / layout.expert_dp,
+        "optimizer": optimizer_params * state_bytes,
     }
     fp8 = fp8_gemms(cfg, shape)
     if fp8:
@@ -455,6 +468,13 @@ def stage_memory(
     parts["cp_buffers"] = buffers
     parts["logits"] = logits
     parts["overhead"] = float(OVERHEAD_BYTES)
+    if bf16_moments:
+        # TE's fused Adam steps bf16 moments through fp32 copies of both, made for every
+        # parameter of the step at once: after the backward, so the activations are gone
+        resident = {k: parts.get(k, 0.0) for k in STEP_RESIDENT}
+        step = sum(resident.values()) + optimizer_params * 2 * 4
+        if step > sum(parts.values()):
+            return MemoryEstimate({**resident, "optimizer_step": optimizer_params * 2 * 4})
     return MemoryEstimate(parts)
 
 
