@@ -625,6 +625,9 @@ def measure_in_subprocess(
         ]
         env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the parent's is taken
         env[ROW_PROCESS_ENV] = "1"  # the child measures its row itself instead of isolating again
+        # Triton keeps its autotuning winners on disk, so a row's process reuses the earlier
+        # rows' instead of timing mamba-ssm's kernel configurations again (seconds of start-up)
+        env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         except subprocess.TimeoutExpired:

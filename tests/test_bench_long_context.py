@@ -278,3 +278,23 @@ def test_memory_cap_makes_a_larger_gpu_allocation_run_out():
     done = _python("-c", script)
     assert done.stdout.splitlines() == ["fits"]
     assert done.returncode != 0 and bench.is_out_of_memory(done.stderr)
+
+
+def test_row_processes_keep_triton_autotuning_on_disk(monkeypatch):
+    """Each row's process is started with Triton's on-disk autotuning cache on (unless the caller
+    set it), and the parent's MASTER_PORT left out."""
+    seen = []
+
+    def fake_run(cmd, env, **kwargs):
+        seen.append(env)
+        return subprocess.CompletedProcess(cmd, 1, "", "no row")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    row = bench.measure_in_subprocess("tiny", "mamba", False, "bf16", 1, 1, bench.RunOptions())
+    assert "subprocess exit 1" in row["error"]
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")
+    bench.measure_in_subprocess("tiny", "mamba", False, "bf16", 1, 1, bench.RunOptions())
+    assert [env.get("TRITON_CACHE_AUTOTUNING") for env in seen] == ["1", "0"]
+    assert all("MASTER_PORT" not in env and env[bench.ROW_PROCESS_ENV] == "1" for env in seen)
