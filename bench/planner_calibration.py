@@ -352,10 +352,11 @@ def render_readme(table: dict) -> str:
         "and the current code's MoE rows marked *reused process*: the intra MoE rows of `run18`, "
         "`run19`, `run21*` and of the 2026-12-07 recompute `run3`, and the 350M rows of the "
         "2026-12-07 `run1`, which ran after the native baseline) vary by up to 30% between "
-        "repeats of one configuration, and an MoE row after another MoE row keeps about 13 GiB "
-        "of the earlier model alive (the same configuration peaks at 34.3-34.5 GiB in a fresh "
-        "process: `run16`, and `run1`'s first row). Reused-process rows are kept, out of the "
-        "current-code counts.",
+        "repeats of one configuration, and an MoE row after another MoE row counted about 13 "
+        "GiB of the earlier model, which its MoE dispatcher's routing tensors (with their "
+        "autograd graph) kept alive (the same configuration peaks at 34.3-34.5 GiB in a fresh "
+        "process: `run16`, and `run1`'s first row; the bench drops those tensors at a row's end "
+        "since). Reused-process rows are kept, out of the current-code counts.",
         "- The 1B MoE rows with bf16 Adam moments peak in the optimizer step (64.9-65.7 GiB at 2 "
         "or 8 micro-batches, with or without full recompute): Transformer Engine's fused Adam "
         "unscales both moments of every parameter into fp32 copies at once (`memory.py`, part "
@@ -425,7 +426,7 @@ SLOW_HOST = ("train_throughput_h100_2026-12-07_moe_te_quantiser",)
 
 
 # MoE rows of the current code measured in one process after another MoE row, (source, kind):
-# something of the earlier model stays alive there (about 13 GiB at 350M: 47.5 GiB where the
+# the earlier row's model was still allocated there (about 13 GiB at 350M: 47.5 GiB where the
 # same row peaks at 34.5 in a process of its own), so their peaks are not the row's own.
 REUSED_PROCESS = (
     ("train_throughput_h100_2026-11-24_moe_memory/run18_350m_moe_fused.json", "intra"),
