@@ -64,10 +64,9 @@ the last stage; or, with bf16 Adam moments, in the optimizer step. Parts (bytes 
   conv + scan path saves the conv1d output (conv_dim per position) that the fused kernel
   recomputes.
 
-What the model leaves out: allocator fragmentation (it varies by run: the committed bench
-measured the same row at 34.5 and 47.5 GiB in a fresh and a reused process), CUDA graphs'
-private pools, the optimizer step's temporaries with fp32 moments (norm buffers, small),
-FP8 scaling state (a few KiB per Linear).
+What the model leaves out: allocator fragmentation, CUDA graphs' private pools, the optimizer
+step's temporaries with fp32 moments (norm buffers, small), FP8 scaling state (a few KiB per
+Linear).
 """
 
 from __future__ import annotations
