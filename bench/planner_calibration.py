@@ -39,9 +39,12 @@ def _row_config(row: dict, options: dict):
     # rows recorded before the grouped experts existed ran TE's grouped experts
     options = {"moe_experts": "te_grouped", **options}
     opts = RunOptions(**{k: v for k, v in options.items() if k in known})
-    return model_config(
-        row["scale"], row.get("arch") or row["kind"], row["ffn"] == "moe", row["precision"], opts
-    )
+    return model_config(row["scale"], row_kind(row), row["ffn"] == "moe", row["precision"], opts)
+
+
+def row_kind(row: dict) -> str:
+    """A bench row's kind (the records made before the field was renamed say ``arch``)."""
+    return row.get("arch") or row["kind"]
 
 
 def row_recompute(row: dict, options: dict) -> str:
@@ -67,7 +70,7 @@ def bench_rows(results: Path = RESULTS) -> list[dict]:
         if options.get("cuda_graphs"):
             continue
         for row in record["rows"]:
-            if (row.get("arch") or row["kind"]).startswith("native") or row.get("peak_memory_gib") is None:
+            if row_kind(row).startswith("native") or row.get("peak_memory_gib") is None:
                 continue
             if row["precision"] not in ("bf16", "fp8"):
                 continue
@@ -451,7 +454,7 @@ def row_code(item: dict) -> str:
         return "superseded"
     if folder in SLOW_HOST and item["fused"]:
         return "slow host"
-    if item["fused"] and (item["source"], item["row"].get("kind") or item["row"]["arch"]) in REUSED_PROCESS:
+    if item["fused"] and (item["source"], row_kind(item["row"])) in REUSED_PROCESS:
         return "reused process"
     return "fused" if item["fused"] else "unfused"
 

@@ -345,7 +345,6 @@ from hybrid_megatron import runtime
 runtime.setup()
 bench._init_process_group()
 alive = {}
-made = []
 original = bench.Trainee.for_options.__func__
 
 
@@ -358,7 +357,7 @@ def recording(cls, kind, cfg, options):
 bench.Trainee.for_options = classmethod(recording)
 own_release = bench.Trainee.release
 for release in ("kept", "dropped"):
-    bench.Trainee.release = (lambda self: 0) if release == "kept" else own_release
+    bench.Trainee.release = (lambda self: None) if release == "kept" else own_release
     made = []
     row = bench.measure_row("tiny", "inter", True, "bf16", 1, 1, bench.RunOptions(microbatches=2))
     assert "error" not in row, row.get("traceback")

@@ -471,9 +471,9 @@ def stage_memory(
         # TE's fused Adam steps bf16 moments through fp32 copies of both, made for every
         # parameter of the step at once: after the backward, so the activations are gone
         resident = {k: parts.get(k, 0.0) for k in STEP_RESIDENT}
-        step = sum(resident.values()) + optimizer_params * 2 * 4
-        if step > sum(parts.values()):
-            return MemoryEstimate({**resident, "optimizer_step": optimizer_params * 2 * 4})
+        copies = optimizer_params * 2 * 4
+        if sum(resident.values()) + copies > sum(parts.values()):
+            return MemoryEstimate({**resident, "optimizer_step": copies})
     return MemoryEstimate(parts)
 
 
