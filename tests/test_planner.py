@@ -145,6 +145,38 @@ def test_calibration_table_recomputes_and_keeps_its_targets():
     assert len(full) >= 30 and max(abs(r["memory_error"]) for r in full) < 0.03
 
 
+def test_long_context_lengths_are_predicted_and_those_out_of_memory_exceed_the_cap():
+    """The 1B long-context sweep (8K to 128K, full recompute) is predicted within 1% at every
+    measured length, and every length that ran out of memory is predicted above the sweep's cap
+    while every measured one is below it."""
+    from bench.planner_calibration import RESULTS, long_context_rows, predict_bench_row
+    from bench.train_throughput import RunOptions, model_config
+    from hybrid_megatron.accounting.step_time import load_costs
+
+    costs = load_costs("h100")
+    measured = long_context_rows()
+    assert len(measured) >= 20 and max(r["row"]["seq_length"] for r in measured) >= 131072
+    for item in measured:
+        predicted = predict_bench_row(item, costs)["memory_gib"]
+        assert predicted == pytest.approx(item["row"]["peak_memory_gib"], rel=0.01), item["row"]
+    record = json.loads((RESULTS / "long_context_1gpu" / "sweep.json").read_text())
+    cap = record["max_memory_gib"]
+    out_of_memory = [r for r in record["rows"] if r.get("oom")]
+    assert {r["kind"] for r in out_of_memory} == {"transformer", "swa", "mamba", "inter", "intra"}
+    for entry in record["rows"]:
+        options = RunOptions(recompute="full", seq_length=entry["seq_length"])
+        row = {"scale": "1b", "kind": entry["kind"], "ffn": "dense", "precision": "bf16"}
+        row |= {"seq_length": entry["seq_length"], "micro_batch": 1, "recompute": "full"}
+        item = {
+            "row": row,
+            "options": {"recompute": "full", "microbatches": 1},
+            "fused": True,
+            "config": model_config("1b", entry["kind"], False, "bf16", options),
+        }
+        predicted = predict_bench_row(item, costs)["memory_gib"]
+        assert (predicted > cap) == bool(entry.get("oom")), (entry["kind"], entry["seq_length"], predicted)
+
+
 def test_full_recompute_peaks_in_the_logits_phase_or_the_recompute_phase():
     """Under full recompute the last stage holds the saved block inputs plus the larger of (the
     logits and the head's inputs) and (one recomputed block), never both; a stage without the
