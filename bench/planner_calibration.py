@@ -420,8 +420,9 @@ def render_readme(table: dict) -> str:
         "21.5K / 19.0K (selective / full; 2026-12-08, each row in a process of its own), where "
         "the transformer's and SWA's rows are within 6-28% and faster under full recompute than "
         "selective. Recomputing a forward should cost the 350M step at most a third more; the "
-        "gap is not modelled and not explained yet (a profile of such a row is the next GPU "
-        "step).",
+        "gap is not modelled and not explained yet. Those calls measured no row without "
+        "recompute beside them, and a slower host would show as such a gap in these host-bound "
+        "steps, so the next GPU step runs each mode of one kind in one call.",
         "- Slow-host rows (code *slow host*): the bf16 row of `2026-12-07_moe_te_quantiser` ran the "
         "same code as `2026-12-07_moe_fp8_cached`'s on a slower host: the GPU busy 61% of the step, "
         "where it was 95% there. The eager 1B MoE step sits near the host bound, and the table "
