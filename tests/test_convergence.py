@@ -228,23 +228,61 @@ def _records_of(tracked, tmp_path, names):
     return records
 
 
-def _fake_launches(monkeypatch, runs_dir):
-    """convergence_runs with runs under ``runs_dir`` and a launch that finishes a run at once;
-    returns the names launched, in order."""
+# A stand-in for a run's launcher: continues from its latest checkpoint, logs STEP_CHUNK steps
+# every TICK_S, saves ``latest`` at the end or at SIGTERM (as the trainer does at a step
+# boundary), and notes when it ran (for the overlap of parallel runs).
+FAKE_RUN = """
+import json, signal, sys, time
+from pathlib import Path
+run, steps, chunk, tick = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+(run / "checkpoints").mkdir(parents=True, exist_ok=True)
+latest = run / "checkpoints" / "latest"
+step = int(latest.read_text()[5:]) if latest.is_file() else 0
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+started = time.time()
+while step < steps and not stop:
+    time.sleep(tick)
+    step = min(steps, step + chunk)
+    with open(run / "train_log.jsonl", "a") as log:
+        log.write(json.dumps({"step": step}) + "\\n")
+latest.write_text(f"step_{step:08d}")
+with open(run / "spans.txt", "a") as spans:
+    spans.write(f"{started} {time.time()} {step}\\n")
+"""
+
+
+def _fake_launches(monkeypatch, runs_dir, chunk: int = 2000, tick_s: float = 0.0):
+    """convergence_runs with runs under ``runs_dir`` whose launcher is FAKE_RUN (``chunk`` steps
+    per ``tick_s``; by default a run finishes at once) and whose SIGTERM goes to that process;
+    returns the names started, in order."""
+    import sys
+
     from bench import convergence_runs
 
     monkeypatch.setattr(convergence_runs, "RUNS", runs_dir)
-    launched = []
+    monkeypatch.setattr(convergence_runs, "POLL_S", 0.02)
+    steps = str(convergence_runs.STEPS)
+    monkeypatch.setattr(
+        convergence_runs,
+        "command",
+        lambda name: [sys.executable, "-c", FAKE_RUN, str(runs_dir / name), steps, str(chunk), str(tick_s)],
+    )
+    monkeypatch.setattr(convergence_runs, "stop_ranks", lambda process: process.send_signal(15))
+    started = []
+    real_start = convergence_runs.start
 
-    def launch(name, deadline, stop_at_step=None):
-        launched.append(name)
-        ckpt = runs_dir / name / "checkpoints"
-        ckpt.mkdir(parents=True)
-        (ckpt / "latest").write_text(f"step_{convergence_runs.STEPS:08d}")
-        return "finished"
+    def start(name, stop_at_step=None, threads=None):
+        started.append(name)
+        return real_start(name, stop_at_step, threads)
 
-    monkeypatch.setattr(convergence_runs, "launch", launch)
-    return launched
+    monkeypatch.setattr(convergence_runs, "start", start)
+    return started
+
+
+def _spans(run_dir) -> list[tuple[float, float, int]]:
+    lines = (run_dir / "spans.txt").read_text().split("\n")
+    return [(float(a), float(b), int(c)) for a, b, c in (line.split() for line in lines if line)]
 
 
 def test_run_all_skips_recorded_runs_and_stops_at_six_unrecorded(monkeypatch, tmp_path, capsys):
@@ -267,6 +305,56 @@ def test_run_all_skips_recorded_runs_and_stops_at_six_unrecorded(monkeypatch, tm
     fresh = _fake_launches(monkeypatch, tmp_path / "fresh")
     convergence_runs.run_all(names, time.time() + 3600)
     assert fresh == names[:6]
+
+
+def test_parallel_runs_overlap_and_the_resume_run_stops_then_resumes(monkeypatch, tmp_path):
+    """--parallel 2: two runs at a time (their spans overlap), no third while two run;
+    inter_resume is stopped by SIGTERM past step 1,000 and finished by a second start."""
+    import time
+
+    from bench import convergence_runs
+
+    runs = tmp_path / "runs"
+    started = _fake_launches(monkeypatch, runs, chunk=100, tick_s=0.05)  # 2,000 steps in ~1 s
+    names = ["inter_bf16", "inter_resume", "inter_fp8"]
+    convergence_runs.run_all(names, time.time() + 3600, parallel=2)
+    assert started == ["inter_bf16", "inter_resume", "inter_resume", "inter_fp8"]
+    assert all(convergence_runs.latest_step(n) == convergence_runs.STEPS for n in names)
+    (bf16,) = _spans(runs / "inter_bf16")
+    first, second = _spans(runs / "inter_resume")
+    assert convergence_runs.RESUME_STOP_STEP <= first[2] < convergence_runs.STEPS  # stopped there
+    assert second[2] == convergence_runs.STEPS and second[0] >= first[1]  # then resumed
+    assert first[0] < bf16[1] and bf16[0] < first[1]  # side by side
+    (fp8,) = _spans(runs / "inter_fp8")
+    assert fp8[0] >= min(bf16[1], first[1])  # only once a slot was free
+
+    # one at a time: no two spans overlap
+    serial = tmp_path / "serial"
+    _fake_launches(monkeypatch, serial, chunk=100, tick_s=0.02)
+    convergence_runs.run_all(["inter_bf16", "inter_fp8"], time.time() + 3600)
+    (a,), (b,) = _spans(serial / "inter_bf16"), _spans(serial / "inter_fp8")
+    assert b[0] >= a[1]
+
+
+def test_the_deadline_stops_every_running_run_and_starts_none_after(monkeypatch, tmp_path, capsys):
+    """At the budget both running runs get SIGTERM and save where they are; with less than
+    MIN_START_S left no further run starts."""
+    import time
+
+    from bench import convergence_runs
+
+    runs = tmp_path / "runs"
+    started = _fake_launches(monkeypatch, runs, chunk=1, tick_s=0.01)  # far from finishing
+    monkeypatch.setattr(convergence_runs, "MIN_START_S", 1.0)  # of a 2 s budget
+    convergence_runs.run_all(["inter_bf16", "inter_fp8", "intra_bf16"], time.time() + 2.0, parallel=2)
+    assert started == ["inter_bf16", "inter_fp8"]
+    for name in started:
+        (span,) = _spans(runs / name)
+        assert 0 < span[2] < convergence_runs.STEPS
+        assert convergence_runs.latest_step(name) == span[2]
+    out = capsys.readouterr().out
+    assert "intra_bf16 wait for the next call" in out
+    assert out.count("SIGTERM to the ranks at the call's budget") == 2
 
 
 def test_records_of_another_corpus_are_refused(tracked, monkeypatch, tmp_path, capsys):
