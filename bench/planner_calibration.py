@@ -417,12 +417,13 @@ def render_readme(table: dict) -> str:
         "above the cap).",
         "- The 350M recompute rows of the Mamba-holding kinds run far slower than predicted: Mamba "
         "with full recompute 24.8K tokens/s (54.5K selective), inter 33.1K / 27.1K and intra "
-        "21.5K / 19.0K (selective / full; 2026-12-08, each row in a process of its own), where "
-        "the transformer's and SWA's rows are within 6-28% and faster under full recompute than "
-        "selective. Recomputing a forward should cost the 350M step at most a third more; the "
-        "gap is not modelled and not explained yet. Those calls measured no row without "
-        "recompute beside them, and a slower host would show as such a gap in these host-bound "
-        "steps, so the next GPU step runs each mode of one kind in one call.",
+        "21.5K / 19.0K (selective / full; 2026-12-08, each row in a process of its own), while "
+        "the transformer's and SWA's rows miss the other way under full recompute (22-28% faster "
+        "than predicted, and faster than under selective). Recomputing a forward should cost "
+        "the 350M step at most a third more; the gap is not modelled and not explained yet. "
+        "Those calls measured no row without recompute beside them, and a slower host would show "
+        "as such a gap in these host-bound steps, so the next GPU step runs each mode of one kind "
+        "in one call.",
         "- Slow-host rows (code *slow host*): the bf16 row of `2026-12-07_moe_te_quantiser` ran the "
         "same code as `2026-12-07_moe_fp8_cached`'s on a slower host: the GPU busy 61% of the step, "
         "where it was 95% there. The eager 1B MoE step sits near the host bound, and the table "
