@@ -200,10 +200,11 @@ def run_all(names: list[str], deadline: float, recorded: Collection[str] = (), p
             print(f"[convergence] {name}: finished earlier, skipped", flush=True)
         else:
             queue.append(name)
-    threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
+    slots = max(1, parallel)
+    threads = max(1, (os.cpu_count() or 1) // slots) if slots > 1 else None
     running: list[Running] = []
     while queue or running:
-        while queue and len(running) < max(1, parallel):
+        while queue and len(running) < slots:
             waiting = pending_records(recorded) + [r.name for r in running]
             if len(waiting) >= MAX_NEW_RECORDS:
                 print(f"[convergence] {', '.join(waiting)} wait for their records to be committed first")
@@ -218,7 +219,7 @@ def run_all(names: list[str], deadline: float, recorded: Collection[str] = (), p
             stop_at = (
                 RESUME_STOP_STEP if name == "inter_resume" and latest_step(name) < RESUME_STOP_STEP else None
             )
-            running.append(start(name, stop_at, threads if parallel > 1 else None))
+            running.append(start(name, stop_at, threads))
         if running:
             time.sleep(POLL_S)
         for run in list(running):
@@ -348,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         help="runs at a time on the one GPU (a 100M run leaves most of an H100 idle)",
     )
     args = parser.parse_args(argv)
+    if args.parallel < 1:
+        parser.error(f"--parallel {args.parallel}: at least one run at a time")
     deadline = time.time() + args.budget_s
     env = {
         **os.environ,

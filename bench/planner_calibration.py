@@ -124,6 +124,32 @@ def max_microbatch_rows(results: Path = RESULTS) -> list[dict]:
     return out
 
 
+def long_context_item(record: dict, entry: dict) -> dict:
+    """One length of the long-context sweep ``record`` (its ``rows`` entry ``entry``) as a bench
+    row item; its peak memory and tokens/s are None where it ran out of memory."""
+    from bench.train_throughput import SCALES
+
+    row = {
+        "scale": record["scale"],
+        "kind": entry["kind"],
+        "ffn": record["ffn"],
+        "precision": record["precision"],
+        "seq_length": entry["seq_length"],
+        "micro_batch": record["micro_batch"] or SCALES[record["scale"]]["mbs"],
+        "recompute": record["recompute"],
+        "peak_memory_gib": entry.get("peak_memory_gib"),
+        "tokens_per_s": entry.get("tokens_per_s"),
+        "step_s": entry.get("step_s"),
+    }
+    return {
+        "source": f"{LONG_CONTEXT}/sweep.json",
+        "device": entry["device"],
+        "row": row,
+        "options": {"recompute": record["recompute"], "microbatches": 1, "seq_length": entry["seq_length"]},
+        "fused": True,
+    }
+
+
 def long_context_rows(results: Path = RESULTS) -> list[dict]:
     """The measured lengths of the long-context sweep under ``results``
     (``<results>/long_context_1gpu/sweep.json``: each kind at 8K, 16K, ... with its settings, one
@@ -132,36 +158,8 @@ def long_context_rows(results: Path = RESULTS) -> list[dict]:
     path = results / LONG_CONTEXT / "sweep.json"
     if not path.is_file():
         return []
-    from bench.train_throughput import SCALES
-
     record = json.loads(path.read_text())
-    options = {"recompute": record["recompute"], "microbatches": 1}
-    out = []
-    for entry in record["rows"]:
-        if entry.get("peak_memory_gib") is None:
-            continue
-        row = {
-            "scale": record["scale"],
-            "kind": entry["kind"],
-            "ffn": record["ffn"],
-            "precision": record["precision"],
-            "seq_length": entry["seq_length"],
-            "micro_batch": record["micro_batch"] or SCALES[record["scale"]]["mbs"],
-            "recompute": record["recompute"],
-            "peak_memory_gib": entry["peak_memory_gib"],
-            "tokens_per_s": entry["tokens_per_s"],
-            "step_s": entry["step_s"],
-        }
-        out.append(
-            {
-                "source": f"{LONG_CONTEXT}/sweep.json",
-                "device": entry["device"],
-                "row": row,
-                "options": {**options, "seq_length": entry["seq_length"]},
-                "fused": True,
-            }
-        )
-    return out
+    return [long_context_item(record, e) for e in record["rows"] if e.get("peak_memory_gib") is not None]
 
 
 def predict_bench_row(item: dict, costs) -> dict:

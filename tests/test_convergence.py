@@ -409,3 +409,12 @@ def test_collect_checks_records_and_returns_two_files(tracked, monkeypatch, tmp_
     ]
     stacked = matplotlib.image.imread(out / "convergence_checks.png").shape
     assert stacked[:2] == (sum(p[0] for p in panels), max(p[1] for p in panels))
+
+
+def test_parallel_below_one_is_refused_before_anything_runs(capsys):
+    from bench import convergence_runs
+
+    with pytest.raises(SystemExit) as done:
+        convergence_runs.main(["--parallel", "0", "--skip-corpus"])
+    assert done.value.code == 2
+    assert "--parallel 0: at least one run at a time" in capsys.readouterr().err

@@ -149,8 +149,7 @@ def test_long_context_lengths_are_predicted_and_those_out_of_memory_exceed_the_c
     """The 1B long-context sweep (8K to 128K, full recompute) is predicted within 1% at every
     measured length, and every length that ran out of memory is predicted above the sweep's cap
     while every measured one is below it."""
-    from bench.planner_calibration import RESULTS, long_context_rows, predict_bench_row
-    from bench.train_throughput import RunOptions, model_config
+    from bench.planner_calibration import RESULTS, long_context_item, long_context_rows, predict_bench_row
     from hybrid_megatron.accounting.step_time import load_costs
 
     costs = load_costs("h100")
@@ -164,16 +163,7 @@ def test_long_context_lengths_are_predicted_and_those_out_of_memory_exceed_the_c
     out_of_memory = [r for r in record["rows"] if r.get("oom")]
     assert {r["kind"] for r in out_of_memory} == {"transformer", "swa", "mamba", "inter", "intra"}
     for entry in record["rows"]:
-        options = RunOptions(recompute="full", seq_length=entry["seq_length"])
-        row = {"scale": "1b", "kind": entry["kind"], "ffn": "dense", "precision": "bf16"}
-        row |= {"seq_length": entry["seq_length"], "micro_batch": 1, "recompute": "full"}
-        item = {
-            "row": row,
-            "options": {"recompute": "full", "microbatches": 1},
-            "fused": True,
-            "config": model_config("1b", entry["kind"], False, "bf16", options),
-        }
-        predicted = predict_bench_row(item, costs)["memory_gib"]
+        predicted = predict_bench_row(long_context_item(record, entry), costs)["memory_gib"]
         assert (predicted > cap) == bool(entry.get("oom")), (entry["kind"], entry["seq_length"], predicted)
 
 
